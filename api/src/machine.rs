@@ -1,0 +1,373 @@
+//! Machines: their configuration, states, events, and the requests that act
+//! on them, in the JSON shapes of Fly's Machines API.
+//!
+//! Config structs keep fields they do not know in `extra`, so a config a
+//! client sends comes back unchanged even where Hangar does not use a field.
+
+use crate::duration::GoDuration;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// The image that runs Hangar's built-in echo server.
+pub const ECHO_IMAGE: &str = "hangar/echo";
+
+/// A machine's lifecycle state, as Fly names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    Created,
+    Starting,
+    Started,
+    Stopping,
+    Stopped,
+    Suspending,
+    Suspended,
+    Replacing,
+    Destroying,
+    Destroyed,
+    Failed,
+}
+
+impl MachineState {
+    /// Every state, in lifecycle order (used to report counts by state).
+    pub const ALL: [MachineState; 11] = [
+        Self::Created,
+        Self::Starting,
+        Self::Started,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Suspending,
+        Self::Suspended,
+        Self::Replacing,
+        Self::Destroying,
+        Self::Destroyed,
+        Self::Failed,
+    ];
+
+    /// The lowercase name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Starting => "starting",
+            Self::Started => "started",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Suspending => "suspending",
+            Self::Suspended => "suspended",
+            Self::Replacing => "replacing",
+            Self::Destroying => "destroying",
+            Self::Destroyed => "destroyed",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for MachineState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MachineState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown machine state {s:?}"))
+    }
+}
+
+/// A Machine as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    pub state: MachineState,
+    pub region: String,
+    /// Same as `version` (Fly keeps both).
+    pub instance_id: String,
+    pub version: String,
+    /// The machine's own address; its services listen on it.
+    pub private_ip: String,
+    pub config: MachineConfig,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default)]
+    pub cordoned: bool,
+    #[serde(default)]
+    pub host_status: String,
+    /// Newest first.
+    #[serde(default)]
+    pub events: Vec<MachineEvent>,
+}
+
+/// One entry of a machine's event log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MachineEvent {
+    pub id: String,
+    /// `launch`, `start`, `stop`, `exit`, `destroy`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The state the machine reached with this event.
+    pub status: String,
+    /// `user` for API calls, `flyd` for what flyd decided on its own.
+    pub source: String,
+    /// Milliseconds since the Unix epoch.
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<Value>,
+}
+
+/// A machine's configuration (`fly.MachineConfig`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineConfig {
+    #[serde(default)]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<MachineInit>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<MachineService>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<MachineGuest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_config: Option<StopConfig>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Fields Hangar does not interpret, kept so they round-trip.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `fly.MachineInit`: what the machine runs instead of the image's default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineInit {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exec: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `fly.MachineGuest`: the resources a machine asks for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineGuest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_kind: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `fly.StopConfig`: how the machine is asked to stop.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StopConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<GoDuration>,
+}
+
+/// A service: one internal port exposed through the proxy on some public ports.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineService {
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    pub internal_port: u16,
+    #[serde(default)]
+    pub ports: Vec<MachinePort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+    /// Unset means on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostop: Option<Autostop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_machines_running: Option<u32>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn default_protocol() -> String {
+    "tcp".to_string()
+}
+
+/// A public port of a service and the handlers the proxy applies on it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachinePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handlers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_https: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `fly.MachineServiceConcurrency`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Concurrency {
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_limit: Option<u32>,
+}
+
+/// `autostop`: accepted as `"off" | "stop" | "suspend"` or a boolean, and
+/// written back as `false`, `true` or `"suspend"`, as Fly does for older clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Autostop {
+    Off,
+    Stop,
+    Suspend,
+}
+
+impl Serialize for Autostop {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Off => s.serialize_bool(false),
+            Self::Stop => s.serialize_bool(true),
+            Self::Suspend => s.serialize_str("suspend"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Autostop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Bool(false) => Ok(Self::Off),
+            Value::Bool(true) => Ok(Self::Stop),
+            Value::String(s) => match s.as_str() {
+                "off" => Ok(Self::Off),
+                "stop" => Ok(Self::Stop),
+                "suspend" => Ok(Self::Suspend),
+                other => Err(serde::de::Error::custom(format!(
+                    "autostop: expected \"off\", \"stop\", \"suspend\" or a boolean, got {other:?}"
+                ))),
+            },
+            other => Err(serde::de::Error::custom(format!(
+                "autostop: expected \"off\", \"stop\", \"suspend\" or a boolean, got {other}"
+            ))),
+        }
+    }
+}
+
+/// `POST /v1/apps/{app}/machines`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateMachineRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    pub config: MachineConfig,
+    #[serde(default)]
+    pub skip_launch: bool,
+}
+
+/// `POST .../stop`: signal and grace period, both optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StopRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<GoDuration>,
+}
+
+/// The answer to `GET .../wait` when the state was reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WaitResponse {
+    pub ok: bool,
+    pub state: MachineState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// The answer to `POST .../start`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartResponse {
+    pub previous_state: MachineState,
+    pub migrated: bool,
+    pub new_host: String,
+}
+
+/// The answer to stop and destroy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OkResponse {
+    pub ok: bool,
+}
+
+impl MachineConfig {
+    /// Checks what flyd and the proxy rely on; each problem names its field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.image.trim().is_empty() {
+            return Err("config.image: required".into());
+        }
+        for (i, svc) in self.services.iter().enumerate() {
+            if svc.internal_port == 0 {
+                return Err(format!("config.services[{i}].internal_port: must be 1-65535"));
+            }
+            if !matches!(svc.protocol.as_str(), "tcp" | "udp") {
+                return Err(format!(
+                    "config.services[{i}].protocol: must be \"tcp\" or \"udp\", got {:?}",
+                    svc.protocol
+                ));
+            }
+            for (j, port) in svc.ports.iter().enumerate() {
+                for h in &port.handlers {
+                    if !matches!(h.as_str(), "http" | "tls" | "proxy_proto" | "pg_tls" | "edge_http") {
+                        return Err(format!(
+                            "config.services[{i}].ports[{j}].handlers: unknown handler {h:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_round_trips_unknown_fields_and_autostop() {
+        let text = r#"{"image":"hangar/echo","schedule":"daily","services":[
+            {"protocol":"tcp","internal_port":8080,"autostop":"stop","x":1,
+             "ports":[{"port":80,"handlers":["http"]}]}]}"#;
+        let cfg: MachineConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(cfg.services[0].autostop, Some(Autostop::Stop));
+        let back = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(back["schedule"], "daily");
+        assert_eq!(back["services"][0]["x"], 1);
+        assert_eq!(back["services"][0]["autostop"], true);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let cfg = MachineConfig::default();
+        assert_eq!(cfg.validate().unwrap_err(), "config.image: required");
+        let cfg: MachineConfig = serde_json::from_str(
+            r#"{"image":"x","services":[{"internal_port":80,"ports":[{"handlers":["nope"]}]}]}"#,
+        )
+        .unwrap();
+        assert!(cfg.validate().unwrap_err().starts_with("config.services[0].ports[0].handlers"));
+    }
+}

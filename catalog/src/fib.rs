@@ -1,0 +1,280 @@
+//! The FIB (the Catalog): the proxy's in-memory routing table.
+//!
+//! The table is an immutable [`FibSnapshot`] behind an `ArcSwap`: a lookup
+//! is one atomic load, never a lock a writer could hold. The follower
+//! ([`Fib::follow`]) is the only writer: it reads the RIB's change feed,
+//! rebuilds just the apps a change touches, and swaps in a new snapshot.
+//! Per-machine in-flight counters are atomics shared between snapshots, so a
+//! rebuild never resets the load the proxy is balancing on.
+
+use crate::rib::{Change, MachineRow, Rib, RibError};
+use arc_swap::ArcSwap;
+use hangar_api::machine::{MachineService, MachineState};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// A machine as the proxy routes to it.
+#[derive(Debug)]
+pub struct RouteMachine {
+    pub id: String,
+    pub region: String,
+    pub host: String,
+    pub state: MachineState,
+    pub private_ip: IpAddr,
+    pub cordoned: bool,
+    pub services: Vec<MachineService>,
+    /// Requests the proxy has in flight to this machine. Shared by every
+    /// snapshot that contains the machine.
+    pub inflight: Arc<AtomicUsize>,
+}
+
+impl RouteMachine {
+    /// Whether the proxy may send new requests to this machine.
+    pub fn routable(&self) -> bool {
+        self.state == MachineState::Started && !self.cordoned
+    }
+}
+
+/// An app's routes: its machines (destroyed ones are left out).
+#[derive(Debug, Default)]
+pub struct AppRoutes {
+    pub name: String,
+    pub machines: Vec<Arc<RouteMachine>>,
+}
+
+/// One immutable version of the whole table.
+#[derive(Debug, Default)]
+pub struct FibSnapshot {
+    /// The RIB change sequence number this snapshot reflects.
+    pub seq: u64,
+    pub apps: HashMap<String, Arc<AppRoutes>>,
+}
+
+impl FibSnapshot {
+    /// Machine counts by state across every app.
+    pub fn machine_counts(&self) -> HashMap<MachineState, u64> {
+        let mut counts = HashMap::new();
+        for app in self.apps.values() {
+            for m in &app.machines {
+                *counts.entry(m.state).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// The FIB: see the module docs.
+pub struct Fib {
+    snapshot: ArcSwap<FibSnapshot>,
+    /// Changes applied since start, for telemetry.
+    applied: AtomicU64,
+}
+
+/// How many feed entries the follower reads per round.
+const FEED_BATCH: usize = 1024;
+
+impl Fib {
+    /// Loads the whole table from the RIB.
+    pub fn load(rib: &Rib) -> Result<Arc<Self>, RibError> {
+        // Read the feed position first: anything committed after it is
+        // replayed by the follower, and replaying is idempotent.
+        let seq = rib.last_seq()?;
+        let mut apps = HashMap::new();
+        for app in rib.apps(None)? {
+            let routes = build_app(&app.name, rib.machines_of_app(&app.name)?, None);
+            apps.insert(app.name, Arc::new(routes));
+        }
+        Ok(Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(FibSnapshot { seq, apps }),
+            applied: AtomicU64::new(0),
+        }))
+    }
+
+    /// The current snapshot. Cheap; hold it for the duration of one request.
+    pub fn snapshot(&self) -> Arc<FibSnapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The routes of one app, if it exists.
+    pub fn lookup(&self, app: &str) -> Option<Arc<AppRoutes>> {
+        self.snapshot.load().apps.get(app).cloned()
+    }
+
+    /// How many feed changes have been applied since load.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Applies every change after the snapshot's sequence number. Returns how
+    /// many changes were applied.
+    pub fn catch_up(&self, rib: &Rib) -> Result<usize, RibError> {
+        let mut total = 0;
+        loop {
+            let current = self.snapshot.load_full();
+            let changes = rib.changes_since(current.seq, FEED_BATCH)?;
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                return Ok(total);
+            };
+            let mut apps = current.apps.clone();
+            for name in touched_apps(&changes) {
+                if rib.app(&name)?.is_some() {
+                    let previous = current.apps.get(&name).map(|a| a.as_ref());
+                    let routes = build_app(&name, rib.machines_of_app(&name)?, previous);
+                    apps.insert(name, Arc::new(routes));
+                } else {
+                    apps.remove(&name);
+                }
+            }
+            // Single writer (the follower), so a plain store cannot lose an update.
+            self.snapshot.store(Arc::new(FibSnapshot { seq: last, apps }));
+            total += changes.len();
+            self.applied.fetch_add(changes.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Follows the RIB until `stop` resolves: woken by in-process commits, and
+    /// polling every `poll` for commits made by other processes.
+    pub async fn follow(self: Arc<Self>, rib: Arc<Rib>, poll: Duration, stop: impl Future<Output = ()>) {
+        let mut feed = rib.subscribe();
+        tokio::pin!(stop);
+        loop {
+            if let Err(e) = self.catch_up(&rib) {
+                tracing::warn!(error = %e, "fib: catching up with the rib failed; retrying");
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = feed.changed() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+}
+
+fn touched_apps(changes: &[Change]) -> HashSet<String> {
+    changes.iter().filter_map(|c| c.app.clone()).collect()
+}
+
+fn build_app(name: &str, rows: Vec<MachineRow>, previous: Option<&AppRoutes>) -> AppRoutes {
+    let machines = rows
+        .into_iter()
+        .filter(|m| m.state != MachineState::Destroyed)
+        .filter_map(|m| {
+            let Ok(private_ip) = m.private_ip.parse() else {
+                tracing::warn!(machine = %m.id, ip = %m.private_ip, "fib: skipping machine with bad private ip");
+                return None;
+            };
+            let inflight = previous
+                .and_then(|p| p.machines.iter().find(|old| old.id == m.id))
+                .map(|old| old.inflight.clone())
+                .unwrap_or_default();
+            Some(Arc::new(RouteMachine {
+                id: m.id,
+                region: m.region,
+                host: m.host,
+                state: m.state,
+                private_ip,
+                cordoned: m.cordoned,
+                services: m.services,
+                inflight,
+            }))
+        })
+        .collect();
+    AppRoutes {
+        name: name.to_string(),
+        machines,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rib::AppRow;
+
+    fn row(id: &str, version: u64, state: MachineState) -> MachineRow {
+        MachineRow {
+            id: id.into(),
+            app: "hello".into(),
+            region: "dev".into(),
+            host: "h1".into(),
+            state,
+            private_ip: "127.10.0.2".into(),
+            instance_id: "v1".into(),
+            cordoned: false,
+            services: vec![],
+            row_version: version,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn follows_machine_and_app_changes_keeping_inflight_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let rib = Rib::open(&dir.path().join("rib.sqlite")).unwrap();
+        rib.ensure_org("personal", "Personal").unwrap();
+        let fib = Fib::load(&rib).unwrap();
+        assert!(fib.lookup("hello").is_none());
+
+        rib.create_app(&AppRow {
+            name: "hello".into(),
+            id: "a1".into(),
+            org_slug: "personal".into(),
+            network: "default".into(),
+            created_at: 0,
+        })
+        .unwrap();
+        rib.upsert_machine(&row("m1", 1, MachineState::Started)).unwrap();
+        fib.catch_up(&rib).unwrap();
+        let app = fib.lookup("hello").unwrap();
+        assert_eq!(app.machines.len(), 1);
+        assert!(app.machines[0].routable());
+        app.machines[0].inflight.fetch_add(3, Ordering::Relaxed);
+
+        rib.upsert_machine(&row("m1", 2, MachineState::Stopped)).unwrap();
+        fib.catch_up(&rib).unwrap();
+        let m = fib.lookup("hello").unwrap().machines[0].clone();
+        assert!(!m.routable());
+        assert_eq!(m.inflight.load(Ordering::Relaxed), 3, "counter survives a rebuild");
+
+        rib.upsert_machine(&row("m1", 3, MachineState::Destroyed)).unwrap();
+        fib.catch_up(&rib).unwrap();
+        assert!(fib.lookup("hello").unwrap().machines.is_empty());
+
+        rib.delete_app("hello").unwrap();
+        fib.catch_up(&rib).unwrap();
+        assert!(fib.lookup("hello").is_none());
+        assert_eq!(fib.snapshot().seq, rib.last_seq().unwrap());
+    }
+
+    #[tokio::test]
+    async fn follower_is_woken_by_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let rib = Rib::open(&dir.path().join("rib.sqlite")).unwrap();
+        rib.ensure_org("personal", "Personal").unwrap();
+        let fib = Fib::load(&rib).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // A long poll interval: only the in-process wake-up can be fast.
+        let task = tokio::spawn(fib.clone().follow(rib.clone(), Duration::from_secs(3600), async {
+            let _ = stop_rx.await;
+        }));
+        rib.create_app(&AppRow {
+            name: "hello".into(),
+            id: "a1".into(),
+            org_slug: "personal".into(),
+            network: "default".into(),
+            created_at: 0,
+        })
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while fib.lookup("hello").is_none() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("follower applied the change");
+        stop_tx.send(()).unwrap();
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,593 @@
+//! The RIB: Hangar's routing information base in SQLite.
+//!
+//! One writer connection and one reader connection, each behind a
+//! [`Guarded`] lock; in WAL mode the reader never blocks the writer. Every
+//! write appends to `changes` in the same transaction and then wakes
+//! in-process followers through a watch channel; followers in other processes
+//! poll `changes` by sequence number.
+//!
+//! Row ownership: flaps writes orgs, tokens and apps; each flyd writes its
+//! host and its machines. Machine rows carry the owner's `row_version`, and an
+//! upsert with an older or equal version is ignored, so a late write can never
+//! undo a newer one.
+
+use crate::lock::{Guarded, LockTimeout};
+use hangar_api::machine::{MachineService, MachineState};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Schema migrations, applied in order at open; `PRAGMA user_version` holds
+/// how many have run. Append only: never edit a shipped migration.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE orgs (
+    slug        TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    hash        TEXT PRIMARY KEY,   -- sha256 of the token, hex
+    org_slug    TEXT NOT NULL REFERENCES orgs(slug),
+    name        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE apps (
+    name        TEXT PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    org_slug    TEXT NOT NULL REFERENCES orgs(slug),
+    network     TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE hosts (
+    id          TEXT PRIMARY KEY,
+    region      TEXT NOT NULL,
+    address     TEXT NOT NULL,       -- flyd's RPC address
+    updated_at  INTEGER NOT NULL
+);
+CREATE TABLE machines (
+    id          TEXT PRIMARY KEY,
+    app         TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    private_ip  TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    cordoned    INTEGER NOT NULL,
+    services    TEXT NOT NULL,       -- JSON array of MachineService
+    row_version INTEGER NOT NULL,    -- set by the owning flyd, increasing
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX machines_by_app ON machines(app);
+CREATE TABLE changes (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl         TEXT NOT NULL,       -- 'apps' | 'hosts' | 'machines'
+    key         TEXT NOT NULL,
+    app         TEXT                 -- the app the change touches, if any
+);
+"#];
+
+/// A failed RIB operation.
+#[derive(Debug, thiserror::Error)]
+pub enum RibError {
+    #[error("rib: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("rib: {0}")]
+    Lock(#[from] LockTimeout),
+    #[error("rib: {what} {key:?} already exists")]
+    Conflict { what: &'static str, key: String },
+    #[error("rib: corrupt row {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// An app row (written by flaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRow {
+    pub name: String,
+    pub id: String,
+    pub org_slug: String,
+    pub network: String,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A host row (written by its flyd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRow {
+    pub id: String,
+    pub region: String,
+    /// The flyd RPC address, `ip:port`.
+    pub address: String,
+    pub updated_at: i64,
+}
+
+/// A machine row (written by the flyd that owns the machine).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineRow {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub host: String,
+    pub state: MachineState,
+    pub private_ip: String,
+    pub instance_id: String,
+    pub cordoned: bool,
+    pub services: Vec<MachineService>,
+    /// Increases with every write by the owner; stale writes are dropped.
+    pub row_version: u64,
+    pub updated_at: i64,
+}
+
+/// One entry of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub table: String,
+    pub key: String,
+    pub app: Option<String>,
+}
+
+/// The RIB: see the module docs.
+pub struct Rib {
+    writer: Guarded<Connection>,
+    reader: Guarded<Connection>,
+    /// The last committed change sequence number, for in-process followers.
+    feed: watch::Sender<u64>,
+}
+
+/// How long a caller waits for a RIB connection before giving up. SQLite
+/// statements here take microseconds; waiting longer means something is stuck.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn open_conn(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Another process (a second flyd, a proxy) may hold the write lock briefly.
+    conn.busy_timeout(LOCK_WAIT)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let done: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tracing::info!(migration = i + 1, "rib migrated");
+    }
+    tx.commit()
+}
+
+fn append_change(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    key: &str,
+    app: Option<&str>,
+) -> Result<u64, rusqlite::Error> {
+    tx.execute(
+        "INSERT INTO changes (tbl, key, app) VALUES (?1, ?2, ?3)",
+        params![table, key, app],
+    )?;
+    Ok(tx.last_insert_rowid() as u64)
+}
+
+fn machine_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MachineRow, String, String)> {
+    // State and services are decoded by the caller so a bad row names itself.
+    Ok((
+        MachineRow {
+            id: r.get(0)?,
+            app: r.get(1)?,
+            region: r.get(2)?,
+            host: r.get(3)?,
+            state: MachineState::Created,
+            private_ip: r.get(5)?,
+            instance_id: r.get(6)?,
+            cordoned: r.get(7)?,
+            services: Vec::new(),
+            row_version: r.get::<_, i64>(9)? as u64,
+            updated_at: r.get(10)?,
+        },
+        r.get(4)?,
+        r.get(8)?,
+    ))
+}
+
+fn decode_machine((mut row, state, services): (MachineRow, String, String)) -> Result<MachineRow, RibError> {
+    let corrupt = |reason: String| RibError::Corrupt {
+        key: row.id.clone(),
+        reason,
+    };
+    row.state = state.parse().map_err(corrupt)?;
+    row.services = serde_json::from_str(&services).map_err(|e| corrupt(e.to_string()))?;
+    Ok(row)
+}
+
+const MACHINE_COLUMNS: &str = "id, app, region, host, state, private_ip, instance_id, cordoned, services, row_version, updated_at";
+
+impl Rib {
+    /// Opens (creating if needed) and migrates the RIB at `path`.
+    pub fn open(path: &Path) -> Result<Arc<Self>, RibError> {
+        let mut writer = open_conn(path)?;
+        migrate(&mut writer)?;
+        let reader = open_conn(path)?;
+        let last: i64 = writer.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+        let (feed, _) = watch::channel(last as u64);
+        Ok(Arc::new(Self {
+            writer: Guarded::new("rib.writer", LOCK_WAIT, writer),
+            reader: Guarded::new("rib.reader", LOCK_WAIT, reader),
+            feed,
+        }))
+    }
+
+    /// Runs `f` in one write transaction; wakes followers if it appended changes.
+    fn write<R>(
+        &self,
+        label: &'static str,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<R, RibError>,
+    ) -> Result<R, RibError> {
+        let (out, last_seq) = self.writer.with(label, |conn| -> Result<_, RibError> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let before: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+            let out = f(&tx)?;
+            let after: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+            tx.commit()?;
+            Ok((out, (after > before).then_some(after as u64)))
+        })??;
+        if let Some(seq) = last_seq {
+            self.feed.send_replace(seq);
+        }
+        Ok(out)
+    }
+
+    fn read<R>(
+        &self,
+        label: &'static str,
+        f: impl FnOnce(&Connection) -> Result<R, RibError>,
+    ) -> Result<R, RibError> {
+        self.reader.with(label, |conn| f(conn))?
+    }
+
+    // ---- orgs and tokens (flaps) ----
+
+    /// Creates the org if it does not exist.
+    pub fn ensure_org(&self, slug: &str, name: &str) -> Result<(), RibError> {
+        self.write("ensure_org", |tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO orgs (slug, name, created_at) VALUES (?1, ?2, ?3)",
+                params![slug, name, now_ms()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The org's display name, if the org exists.
+    pub fn org_name(&self, slug: &str) -> Result<Option<String>, RibError> {
+        self.read("org_name", |c| {
+            Ok(c.query_row("SELECT name FROM orgs WHERE slug = ?1", [slug], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    /// Records a token by its hash; the token itself is never stored.
+    pub fn add_token(&self, hash: &str, org_slug: &str, name: &str) -> Result<(), RibError> {
+        self.write("add_token", |tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO tokens (hash, org_slug, name, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![hash, org_slug, name, now_ms()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The org a token hash belongs to.
+    pub fn token_org(&self, hash: &str) -> Result<Option<String>, RibError> {
+        self.read("token_org", |c| {
+            Ok(c.query_row("SELECT org_slug FROM tokens WHERE hash = ?1", [hash], |r| r.get(0))
+                .optional()?)
+        })
+    }
+
+    // ---- apps (flaps) ----
+
+    /// Inserts a new app; `Conflict` if the name is taken.
+    pub fn create_app(&self, app: &AppRow) -> Result<(), RibError> {
+        self.write("create_app", |tx| {
+            let inserted = tx.execute(
+                "INSERT OR IGNORE INTO apps (name, id, org_slug, network, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![app.name, app.id, app.org_slug, app.network, app.created_at],
+            )?;
+            if inserted == 0 {
+                return Err(RibError::Conflict {
+                    what: "app",
+                    key: app.name.clone(),
+                });
+            }
+            append_change(tx, "apps", &app.name, Some(&app.name))?;
+            Ok(())
+        })
+    }
+
+    /// Deletes an app row; true if it existed.
+    pub fn delete_app(&self, name: &str) -> Result<bool, RibError> {
+        self.write("delete_app", |tx| {
+            let n = tx.execute("DELETE FROM apps WHERE name = ?1", [name])?;
+            if n > 0 {
+                append_change(tx, "apps", name, Some(name))?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    /// One app by name.
+    pub fn app(&self, name: &str) -> Result<Option<AppRow>, RibError> {
+        self.read("app", |c| {
+            Ok(c.query_row(
+                "SELECT name, id, org_slug, network, created_at FROM apps WHERE name = ?1",
+                [name],
+                app_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    /// Every app, or every app of one org, by name.
+    pub fn apps(&self, org_slug: Option<&str>) -> Result<Vec<AppRow>, RibError> {
+        self.read("apps", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, id, org_slug, network, created_at FROM apps
+                 WHERE ?1 IS NULL OR org_slug = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_map([org_slug], app_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    // ---- hosts (flyd) ----
+
+    /// Records (or refreshes) a host.
+    pub fn upsert_host(&self, host: &HostRow) -> Result<(), RibError> {
+        self.write("upsert_host", |tx| {
+            tx.execute(
+                "INSERT INTO hosts (id, region, address, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET region = excluded.region,
+                   address = excluded.address, updated_at = excluded.updated_at",
+                params![host.id, host.region, host.address, host.updated_at],
+            )?;
+            append_change(tx, "hosts", &host.id, None)?;
+            Ok(())
+        })
+    }
+
+    /// Every host, or the hosts of one region, by id.
+    pub fn hosts(&self, region: Option<&str>) -> Result<Vec<HostRow>, RibError> {
+        self.read("hosts", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, region, address, updated_at FROM hosts
+                 WHERE ?1 IS NULL OR region = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([region], |r| {
+                Ok(HostRow {
+                    id: r.get(0)?,
+                    region: r.get(1)?,
+                    address: r.get(2)?,
+                    updated_at: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// One host by id.
+    pub fn host(&self, id: &str) -> Result<Option<HostRow>, RibError> {
+        Ok(self.hosts(None)?.into_iter().find(|h| h.id == id))
+    }
+
+    /// How many live (not destroyed) machines each host runs.
+    pub fn host_loads(&self) -> Result<Vec<(String, u64)>, RibError> {
+        self.read("host_loads", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT host, COUNT(*) FROM machines WHERE state != 'destroyed' GROUP BY host",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    // ---- machines (flyd) ----
+
+    /// Writes a machine row unless the RIB already has this or a newer
+    /// `row_version`. Returns whether the write was applied.
+    pub fn upsert_machine(&self, m: &MachineRow) -> Result<bool, RibError> {
+        let services = serde_json::to_string(&m.services).map_err(|e| RibError::Corrupt {
+            key: m.id.clone(),
+            reason: e.to_string(),
+        })?;
+        self.write("upsert_machine", |tx| {
+            let n = tx.execute(
+                "INSERT INTO machines (id, app, region, host, state, private_ip, instance_id,
+                    cordoned, services, row_version, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT(id) DO UPDATE SET app = excluded.app, region = excluded.region,
+                    host = excluded.host, state = excluded.state, private_ip = excluded.private_ip,
+                    instance_id = excluded.instance_id, cordoned = excluded.cordoned,
+                    services = excluded.services, row_version = excluded.row_version,
+                    updated_at = excluded.updated_at
+                 WHERE excluded.row_version > machines.row_version",
+                params![
+                    m.id,
+                    m.app,
+                    m.region,
+                    m.host,
+                    m.state.as_str(),
+                    m.private_ip,
+                    m.instance_id,
+                    m.cordoned,
+                    services,
+                    m.row_version as i64,
+                    m.updated_at
+                ],
+            )?;
+            if n > 0 {
+                append_change(tx, "machines", &m.id, Some(&m.app))?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    /// One machine by id (destroyed ones included).
+    pub fn machine(&self, id: &str) -> Result<Option<MachineRow>, RibError> {
+        let raw = self.read("machine", |c| {
+            Ok(c.query_row(
+                &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?1"),
+                [id],
+                machine_from_row,
+            )
+            .optional()?)
+        })?;
+        raw.map(decode_machine).transpose()
+    }
+
+    /// The machines of an app (destroyed ones included), by id.
+    pub fn machines_of_app(&self, app: &str) -> Result<Vec<MachineRow>, RibError> {
+        let raw = self.read("machines_of_app", |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {MACHINE_COLUMNS} FROM machines WHERE app = ?1 ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([app], machine_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })?;
+        raw.into_iter().map(decode_machine).collect()
+    }
+
+    /// Deletes an app's destroyed machine rows (after the app itself is gone).
+    pub fn forget_machines_of_app(&self, app: &str) -> Result<usize, RibError> {
+        self.write("forget_machines_of_app", |tx| {
+            let n = tx.execute("DELETE FROM machines WHERE app = ?1 AND state = 'destroyed'", [app])?;
+            if n > 0 {
+                append_change(tx, "machines", "*", Some(app))?;
+            }
+            Ok(n)
+        })
+    }
+
+    // ---- change feed ----
+
+    /// The sequence number of the newest change.
+    pub fn last_seq(&self) -> Result<u64, RibError> {
+        self.read("last_seq", |c| {
+            let seq: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+            Ok(seq as u64)
+        })
+    }
+
+    /// Up to `limit` changes after `seq`, oldest first.
+    pub fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Change>, RibError> {
+        self.read("changes_since", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT seq, tbl, key, app FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
+                Ok(Change {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    table: r.get(1)?,
+                    key: r.get(2)?,
+                    app: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Wakes when this process commits a change (carries its sequence number).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.feed.subscribe()
+    }
+}
+
+fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AppRow> {
+    Ok(AppRow {
+        name: r.get(0)?,
+        id: r.get(1)?,
+        org_slug: r.get(2)?,
+        network: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(id: &str, version: u64, state: MachineState) -> MachineRow {
+        MachineRow {
+            id: id.into(),
+            app: "hello".into(),
+            region: "dev".into(),
+            host: "h1".into(),
+            state,
+            private_ip: "127.10.0.2".into(),
+            instance_id: "v1".into(),
+            cordoned: false,
+            services: vec![],
+            row_version: version,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn stale_machine_versions_never_overwrite_newer_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let rib = Rib::open(&dir.path().join("rib.sqlite")).unwrap();
+        assert!(rib.upsert_machine(&machine("m1", 2, MachineState::Started)).unwrap());
+        assert!(!rib.upsert_machine(&machine("m1", 1, MachineState::Stopped)).unwrap());
+        assert!(!rib.upsert_machine(&machine("m1", 2, MachineState::Stopped)).unwrap());
+        assert_eq!(rib.machine("m1").unwrap().unwrap().state, MachineState::Started);
+        assert!(rib.upsert_machine(&machine("m1", 3, MachineState::Stopped)).unwrap());
+        assert_eq!(rib.machine("m1").unwrap().unwrap().state, MachineState::Stopped);
+        // Two applied writes, two changes; ignored writes append nothing.
+        let changes = rib.changes_since(0, 100).unwrap();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(*rib.subscribe().borrow(), changes[1].seq);
+    }
+
+    #[test]
+    fn app_names_are_unique_and_reopening_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.sqlite");
+        {
+            let rib = Rib::open(&path).unwrap();
+            rib.ensure_org("personal", "Personal").unwrap();
+            let app = AppRow {
+                name: "hello".into(),
+                id: "a1".into(),
+                org_slug: "personal".into(),
+                network: "default".into(),
+                created_at: 1,
+            };
+            rib.create_app(&app).unwrap();
+            assert!(matches!(rib.create_app(&app), Err(RibError::Conflict { .. })));
+        }
+        let rib = Rib::open(&path).unwrap();
+        assert_eq!(rib.apps(Some("personal")).unwrap().len(), 1);
+        assert_eq!(rib.last_seq().unwrap(), 1);
+        // An app of an unknown org is refused by the foreign key.
+        let orphan = AppRow {
+            name: "x".into(),
+            id: "a2".into(),
+            org_slug: "nope".into(),
+            network: "default".into(),
+            created_at: 1,
+        };
+        assert!(matches!(rib.create_app(&orphan), Err(RibError::Sql(_))));
+    }
+}
