@@ -1,1 +1,117 @@
-fn main() {}
+//! `hangar`: the one binary. It parses arguments, loads the config, builds
+//! the parts and waits for a signal; the parts live in their crates.
+//!
+//! - `hangar dev`: the whole platform in one process (flaps, one flyd host,
+//!   the catalog and the proxy).
+//! - `hangar pilot --dir DIR`: a machine's init, started by flyd.
+//! - `hangar echo`: the built-in image `hangar/echo`, started by pilot.
+
+mod config;
+mod dev;
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "hangar",
+    version,
+    about = "A self-hostable Fly.io-style platform"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole platform in one process.
+    Dev(DevArgs),
+    /// Supervise one machine (started by flyd).
+    #[command(hide = true)]
+    Pilot {
+        /// The machine's directory, holding spec.json.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Serve the built-in image hangar/echo (started by pilot).
+    #[command(hide = true)]
+    Echo,
+}
+
+/// Flags of `hangar dev`; each overrides the config file.
+#[derive(clap::Args)]
+pub struct DevArgs {
+    /// Config file (TOML); the built-in config/dev.toml when absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where state lives: RIB, flyd store, machine logs, dev certificate, token.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Machines API listen address.
+    #[arg(long)]
+    flaps_addr: Option<SocketAddr>,
+    /// Proxy HTTP listen address.
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// Proxy HTTPS listen address.
+    #[arg(long)]
+    https_addr: Option<SocketAddr>,
+    /// Metrics listen address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// flyd host RPC listen address.
+    #[arg(long)]
+    flyd_addr: Option<SocketAddr>,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Dev(args) => {
+            let mut cfg = config::Config::load(args.config.as_deref())?;
+            args.apply(&mut cfg);
+            cfg.validate()?;
+            tokio::runtime::Runtime::new()?.block_on(dev::run(cfg))
+        }
+        Command::Pilot { dir } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(hangar_flyd::pilot::run(&dir)),
+        Command::Echo => tokio::runtime::Runtime::new()?.block_on(hangar_flyd::echo::run()),
+    }
+}
+
+impl DevArgs {
+    fn apply(&self, cfg: &mut config::Config) {
+        if let Some(d) = &self.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(a) = self.flaps_addr {
+            cfg.flaps.listen = a;
+        }
+        if let Some(a) = self.http_addr {
+            cfg.proxy.http_addr = a;
+        }
+        if let Some(a) = self.https_addr {
+            cfg.proxy.https_addr = a;
+        }
+        if let Some(a) = self.metrics_addr {
+            cfg.metrics.listen = a;
+        }
+        if let Some(a) = self.flyd_addr {
+            cfg.flyd.listen = a;
+        }
+    }
+}

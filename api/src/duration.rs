@@ -11,7 +11,9 @@ pub struct GoDuration(pub Duration);
 
 /// Why a duration string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {0:?}: expected a number with a unit such as \"10s\", \"500ms\" or \"1m30s\"")]
+#[error(
+    "invalid duration {0:?}: expected a number with a unit such as \"10s\", \"500ms\" or \"1m30s\""
+)]
 pub struct DurationError(pub String);
 
 impl GoDuration {
@@ -100,9 +102,18 @@ mod tests {
     #[test]
     fn parses_go_strings_and_nanos() {
         assert_eq!(GoDuration::parse("10s").unwrap().0, Duration::from_secs(10));
-        assert_eq!(GoDuration::parse("1m30s").unwrap().0, Duration::from_secs(90));
-        assert_eq!(GoDuration::parse("250ms").unwrap().0, Duration::from_millis(250));
-        assert_eq!(GoDuration::parse("1.5s").unwrap().0, Duration::from_millis(1500));
+        assert_eq!(
+            GoDuration::parse("1m30s").unwrap().0,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            GoDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            GoDuration::parse("1.5s").unwrap().0,
+            Duration::from_millis(1500)
+        );
         let d: GoDuration = serde_json::from_str("5000000000").unwrap();
         assert_eq!(d.0, Duration::from_secs(5));
         assert_eq!(serde_json::to_string(&d).unwrap(), "\"5s\"");

@@ -91,16 +91,22 @@ impl HostClient {
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(unreachable)?;
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            serde_json::json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() })
-        });
+        let body = serde_json::from_slice(&bytes).unwrap_or_else(
+            |_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }),
+        );
         Ok(HostReply { status, body })
     }
 
     /// Lists the machines of `app` on the host at `addr`.
     pub async fn list(&self, addr: &str, app: &str) -> Result<Vec<Machine>, HostError> {
         let reply = self
-            .call(addr, reqwest::Method::GET, &format!("/v1/machines?app={app}"), None, None)
+            .call(
+                addr,
+                reqwest::Method::GET,
+                &format!("/v1/machines?app={app}"),
+                None,
+                None,
+            )
             .await?;
         if reply.status != 200 {
             let body = serde_json::from_value(reply.body)

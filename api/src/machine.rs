@@ -321,7 +321,9 @@ impl MachineConfig {
         }
         for (i, svc) in self.services.iter().enumerate() {
             if svc.internal_port == 0 {
-                return Err(format!("config.services[{i}].internal_port: must be 1-65535"));
+                return Err(format!(
+                    "config.services[{i}].internal_port: must be 1-65535"
+                ));
             }
             if !matches!(svc.protocol.as_str(), "tcp" | "udp") {
                 return Err(format!(
@@ -331,7 +333,10 @@ impl MachineConfig {
             }
             for (j, port) in svc.ports.iter().enumerate() {
                 for h in &port.handlers {
-                    if !matches!(h.as_str(), "http" | "tls" | "proxy_proto" | "pg_tls" | "edge_http") {
+                    if !matches!(
+                        h.as_str(),
+                        "http" | "tls" | "proxy_proto" | "pg_tls" | "edge_http"
+                    ) {
                         return Err(format!(
                             "config.services[{i}].ports[{j}].handlers: unknown handler {h:?}"
                         ));
@@ -368,6 +373,10 @@ mod tests {
             r#"{"image":"x","services":[{"internal_port":80,"ports":[{"handlers":["nope"]}]}]}"#,
         )
         .unwrap();
-        assert!(cfg.validate().unwrap_err().starts_with("config.services[0].ports[0].handlers"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .starts_with("config.services[0].ports[0].handlers")
+        );
     }
 }

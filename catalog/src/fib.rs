@@ -129,15 +129,22 @@ impl Fib {
                 }
             }
             // Single writer (the follower), so a plain store cannot lose an update.
-            self.snapshot.store(Arc::new(FibSnapshot { seq: last, apps }));
+            self.snapshot
+                .store(Arc::new(FibSnapshot { seq: last, apps }));
             total += changes.len();
-            self.applied.fetch_add(changes.len() as u64, Ordering::Relaxed);
+            self.applied
+                .fetch_add(changes.len() as u64, Ordering::Relaxed);
         }
     }
 
     /// Follows the RIB until `stop` resolves: woken by in-process commits, and
     /// polling every `poll` for commits made by other processes.
-    pub async fn follow(self: Arc<Self>, rib: Arc<Rib>, poll: Duration, stop: impl Future<Output = ()>) {
+    pub async fn follow(
+        self: Arc<Self>,
+        rib: Arc<Rib>,
+        poll: Duration,
+        stop: impl Future<Output = ()>,
+    ) {
         let mut feed = rib.subscribe();
         tokio::pin!(stop);
         loop {
@@ -225,20 +232,27 @@ mod tests {
             created_at: 0,
         })
         .unwrap();
-        rib.upsert_machine(&row("m1", 1, MachineState::Started)).unwrap();
+        rib.upsert_machine(&row("m1", 1, MachineState::Started))
+            .unwrap();
         fib.catch_up(&rib).unwrap();
         let app = fib.lookup("hello").unwrap();
         assert_eq!(app.machines.len(), 1);
         assert!(app.machines[0].routable());
         app.machines[0].inflight.fetch_add(3, Ordering::Relaxed);
 
-        rib.upsert_machine(&row("m1", 2, MachineState::Stopped)).unwrap();
+        rib.upsert_machine(&row("m1", 2, MachineState::Stopped))
+            .unwrap();
         fib.catch_up(&rib).unwrap();
         let m = fib.lookup("hello").unwrap().machines[0].clone();
         assert!(!m.routable());
-        assert_eq!(m.inflight.load(Ordering::Relaxed), 3, "counter survives a rebuild");
+        assert_eq!(
+            m.inflight.load(Ordering::Relaxed),
+            3,
+            "counter survives a rebuild"
+        );
 
-        rib.upsert_machine(&row("m1", 3, MachineState::Destroyed)).unwrap();
+        rib.upsert_machine(&row("m1", 3, MachineState::Destroyed))
+            .unwrap();
         fib.catch_up(&rib).unwrap();
         assert!(fib.lookup("hello").unwrap().machines.is_empty());
 
@@ -256,9 +270,13 @@ mod tests {
         let fib = Fib::load(&rib).unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         // A long poll interval: only the in-process wake-up can be fast.
-        let task = tokio::spawn(fib.clone().follow(rib.clone(), Duration::from_secs(3600), async {
-            let _ = stop_rx.await;
-        }));
+        let task = tokio::spawn(fib.clone().follow(
+            rib.clone(),
+            Duration::from_secs(3600),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
         rib.create_app(&AppRow {
             name: "hello".into(),
             id: "a1".into(),

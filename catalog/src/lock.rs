@@ -44,10 +44,18 @@ impl<T> Guarded<T> {
 
     /// Runs `f` with the value locked. `label` names the call site in
     /// telemetry. On timeout, logs and counts it and returns an error.
-    pub fn with<R>(&self, label: &'static str, f: impl FnOnce(&mut T) -> R) -> Result<R, LockTimeout> {
+    pub fn with<R>(
+        &self,
+        label: &'static str,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R, LockTimeout> {
         let Some(mut guard) = self.inner.try_lock_for(self.max_wait) else {
             self.timeouts.fetch_add(1, Ordering::Relaxed);
-            let holder = self.holders.lock().0.unwrap_or("nobody (released meanwhile)");
+            let holder = self
+                .holders
+                .lock()
+                .0
+                .unwrap_or("nobody (released meanwhile)");
             let err = LockTimeout {
                 lock: self.name,
                 label,

@@ -202,7 +202,9 @@ fn machine_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MachineRow, Stri
     ))
 }
 
-fn decode_machine((mut row, state, services): (MachineRow, String, String)) -> Result<MachineRow, RibError> {
+fn decode_machine(
+    (mut row, state, services): (MachineRow, String, String),
+) -> Result<MachineRow, RibError> {
     let corrupt = |reason: String| RibError::Corrupt {
         key: row.id.clone(),
         reason,
@@ -220,7 +222,9 @@ impl Rib {
         let mut writer = open_conn(path)?;
         migrate(&mut writer)?;
         let reader = open_conn(path)?;
-        let last: i64 = writer.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+        let last: i64 = writer.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+            r.get(0)
+        })?;
         let (feed, _) = watch::channel(last as u64);
         Ok(Arc::new(Self {
             writer: Guarded::new("rib.writer", LOCK_WAIT, writer),
@@ -237,9 +241,15 @@ impl Rib {
     ) -> Result<R, RibError> {
         let (out, last_seq) = self.writer.with(label, |conn| -> Result<_, RibError> {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let before: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+            let before: i64 =
+                tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+                    r.get(0)
+                })?;
             let out = f(&tx)?;
-            let after: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+            let after: i64 =
+                tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+                    r.get(0)
+                })?;
             tx.commit()?;
             Ok((out, (after > before).then_some(after as u64)))
         })??;
@@ -273,8 +283,12 @@ impl Rib {
     /// The org's display name, if the org exists.
     pub fn org_name(&self, slug: &str) -> Result<Option<String>, RibError> {
         self.read("org_name", |c| {
-            Ok(c.query_row("SELECT name FROM orgs WHERE slug = ?1", [slug], |r| r.get(0))
-                .optional()?)
+            Ok(
+                c.query_row("SELECT name FROM orgs WHERE slug = ?1", [slug], |r| {
+                    r.get(0)
+                })
+                .optional()?,
+            )
         })
     }
 
@@ -292,8 +306,12 @@ impl Rib {
     /// The org a token hash belongs to.
     pub fn token_org(&self, hash: &str) -> Result<Option<String>, RibError> {
         self.read("token_org", |c| {
-            Ok(c.query_row("SELECT org_slug FROM tokens WHERE hash = ?1", [hash], |r| r.get(0))
-                .optional()?)
+            Ok(
+                c.query_row("SELECT org_slug FROM tokens WHERE hash = ?1", [hash], |r| {
+                    r.get(0)
+                })
+                .optional()?,
+            )
         })
     }
 
@@ -472,7 +490,10 @@ impl Rib {
     /// Deletes an app's destroyed machine rows (after the app itself is gone).
     pub fn forget_machines_of_app(&self, app: &str) -> Result<usize, RibError> {
         self.write("forget_machines_of_app", |tx| {
-            let n = tx.execute("DELETE FROM machines WHERE app = ?1 AND state = 'destroyed'", [app])?;
+            let n = tx.execute(
+                "DELETE FROM machines WHERE app = ?1 AND state = 'destroyed'",
+                [app],
+            )?;
             if n > 0 {
                 append_change(tx, "machines", "*", Some(app))?;
             }
@@ -485,7 +506,9 @@ impl Rib {
     /// The sequence number of the newest change.
     pub fn last_seq(&self) -> Result<u64, RibError> {
         self.read("last_seq", |c| {
-            let seq: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?;
+            let seq: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+                r.get(0)
+            })?;
             Ok(seq as u64)
         })
     }
@@ -548,12 +571,30 @@ mod tests {
     fn stale_machine_versions_never_overwrite_newer_ones() {
         let dir = tempfile::tempdir().unwrap();
         let rib = Rib::open(&dir.path().join("rib.sqlite")).unwrap();
-        assert!(rib.upsert_machine(&machine("m1", 2, MachineState::Started)).unwrap());
-        assert!(!rib.upsert_machine(&machine("m1", 1, MachineState::Stopped)).unwrap());
-        assert!(!rib.upsert_machine(&machine("m1", 2, MachineState::Stopped)).unwrap());
-        assert_eq!(rib.machine("m1").unwrap().unwrap().state, MachineState::Started);
-        assert!(rib.upsert_machine(&machine("m1", 3, MachineState::Stopped)).unwrap());
-        assert_eq!(rib.machine("m1").unwrap().unwrap().state, MachineState::Stopped);
+        assert!(
+            rib.upsert_machine(&machine("m1", 2, MachineState::Started))
+                .unwrap()
+        );
+        assert!(
+            !rib.upsert_machine(&machine("m1", 1, MachineState::Stopped))
+                .unwrap()
+        );
+        assert!(
+            !rib.upsert_machine(&machine("m1", 2, MachineState::Stopped))
+                .unwrap()
+        );
+        assert_eq!(
+            rib.machine("m1").unwrap().unwrap().state,
+            MachineState::Started
+        );
+        assert!(
+            rib.upsert_machine(&machine("m1", 3, MachineState::Stopped))
+                .unwrap()
+        );
+        assert_eq!(
+            rib.machine("m1").unwrap().unwrap().state,
+            MachineState::Stopped
+        );
         // Two applied writes, two changes; ignored writes append nothing.
         let changes = rib.changes_since(0, 100).unwrap();
         assert_eq!(changes.len(), 2);
@@ -575,7 +616,10 @@ mod tests {
                 created_at: 1,
             };
             rib.create_app(&app).unwrap();
-            assert!(matches!(rib.create_app(&app), Err(RibError::Conflict { .. })));
+            assert!(matches!(
+                rib.create_app(&app),
+                Err(RibError::Conflict { .. })
+            ));
         }
         let rib = Rib::open(&path).unwrap();
         assert_eq!(rib.apps(Some("personal")).unwrap().len(), 1);

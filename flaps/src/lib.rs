@@ -1,1 +1,58 @@
-//! flaps
+//! flaps: Hangar's Machines API gateway, compatible with Fly's public
+//! Machines API so existing Fly clients work against it.
+//!
+//! flaps authenticates the caller (a bearer token that belongs to an org),
+//! keeps orgs, tokens and apps in the RIB, validates and places machine
+//! requests, and forwards machine operations to the flyd host that owns the
+//! machine, relaying its answer. It keeps no machine state of its own.
+//!
+//! - [`config`]: the `[flaps]` config table.
+//! - [`auth`]: tokens (stored hashed) and the auth middleware.
+//! - [`error`]: [`error::ApiError`], the one place failures become responses.
+//! - [`apps`]: `/v1/apps` endpoints.
+//! - [`machines`]: `/v1/apps/{app}/machines` endpoints and placement.
+
+pub mod apps;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod machines;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use hangar_api::host::HostClient;
+use hangar_catalog::Rib;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::FlapsConfig;
+
+/// Shared state of the API handlers.
+pub struct Flaps {
+    pub cfg: FlapsConfig,
+    pub rib: Arc<Rib>,
+    pub hosts: HostClient,
+}
+
+impl Flaps {
+    /// A gateway over `rib` that reaches hosts with a pooled HTTP client.
+    pub fn new(cfg: FlapsConfig, rib: Arc<Rib>) -> Arc<Self> {
+        let hosts = HostClient::new(Duration::from_millis(cfg.host_timeout_ms));
+        Arc::new(Self { cfg, rib, hosts })
+    }
+}
+
+/// The whole API: every route requires a valid token.
+pub fn router(flaps: Arc<Flaps>) -> Router {
+    let body_limit = flaps.cfg.max_body_bytes;
+    Router::new()
+        .merge(apps::routes())
+        .merge(machines::routes())
+        .fallback(error::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            flaps.clone(),
+            auth::require_token,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(flaps)
+}

@@ -1,1 +1,28 @@
-//! flyd
+//! flyd: the per-host orchestrator, and pilot, the per-machine supervisor.
+//!
+//! flyd owns the machines of one host. Every lifecycle operation is a
+//! finite-state machine whose steps are recorded in redb before and after
+//! they run, so a flyd killed at any moment resumes each operation at its
+//! last step; machines keep running meanwhile because each runs under its
+//! own pilot in its own session.
+//!
+//! - [`config`]: the `[flyd]` config table.
+//! - [`store`]: redb tables of machine records and FSM runs.
+//! - [`record`]: the machine record and its API and RIB views.
+//! - [`fsm`]: the FSM kinds, their steps, and the run record.
+//! - [`flyd`]: the operations and the step bodies.
+//! - [`pilot`]: the pilot process and flyd's client for it.
+//! - [`echo`]: the built-in image `hangar/echo`.
+//! - [`rpc`]: the host RPC HTTP API.
+
+pub mod config;
+pub mod echo;
+pub mod flyd;
+pub mod fsm;
+pub mod pilot;
+pub mod record;
+pub mod rpc;
+pub mod store;
+
+pub use config::FlydConfig;
+pub use flyd::{Flyd, FlydError};

@@ -1,0 +1,53 @@
+//! flaps's configuration: the `[flaps]` table of the config file.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+
+/// How the Machines API gateway runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlapsConfig {
+    /// Where the Machines API listens.
+    pub listen: SocketAddr,
+    /// The region machines go to when a create names none.
+    pub default_region: String,
+    /// The org that `hangar dev` creates and gives its dev token to.
+    pub dev_org: String,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// How long a call to a flyd host may take (waits carry their own).
+    pub host_timeout_ms: u64,
+}
+
+impl Default for FlapsConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4280)),
+            default_region: "dev".into(),
+            dev_org: "personal".into(),
+            max_body_bytes: 1 << 20,
+            host_timeout_ms: 60_000,
+        }
+    }
+}
+
+impl FlapsConfig {
+    /// Every problem with this config, one line each.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.default_region.trim().is_empty() {
+            problems.push("flaps.default_region: must not be empty".to_string());
+        }
+        if self.dev_org.trim().is_empty() {
+            problems.push("flaps.dev_org: must not be empty".to_string());
+        }
+        if self.max_body_bytes < 1024 {
+            problems.push("flaps.max_body_bytes: must be at least 1024".to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! [`ApiError`]: every failure of the API becomes a response here, as
+//! `{"error": "..."}` with Fly's status codes. Internal causes are logged,
+//! not shown.
+
+use axum::Json;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use hangar_api::ErrorBody;
+use hangar_api::host::HostError;
+use hangar_catalog::RibError;
+
+/// A failed API call.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    /// An error with a status and a one-line message.
+    pub fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody::new(msg),
+        }
+    }
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, msg)
+    }
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, msg)
+    }
+    /// Adds Fly's machine-readable `status` code.
+    pub fn with_code(mut self, code: &str) -> Self {
+        self.body.status = Some(code.to_string());
+        self
+    }
+}
+
+impl From<RibError> for ApiError {
+    fn from(e: RibError) -> Self {
+        tracing::error!(error = %e, "flaps: rib failure");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the server log",
+        )
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> Self {
+        match e {
+            HostError::Unreachable { .. } => {
+                tracing::warn!(error = %e, "flaps: host call failed");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            }
+            HostError::Status { status, body, .. } => Self {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                body,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+/// The answer for paths the API does not have.
+pub async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+/// Decodes a JSON request body whatever its Content-Type (curl's `-d` sends
+/// form encoding; Fly accepts it). An empty body decodes as `{}` when `T`
+/// allows it.
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes =
+        body.map_err(|r| ApiError::new(r.status(), format!("request body: {}", r.body_text())))?;
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(text)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}

@@ -1,0 +1,128 @@
+//! flyd's configuration: the `[flyd]` table of the config file.
+
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// How one flyd host runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlydConfig {
+    /// Where the host RPC API listens (flaps and the proxy call it).
+    pub listen: SocketAddr,
+    /// This host's id in the RIB; unique across hosts.
+    pub host_id: String,
+    /// The region this host is in.
+    pub region: String,
+    /// Loopback block machines' private addresses come from, as CIDR.
+    pub private_range: String,
+    /// Grace period between the stop signal and SIGKILL, when neither the
+    /// request nor `config.stop_config` sets one.
+    pub stop_timeout_ms: u64,
+    /// How long a start waits for the services' ports to accept connections
+    /// before it reports the machine started anyway.
+    pub ready_timeout_ms: u64,
+    /// How long an operation waits for the one before it on the same machine.
+    pub op_wait_ms: u64,
+    /// The `hangar` binary that runs `pilot` and the built-in images.
+    /// Unset means the running executable.
+    pub exe: Option<PathBuf>,
+}
+
+impl Default for FlydConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4281)),
+            host_id: "dev-host-1".into(),
+            region: "dev".into(),
+            private_range: "127.10.0.0/16".into(),
+            stop_timeout_ms: 5_000,
+            ready_timeout_ms: 10_000,
+            op_wait_ms: 30_000,
+            exe: None,
+        }
+    }
+}
+
+/// A block of loopback addresses, parsed from `private_range`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrivateRange {
+    pub base: u32,
+    pub prefix: u8,
+}
+
+impl PrivateRange {
+    /// The usable addresses: all but the block's first and last.
+    pub fn hosts(&self) -> std::ops::RangeInclusive<u32> {
+        let size = 1u64 << (32 - self.prefix as u32);
+        self.base + 1..=(self.base as u64 + size - 2) as u32
+    }
+}
+
+impl FlydConfig {
+    /// Parses `private_range`.
+    pub fn private_range(&self) -> Result<PrivateRange, String> {
+        let err = || {
+            format!(
+                "flyd.private_range: {:?} is not a loopback CIDR block between /8 and /30 (such as \"127.10.0.0/16\")",
+                self.private_range
+            )
+        };
+        let (ip, prefix) = self.private_range.split_once('/').ok_or_else(err)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| err())?;
+        let prefix: u8 = prefix.parse().map_err(|_| err())?;
+        if !ip.is_loopback() || !(8..=30).contains(&prefix) {
+            return Err(err());
+        }
+        let mask = u32::MAX << (32 - prefix as u32);
+        Ok(PrivateRange {
+            base: u32::from(ip) & mask,
+            prefix,
+        })
+    }
+
+    /// Every problem with this config, one line each.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.private_range() {
+            problems.push(e);
+        }
+        if self.host_id.trim().is_empty() {
+            problems.push("flyd.host_id: must not be empty".into());
+        }
+        if self.region.trim().is_empty() {
+            problems.push("flyd.region: must not be empty".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_range_parses_and_rejects() {
+        let cfg = FlydConfig::default();
+        let r = cfg.private_range().unwrap();
+        assert_eq!(
+            Ipv4Addr::from(*r.hosts().start()),
+            Ipv4Addr::new(127, 10, 0, 1)
+        );
+        assert_eq!(
+            Ipv4Addr::from(*r.hosts().end()),
+            Ipv4Addr::new(127, 10, 255, 254)
+        );
+        for bad in ["10.0.0.0/16", "127.0.0.0", "127.0.0.0/31", "x/16"] {
+            let cfg = FlydConfig {
+                private_range: bad.into(),
+                ..FlydConfig::default()
+            };
+            assert!(cfg.validate().is_err(), "{bad} accepted");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! The lifecycle FSMs: named lists of steps, and the durable record of a run.
+//!
+//! A run is recorded before its first step and after every step, so a flyd
+//! that dies mid-operation finds the run `running` at the step it was in and
+//! runs that step again. Steps are written to be idempotent: each checks the
+//! world (is the pilot already up? has the workload already exited?) before
+//! acting. The step bodies live in [`crate::flyd`]; this module owns the
+//! shapes and the order.
+
+use serde::{Deserialize, Serialize};
+
+/// Which operation a run performs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsmKind {
+    Create,
+    Start,
+    Stop,
+    Destroy,
+}
+
+/// One step of an FSM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Write the machine record (state `created`) and its RIB row.
+    Record,
+    /// Mark `starting` and launch the pilot, unless it already runs.
+    Spawn,
+    /// Wait until the services' ports accept connections (bounded).
+    Ready,
+    /// Mark `started`, publish to the RIB, and watch for the workload's exit.
+    Started,
+    /// Mark `stopping` and send the stop signal.
+    Signal,
+    /// Wait for the exit (SIGKILL after the timeout), then mark `stopped`.
+    Exited,
+    /// Kill whatever still runs and remove the machine's files.
+    Teardown,
+    /// Mark `destroyed` and publish it.
+    Destroyed,
+}
+
+impl FsmKind {
+    /// The steps of this FSM, in order.
+    pub fn steps(self) -> &'static [Step] {
+        match self {
+            Self::Create => &[Step::Record, Step::Spawn, Step::Ready, Step::Started],
+            Self::Start => &[Step::Spawn, Step::Ready, Step::Started],
+            Self::Stop => &[Step::Signal, Step::Exited],
+            Self::Destroy => &[Step::Teardown, Step::Destroyed],
+        }
+    }
+}
+
+/// Whether a run is still going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Done,
+    Failed,
+}
+
+/// The durable record of one FSM run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FsmRun {
+    /// A ULID: runs sort by start time.
+    pub id: String,
+    pub machine_id: String,
+    pub kind: FsmKind,
+    /// Index into `kind.steps()` of the step running or next to run.
+    pub step: usize,
+    pub status: RunStatus,
+    /// The operation's parameters (stop signal and timeout, force, ...).
+    pub input: serde_json::Value,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub updated_at: i64,
+}
+
+impl FsmRun {
+    /// A new run at its first step.
+    pub fn new(kind: FsmKind, machine_id: &str, input: serde_json::Value) -> Self {
+        Self {
+            id: ulid::Ulid::new().to_string(),
+            machine_id: machine_id.to_string(),
+            kind,
+            step: 0,
+            status: RunStatus::Running,
+            input,
+            error: None,
+            updated_at: crate::record::now_ms(),
+        }
+    }
+
+    /// The step to run next, if any remain.
+    pub fn current(&self) -> Option<Step> {
+        self.kind.steps().get(self.step).copied()
+    }
+}

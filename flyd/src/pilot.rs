@@ -1,0 +1,319 @@
+//! pilot: the init of one machine, and flyd's client for it.
+//!
+//! flyd launches `hangar pilot --dir <machine dir>` per running machine.
+//! pilot starts a new session (so it outlives flyd and never receives the
+//! terminal's Ctrl-C), runs the workload described by `spec.json` as its
+//! child in a process group of its own, appends the workload's stdout and
+//! stderr to `machine.log`, and serves a control API on `pilot.sock`:
+//! one JSON request per line, one JSON answer per line.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `{"op":"status"}` | `{"pid":N,"exit":null}` or `{"pid":N,"exit":{...}}` |
+//! | `{"op":"signal","signal":15}` | `{"ok":true}` (to the workload's group) |
+//! | `{"op":"wait"}` | the [`ExitInfo`], once the workload has exited |
+//!
+//! When the workload exits, pilot writes `exit.json` (so the exit status
+//! survives when flyd is down), answers every waiter, and exits itself.
+//! It prints `ready <workload pid>` on stdout once the socket is bound: flyd's
+//! readiness signal.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+/// What pilot runs: written by flyd to `spec.json` in the machine directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PilotSpec {
+    pub machine_id: String,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// The workload's whole environment (besides `PATH`, inherited).
+    pub env: BTreeMap<String, String>,
+}
+
+/// How the workload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+/// pilot's answer to `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PilotStatus {
+    pub pid: u32,
+    pub exit: Option<ExitInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Status,
+    Signal { signal: i32 },
+    Wait,
+}
+
+/// Files of a machine directory.
+pub fn spec_path(dir: &Path) -> PathBuf {
+    dir.join("spec.json")
+}
+fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("pilot.sock")
+}
+fn exit_path(dir: &Path) -> PathBuf {
+    dir.join("exit.json")
+}
+/// The workload's log.
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.join("machine.log")
+}
+
+/// How long pilot keeps answering waiters after the workload exited.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Runs pilot for the machine directory `dir` until its workload exits.
+pub async fn run(dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    // A session of our own: flyd's exit or a terminal's signals do not reach us.
+    nix::unistd::setsid().context("setsid")?;
+    let spec: PilotSpec = serde_json::from_slice(
+        &std::fs::read(spec_path(dir))
+            .with_context(|| format!("reading {}", spec_path(dir).display()))?,
+    )
+    .context("decoding spec.json")?;
+    let program = spec.argv.first().context("spec.json: argv is empty")?;
+    let _ = std::fs::remove_file(exit_path(dir));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(dir))
+        .context("opening machine.log")?;
+    let mut child = tokio::process::Command::new(program)
+        .args(&spec.argv[1..])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own group, so a signal reaches everything the workload spawned.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {program:?}"))?;
+    let pid = child
+        .id()
+        .context("workload exited before it was watched")?;
+
+    let sock = socket_path(dir);
+    let _ = std::fs::remove_file(&sock);
+    let listener =
+        UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let (exit_tx, exit_rx) = watch::channel(None::<ExitInfo>);
+    println!("ready {pid}");
+    tracing::info!(machine = %spec.machine_id, pid, "workload started");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let exit = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(serve_conn(stream, pid, exit_rx.clone()));
+                }
+            }
+            // Someone asked pilot to stop: pass it on, keep waiting for the exit.
+            _ = term.recv() => signal_group(pid, libc_sig::SIGTERM),
+        }
+    };
+    let info = {
+        use std::os::unix::process::ExitStatusExt;
+        ExitInfo {
+            exit_code: exit.code(),
+            signal: exit.signal(),
+        }
+    };
+    std::fs::write(exit_path(dir), serde_json::to_vec(&info)?).context("writing exit.json")?;
+    exit_tx.send_replace(Some(info));
+    tracing::info!(machine = %spec.machine_id, ?info, "workload exited");
+    // Keep answering for a moment: a waiter may be connecting right now.
+    let linger = tokio::time::sleep(LINGER);
+    tokio::pin!(linger);
+    loop {
+        tokio::select! {
+            _ = &mut linger => break,
+            accepted = listener.accept() => {
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(serve_conn(stream, pid, exit_rx.clone()));
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// Signal numbers pilot sends on its own.
+mod libc_sig {
+    pub const SIGTERM: i32 = 15;
+}
+
+fn signal_group(pid: u32, signal: i32) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    match Signal::try_from(signal) {
+        Ok(sig) => {
+            if let Err(e) = killpg(Pid::from_raw(pid as i32), sig) {
+                tracing::warn!(pid, %sig, error = %e, "signalling the workload failed");
+            }
+        }
+        Err(e) => tracing::warn!(signal, error = %e, "not a signal"),
+    }
+}
+
+async fn serve_conn(stream: UnixStream, pid: u32, mut exit: watch::Receiver<Option<ExitInfo>>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Status) => serde_json::to_value(PilotStatus {
+                pid,
+                exit: *exit.borrow(),
+            }),
+            Ok(Request::Signal { signal }) => {
+                if exit.borrow().is_none() {
+                    signal_group(pid, signal);
+                }
+                Ok(serde_json::json!({ "ok": true }))
+            }
+            Ok(Request::Wait) => match exit.wait_for(|e| e.is_some()).await {
+                Ok(info) => serde_json::to_value(*info),
+                Err(_) => return,
+            },
+            Err(e) => Ok(serde_json::json!({ "error": format!("bad request: {e}") })),
+        };
+        let Ok(mut text) = answer.map(|v| v.to_string()) else {
+            return;
+        };
+        text.push('\n');
+        if write.write_all(text.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---- flyd's side ----
+
+/// A failed conversation with a pilot.
+#[derive(Debug, thiserror::Error)]
+pub enum PilotError {
+    #[error("pilot of {dir}: {source}")]
+    Io {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pilot of {dir}: {reason}")]
+    Protocol { dir: String, reason: String },
+}
+
+/// Launches pilot for the machine directory `dir` (whose `spec.json` is
+/// written) and waits for its ready line. Returns the pilot's pid.
+pub async fn launch(exe: &Path, dir: &Path, timeout: Duration) -> Result<u32, PilotError> {
+    let io = |source| PilotError::Io {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let pilot_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("pilot.log"))
+        .map_err(io)?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("pilot")
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(pilot_log)
+        .spawn()
+        .map_err(io)?;
+    let pilot_pid = child.id().unwrap_or_default();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut first = String::new();
+    let read = tokio::time::timeout(timeout, BufReader::new(stdout).read_line(&mut first)).await;
+    // pilot outlives us in its own session; tokio reaps it if it exits first.
+    drop(child);
+    match read {
+        Ok(Ok(_)) if first.starts_with("ready ") => Ok(pilot_pid),
+        Ok(Ok(_)) => Err(PilotError::Protocol {
+            dir: dir.display().to_string(),
+            reason: format!(
+                "exited before it was ready (see {})",
+                dir.join("pilot.log").display()
+            ),
+        }),
+        Ok(Err(e)) => Err(io(e)),
+        Err(_) => Err(PilotError::Protocol {
+            dir: dir.display().to_string(),
+            reason: format!("not ready within {timeout:?}"),
+        }),
+    }
+}
+
+async fn ask(dir: &Path, request: &Request) -> Result<serde_json::Value, PilotError> {
+    let io = |source| PilotError::Io {
+        dir: dir.display().to_string(),
+        source,
+    };
+    let stream = UnixStream::connect(socket_path(dir)).await.map_err(io)?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request).expect("requests serialize");
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(read)
+        .read_line(&mut answer)
+        .await
+        .map_err(io)?;
+    serde_json::from_str(&answer).map_err(|e| PilotError::Protocol {
+        dir: dir.display().to_string(),
+        reason: format!("unreadable answer {answer:?}: {e}"),
+    })
+}
+
+/// The recorded exit of the machine's last run, if pilot wrote one.
+pub fn recorded_exit(dir: &Path) -> Option<ExitInfo> {
+    serde_json::from_slice(&std::fs::read(exit_path(dir)).ok()?).ok()
+}
+
+/// The workload's status, or `None` when no pilot answers (it has exited,
+/// or never ran).
+pub async fn status(dir: &Path) -> Option<PilotStatus> {
+    let value = ask(dir, &Request::Status).await.ok()?;
+    serde_json::from_value(value).ok()
+}
+
+/// Sends `signal` to the workload's process group.
+pub async fn signal(dir: &Path, signal: i32) -> Result<(), PilotError> {
+    ask(dir, &Request::Signal { signal }).await.map(drop)
+}
+
+/// Waits until the workload exits. When no pilot answers, the exit it
+/// recorded is returned (or a synthetic one if it recorded none).
+pub async fn wait_exit(dir: &Path) -> ExitInfo {
+    if let Ok(value) = ask(dir, &Request::Wait).await {
+        if let Ok(info) = serde_json::from_value(value) {
+            return info;
+        }
+    }
+    recorded_exit(dir).unwrap_or(ExitInfo {
+        exit_code: None,
+        signal: None,
+    })
+}

@@ -1,0 +1,114 @@
+//! The machine record flyd keeps for each of its machines, and its public view.
+
+use hangar_api::machine::{Machine, MachineConfig, MachineEvent, MachineState};
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+
+/// Everything flyd knows about one machine. Stored in redb; the source of
+/// truth for the machine (the RIB row is derived from it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineRecord {
+    pub id: String,
+    pub name: String,
+    pub app: String,
+    pub region: String,
+    pub host: String,
+    pub state: MachineState,
+    pub private_ip: String,
+    pub config: MachineConfig,
+    /// A ULID, new for every config version.
+    pub version: String,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default)]
+    pub cordoned: bool,
+    /// Newest first.
+    #[serde(default)]
+    pub events: Vec<MachineEvent>,
+    /// Increases with every RIB write, so the RIB drops stale ones.
+    #[serde(default)]
+    pub rib_version: u64,
+    /// The pid of the pilot of the current run, while there is one. A monitor
+    /// compares it to tell its own run's exit from a later run's.
+    #[serde(default)]
+    pub pilot_pid: Option<u32>,
+}
+
+/// Most events kept per machine; older ones are dropped.
+const MAX_EVENTS: usize = 50;
+
+/// Now, as RFC 3339 (`2026-01-02T03:04:05Z`), as Fly writes timestamps.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl MachineRecord {
+    /// Moves to `state` and records the event that got it there.
+    pub fn transition(
+        &mut self,
+        state: MachineState,
+        kind: &str,
+        source: &str,
+        request: Option<serde_json::Value>,
+    ) {
+        self.state = state;
+        self.updated_at = now_rfc3339();
+        self.events.insert(
+            0,
+            MachineEvent {
+                id: ulid::Ulid::new().to_string(),
+                kind: kind.to_string(),
+                status: state.to_string(),
+                source: source.to_string(),
+                timestamp: now_ms(),
+                request,
+            },
+        );
+        self.events.truncate(MAX_EVENTS);
+    }
+
+    /// The machine as the API shows it.
+    pub fn to_api(&self) -> Machine {
+        Machine {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state,
+            region: self.region.clone(),
+            instance_id: self.version.clone(),
+            version: self.version.clone(),
+            private_ip: self.private_ip.clone(),
+            config: self.config.clone(),
+            created_at: self.created_at.clone(),
+            updated_at: self.updated_at.clone(),
+            cordoned: self.cordoned,
+            host_status: "ok".to_string(),
+            events: self.events.clone(),
+        }
+    }
+
+    /// The row the RIB keeps for routing, with the next row version.
+    pub fn next_rib_row(&mut self) -> hangar_catalog::MachineRow {
+        self.rib_version += 1;
+        hangar_catalog::MachineRow {
+            id: self.id.clone(),
+            app: self.app.clone(),
+            region: self.region.clone(),
+            host: self.host.clone(),
+            state: self.state,
+            private_ip: self.private_ip.clone(),
+            instance_id: self.version.clone(),
+            cordoned: self.cordoned,
+            services: self.config.services.clone(),
+            row_version: self.rib_version,
+            updated_at: now_ms(),
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! flyd's durable state in redb: machine records and FSM runs.
+//!
+//! Two tables, both keyed by id with JSON values so a record read back by a
+//! newer flyd still decodes (serde defaults fill fields it did not have):
+//! - `machines`: one [`MachineRecord`] per machine this host owns, destroyed
+//!   ones included (they answer `GET` and `wait?state=destroyed`).
+//! - `fsm_runs`: one [`FsmRun`] per lifecycle operation; a run whose status is
+//!   `running` when flyd starts is resumed at its recorded step.
+//!
+//! Every write is its own redb transaction, committed durably before the
+//! caller goes on: that is what lets a step be retried after a crash.
+
+use crate::fsm::{FsmRun, RunStatus};
+use crate::record::MachineRecord;
+use redb::{Database, ReadableTable, TableDefinition};
+use std::path::Path;
+
+const MACHINES: TableDefinition<&str, &[u8]> = TableDefinition::new("machines");
+const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("fsm_runs");
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("flyd store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("flyd store: record {key:?} does not decode: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// flyd's redb database.
+pub struct Store {
+    db: Database,
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(db_err)?;
+        let tx = db.begin_write().map_err(db_err)?;
+        tx.open_table(MACHINES).map_err(db_err)?;
+        tx.open_table(RUNS).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(Self { db })
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(table).map_err(db_err)?;
+            t.insert(key, value).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(table).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
+            let value = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                key: k.value().to_string(),
+                source,
+            })?;
+            out.push(value);
+        }
+        Ok(out)
+    }
+
+    /// Writes a machine record.
+    pub fn put_machine(&self, m: &MachineRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(m).expect("machine records serialize");
+        self.put(MACHINES, &m.id, &bytes)
+    }
+
+    /// One machine record.
+    pub fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(MACHINES).map_err(db_err)?;
+        let Some(v) = t.get(id).map_err(db_err)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|source| StoreError::Decode {
+                key: id.to_string(),
+                source,
+            })
+    }
+
+    /// Every machine record, by id.
+    pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.all(MACHINES)
+    }
+
+    /// Writes an FSM run record.
+    pub fn put_run(&self, run: &FsmRun) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(run).expect("fsm runs serialize");
+        self.put(RUNS, &run.id, &bytes)
+    }
+
+    /// Every FSM run, oldest first (run ids are ULIDs).
+    pub fn runs(&self) -> Result<Vec<FsmRun>, StoreError> {
+        self.all(RUNS)
+    }
+
+    /// The runs that had not finished when flyd last stopped.
+    pub fn unfinished_runs(&self) -> Result<Vec<FsmRun>, StoreError> {
+        Ok(self
+            .runs()?
+            .into_iter()
+            .filter(|r| r.status == RunStatus::Running)
+            .collect())
+    }
+}

@@ -1,0 +1,149 @@
+//! The proxy's configuration: where it listens, which region it reports, and
+//! the timeouts and pool sizes of its upstream client.
+
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+/// Configuration of the edge proxy, loaded once at start.
+///
+/// Every field has a default, so an empty `[proxy]` table is a working dev
+/// setup. [`ProxyConfig::validate`] lists every problem at once.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Plain-text listener (HTTP/1.1 and h2c). Port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// TLS listener (HTTP/1.1 and h2 by ALPN). Port 0 picks a free port.
+    pub https_addr: SocketAddr,
+    /// The region this proxy runs in, sent upstream as `Fly-Region` and used
+    /// as the suffix of request ids.
+    pub region: String,
+    /// How long a TCP connect to a machine may take before the request fails
+    /// with 502.
+    pub connect_timeout_ms: u64,
+    /// Idle keep-alive connections kept per machine address.
+    pub max_idle_per_machine: usize,
+    /// How long an idle upstream connection stays in the pool.
+    pub idle_timeout_ms: u64,
+    /// How long a client may take to finish the TLS handshake; bounds what a
+    /// silent client can hold (including the shutdown drain).
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            https_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 8443)),
+            region: "dev".to_string(),
+            connect_timeout_ms: 2_000,
+            max_idle_per_machine: 64,
+            idle_timeout_ms: 90_000,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks the whole config and returns every problem found, each naming
+    /// its field.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.http_addr.port() != 0 && self.http_addr == self.https_addr {
+            problems.push(format!(
+                "proxy.http_addr and proxy.https_addr: both are {}",
+                self.http_addr
+            ));
+        }
+        // The region ends up in header values and metric labels.
+        if self.region.is_empty()
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            problems.push(format!(
+                "proxy.region: must be non-empty and use only a-z, 0-9 and -, got {:?}",
+                self.region
+            ));
+        }
+        for (field, ms) in [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+        ] {
+            if ms == 0 {
+                problems.push(format!("proxy.{field}: must be greater than 0"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// [`Self::connect_timeout_ms`] as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// [`Self::idle_timeout_ms`] as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// [`Self::handshake_timeout_ms`] as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_table_gives_the_documented_defaults() {
+        let cfg: ProxyConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(cfg, ProxyConfig::default());
+        assert_eq!(cfg.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.https_addr.to_string(), "127.0.0.1:8443");
+        assert_eq!(cfg.region, "dev");
+        assert_eq!(cfg.connect_timeout(), Duration::from_secs(2));
+        assert_eq!(cfg.max_idle_per_machine, 64);
+        assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_lists_every_problem() {
+        let cfg = ProxyConfig {
+            https_addr: "127.0.0.1:8080".parse().unwrap(),
+            region: "Dev Region".into(),
+            connect_timeout_ms: 0,
+            ..ProxyConfig::default()
+        };
+        let problems = cfg.validate().unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("proxy.http_addr and proxy.https_addr"));
+        assert!(problems[1].starts_with("proxy.region"));
+        assert!(problems[2].starts_with("proxy.connect_timeout_ms"));
+    }
+
+    #[test]
+    fn port_zero_on_both_listeners_is_fine() {
+        let cfg = ProxyConfig {
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            https_addr: "127.0.0.1:0".parse().unwrap(),
+            ..ProxyConfig::default()
+        };
+        assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<ProxyConfig>(r#"{"http_adr":"127.0.0.1:1"}"#).unwrap_err();
+        assert!(err.to_string().contains("http_adr"), "{err}");
+    }
+}

@@ -1,0 +1,171 @@
+//! The proxy's errors: [`ProxyError`] for setting it up, [`PathError`] for
+//! one request that could not be served.
+
+use crate::path::HostError;
+use http::StatusCode;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Starting the proxy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The configuration is invalid; one entry per problem.
+    #[error("proxy config: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// A listener could not be bound.
+    #[error("proxy: binding the {listener} listener on {addr}: {source}")]
+    Bind {
+        /// `http` or `https`.
+        listener: &'static str,
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why binding failed (in use, permission, ...).
+        source: std::io::Error,
+    },
+    /// The dev certificate or its directory could not be read or written.
+    #[error("proxy: dev certificate {}: {source}", path.display())]
+    CertFile {
+        /// The file or directory that failed.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable certificate or key.
+    #[error("proxy: dev certificate {}: {source}", path.display())]
+    CertPem {
+        /// The PEM file.
+        path: PathBuf,
+        /// What is wrong with its contents.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// Generating the dev certificate failed.
+    #[error("proxy: generating the dev certificate: {0}")]
+    CertGenerate(#[from] rcgen::Error),
+    /// rustls refused the certificate or key.
+    #[error("proxy: tls config: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Who caused a request to fail: decides the log level and whether a retry
+/// elsewhere could help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something the proxy cannot route.
+    Client,
+    /// The machine could not be reached or broke off the exchange.
+    Upstream,
+    /// The proxy itself failed.
+    Internal,
+}
+
+/// One request the proxy answered itself instead of forwarding it.
+///
+/// Each variant maps to one status in [`PathError::status`]; its `Display`
+/// is the one-line body the client sees, so it never includes addresses or
+/// error chains meant for operators (those go to the log).
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    /// The Host header (or h2 authority) is missing or names no app.
+    #[error("{0}")]
+    BadHost(HostError),
+    /// No app of that name is in the FIB.
+    #[error("app {0:?} not found")]
+    UnknownApp(String),
+    /// The app has no machine the proxy may send requests to.
+    #[error("app {0:?} has no started machine")]
+    NoStartedMachine(String),
+    /// The app's started machines expose no HTTP service.
+    #[error("app {0:?} has no started machine with an http service")]
+    NoHttpService(String),
+    /// The chosen machine could not be reached, or failed mid-exchange.
+    #[error("{}", upstream_message(.machine, .connect))]
+    Upstream {
+        /// The machine's id (shown to the client).
+        machine: String,
+        /// The machine's private address (logged only).
+        addr: SocketAddr,
+        /// True when the connection was never made, so the request did not
+        /// reach the machine and may be sent elsewhere.
+        connect: bool,
+        /// The underlying error chain, for the log.
+        cause: String,
+    },
+    /// The proxy failed to build the upstream request.
+    #[error("internal proxy error")]
+    Internal(String),
+}
+
+fn upstream_message(machine: &str, connect: &bool) -> String {
+    if *connect {
+        format!("could not connect to machine {machine}")
+    } else {
+        format!("machine {machine} did not answer")
+    }
+}
+
+impl PathError {
+    /// The status the client receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadHost(_) => StatusCode::BAD_REQUEST,
+            Self::UnknownApp(_) => StatusCode::NOT_FOUND,
+            Self::NoStartedMachine(_) | Self::NoHttpService(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Who caused the failure.
+    pub fn side(&self) -> Side {
+        match self {
+            Self::BadHost(_) | Self::UnknownApp(_) => Side::Client,
+            // No capacity is an operator concern, like an unreachable machine.
+            Self::NoStartedMachine(_) | Self::NoHttpService(_) | Self::Upstream { .. } => {
+                Side::Upstream
+            }
+            Self::Internal(_) => Side::Internal,
+        }
+    }
+
+    /// Whether sending the same request to another machine is safe: only when
+    /// this one never saw it.
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::Upstream { connect: true, .. })
+    }
+
+    /// Operator detail beyond the client-facing message, for the log.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Self::Upstream { addr, cause, .. } => Some(format!("{addr}: {cause}")),
+            Self::Internal(cause) => Some(cause.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_can_cross_threads() {
+        // The binary wraps them in anyhow and moves them between tasks.
+        fn check<T: std::error::Error + Send + Sync + 'static>() {}
+        check::<ProxyError>();
+        check::<PathError>();
+    }
+
+    #[test]
+    fn upstream_errors_hide_the_address_from_the_client() {
+        let e = PathError::Upstream {
+            machine: "m1".into(),
+            addr: "127.10.0.2:8080".parse().unwrap(),
+            connect: true,
+            cause: "Connection refused".into(),
+        };
+        assert_eq!(e.to_string(), "could not connect to machine m1");
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert!(e.retryable());
+        assert_eq!(e.detail().unwrap(), "127.10.0.2:8080: Connection refused");
+    }
+}

@@ -1,0 +1,184 @@
+//! Header rewriting at the proxy hop: hop-by-hop headers out, proxy headers
+//! in (`Fly-*`, `X-Forwarded-*`, `Via`).
+
+use http::header::{
+    CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE, VIA,
+};
+use std::net::IpAddr;
+
+/// Headers that describe one connection, not the message, so they never
+/// cross the proxy (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+pub(crate) const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
+pub(crate) const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");
+pub(crate) const FLY_REGION: HeaderName = HeaderName::from_static("fly-region");
+pub(crate) const FLY_REQUEST_ID: HeaderName = HeaderName::from_static("fly-request-id");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+}
+
+/// Joins split `cookie` headers into one: h2 clients may send one header
+/// per cookie, but an HTTP/1.1 server expects a single line
+/// (RFC 9113 section 8.2.3).
+pub(crate) fn join_cookies(headers: &mut HeaderMap) -> Result<(), InvalidHeaderValue> {
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return Ok(());
+    }
+    let joined = join(headers.get_all(COOKIE).iter(), b"; ");
+    headers.insert(COOKIE, HeaderValue::from_bytes(&joined)?);
+    Ok(())
+}
+
+/// What the proxy tells the machine about the request it forwards.
+#[derive(Debug)]
+pub(crate) struct Forwarded<'a> {
+    pub client_ip: IpAddr,
+    /// `http` or `https`.
+    pub proto: &'static str,
+    /// The port the client connected to.
+    pub port: u16,
+    pub region: &'a str,
+    pub request_id: &'a HeaderValue,
+    /// This hop's `Via` entry, such as `1.1 hangar`.
+    pub via: &'static str,
+}
+
+/// Sets the proxy headers on a request going to a machine. Values a client
+/// could forge (`Fly-Client-IP`, `X-Forwarded-Proto`, ...) are replaced;
+/// the list-valued `X-Forwarded-For` and `Via` are appended to.
+pub(crate) fn add_forwarded(
+    headers: &mut HeaderMap,
+    f: &Forwarded<'_>,
+) -> Result<(), InvalidHeaderValue> {
+    let ip = HeaderValue::from_str(&f.client_ip.to_string())?;
+    let port = HeaderValue::from(f.port);
+    append_to_list(headers, X_FORWARDED_FOR, &ip)?;
+    headers.insert(FLY_CLIENT_IP, ip);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
+    headers.insert(X_FORWARDED_PORT, port.clone());
+    headers.insert(FLY_FORWARDED_PORT, port);
+    headers.insert(FLY_REGION, HeaderValue::from_str(f.region)?);
+    headers.insert(FLY_REQUEST_ID, f.request_id.clone());
+    append_to_list(headers, VIA, &HeaderValue::from_static(f.via))
+}
+
+/// Adds `value` to a comma-separated list header, merging repeated headers
+/// into one line.
+pub(crate) fn append_to_list(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    value: &HeaderValue,
+) -> Result<(), InvalidHeaderValue> {
+    let merged = join(headers.get_all(&name).iter().chain([value]), b", ");
+    headers.insert(name, HeaderValue::from_bytes(&merged)?);
+    Ok(())
+}
+
+fn join<'a>(values: impl Iterator<Item = &'a HeaderValue>, separator: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for value in values {
+        if !out.is_empty() {
+            out.extend_from_slice(separator);
+        }
+        out.extend_from_slice(value.as_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("proxy-connection", "keep-alive"),
+            ("x-secret", "1"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn forwarded_headers_replace_forgeable_values_and_append_lists() {
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("fly-client-ip", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("via", "1.1 cdn"),
+        ]);
+        let id = HeaderValue::from_static("01J0-dev");
+        add_forwarded(
+            &mut h,
+            &Forwarded {
+                client_ip: "127.0.0.1".parse().unwrap(),
+                proto: "http",
+                port: 8080,
+                region: "dev",
+                request_id: &id,
+                via: "1.1 hangar",
+            },
+        )
+        .unwrap();
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["fly-client-ip"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-port"], "8080");
+        assert_eq!(h["fly-forwarded-port"], "8080");
+        assert_eq!(h["fly-region"], "dev");
+        assert_eq!(h["fly-request-id"], "01J0-dev");
+        assert_eq!(h["via"], "1.1 cdn, 1.1 hangar");
+    }
+
+    #[test]
+    fn split_cookies_are_joined_for_http1() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        join_cookies(&mut h).unwrap();
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2");
+    }
+}

@@ -1,0 +1,590 @@
+//! The request path, top to bottom:
+//!
+//! accept → tls → connection → [handle: host → app → machine → forward] → log
+//!
+//! One short function per step; a step that cannot go on returns a
+//! [`PathError`], and `fail()` alone turns errors into responses. Nothing
+//! here takes a lock: the FIB is read through an immutable snapshot and the
+//! load counters are atomics.
+
+use crate::balance::{self, Lease, NoTarget, Target};
+use crate::body::{Held, ProxyBody};
+use crate::conns::{self, Conns};
+use crate::error::{PathError, Side};
+use crate::headers::{self, FLY_REQUEST_ID, Forwarded};
+use crate::metrics::{EdgeMetrics, InFlight};
+use crate::{Listener, Proxy};
+use hangar_catalog::{AppRoutes, Fib};
+use http::header::{CONTENT_TYPE, HOST, HeaderValue, SERVER, VIA};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+/// What every request on every connection shares.
+pub(crate) struct Edge {
+    pub fib: Arc<Fib>,
+    /// Pooled HTTP/1.1 client to machines, keyed by `private_ip:port`.
+    pub client: Client<HttpConnector, Incoming>,
+    pub region: String,
+    pub metrics: EdgeMetrics,
+    pub tls: TlsAcceptor,
+    pub handshake_timeout: Duration,
+}
+
+/// The connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    listener: Listener,
+    peer: SocketAddr,
+    /// The port the client connected to, for `X-Forwarded-Port`.
+    local_port: u16,
+}
+
+/// One request as it moves down the path: what the log line reports.
+struct Exchange {
+    conn: Conn,
+    id: HeaderValue,
+    started: Instant,
+    app: Option<String>,
+    machine: Option<String>,
+    /// Moves into the response body when the request is forwarded, so the
+    /// gauge covers streaming too.
+    in_flight: Option<InFlight>,
+}
+
+// ---- accept ----
+
+/// Accepts on both listeners until `shutdown`, then drains for at most `drain`.
+pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drain: Duration) {
+    let Proxy { http, https, edge } = proxy;
+    let server = auto::Builder::new(TokioExecutor::new());
+    let mut conns = Conns::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
+        // A connection accepted in the same instant as shutdown is drained
+        // like the others.
+        let (tcp, listener) = tokio::select! {
+            () = &mut shutdown => break,
+            () = conns.reap() => continue,
+            accepted = http.accept() => (accepted, Listener::Http),
+            accepted = https.accept() => (accepted, Listener::Https),
+        };
+        let (tcp, peer) = match tcp {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                conns::accept_failed(listener.as_str(), &e).await;
+                continue;
+            }
+        };
+        let (edge, server) = (edge.clone(), server.clone());
+        conns.spawn(move |watcher| connection(edge, server, tcp, peer, listener, watcher));
+    }
+    // Closing the listeners first makes new clients fail fast instead of
+    // queueing on a socket nobody accepts from.
+    drop((http, https));
+    conns.drain("proxy", drain).await;
+}
+
+// ---- tls → connection ----
+
+/// Serves one client connection: TLS first on the HTTPS listener, then
+/// HTTP/1.1 or h2 (prior knowledge or ALPN) until the client or a shutdown
+/// closes it.
+async fn connection(
+    edge: Arc<Edge>,
+    server: auto::Builder<TokioExecutor>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Listener,
+    watcher: Watcher,
+) {
+    // Small request and response heads should not wait on Nagle.
+    let _ = tcp.set_nodelay(true);
+    let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+    let conn = Conn {
+        listener,
+        peer,
+        local_port,
+    };
+    let service = hyper::service::service_fn({
+        let edge = edge.clone();
+        move |req| handle(edge.clone(), conn, req)
+    });
+    let served = match listener {
+        Listener::Http => {
+            let io = TokioIo::new(tcp);
+            watcher.watch(server.serve_connection(io, service)).await
+        }
+        Listener::Https => {
+            let Some(tls) = tls(&edge, tcp, peer).await else {
+                return;
+            };
+            watcher
+                .watch(server.serve_connection(TokioIo::new(tls), service))
+                .await
+        }
+    };
+    if let Err(e) = served {
+        // Clients resetting connections is ordinary, hence debug.
+        tracing::debug!(%peer, listener = listener.as_str(), error = %e, "connection ended with an error");
+    }
+}
+
+/// The TLS handshake, bounded so a silent client cannot hold a task (or the
+/// shutdown drain) forever.
+async fn tls(
+    edge: &Edge,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(edge.handshake_timeout, edge.tls.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "tls handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "tls handshake timed out");
+            None
+        }
+    }
+}
+
+// ---- handle: host → app → machine → forward ----
+
+/// Serves one request. Never fails: every error becomes a response in
+/// [`fail`], and every request is logged and counted once in [`log`].
+async fn handle(
+    edge: Arc<Edge>,
+    conn: Conn,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let mut ex = Exchange {
+        conn,
+        id: request_id(&edge.region),
+        started: Instant::now(),
+        app: None,
+        machine: None,
+        in_flight: Some(edge.metrics.in_flight()),
+    };
+    let response = match route(&edge, &mut ex, req).await {
+        Ok(response) => {
+            log(&edge, &ex, &response, None);
+            response
+        }
+        Err(error) => {
+            let response = fail(&ex, &error);
+            log(&edge, &ex, &response, Some(&error));
+            response
+        }
+    };
+    Ok(response)
+}
+
+/// The steps that pick a machine and forward to it, in order.
+async fn route(
+    edge: &Edge,
+    ex: &mut Exchange,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, PathError> {
+    let host = host(&req)?;
+    let app = app(&edge.fib, &host.app)?;
+    ex.app = Some(app.name.clone());
+    let target = machine(&app, ex.conn.listener)?;
+    ex.machine = Some(target.machine.id.clone());
+    forward(edge, ex, target, host, req).await
+}
+
+/// The host a request is for, and the app it names.
+#[derive(Debug)]
+struct Host {
+    app: String,
+    /// The client's Host as received, port included, passed on to the machine.
+    raw: HeaderValue,
+}
+
+/// Reads the host from the URI authority (h2, or an HTTP/1 absolute-form
+/// target, which takes precedence over `Host` per RFC 9112 section 3.2.2),
+/// else from the `Host` header.
+fn host(req: &Request<Incoming>) -> Result<Host, PathError> {
+    let raw = match req.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str())
+            .map_err(|_| PathError::BadHost(HostError::NotText))?,
+        None => req
+            .headers()
+            .get(HOST)
+            .cloned()
+            .ok_or(PathError::BadHost(HostError::Missing))?,
+    };
+    let text = raw
+        .to_str()
+        .map_err(|_| PathError::BadHost(HostError::NotText))?;
+    let app = parse_host(text).map_err(PathError::BadHost)?;
+    Ok(Host { app, raw })
+}
+
+/// The app's routes from the current FIB snapshot.
+fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
+    fib.lookup(name)
+        .ok_or_else(|| PathError::UnknownApp(name.to_string()))
+}
+
+/// Picks the machine; see [`balance`].
+fn machine(app: &AppRoutes, listener: Listener) -> Result<Target, PathError> {
+    balance::choose(app, listener, &mut rand::rng()).map_err(|no| match no {
+        NoTarget::NoStartedMachine => PathError::NoStartedMachine(app.name.clone()),
+        NoTarget::NoHttpService => PathError::NoHttpService(app.name.clone()),
+    })
+}
+
+/// Sends the request to the machine and streams its response back. The
+/// machine's in-flight count is held from here until the response body ends.
+async fn forward(
+    edge: &Edge,
+    ex: &mut Exchange,
+    target: Target,
+    host: Host,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, PathError> {
+    let lease = Lease::new(&target.machine);
+    let addr = SocketAddr::new(target.machine.private_ip, target.internal_port);
+    upstream_request(&mut req, ex, &edge.region, addr, host)?;
+    let response = edge
+        .client
+        .request(req)
+        .await
+        .map_err(|e| upstream_error(&target, addr, &e))?;
+    let held = Held {
+        _lease: lease,
+        _in_flight: ex.in_flight.take(),
+    };
+    downstream_response(response, ex, held)
+}
+
+/// Rewrites the client's request for the machine: absolute URI for the
+/// pooled client (it sends origin-form `path?query` on the wire), HTTP/1.1,
+/// the client's Host, no hop-by-hop headers, proxy headers added.
+fn upstream_request(
+    req: &mut Request<Incoming>,
+    ex: &Exchange,
+    region: &str,
+    addr: SocketAddr,
+    host: Host,
+) -> Result<(), PathError> {
+    let via = match req.version() {
+        Version::HTTP_2 => "2 hangar",
+        Version::HTTP_10 => "1.0 hangar",
+        _ => "1.1 hangar",
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(addr.to_string())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| PathError::Internal(format!("upstream uri for {addr}: {e}")))?;
+    // Machines are spoken to in HTTP/1.1 whatever the client used.
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    headers::strip_hop_by_hop(headers);
+    headers.insert(HOST, host.raw);
+    let forwarded = Forwarded {
+        client_ip: ex.conn.peer.ip().to_canonical(),
+        proto: ex.conn.listener.as_str(),
+        port: ex.conn.local_port,
+        region,
+        request_id: &ex.id,
+        via,
+    };
+    headers::join_cookies(headers)
+        .and_then(|()| headers::add_forwarded(headers, &forwarded))
+        .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))
+}
+
+/// The machine's response for the client: hop-by-hop headers out, request
+/// id and `Via` in, body streamed through holding `held`.
+fn downstream_response(
+    response: Response<Incoming>,
+    ex: &Exchange,
+    held: Held,
+) -> Result<Response<ProxyBody>, PathError> {
+    let mut response = response.map(|body| ProxyBody::upstream(body, held));
+    // The client's connection decides its own version; hyper frames it.
+    *response.version_mut() = Version::HTTP_11;
+    let headers = response.headers_mut();
+    headers::strip_hop_by_hop(headers);
+    headers.insert(FLY_REQUEST_ID, ex.id.clone());
+    headers::append_to_list(headers, VIA, &HeaderValue::from_static("1.1 hangar"))
+        .map_err(|e| PathError::Internal(format!("response via: {e}")))?;
+    Ok(response)
+}
+
+fn upstream_error(
+    target: &Target,
+    addr: SocketAddr,
+    error: &hyper_util::client::legacy::Error,
+) -> PathError {
+    // The client error's own message ("client error (Connect)") only names
+    // the kind; the cause is in its sources.
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if !cause.is_empty() {
+            cause.push_str(": ");
+        }
+        cause.push_str(&e.to_string());
+        source = e.source();
+    }
+    if cause.is_empty() {
+        cause = error.to_string();
+    }
+    PathError::Upstream {
+        machine: target.machine.id.clone(),
+        addr,
+        connect: error.is_connect(),
+        cause,
+    }
+}
+
+// ---- log ----
+
+/// Counts the response and logs the request: at debug when it went fine or
+/// the client was at fault, at warn when the proxy or a machine was.
+fn log(edge: &Edge, ex: &Exchange, response: &Response<ProxyBody>, error: Option<&PathError>) {
+    let elapsed = ex.started.elapsed();
+    let status = response.status();
+    let listener = ex.conn.listener;
+    edge.metrics.observe(listener, status, elapsed);
+    let app = ex.app.as_deref().unwrap_or("-");
+    let machine = ex.machine.as_deref().unwrap_or("-");
+    let id = ex.id.to_str().unwrap_or("-");
+    match error {
+        Some(e) if e.side() != Side::Client => tracing::warn!(
+            request_id = id,
+            app,
+            machine,
+            status = status.as_u16(),
+            ?elapsed,
+            listener = listener.as_str(),
+            side = ?e.side(),
+            retryable = e.retryable(),
+            error = %e,
+            detail = e.detail().as_deref().unwrap_or("-"),
+            "request failed"
+        ),
+        _ => tracing::debug!(
+            request_id = id,
+            app,
+            machine,
+            status = status.as_u16(),
+            ?elapsed,
+            listener = listener.as_str(),
+            error = error.map(tracing::field::display),
+            "request"
+        ),
+    }
+}
+
+// ---- fail ----
+
+/// The proxy's own answer to a request it could not forward: the status of
+/// the error and its one-line message as text.
+fn fail(ex: &Exchange, error: &PathError) -> Response<ProxyBody> {
+    // Messages quote client input with `{:?}`, which escapes line breaks,
+    // so the body is always exactly one line.
+    let mut response = Response::new(ProxyBody::local(format!("{error}\n")));
+    *response.status_mut() = error.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(SERVER, HeaderValue::from_static("hangar"));
+    headers.insert(FLY_REQUEST_ID, ex.id.clone());
+    response
+}
+
+/// A new request id: a ULID (time-ordered, so logs sort) and the region.
+fn request_id(region: &str) -> HeaderValue {
+    let id = format!("{}-{region}", ulid::Ulid::new());
+    // A ULID is base32 and `ProxyConfig::validate` keeps the region to
+    // [a-z0-9-], so this cannot fail; the fallback keeps it panic-free anyway.
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid-request-id"))
+}
+
+// ---- host parsing ----
+
+/// Why a request's host names no app. Its `Display` is the client's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostError {
+    /// No `Host` header and no URI authority.
+    Missing,
+    /// The host is not visible ASCII.
+    NotText,
+    /// The host is not `name[:port]`.
+    Malformed(String),
+    /// The host is well-formed but not `<app>.localhost`.
+    NotAnApp(String),
+    /// The label before `.localhost` is not a valid app name.
+    BadAppName(String),
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing => f.write_str("missing Host header"),
+            Self::NotText => f.write_str("Host header is not valid text"),
+            Self::Malformed(host) => write!(f, "malformed Host {host:?}"),
+            Self::NotAnApp(host) => write!(f, "Host {host:?} is not <app>.localhost"),
+            Self::BadAppName(name) => write!(
+                f,
+                "{name:?} is not an app name (1-63 characters of a-z, 0-9 and -)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// The longest app name, as a DNS label.
+const MAX_APP_NAME: usize = 63;
+
+/// Parses a Host value (`hello.localhost`, `Hello.LocalHost:8080`,
+/// `hello.localhost.`) into the app name it routes to.
+pub fn parse_host(raw: &str) -> Result<String, HostError> {
+    if raw.is_empty() {
+        return Err(HostError::Missing);
+    }
+    let name = strip_port(raw)?.to_ascii_lowercase();
+    // A trailing dot is the fully qualified spelling of the same name.
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    let app = name
+        .strip_suffix(".localhost")
+        .ok_or_else(|| HostError::NotAnApp(raw.to_string()))?;
+    let valid = (1..=MAX_APP_NAME).contains(&app.len())
+        && app
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(app.to_string())
+    } else {
+        Err(HostError::BadAppName(app.to_string()))
+    }
+}
+
+/// `name[:port]` → `name`. The port may be empty (RFC 3986 allows it) but
+/// otherwise must be a number. An IPv6 literal is well-formed but no app.
+fn strip_port(raw: &str) -> Result<&str, HostError> {
+    if raw.starts_with('[') {
+        return Err(HostError::NotAnApp(raw.to_string()));
+    }
+    let (name, port) = match raw.split_once(':') {
+        Some((name, port)) => (name, port),
+        None => (raw, ""),
+    };
+    // `u16::from_str` alone would accept a leading `+`.
+    let port_ok = port.is_empty()
+        || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok());
+    let name_ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if port_ok && name_ok {
+        Ok(name)
+    } else {
+        Err(HostError::Malformed(raw.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_hosts_name_their_app() {
+        for (raw, app) in [
+            ("hello.localhost", "hello"),
+            ("hello.localhost:8080", "hello"),
+            ("Hello.LocalHost:8443", "hello"),
+            ("hello.localhost.", "hello"),
+            ("hello.localhost:", "hello"),
+            ("my-app-2.localhost", "my-app-2"),
+            (&format!("{}.localhost", "a".repeat(63)), &"a".repeat(63)),
+        ] {
+            assert_eq!(parse_host(raw).as_deref(), Ok(app), "{raw}");
+        }
+    }
+
+    #[test]
+    fn malformed_hosts_are_rejected_with_a_reason() {
+        use HostError::*;
+        let cases: &[(&str, HostError)] = &[
+            ("", Missing),
+            (
+                "hello.localhost:80:80",
+                Malformed("hello.localhost:80:80".into()),
+            ),
+            (
+                "hello.localhost:http",
+                Malformed("hello.localhost:http".into()),
+            ),
+            (
+                "hello.localhost:99999",
+                Malformed("hello.localhost:99999".into()),
+            ),
+            (
+                "hello.localhost:+80",
+                Malformed("hello.localhost:+80".into()),
+            ),
+            (":8080", Malformed(":8080".into())),
+            ("hel lo.localhost", Malformed("hel lo.localhost".into())),
+            ("hello.localhost/x", Malformed("hello.localhost/x".into())),
+            (
+                "user@hello.localhost",
+                Malformed("user@hello.localhost".into()),
+            ),
+            ("localhost", NotAnApp("localhost".into())),
+            ("localhost:8080", NotAnApp("localhost:8080".into())),
+            ("hello.example.com", NotAnApp("hello.example.com".into())),
+            ("127.0.0.1:8080", NotAnApp("127.0.0.1:8080".into())),
+            ("[::1]:8080", NotAnApp("[::1]:8080".into())),
+            (".localhost", BadAppName("".into())),
+            ("a.b.localhost", BadAppName("a.b".into())),
+            ("my_app.localhost", BadAppName("my_app".into())),
+            (
+                &format!("{}.localhost", "a".repeat(64)),
+                BadAppName("a".repeat(64)),
+            ),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_host(raw).as_ref(), Err(want), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn host_errors_read_as_one_line() {
+        let e = parse_host("evil\u{7f}.localhost").unwrap_err();
+        assert!(!e.to_string().contains('\n'));
+        assert_eq!(
+            parse_host("example.com").unwrap_err().to_string(),
+            r#"Host "example.com" is not <app>.localhost"#
+        );
+    }
+}

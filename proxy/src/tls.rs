@@ -1,0 +1,199 @@
+//! TLS for the HTTPS listener: the self-signed dev certificate and the
+//! rustls server config built from it.
+//!
+//! The certificate is an ECDSA P-256 key signed by itself for `*.localhost`
+//! and `localhost`, generated on first start and kept under
+//! `<data_dir>/tls/` so browsers and clients that were told to trust it keep
+//! trusting it across restarts.
+
+use crate::error::ProxyError;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The directory under the data dir that holds the dev certificate.
+pub const TLS_DIR: &str = "tls";
+/// The dev certificate chain, PEM.
+pub const CERT_FILE: &str = "dev-cert.pem";
+/// The dev certificate's private key, PEM, mode 0600.
+pub const KEY_FILE: &str = "dev-key.pem";
+
+/// The names the dev certificate is valid for.
+const DEV_NAMES: [&str; 2] = ["*.localhost", "localhost"];
+
+/// ALPN protocols offered, in preference order.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// A certificate chain and its key, ready for rustls.
+#[derive(Debug)]
+pub struct CertifiedKey {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// Where the dev certificate and key of `data_dir` live.
+pub fn dev_cert_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    let dir = data_dir.join(TLS_DIR);
+    (dir.join(CERT_FILE), dir.join(KEY_FILE))
+}
+
+/// Loads the dev certificate from `data_dir`, generating and saving it first
+/// if either file is missing.
+pub fn load_or_create_dev_cert(data_dir: &Path) -> Result<CertifiedKey, ProxyError> {
+    let (cert_path, key_path) = dev_cert_paths(data_dir);
+    if !(cert_path.exists() && key_path.exists()) {
+        // A lone file is the leftover of an interrupted first start: a cert
+        // without its key (or the reverse) is useless, so replace both.
+        create_dev_cert(&cert_path, &key_path)?;
+        tracing::info!(cert = %cert_path.display(), "proxy: generated a self-signed dev certificate");
+    }
+    load(&cert_path, &key_path)
+}
+
+/// Builds the HTTPS listener's rustls config: TLS 1.2 and 1.3 on the ring
+/// provider, ALPN `h2` then `http/1.1`.
+pub fn server_config(cert: CertifiedKey) -> Result<Arc<ServerConfig>, ProxyError> {
+    // The workspace builds rustls without a default provider, so name it.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(cert.chain, cert.key)?;
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+fn create_dev_cert(cert_path: &Path, key_path: &Path) -> Result<(), ProxyError> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(DEV_NAMES.map(String::from).to_vec())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Hangar dev proxy");
+    let cert = params.self_signed(&key)?;
+    if let Some(dir) = key_path.parent() {
+        create_private_dir(dir)?;
+    }
+    // Key first: a crash between the two writes leaves no cert, which the
+    // next start treats as "generate again".
+    write_atomically(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_atomically(cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+fn load(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, ProxyError> {
+    let pem_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ProxyError::CertPem { path, source }
+    };
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(pem_error(cert_path))?;
+    if chain.is_empty() {
+        return Err(ProxyError::CertPem {
+            path: cert_path.to_path_buf(),
+            source: rustls::pki_types::pem::Error::NoItemsFound,
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(pem_error(key_path))?;
+    Ok(CertifiedKey { chain, key })
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), ProxyError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|source| ProxyError::CertFile {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `contents` to a temporary file created with `mode`, then renames it
+/// over `path`, so a reader never sees a half-written file and the key is
+/// never readable by others, not even briefly.
+fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProxyError> {
+    let tmp = path.with_extension("pem.tmp");
+    let io_error = |source| ProxyError::CertFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    // A leftover temp file may carry other permissions; `mode` only applies
+    // to files this call creates.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(e)),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(&tmp).map_err(io_error)?;
+    file.write_all(contents).map_err(io_error)?;
+    file.sync_all().map_err(io_error)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_cert_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_dev_cert(dir.path()).unwrap();
+        let (cert_path, key_path) = dev_cert_paths(dir.path());
+        let cert_pem = std::fs::read(&cert_path).unwrap();
+        let key_pem = std::fs::read(&key_path).unwrap();
+
+        let second = load_or_create_dev_cert(dir.path()).unwrap();
+        assert_eq!(
+            first.chain, second.chain,
+            "the second start reuses the certificate"
+        );
+        assert_eq!(std::fs::read(&cert_path).unwrap(), cert_pem);
+        assert_eq!(std::fs::read(&key_path).unwrap(), key_pem);
+        assert_eq!(first.key.secret_der(), second.key.secret_der());
+        server_config(second).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn dev_key_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        load_or_create_dev_cert(dir.path()).unwrap();
+        let (_, key_path) = dev_cert_paths(dir.path());
+        let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_lone_certificate_is_replaced_with_a_fresh_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_dev_cert(dir.path()).unwrap();
+        let (_, key_path) = dev_cert_paths(dir.path());
+        std::fs::remove_file(&key_path).unwrap();
+        let second = load_or_create_dev_cert(dir.path()).unwrap();
+        assert_ne!(first.chain, second.chain);
+        assert!(key_path.exists());
+    }
+
+    #[test]
+    fn server_config_offers_h2_then_http1() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = server_config(load_or_create_dev_cert(dir.path()).unwrap()).unwrap();
+        assert_eq!(
+            config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+    }
+}

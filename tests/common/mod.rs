@@ -1,0 +1,268 @@
+//! Test harness: runs the real `hangar dev` binary on port 0 in a temp dir,
+//! reads the bound addresses back from `addrs.json`, and stops it on drop
+//! (SIGTERM first, so it stops its machines; SIGKILL if it hangs).
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Bound on every wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Addrs {
+    pub flaps: SocketAddr,
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+    pub metrics: SocketAddr,
+    pub flyd: SocketAddr,
+}
+
+pub struct Hangar {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub addrs: Addrs,
+    pub token: String,
+    pub http: reqwest::Client,
+}
+
+impl Hangar {
+    /// Starts `hangar dev` in a new temp dir.
+    pub async fn start() -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().join("data");
+        let mut h = Self::start_in(&dir).await;
+        h._tmp = Some(tmp);
+        h
+    }
+
+    /// Starts `hangar dev` with `dir` as its data dir (which may hold a
+    /// previous run's state).
+    pub async fn start_in(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = std::fs::File::create(dir.join("../hangar.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .args(["dev", "--data-dir"])
+            .arg(dir)
+            .args([
+                "--flaps-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--https-addr",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--flyd-addr",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hangar");
+        let mut child = Some(child);
+        let addrs_path = dir.join("addrs.json");
+        let deadline = Instant::now() + WAIT;
+        let addrs: Addrs = loop {
+            if let Ok(text) = std::fs::read_to_string(&addrs_path) {
+                break serde_json::from_str(&text).expect("addrs.json parses");
+            }
+            if let Some(status) = child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "hangar exited with {status} before it was ready:\n{}",
+                    read_log(dir)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hangar not ready within {WAIT:?}:\n{}",
+                read_log(dir)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let token = std::fs::read_to_string(dir.join("token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let http = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .timeout(WAIT)
+            .build()
+            .unwrap();
+        Self {
+            child,
+            data_dir: dir.to_path_buf(),
+            _tmp: None,
+            addrs,
+            token,
+            http,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends `signal` and waits (bounded) for the process to exit.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("still running");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "hangar did not exit within {WAIT:?}:\n{}",
+                    read_log(&self.data_dir)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The server log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        read_log(&self.data_dir)
+    }
+
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addrs.flaps)
+    }
+
+    /// An authorized API call; returns status and JSON body.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.api(path))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.body(b.to_string());
+        }
+        let resp = req.send().await.expect("api call");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, json)
+    }
+
+    /// Creates an app and a started hangar/echo machine; returns the machine.
+    pub async fn app_with_machine(&self, app: &str) -> Value {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/apps",
+                Some(&format!(r#"{{"app_name":"{app}","org_slug":"personal"}}"#)),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, machine) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/apps/{app}/machines"),
+                Some(ECHO_MACHINE),
+            )
+            .await;
+        assert_eq!(status, 200, "{machine}\n{}", self.log());
+        let id = machine["id"].as_str().unwrap();
+        let (status, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/apps/{app}/machines/{id}/wait?state=started&timeout=30"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        machine
+    }
+
+    /// A GET through the proxy's HTTP listener with `Host: host`.
+    pub async fn via_proxy(&self, host: &str, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.addrs.http))
+            .header("host", host)
+            .send()
+            .await
+            .expect("proxy request");
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+}
+
+impl Drop for Hangar {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop_with(nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("../hangar.log")).unwrap_or_default()
+}
+
+/// The machine the README's walkthrough creates.
+pub const ECHO_MACHINE: &str = r#"{"config":{"image":"hangar/echo","services":[{"protocol":"tcp","internal_port":8080,
+  "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}"#;
+
+/// Pids of processes whose command line or environment mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let found = ["cmdline", "environ"].iter().any(|f| {
+            std::fs::read(entry.path().join(f))
+                .map(|bytes| String::from_utf8_lossy(&bytes).contains(needle))
+                .unwrap_or(false)
+        });
+        // Zombies keep their cmdline empty; skip exited-but-unreaped entries.
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false);
+        if found && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits (bounded) until no process mentions `needle`.
+pub async fn assert_no_process_mentions(needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let pids = processes_mentioning(needle);
+        if pids.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes still running for {needle}: {pids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
