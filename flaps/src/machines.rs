@@ -156,25 +156,49 @@ async fn list(
     Ok(Json(all))
 }
 
-/// Forwards `method /v1/machines/{id}{suffix}` to the machine's host.
-async fn forward(
-    flaps: &Flaps,
-    caller: &Caller,
-    app: &str,
-    id: &str,
+/// A call to forward to the host of machine `id`: `method
+/// /v1/machines/{id}{suffix}`.
+struct Forward<'a> {
     method: Method,
-    suffix: &str,
+    suffix: &'a str,
     body: Option<serde_json::Value>,
     timeout: Option<Duration>,
-) -> Result<Response, ApiError> {
-    owned_app(flaps, caller, app)?;
-    let host = locate(flaps, app, id)?;
-    let path = format!("/v1/machines/{id}{suffix}");
-    let reply = flaps
-        .hosts
-        .call(&host.address, method, &path, body.as_ref(), timeout)
-        .await?;
-    Ok(relay(reply))
+}
+
+impl<'a> Forward<'a> {
+    fn new(method: Method, suffix: &'a str) -> Self {
+        Self {
+            method,
+            suffix,
+            body: None,
+            timeout: None,
+        }
+    }
+
+    /// Checks the caller owns `app` and `id` is one of its machines, then
+    /// relays the host's answer.
+    async fn to(
+        self,
+        flaps: &Flaps,
+        caller: &Caller,
+        app: &str,
+        id: &str,
+    ) -> Result<Response, ApiError> {
+        owned_app(flaps, caller, app)?;
+        let host = locate(flaps, app, id)?;
+        let path = format!("/v1/machines/{id}{}", self.suffix);
+        let reply = flaps
+            .hosts
+            .call(
+                &host.address,
+                self.method,
+                &path,
+                self.body.as_ref(),
+                self.timeout,
+            )
+            .await?;
+        Ok(relay(reply))
+    }
 }
 
 async fn show(
@@ -182,7 +206,9 @@ async fn show(
     Extension(caller): Extension<Caller>,
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    forward(&flaps, &caller, &app, &id, Method::GET, "", None, None).await
+    Forward::new(Method::GET, "")
+        .to(&flaps, &caller, &app, &id)
+        .await
 }
 
 async fn start(
@@ -190,17 +216,9 @@ async fn start(
     Extension(caller): Extension<Caller>,
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    forward(
-        &flaps,
-        &caller,
-        &app,
-        &id,
-        Method::POST,
-        "/start",
-        None,
-        None,
-    )
-    .await
+    Forward::new(Method::POST, "/start")
+        .to(&flaps, &caller, &app, &id)
+        .await
 }
 
 async fn stop(
@@ -211,16 +229,11 @@ async fn stop(
 ) -> Result<Response, ApiError> {
     let req: hangar_api::StopRequest = json_body(body)?;
     let body = serde_json::to_value(req).expect("requests serialize");
-    forward(
-        &flaps,
-        &caller,
-        &app,
-        &id,
-        Method::POST,
-        "/stop",
-        Some(body),
-        None,
-    )
+    Forward {
+        body: Some(body),
+        ..Forward::new(Method::POST, "/stop")
+    }
+    .to(&flaps, &caller, &app, &id)
     .await
 }
 
@@ -251,17 +264,9 @@ async fn destroy(
 ) -> Result<Response, ApiError> {
     let force = truthy(q.force.as_deref())? || truthy(q.kill.as_deref())?;
     let suffix = format!("?force={force}");
-    forward(
-        &flaps,
-        &caller,
-        &app,
-        &id,
-        Method::DELETE,
-        &suffix,
-        None,
-        None,
-    )
-    .await
+    Forward::new(Method::DELETE, &suffix)
+        .to(&flaps, &caller, &app, &id)
+        .await
 }
 
 async fn wait(
@@ -275,15 +280,10 @@ async fn wait(
     let suffix = query
         .map(|q| format!("/wait?{q}"))
         .unwrap_or_else(|| "/wait".into());
-    forward(
-        &flaps,
-        &caller,
-        &app,
-        &id,
-        Method::GET,
-        &suffix,
-        None,
-        Some(Duration::from_secs(310)),
-    )
+    Forward {
+        timeout: Some(Duration::from_secs(310)),
+        ..Forward::new(Method::GET, &suffix)
+    }
+    .to(&flaps, &caller, &app, &id)
     .await
 }

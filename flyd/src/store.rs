@@ -22,7 +22,7 @@ const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("fsm_runs");
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("flyd store: {0}")]
-    Db(#[from] redb::Error),
+    Db(#[source] Box<redb::Error>),
     #[error("flyd store: record {key:?} does not decode: {source}")]
     Decode {
         key: String,
@@ -37,7 +37,7 @@ pub struct Store {
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Db(e.into())
+    StoreError::Db(Box::new(e.into()))
 }
 
 impl Store {
