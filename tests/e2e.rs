@@ -4,7 +4,6 @@
 mod common;
 
 use common::{ECHO_MACHINE, Hangar, assert_no_process_mentions, processes_mentioning};
-use reqwest::Method;
 use serde_json::Value;
 
 #[tokio::test]
@@ -46,7 +45,7 @@ async fn walkthrough_serves_http_and_https_then_destroy_leaves_no_process() {
     assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
 
     // The API shows it; metrics count it.
-    let (status, list) = h.call(Method::GET, "/v1/apps/hello/machines", None).await;
+    let (status, list) = h.get("/v1/apps/hello/machines").await;
     assert_eq!(status, 200);
     assert_eq!(list.as_array().unwrap().len(), 1);
     let metrics = h
@@ -68,32 +67,20 @@ async fn walkthrough_serves_http_and_https_then_destroy_leaves_no_process() {
     );
 
     // A running machine is only destroyed with force.
-    let (status, body) = h
-        .call(
-            Method::DELETE,
-            &format!("/v1/apps/hello/machines/{id}"),
-            None,
-        )
-        .await;
+    let (status, body) = h.delete(&format!("/v1/apps/hello/machines/{id}")).await;
     assert_eq!(status, 412, "{body}");
     assert!(
         !processes_mentioning(&id).is_empty(),
         "machine should still run"
     );
     let (status, body) = h
-        .call(
-            Method::DELETE,
-            &format!("/v1/apps/hello/machines/{id}?force=true"),
-            None,
-        )
+        .delete(&format!("/v1/apps/hello/machines/{id}?force=true"))
         .await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = h
-        .call(
-            Method::GET,
-            &format!("/v1/apps/hello/machines/{id}/wait?state=destroyed&timeout=10"),
-            None,
-        )
+        .get(&format!(
+            "/v1/apps/hello/machines/{id}/wait?state=destroyed&timeout=10"
+        ))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_no_process_mentions(&id).await;
@@ -142,88 +129,59 @@ async fn bad_input_gets_clear_errors_and_leaves_nothing_running() {
     );
 
     // Malformed JSON and invalid names.
-    let (status, body) = h
-        .call(Method::POST, "/v1/apps", Some("{\"app_name\":"))
-        .await;
+    let (status, body) = h.post("/v1/apps", "{\"app_name\":").await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("invalid JSON"),
         "{body}"
     );
-    let (status, body) = h
-        .call(Method::POST, "/v1/apps", Some(r#"{"app_name":"Bad_Name"}"#))
-        .await;
+    let (status, body) = h.post("/v1/apps", r#"{"app_name":"Bad_Name"}"#).await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"].as_str().unwrap().starts_with("app_name:"),
         "{body}"
     );
-    let (status, _) = h
-        .call(Method::POST, "/v1/apps", Some(r#"{"app_name":"dup"}"#))
-        .await;
+    let (status, _) = h.post("/v1/apps", r#"{"app_name":"dup"}"#).await;
     assert_eq!(status, 201);
-    let (status, body) = h
-        .call(Method::POST, "/v1/apps", Some(r#"{"name":"dup"}"#))
-        .await;
+    let (status, body) = h.post("/v1/apps", r#"{"name":"dup"}"#).await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["status"], "name_taken");
 
     // Unknown app and unknown machine.
-    let (status, body) = h.call(Method::GET, "/v1/apps/nope", None).await;
+    let (status, body) = h.get("/v1/apps/nope").await;
     assert_eq!(status, 404, "{body}");
-    let (status, body) = h
-        .call(Method::POST, "/v1/apps/nope/machines", Some(ECHO_MACHINE))
-        .await;
+    let (status, body) = h.post("/v1/apps/nope/machines", ECHO_MACHINE).await;
     assert_eq!(status, 404, "{body}");
-    let (status, body) = h
-        .call(Method::GET, "/v1/apps/dup/machines/0123456789abcd", None)
-        .await;
+    let (status, body) = h.get("/v1/apps/dup/machines/0123456789abcd").await;
     assert_eq!(status, 404, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("not found"),
         "{body}"
     );
     let (status, _) = h
-        .call(
-            Method::GET,
-            "/v1/apps/dup/machines/0123456789abcd/wait?state=started&timeout=1",
-            None,
-        )
+        .get("/v1/apps/dup/machines/0123456789abcd/wait?state=started&timeout=1")
         .await;
     assert_eq!(status, 404);
 
     // Invalid machine configs are refused before anything runs.
-    let (status, body) = h
-        .call(
-            Method::POST,
-            "/v1/apps/dup/machines",
-            Some(r#"{"config":{}}"#),
-        )
-        .await;
+    let (status, body) = h.post("/v1/apps/dup/machines", r#"{"config":{}}"#).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "config.image: required");
     let (status, body) = h
-        .call(
-            Method::POST,
-            "/v1/apps/dup/machines",
-            Some(r#"{"config":{"image":"nginx"}}"#),
-        )
+        .post("/v1/apps/dup/machines", r#"{"config":{"image":"nginx"}}"#)
         .await;
     assert_eq!(status, 400, "{body}");
     let (status, body) = h
-        .call(
-            Method::POST,
+        .post(
             "/v1/apps/dup/machines",
-            Some(r#"{"config":{"image":"hangar/echo"},"region":"mars"}"#),
+            r#"{"config":{"image":"hangar/echo"},"region":"mars"}"#,
         )
         .await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("mars"), "{body}");
-    let (status, _) = h
-        .call(Method::POST, "/v1/apps/dup/machines", Some("not json"))
-        .await;
+    let (status, _) = h.post("/v1/apps/dup/machines", "not json").await;
     assert_eq!(status, 400);
-    let (status, body) = h.call(Method::GET, "/v1/apps/dup/machines", None).await;
+    let (status, body) = h.get("/v1/apps/dup/machines").await;
     assert_eq!((status, body), (200, Value::Array(vec![])));
 
     // The proxy: unknown app, app without machines, malformed Host.
@@ -258,53 +216,78 @@ async fn shutdown_stops_machines_and_records_them_stopped() {
 
     // A new run on the same data dir sees the machine stopped, and starts it.
     let h = Hangar::start_in(&dir).await;
-    let (status, body) = h
-        .call(Method::GET, &format!("/v1/apps/sleepy/machines/{id}"), None)
-        .await;
+    let (status, body) = h.get(&format!("/v1/apps/sleepy/machines/{id}")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "stopped", "{body}");
     assert_eq!(body["events"][0]["type"], "stop", "{body}");
     let (status, body) = h.via_proxy("sleepy.localhost", "/").await;
     assert_eq!(status, 503, "{body}");
     let (status, body) = h
-        .call(
-            Method::POST,
-            &format!("/v1/apps/sleepy/machines/{id}/start"),
-            None,
-        )
+        .post(&format!("/v1/apps/sleepy/machines/{id}/start"), "")
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["previous_state"], "stopped");
     let (status, body) = h
-        .call(
-            Method::POST,
-            &format!("/v1/apps/sleepy/machines/{id}/start"),
-            None,
-        )
+        .post(&format!("/v1/apps/sleepy/machines/{id}/start"), "")
         .await;
     assert_eq!(status, 412, "{body}");
     let (status, body) = h.via_proxy("sleepy.localhost", "/").await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = h
-        .call(
-            Method::POST,
-            &format!("/v1/apps/sleepy/machines/{id}/stop"),
-            None,
-        )
+        .post(&format!("/v1/apps/sleepy/machines/{id}/stop"), "")
         .await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = h
-        .call(
-            Method::GET,
-            &format!("/v1/apps/sleepy/machines/{id}/wait?state=stopped&timeout=10"),
-            None,
-        )
+        .get(&format!(
+            "/v1/apps/sleepy/machines/{id}/wait?state=stopped&timeout=10"
+        ))
         .await;
     assert_eq!(status, 200, "{body}");
     assert_no_process_mentions(&id).await;
     // Deleting the app destroys what is left of its machines.
-    let (status, body) = h.call(Method::DELETE, "/v1/apps/sleepy", None).await;
+    let (status, body) = h.delete("/v1/apps/sleepy").await;
     assert_eq!(status, 202, "{body}");
-    let (status, _) = h.call(Method::GET, "/v1/apps/sleepy", None).await;
+    let (status, _) = h.get("/v1/apps/sleepy").await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn echo_image_speaks_h2c_and_honours_its_query_parameters() {
+    let h = Hangar::start().await;
+    let machine = h.app_with_machine("echo").await;
+    let base = format!("http://{}:8080", machine["private_ip"].as_str().unwrap());
+
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(common::WAIT)
+        .build()
+        .unwrap();
+    let resp = h2c.get(format!("{base}/x")).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    let echo: Value = resp.json().await.unwrap();
+    assert_eq!(echo["machine_id"], machine["id"]);
+    assert_eq!(echo["region"], "dev");
+
+    let body = h
+        .http
+        .get(format!("{base}/?bytes=5000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.bytes().await.unwrap().len(), 5000);
+    let health = h.http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let started = std::time::Instant::now();
+    let slow = h
+        .http
+        .get(format!("{base}/?sleep_ms=200"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 200);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+
+    // The same through the proxy, which speaks HTTP/1.1 to the machine.
+    let (status, body) = h.via_proxy("echo.localhost", "/?bytes=3").await;
+    assert_eq!((status, body.as_str()), (200, "xxx"));
 }

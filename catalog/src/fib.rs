@@ -287,7 +287,7 @@ mod tests {
         .unwrap();
         tokio::time::timeout(Duration::from_secs(5), async {
             while fib.lookup("hello").is_none() {
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
         .await

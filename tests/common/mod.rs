@@ -162,6 +162,18 @@ impl Hangar {
         (status, json)
     }
 
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+
     /// Creates an app and a started hangar/echo machine; returns the machine.
     pub async fn app_with_machine(&self, app: &str) -> Value {
         let (status, body) = self
