@@ -27,6 +27,11 @@ pub struct FlydConfig {
     /// The `hangar` binary that runs `pilot` and the built-in images.
     /// Unset means the running executable.
     pub exe: Option<PathBuf>,
+    /// Testing only: `"<fsm>/<step>/<before|after>"` (for example
+    /// `"create/spawn/after"`) makes flyd kill its own process with SIGKILL
+    /// at that point of the first run that reaches it, so crash recovery can
+    /// be tested against the real binary.
+    pub crash_at: Option<String>,
 }
 
 impl Default for FlydConfig {
@@ -40,6 +45,7 @@ impl Default for FlydConfig {
             ready_timeout_ms: 10_000,
             op_wait_ms: 30_000,
             exe: None,
+            crash_at: None,
         }
     }
 }

@@ -437,7 +437,12 @@ impl Flyd {
             run.updated_at = now_ms();
             self.store.put_run(&run)?;
             tracing::debug!(run = %run.id, machine = %run.machine_id, kind = ?run.kind, ?step, "fsm step");
-            if let Err(e) = self.step(&run, step).await {
+            self.failpoint(&run, step, "before");
+            let result = self.step(&run, step).await;
+            if result.is_ok() {
+                self.failpoint(&run, step, "after");
+            }
+            if let Err(e) = result {
                 run.status = RunStatus::Failed;
                 run.error = Some(e.to_string());
                 run.updated_at = now_ms();
@@ -452,6 +457,19 @@ impl Flyd {
         run.updated_at = now_ms();
         self.store.put_run(&run)?;
         Ok(())
+    }
+
+    /// Kills this process at the configured `crash_at` point (tests only):
+    /// SIGKILL, like an operator's `kill -9`, so nothing is flushed or
+    /// cleaned up on the way out.
+    fn failpoint(&self, run: &FsmRun, step: Step, when: &str) {
+        let Some(point) = &self.cfg.crash_at else {
+            return;
+        };
+        if *point == format!("{}/{}/{when}", run.kind.as_str(), step.as_str()) {
+            tracing::error!(failpoint = %point, machine = %run.machine_id, "crash_at reached: killing this process");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
     }
 
     async fn step(self: &Arc<Self>, run: &FsmRun, step: Step) -> Result<(), FlydError> {

@@ -42,6 +42,16 @@ pub enum Step {
 }
 
 impl FsmKind {
+    /// The name used in logs and failpoints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Destroy => "destroy",
+        }
+    }
+
     /// The steps of this FSM, in order.
     pub fn steps(self) -> &'static [Step] {
         match self {
@@ -49,6 +59,22 @@ impl FsmKind {
             Self::Start => &[Step::Spawn, Step::Ready, Step::Started],
             Self::Stop => &[Step::Signal, Step::Exited],
             Self::Destroy => &[Step::Teardown, Step::Destroyed],
+        }
+    }
+}
+
+impl Step {
+    /// The name used in logs and failpoints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Record => "record",
+            Self::Spawn => "spawn",
+            Self::Ready => "ready",
+            Self::Started => "started",
+            Self::Signal => "signal",
+            Self::Exited => "exited",
+            Self::Teardown => "teardown",
+            Self::Destroyed => "destroyed",
         }
     }
 }

@@ -44,10 +44,28 @@ impl Hangar {
     /// Starts `hangar dev` with `dir` as its data dir (which may hold a
     /// previous run's state).
     pub async fn start_in(dir: &Path) -> Self {
+        Self::start_with(dir, None).await
+    }
+
+    /// Starts `hangar dev` in `dir`, with `config` (TOML) as its config file
+    /// when given. Listen addresses are always port 0.
+    pub async fn start_with(dir: &Path, config: Option<&str>) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let log = std::fs::File::create(dir.join("../hangar.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_hangar"))
-            .args(["dev", "--data-dir"])
+        // A killed run leaves its addrs.json; never read that one.
+        let _ = std::fs::remove_file(dir.join("addrs.json"));
+        let parent = dir.parent().unwrap();
+        let log = std::fs::File::create(parent.join("hangar.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
+        if let Some(text) = config {
+            let path = parent.join("hangar.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("dev").arg("--config").arg(path);
+        } else {
+            cmd.arg("dev");
+        }
+        let child = cmd
+            .current_dir(parent)
+            .arg("--data-dir")
             .arg(dir)
             .args([
                 "--flaps-addr",
@@ -114,8 +132,14 @@ impl Hangar {
 
     /// Sends `signal` and waits (bounded) for the process to exit.
     pub fn stop_with(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let pid = self.pid();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+        self.wait_exit()
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("still running");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -148,6 +172,16 @@ impl Hangar {
         path: &str,
         body: Option<&str>,
     ) -> (u16, Value) {
+        self.try_call(method, path, body).await.expect("api call")
+    }
+
+    /// An authorized API call that may fail (the server may be crashing).
+    pub async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<(u16, Value), reqwest::Error> {
         let mut req = self
             .http
             .request(method, self.api(path))
@@ -155,11 +189,11 @@ impl Hangar {
         if let Some(b) = body {
             req = req.body(b.to_string());
         }
-        let resp = req.send().await.expect("api call");
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
+        let text = resp.text().await?;
         let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, json)
+        Ok((status, json))
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -172,6 +206,15 @@ impl Hangar {
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
         self.call(reqwest::Method::DELETE, path, None).await
+    }
+
+    /// Creates a started hangar/echo machine in an existing app; returns its id.
+    pub async fn app_machine_started(&self, app: &str) -> String {
+        let (status, machine) = self
+            .post(&format!("/v1/apps/{app}/machines"), ECHO_MACHINE)
+            .await;
+        assert_eq!(status, 200, "{machine}\n{}", self.log());
+        machine["id"].as_str().unwrap().to_string()
     }
 
     /// Creates an app and a started hangar/echo machine; returns the machine.

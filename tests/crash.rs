@@ -1,0 +1,141 @@
+//! Crash recovery against the real binary: for every FSM and every step,
+//! flyd kills its own process (SIGKILL) just before or just after that step
+//! (`flyd.crash_at`), `hangar dev` is started again on the same data dir,
+//! and the machine must end where the operation was going: the model is
+//! "an acknowledged or recorded operation completes". Its process exists
+//! if and only if it ends `started`, and no run is left unfinished.
+
+mod common;
+
+use common::{ECHO_MACHINE, Hangar, assert_no_process_mentions, processes_mentioning};
+use reqwest::Method;
+use std::os::unix::process::ExitStatusExt;
+
+/// The state an operation leads to.
+fn model(kind: &str) -> &'static str {
+    match kind {
+        "create" | "start" => "started",
+        "stop" => "stopped",
+        "destroy" => "destroyed",
+        other => panic!("no model for {other}"),
+    }
+}
+
+/// Runs `kind`, crashing at `kind/step/when`, recovers, and checks the model.
+async fn crash_and_recover(kind: &str, step: &str, when: &str) {
+    let point = format!("{kind}/{step}/{when}");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let config = format!("[flyd]\ncrash_at = \"{point}\"\n");
+    let mut h = Hangar::start_with(&dir, Some(&config)).await;
+    let (status, _) = h.post("/v1/apps", r#"{"app_name":"crash"}"#).await;
+    assert_eq!(status, 201);
+
+    // Bring the machine to where `kind` starts, then run `kind`, which crashes.
+    let machines = "/v1/apps/crash/machines";
+    let id = if kind == "create" {
+        None
+    } else {
+        Some(h.app_machine_started("crash").await)
+    };
+    let op = match (kind, &id) {
+        ("create", _) => h.try_call(Method::POST, machines, Some(ECHO_MACHINE)).await,
+        ("start", Some(id)) => {
+            let (status, body) = h.post(&format!("{machines}/{id}/stop"), "").await;
+            assert_eq!(status, 200, "{body}");
+            h.try_call(Method::POST, &format!("{machines}/{id}/start"), None)
+                .await
+        }
+        ("stop", Some(id)) => {
+            h.try_call(Method::POST, &format!("{machines}/{id}/stop"), None)
+                .await
+        }
+        ("destroy", Some(id)) => {
+            h.try_call(Method::DELETE, &format!("{machines}/{id}?force=true"), None)
+                .await
+        }
+        _ => unreachable!(),
+    };
+    assert!(
+        op.is_err(),
+        "{point}: the call should have died with the server: {op:?}"
+    );
+    let exit = h.wait_exit();
+    assert_eq!(
+        exit.signal(),
+        Some(9),
+        "{point}: hangar should have killed itself:\n{}",
+        h.log()
+    );
+    drop(h);
+
+    // Recover.
+    let h = Hangar::start_in(&dir).await;
+    let id = match id {
+        Some(id) => id,
+        None => {
+            let (status, list) = h.get(machines).await;
+            assert_eq!(status, 200, "{list}");
+            let list = list.as_array().unwrap();
+            assert_eq!(
+                list.len(),
+                1,
+                "{point}: exactly the machine being created: {list:?}"
+            );
+            list[0]["id"].as_str().unwrap().to_string()
+        }
+    };
+    let want = model(kind);
+    let (status, body) = h
+        .get(&format!("{machines}/{id}/wait?state={want}&timeout=20"))
+        .await;
+    assert_eq!(status, 200, "{point}: {body}\n{}", h.log());
+    let (status, machine) = h.get(&format!("{machines}/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(machine["state"], want, "{point}: {machine}");
+    if want == "started" {
+        assert!(!processes_mentioning(&id).is_empty(), "{point}: no process");
+        let (status, body) = h.via_proxy("crash.localhost", "/").await;
+        assert_eq!(status, 200, "{point}: {body}");
+        assert!(body.contains(&id), "{point}: {body}");
+    } else {
+        assert_no_process_mentions(&id).await;
+    }
+    drop(h); // SIGTERM: stops what runs, then exits.
+
+    let store = hangar_flyd::store::Store::open(&dir.join("flyd.redb")).unwrap();
+    let unfinished = store.unfinished_runs().unwrap();
+    assert!(
+        unfinished.is_empty(),
+        "{point}: runs left unfinished: {unfinished:?}"
+    );
+    assert_no_process_mentions(&id).await;
+}
+
+async fn every_step(kind: &str, steps: &[&str]) {
+    for step in steps {
+        for when in ["before", "after"] {
+            crash_and_recover(kind, step, when).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn crash_during_create() {
+    every_step("create", &["record", "spawn", "ready", "started"]).await;
+}
+
+#[tokio::test]
+async fn crash_during_start() {
+    every_step("start", &["spawn", "ready", "started"]).await;
+}
+
+#[tokio::test]
+async fn crash_during_stop() {
+    every_step("stop", &["signal", "exited"]).await;
+}
+
+#[tokio::test]
+async fn crash_during_destroy() {
+    every_step("destroy", &["teardown", "destroyed"]).await;
+}
