@@ -139,3 +139,91 @@ async fn crash_during_stop() {
 async fn crash_during_destroy() {
     every_step("destroy", &["teardown", "destroyed"]).await;
 }
+
+#[tokio::test]
+async fn kill_9_with_creates_in_flight_loses_no_acknowledged_machine() {
+    const CREATES: usize = 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut h = Hangar::start_in(&dir).await;
+    let (status, _) = h.post("/v1/apps", r#"{"app_name":"busy"}"#).await;
+    assert_eq!(status, 201);
+
+    let mut inflight = tokio::task::JoinSet::new();
+    for _ in 0..CREATES {
+        let req = h
+            .http
+            .post(h.api("/v1/apps/busy/machines"))
+            .bearer_auth(&h.token)
+            .body(ECHO_MACHINE);
+        inflight.spawn(async move {
+            let resp = req.send().await.ok()?;
+            (resp.status() == 200).then_some(())?;
+            let machine: serde_json::Value = resp.json().await.ok()?;
+            Some(machine["id"].as_str()?.to_string())
+        });
+    }
+    // Kill once a few creates are acknowledged and the rest are in flight.
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < 3 {
+        match inflight.join_next().await {
+            Some(result) => acknowledged.extend(result.unwrap()),
+            None => break,
+        }
+    }
+    h.stop_with(nix::sys::signal::Signal::SIGKILL);
+    while let Some(result) = inflight.join_next().await {
+        acknowledged.extend(result.unwrap());
+    }
+    drop(h);
+    assert!(acknowledged.len() >= 3, "{acknowledged:?}");
+
+    let h = Hangar::start_in(&dir).await;
+    let (status, list) = h.get("/v1/apps/busy/machines").await;
+    assert_eq!(status, 200, "{list}");
+    let list = list.as_array().unwrap().clone();
+    let listed: Vec<&str> = list.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    for id in &acknowledged {
+        assert!(
+            listed.contains(&id.as_str()),
+            "acknowledged {id} lost: {listed:?}"
+        );
+    }
+    eprintln!(
+        "acknowledged {} of {CREATES}; {} recorded",
+        acknowledged.len(),
+        listed.len()
+    );
+    // Every machine that was recorded finishes its create and serves.
+    for m in &list {
+        let id = m["id"].as_str().unwrap();
+        let (status, body) = h
+            .get(&format!(
+                "/v1/apps/busy/machines/{id}/wait?state=started&timeout=20"
+            ))
+            .await;
+        assert_eq!(status, 200, "{id}: {body}\n{}", h.log());
+        let ip = m["private_ip"].as_str().unwrap();
+        let echo: serde_json::Value = h
+            .http
+            .get(format!("http://{ip}:8080/"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(echo["machine_id"], id);
+    }
+    // No pilot runs for a machine the API does not list.
+    let machines_dir = dir.join("machines");
+    for entry in std::fs::read_dir(&machines_dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(listed.contains(&name.as_str()), "orphan machine dir {name}");
+    }
+    drop(h);
+    assert_no_process_mentions(&machines_dir.display().to_string()).await;
+    for id in &listed {
+        assert_no_process_mentions(id).await;
+    }
+}

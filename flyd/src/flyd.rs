@@ -660,13 +660,7 @@ impl Flyd {
             Ok(exit) => exit,
             Err(_) => {
                 tracing::info!(machine = id, ?grace, "stop timeout passed; sending SIGKILL");
-                let _ = pilot::signal(&dir, 9).await;
-                tokio::time::timeout(KILL_WAIT, pilot::wait_exit(&dir))
-                    .await
-                    .map_err(|_| FlydError::Runtime {
-                        id: id.to_string(),
-                        reason: format!("workload still running {KILL_WAIT:?} after SIGKILL"),
-                    })?
+                kill_workload(id, &dir).await?
             }
         };
         rec.pilot_pid = None;
@@ -678,13 +672,7 @@ impl Flyd {
     async fn step_teardown(&self, id: &str) -> Result<(), FlydError> {
         let dir = self.machine_dir(id);
         if pilot::status(&dir).await.is_some_and(|s| s.exit.is_none()) {
-            let _ = pilot::signal(&dir, 9).await;
-            tokio::time::timeout(KILL_WAIT, pilot::wait_exit(&dir))
-                .await
-                .map_err(|_| FlydError::Runtime {
-                    id: id.to_string(),
-                    reason: format!("workload still running {KILL_WAIT:?} after SIGKILL"),
-                })?;
+            kill_workload(id, &dir).await?;
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
@@ -754,49 +742,96 @@ impl Flyd {
         })
     }
 
-    /// Resumes what a previous flyd left: unfinished runs first, then
-    /// machines that should be running are watched again (or recorded as
-    /// stopped when their workload exited while flyd was down).
+    /// Resumes what a previous flyd left: unfinished runs continue (each in
+    /// its own task, its machine locked before any request can arrive);
+    /// machines that should be running are watched again, or recorded as
+    /// stopped when their workload exited while flyd was down; and pilots of
+    /// machines this host does not know are killed.
     async fn recover(self: &Arc<Self>) -> Result<(), FlydError> {
         let unfinished = self.store.unfinished_runs()?;
         let resumed: HashSet<String> = unfinished.iter().map(|r| r.machine_id.clone()).collect();
         for run in unfinished {
             tracing::info!(run = %run.id, machine = %run.machine_id, kind = ?run.kind, step = ?run.current(), "resuming fsm run");
-            let _guard = self.lock_machine(&run.machine_id).await?;
-            if let Err(e) = self.run(run).await {
-                tracing::warn!(error = %e, "resumed run failed");
-            }
+            let guard = self.lock_machine(&run.machine_id).await?;
+            let flyd = self.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                if let Err(e) = flyd.run(run).await {
+                    tracing::warn!(error = %e, "resumed run failed");
+                }
+            });
         }
         for mut rec in self.store.machines()? {
-            if resumed.contains(&rec.id)
-                || !matches!(
-                    rec.state,
-                    MachineState::Started | MachineState::Starting | MachineState::Stopping
-                )
-            {
+            let running = matches!(
+                rec.state,
+                MachineState::Started | MachineState::Starting | MachineState::Stopping
+            );
+            if resumed.contains(&rec.id) || !running {
                 continue;
             }
             let dir = self.machine_dir(&rec.id);
-            match pilot::status(&dir).await {
-                Some(status) if status.exit.is_none() && rec.state == MachineState::Started => {
-                    tracing::info!(machine = %rec.id, "re-attached to running machine");
-                    self.watch_exit(rec.id.clone(), rec.pilot_pid);
-                }
-                _ => {
-                    let exit = pilot::recorded_exit(&dir);
-                    rec.pilot_pid = None;
-                    rec.transition(
-                        MachineState::Stopped,
-                        "exit",
-                        "flyd",
-                        Some(serde_json::json!({ "exit_event": exit })),
-                    );
-                    self.save(&mut rec)?;
-                }
+            let alive = pilot::status(&dir).await.is_some_and(|s| s.exit.is_none());
+            if alive && rec.state == MachineState::Started {
+                tracing::info!(machine = %rec.id, "re-attached to running machine");
+                self.watch_exit(rec.id.clone(), rec.pilot_pid);
+                continue;
+            }
+            // Half-way through a start or stop with no run to finish it:
+            // settle on stopped, killing what still runs.
+            if alive {
+                kill_workload(&rec.id, &dir).await?;
+            }
+            let exit = pilot::recorded_exit(&dir);
+            rec.pilot_pid = None;
+            rec.transition(
+                MachineState::Stopped,
+                "exit",
+                "flyd",
+                Some(serde_json::json!({ "exit_event": exit })),
+            );
+            self.save(&mut rec)?;
+        }
+        self.kill_unknown_pilots().await
+    }
+
+    /// Kills the workloads of machine directories with no live record (a
+    /// destroyed machine, or one from a store that was reset) and removes
+    /// the directories.
+    async fn kill_unknown_pilots(&self) -> Result<(), FlydError> {
+        let Ok(entries) = std::fs::read_dir(&self.machines_dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let known = self
+                .store
+                .machine(&id)?
+                .is_some_and(|m| m.state != MachineState::Destroyed);
+            if known {
+                continue;
+            }
+            let dir = entry.path();
+            if pilot::status(&dir).await.is_some_and(|s| s.exit.is_none()) {
+                tracing::warn!(machine = %id, "killing the workload of a machine this host does not know");
+                kill_workload(&id, &dir).await?;
+            }
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(machine = %id, error = %e, "removing an unknown machine's directory");
             }
         }
         Ok(())
     }
+}
+
+/// SIGKILLs a machine's workload through its pilot and waits for the exit.
+async fn kill_workload(id: &str, dir: &Path) -> Result<ExitInfo, FlydError> {
+    let _ = pilot::signal(dir, 9).await;
+    tokio::time::timeout(KILL_WAIT, pilot::wait_exit(dir))
+        .await
+        .map_err(|_| FlydError::Runtime {
+            id: id.to_string(),
+            reason: format!("workload still running {KILL_WAIT:?} after SIGKILL"),
+        })
 }
 
 fn stop_input(run: &FsmRun) -> Result<StopInput, FlydError> {
