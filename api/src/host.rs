@@ -8,7 +8,7 @@
 //! so a gateway relays them unchanged.
 
 use crate::error::ErrorBody;
-use crate::machine::{Machine, MachineConfig};
+use crate::machine::{CreateMachineRequest, Machine};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -16,11 +16,37 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostCreateRequest {
     pub app: String,
-    #[serde(default)]
-    pub name: Option<String>,
-    pub config: MachineConfig,
-    #[serde(default)]
-    pub skip_launch: bool,
+    #[serde(flatten)]
+    pub machine: CreateMachineRequest,
+}
+
+/// The header that carries a machine lease's nonce, as in Fly's API.
+pub const LEASE_NONCE_HEADER: &str = "fly-machine-lease-nonce";
+
+/// One call to a host: `method path` with an optional JSON body.
+#[derive(Debug, Clone)]
+pub struct HostCall<'a> {
+    pub method: reqwest::Method,
+    /// Path and query.
+    pub path: &'a str,
+    pub body: Option<&'a serde_json::Value>,
+    /// Overrides the client's timeout (long `wait` calls).
+    pub timeout: Option<Duration>,
+    /// The caller's lease nonce, passed on as [`LEASE_NONCE_HEADER`].
+    pub lease_nonce: Option<&'a str>,
+}
+
+impl<'a> HostCall<'a> {
+    /// A call without body, timeout override or lease nonce.
+    pub fn new(method: reqwest::Method, path: &'a str) -> Self {
+        Self {
+            method,
+            path,
+            body: None,
+            timeout: None,
+            lease_nonce: None,
+        }
+    }
 }
 
 /// A failed call to a host.
@@ -66,23 +92,19 @@ impl HostClient {
         Self { http }
     }
 
-    /// Calls `method path` on the host at `addr` and returns its answer,
-    /// whatever the status. `timeout` overrides the client's for long calls.
-    pub async fn call(
-        &self,
-        addr: &str,
-        method: reqwest::Method,
-        path_and_query: &str,
-        body: Option<&serde_json::Value>,
-        timeout: Option<Duration>,
-    ) -> Result<HostReply, HostError> {
-        let url = format!("http://{addr}{path_and_query}");
-        let mut req = self.http.request(method, url);
-        if let Some(body) = body {
+    /// Makes `call` on the host at `addr` and returns its answer, whatever
+    /// the status.
+    pub async fn call(&self, addr: &str, call: HostCall<'_>) -> Result<HostReply, HostError> {
+        let url = format!("http://{addr}{}", call.path);
+        let mut req = self.http.request(call.method, url);
+        if let Some(body) = call.body {
             req = req.json(body);
         }
-        if let Some(t) = timeout {
+        if let Some(t) = call.timeout {
             req = req.timeout(t);
+        }
+        if let Some(nonce) = call.lease_nonce {
+            req = req.header(LEASE_NONCE_HEADER, nonce);
         }
         let unreachable = |source| HostError::Unreachable {
             addr: addr.to_string(),
@@ -91,9 +113,13 @@ impl HostClient {
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(unreachable)?;
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(
-            |_| serde_json::json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() }),
-        );
+        let body = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                serde_json::json!({ "error": String::from_utf8_lossy(&bytes).trim().to_string() })
+            })
+        };
         Ok(HostReply { status, body })
     }
 
@@ -102,10 +128,7 @@ impl HostClient {
         let reply = self
             .call(
                 addr,
-                reqwest::Method::GET,
-                &format!("/v1/machines?app={app}"),
-                None,
-                None,
+                HostCall::new(reqwest::Method::GET, &format!("/v1/machines?app={app}")),
             )
             .await?;
         if reply.status != 200 {

@@ -100,6 +100,9 @@ pub struct Machine {
     pub cordoned: bool,
     #[serde(default)]
     pub host_status: String,
+    /// The lease nonce, only in the answer to a create with `lease_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
     /// Newest first.
     #[serde(default)]
     pub events: Vec<MachineEvent>,
@@ -139,6 +142,11 @@ pub struct MachineConfig {
     pub stop_config: Option<StopConfig>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<MachineRestart>,
+    /// Destroy the machine once its workload exits and is not restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_destroy: Option<bool>,
     /// Fields Hangar does not interpret, kept so they round-trip.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -168,6 +176,17 @@ pub struct MachineGuest {
     pub cpu_kind: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// `fly.MachineRestart`: what flyd does when the workload exits by itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineRestart {
+    /// `no`, `always` or `on-failure` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// With `on-failure`: restarts in a row before the machine stays stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
 }
 
 /// `fly.StopConfig`: how the machine is asked to stop.
@@ -275,8 +294,16 @@ pub struct CreateMachineRequest {
     #[serde(default)]
     pub region: Option<String>,
     pub config: MachineConfig,
+    /// Create without starting: the machine stays `created`.
     #[serde(default)]
     pub skip_launch: bool,
+    /// Start cordoned: the proxy sends it no traffic until uncordoned.
+    #[serde(default)]
+    pub skip_service_registration: bool,
+    /// Take a lease of this many seconds with the create; its nonce comes
+    /// back in the machine's `nonce`.
+    #[serde(default)]
+    pub lease_ttl: Option<u64>,
 }
 
 /// `POST .../stop`: signal and grace period, both optional.
@@ -286,6 +313,108 @@ pub struct StopRequest {
     pub signal: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<GoDuration>,
+}
+
+/// `POST /v1/apps/{app}/machines/{id}` (update): the whole new config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpdateMachineRequest {
+    pub config: MachineConfig,
+    /// Refuse (409) unless this is still the machine's version.
+    #[serde(default)]
+    pub current_version: Option<String>,
+    /// Apply without starting (or restarting) the machine.
+    #[serde(default)]
+    pub skip_launch: bool,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// One entry of `GET .../versions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MachineVersion {
+    pub version: String,
+    pub user_config: MachineConfig,
+}
+
+/// A lease on a machine (`GET|POST .../lease`, inside `data`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Lease {
+    pub nonce: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub owner: String,
+    #[serde(default)]
+    pub description: String,
+    /// The machine version the lease was taken on.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// `POST .../lease`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CreateLeaseRequest {
+    /// Seconds; default 30.
+    #[serde(default)]
+    pub ttl: Option<u64>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// `POST .../signal`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SignalRequest {
+    pub signal: String,
+}
+
+/// `POST .../exec`: `command` (argv), or the older `cmd` (split on spaces).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExecRequest {
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub cmd: Option<String>,
+    /// Seconds; default 30.
+    #[serde(default)]
+    pub timeout: Option<u64>,
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
+/// The answer to `exec`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// One process of `GET .../ps`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessStat {
+    pub pid: u32,
+    pub command: String,
+    /// CPU time used, in clock ticks (user + system).
+    pub cpu: u64,
+    /// Resident memory, in bytes.
+    pub rss: u64,
+    pub directory: String,
+    #[serde(default)]
+    pub listen_sockets: Vec<serde_json::Value>,
+}
+
+/// `PUT|PATCH .../metadata`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpdateMetadataRequest {
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `POST .../metadata/{key}`, and the answer to `GET .../metadata/{key}`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MetadataValue {
+    pub value: String,
 }
 
 /// The answer to `GET .../wait` when the state was reached.

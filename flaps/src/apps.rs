@@ -12,6 +12,7 @@ use axum::{Extension, Json, Router};
 use hangar_api::app::{
     App, AppOrganization, CreateAppRequest, CreateAppResponse, ListAppsResponse,
 };
+use hangar_api::host::HostCall;
 use hangar_api::machine::MachineState;
 use hangar_catalog::{AppRow, RibError};
 use serde::Deserialize;
@@ -195,10 +196,10 @@ async fn delete(
             .hosts
             .call(
                 &host.address,
-                reqwest::Method::DELETE,
-                &format!("/v1/machines/{}?force=true", m.id),
-                None,
-                None,
+                HostCall::new(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/machines/{}?force=true", m.id),
+                ),
             )
             .await?;
         // 412 here means it was destroyed meanwhile.

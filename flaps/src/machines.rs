@@ -1,9 +1,10 @@
 //! `/v1/apps/{app}/machines`: machine operations.
 //!
-//! flaps checks the caller owns the app, validates the request, places new
-//! machines on a host of the requested region, and forwards everything else
-//! to the host that owns the machine (found through the RIB), relaying the
-//! host's status and body unchanged.
+//! flaps checks the caller owns the app, validates and places new machines
+//! on a host of the requested region, and forwards every operation on an
+//! existing machine to the host that owns it (found through the RIB): same
+//! method, sub-path, query, JSON body and lease nonce, with the host's
+//! status and body relayed unchanged. flyd validates the operation itself.
 
 use crate::Flaps;
 use crate::apps::owned_app;
@@ -12,11 +13,11 @@ use crate::error::{ApiError, json_body};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get};
 use axum::{Extension, Json, Router};
-use hangar_api::host::{HostCreateRequest, HostReply};
+use hangar_api::host::{HostCall, HostCreateRequest, HostReply, LEASE_NONCE_HEADER};
 use hangar_api::machine::{CreateMachineRequest, Machine};
 use hangar_catalog::HostRow;
 use reqwest::Method;
@@ -26,16 +27,18 @@ use std::time::Duration;
 pub(crate) fn routes() -> Router<Arc<Flaps>> {
     Router::new()
         .route("/v1/apps/{app}/machines", get(list).post(create))
-        .route("/v1/apps/{app}/machines/{id}", get(show).delete(destroy))
-        .route("/v1/apps/{app}/machines/{id}/start", post(start))
-        .route("/v1/apps/{app}/machines/{id}/stop", post(stop))
-        .route("/v1/apps/{app}/machines/{id}/wait", get(wait))
+        .route("/v1/apps/{app}/machines/{id}", any(forward))
+        .route("/v1/apps/{app}/machines/{id}/{*rest}", any(forward))
 }
 
-/// A host's answer, relayed as it is.
+/// A host's answer, relayed as it is (no body when the host sent none).
 fn relay(reply: HostReply) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    (status, Json(reply.body)).into_response()
+    if reply.body.is_null() {
+        status.into_response()
+    } else {
+        (status, Json(reply.body)).into_response()
+    }
 }
 
 /// A host's error answer as an [`ApiError`].
@@ -117,21 +120,14 @@ async fn create(
     let host = place(&flaps, &region)?;
     let host_req = HostCreateRequest {
         app: app.clone(),
-        name: req.name,
-        config: req.config,
-        skip_launch: req.skip_launch,
+        machine: req,
     };
     let body = serde_json::to_value(&host_req).expect("requests serialize");
-    let reply = flaps
-        .hosts
-        .call(
-            &host.address,
-            Method::POST,
-            "/v1/machines",
-            Some(&body),
-            None,
-        )
-        .await?;
+    let call = HostCall {
+        body: Some(&body),
+        ..HostCall::new(Method::POST, "/v1/machines")
+    };
+    let reply = flaps.hosts.call(&host.address, call).await?;
     if reply.status == 200 {
         tracing::info!(app = %app, machine = %reply.body["id"], host = %host.id, "machine created");
     }
@@ -156,134 +152,61 @@ async fn list(
     Ok(Json(all))
 }
 
-/// A call to forward to the host of machine `id`: `method
-/// /v1/machines/{id}{suffix}`.
-struct Forward<'a> {
+/// The path parameters of a machine operation: `{id}` alone, or with the
+/// sub-path after it (`start`, `lease`, `metadata/{key}`, ...).
+#[derive(serde::Deserialize)]
+struct MachinePath {
+    app: String,
+    id: String,
+    #[serde(default)]
+    rest: Option<String>,
+}
+
+/// How long a `wait` may take at the host (its longest timeout), plus a margin.
+const WAIT_CALL: Duration = Duration::from_secs(310);
+
+/// Forwards an operation on an existing machine to its host.
+async fn forward(
+    State(flaps): State<Arc<Flaps>>,
+    Extension(caller): Extension<Caller>,
     method: Method,
-    suffix: &'a str,
-    body: Option<serde_json::Value>,
-    timeout: Option<Duration>,
-}
-
-impl<'a> Forward<'a> {
-    fn new(method: Method, suffix: &'a str) -> Self {
-        Self {
-            method,
-            suffix,
-            body: None,
-            timeout: None,
-        }
-    }
-
-    /// Checks the caller owns `app` and `id` is one of its machines, then
-    /// relays the host's answer.
-    async fn to(
-        self,
-        flaps: &Flaps,
-        caller: &Caller,
-        app: &str,
-        id: &str,
-    ) -> Result<Response, ApiError> {
-        owned_app(flaps, caller, app)?;
-        let host = locate(flaps, app, id)?;
-        let path = format!("/v1/machines/{id}{}", self.suffix);
-        let reply = flaps
-            .hosts
-            .call(
-                &host.address,
-                self.method,
-                &path,
-                self.body.as_ref(),
-                self.timeout,
-            )
-            .await?;
-        Ok(relay(reply))
-    }
-}
-
-async fn show(
-    State(flaps): State<Arc<Flaps>>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    Forward::new(Method::GET, "")
-        .to(&flaps, &caller, &app, &id)
-        .await
-}
-
-async fn start(
-    State(flaps): State<Arc<Flaps>>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    Forward::new(Method::POST, "/start")
-        .to(&flaps, &caller, &app, &id)
-        .await
-}
-
-async fn stop(
-    State(flaps): State<Arc<Flaps>>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
+    Path(p): Path<MachinePath>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: hangar_api::StopRequest = json_body(body)?;
-    let body = serde_json::to_value(req).expect("requests serialize");
-    Forward {
-        body: Some(body),
-        ..Forward::new(Method::POST, "/stop")
+    owned_app(&flaps, &caller, &p.app)?;
+    let host = locate(&flaps, &p.app, &p.id)?;
+    let body = json_value(body)?;
+    let mut path = format!("/v1/machines/{}", p.id);
+    if let Some(rest) = &p.rest {
+        path.push('/');
+        path.push_str(rest);
     }
-    .to(&flaps, &caller, &app, &id)
-    .await
-}
-
-#[derive(serde::Deserialize)]
-struct DestroyQuery {
-    #[serde(default)]
-    force: Option<String>,
-    /// Some clients send `kill=true` for the same thing.
-    #[serde(default)]
-    kill: Option<String>,
-}
-
-fn truthy(v: Option<&str>) -> Result<bool, ApiError> {
-    match v {
-        None | Some("false") | Some("0") => Ok(false),
-        Some("") | Some("true") | Some("1") => Ok(true),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "force: expected true or false, got {other:?}"
-        ))),
+    if let Some(q) = &query {
+        path.push('?');
+        path.push_str(q);
     }
+    let nonce = headers
+        .get(LEASE_NONCE_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let call = HostCall {
+        body: body.as_ref(),
+        timeout: (p.rest.as_deref() == Some("wait")).then_some(WAIT_CALL),
+        lease_nonce: nonce,
+        ..HostCall::new(method, &path)
+    };
+    Ok(relay(flaps.hosts.call(&host.address, call).await?))
 }
 
-async fn destroy(
-    State(flaps): State<Arc<Flaps>>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
-    axum::extract::Query(q): axum::extract::Query<DestroyQuery>,
-) -> Result<Response, ApiError> {
-    let force = truthy(q.force.as_deref())? || truthy(q.kill.as_deref())?;
-    let suffix = format!("?force={force}");
-    Forward::new(Method::DELETE, &suffix)
-        .to(&flaps, &caller, &app, &id)
-        .await
-}
-
-async fn wait(
-    State(flaps): State<Arc<Flaps>>,
-    Extension(caller): Extension<Caller>,
-    Path((app, id)): Path<(String, String)>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, ApiError> {
-    // The host validates state and timeout; the call may last up to the
-    // longest wait the host accepts, plus a margin.
-    let suffix = query
-        .map(|q| format!("/wait?{q}"))
-        .unwrap_or_else(|| "/wait".into());
-    Forward {
-        timeout: Some(Duration::from_secs(310)),
-        ..Forward::new(Method::GET, &suffix)
+/// The request body as JSON, or none when it is empty.
+fn json_value(body: Result<Bytes, BytesRejection>) -> Result<Option<serde_json::Value>, ApiError> {
+    let bytes =
+        body.map_err(|r| ApiError::new(r.status(), format!("request body: {}", r.body_text())))?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
     }
-    .to(&flaps, &caller, &app, &id)
-    .await
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }

@@ -16,7 +16,11 @@ pub enum FsmKind {
     Create,
     Start,
     Stop,
+    Suspend,
+    Restart,
+    Update,
     Destroy,
+    Cordon,
 }
 
 /// One step of an FSM.
@@ -25,13 +29,15 @@ pub enum FsmKind {
 pub enum Step {
     /// Write the machine record (state `created`) and its RIB row.
     Record,
-    /// Mark `starting` and launch the pilot, unless it already runs.
+    /// Mark `starting` and launch the pilot, unless it already runs (a
+    /// suspended workload is continued instead).
     Spawn,
     /// Wait until the services' ports accept connections (bounded).
     Ready,
     /// Mark `started`, publish to the RIB, and watch for the workload's exit.
     Started,
-    /// Mark `stopping` and send the stop signal.
+    /// Mark `stopping` and send the stop signal (after SIGCONT, in case
+    /// the workload is suspended).
     Signal,
     /// Wait for the exit (SIGKILL after the timeout), then mark `stopped`.
     Exited,
@@ -39,6 +45,12 @@ pub enum Step {
     Teardown,
     /// Mark `destroyed` and publish it.
     Destroyed,
+    /// SIGSTOP the workload's process group and mark `suspended`.
+    Freeze,
+    /// Replace the config with a new version, keeping the old one listed.
+    Reconfigure,
+    /// Set or clear `cordoned` and publish it.
+    Cordon,
 }
 
 impl FsmKind {
@@ -48,7 +60,11 @@ impl FsmKind {
             Self::Create => "create",
             Self::Start => "start",
             Self::Stop => "stop",
+            Self::Suspend => "suspend",
+            Self::Restart => "restart",
+            Self::Update => "update",
             Self::Destroy => "destroy",
+            Self::Cordon => "cordon",
         }
     }
 
@@ -58,7 +74,24 @@ impl FsmKind {
             Self::Create => &[Step::Record, Step::Spawn, Step::Ready, Step::Started],
             Self::Start => &[Step::Spawn, Step::Ready, Step::Started],
             Self::Stop => &[Step::Signal, Step::Exited],
+            Self::Suspend => &[Step::Freeze],
+            Self::Restart => &[
+                Step::Signal,
+                Step::Exited,
+                Step::Spawn,
+                Step::Ready,
+                Step::Started,
+            ],
+            Self::Update => &[
+                Step::Reconfigure,
+                Step::Signal,
+                Step::Exited,
+                Step::Spawn,
+                Step::Ready,
+                Step::Started,
+            ],
             Self::Destroy => &[Step::Teardown, Step::Destroyed],
+            Self::Cordon => &[Step::Cordon],
         }
     }
 }
@@ -75,6 +108,9 @@ impl Step {
             Self::Exited => "exited",
             Self::Teardown => "teardown",
             Self::Destroyed => "destroyed",
+            Self::Freeze => "freeze",
+            Self::Reconfigure => "reconfigure",
+            Self::Cordon => "cordon",
         }
     }
 }
@@ -118,6 +154,12 @@ impl FsmRun {
             error: None,
             updated_at: crate::record::now_ms(),
         }
+    }
+
+    /// Whether the run was asked not to launch the workload: it performs
+    /// only the steps that change the record.
+    pub fn skip_launch(&self) -> bool {
+        self.input.get("skip_launch").and_then(|v| v.as_bool()) == Some(true)
     }
 
     /// The step to run next, if any remain.

@@ -10,7 +10,11 @@
 //! - [`store`]: redb tables of machine records and FSM runs.
 //! - [`record`]: the machine record and its API and RIB views.
 //! - [`fsm`]: the FSM kinds, their steps, and the run record.
-//! - [`flyd`]: the operations and the step bodies.
+//! - [`flyd`]: the FSM engine, recovery, and shared plumbing.
+//! - [`ops`]: the lifecycle operations and read-only views.
+//! - [`steps`]: the step bodies and the restart policy.
+//! - [`lease`]: leases and metadata.
+//! - [`workload`]: what a machine runs, and signal, exec, ps.
 //! - [`pilot`]: the pilot process and flyd's client for it.
 //! - [`echo`]: the built-in image `hangar/echo`.
 //! - [`rpc`]: the host RPC HTTP API.
@@ -19,10 +23,14 @@ pub mod config;
 pub mod echo;
 pub mod flyd;
 pub mod fsm;
+pub mod lease;
+pub mod ops;
 pub mod pilot;
 pub mod record;
 pub mod rpc;
+pub mod steps;
 pub mod store;
+pub mod workload;
 
 pub use config::FlydConfig;
 pub use flyd::{Flyd, FlydError};

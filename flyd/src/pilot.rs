@@ -12,16 +12,23 @@
 //! | `{"op":"status"}` | `{"pid":N,"exit":null}` or `{"pid":N,"exit":{...}}` |
 //! | `{"op":"signal","signal":15}` | `{"ok":true}` (to the workload's group) |
 //! | `{"op":"wait"}` | the [`ExitInfo`], once the workload has exited |
+//! | `{"op":"exec","argv":[..],"timeout_ms":N}` | an [`ExecResponse`] |
+//! | `{"op":"ps"}` | the workload group's [`ProcessStat`]s |
+//!
+//! Failures answer `{"error": "..."}` (with `"timeout": true` for an exec
+//! that ran out of time).
 //!
 //! When the workload exits, pilot writes `exit.json` (so the exit status
 //! survives when flyd is down), answers every waiter, and exits itself.
 //! It prints `ready <workload pid>` on stdout once the socket is bound: flyd's
 //! readiness signal.
 
+use hangar_api::machine::{ExecResponse, ProcessStat};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -51,13 +58,27 @@ pub struct PilotStatus {
     pub exit: Option<ExitInfo>,
 }
 
+/// A command to run beside the workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecCall {
+    pub argv: Vec<String>,
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Request {
     Status,
     Signal { signal: i32 },
     Wait,
+    Exec(ExecCall),
+    Ps,
 }
+
+/// Most output kept per stream of an exec (1 MiB).
+const MAX_EXEC_OUTPUT: usize = 1 << 20;
 
 /// Files of a machine directory.
 pub fn spec_path(dir: &Path) -> PathBuf {
@@ -87,6 +108,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("reading {}", spec_path(dir).display()))?,
     )
     .context("decoding spec.json")?;
+    let spec = Arc::new(spec);
     let program = spec.argv.first().context("spec.json: argv is empty")?;
     let _ = std::fs::remove_file(exit_path(dir));
     let log = std::fs::OpenOptions::new()
@@ -124,7 +146,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             status = child.wait() => break status?,
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_conn(stream, pid, exit_rx.clone()));
+                    tokio::spawn(serve_conn(stream, pid, spec.clone(), exit_rx.clone()));
                 }
             }
             // Someone asked pilot to stop: pass it on, keep waiting for the exit.
@@ -149,7 +171,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             _ = &mut linger => break,
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_conn(stream, pid, exit_rx.clone()));
+                    tokio::spawn(serve_conn(stream, pid, spec.clone(), exit_rx.clone()));
                 }
             }
         }
@@ -176,7 +198,12 @@ fn signal_group(pid: u32, signal: i32) {
     }
 }
 
-async fn serve_conn(stream: UnixStream, pid: u32, mut exit: watch::Receiver<Option<ExitInfo>>) {
+async fn serve_conn(
+    stream: UnixStream,
+    pid: u32,
+    spec: Arc<PilotSpec>,
+    mut exit: watch::Receiver<Option<ExitInfo>>,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -195,6 +222,11 @@ async fn serve_conn(stream: UnixStream, pid: u32, mut exit: watch::Receiver<Opti
                 Ok(info) => serde_json::to_value(*info),
                 Err(_) => return,
             },
+            Ok(Request::Exec(call)) => Ok(match exec_beside(&spec, &call).await {
+                Ok(answer) => serde_json::to_value(answer).expect("serializes"),
+                Err((error, timeout)) => serde_json::json!({ "error": error, "timeout": timeout }),
+            }),
+            Ok(Request::Ps) => serde_json::to_value(processes_of_group(pid)),
             Err(e) => Ok(serde_json::json!({ "error": format!("bad request: {e}") })),
         };
         let Ok(mut text) = answer.map(|v| v.to_string()) else {
@@ -205,6 +237,109 @@ async fn serve_conn(stream: UnixStream, pid: u32, mut exit: watch::Receiver<Opti
             return;
         }
     }
+}
+
+/// Runs `call` with the workload's environment. Errors carry whether the
+/// command ran out of time.
+async fn exec_beside(spec: &PilotSpec, call: &ExecCall) -> Result<ExecResponse, (String, bool)> {
+    use std::os::unix::process::ExitStatusExt;
+    let program = call
+        .argv
+        .first()
+        .ok_or(("argv is empty".to_string(), false))?;
+    let mut child = tokio::process::Command::new(program)
+        .args(&call.argv[1..])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(&spec.env)
+        .stdin(if call.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| (format!("starting {program:?}: {e}"), false))?;
+    if let (Some(input), Some(mut stdin)) = (&call.stdin, child.stdin.take()) {
+        let input = input.clone();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(input.as_bytes()).await;
+        });
+    }
+    let limit = Duration::from_millis(call.timeout_ms);
+    let output = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| (format!("command did not finish within {limit:?}"), true))?
+        .map_err(|e| (format!("waiting for {program:?}: {e}"), false))?;
+    let text = |bytes: &[u8]| {
+        String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_EXEC_OUTPUT)]).into_owned()
+    };
+    Ok(ExecResponse {
+        exit_code: output.status.code().unwrap_or(-1),
+        exit_signal: output.status.signal(),
+        stdout: text(&output.stdout),
+        stderr: text(&output.stderr),
+    })
+}
+
+/// The processes of the workload's process group, read from /proc.
+fn processes_of_group(group: u32) -> Vec<ProcessStat> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<ProcessStat> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| process_stat(pid, group))
+        .collect();
+    out.sort_by_key(|p| p.pid);
+    out
+}
+
+/// One process's stats, if it belongs to `group`.
+fn process_stat(pid: u32, group: u32) -> Option<ProcessStat> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let pgrp: u32 = fields.get(2)?.parse().ok()?;
+    if pgrp != group {
+        return None;
+    }
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let command = std::fs::read(proc_dir.join("cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .replace('\0', " ")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default();
+    let rss_kb = std::fs::read_to_string(proc_dir.join("status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    Some(ProcessStat {
+        pid,
+        command,
+        cpu: ticks(11) + ticks(12),
+        rss: rss_kb * 1024,
+        directory: std::fs::read_link(proc_dir.join("cwd"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        listen_sockets: Vec::new(),
+    })
 }
 
 // ---- flyd's side ----
@@ -220,6 +355,8 @@ pub enum PilotError {
     },
     #[error("pilot of {dir}: {reason}")]
     Protocol { dir: String, reason: String },
+    #[error("pilot of {dir}: {reason}")]
+    Timeout { dir: String, reason: String },
 }
 
 /// Launches pilot for the machine directory `dir` (whose `spec.json` is
@@ -299,6 +436,11 @@ pub async fn status(dir: &Path) -> Option<PilotStatus> {
     serde_json::from_value(value).ok()
 }
 
+/// Whether a pilot answers and its workload has not exited.
+pub async fn alive(dir: &Path) -> bool {
+    status(dir).await.is_some_and(|s| s.exit.is_none())
+}
+
 /// Sends `signal` to the workload's process group.
 pub async fn signal(dir: &Path, signal: i32) -> Result<(), PilotError> {
     ask(dir, &Request::Signal { signal }).await.map(drop)
@@ -315,5 +457,31 @@ pub async fn wait_exit(dir: &Path) -> ExitInfo {
     recorded_exit(dir).unwrap_or(ExitInfo {
         exit_code: None,
         signal: None,
+    })
+}
+
+/// Runs a command beside the workload.
+pub async fn exec(dir: &Path, call: &ExecCall) -> Result<ExecResponse, PilotError> {
+    let answer = ask(dir, &Request::Exec(call.clone())).await?;
+    if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+        let (dir, reason) = (dir.display().to_string(), error.to_string());
+        return Err(if answer["timeout"] == true {
+            PilotError::Timeout { dir, reason }
+        } else {
+            PilotError::Protocol { dir, reason }
+        });
+    }
+    serde_json::from_value(answer).map_err(|e| PilotError::Protocol {
+        dir: dir.display().to_string(),
+        reason: format!("unreadable exec answer: {e}"),
+    })
+}
+
+/// The workload's processes.
+pub async fn ps(dir: &Path) -> Result<Vec<ProcessStat>, PilotError> {
+    let answer = ask(dir, &Request::Ps).await?;
+    serde_json::from_value(answer).map_err(|e| PilotError::Protocol {
+        dir: dir.display().to_string(),
+        reason: format!("unreadable ps answer: {e}"),
     })
 }

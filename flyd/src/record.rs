@@ -1,6 +1,8 @@
 //! The machine record flyd keeps for each of its machines, and its public view.
 
-use hangar_api::machine::{Machine, MachineConfig, MachineEvent, MachineState};
+use hangar_api::machine::{
+    Lease, Machine, MachineConfig, MachineEvent, MachineState, MachineVersion,
+};
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
 
@@ -32,7 +34,20 @@ pub struct MachineRecord {
     /// compares it to tell its own run's exit from a later run's.
     #[serde(default)]
     pub pilot_pid: Option<u32>,
+    /// The current lease, if one was taken (it may have expired).
+    #[serde(default)]
+    pub lease: Option<Lease>,
+    /// Earlier configs, newest first, at most [`MAX_VERSIONS`].
+    #[serde(default)]
+    pub versions: Vec<MachineVersion>,
+    /// Restarts flyd made in a row under the restart policy; a user's start
+    /// resets it.
+    #[serde(default)]
+    pub restarts: u32,
 }
+
+/// Most earlier versions kept per machine.
+pub const MAX_VERSIONS: usize = 10;
 
 /// Most events kept per machine; older ones are dropped.
 const MAX_EVENTS: usize = 50;
@@ -75,6 +90,24 @@ impl MachineRecord {
         self.events.truncate(MAX_EVENTS);
     }
 
+    /// The lease, if one is held now.
+    pub fn active_lease(&self) -> Option<&Lease> {
+        let now = now_ms() / 1000;
+        self.lease.as_ref().filter(|l| l.expires_at > now)
+    }
+
+    /// Whether the workload's process exists in this state.
+    pub fn has_process(&self) -> bool {
+        matches!(
+            self.state,
+            MachineState::Starting
+                | MachineState::Started
+                | MachineState::Stopping
+                | MachineState::Suspending
+                | MachineState::Suspended
+        )
+    }
+
     /// The machine as the API shows it.
     pub fn to_api(&self) -> Machine {
         Machine {
@@ -90,6 +123,7 @@ impl MachineRecord {
             updated_at: self.updated_at.clone(),
             cordoned: self.cordoned,
             host_status: "ok".to_string(),
+            nonce: None,
             events: self.events.clone(),
         }
     }

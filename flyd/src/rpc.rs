@@ -1,24 +1,33 @@
 //! The host RPC server: flyd's HTTP API for its own machines, as described
 //! in [`hangar_api::host`]. Answers and errors use the public API's shapes,
-//! so flaps relays them unchanged.
+//! so flaps relays them unchanged. Bodies are read as JSON whatever their
+//! Content-Type, and an empty body is an empty request.
 
 use crate::flyd::{Flyd, FlydError};
-use axum::extract::rejection::JsonRejection;
+use crate::ops::WaitFor;
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hangar_api::ErrorBody;
 use hangar_api::duration::GoDuration;
-use hangar_api::host::HostCreateRequest;
-use hangar_api::machine::{MachineState, OkResponse, StopRequest};
+use hangar_api::host::{HostCreateRequest, LEASE_NONCE_HEADER};
+use hangar_api::machine::{
+    CreateLeaseRequest, ExecRequest, MachineState, MetadataValue, OkResponse, SignalRequest,
+    StopRequest, UpdateMachineRequest, UpdateMetadataRequest,
+};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest `wait` accepted.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Events returned when `limit` is not given, and at most.
+const DEFAULT_EVENTS: usize = 20;
+const MAX_EVENTS: usize = 50;
 
 /// A failure as the API answers it.
 pub struct RpcError(u16, String);
@@ -39,135 +48,424 @@ impl IntoResponse for RpcError {
     }
 }
 
-fn bad_json(rejection: JsonRejection) -> RpcError {
-    RpcError(
-        400,
-        format!("invalid request body: {}", rejection.body_text()),
-    )
+fn bad_request(msg: impl Into<String>) -> RpcError {
+    RpcError(400, msg.into())
 }
+
+type Result<T> = std::result::Result<T, RpcError>;
+type FlydState = State<Arc<Flyd>>;
 
 /// The router for flyd's RPC API.
 pub fn router(flyd: Arc<Flyd>) -> Router {
     Router::new()
         .route("/v1/machines", post(create).get(list))
-        .route("/v1/machines/{id}", get(show).delete(destroy))
+        .route(
+            "/v1/machines/{id}",
+            get(show).post(update).put(update).delete(destroy),
+        )
         .route("/v1/machines/{id}/start", post(start))
         .route("/v1/machines/{id}/stop", post(stop))
+        .route("/v1/machines/{id}/suspend", post(suspend))
+        .route("/v1/machines/{id}/restart", post(restart))
+        .route("/v1/machines/{id}/cordon", post(cordon))
+        .route("/v1/machines/{id}/uncordon", post(uncordon))
         .route("/v1/machines/{id}/wait", get(wait))
+        .route("/v1/machines/{id}/events", get(events))
+        .route("/v1/machines/{id}/versions", get(versions))
+        .route(
+            "/v1/machines/{id}/lease",
+            get(lease_get).post(lease_acquire).delete(lease_release),
+        )
+        .route(
+            "/v1/machines/{id}/metadata",
+            get(metadata).put(metadata_replace).patch(metadata_merge),
+        )
+        .route(
+            "/v1/machines/{id}/metadata/{key}",
+            get(metadata_key).post(metadata_set).delete(metadata_delete),
+        )
+        .route("/v1/machines/{id}/signal", post(signal))
+        .route("/v1/machines/{id}/exec", post(exec))
+        .route("/v1/machines/{id}/ps", get(ps))
+        .route("/v1/machines/{id}/memory", get(memory).put(memory))
+        .route("/v1/machines/{id}/memory/reclaim", post(memory))
+        .fallback(not_found)
         .with_state(flyd)
 }
 
-type Result<T> = std::result::Result<T, RpcError>;
+async fn not_found(method: Method, uri: Uri) -> RpcError {
+    RpcError(404, format!("no such endpoint: {method} {}", uri.path()))
+}
 
-async fn create(
-    State(flyd): State<Arc<Flyd>>,
-    body: std::result::Result<Json<HostCreateRequest>, JsonRejection>,
-) -> Result<impl IntoResponse> {
-    let Json(req) = body.map_err(bad_json)?;
+/// Decodes a JSON body; an empty body is `T::default()`.
+fn body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("invalid request body: {e}")))
+}
+
+/// The caller's lease nonce, if it sent one.
+fn nonce(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(LEASE_NONCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// A boolean query flag: absent or `false`/`0` is false; `true`/`1` or a
+/// bare flag is true.
+fn flag(name: &str, value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("") | Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(bad_request(format!(
+            "{name}: expected true or false, got {other:?}"
+        ))),
+    }
+}
+
+/// A duration query parameter: seconds, or a Go duration.
+fn duration(name: &str, text: &str) -> Result<Duration> {
+    match text.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => GoDuration::parse(text)
+            .map(|d| d.0)
+            .map_err(|e| bad_request(format!("{name}: {e}"))),
+    }
+}
+
+async fn create(State(flyd): FlydState, bytes: Bytes) -> Result<impl IntoResponse> {
+    let req: HostCreateRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| bad_request(format!("invalid request body: {e}")))?;
     Ok(Json(flyd.create(req).await?))
 }
 
 #[derive(Deserialize)]
 struct ListQuery {
     app: String,
-    #[serde(default)]
-    include_deleted: bool,
+    include_deleted: Option<String>,
 }
 
-async fn list(
-    State(flyd): State<Arc<Flyd>>,
-    Query(q): Query<ListQuery>,
-) -> Result<impl IntoResponse> {
-    Ok(Json(flyd.list(&q.app, q.include_deleted)?))
+async fn list(State(flyd): FlydState, Query(q): Query<ListQuery>) -> Result<impl IntoResponse> {
+    let include = flag("include_deleted", q.include_deleted.as_deref())?;
+    Ok(Json(flyd.list(&q.app, include)?))
 }
 
-async fn show(State(flyd): State<Arc<Flyd>>, Path(id): Path<String>) -> Result<impl IntoResponse> {
+async fn show(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
     Ok(Json(flyd.get(&id)?))
 }
 
-async fn start(State(flyd): State<Arc<Flyd>>, Path(id): Path<String>) -> Result<impl IntoResponse> {
-    Ok(Json(flyd.start(&id).await?))
+async fn update(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<impl IntoResponse> {
+    let req: UpdateMachineRequest = body(&bytes)?;
+    Ok(Json(flyd.update(&id, req, nonce(&headers)).await?))
 }
 
-async fn stop(
-    State(flyd): State<Arc<Flyd>>,
+async fn start(
+    State(flyd): FlydState,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    // Clients send no body, an empty one, or a StopRequest.
-    let req: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        StopRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| RpcError(400, format!("invalid request body: {e}")))?
+    Ok(Json(flyd.start(&id, nonce(&headers)).await?))
+}
+
+const OK: Json<OkResponse> = Json(OkResponse { ok: true });
+
+async fn stop(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<impl IntoResponse> {
+    let req: StopRequest = body(&bytes)?;
+    flyd.stop(&id, req, nonce(&headers)).await?;
+    Ok(OK)
+}
+
+async fn suspend(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    flyd.suspend(&id, nonce(&headers)).await?;
+    Ok(OK)
+}
+
+#[derive(Deserialize)]
+struct RestartQuery {
+    signal: Option<String>,
+    timeout: Option<String>,
+}
+
+async fn restart(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    Query(q): Query<RestartQuery>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    let timeout = q
+        .timeout
+        .as_deref()
+        .map(|t| duration("timeout", t))
+        .transpose()?;
+    let req = StopRequest {
+        signal: q.signal,
+        timeout: timeout.map(GoDuration),
     };
-    flyd.stop(&id, req).await?;
-    Ok(Json(OkResponse { ok: true }))
+    flyd.restart(&id, req, nonce(&headers)).await?;
+    Ok(OK)
+}
+
+async fn cordon(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    flyd.cordon(&id, true, nonce(&headers)).await?;
+    Ok(OK)
+}
+
+async fn uncordon(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    flyd.cordon(&id, false, nonce(&headers)).await?;
+    Ok(OK)
 }
 
 #[derive(Deserialize)]
 struct DestroyQuery {
-    #[serde(default)]
-    force: bool,
+    force: Option<String>,
+    /// Some clients send `kill=true` for the same thing.
+    kill: Option<String>,
 }
 
 async fn destroy(
-    State(flyd): State<Arc<Flyd>>,
+    State(flyd): FlydState,
     Path(id): Path<String>,
     Query(q): Query<DestroyQuery>,
+    headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
-    flyd.destroy(&id, q.force).await?;
-    Ok(Json(OkResponse { ok: true }))
+    let force = flag("force", q.force.as_deref())? || flag("kill", q.kill.as_deref())?;
+    flyd.destroy(&id, force, nonce(&headers)).await?;
+    Ok(OK)
 }
 
 #[derive(Deserialize)]
 struct WaitQuery {
     state: Option<String>,
     timeout: Option<String>,
+    version: Option<String>,
+    instance_id: Option<String>,
+    from_event_id: Option<String>,
 }
 
-/// Parses `wait`'s `timeout`: seconds, or a Go duration.
+/// Parses `wait`'s `timeout`: seconds, or a Go duration; default 60 s.
 fn wait_timeout(text: Option<&str>) -> Result<Duration> {
-    let Some(text) = text else {
-        return Ok(Duration::from_secs(60));
-    };
-    let d = match text.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => {
-            GoDuration::parse(text)
-                .map_err(|e| RpcError(400, format!("timeout: {e}")))?
-                .0
-        }
+    let d = match text {
+        None => return Ok(Duration::from_secs(60)),
+        Some(t) => duration("timeout", t)?,
     };
     if d.is_zero() || d > MAX_WAIT {
-        return Err(RpcError(
-            400,
-            format!("timeout: must be between 1s and {}s", MAX_WAIT.as_secs()),
-        ));
+        return Err(bad_request(format!(
+            "timeout: must be between 1s and {}s",
+            MAX_WAIT.as_secs()
+        )));
     }
     Ok(d)
 }
 
 /// Parses `wait`'s `state`: one or more states, comma separated; default started.
 fn wait_states(text: Option<&str>) -> Result<Vec<MachineState>> {
-    let text = text.unwrap_or("started");
-    text.split(',')
+    text.unwrap_or("started")
+        .split(',')
         .map(|s| {
             s.trim()
                 .parse()
-                .map_err(|e: String| RpcError(400, format!("state: {e}")))
+                .map_err(|e: String| bad_request(format!("state: {e}")))
         })
         .collect()
 }
 
 async fn wait(
-    State(flyd): State<Arc<Flyd>>,
+    State(flyd): FlydState,
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<impl IntoResponse> {
     let timeout = wait_timeout(q.timeout.as_deref())?;
-    let states = wait_states(q.state.as_deref())?;
-    Ok(Json(flyd.wait(&id, &states, timeout).await?))
+    let want = WaitFor {
+        states: wait_states(q.state.as_deref())?,
+        version: q.version.or(q.instance_id).filter(|v| !v.is_empty()),
+        from_event_id: q.from_event_id.filter(|v| !v.is_empty()),
+    };
+    Ok(Json(flyd.wait(&id, &want, timeout).await?))
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<impl IntoResponse> {
+    let limit = q.limit.unwrap_or(DEFAULT_EVENTS).clamp(1, MAX_EVENTS);
+    Ok(Json(flyd.events(&id, limit)?))
+}
+
+async fn versions(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+    Ok(Json(flyd.versions(&id)?))
+}
+
+/// Lease answers are wrapped as Fly wraps them: `{"status","data"}`.
+fn lease_answer(data: serde_json::Value) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "success", "data": data }))
+}
+
+async fn lease_get(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+    let lease = flyd.lease_get(&id)?;
+    Ok(lease_answer(
+        serde_json::to_value(lease).expect("serializes"),
+    ))
+}
+
+async fn lease_acquire(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<impl IntoResponse> {
+    let req: CreateLeaseRequest = body(&bytes)?;
+    let lease = flyd.lease_acquire(&id, nonce(&headers), req).await?;
+    Ok((
+        StatusCode::CREATED,
+        lease_answer(serde_json::to_value(lease).expect("serializes")),
+    ))
+}
+
+async fn lease_release(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse> {
+    flyd.lease_release(&id, nonce(&headers)).await?;
+    Ok(lease_answer(serde_json::json!({})))
+}
+
+async fn metadata(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+    Ok(Json(flyd.metadata(&id)?))
+}
+
+async fn metadata_key(
+    State(flyd): FlydState,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<impl IntoResponse> {
+    let value = flyd
+        .metadata(&id)?
+        .remove(&key)
+        .ok_or_else(|| RpcError(404, format!("metadata key {key:?} not found")))?;
+    Ok(Json(MetadataValue { value }))
+}
+
+async fn metadata_replace(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<StatusCode> {
+    let req: UpdateMetadataRequest = body(&bytes)?;
+    flyd.metadata_update(&id, nonce(&headers), |m| {
+        *m = req.metadata;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metadata_merge(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<StatusCode> {
+    let req: UpdateMetadataRequest = body(&bytes)?;
+    flyd.metadata_update(&id, nonce(&headers), |m| {
+        m.extend(req.metadata);
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metadata_set(
+    State(flyd): FlydState,
+    Path((id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<StatusCode> {
+    let req: MetadataValue = body(&bytes)?;
+    flyd.metadata_update(&id, nonce(&headers), |m| {
+        m.insert(key, req.value);
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metadata_delete(
+    State(flyd): FlydState,
+    Path((id, key)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<StatusCode> {
+    flyd.metadata_update(&id, nonce(&headers), |m| {
+        m.remove(&key)
+            .map(drop)
+            .ok_or_else(|| FlydError::NoSuch(format!("metadata key {key:?} not found")))
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn signal(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<impl IntoResponse> {
+    let req: SignalRequest = body(&bytes)?;
+    if req.signal.is_empty() {
+        return Err(bad_request("signal: required"));
+    }
+    flyd.signal(&id, &req.signal, nonce(&headers)).await?;
+    Ok(OK)
+}
+
+async fn exec(
+    State(flyd): FlydState,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> Result<impl IntoResponse> {
+    let req: ExecRequest = body(&bytes)?;
+    Ok(Json(flyd.exec(&id, req).await?))
+}
+
+async fn ps(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+    Ok(Json(flyd.ps(&id).await?))
+}
+
+async fn memory(State(flyd): FlydState, Path(id): Path<String>) -> Result<RpcError> {
+    flyd.get(&id)?;
+    Ok(RpcError(
+        501,
+        "memory endpoints are not supported: Hangar runs machines as host processes, without a balloon device".into(),
+    ))
 }
 
 #[cfg(test)]
@@ -189,5 +487,13 @@ mod tests {
             Some(vec![MachineState::Stopped, MachineState::Destroyed])
         );
         assert!(wait_states(Some("asleep")).is_err());
+    }
+
+    #[test]
+    fn flags_parse() {
+        assert!(!flag("force", None).ok().unwrap());
+        assert!(flag("force", Some("true")).ok().unwrap());
+        assert!(flag("force", Some("")).ok().unwrap());
+        assert!(flag("force", Some("maybe")).is_err());
     }
 }

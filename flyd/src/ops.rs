@@ -1,0 +1,440 @@
+//! The lifecycle operations flyd serves: each checks its preconditions (and
+//! the machine's lease) under the machine's operation lock, then runs its
+//! FSM. Also the read-only views: get, list, wait, events, versions.
+
+use crate::flyd::{Flyd, FlydError, StopInput};
+use crate::fsm::{FsmKind, FsmRun};
+use crate::record::{MachineRecord, now_rfc3339};
+use crate::steps::UpdateInput;
+use crate::workload::workload_argv;
+use hangar_api::duration::GoDuration;
+use hangar_api::host::HostCreateRequest;
+use hangar_api::machine::{
+    CreateLeaseRequest, Machine, MachineEvent, MachineState, MachineVersion, StartResponse,
+    StopRequest, UpdateMachineRequest, WaitResponse,
+};
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `wait` waits for.
+#[derive(Debug, Clone, Default)]
+pub struct WaitFor {
+    pub states: Vec<MachineState>,
+    /// Only this version (`version` or `instance_id`) counts.
+    pub version: Option<String>,
+    /// Only an event after this one counts.
+    pub from_event_id: Option<String>,
+}
+
+/// Parses a signal name (`SIGINT`, `INT`) or number.
+pub(crate) fn parse_signal(text: &str) -> Result<i32, FlydError> {
+    let name = text.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let n = match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ILL" => 4,
+        "TRAP" => 5,
+        "ABRT" => 6,
+        "FPE" => 8,
+        "KILL" => 9,
+        "USR1" => 10,
+        "SEGV" => 11,
+        "USR2" => 12,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        other => other
+            .parse::<i32>()
+            .ok()
+            .filter(|n| (1..=31).contains(n))
+            .ok_or_else(|| FlydError::BadRequest(format!("signal: unknown signal {text:?}")))?,
+    };
+    Ok(n)
+}
+
+fn random_machine_id() -> String {
+    let n: u64 = rand::rng().random();
+    format!("{:014x}", n & 0x00ff_ffff_ffff_ffff)
+}
+
+fn precondition(id: &str, op: &str, state: MachineState) -> FlydError {
+    FlydError::Precondition(format!("unable to {op} machine {id} from state '{state}'"))
+}
+
+impl Flyd {
+    /// Creates a machine and, unless `skip_launch`, starts it. With
+    /// `skip_service_registration` it starts cordoned; with `lease_ttl` the
+    /// answer carries the nonce of a new lease.
+    pub async fn create(self: &Arc<Self>, req: HostCreateRequest) -> Result<Machine, FlydError> {
+        let m = req.machine;
+        m.config.validate().map_err(FlydError::BadRequest)?;
+        workload_argv(&self.exe, &m.config)?;
+        let id = random_machine_id();
+        let now = now_rfc3339();
+        let rec = MachineRecord {
+            name: m
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| format!("{}-{id}", req.app)),
+            id: id.clone(),
+            app: req.app,
+            region: self.cfg.region.clone(),
+            host: self.cfg.host_id.clone(),
+            state: MachineState::Created,
+            private_ip: self.allocate_ip()?.to_string(),
+            config: m.config,
+            version: ulid::Ulid::new().to_string(),
+            created_at: now.clone(),
+            updated_at: now,
+            cordoned: m.skip_service_registration,
+            events: Vec::new(),
+            rib_version: 0,
+            pilot_pid: None,
+            lease: None,
+            versions: Vec::new(),
+            restarts: 0,
+        };
+        let guard = self.lock_machine(&id).await?;
+        let mut input = serde_json::to_value(&rec).expect("records serialize");
+        input["skip_launch"] = m.skip_launch.into();
+        self.run(FsmRun::new(FsmKind::Create, &id, input)).await?;
+        drop(guard);
+        let mut machine = self.record(&id)?.to_api();
+        if let Some(ttl) = m.lease_ttl {
+            let req = CreateLeaseRequest {
+                ttl: Some(ttl),
+                description: Some("taken with create".into()),
+            };
+            machine.nonce = Some(self.lease_acquire(&id, None, req).await?.nonce);
+        }
+        Ok(machine)
+    }
+
+    /// One machine.
+    pub fn get(&self, id: &str) -> Result<Machine, FlydError> {
+        Ok(self.record(id)?.to_api())
+    }
+
+    /// The machines of `app` on this host, destroyed ones left out unless asked.
+    pub fn list(&self, app: &str, include_destroyed: bool) -> Result<Vec<Machine>, FlydError> {
+        Ok(self
+            .store
+            .machines()?
+            .into_iter()
+            .filter(|m| m.app == app && (include_destroyed || m.state != MachineState::Destroyed))
+            .map(|m| m.to_api())
+            .collect())
+    }
+
+    /// Starts a created or stopped machine, or resumes a suspended one.
+    pub async fn start(
+        self: &Arc<Self>,
+        id: &str,
+        nonce: Option<&str>,
+    ) -> Result<StartResponse, FlydError> {
+        let _guard = self.lock_machine(id).await?;
+        let mut rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        let previous = rec.state;
+        if !matches!(
+            previous,
+            MachineState::Created
+                | MachineState::Stopped
+                | MachineState::Failed
+                | MachineState::Suspended
+        ) {
+            return Err(precondition(id, "start", previous));
+        }
+        if rec.restarts != 0 {
+            // A user's start begins a new run of restart attempts.
+            rec.restarts = 0;
+            self.store.put_machine(&rec)?;
+        }
+        self.run(FsmRun::new(FsmKind::Start, id, serde_json::Value::Null))
+            .await?;
+        Ok(StartResponse {
+            previous_state: previous,
+            migrated: false,
+            new_host: String::new(),
+        })
+    }
+
+    /// Stops a running (or suspended) machine: the signal, then SIGKILL
+    /// after the timeout.
+    pub async fn stop(
+        self: &Arc<Self>,
+        id: &str,
+        req: StopRequest,
+        nonce: Option<&str>,
+    ) -> Result<(), FlydError> {
+        let _guard = self.lock_machine(id).await?;
+        let rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        if !rec.has_process() {
+            return Err(precondition(id, "stop", rec.state));
+        }
+        let input = self.stop_input(&rec, &req)?;
+        self.run(FsmRun::new(
+            FsmKind::Stop,
+            id,
+            serde_json::to_value(input).expect("serializes"),
+        ))
+        .await
+    }
+
+    /// Suspends a started machine: its processes are frozen (SIGSTOP), and a
+    /// start resumes them where they were.
+    pub async fn suspend(self: &Arc<Self>, id: &str, nonce: Option<&str>) -> Result<(), FlydError> {
+        let _guard = self.lock_machine(id).await?;
+        let rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        if rec.state != MachineState::Started {
+            return Err(precondition(id, "suspend", rec.state));
+        }
+        self.run(FsmRun::new(FsmKind::Suspend, id, serde_json::Value::Null))
+            .await
+    }
+
+    /// Restarts a started machine: stop (signal, timeout) and start again.
+    pub async fn restart(
+        self: &Arc<Self>,
+        id: &str,
+        req: StopRequest,
+        nonce: Option<&str>,
+    ) -> Result<(), FlydError> {
+        let _guard = self.lock_machine(id).await?;
+        let rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        if rec.state != MachineState::Started {
+            return Err(precondition(id, "restart", rec.state));
+        }
+        let input = self.stop_input(&rec, &req)?;
+        self.run(FsmRun::new(
+            FsmKind::Restart,
+            id,
+            serde_json::to_value(input).expect("serializes"),
+        ))
+        .await
+    }
+
+    /// Replaces the machine's config with a new version. A running machine
+    /// is restarted on it; a stopped one is started unless `skip_launch`.
+    /// `current_version` guards against lost updates (409).
+    pub async fn update(
+        self: &Arc<Self>,
+        id: &str,
+        req: UpdateMachineRequest,
+        nonce: Option<&str>,
+    ) -> Result<Machine, FlydError> {
+        req.config.validate().map_err(FlydError::BadRequest)?;
+        workload_argv(&self.exe, &req.config)?;
+        let _guard = self.lock_machine(id).await?;
+        let rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        if rec.state == MachineState::Destroyed {
+            return Err(precondition(id, "update", rec.state));
+        }
+        if let Some(current) = req.current_version.as_deref().filter(|v| !v.is_empty()) {
+            if current != rec.version {
+                return Err(FlydError::Conflict(format!(
+                    "machine {id} is at version {}, not {current}: reload it and retry",
+                    rec.version
+                )));
+            }
+        }
+        let stop = self.stop_input(&rec, &StopRequest::default())?;
+        let update = UpdateInput {
+            version: ulid::Ulid::new().to_string(),
+            config: req.config,
+            name: req.name,
+        };
+        let mut input = serde_json::to_value(&update).expect("serializes");
+        input["signal"] = stop.signal.into();
+        input["timeout_ms"] = stop.timeout_ms.into();
+        input["skip_launch"] = req.skip_launch.into();
+        self.run(FsmRun::new(FsmKind::Update, id, input)).await?;
+        Ok(self.record(id)?.to_api())
+    }
+
+    /// Resolves stop parameters: the request, then the machine's
+    /// `stop_config`, then flyd's default (SIGINT, `stop_timeout_ms`).
+    pub(crate) fn stop_input(
+        &self,
+        rec: &MachineRecord,
+        req: &StopRequest,
+    ) -> Result<StopInput, FlydError> {
+        let stop_config = rec.config.stop_config.as_ref();
+        let signal = req
+            .signal
+            .as_deref()
+            .or_else(|| stop_config.and_then(|s| s.signal.as_deref()))
+            .map(parse_signal)
+            .transpose()?
+            .unwrap_or(2);
+        let timeout = req
+            .timeout
+            .or_else(|| stop_config.and_then(|s| s.timeout))
+            .map(|d: GoDuration| d.0)
+            .unwrap_or(Duration::from_millis(self.cfg.stop_timeout_ms));
+        Ok(StopInput {
+            signal,
+            timeout_ms: timeout.as_millis() as u64,
+        })
+    }
+
+    /// Destroys a machine; one with a running process only with `force`
+    /// (it is killed).
+    pub async fn destroy(
+        self: &Arc<Self>,
+        id: &str,
+        force: bool,
+        nonce: Option<&str>,
+    ) -> Result<(), FlydError> {
+        let _guard = self.lock_machine(id).await?;
+        let rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        if rec.state == MachineState::Destroyed {
+            return Err(FlydError::Precondition(format!(
+                "machine {id} is already destroyed"
+            )));
+        }
+        if rec.has_process() && !force {
+            return Err(FlydError::Precondition(format!(
+                "unable to destroy machine {id} in state '{}': stop it first or pass force=true",
+                rec.state
+            )));
+        }
+        self.run(FsmRun::new(
+            FsmKind::Destroy,
+            id,
+            serde_json::json!({ "force": force }),
+        ))
+        .await
+    }
+
+    /// Cordons (no new traffic from the proxy) or uncordons a machine.
+    pub async fn cordon(
+        self: &Arc<Self>,
+        id: &str,
+        cordoned: bool,
+        nonce: Option<&str>,
+    ) -> Result<(), FlydError> {
+        let _guard = self.lock_machine(id).await?;
+        let rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        if rec.state == MachineState::Destroyed {
+            let op = if cordoned { "cordon" } else { "uncordon" };
+            return Err(precondition(id, op, rec.state));
+        }
+        self.run(FsmRun::new(
+            FsmKind::Cordon,
+            id,
+            serde_json::json!({ "cordoned": cordoned }),
+        ))
+        .await
+    }
+
+    /// Waits until the machine satisfies `want`, or `timeout` passes (408).
+    pub async fn wait(
+        &self,
+        id: &str,
+        want: &WaitFor,
+        timeout: Duration,
+    ) -> Result<WaitResponse, FlydError> {
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Mark seen before reading, so a change between the read and the
+            // await still wakes us.
+            changed.borrow_and_update();
+            let rec = self.record(id)?;
+            if let Some(event) = reached(&rec, want) {
+                return Ok(WaitResponse {
+                    ok: true,
+                    state: rec.state,
+                    event_id: event,
+                    version: Some(rec.version),
+                });
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                return Err(FlydError::WaitTimeout {
+                    id: id.to_string(),
+                    states: want
+                        .states
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                    timeout,
+                    state: rec.state,
+                });
+            }
+        }
+    }
+
+    /// The machine's newest `limit` events.
+    pub fn events(&self, id: &str, limit: usize) -> Result<Vec<MachineEvent>, FlydError> {
+        let rec = self.record(id)?;
+        Ok(rec.events.into_iter().take(limit).collect())
+    }
+
+    /// The current version and the earlier ones, newest first.
+    pub fn versions(&self, id: &str) -> Result<Vec<MachineVersion>, FlydError> {
+        let rec = self.record(id)?;
+        let current = MachineVersion {
+            version: rec.version,
+            user_config: rec.config,
+        };
+        Ok(std::iter::once(current).chain(rec.versions).collect())
+    }
+}
+
+/// Whether the record satisfies `want`; if so, the id of the event that
+/// counts (the newest one).
+fn reached(rec: &MachineRecord, want: &WaitFor) -> Option<Option<String>> {
+    if !want.states.contains(&rec.state) {
+        return None;
+    }
+    if want.version.as_deref().is_some_and(|v| v != rec.version) {
+        return None;
+    }
+    let newest = rec.events.first().map(|e| e.id.clone());
+    match &want.from_event_id {
+        // Event ids are ULIDs: a later event sorts after.
+        Some(from) => rec
+            .events
+            .iter()
+            .any(|e| e.id.as_str() > from.as_str() && e.status == rec.state.as_str())
+            .then_some(newest),
+        None => Some(newest),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_parse_by_name_and_number() {
+        assert_eq!(parse_signal("SIGINT").unwrap(), 2);
+        assert_eq!(parse_signal("term").unwrap(), 15);
+        assert_eq!(parse_signal("SIGUSR1").unwrap(), 10);
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert!(parse_signal("SIGNOPE").is_err());
+        assert!(parse_signal("99").is_err());
+    }
+
+    #[test]
+    fn machine_ids_look_like_flys() {
+        let id = random_machine_id();
+        assert_eq!(id.len(), 14);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -1,0 +1,420 @@
+//! The bodies of the FSM steps, and what happens when a workload exits on
+//! its own (the restart policy). Each step first checks whether its effect
+//! is already there, so a step interrupted by a crash can run again.
+
+use crate::flyd::{Flyd, FlydError, StopInput};
+use crate::fsm::{FsmKind, FsmRun};
+use crate::pilot::{self, ExitInfo, PilotSpec};
+use crate::record::{MAX_VERSIONS, MachineRecord, now_rfc3339};
+use crate::workload::{workload_argv, workload_env};
+use hangar_api::machine::{MachineConfig, MachineState, MachineVersion};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long to wait for a workload to die after SIGKILL before giving up.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How often the ready step probes a service port.
+const READY_POLL: Duration = Duration::from_millis(5);
+const SIGCONT: i32 = 18;
+const SIGSTOP: i32 = 19;
+/// `on-failure` restarts in a row when `max_retries` is unset (Fly's default).
+const DEFAULT_MAX_RETRIES: u32 = 10;
+
+/// The new config of an update run, kept in its input so a resumed run
+/// applies the same one.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct UpdateInput {
+    pub version: String,
+    pub config: MachineConfig,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl Flyd {
+    pub(crate) fn step_record(&self, run: &FsmRun) -> Result<(), FlydError> {
+        if self.store.machine(&run.machine_id)?.is_some() {
+            return Ok(()); // recorded before a crash
+        }
+        let mut rec: MachineRecord =
+            serde_json::from_value(run.input.clone()).map_err(|e| FlydError::Runtime {
+                id: run.machine_id.clone(),
+                reason: format!("create input does not decode: {e}"),
+            })?;
+        rec.transition(MachineState::Created, "launch", "user", None);
+        self.save(&mut rec)
+    }
+
+    pub(crate) async fn step_spawn(&self, id: &str) -> Result<(), FlydError> {
+        let dir = self.machine_dir(id);
+        let mut rec = self.record(id)?;
+        if pilot::alive(&dir).await {
+            // Running already: launched before a crash, or suspended (then
+            // SIGCONT resumes it; to a running workload it is harmless).
+            let _ = pilot::signal(&dir, SIGCONT).await;
+            return Ok(());
+        }
+        let runtime = |reason: String| FlydError::Runtime {
+            id: id.to_string(),
+            reason,
+        };
+        let spec = PilotSpec {
+            machine_id: id.to_string(),
+            argv: workload_argv(&self.exe, &rec.config)?,
+            env: workload_env(&rec),
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| runtime(format!("creating {}: {e}", dir.display())))?;
+        std::fs::write(
+            pilot::spec_path(&dir),
+            serde_json::to_vec_pretty(&spec).expect("serializes"),
+        )
+        .map_err(|e| runtime(format!("writing spec.json: {e}")))?;
+        rec.state = MachineState::Starting;
+        rec.updated_at = now_rfc3339();
+        self.save(&mut rec)?;
+        let pid = pilot::launch(&self.exe, &dir, Duration::from_secs(10))
+            .await
+            .map_err(|e| runtime(e.to_string()))?;
+        rec.pilot_pid = Some(pid);
+        self.store.put_machine(&rec)?;
+        Ok(())
+    }
+
+    /// Waits until every service port accepts a connection. A workload that
+    /// exits meanwhile fails the start; one that is merely slow is reported
+    /// started after `ready_timeout_ms`, as Fly reports a machine started
+    /// once its process runs.
+    pub(crate) async fn step_ready(&self, id: &str) -> Result<(), FlydError> {
+        let rec = self.record(id)?;
+        let dir = self.machine_dir(id);
+        let ports: Vec<u16> = rec
+            .config
+            .services
+            .iter()
+            .map(|s| s.internal_port)
+            .collect();
+        let ip: Ipv4Addr = rec.private_ip.parse().map_err(|_| FlydError::Runtime {
+            id: id.to_string(),
+            reason: format!("bad private ip {:?}", rec.private_ip),
+        })?;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.cfg.ready_timeout_ms);
+        let mut pending: Vec<u16> = ports;
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for port in pending {
+                if tokio::net::TcpStream::connect((ip, port)).await.is_err() {
+                    still.push(port);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                break;
+            }
+            if let Some(exit) = pilot::status(&dir)
+                .await
+                .and_then(|s| s.exit)
+                .or_else(|| pilot::recorded_exit(&dir))
+            {
+                return Err(FlydError::Runtime {
+                    id: id.to_string(),
+                    reason: format!("workload exited while starting ({})", describe_exit(exit)),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    machine = id,
+                    ?pending,
+                    "ports not accepting connections yet; reporting started anyway"
+                );
+                break;
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn step_started(self: &Arc<Self>, id: &str) -> Result<(), FlydError> {
+        let mut rec = self.record(id)?;
+        if rec.state != MachineState::Started {
+            rec.transition(MachineState::Started, "start", "user", None);
+            self.save(&mut rec)?;
+        }
+        self.watch_exit(id.to_string(), rec.pilot_pid);
+        Ok(())
+    }
+
+    pub(crate) async fn step_signal(&self, id: &str, input: StopInput) -> Result<(), FlydError> {
+        let mut rec = self.record(id)?;
+        if !rec.has_process() {
+            return Ok(());
+        }
+        if rec.state != MachineState::Stopping {
+            rec.state = MachineState::Stopping;
+            rec.updated_at = now_rfc3339();
+            self.save(&mut rec)?;
+        }
+        // A pilot that is gone has nothing left to signal; the next step
+        // reads the exit it recorded. A suspended workload must run to
+        // handle its stop signal.
+        let dir = self.machine_dir(id);
+        let _ = pilot::signal(&dir, SIGCONT).await;
+        if let Err(e) = pilot::signal(&dir, input.signal).await {
+            tracing::debug!(machine = id, error = %e, "stop signal not delivered");
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn step_exited(&self, id: &str, input: StopInput) -> Result<(), FlydError> {
+        let mut rec = self.record(id)?;
+        if rec.state != MachineState::Stopping {
+            return Ok(());
+        }
+        let dir = self.machine_dir(id);
+        let grace = Duration::from_millis(input.timeout_ms);
+        let exit = match tokio::time::timeout(grace, pilot::wait_exit(&dir)).await {
+            Ok(exit) => exit,
+            Err(_) => {
+                tracing::info!(machine = id, ?grace, "stop timeout passed; sending SIGKILL");
+                kill_workload(id, &dir).await?
+            }
+        };
+        rec.pilot_pid = None;
+        let request = serde_json::json!({ "exit_event": exit, "signal": input.signal });
+        rec.transition(MachineState::Stopped, "stop", "user", Some(request));
+        self.save(&mut rec)
+    }
+
+    pub(crate) async fn step_teardown(&self, id: &str) -> Result<(), FlydError> {
+        let dir = self.machine_dir(id);
+        if pilot::alive(&dir).await {
+            kill_workload(id, &dir).await?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(FlydError::Runtime {
+                id: id.to_string(),
+                reason: format!("removing {}: {e}", dir.display()),
+            }),
+        }
+    }
+
+    /// SIGSTOPs the workload's process group: memory stays, the CPU is freed.
+    pub(crate) async fn step_freeze(&self, id: &str) -> Result<(), FlydError> {
+        let mut rec = self.record(id)?;
+        if rec.state == MachineState::Suspended {
+            return Ok(());
+        }
+        let dir = self.machine_dir(id);
+        if !pilot::alive(&dir).await {
+            return Err(FlydError::Runtime {
+                id: id.to_string(),
+                reason: "workload is not running; nothing to suspend".into(),
+            });
+        }
+        rec.state = MachineState::Suspending;
+        rec.updated_at = now_rfc3339();
+        self.save(&mut rec)?;
+        pilot::signal(&dir, SIGSTOP)
+            .await
+            .map_err(|e| FlydError::Runtime {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })?;
+        rec.transition(MachineState::Suspended, "suspend", "user", None);
+        self.save(&mut rec)
+    }
+
+    /// Replaces the config with the update's, listing the old version.
+    pub(crate) fn step_reconfigure(&self, run: &FsmRun) -> Result<(), FlydError> {
+        let input: UpdateInput =
+            serde_json::from_value(run.input.clone()).map_err(|e| FlydError::Runtime {
+                id: run.machine_id.clone(),
+                reason: format!("update input does not decode: {e}"),
+            })?;
+        let mut rec = self.record(&run.machine_id)?;
+        if rec.version == input.version {
+            return Ok(()); // applied before a crash
+        }
+        rec.versions.insert(
+            0,
+            MachineVersion {
+                version: rec.version.clone(),
+                user_config: rec.config.clone(),
+            },
+        );
+        rec.versions.truncate(MAX_VERSIONS);
+        rec.version = input.version;
+        rec.config = input.config;
+        if let Some(name) = input.name.filter(|n| !n.is_empty()) {
+            rec.name = name;
+        }
+        let state = rec.state;
+        rec.transition(state, "update", "user", None);
+        self.save(&mut rec)
+    }
+
+    /// Sets `cordoned` as the run's input says.
+    pub(crate) fn step_cordon(&self, run: &FsmRun) -> Result<(), FlydError> {
+        let cordoned = run.input.get("cordoned").and_then(|v| v.as_bool()) == Some(true);
+        let mut rec = self.record(&run.machine_id)?;
+        if rec.cordoned != cordoned {
+            rec.cordoned = cordoned;
+            rec.updated_at = now_rfc3339();
+            self.save(&mut rec)?;
+        }
+        Ok(())
+    }
+
+    /// Watches the workload of the run whose pilot is `pilot_pid`. When it
+    /// exits on its own, records the exit and applies the restart policy:
+    /// start again, destroy (`auto_destroy`), or stay stopped.
+    pub(crate) fn watch_exit(self: &Arc<Self>, id: String, pilot_pid: Option<u32>) {
+        let flyd = self.clone();
+        tokio::spawn(async move {
+            let exit = pilot::wait_exit(&flyd.machine_dir(&id)).await;
+            // Queue behind any operation: a stop in progress records the exit itself.
+            let Ok(_guard) = flyd.lock_machine(&id).await else {
+                tracing::warn!(machine = %id, "exit not recorded: machine stayed busy");
+                return;
+            };
+            if let Err(e) = flyd.on_exit(&id, pilot_pid, exit).await {
+                tracing::error!(machine = %id, error = %e, "handling a workload exit");
+            }
+        });
+    }
+
+    async fn on_exit(
+        self: &Arc<Self>,
+        id: &str,
+        pilot_pid: Option<u32>,
+        exit: ExitInfo,
+    ) -> Result<(), FlydError> {
+        let mut rec = self.record(id)?;
+        let running = matches!(rec.state, MachineState::Started | MachineState::Suspended);
+        if !running || rec.pilot_pid != pilot_pid {
+            return Ok(()); // an operation already dealt with this exit
+        }
+        tracing::info!(machine = %id, exit = %describe_exit(exit), "workload exited");
+        rec.pilot_pid = None;
+        let event = serde_json::json!({ "exit_event": exit });
+        rec.transition(MachineState::Stopped, "exit", "flyd", Some(event));
+        match after_exit(&rec.config, exit, rec.restarts) {
+            AfterExit::Restart => {
+                rec.restarts += 1;
+                self.save(&mut rec)?;
+                tracing::info!(machine = %id, restarts = rec.restarts, "restarting under the restart policy");
+                self.run(FsmRun::new(FsmKind::Start, id, serde_json::Value::Null))
+                    .await
+            }
+            AfterExit::Destroy => {
+                self.save(&mut rec)?;
+                tracing::info!(machine = %id, "auto_destroy: destroying the exited machine");
+                self.run(FsmRun::new(FsmKind::Destroy, id, serde_json::Value::Null))
+                    .await
+            }
+            AfterExit::Stay => self.save(&mut rec),
+        }
+    }
+}
+
+/// What the restart policy says after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterExit {
+    Restart,
+    Destroy,
+    Stay,
+}
+
+/// The restart policy: `always` restarts, `no` never does, and `on-failure`
+/// (the default) restarts a failed workload up to `max_retries` times in a
+/// row. A machine not restarted is destroyed if it has `auto_destroy`.
+pub(crate) fn after_exit(config: &MachineConfig, exit: ExitInfo, restarts: u32) -> AfterExit {
+    let restart = config.restart.clone().unwrap_or_default();
+    let failed = exit.exit_code != Some(0);
+    let again = match restart.policy.as_deref() {
+        Some("always") => true,
+        Some("no") => false,
+        _ => failed && restarts < restart.max_retries.unwrap_or(DEFAULT_MAX_RETRIES),
+    };
+    if again {
+        AfterExit::Restart
+    } else if config.auto_destroy == Some(true) {
+        AfterExit::Destroy
+    } else {
+        AfterExit::Stay
+    }
+}
+
+/// SIGKILLs a machine's workload through its pilot and waits for the exit.
+pub(crate) async fn kill_workload(id: &str, dir: &Path) -> Result<ExitInfo, FlydError> {
+    let _ = pilot::signal(dir, 9).await;
+    tokio::time::timeout(KILL_WAIT, pilot::wait_exit(dir))
+        .await
+        .map_err(|_| FlydError::Runtime {
+            id: id.to_string(),
+            reason: format!("workload still running {KILL_WAIT:?} after SIGKILL"),
+        })
+}
+
+pub(crate) fn stop_input(run: &FsmRun) -> Result<StopInput, FlydError> {
+    serde_json::from_value(run.input.clone()).map_err(|e| FlydError::Runtime {
+        id: run.machine_id.clone(),
+        reason: format!("stop input does not decode: {e}"),
+    })
+}
+
+pub(crate) fn describe_exit(exit: ExitInfo) -> String {
+    match (exit.exit_code, exit.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => "exit status unknown".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_api::machine::MachineRestart;
+
+    fn exit(code: i32) -> ExitInfo {
+        ExitInfo {
+            exit_code: Some(code),
+            signal: None,
+        }
+    }
+
+    #[test]
+    fn restart_policy_decides_after_an_exit() {
+        let mut cfg = MachineConfig::default();
+        // Default on-failure: failures restart up to 10 times, clean exits stay.
+        assert_eq!(after_exit(&cfg, exit(1), 0), AfterExit::Restart);
+        assert_eq!(after_exit(&cfg, exit(1), 10), AfterExit::Stay);
+        assert_eq!(after_exit(&cfg, exit(0), 0), AfterExit::Stay);
+        let killed = ExitInfo {
+            exit_code: None,
+            signal: Some(9),
+        };
+        assert_eq!(after_exit(&cfg, killed, 0), AfterExit::Restart);
+        cfg.restart = Some(MachineRestart {
+            policy: Some("on-failure".into()),
+            max_retries: Some(2),
+        });
+        assert_eq!(after_exit(&cfg, exit(3), 2), AfterExit::Stay);
+        cfg.restart = Some(MachineRestart {
+            policy: Some("always".into()),
+            max_retries: None,
+        });
+        assert_eq!(after_exit(&cfg, exit(0), 100), AfterExit::Restart);
+        cfg.restart = Some(MachineRestart {
+            policy: Some("no".into()),
+            max_retries: None,
+        });
+        assert_eq!(after_exit(&cfg, exit(1), 0), AfterExit::Stay);
+        cfg.auto_destroy = Some(true);
+        assert_eq!(after_exit(&cfg, exit(1), 0), AfterExit::Destroy);
+    }
+}

@@ -1,0 +1,165 @@
+//! A machine's workload: what runs (argv and environment), and the
+//! operations on it that go through its pilot: signal, exec, ps.
+
+use crate::flyd::{Flyd, FlydError};
+use crate::ops::parse_signal;
+use crate::pilot;
+use crate::record::MachineRecord;
+use hangar_api::machine::{ECHO_IMAGE, ExecRequest, ExecResponse, MachineState, ProcessStat};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Default and longest `exec` timeouts.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The program and arguments that run a machine's workload.
+pub(crate) fn workload_argv(
+    exe: &Path,
+    config: &hangar_api::MachineConfig,
+) -> Result<Vec<String>, FlydError> {
+    if config.image == ECHO_IMAGE {
+        return Ok(vec![exe.display().to_string(), "echo".to_string()]);
+    }
+    let init = config.init.clone().unwrap_or_default();
+    let argv = if !init.exec.is_empty() {
+        init.exec
+    } else {
+        [init.entrypoint, init.cmd].concat()
+    };
+    if argv.is_empty() {
+        return Err(FlydError::BadRequest(format!(
+            "config.image: {:?} cannot run here: use the built-in image {ECHO_IMAGE:?}, or give a host command in config.init.exec",
+            config.image
+        )));
+    }
+    Ok(argv)
+}
+
+/// The workload's environment: the config's `env` plus Fly's variables.
+pub(crate) fn workload_env(rec: &MachineRecord) -> BTreeMap<String, String> {
+    let mut env = rec.config.env.clone();
+    let port = rec
+        .config
+        .services
+        .first()
+        .map(|s| s.internal_port)
+        .unwrap_or(8080);
+    env.entry("PORT".into()).or_insert_with(|| port.to_string());
+    env.insert("FLY_MACHINE_ID".into(), rec.id.clone());
+    env.insert("FLY_APP_NAME".into(), rec.app.clone());
+    env.insert("FLY_REGION".into(), rec.region.clone());
+    env.insert("FLY_PRIVATE_IP".into(), rec.private_ip.clone());
+    env.insert("FLY_MACHINE_VERSION".into(), rec.version.clone());
+    env.insert("FLY_IMAGE_REF".into(), rec.config.image.clone());
+    env
+}
+
+impl Flyd {
+    /// The record of a machine whose workload runs (412 otherwise).
+    fn running(&self, id: &str, op: &str) -> Result<MachineRecord, FlydError> {
+        let rec = self.record(id)?;
+        if rec.state != MachineState::Started {
+            return Err(FlydError::Precondition(format!(
+                "unable to {op} machine {id} in state '{}': it must be started",
+                rec.state
+            )));
+        }
+        Ok(rec)
+    }
+
+    /// Sends a signal to the workload's process group.
+    pub async fn signal(
+        &self,
+        id: &str,
+        signal: &str,
+        nonce: Option<&str>,
+    ) -> Result<(), FlydError> {
+        let signal = parse_signal(signal)?;
+        let _guard = self.lock_machine(id).await?;
+        let rec = self.running(id, "signal")?;
+        self.check_lease(&rec, nonce)?;
+        pilot::signal(&self.machine_dir(id), signal)
+            .await
+            .map_err(|e| FlydError::Runtime {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Runs a command beside the workload, with its environment, and
+    /// returns its exit status and output.
+    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResponse, FlydError> {
+        let argv = if !req.command.is_empty() {
+            req.command
+        } else {
+            req.cmd
+                .as_deref()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        };
+        if argv.is_empty() {
+            return Err(FlydError::BadRequest("command: required".into()));
+        }
+        let timeout = req
+            .timeout
+            .map(Duration::from_secs)
+            .unwrap_or(EXEC_TIMEOUT)
+            .min(MAX_EXEC_TIMEOUT);
+        // No operation lock: a long exec must not hold up a stop.
+        self.running(id, "exec")?;
+        let call = pilot::ExecCall {
+            argv,
+            timeout_ms: timeout.as_millis() as u64,
+            stdin: req.stdin,
+        };
+        pilot::exec(&self.machine_dir(id), &call)
+            .await
+            .map_err(|e| match e {
+                pilot::PilotError::Timeout { .. } => FlydError::Timeout(e.to_string()),
+                other => FlydError::Runtime {
+                    id: id.to_string(),
+                    reason: other.to_string(),
+                },
+            })
+    }
+
+    /// The workload's processes.
+    pub async fn ps(&self, id: &str) -> Result<Vec<ProcessStat>, FlydError> {
+        self.running(id, "list processes of")?;
+        pilot::ps(&self.machine_dir(id))
+            .await
+            .map_err(|e| FlydError::Runtime {
+                id: id.to_string(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_are_echo_or_a_host_command() {
+        let exe = Path::new("/bin/hangar");
+        let mut cfg = hangar_api::MachineConfig {
+            image: ECHO_IMAGE.into(),
+            ..Default::default()
+        };
+        assert_eq!(workload_argv(exe, &cfg).unwrap(), ["/bin/hangar", "echo"]);
+        cfg.image = "nginx".into();
+        assert!(matches!(
+            workload_argv(exe, &cfg),
+            Err(FlydError::BadRequest(_))
+        ));
+        cfg.init = Some(hangar_api::machine::MachineInit {
+            cmd: vec!["sleep".into(), "5".into()],
+            ..Default::default()
+        });
+        assert_eq!(workload_argv(exe, &cfg).unwrap(), ["sleep", "5"]);
+    }
+}
