@@ -14,8 +14,9 @@ use std::os::unix::process::ExitStatusExt;
 /// The state an operation leads to.
 fn model(kind: &str) -> &'static str {
     match kind {
-        "create" | "start" => "started",
+        "create" | "start" | "restart" | "update" | "cordon" => "started",
         "stop" => "stopped",
+        "suspend" => "suspended",
         "destroy" => "destroyed",
         other => panic!("no model for {other}"),
     }
@@ -46,8 +47,14 @@ async fn crash_and_recover(kind: &str, step: &str, when: &str) {
             h.try_call(Method::POST, &format!("{machines}/{id}/start"), None)
                 .await
         }
-        ("stop", Some(id)) => {
-            h.try_call(Method::POST, &format!("{machines}/{id}/stop"), None)
+        ("stop" | "suspend" | "restart" | "cordon", Some(id)) => {
+            h.try_call(Method::POST, &format!("{machines}/{id}/{kind}"), None)
+                .await
+        }
+        ("update", Some(id)) => {
+            let update = r#"{"config":{"image":"hangar/echo","env":{"V":"2"},"services":[{"internal_port":8080,
+                "ports":[{"port":80,"handlers":["http"]}]}]}}"#;
+            h.try_call(Method::POST, &format!("{machines}/{id}"), Some(update))
                 .await
         }
         ("destroy", Some(id)) => {
@@ -93,11 +100,20 @@ async fn crash_and_recover(kind: &str, step: &str, when: &str) {
     let (status, machine) = h.get(&format!("{machines}/{id}")).await;
     assert_eq!(status, 200);
     assert_eq!(machine["state"], want, "{point}: {machine}");
+    match kind {
+        "update" => assert_eq!(machine["config"]["env"]["V"], "2", "{point}: {machine}"),
+        "cordon" => assert_eq!(machine["cordoned"], true, "{point}: {machine}"),
+        _ => {}
+    }
     if want == "started" {
         assert!(!processes_mentioning(&id).is_empty(), "{point}: no process");
-        let (status, body) = h.via_proxy("crash.localhost", "/").await;
-        assert_eq!(status, 200, "{point}: {body}");
-        assert!(body.contains(&id), "{point}: {body}");
+        if kind != "cordon" {
+            let (status, body) = h.via_proxy("crash.localhost", "/").await;
+            assert_eq!(status, 200, "{point}: {body}");
+            assert!(body.contains(&id), "{point}: {body}");
+        }
+    } else if want == "suspended" {
+        assert!(!processes_mentioning(&id).is_empty(), "{point}: no process");
     } else {
         assert_no_process_mentions(&id).await;
     }
@@ -133,6 +149,37 @@ async fn crash_during_start() {
 #[tokio::test]
 async fn crash_during_stop() {
     every_step("stop", &["signal", "exited"]).await;
+}
+
+#[tokio::test]
+async fn crash_during_suspend_and_cordon() {
+    every_step("suspend", &["freeze"]).await;
+    every_step("cordon", &["cordon"]).await;
+}
+
+#[tokio::test]
+async fn crash_during_restart() {
+    every_step(
+        "restart",
+        &["signal", "exited", "spawn", "ready", "started"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn crash_during_update() {
+    every_step(
+        "update",
+        &[
+            "reconfigure",
+            "signal",
+            "exited",
+            "spawn",
+            "ready",
+            "started",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
