@@ -21,6 +21,7 @@ fn machine(id: usize, app: usize, version: u64, state: MachineState) -> MachineR
         cordoned: false,
         services: vec![],
         row_version: version,
+        healthy: true,
         updated_at: 0,
     }
 }

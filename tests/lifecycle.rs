@@ -358,3 +358,74 @@ async fn restart_policy_and_auto_destroy_for_host_commands() {
         .await;
     assert_eq!(status, 200, "{body}\n{}", h.log());
 }
+
+/// Polls the machine until `pred` holds (bounded), returning it.
+async fn machine_until(h: &Hangar, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        let (status, m) = h.get(path).await;
+        assert_eq!(status, 200, "{m}");
+        if pred(&m) {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition never held: {m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn service_checks_are_reported_and_gate_routing() {
+    let h = Hangar::start().await;
+    for app in ["healthy", "sick"] {
+        let (status, _) = h
+            .post("/v1/apps", &format!(r#"{{"app_name":"{app}"}}"#))
+            .await;
+        assert_eq!(status, 201);
+    }
+    let with_check = |check: &str| {
+        format!(
+            r#"{{"config":{{"image":"hangar/echo","services":[{{"internal_port":8080,
+            "ports":[{{"port":80,"handlers":["http"]}}],"checks":[{check}]}}]}}}}"#
+        )
+    };
+    let good = with_check(r#"{"type":"http","path":"/healthz","interval":"100ms","timeout":"1s"}"#);
+    let (status, m) = h.post("/v1/apps/healthy/machines", &good).await;
+    assert_eq!(status, 200, "{m}");
+    let path = format!("/v1/apps/healthy/machines/{}", m["id"].as_str().unwrap());
+    let m = machine_until(&h, &path, |m| m["checks"][0]["status"] == "passing").await;
+    assert_eq!(m["checks"][0]["name"], "servicecheck-00-http-8080");
+    assert_eq!(m["checks"][0]["output"], "HTTP 200 OK");
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while h.via_proxy("healthy.localhost", "/").await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "healthy machine never routed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    // Nothing listens on port 9: the check fails and the proxy stays away.
+    let bad = with_check(r#"{"type":"tcp","port":9,"interval":"100ms","timeout":"200ms"}"#);
+    let (status, m) = h.post("/v1/apps/sick/machines", &bad).await;
+    assert_eq!(status, 200, "{m}");
+    let path = format!("/v1/apps/sick/machines/{}", m["id"].as_str().unwrap());
+    let m = machine_until(&h, &path, |m| m["checks"][0]["status"] == "critical").await;
+    assert_eq!(m["state"], "started");
+    let (status, body) = h.via_proxy("sick.localhost", "/").await;
+    assert_eq!(status, 503, "{body}");
+
+    let (status, body) = h
+        .post("/v1/apps/sick/machines", &with_check(r#"{"type":"grpc"}"#))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("config.services[0].checks[0].type"),
+        "{body}"
+    );
+}

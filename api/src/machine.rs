@@ -100,6 +100,9 @@ pub struct Machine {
     pub cordoned: bool,
     #[serde(default)]
     pub host_status: String,
+    /// The latest result of each check.
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
     /// The lease nonce, only in the answer to a create with `lease_ttl`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
@@ -142,6 +145,9 @@ pub struct MachineConfig {
     pub stop_config: Option<StopConfig>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// Machine-level checks by name: reported, but they do not gate routing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<String, MachineCheck>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<MachineRestart>,
     /// Destroy the machine once its workload exits and is not restarted.
@@ -215,8 +221,50 @@ pub struct MachineService {
     pub autostop: Option<Autostop>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_machines_running: Option<u32>,
+    /// Checks whose failure takes the machine out of the proxy's choice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<MachineCheck>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A health check (`fly.MachineCheck`, `fly.MachineServiceCheck`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineCheck {
+    /// `tcp` or `http`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Defaults to the service's `internal_port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Default 15s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<GoDuration>,
+    /// Default 2s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<GoDuration>,
+    /// How long after a start before the first check. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_period: Option<GoDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// `http` (the default) or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A check's latest result, as `machine.checks` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckStatus {
+    pub name: String,
+    /// `passing`, `warning` (not run yet) or `critical`.
+    pub status: String,
+    pub output: String,
+    pub updated_at: String,
 }
 
 fn default_protocol() -> String {
@@ -448,6 +496,12 @@ impl MachineConfig {
         if self.image.trim().is_empty() {
             return Err("config.image: required".into());
         }
+        for (name, check) in &self.checks {
+            check.validate(&format!("config.checks.{name}"))?;
+            if check.port.is_none() {
+                return Err(format!("config.checks.{name}.port: required"));
+            }
+        }
         for (i, svc) in self.services.iter().enumerate() {
             if svc.internal_port == 0 {
                 return Err(format!(
@@ -459,6 +513,9 @@ impl MachineConfig {
                     "config.services[{i}].protocol: must be \"tcp\" or \"udp\", got {:?}",
                     svc.protocol
                 ));
+            }
+            for (j, check) in svc.checks.iter().enumerate() {
+                check.validate(&format!("config.services[{i}].checks[{j}]"))?;
             }
             for (j, port) in svc.ports.iter().enumerate() {
                 for h in &port.handlers {
@@ -472,6 +529,27 @@ impl MachineConfig {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl MachineCheck {
+    /// Checks the type and protocol; `at` names the check in messages.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        match self.kind.as_deref() {
+            Some("tcp") | Some("http") => {}
+            Some(other) => {
+                return Err(format!(
+                    "{at}.type: must be \"tcp\" or \"http\", got {other:?}"
+                ));
+            }
+            None => return Err(format!("{at}.type: required (\"tcp\" or \"http\")")),
+        }
+        if let Some(p) = self.protocol.as_deref().filter(|p| *p != "http") {
+            return Err(format!(
+                "{at}.protocol: only \"http\" is supported, got {p:?}"
+            ));
         }
         Ok(())
     }

@@ -25,6 +25,8 @@ pub struct RouteMachine {
     pub state: MachineState,
     pub private_ip: IpAddr,
     pub cordoned: bool,
+    /// Whether its service checks pass (true when it has none).
+    pub healthy: bool,
     pub services: Vec<MachineService>,
     /// Requests the proxy has in flight to this machine. Shared by every
     /// snapshot that contains the machine.
@@ -32,9 +34,10 @@ pub struct RouteMachine {
 }
 
 impl RouteMachine {
-    /// Whether the proxy may send new requests to this machine.
+    /// Whether the proxy may send new requests to this machine: started,
+    /// not cordoned, and passing its service checks.
     pub fn routable(&self) -> bool {
-        self.state == MachineState::Started && !self.cordoned
+        self.state == MachineState::Started && !self.cordoned && self.healthy
     }
 }
 
@@ -184,6 +187,7 @@ fn build_app(name: &str, rows: Vec<MachineRow>, previous: Option<&AppRoutes>) ->
                 state: m.state,
                 private_ip,
                 cordoned: m.cordoned,
+                healthy: m.healthy,
                 services: m.services,
                 inflight,
             }))
@@ -212,6 +216,7 @@ mod tests {
             cordoned: false,
             services: vec![],
             row_version: version,
+            healthy: true,
             updated_at: 0,
         }
     }

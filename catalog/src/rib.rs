@@ -21,7 +21,8 @@ use tokio::sync::watch;
 
 /// Schema migrations, applied in order at open; `PRAGMA user_version` holds
 /// how many have run. Append only: never edit a shipped migration.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE orgs (
     slug        TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -66,7 +67,12 @@ CREATE TABLE changes (
     key         TEXT NOT NULL,
     app         TEXT                 -- the app the change touches, if any
 );
-"#];
+"#,
+    // 2: service health, so the proxy routes around failing machines.
+    r#"
+ALTER TABLE machines ADD COLUMN healthy INTEGER NOT NULL DEFAULT 1;
+"#,
+];
 
 /// A failed RIB operation.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +120,8 @@ pub struct MachineRow {
     pub instance_id: String,
     pub cordoned: bool,
     pub services: Vec<MachineService>,
+    /// Whether every service check passes (true when there are none).
+    pub healthy: bool,
     /// Increases with every write by the owner; stale writes are dropped.
     pub row_version: u64,
     pub updated_at: i64,
@@ -196,6 +204,7 @@ fn machine_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MachineRow, Stri
             services: Vec::new(),
             row_version: r.get::<_, i64>(9)? as u64,
             updated_at: r.get(10)?,
+            healthy: r.get(11)?,
         },
         r.get(4)?,
         r.get(8)?,
@@ -214,7 +223,7 @@ fn decode_machine(
     Ok(row)
 }
 
-const MACHINE_COLUMNS: &str = "id, app, region, host, state, private_ip, instance_id, cordoned, services, row_version, updated_at";
+const MACHINE_COLUMNS: &str = "id, app, region, host, state, private_ip, instance_id, cordoned, services, row_version, updated_at, healthy";
 
 impl Rib {
     /// Opens (creating if needed) and migrates the RIB at `path`.
@@ -433,13 +442,13 @@ impl Rib {
         self.write("upsert_machine", |tx| {
             let n = tx.execute(
                 "INSERT INTO machines (id, app, region, host, state, private_ip, instance_id,
-                    cordoned, services, row_version, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                    cordoned, services, row_version, updated_at, healthy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT(id) DO UPDATE SET app = excluded.app, region = excluded.region,
                     host = excluded.host, state = excluded.state, private_ip = excluded.private_ip,
                     instance_id = excluded.instance_id, cordoned = excluded.cordoned,
                     services = excluded.services, row_version = excluded.row_version,
-                    updated_at = excluded.updated_at
+                    updated_at = excluded.updated_at, healthy = excluded.healthy
                  WHERE excluded.row_version > machines.row_version",
                 params![
                     m.id,
@@ -452,7 +461,8 @@ impl Rib {
                     m.cordoned,
                     services,
                     m.row_version as i64,
-                    m.updated_at
+                    m.updated_at,
+                    m.healthy
                 ],
             )?;
             if n > 0 {
@@ -563,6 +573,7 @@ mod tests {
             cordoned: false,
             services: vec![],
             row_version: version,
+            healthy: true,
             updated_at: 0,
         }
     }
@@ -599,6 +610,33 @@ mod tests {
         let changes = rib.changes_since(0, 100).unwrap();
         assert_eq!(changes.len(), 2);
         assert_eq!(*rib.subscribe().borrow(), changes[1].seq);
+    }
+
+    #[test]
+    fn a_version_1_database_migrates_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rib.sqlite");
+        {
+            // What a Hangar with only the first migration left behind.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO machines VALUES ('m1','a','dev','h1','started','127.10.0.2','v1',0,'[]',1,0)",
+                [],
+            )
+            .unwrap();
+        }
+        let rib = Rib::open(&path).unwrap();
+        let m = rib.machine("m1").unwrap().unwrap();
+        assert!(m.healthy, "old rows are healthy");
+        assert_eq!(m.state, MachineState::Started);
+        let version: usize = rib
+            .read("test", |c| {
+                Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?)
+            })
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
     }
 
     #[test]

@@ -366,6 +366,7 @@ impl Flyd {
             if alive && matches!(rec.state, MachineState::Started | MachineState::Suspended) {
                 tracing::info!(machine = %rec.id, "re-attached to running machine");
                 self.watch_exit(rec.id.clone(), rec.pilot_pid);
+                self.watch_checks(&rec.id, rec.pilot_pid)?;
                 continue;
             }
             // Half-way through a start or stop with no run to finish it:

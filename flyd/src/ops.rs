@@ -97,6 +97,7 @@ impl Flyd {
             lease: None,
             versions: Vec::new(),
             restarts: 0,
+            checks: Vec::new(),
         };
         let guard = self.lock_machine(&id).await?;
         let mut input = serde_json::to_value(&rec).expect("records serialize");

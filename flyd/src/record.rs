@@ -1,7 +1,7 @@
 //! The machine record flyd keeps for each of its machines, and its public view.
 
 use hangar_api::machine::{
-    Lease, Machine, MachineConfig, MachineEvent, MachineState, MachineVersion,
+    CheckStatus, Lease, Machine, MachineConfig, MachineEvent, MachineState, MachineVersion,
 };
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
@@ -44,6 +44,9 @@ pub struct MachineRecord {
     /// resets it.
     #[serde(default)]
     pub restarts: u32,
+    /// The latest result of each health check.
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
 }
 
 /// Most earlier versions kept per machine.
@@ -123,6 +126,7 @@ impl MachineRecord {
             updated_at: self.updated_at.clone(),
             cordoned: self.cordoned,
             host_status: "ok".to_string(),
+            checks: self.checks.clone(),
             nonce: None,
             events: self.events.clone(),
         }
@@ -141,6 +145,7 @@ impl MachineRecord {
             instance_id: self.version.clone(),
             cordoned: self.cordoned,
             services: self.config.services.clone(),
+            healthy: crate::checks::services_healthy(&self.checks),
             row_version: self.rib_version,
             updated_at: now_ms(),
         }

@@ -2,6 +2,7 @@
 //! its own (the restart policy). Each step first checks whether its effect
 //! is already there, so a step interrupted by a crash can run again.
 
+use crate::checks::initial_statuses;
 use crate::flyd::{Flyd, FlydError, StopInput};
 use crate::fsm::{FsmKind, FsmRun};
 use crate::pilot::{self, ExitInfo, PilotSpec};
@@ -139,11 +140,14 @@ impl Flyd {
     pub(crate) fn step_started(self: &Arc<Self>, id: &str) -> Result<(), FlydError> {
         let mut rec = self.record(id)?;
         if rec.state != MachineState::Started {
+            // A new run: its checks start over, so a machine with service
+            // checks takes traffic once they pass.
+            rec.checks = initial_statuses(&rec.config);
             rec.transition(MachineState::Started, "start", "user", None);
             self.save(&mut rec)?;
         }
         self.watch_exit(id.to_string(), rec.pilot_pid);
-        Ok(())
+        self.watch_checks(id, rec.pilot_pid)
     }
 
     pub(crate) async fn step_signal(&self, id: &str, input: StopInput) -> Result<(), FlydError> {

@@ -11,7 +11,7 @@
 //! (and its response body) is in flight.
 
 use crate::Listener;
-use hangar_api::machine::{MachinePort, MachineService};
+use hangar_api::machine::{MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
 use rand::Rng;
 use std::sync::Arc;
@@ -29,8 +29,11 @@ pub struct Target {
 /// Why an app has no machine for this request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoTarget {
-    /// No machine is started (or all started ones are cordoned).
+    /// No machine is started.
     NoStartedMachine,
+    /// Machines are started, but all are cordoned or failing their
+    /// service checks.
+    NoHealthyMachine,
     /// Started machines exist, but none has an HTTP service.
     NoHttpService,
 }
@@ -39,7 +42,15 @@ pub enum NoTarget {
 pub fn choose(app: &AppRoutes, listener: Listener, rng: &mut impl Rng) -> Result<Target, NoTarget> {
     let mut routable = app.machines.iter().filter(|m| m.routable()).peekable();
     if routable.peek().is_none() {
-        return Err(NoTarget::NoStartedMachine);
+        let started = app
+            .machines
+            .iter()
+            .any(|m| m.state == MachineState::Started);
+        return Err(if started {
+            NoTarget::NoHealthyMachine
+        } else {
+            NoTarget::NoStartedMachine
+        });
     }
     let candidates: Vec<Target> = routable
         .filter_map(|m| {
@@ -150,6 +161,7 @@ mod tests {
             state,
             private_ip: "127.10.0.2".parse().unwrap(),
             cordoned: false,
+            healthy: true,
             services,
             inflight: Arc::default(),
         })
@@ -179,8 +191,21 @@ mod tests {
             Arc::into_inner(machine("cordoned", MachineState::Started, web())).unwrap();
         cordoned.cordoned = true;
         let cordoned = Arc::new(cordoned);
+        let mut failing =
+            Arc::into_inner(machine("failing", MachineState::Started, web())).unwrap();
+        failing.healthy = false;
+        let failing = Arc::new(failing);
+        assert_eq!(
+            choose(
+                &app(vec![cordoned.clone(), failing.clone()]),
+                Listener::Http,
+                &mut rng
+            )
+            .unwrap_err(),
+            NoTarget::NoHealthyMachine
+        );
         let started = machine("started", MachineState::Started, web());
-        let routes = app(vec![stopped, cordoned, started]);
+        let routes = app(vec![stopped, cordoned, failing, started]);
         for _ in 0..50 {
             let target = choose(&routes, Listener::Http, &mut rng).unwrap();
             assert_eq!(target.machine.id, "started");

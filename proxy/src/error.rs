@@ -74,6 +74,11 @@ pub enum PathError {
     /// The app has no machine the proxy may send requests to.
     #[error("app {0:?} has no started machine")]
     NoStartedMachine(String),
+    /// The app's started machines are all cordoned or failing checks.
+    #[error(
+        "app {0:?} has no machine taking traffic: its started machines are cordoned or failing their service checks"
+    )]
+    NoHealthyMachine(String),
     /// The app's started machines expose no HTTP service.
     #[error("app {0:?} has no started machine with an http service")]
     NoHttpService(String),
@@ -109,7 +114,9 @@ impl PathError {
         match self {
             Self::BadHost(_) => StatusCode::BAD_REQUEST,
             Self::UnknownApp(_) => StatusCode::NOT_FOUND,
-            Self::NoStartedMachine(_) | Self::NoHttpService(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoStartedMachine(_) | Self::NoHealthyMachine(_) | Self::NoHttpService(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -120,9 +127,10 @@ impl PathError {
         match self {
             Self::BadHost(_) | Self::UnknownApp(_) => Side::Client,
             // No capacity is an operator concern, like an unreachable machine.
-            Self::NoStartedMachine(_) | Self::NoHttpService(_) | Self::Upstream { .. } => {
-                Side::Upstream
-            }
+            Self::NoStartedMachine(_)
+            | Self::NoHealthyMachine(_)
+            | Self::NoHttpService(_)
+            | Self::Upstream { .. } => Side::Upstream,
             Self::Internal(_) => Side::Internal,
         }
     }

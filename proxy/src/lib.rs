@@ -242,6 +242,7 @@ mod tests {
                 ..MachineService::default()
             }],
             row_version: 1,
+            healthy: true,
             updated_at: 0,
         }
     }

@@ -246,6 +246,7 @@ fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
 fn machine(app: &AppRoutes, listener: Listener) -> Result<Target, PathError> {
     balance::choose(app, listener, &mut rand::rng()).map_err(|no| match no {
         NoTarget::NoStartedMachine => PathError::NoStartedMachine(app.name.clone()),
+        NoTarget::NoHealthyMachine => PathError::NoHealthyMachine(app.name.clone()),
         NoTarget::NoHttpService => PathError::NoHttpService(app.name.clone()),
     })
 }
