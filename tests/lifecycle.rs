@@ -429,3 +429,36 @@ async fn service_checks_are_reported_and_gate_routing() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn capacity_is_reserved_on_create_and_released_on_destroy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = "[flyd]\ncpus = 2\nmemory_mb = 1024\ncpu_overcommit = 1\n";
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
+    assert_eq!(h.post("/v1/apps", r#"{"app_name":"big"}"#).await.0, 201);
+    let sized = |cpus: u32, mem: u32| {
+        format!(
+            r#"{{"config":{{"image":"hangar/echo","guest":{{"cpus":{cpus},"memory_mb":{mem}}}}}}}"#
+        )
+    };
+    let (status, first) = h.post("/v1/apps/big/machines", &sized(1, 768)).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, body) = h.post("/v1/apps/big/machines", &sized(1, 512)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "insufficient_capacity", "{body}");
+    let (status, body) = h.post("/v1/apps/big/machines", &sized(2, 128)).await;
+    assert_eq!(status, 503, "{body}");
+    // What fits still goes.
+    let (status, second) = h.post("/v1/apps/big/machines", &sized(1, 256)).await;
+    assert_eq!(status, 200, "{second}");
+    // Destroying frees the room.
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(
+        h.delete(&format!("/v1/apps/big/machines/{id}?force=true"))
+            .await
+            .0,
+        200
+    );
+    let (status, body) = h.post("/v1/apps/big/machines", &sized(1, 512)).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -490,7 +490,27 @@ pub struct OkResponse {
     pub ok: bool,
 }
 
+/// A guest without `guest.cpus` reserves this many vCPUs (Fly's shared-cpu-1x).
+pub const DEFAULT_GUEST_CPUS: u64 = 1;
+/// A guest without `guest.memory_mb` reserves this much memory (MB).
+pub const DEFAULT_GUEST_MEMORY_MB: u64 = 256;
+
 impl MachineConfig {
+    /// The vCPUs and memory (MB) this machine reserves on its host.
+    pub fn reservation(&self) -> (u64, u64) {
+        let guest = self.guest.as_ref();
+        (
+            guest
+                .and_then(|g| g.cpus)
+                .map(u64::from)
+                .unwrap_or(DEFAULT_GUEST_CPUS),
+            guest
+                .and_then(|g| g.memory_mb)
+                .map(u64::from)
+                .unwrap_or(DEFAULT_GUEST_MEMORY_MB),
+        )
+    }
+
     /// Checks what flyd and the proxy rely on; each problem names its field.
     pub fn validate(&self) -> Result<(), String> {
         if self.image.trim().is_empty() {

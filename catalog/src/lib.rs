@@ -15,4 +15,4 @@ pub mod lock;
 pub mod rib;
 
 pub use fib::{AppRoutes, Fib, FibSnapshot, RouteMachine};
-pub use rib::{AppRow, Change, HostRow, MachineRow, Rib, RibError};
+pub use rib::{AppRow, Change, HostCapacity, HostRow, MachineRow, Rib, RibError};

@@ -72,6 +72,10 @@ CREATE TABLE changes (
     r#"
 ALTER TABLE machines ADD COLUMN healthy INTEGER NOT NULL DEFAULT 1;
 "#,
+    // 3: host capacity (JSON), for placement.
+    r#"
+ALTER TABLE hosts ADD COLUMN capacity TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
 
 /// A failed RIB operation.
@@ -106,6 +110,27 @@ pub struct HostRow {
     /// The flyd RPC address, `ip:port`.
     pub address: String,
     pub updated_at: i64,
+    /// What the host can schedule and what its machines reserve.
+    pub capacity: HostCapacity,
+}
+
+/// A host's schedulable capacity (physical, times any overcommit) and what
+/// its live machines reserve. Stored as JSON so it can grow fields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct HostCapacity {
+    pub cpus: u64,
+    pub memory_mb: u64,
+    pub cpus_reserved: u64,
+    pub memory_mb_reserved: u64,
+}
+
+impl HostCapacity {
+    /// Whether a guest of `cpus` and `memory_mb` still fits.
+    pub fn fits(&self, cpus: u64, memory_mb: u64) -> bool {
+        self.cpus_reserved + cpus <= self.cpus
+            && self.memory_mb_reserved + memory_mb <= self.memory_mb
+    }
 }
 
 /// A machine row (written by the flyd that owns the machine).
@@ -385,10 +410,17 @@ impl Rib {
     pub fn upsert_host(&self, host: &HostRow) -> Result<(), RibError> {
         self.write("upsert_host", |tx| {
             tx.execute(
-                "INSERT INTO hosts (id, region, address, updated_at) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO hosts (id, region, address, updated_at, capacity) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT(id) DO UPDATE SET region = excluded.region,
-                   address = excluded.address, updated_at = excluded.updated_at",
-                params![host.id, host.region, host.address, host.updated_at],
+                   address = excluded.address, updated_at = excluded.updated_at,
+                   capacity = excluded.capacity",
+                params![
+                    host.id,
+                    host.region,
+                    host.address,
+                    host.updated_at,
+                    serde_json::to_string(&host.capacity).expect("capacity serializes")
+                ],
             )?;
             append_change(tx, "hosts", &host.id, None)?;
             Ok(())
@@ -399,15 +431,18 @@ impl Rib {
     pub fn hosts(&self, region: Option<&str>) -> Result<Vec<HostRow>, RibError> {
         self.read("hosts", |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, region, address, updated_at FROM hosts
+                "SELECT id, region, address, updated_at, capacity FROM hosts
                  WHERE ?1 IS NULL OR region = ?1 ORDER BY id",
             )?;
             let rows = stmt.query_map([region], |r| {
+                let capacity: String = r.get(4)?;
                 Ok(HostRow {
                     id: r.get(0)?,
                     region: r.get(1)?,
                     address: r.get(2)?,
                     updated_at: r.get(3)?,
+                    // A row this version cannot read counts as no capacity.
+                    capacity: serde_json::from_str(&capacity).unwrap_or_default(),
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)

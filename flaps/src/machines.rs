@@ -70,16 +70,19 @@ fn locate(flaps: &Flaps, app: &str, id: &str) -> Result<HostRow, ApiError> {
     })
 }
 
-/// Placement: the least loaded host of the region.
-fn place(flaps: &Flaps, region: &str) -> Result<HostRow, ApiError> {
+/// Placement: among the region's hosts with room for the guest, the one
+/// with the most memory free. 400 for an unknown region, 503
+/// `insufficient_capacity` when no host has room.
+fn place(flaps: &Flaps, region: &str, guest: (u64, u64)) -> Result<HostRow, ApiError> {
     let hosts = flaps.rib.hosts(Some(region))?;
     if hosts.is_empty() {
-        let known: Vec<String> = flaps
+        let mut known: Vec<String> = flaps
             .rib
             .hosts(None)?
             .into_iter()
             .map(|h| h.region)
             .collect();
+        known.dedup();
         return Err(ApiError::bad_request(format!(
             "region: unknown region {region:?} (known: {})",
             if known.is_empty() {
@@ -89,18 +92,20 @@ fn place(flaps: &Flaps, region: &str) -> Result<HostRow, ApiError> {
             }
         )));
     }
-    let loads = flaps.rib.host_loads()?;
-    let load = |h: &HostRow| {
-        loads
-            .iter()
-            .find(|(id, _)| *id == h.id)
-            .map(|(_, n)| *n)
-            .unwrap_or(0)
-    };
-    Ok(hosts
+    let (cpus, memory_mb) = guest;
+    hosts
         .into_iter()
-        .min_by_key(load)
-        .expect("hosts is not empty"))
+        .filter(|h| h.capacity.fits(cpus, memory_mb))
+        .max_by_key(|h| h.capacity.memory_mb - h.capacity.memory_mb_reserved)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no host in region {region:?} has room for {cpus} vCPUs and {memory_mb} MB"
+                ),
+            )
+            .with_code("insufficient_capacity")
+        })
 }
 
 async fn create(
@@ -117,7 +122,7 @@ async fn create(
         .clone()
         .filter(|r| !r.is_empty())
         .unwrap_or_else(|| flaps.cfg.default_region.clone());
-    let host = place(&flaps, &region)?;
+    let host = place(&flaps, &region, req.config.reservation())?;
     let host_req = HostCreateRequest {
         app: app.clone(),
         machine: req,

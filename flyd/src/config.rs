@@ -27,6 +27,14 @@ pub struct FlydConfig {
     /// The `hangar` binary that runs `pilot` and the built-in images.
     /// Unset means the running executable.
     pub exe: Option<PathBuf>,
+    /// Host CPUs to schedule; unset means the CPUs this host has.
+    pub cpus: Option<u64>,
+    /// Host memory to schedule, in MB; unset means this host's memory.
+    pub memory_mb: Option<u64>,
+    /// Shared vCPUs per CPU (shared CPUs are time-sliced, as on Fly).
+    pub cpu_overcommit: u64,
+    /// Memory that may be reserved, as a multiple of `memory_mb`.
+    pub memory_overcommit: f64,
     /// Testing only: `"<fsm>/<step>/<before|after>"` (for example
     /// `"create/spawn/after"`) makes flyd kill its own process with SIGKILL
     /// at that point of the first run that reaches it, so crash recovery can
@@ -45,6 +53,10 @@ impl Default for FlydConfig {
             ready_timeout_ms: 10_000,
             op_wait_ms: 30_000,
             exe: None,
+            cpus: None,
+            memory_mb: None,
+            cpu_overcommit: 16,
+            memory_overcommit: 1.0,
             crash_at: None,
         }
     }
@@ -98,6 +110,12 @@ impl FlydConfig {
         }
         if self.region.trim().is_empty() {
             problems.push("flyd.region: must not be empty".into());
+        }
+        if self.cpu_overcommit == 0 {
+            problems.push("flyd.cpu_overcommit: must be at least 1".into());
+        }
+        if !(self.memory_overcommit > 0.0 && self.memory_overcommit <= 100.0) {
+            problems.push("flyd.memory_overcommit: must be above 0 and at most 100".into());
         }
         if problems.is_empty() {
             Ok(())

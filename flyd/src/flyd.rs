@@ -7,6 +7,7 @@
 //! saved to redb first (flyd is the source of truth) and then published to
 //! the RIB with an increasing row version.
 
+use crate::capacity::{Capacity, Guest};
 use crate::config::{FlydConfig, PrivateRange};
 use crate::fsm::{FsmRun, RunStatus, Step};
 use crate::pilot;
@@ -20,7 +21,7 @@ use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{OwnedMutexGuard, watch};
 
@@ -46,6 +47,9 @@ pub enum FlydError {
     /// An exec that ran out of time (408).
     #[error("{0}")]
     Timeout(String),
+    /// The machine does not fit on this host (503 `insufficient_capacity`).
+    #[error("insufficient capacity: {0}")]
+    Capacity(String),
     /// `wait` did not see the state in time (408).
     #[error("machine {id} did not reach {states} within {timeout:?} (it is {state})")]
     WaitTimeout {
@@ -71,7 +75,16 @@ impl FlydError {
             Self::Precondition(_) => 412,
             Self::Busy(_) | Self::Conflict(_) => 409,
             Self::WaitTimeout { .. } | Self::Timeout(_) => 408,
+            Self::Capacity(_) => 503,
             Self::Store(_) | Self::Rib(_) | Self::Runtime { .. } => 500,
+        }
+    }
+
+    /// Fly's machine-readable code for this error, where it has one.
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::Capacity(_) => Some("insufficient_capacity"),
+            _ => None,
         }
     }
 }
@@ -100,6 +113,10 @@ pub struct Flyd {
     op_locks: Guarded<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Bumped after every saved state change; `wait` watches it.
     pub(crate) changed: watch::Sender<u64>,
+    /// What this host can schedule and what its machines reserve.
+    pub(crate) capacity: Capacity,
+    /// The RPC address, once [`Flyd::register`] knows it.
+    rpc_addr: OnceLock<SocketAddr>,
 }
 
 impl Flyd {
@@ -122,6 +139,12 @@ impl Flyd {
             Some(p) => p.clone(),
             None => std::env::current_exe().context("locating the hangar executable")?,
         };
+        let capacity = Capacity::new(&cfg, reserved_by(&store)?);
+        if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            tracing::info!(
+                "no cgroup v2 hierarchy: machine memory limits are reserved for placement, not enforced"
+            );
+        }
         let flyd = Arc::new(Self {
             cfg,
             range,
@@ -131,20 +154,46 @@ impl Flyd {
             exe,
             op_locks: Guarded::new("flyd.op_locks", Duration::from_secs(1), HashMap::new()),
             changed: watch::channel(0).0,
+            capacity,
+            rpc_addr: OnceLock::new(),
         });
         flyd.recover().await?;
         Ok(flyd)
     }
 
-    /// Publishes this host to the RIB with its RPC address.
+    /// Publishes this host to the RIB with its RPC address and capacity.
     pub fn register(&self, rpc_addr: SocketAddr) -> Result<(), FlydError> {
+        let _ = self.rpc_addr.set(rpc_addr);
+        self.publish_host()
+    }
+
+    /// Writes the host row (once registered): address and capacity.
+    pub(crate) fn publish_host(&self) -> Result<(), FlydError> {
+        let Some(addr) = self.rpc_addr.get() else {
+            return Ok(());
+        };
         self.rib.upsert_host(&HostRow {
             id: self.cfg.host_id.clone(),
             region: self.cfg.region.clone(),
-            address: rpc_addr.to_string(),
+            address: addr.to_string(),
             updated_at: now_ms(),
+            capacity: self.capacity.snapshot(),
         })?;
         Ok(())
+    }
+
+    /// Reserves `guest` on this host (503 when it does not fit).
+    pub(crate) fn reserve(&self, guest: Guest) -> Result<(), FlydError> {
+        self.capacity.reserve(guest).map_err(FlydError::Capacity)?;
+        self.publish_host()
+    }
+
+    /// Returns a reservation.
+    pub(crate) fn release(&self, guest: Guest) {
+        self.capacity.release(guest);
+        if let Err(e) = self.publish_host() {
+            tracing::warn!(error = %e, "publishing host capacity");
+        }
     }
 
     pub(crate) fn machine_dir(&self, id: &str) -> PathBuf {
@@ -277,9 +326,14 @@ impl Flyd {
             Step::Cordon => self.step_cordon(run),
             Step::Destroyed => {
                 let mut rec = self.record(id)?;
+                if rec.state == MachineState::Destroyed {
+                    return Ok(()); // done before a crash
+                }
                 rec.pilot_pid = None;
                 rec.transition(MachineState::Destroyed, "destroy", "user", None);
-                self.save(&mut rec)
+                self.save(&mut rec)?;
+                self.release(Guest::of(&rec.config));
+                Ok(())
             }
         }
     }
@@ -423,4 +477,27 @@ async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(futs: impl It
         set.spawn(f);
     }
     while set.join_next().await.is_some() {}
+}
+
+/// What the machines in `store` reserve: every live machine, and the
+/// machine of any create that had not recorded it yet (it will resume).
+fn reserved_by(store: &Store) -> Result<Guest, StoreError> {
+    let mut total = Guest::default();
+    let mut add = |g: Guest| {
+        total.cpus += g.cpus;
+        total.memory_mb += g.memory_mb;
+    };
+    for m in store.machines()? {
+        if m.state != MachineState::Destroyed {
+            add(Guest::of(&m.config));
+        }
+    }
+    for run in store.unfinished_runs()? {
+        if run.kind == crate::fsm::FsmKind::Create && store.machine(&run.machine_id)?.is_none() {
+            if let Ok(rec) = serde_json::from_value::<MachineRecord>(run.input.clone()) {
+                add(Guest::of(&rec.config));
+            }
+        }
+    }
+    Ok(total)
 }

@@ -7,6 +7,7 @@
 //! own pilot in its own session.
 //!
 //! - [`config`]: the `[flyd]` config table.
+//! - [`capacity`]: what the host can schedule and what machines reserve.
 //! - [`checks`]: health checks, reported in `machine.checks` and gating routing.
 //! - [`store`]: redb tables of machine records and FSM runs.
 //! - [`record`]: the machine record and its API and RIB views.
@@ -20,6 +21,7 @@
 //! - [`echo`]: the built-in image `hangar/echo`.
 //! - [`rpc`]: the host RPC HTTP API.
 
+pub mod capacity;
 pub mod checks;
 pub mod config;
 pub mod echo;

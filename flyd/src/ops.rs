@@ -2,6 +2,7 @@
 //! the machine's lease) under the machine's operation lock, then runs its
 //! FSM. Also the read-only views: get, list, wait, events, versions.
 
+use crate::capacity::Guest;
 use crate::flyd::{Flyd, FlydError, StopInput};
 use crate::fsm::{FsmKind, FsmRun};
 use crate::record::{MachineRecord, now_rfc3339};
@@ -99,10 +100,18 @@ impl Flyd {
             restarts: 0,
             checks: Vec::new(),
         };
+        let guest = Guest::of(&rec.config);
+        self.reserve(guest)?;
         let guard = self.lock_machine(&id).await?;
         let mut input = serde_json::to_value(&rec).expect("records serialize");
         input["skip_launch"] = m.skip_launch.into();
-        self.run(FsmRun::new(FsmKind::Create, &id, input)).await?;
+        if let Err(e) = self.run(FsmRun::new(FsmKind::Create, &id, input)).await {
+            // A machine that was never recorded reserves nothing.
+            if self.store.machine(&id)?.is_none() {
+                self.release(guest);
+            }
+            return Err(e);
+        }
         drop(guard);
         let mut machine = self.record(&id)?.to_api();
         if let Some(ttl) = m.lease_ttl {
@@ -247,6 +256,20 @@ impl Flyd {
                 )));
             }
         }
+        // Reserve a bigger guest before changing anything; return what a
+        // smaller one frees once the update is recorded.
+        let (old, new) = (Guest::of(&rec.config), Guest::of(&req.config));
+        let grow = Guest {
+            cpus: new.cpus.saturating_sub(old.cpus),
+            memory_mb: new.memory_mb.saturating_sub(old.memory_mb),
+        };
+        let shrink = Guest {
+            cpus: old.cpus.saturating_sub(new.cpus),
+            memory_mb: old.memory_mb.saturating_sub(new.memory_mb),
+        };
+        if grow != Guest::default() {
+            self.reserve(grow)?;
+        }
         let stop = self.stop_input(&rec, &StopRequest::default())?;
         let update = UpdateInput {
             version: ulid::Ulid::new().to_string(),
@@ -257,7 +280,14 @@ impl Flyd {
         input["signal"] = stop.signal.into();
         input["timeout_ms"] = stop.timeout_ms.into();
         input["skip_launch"] = req.skip_launch.into();
-        self.run(FsmRun::new(FsmKind::Update, id, input)).await?;
+        let result = self.run(FsmRun::new(FsmKind::Update, id, input)).await;
+        let applied = self.record(id)?.version != rec.version;
+        if applied && shrink != Guest::default() {
+            self.release(shrink);
+        } else if !applied && grow != Guest::default() {
+            self.release(grow);
+        }
+        result?;
         Ok(self.record(id)?.to_api())
     }
 

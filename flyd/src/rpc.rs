@@ -30,26 +30,34 @@ const DEFAULT_EVENTS: usize = 20;
 const MAX_EVENTS: usize = 50;
 
 /// A failure as the API answers it.
-pub struct RpcError(u16, String);
+pub struct RpcError(u16, ErrorBody);
 
 impl From<FlydError> for RpcError {
     fn from(e: FlydError) -> Self {
-        if e.status() >= 500 {
+        if e.status() >= 500 && e.code().is_none() {
             tracing::error!(error = %e, "flyd operation failed");
         }
-        Self(e.status(), e.to_string())
+        let body = ErrorBody {
+            error: e.to_string(),
+            status: e.code().map(str::to_string),
+        };
+        Self(e.status(), body)
     }
 }
 
 impl IntoResponse for RpcError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody::new(self.1))).into_response()
+        (status, Json(self.1)).into_response()
     }
 }
 
+fn error(status: u16, msg: impl Into<String>) -> RpcError {
+    RpcError(status, ErrorBody::new(msg))
+}
+
 fn bad_request(msg: impl Into<String>) -> RpcError {
-    RpcError(400, msg.into())
+    error(400, msg)
 }
 
 type Result<T> = std::result::Result<T, RpcError>;
@@ -94,7 +102,7 @@ pub fn router(flyd: Arc<Flyd>) -> Router {
 }
 
 async fn not_found(method: Method, uri: Uri) -> RpcError {
-    RpcError(404, format!("no such endpoint: {method} {}", uri.path()))
+    error(404, format!("no such endpoint: {method} {}", uri.path()))
 }
 
 /// Decodes a JSON body; an empty body is `T::default()`.
@@ -370,7 +378,7 @@ async fn metadata_key(
     let value = flyd
         .metadata(&id)?
         .remove(&key)
-        .ok_or_else(|| RpcError(404, format!("metadata key {key:?} not found")))?;
+        .ok_or_else(|| error(404, format!("metadata key {key:?} not found")))?;
     Ok(Json(MetadataValue { value }))
 }
 
@@ -462,9 +470,9 @@ async fn ps(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoR
 
 async fn memory(State(flyd): FlydState, Path(id): Path<String>) -> Result<RpcError> {
     flyd.get(&id)?;
-    Ok(RpcError(
+    Ok(error(
         501,
-        "memory endpoints are not supported: Hangar runs machines as host processes, without a balloon device".into(),
+        "memory endpoints are not supported: Hangar runs machines as host processes, without a balloon device",
     ))
 }
 
