@@ -5,7 +5,9 @@
 //!   the catalog and the proxy).
 //! - `hangar pilot --dir DIR`: a machine's init, started by flyd.
 //! - `hangar echo`: the built-in image `hangar/echo`, started by pilot.
+//! - `hangar bench lifecycle`: lifecycle latencies through the Machines API.
 
+mod bench;
 mod config;
 mod dev;
 
@@ -28,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run the whole platform in one process.
     Dev(DevArgs),
+    /// Measure a part of the platform.
+    #[command(subcommand)]
+    Bench(BenchPart),
     /// Supervise one machine (started by flyd).
     #[command(hide = true)]
     Pilot {
@@ -38,6 +43,12 @@ enum Command {
     /// Serve the built-in image hangar/echo (started by pilot).
     #[command(hide = true)]
     Echo,
+}
+
+#[derive(Subcommand)]
+enum BenchPart {
+    /// Machine lifecycle latencies and create throughput.
+    Lifecycle(bench::LifecycleArgs),
 }
 
 /// Flags of `hangar dev`; each overrides the config file.
@@ -92,6 +103,9 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(hangar_flyd::pilot::run(&dir)),
         Command::Echo => tokio::runtime::Runtime::new()?.block_on(hangar_flyd::echo::run()),
+        Command::Bench(BenchPart::Lifecycle(args)) => {
+            tokio::runtime::Runtime::new()?.block_on(bench::lifecycle(args))
+        }
     }
 }
 
