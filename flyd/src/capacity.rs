@@ -156,7 +156,7 @@ mod tests {
         let snap = cap.snapshot();
         assert_eq!(
             (snap.cpus, snap.cpus_reserved, snap.memory_mb_reserved),
-            (4, 4, 1024)
+            (4, 3, 1024)
         );
     }
 }
