@@ -7,9 +7,9 @@
 //!
 //! Schedulable capacity is the host's CPUs times `cpu_overcommit` (shared
 //! vCPUs per core, 16 by default, as shared CPUs are time-sliced) and its
-//! memory times `memory_overcommit` (1.0 by default). Reservations are
-//! bookkeeping: Hangar does not yet confine a workload's memory (that needs
-//! a writable cgroup v2 hierarchy; flyd says at start when there is none).
+//! memory times `memory_overcommit` (1.0 by default). Where cgroup v2 is
+//! writable, a machine's memory is also limited to its reservation (see
+//! [`crate::cgroup`]); elsewhere flyd says so at start.
 
 use crate::config::FlydConfig;
 use hangar_api::machine::MachineConfig;

@@ -35,6 +35,8 @@ pub struct FlydConfig {
     pub cpu_overcommit: u64,
     /// Memory that may be reserved, as a multiple of `memory_mb`.
     pub memory_overcommit: f64,
+    /// Where the cgroup v2 hierarchy is mounted (memory limits).
+    pub cgroup_root: PathBuf,
     /// Testing only: `"<fsm>/<step>/<before|after>"` (for example
     /// `"create/spawn/after"`) makes flyd kill its own process with SIGKILL
     /// at that point of the first run that reaches it, so crash recovery can
@@ -57,6 +59,7 @@ impl Default for FlydConfig {
             memory_mb: None,
             cpu_overcommit: 16,
             memory_overcommit: 1.0,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             crash_at: None,
         }
     }

@@ -8,6 +8,7 @@
 //! the RIB with an increasing row version.
 
 use crate::capacity::{Capacity, Guest};
+use crate::cgroup::Cgroups;
 use crate::config::{FlydConfig, PrivateRange};
 use crate::fsm::{FsmRun, RunStatus, Step};
 use crate::pilot;
@@ -115,6 +116,8 @@ pub struct Flyd {
     pub(crate) changed: watch::Sender<u64>,
     /// What this host can schedule and what its machines reserve.
     pub(crate) capacity: Capacity,
+    /// Memory limits, where cgroup v2 is writable.
+    pub(crate) cgroups: Option<Cgroups>,
     /// The RPC address, once [`Flyd::register`] knows it.
     rpc_addr: OnceLock<SocketAddr>,
 }
@@ -140,11 +143,13 @@ impl Flyd {
             None => std::env::current_exe().context("locating the hangar executable")?,
         };
         let capacity = Capacity::new(&cfg, reserved_by(&store)?);
-        if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            tracing::info!(
-                "no cgroup v2 hierarchy: machine memory limits are reserved for placement, not enforced"
-            );
-        }
+        let cgroups = match Cgroups::setup(&cfg.cgroup_root, &cfg.host_id) {
+            Ok(cg) => Some(cg),
+            Err(why) => {
+                tracing::info!("{why}: machine memory is reserved for placement but not limited");
+                None
+            }
+        };
         let flyd = Arc::new(Self {
             cfg,
             range,
@@ -155,6 +160,7 @@ impl Flyd {
             op_locks: Guarded::new("flyd.op_locks", Duration::from_secs(1), HashMap::new()),
             changed: watch::channel(0).0,
             capacity,
+            cgroups,
             rpc_addr: OnceLock::new(),
         });
         flyd.recover().await?;

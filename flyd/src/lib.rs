@@ -8,6 +8,7 @@
 //!
 //! - [`config`]: the `[flyd]` config table.
 //! - [`capacity`]: what the host can schedule and what machines reserve.
+//! - [`cgroup`]: memory limits through cgroup v2, where it is writable.
 //! - [`checks`]: health checks, reported in `machine.checks` and gating routing.
 //! - [`store`]: redb tables of machine records and FSM runs.
 //! - [`record`]: the machine record and its API and RIB views.
@@ -22,6 +23,7 @@
 //! - [`rpc`]: the host RPC HTTP API.
 
 pub mod capacity;
+pub mod cgroup;
 pub mod checks;
 pub mod config;
 pub mod echo;

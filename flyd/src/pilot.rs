@@ -42,6 +42,9 @@ pub struct PilotSpec {
     pub argv: Vec<String>,
     /// The workload's whole environment (besides `PATH`, inherited).
     pub env: BTreeMap<String, String>,
+    /// The cgroup to run in (memory limit), where flyd has one.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// How the workload ended.
@@ -116,6 +119,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         .append(true)
         .open(log_path(dir))
         .context("opening machine.log")?;
+    if let Some(cgroup) = &spec.cgroup {
+        // Before the workload starts, so it and its children inherit it.
+        crate::cgroup::enter(cgroup).context("entering the machine's cgroup")?;
+    }
     let mut child = tokio::process::Command::new(program)
         .args(&spec.argv[1..])
         .env_clear()

@@ -2,6 +2,7 @@
 //! its own (the restart policy). Each step first checks whether its effect
 //! is already there, so a step interrupted by a crash can run again.
 
+use crate::capacity::Guest;
 use crate::checks::initial_statuses;
 use crate::flyd::{Flyd, FlydError, StopInput};
 use crate::fsm::{FsmKind, FsmRun};
@@ -60,10 +61,18 @@ impl Flyd {
             id: id.to_string(),
             reason,
         };
+        let cgroup = match &self.cgroups {
+            Some(cg) => Some(
+                cg.machine(id, Guest::of(&rec.config).memory_mb)
+                    .map_err(|e| runtime(format!("setting up the memory limit: {e}")))?,
+            ),
+            None => None,
+        };
         let spec = PilotSpec {
             machine_id: id.to_string(),
             argv: workload_argv(&self.exe, &rec.config)?,
             env: workload_env(&rec),
+            cgroup,
         };
         std::fs::create_dir_all(&dir)
             .map_err(|e| runtime(format!("creating {}: {e}", dir.display())))?;
@@ -195,6 +204,9 @@ impl Flyd {
         let dir = self.machine_dir(id);
         if pilot::alive(&dir).await {
             kill_workload(id, &dir).await?;
+        }
+        if let Some(cg) = &self.cgroups {
+            cg.remove_when_empty(id).await;
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
