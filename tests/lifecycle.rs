@@ -80,6 +80,19 @@ async fn suspend_restart_cordon_and_wrong_states() {
     assert_eq!(after["version"], machine["version"]);
     assert_ne!(processes_mentioning(id), pids_before);
     assert_eq!(h.via_proxy("life.localhost", "/").await.0, 200);
+    // Regression: the old run's pilot, exiting after the new one bound the
+    // control socket, used to delete the new socket. Once only the new
+    // pilot and its workload remain, the socket must still answer.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while processes_mentioning(id).len() > 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old pilot never exited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (status, body) = h.get(&m("/ps")).await;
+    assert_eq!(status, 200, "{body}");
 
     // Cordon keeps it running but out of the proxy's choice.
     assert_eq!(h.post(&m("/cordon"), "").await.0, 200);

@@ -98,8 +98,9 @@ pub fn log_path(dir: &Path) -> PathBuf {
     dir.join("machine.log")
 }
 
-/// How long pilot keeps answering waiters after the workload exited.
-const LINGER: Duration = Duration::from_secs(2);
+/// How long pilot keeps answering after the workload exited: enough for
+/// requests already accepted to be answered. Later callers read exit.json.
+const LINGER: Duration = Duration::from_millis(100);
 
 /// Runs pilot for the machine directory `dir` until its workload exits.
 pub async fn run(dir: &Path) -> anyhow::Result<()> {
@@ -143,6 +144,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let our_socket = socket_inode(&sock);
     let (exit_tx, exit_rx) = watch::channel(None::<ExitInfo>);
     println!("ready {pid}");
     tracing::info!(machine = %spec.machine_id, pid, "workload started");
@@ -183,8 +185,17 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_file(&sock);
+    // A new pilot for the next run may already have bound this path: only
+    // remove the socket if it is still ours.
+    if our_socket.is_some() && socket_inode(&sock) == our_socket {
+        let _ = std::fs::remove_file(&sock);
+    }
     Ok(())
+}
+
+fn socket_inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// Signal numbers pilot sends on its own.
