@@ -99,6 +99,9 @@ pub(crate) struct StopInput {
     pub timeout_ms: u64,
 }
 
+/// Finished FSM runs kept in the store (older ones are pruned at start).
+const RUNS_KEPT: usize = 10_000;
+
 /// One flyd host.
 pub struct Flyd {
     pub(crate) cfg: FlydConfig,
@@ -138,6 +141,10 @@ impl Flyd {
         std::fs::create_dir_all(&machines_dir)
             .with_context(|| format!("creating {}", machines_dir.display()))?;
         let store = Store::open(&data_dir.join("flyd.redb"))?;
+        let pruned = store.prune_runs(RUNS_KEPT)?;
+        if pruned > 0 {
+            tracing::info!(pruned, "deleted old finished fsm runs");
+        }
         let exe = match &cfg.exe {
             Some(p) => p.clone(),
             None => std::env::current_exe().context("locating the hangar executable")?,
@@ -300,6 +307,9 @@ impl Flyd {
         }
         run.status = RunStatus::Done;
         run.updated_at = now_ms();
+        if let Some(rec) = self.store.machine(&run.machine_id)? {
+            run.output = serde_json::json!({ "state": rec.state, "version": rec.version });
+        }
         self.store.put_run(&run)?;
         Ok(())
     }

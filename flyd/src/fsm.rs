@@ -136,6 +136,9 @@ pub struct FsmRun {
     pub status: RunStatus,
     /// The operation's parameters (stop signal and timeout, force, ...).
     pub input: serde_json::Value,
+    /// What the run left: the machine's state and version when it ended.
+    #[serde(default)]
+    pub output: serde_json::Value,
     #[serde(default)]
     pub error: Option<String>,
     pub updated_at: i64,
@@ -151,6 +154,7 @@ impl FsmRun {
             step: 0,
             status: RunStatus::Running,
             input,
+            output: serde_json::Value::Null,
             error: None,
             updated_at: crate::record::now_ms(),
         }

@@ -120,6 +120,31 @@ impl Store {
         self.all(RUNS)
     }
 
+    /// Deletes finished runs beyond the newest `keep`; unfinished runs are
+    /// never deleted. Returns how many were deleted.
+    pub fn prune_runs(&self, keep: usize) -> Result<usize, StoreError> {
+        let finished: Vec<String> = self
+            .runs()?
+            .into_iter()
+            .filter(|r| r.status != RunStatus::Running)
+            .map(|r| r.id)
+            .collect();
+        let excess = finished.len().saturating_sub(keep);
+        if excess == 0 {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(RUNS).map_err(db_err)?;
+            // Ids are ULIDs, so the first ones are the oldest.
+            for id in &finished[..excess] {
+                t.remove(id.as_str()).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(excess)
+    }
+
     /// The runs that had not finished when flyd last stopped.
     pub fn unfinished_runs(&self) -> Result<Vec<FsmRun>, StoreError> {
         Ok(self
@@ -127,5 +152,36 @@ impl Store {
             .into_iter()
             .filter(|r| r.status == RunStatus::Running)
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsm::FsmKind;
+
+    #[test]
+    fn pruning_keeps_unfinished_and_newest_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("flyd.redb")).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let mut run = FsmRun::new(FsmKind::Start, &format!("m{i}"), serde_json::Value::Null);
+            // Ids that sort in creation order, as ULIDs from distinct milliseconds do.
+            run.id = format!("{i:026}");
+            if i != 0 {
+                run.status = RunStatus::Done;
+            }
+            store.put_run(&run).unwrap();
+            ids.push(run.id);
+        }
+        assert_eq!(store.prune_runs(2).unwrap(), 2);
+        let left: Vec<String> = store.runs().unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(left, [ids[0].clone(), ids[3].clone(), ids[4].clone()]);
+        assert_eq!(store.unfinished_runs().unwrap().len(), 1);
+        // Reopening reads the same.
+        drop(store);
+        let store = Store::open(&dir.path().join("flyd.redb")).unwrap();
+        assert_eq!(store.runs().unwrap().len(), 3);
     }
 }
