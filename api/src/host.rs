@@ -123,13 +123,17 @@ impl HostClient {
         Ok(HostReply { status, body })
     }
 
-    /// Lists the machines of `app` on the host at `addr`.
-    pub async fn list(&self, addr: &str, app: &str) -> Result<Vec<Machine>, HostError> {
+    /// Lists the machines of `app` on the host at `addr`, destroyed ones
+    /// too when `include_deleted`.
+    pub async fn list(
+        &self,
+        addr: &str,
+        app: &str,
+        include_deleted: bool,
+    ) -> Result<Vec<Machine>, HostError> {
+        let path = format!("/v1/machines?app={app}&include_deleted={include_deleted}");
         let reply = self
-            .call(
-                addr,
-                HostCall::new(reqwest::Method::GET, &format!("/v1/machines?app={app}")),
-            )
+            .call(addr, HostCall::new(reqwest::Method::GET, &path))
             .await?;
         if reply.status != 200 {
             let body = serde_json::from_value(reply.body)

@@ -22,6 +22,8 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub org: String,
+    /// A short, stable, non-secret id of the token (its hash's prefix).
+    pub token_id: String,
 }
 
 /// The stored form of a token.
@@ -96,11 +98,13 @@ pub async fn require_token(
             "malformed Authorization header: expected \"Bearer <token>\" or \"FlyV1 <token>\"",
         )
     })?;
+    let hash = hash_token(token);
     let org = flaps
         .rib
-        .token_org(&hash_token(token))?
+        .token_org(&hash)?
         .ok_or_else(|| unauthorized("invalid token"))?;
-    req.extensions_mut().insert(Caller { org });
+    let token_id = format!("tok_{}", &hash[..16]);
+    req.extensions_mut().insert(Caller { org, token_id });
     Ok(next.run(req).await)
 }
 

@@ -11,12 +11,17 @@
 //! - [`error`]: [`error::ApiError`], the one place failures become responses.
 //! - [`apps`]: `/v1/apps` endpoints.
 //! - [`machines`]: `/v1/apps/{app}/machines` endpoints and placement.
+//! - [`platform`]: regions, placements, the caller's token, an org's machines.
+//!
+//! Every response carries `fly-request-id`, which the log lines of the
+//! request carry too.
 
 pub mod apps;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod machines;
+pub mod platform;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -45,14 +50,31 @@ impl Flaps {
 /// The whole API: every route requires a valid token.
 pub fn router(flaps: Arc<Flaps>) -> Router {
     let body_limit = flaps.cfg.max_body_bytes;
+    // Layers run outside in: request id, body limit, auth, then the route.
     Router::new()
         .merge(apps::routes())
         .merge(machines::routes())
+        .merge(platform::routes())
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(
             flaps.clone(),
             auth::require_token,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(request_id))
         .with_state(flaps)
+}
+
+/// Tags the request and its response with a new `fly-request-id`.
+async fn request_id(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let id = ulid::Ulid::new().to_string();
+    let span = tracing::debug_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("fly-request-id", value);
+    }
+    resp
 }

@@ -1,0 +1,129 @@
+//! The Machines API beyond the lifecycle: request ids, the caller's token,
+//! platform endpoints, an org's machines, and list filters and paging.
+
+mod common;
+
+use common::{ECHO_MACHINE, Hangar};
+use serde_json::Value;
+
+#[tokio::test]
+async fn request_ids_token_and_platform() {
+    let h = Hangar::start().await;
+    for authorized in [true, false] {
+        let mut req = h.http.get(h.api("/v1/apps"));
+        if authorized {
+            req = req.bearer_auth(&h.token);
+        }
+        let resp = req.send().await.unwrap();
+        let id = resp
+            .headers()
+            .get("fly-request-id")
+            .expect("fly-request-id");
+        assert_eq!(id.len(), 26, "a ULID");
+    }
+    let (status, body) = h.get("/v1/tokens/current").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tokens"][0]["org_slug"], "personal");
+    assert!(
+        !body.to_string().contains(&h.token),
+        "the token itself is never shown"
+    );
+
+    let (status, body) = h.get("/v1/platform/regions").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["regions"][0]["code"], "dev");
+    assert_eq!(body["nearest"], "dev");
+    let (status, body) = h
+        .post(
+            "/v1/platform/placements",
+            r#"{"org_slug":"personal","compute":{"cpus":1,"memory_mb":256}}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["regions"][0]["count"].as_u64().unwrap() > 0, "{body}");
+    let (status, _) = h
+        .post("/v1/platform/placements", r#"{"org_slug":"someone-else"}"#)
+        .await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test]
+async fn machine_lists_filter_and_page() {
+    let h = Hangar::start().await;
+    assert_eq!(h.post("/v1/apps", r#"{"app_name":"many"}"#).await.0, 201);
+    let web = r#"{"config":{"image":"hangar/echo","metadata":{"role":"web"}}}"#;
+    let mut ids = Vec::new();
+    for body in [ECHO_MACHINE, web, web] {
+        let (status, m) = h.post("/v1/apps/many/machines", body).await;
+        assert_eq!(status, 200, "{m}");
+        ids.push(m["id"].as_str().unwrap().to_string());
+    }
+    ids.sort();
+    let (status, _) = h
+        .post(&format!("/v1/apps/many/machines/{}/stop", ids[0]), "")
+        .await;
+    assert_eq!(status, 200);
+
+    let listed = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, all) = h.get("/v1/apps/many/machines").await;
+    assert_eq!(listed(&all), ids);
+    let (_, stopped) = h.get("/v1/apps/many/machines?state=stopped").await;
+    assert_eq!(listed(&stopped), [ids[0].clone()]);
+    let (_, webs) = h.get("/v1/apps/many/machines?metadata.role=web").await;
+    assert_eq!(listed(&webs).len(), 2);
+    let (_, summary) = h.get("/v1/apps/many/machines?summary=true").await;
+    assert!(summary[0].get("config").is_none(), "{summary}");
+    assert!(summary[0].get("state").is_some(), "{summary}");
+
+    // Paging: fly-next-cursor until the last page.
+    let resp = h
+        .http
+        .get(h.api("/v1/apps/many/machines?limit=2"))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    let cursor = resp.headers()["fly-next-cursor"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let first: Value = resp.json().await.unwrap();
+    assert_eq!(listed(&first), ids[..2]);
+    let resp = h
+        .http
+        .get(h.api(&format!("/v1/apps/many/machines?limit=2&cursor={cursor}")))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("fly-next-cursor").is_none());
+    assert_eq!(listed(&resp.json().await.unwrap()), ids[2..]);
+    assert_eq!(h.get("/v1/apps/many/machines?limit=0").await.0, 400);
+    assert_eq!(h.get("/v1/apps/many/machines?cursor=x").await.0, 400);
+
+    // Destroyed machines only with include_deleted.
+    assert_eq!(
+        h.delete(&format!("/v1/apps/many/machines/{}", ids[0]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(listed(&h.get("/v1/apps/many/machines").await.1).len(), 2);
+    assert_eq!(
+        listed(&h.get("/v1/apps/many/machines?include_deleted=true").await.1).len(),
+        3
+    );
+
+    // The org's view.
+    let (status, org) = h.get("/v1/orgs/personal/machines").await;
+    assert_eq!(status, 200, "{org}");
+    assert_eq!(org["machines"].as_array().unwrap().len(), 2);
+    assert_eq!(org["machines"][0]["app_name"], "many");
+    assert_eq!(h.get("/v1/orgs/other/machines").await.0, 403);
+}
