@@ -343,11 +343,13 @@ mod tests {
     use super::*;
 
     fn machine(id: &str, region: &str, state: &str, meta: &[(&str, &str)]) -> Machine {
-        let mut config = hangar_api::MachineConfig::default();
-        config.metadata = meta
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let config = hangar_api::MachineConfig {
+            metadata: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
         serde_json::from_value(serde_json::json!({
             "id": id, "name": id, "state": state, "region": region, "instance_id": "v",
             "version": "v", "private_ip": "127.10.0.2", "config": config,
