@@ -5,6 +5,7 @@
 //!   the catalog and the proxy).
 //! - `hangar pilot --dir DIR`: a machine's init, started by flyd.
 //! - `hangar echo`: the built-in image `hangar/echo`, started by pilot.
+//! - `hangar tokens create --org ORG`: a new API token for an org.
 //! - `hangar bench lifecycle`: lifecycle latencies through the Machines API.
 
 mod bench;
@@ -30,6 +31,9 @@ struct Cli {
 enum Command {
     /// Run the whole platform in one process.
     Dev(DevArgs),
+    /// Manage API tokens (works on the data dir, beside a running instance).
+    #[command(subcommand)]
+    Tokens(TokensCmd),
     /// Measure a part of the platform.
     #[command(subcommand)]
     Bench(BenchPart),
@@ -43,6 +47,22 @@ enum Command {
     /// Serve the built-in image hangar/echo (started by pilot).
     #[command(hide = true)]
     Echo,
+}
+
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Create a token for an org (creating the org if needed); prints it.
+    Create {
+        /// The org the token acts for.
+        #[arg(long, default_value = "personal")]
+        org: String,
+        /// A name to recognize the token by.
+        #[arg(long, default_value = "cli")]
+        name: String,
+        /// The data dir whose RIB holds tokens.
+        #[arg(long, default_value = ".hangar")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -103,6 +123,17 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(hangar_flyd::pilot::run(&dir)),
         Command::Echo => tokio::runtime::Runtime::new()?.block_on(hangar_flyd::echo::run()),
+        Command::Tokens(TokensCmd::Create {
+            org,
+            name,
+            data_dir,
+        }) => {
+            std::fs::create_dir_all(&data_dir)?;
+            let rib = hangar_catalog::Rib::open(&data_dir.join("rib.sqlite"))?;
+            rib.ensure_org(&org, &org)?;
+            println!("{}", hangar_flaps::auth::issue_token(&rib, &org, &name)?);
+            Ok(())
+        }
         Command::Bench(BenchPart::Lifecycle(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::lifecycle(args))
         }

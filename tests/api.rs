@@ -127,3 +127,101 @@ async fn machine_lists_filter_and_page() {
     assert_eq!(org["machines"][0]["app_name"], "many");
     assert_eq!(h.get("/v1/orgs/other/machines").await.0, 403);
 }
+
+#[tokio::test]
+async fn orgs_are_isolated() {
+    let h = Hangar::start().await;
+    let machine = h.app_with_machine("mine").await;
+    let id = machine["id"].as_str().unwrap();
+    // A second org's token, made by the CLI beside the running instance.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .args(["tokens", "create", "--org", "rival", "--data-dir"])
+        .arg(&h.data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rival = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let as_rival = |method: reqwest::Method, path: &str| {
+        h.http
+            .request(method, h.api(path))
+            .bearer_auth(&rival)
+            .send()
+    };
+    use reqwest::Method;
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    let apps: Value = as_rival(Method::GET, "/v1/apps")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(apps["total_apps"], 0, "{apps}");
+    assert_eq!(
+        status(as_rival(Method::GET, "/v1/apps/mine").await.unwrap()),
+        403
+    );
+    assert_eq!(
+        status(as_rival(Method::DELETE, "/v1/apps/mine").await.unwrap()),
+        403
+    );
+    assert_eq!(
+        status(
+            as_rival(Method::GET, "/v1/apps/mine/machines")
+                .await
+                .unwrap()
+        ),
+        403
+    );
+    assert_eq!(
+        status(
+            as_rival(Method::POST, "/v1/apps/mine/machines")
+                .await
+                .unwrap()
+        ),
+        403
+    );
+    for (method, suffix) in [
+        (Method::GET, ""),
+        (Method::POST, "/stop"),
+        (Method::DELETE, "?force=true"),
+        (Method::GET, "/metadata"),
+        (Method::POST, "/lease"),
+    ] {
+        let resp = as_rival(
+            method.clone(),
+            &format!("/v1/apps/mine/machines/{id}{suffix}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 404, "{method} {suffix}");
+        let body: Value = resp.json().await.unwrap();
+        assert!(!body.to_string().contains("started"), "{body}");
+    }
+    assert_eq!(
+        status(
+            as_rival(Method::GET, "/v1/orgs/personal/machines")
+                .await
+                .unwrap()
+        ),
+        403
+    );
+    // Names are global, as on Fly: taken is taken.
+    let resp = h
+        .http
+        .post(h.api("/v1/apps"))
+        .bearer_auth(&rival)
+        .body(r#"{"app_name":"mine"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    // Nothing of the rival's touched the machine.
+    let (_, m) = h.get(&format!("/v1/apps/mine/machines/{id}")).await;
+    assert_eq!(m["state"], "started");
+    assert!(m["config"]["metadata"].is_null(), "{m}");
+}

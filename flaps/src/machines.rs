@@ -302,7 +302,14 @@ async fn forward(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    owned_app(&flaps, &caller, &p.app)?;
+    // Another org's machine answers as a missing one: nothing about it leaks.
+    owned_app(&flaps, &caller, &p.app).map_err(|e| {
+        if e.status == StatusCode::FORBIDDEN {
+            ApiError::not_found(format!("machine {:?} not found", p.id))
+        } else {
+            e
+        }
+    })?;
     let host = locate(&flaps, &p.app, &p.id)?;
     let body = json_value(body)?;
     let mut path = format!("/v1/machines/{}", p.id);
