@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use anyhow::Context;
-use hangar_catalog::{Fib, Rib};
+use hangar_catalog::{Fib, Rib, SecretBox};
 use hangar_flyd::Flyd;
 use hangar_proxy::{Metrics, Proxy};
 use std::net::SocketAddr;
@@ -56,11 +56,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&addrs_path);
 
     let rib = Rib::open(&data_dir.join("rib.sqlite"))?;
+    let secrets = Arc::new(SecretBox::load_or_create(&data_dir.join("secrets.key"))?);
     let token = hangar_flaps::auth::dev_token(&rib, &cfg.flaps.dev_org, &data_dir.join("token"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // flyd first: it resumes what a previous run left before anyone calls it.
-    let flyd = Flyd::open(cfg.flyd.clone(), &data_dir, rib.clone()).await?;
+    let flyd = Flyd::open(cfg.flyd.clone(), &data_dir, rib.clone(), secrets.clone()).await?;
     let flyd_listener = bind(cfg.flyd.listen, "flyd").await?;
     let flyd_addr = flyd_listener.local_addr()?;
     flyd.register(flyd_addr)?;
@@ -77,7 +78,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         stopping(stop_rx.clone()),
     ));
 
-    let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone());
+    let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone(), secrets);
     let flaps_listener = bind(cfg.flaps.listen, "Machines API").await?;
     let flaps_addr = flaps_listener.local_addr()?;
     let flaps_server = tokio::spawn(

@@ -7,12 +7,15 @@
 //! - [`fib`]: the FIB (the Catalog), the proxy's in-memory routing table:
 //!   loaded from the RIB, then following its change feed. Readers take an
 //!   immutable snapshot and never wait for a writer.
+//! - [`secrets`]: app secrets sealed at rest, with a key beside the RIB.
 //! - [`lock`]: [`lock::Guarded`], the only way shared mutable state is touched:
 //!   through closures, with bounded, labelled waits.
 
 pub mod fib;
 pub mod lock;
 pub mod rib;
+pub mod secrets;
 
 pub use fib::{AppRoutes, Fib, FibSnapshot, RouteMachine};
-pub use rib::{AppRow, Change, HostCapacity, HostRow, MachineRow, Rib, RibError};
+pub use rib::{AppRow, Change, HostCapacity, HostRow, MachineRow, Rib, RibError, SecretRow};
+pub use secrets::SecretBox;

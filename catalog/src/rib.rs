@@ -76,6 +76,22 @@ ALTER TABLE machines ADD COLUMN healthy INTEGER NOT NULL DEFAULT 1;
     r#"
 ALTER TABLE hosts ADD COLUMN capacity TEXT NOT NULL DEFAULT '{}';
 "#,
+    // 4: app secrets, sealed (see secrets.rs), and each app's secrets version.
+    r#"
+CREATE TABLE secrets (
+    app         TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    sealed      BLOB NOT NULL,
+    digest      TEXT NOT NULL,       -- of the value, to tell changes apart
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (app, name)
+);
+CREATE TABLE secrets_versions (
+    app         TEXT PRIMARY KEY,
+    version     INTEGER NOT NULL
+);
+"#,
 ];
 
 /// A failed RIB operation.
@@ -149,6 +165,17 @@ pub struct MachineRow {
     pub healthy: bool,
     /// Increases with every write by the owner; stale writes are dropped.
     pub row_version: u64,
+    pub updated_at: i64,
+}
+
+/// A sealed app secret (written by flaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRow {
+    pub name: String,
+    /// Nonce and ciphertext, from [`crate::SecretBox::seal`].
+    pub sealed: Vec<u8>,
+    pub digest: String,
+    pub created_at: i64,
     pub updated_at: i64,
 }
 
@@ -543,6 +570,92 @@ impl Rib {
                 append_change(tx, "machines", "*", Some(app))?;
             }
             Ok(n)
+        })
+    }
+
+    // ---- secrets (flaps writes, flyd reads at machine start) ----
+
+    /// Sets (`Some`) or unsets (`None`) secrets of `app` in one transaction
+    /// and returns the app's new secrets version.
+    pub fn update_secrets(
+        &self,
+        app: &str,
+        changes: &[(String, Option<(Vec<u8>, String)>)],
+    ) -> Result<u64, RibError> {
+        self.write("update_secrets", |tx| {
+            let now = now_ms();
+            for (name, change) in changes {
+                match change {
+                    Some((sealed, digest)) => {
+                        tx.execute(
+                            "INSERT INTO secrets (app, name, sealed, digest, created_at, updated_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                             ON CONFLICT(app, name) DO UPDATE SET sealed = excluded.sealed,
+                               digest = excluded.digest, updated_at = excluded.updated_at",
+                            params![app, name, sealed, digest, now],
+                        )?;
+                    }
+                    None => {
+                        tx.execute(
+                            "DELETE FROM secrets WHERE app = ?1 AND name = ?2",
+                            params![app, name],
+                        )?;
+                    }
+                }
+            }
+            tx.execute(
+                "INSERT INTO secrets_versions (app, version) VALUES (?1, 1)
+                 ON CONFLICT(app) DO UPDATE SET version = version + 1",
+                [app],
+            )?;
+            let version: i64 = tx.query_row(
+                "SELECT version FROM secrets_versions WHERE app = ?1",
+                [app],
+                |r| r.get(0),
+            )?;
+            Ok(version as u64)
+        })
+    }
+
+    /// The secrets of `app`, by name.
+    pub fn secrets(&self, app: &str) -> Result<Vec<SecretRow>, RibError> {
+        self.read("secrets", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, sealed, digest, created_at, updated_at FROM secrets WHERE app = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_map([app], |r| {
+                Ok(SecretRow {
+                    name: r.get(0)?,
+                    sealed: r.get(1)?,
+                    digest: r.get(2)?,
+                    created_at: r.get(3)?,
+                    updated_at: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// The app's secrets version (0 before any secret was set).
+    pub fn secrets_version(&self, app: &str) -> Result<u64, RibError> {
+        self.read("secrets_version", |c| {
+            let v: Option<i64> = c
+                .query_row(
+                    "SELECT version FROM secrets_versions WHERE app = ?1",
+                    [app],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(v.unwrap_or(0) as u64)
+        })
+    }
+
+    /// Deletes every secret of an app (when the app is deleted).
+    pub fn forget_secrets(&self, app: &str) -> Result<(), RibError> {
+        self.write("forget_secrets", |tx| {
+            tx.execute("DELETE FROM secrets WHERE app = ?1", [app])?;
+            tx.execute("DELETE FROM secrets_versions WHERE app = ?1", [app])?;
+            Ok(())
         })
     }
 

@@ -11,6 +11,7 @@
 //! - [`error`]: [`error::ApiError`], the one place failures become responses.
 //! - [`apps`]: `/v1/apps` endpoints.
 //! - [`machines`]: `/v1/apps/{app}/machines` endpoints and placement.
+//! - [`secrets`]: app secrets, sealed at rest, given to machines at start.
 //! - [`platform`]: regions, placements, the caller's token, an org's machines.
 //!
 //! Every response carries `fly-request-id`, which the log lines of the
@@ -22,11 +23,12 @@ pub mod config;
 pub mod error;
 pub mod machines;
 pub mod platform;
+pub mod secrets;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use hangar_api::host::HostClient;
-use hangar_catalog::Rib;
+use hangar_catalog::{Rib, SecretBox};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,13 +39,20 @@ pub struct Flaps {
     pub cfg: FlapsConfig,
     pub rib: Arc<Rib>,
     pub hosts: HostClient,
+    /// Seals and opens app secrets.
+    pub secrets: Arc<SecretBox>,
 }
 
 impl Flaps {
     /// A gateway over `rib` that reaches hosts with a pooled HTTP client.
-    pub fn new(cfg: FlapsConfig, rib: Arc<Rib>) -> Arc<Self> {
+    pub fn new(cfg: FlapsConfig, rib: Arc<Rib>, secrets: Arc<SecretBox>) -> Arc<Self> {
         let hosts = HostClient::new(Duration::from_millis(cfg.host_timeout_ms));
-        Arc::new(Self { cfg, rib, hosts })
+        Arc::new(Self {
+            cfg,
+            rib,
+            hosts,
+            secrets,
+        })
     }
 }
 
@@ -55,6 +64,7 @@ pub fn router(flaps: Arc<Flaps>) -> Router {
         .merge(apps::routes())
         .merge(machines::routes())
         .merge(platform::routes())
+        .merge(secrets::routes())
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(
             flaps.clone(),

@@ -17,7 +17,7 @@ use crate::steps::{kill_workload, stop_input};
 use crate::store::{Store, StoreError};
 use hangar_api::machine::{MachineState, StopRequest};
 use hangar_catalog::lock::Guarded;
-use hangar_catalog::{HostRow, Rib, RibError};
+use hangar_catalog::{HostRow, Rib, RibError, SecretBox};
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -119,6 +119,8 @@ pub struct Flyd {
     pub(crate) changed: watch::Sender<u64>,
     /// What this host can schedule and what its machines reserve.
     pub(crate) capacity: Capacity,
+    /// Opens app secrets for machines' environments.
+    secrets: Arc<SecretBox>,
     /// Memory limits, where cgroup v2 is writable.
     pub(crate) cgroups: Option<Cgroups>,
     /// The RPC address, once [`Flyd::register`] knows it.
@@ -133,6 +135,7 @@ impl Flyd {
         cfg: FlydConfig,
         data_dir: &Path,
         rib: Arc<Rib>,
+        secrets: Arc<SecretBox>,
     ) -> Result<Arc<Self>, anyhow::Error> {
         use anyhow::Context;
         cfg.validate().map_err(|p| anyhow::anyhow!(p.join("; ")))?;
@@ -168,6 +171,7 @@ impl Flyd {
             changed: watch::channel(0).0,
             capacity,
             cgroups,
+            secrets,
             rpc_addr: OnceLock::new(),
         });
         flyd.recover().await?;
@@ -193,6 +197,24 @@ impl Flyd {
             capacity: self.capacity.snapshot(),
         })?;
         Ok(())
+    }
+
+    /// The app's secrets, opened, for a machine's environment at start.
+    pub(crate) fn app_secrets(&self, app: &str) -> Result<Vec<(String, String)>, FlydError> {
+        self.rib
+            .secrets(app)?
+            .into_iter()
+            .map(|row| {
+                let plain = self
+                    .secrets
+                    .open(app, &row.name, &row.sealed)
+                    .map_err(|e| FlydError::Runtime {
+                        id: String::new(),
+                        reason: e.to_string(),
+                    })?;
+                Ok((row.name, String::from_utf8_lossy(&plain).into_owned()))
+            })
+            .collect()
     }
 
     /// Reserves `guest` on this host (503 when it does not fit).

@@ -71,7 +71,7 @@ impl Flyd {
         let spec = PilotSpec {
             machine_id: id.to_string(),
             argv: workload_argv(&self.exe, &rec.config)?,
-            env: workload_env(&rec),
+            env: workload_env(&rec, self.app_secrets(&rec.app)?),
             cgroup,
         };
         std::fs::create_dir_all(&dir)

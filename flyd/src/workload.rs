@@ -37,9 +37,15 @@ pub(crate) fn workload_argv(
     Ok(argv)
 }
 
-/// The workload's environment: the config's `env` plus Fly's variables.
-pub(crate) fn workload_env(rec: &MachineRecord) -> BTreeMap<String, String> {
+/// The workload's environment: the config's `env`, the app's secrets, and
+/// Fly's variables.
+pub(crate) fn workload_env(
+    rec: &MachineRecord,
+    secrets: Vec<(String, String)>,
+) -> BTreeMap<String, String> {
+    // Config env, then app secrets over it, then Fly's variables over both.
     let mut env = rec.config.env.clone();
+    env.extend(secrets);
     let port = rec
         .config
         .services

@@ -1,0 +1,140 @@
+//! App secrets at rest: values are sealed with XChaCha20-Poly1305 under a
+//! key kept beside the RIB (`secrets.key`, 32 random bytes, mode 0600),
+//! so the RIB file alone does not reveal them. Each value is sealed with a
+//! fresh random nonce, stored in front of the ciphertext, and bound to its
+//! app and name (as associated data), so a sealed value copied to another
+//! row does not open.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use std::path::Path;
+
+const NONCE_LEN: usize = 24;
+
+/// Why a secret could not be sealed or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("secrets key {path}: {source}")]
+    Key {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("secrets key {0}: must be exactly 32 bytes")]
+    BadKey(String),
+    #[error("secret {0} does not open with this key (wrong key or tampered row)")]
+    Open(String),
+}
+
+/// Seals and opens secret values.
+pub struct SecretBox {
+    cipher: XChaCha20Poly1305,
+}
+
+impl SecretBox {
+    /// Loads the key at `path`, creating it (mode 0600) if missing.
+    pub fn load_or_create(path: &Path) -> Result<Self, SecretError> {
+        let io = |source| SecretError::Key {
+            path: path.display().to_string(),
+            source,
+        };
+        let key = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = vec![0u8; 32];
+                rand::rng().fill_bytes(&mut key);
+                write_private(path, &key).map_err(io)?;
+                key
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let cipher = XChaCha20Poly1305::new_from_slice(&key)
+            .map_err(|_| SecretError::BadKey(path.display().to_string()))?;
+        Ok(Self { cipher })
+    }
+
+    /// Seals `value` for `app`'s secret `name`.
+    pub fn seal(&self, app: &str, name: &str, value: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rng().fill_bytes(&mut nonce);
+        let aad = format!("{app}/{name}");
+        let sealed = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: value,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .expect("sealing in memory cannot fail");
+        [nonce.as_slice(), &sealed].concat()
+    }
+
+    /// Opens what [`SecretBox::seal`] sealed for the same app and name.
+    pub fn open(&self, app: &str, name: &str, sealed: &[u8]) -> Result<Vec<u8>, SecretError> {
+        let fail = || SecretError::Open(format!("{app}/{name}"));
+        if sealed.len() < NONCE_LEN {
+            return Err(fail());
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let aad = format!("{app}/{name}");
+        self.cipher
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: body,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| fail())
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seals_opens_and_refuses_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secrets.key");
+        let sb = SecretBox::load_or_create(&path).unwrap();
+        let sealed = sb.seal("app", "DB_URL", b"postgres://x");
+        assert!(
+            !sealed.windows(8).any(|w| w == b"postgres"),
+            "value stored in clear"
+        );
+        assert_eq!(sb.open("app", "DB_URL", &sealed).unwrap(), b"postgres://x");
+        // Same key after reload; bound to its row.
+        let again = SecretBox::load_or_create(&path).unwrap();
+        assert_eq!(
+            again.open("app", "DB_URL", &sealed).unwrap(),
+            b"postgres://x"
+        );
+        assert!(again.open("other", "DB_URL", &sealed).is_err());
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(again.open("app", "DB_URL", &tampered).is_err());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Another key does not open it.
+        let other = SecretBox::load_or_create(&dir.path().join("other.key")).unwrap();
+        assert!(other.open("app", "DB_URL", &sealed).is_err());
+    }
+}
