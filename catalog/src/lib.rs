@@ -17,5 +17,7 @@ pub mod rib;
 pub mod secrets;
 
 pub use fib::{AppRoutes, Fib, FibSnapshot, RouteMachine};
-pub use rib::{AppRow, Change, HostCapacity, HostRow, MachineRow, Rib, RibError, SecretRow};
+pub use rib::{
+    AppRow, Change, HostCapacity, HostRow, MachineRow, Rib, RibError, SealedSecret, SecretRow,
+};
 pub use secrets::SecretBox;

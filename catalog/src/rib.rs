@@ -179,6 +179,13 @@ pub struct SecretRow {
     pub updated_at: i64,
 }
 
+/// A secret value as stored: sealed, with the digest of its clear value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedSecret {
+    pub sealed: Vec<u8>,
+    pub digest: String,
+}
+
 /// One entry of the change feed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -580,13 +587,13 @@ impl Rib {
     pub fn update_secrets(
         &self,
         app: &str,
-        changes: &[(String, Option<(Vec<u8>, String)>)],
+        changes: &[(String, Option<SealedSecret>)],
     ) -> Result<u64, RibError> {
         self.write("update_secrets", |tx| {
             let now = now_ms();
             for (name, change) in changes {
                 match change {
-                    Some((sealed, digest)) => {
+                    Some(SealedSecret { sealed, digest }) => {
                         tx.execute(
                             "INSERT INTO secrets (app, name, sealed, digest, created_at, updated_at)
                              VALUES (?1, ?2, ?3, ?4, ?5, ?5)

@@ -14,7 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use hangar_catalog::SecretRow;
+use hangar_catalog::{SealedSecret, SecretRow};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -143,10 +143,13 @@ fn apply(
     for (name, value) in &changes {
         check(name, value.as_deref())?;
     }
-    let sealed: Vec<(String, Option<(Vec<u8>, String)>)> = changes
+    let sealed: Vec<(String, Option<SealedSecret>)> = changes
         .into_iter()
         .map(|(name, value)| {
-            let sealed = value.map(|v| (flaps.secrets.seal(app, &name, v.as_bytes()), digest(&v)));
+            let sealed = value.map(|v| SealedSecret {
+                sealed: flaps.secrets.seal(app, &name, v.as_bytes()),
+                digest: digest(&v),
+            });
             (name, sealed)
         })
         .collect();
