@@ -5,10 +5,12 @@
 //!   the catalog and the proxy).
 //! - `hangar pilot --dir DIR`: a machine's init, started by flyd.
 //! - `hangar echo`: the built-in image `hangar/echo`, started by pilot.
+//! - `hangar apps|machines|status`: the client commands (see `cli`).
 //! - `hangar tokens create --org ORG`: a new API token for an org.
 //! - `hangar bench lifecycle`: lifecycle latencies through the Machines API.
 
 mod bench;
+mod cli;
 mod config;
 mod dev;
 
@@ -31,6 +33,25 @@ struct Cli {
 enum Command {
     /// Run the whole platform in one process.
     Dev(DevArgs),
+    /// Create, list and destroy apps.
+    Apps {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: cli::AppsCmd,
+    },
+    /// Run and manage machines.
+    Machines {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[command(subcommand)]
+        cmd: cli::MachinesCmd,
+    },
+    /// Where the API is, who you are, and what runs.
+    Status {
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
     /// Manage API tokens (works on the data dir, beside a running instance).
     #[command(subcommand)]
     Tokens(TokensCmd),
@@ -134,10 +155,26 @@ fn main() -> anyhow::Result<()> {
             println!("{}", hangar_flaps::auth::issue_token(&rib, &org, &name)?);
             Ok(())
         }
+        Command::Apps { conn, cmd } => exit_with(cli::apps(conn, cmd)),
+        Command::Machines { conn, cmd } => exit_with(cli::machines(conn, cmd)),
+        Command::Status { conn } => exit_with(cli::status(conn)),
         Command::Bench(BenchPart::Lifecycle(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::lifecycle(args))
         }
     }
+}
+
+/// Runs a client command and exits with its code; an error is printed
+/// and exits 1.
+fn exit_with(command: impl Future<Output = anyhow::Result<i32>>) -> anyhow::Result<()> {
+    let code = match tokio::runtime::Runtime::new()?.block_on(command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
 }
 
 impl DevArgs {
