@@ -293,3 +293,55 @@ async fn secrets_are_sealed_hidden_and_reach_machines_on_start() {
     let (_, out) = h.post(&m("/exec"), &exec("echo $DB_URL")).await;
     assert_eq!(out["stdout"], "postgres://very-secret\n", "{out}");
 }
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Fly's published limits: the default when the config does not say.
+    let h = Hangar::start_with(&tmp.path().join("data"), Some("[flaps]\n")).await;
+    assert_eq!(h.post("/v1/apps", r#"{"app_name":"busy"}"#).await.0, 201);
+    // Calls until the first 429, bounded: on a slow machine a cell may
+    // refill between calls, so the exact count can exceed the burst.
+    let allowed = |results: &[u16]| results.iter().take_while(|s| **s != 429).count();
+
+    // Mutations: a burst of 3 per action, then 429.
+    let mut writes = Vec::new();
+    while writes.last() != Some(&429) && writes.len() < 10 {
+        writes.push(h.post("/v1/apps/busy/machines", r#"{"config":{}}"#).await.0);
+    }
+    assert!((3..10).contains(&allowed(&writes)), "{writes:?}");
+    assert!(writes[..3].iter().all(|s| *s == 400), "{writes:?}");
+    let resp = h
+        .http
+        .post(h.api("/v1/apps/busy/machines"))
+        .bearer_auth(&h.token)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("rate limit"),
+        "{body}"
+    );
+
+    // Another action is counted apart; reads have their own, larger budget.
+    assert_eq!(
+        h.post("/v1/apps/busy/secrets/A", r#"{"value":"1"}"#)
+            .await
+            .0,
+        201
+    );
+    let mut reads = Vec::new();
+    while reads.last() != Some(&429) && reads.len() < 40 {
+        reads.push(h.get("/v1/apps/busy").await.0);
+    }
+    assert!((10..40).contains(&allowed(&reads)), "{reads:?}");
+}

@@ -17,6 +17,8 @@ pub struct FlapsConfig {
     pub max_body_bytes: usize,
     /// How long a call to a flyd host may take (waits carry their own).
     pub host_timeout_ms: u64,
+    /// Per token and action; Fly's published limits by default.
+    pub rate_limits: crate::limits::RateLimitConfig,
 }
 
 impl Default for FlapsConfig {
@@ -27,6 +29,7 @@ impl Default for FlapsConfig {
             dev_org: "personal".into(),
             max_body_bytes: 1 << 20,
             host_timeout_ms: 60_000,
+            rate_limits: Default::default(),
         }
     }
 }
@@ -44,6 +47,7 @@ impl FlapsConfig {
         if self.max_body_bytes < 1024 {
             problems.push("flaps.max_body_bytes: must be at least 1024".to_string());
         }
+        problems.extend(self.rate_limits.problems());
         if problems.is_empty() {
             Ok(())
         } else {

@@ -8,6 +8,7 @@
 //!
 //! - [`config`]: the `[flaps]` config table.
 //! - [`auth`]: tokens (stored hashed) and the auth middleware.
+//! - [`limits`]: rate limits per token and action (429 with `Retry-After`).
 //! - [`error`]: [`error::ApiError`], the one place failures become responses.
 //! - [`apps`]: `/v1/apps` endpoints.
 //! - [`machines`]: `/v1/apps/{app}/machines` endpoints and placement.
@@ -21,6 +22,7 @@ pub mod apps;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod machines;
 pub mod platform;
 pub mod secrets;
@@ -41,17 +43,24 @@ pub struct Flaps {
     pub hosts: HostClient,
     /// Seals and opens app secrets.
     pub secrets: Arc<SecretBox>,
+    /// Rate limiters, when enabled.
+    pub limits: Option<limits::Limits>,
 }
 
 impl Flaps {
     /// A gateway over `rib` that reaches hosts with a pooled HTTP client.
     pub fn new(cfg: FlapsConfig, rib: Arc<Rib>, secrets: Arc<SecretBox>) -> Arc<Self> {
         let hosts = HostClient::new(Duration::from_millis(cfg.host_timeout_ms));
+        let limits = cfg
+            .rate_limits
+            .enabled
+            .then(|| limits::Limits::new(&cfg.rate_limits));
         Arc::new(Self {
             cfg,
             rib,
             hosts,
             secrets,
+            limits,
         })
     }
 }
@@ -59,13 +68,17 @@ impl Flaps {
 /// The whole API: every route requires a valid token.
 pub fn router(flaps: Arc<Flaps>) -> Router {
     let body_limit = flaps.cfg.max_body_bytes;
-    // Layers run outside in: request id, body limit, auth, then the route.
+    // Layers run outside in: request id, body limit, auth, rate limit, route.
     Router::new()
         .merge(apps::routes())
         .merge(machines::routes())
         .merge(platform::routes())
         .merge(secrets::routes())
         .fallback(error::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            flaps.clone(),
+            limits::limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             flaps.clone(),
             auth::require_token,
