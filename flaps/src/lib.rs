@@ -84,6 +84,7 @@ pub fn router(flaps: Arc<Flaps>) -> Router {
             auth::require_token,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(flaps)
 }
