@@ -7,7 +7,7 @@
 //! Per-machine in-flight counters are atomics shared between snapshots, so a
 //! rebuild never resets the load the proxy is balancing on.
 
-use crate::rib::{Change, MachineRow, Rib, RibError};
+use crate::rib::{CertificateRow, Change, MachineRow, Rib, RibError};
 use arc_swap::ArcSwap;
 use hangar_api::machine::{MachineService, MachineState};
 use std::collections::{HashMap, HashSet};
@@ -41,11 +41,13 @@ impl RouteMachine {
     }
 }
 
-/// An app's routes: its machines (destroyed ones are left out).
+/// An app's routes: its machines (destroyed ones are left out) and its
+/// custom certificates.
 #[derive(Debug, Default)]
 pub struct AppRoutes {
     pub name: String,
     pub machines: Vec<Arc<RouteMachine>>,
+    pub certificates: Vec<Arc<CertificateRow>>,
 }
 
 /// One immutable version of the whole table.
@@ -54,9 +56,24 @@ pub struct FibSnapshot {
     /// The RIB change sequence number this snapshot reflects.
     pub seq: u64,
     pub apps: HashMap<String, Arc<AppRoutes>>,
+    /// Custom hostnames (lowercase) → their app and certificate.
+    pub hostnames: HashMap<String, Arc<CertificateRow>>,
+}
+
+/// The hostname index of a set of apps.
+fn hostnames(apps: &HashMap<String, Arc<AppRoutes>>) -> HashMap<String, Arc<CertificateRow>> {
+    apps.values()
+        .flat_map(|a| a.certificates.iter())
+        .map(|c| (c.hostname.clone(), c.clone()))
+        .collect()
 }
 
 impl FibSnapshot {
+    /// The app and certificate of a custom hostname.
+    pub fn hostname(&self, name: &str) -> Option<&Arc<CertificateRow>> {
+        self.hostnames.get(name)
+    }
+
     /// Machine counts by state across every app.
     pub fn machine_counts(&self) -> HashMap<MachineState, u64> {
         let mut counts = HashMap::new();
@@ -87,11 +104,16 @@ impl Fib {
         let seq = rib.last_seq()?;
         let mut apps = HashMap::new();
         for app in rib.apps(None)? {
-            let routes = build_app(&app.name, rib.machines_of_app(&app.name)?, None);
+            let routes = load_app(rib, &app.name, None)?;
             apps.insert(app.name, Arc::new(routes));
         }
+        let hostnames = hostnames(&apps);
         Ok(Arc::new(Self {
-            snapshot: ArcSwap::from_pointee(FibSnapshot { seq, apps }),
+            snapshot: ArcSwap::from_pointee(FibSnapshot {
+                seq,
+                apps,
+                hostnames,
+            }),
             applied: AtomicU64::new(0),
         }))
     }
@@ -125,15 +147,18 @@ impl Fib {
             for name in touched_apps(&changes) {
                 if rib.app(&name)?.is_some() {
                     let previous = current.apps.get(&name).map(|a| a.as_ref());
-                    let routes = build_app(&name, rib.machines_of_app(&name)?, previous);
-                    apps.insert(name, Arc::new(routes));
+                    apps.insert(name.clone(), Arc::new(load_app(rib, &name, previous)?));
                 } else {
                     apps.remove(&name);
                 }
             }
+            let hostnames = hostnames(&apps);
             // Single writer (the follower), so a plain store cannot lose an update.
-            self.snapshot
-                .store(Arc::new(FibSnapshot { seq: last, apps }));
+            self.snapshot.store(Arc::new(FibSnapshot {
+                seq: last,
+                apps,
+                hostnames,
+            }));
             total += changes.len();
             self.applied
                 .fetch_add(changes.len() as u64, Ordering::Relaxed);
@@ -167,6 +192,16 @@ fn touched_apps(changes: &[Change]) -> HashSet<String> {
     changes.iter().filter_map(|c| c.app.clone()).collect()
 }
 
+fn load_app(rib: &Rib, name: &str, previous: Option<&AppRoutes>) -> Result<AppRoutes, RibError> {
+    let mut routes = build_app(name, rib.machines_of_app(name)?, previous);
+    routes.certificates = rib
+        .certificates_of_app(name)?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    Ok(routes)
+}
+
 fn build_app(name: &str, rows: Vec<MachineRow>, previous: Option<&AppRoutes>) -> AppRoutes {
     let machines = rows
         .into_iter()
@@ -196,6 +231,7 @@ fn build_app(name: &str, rows: Vec<MachineRow>, previous: Option<&AppRoutes>) ->
     AppRoutes {
         name: name.to_string(),
         machines,
+        certificates: Vec::new(),
     }
 }
 
@@ -261,9 +297,33 @@ mod tests {
         fib.catch_up(&rib).unwrap();
         assert!(fib.lookup("hello").unwrap().machines.is_empty());
 
+        let cert = CertificateRow {
+            hostname: "www.example.com".into(),
+            app: "hello".into(),
+            fullchain: "PEM".into(),
+            sealed_key: vec![1, 2],
+            created_at: 0,
+        };
+        rib.put_certificate(&cert).unwrap();
+        fib.catch_up(&rib).unwrap();
+        assert_eq!(
+            fib.snapshot().hostname("www.example.com").unwrap().app,
+            "hello"
+        );
+        let taken = CertificateRow {
+            app: "other".into(),
+            ..cert.clone()
+        };
+        assert!(matches!(
+            rib.put_certificate(&taken),
+            Err(RibError::Conflict { .. })
+        ));
+
         rib.delete_app("hello").unwrap();
+        rib.forget_app_data("hello").unwrap();
         fib.catch_up(&rib).unwrap();
         assert!(fib.lookup("hello").is_none());
+        assert!(fib.snapshot().hostname("www.example.com").is_none());
         assert_eq!(fib.snapshot().seq, rib.last_seq().unwrap());
     }
 

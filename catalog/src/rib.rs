@@ -92,6 +92,18 @@ CREATE TABLE secrets_versions (
     version     INTEGER NOT NULL
 );
 "#,
+    // 5: custom certificates: the proxy serves them by SNI and routes their
+    // hostnames to the app. The private key is sealed like a secret.
+    r#"
+CREATE TABLE certificates (
+    hostname    TEXT PRIMARY KEY,
+    app         TEXT NOT NULL,
+    fullchain   TEXT NOT NULL,
+    sealed_key  BLOB NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX certificates_by_app ON certificates(app);
+"#,
 ];
 
 /// A failed RIB operation.
@@ -177,6 +189,19 @@ pub struct SecretRow {
     pub digest: String,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// A custom certificate for a hostname of an app (written by flaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateRow {
+    pub hostname: String,
+    pub app: String,
+    /// PEM, leaf first.
+    pub fullchain: String,
+    /// The PEM private key, sealed with the secrets key (associated data:
+    /// app `certificates`, name = hostname).
+    pub sealed_key: Vec<u8>,
+    pub created_at: i64,
 }
 
 /// A secret value as stored: sealed, with the digest of its clear value.
@@ -657,12 +682,87 @@ impl Rib {
         })
     }
 
-    /// Deletes every secret of an app (when the app is deleted).
-    pub fn forget_secrets(&self, app: &str) -> Result<(), RibError> {
-        self.write("forget_secrets", |tx| {
+    /// Deletes every secret and certificate of an app (when the app is
+    /// deleted).
+    pub fn forget_app_data(&self, app: &str) -> Result<(), RibError> {
+        self.write("forget_app_data", |tx| {
             tx.execute("DELETE FROM secrets WHERE app = ?1", [app])?;
             tx.execute("DELETE FROM secrets_versions WHERE app = ?1", [app])?;
+            if tx.execute("DELETE FROM certificates WHERE app = ?1", [app])? > 0 {
+                append_change(tx, "certificates", "*", Some(app))?;
+            }
             Ok(())
+        })
+    }
+
+    // ---- certificates (flaps writes, the FIB follows) ----
+
+    /// Adds or replaces the certificate of `row.hostname`; `Conflict` when
+    /// another app has that hostname.
+    pub fn put_certificate(&self, row: &CertificateRow) -> Result<(), RibError> {
+        self.write("put_certificate", |tx| {
+            let owner: Option<String> = tx
+                .query_row(
+                    "SELECT app FROM certificates WHERE hostname = ?1",
+                    [&row.hostname],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if owner.as_ref().is_some_and(|a| *a != row.app) {
+                return Err(RibError::Conflict {
+                    what: "hostname",
+                    key: row.hostname.clone(),
+                });
+            }
+            tx.execute(
+                "INSERT INTO certificates (hostname, app, fullchain, sealed_key, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(hostname) DO UPDATE SET fullchain = excluded.fullchain,
+                   sealed_key = excluded.sealed_key, created_at = excluded.created_at",
+                params![
+                    row.hostname,
+                    row.app,
+                    row.fullchain,
+                    row.sealed_key,
+                    row.created_at
+                ],
+            )?;
+            append_change(tx, "certificates", &row.hostname, Some(&row.app))?;
+            Ok(())
+        })
+    }
+
+    /// Deletes the certificate of `hostname` from `app`; true if it existed.
+    pub fn delete_certificate(&self, app: &str, hostname: &str) -> Result<bool, RibError> {
+        self.write("delete_certificate", |tx| {
+            let n = tx.execute(
+                "DELETE FROM certificates WHERE app = ?1 AND hostname = ?2",
+                [app, hostname],
+            )?;
+            if n > 0 {
+                append_change(tx, "certificates", hostname, Some(app))?;
+            }
+            Ok(n > 0)
+        })
+    }
+
+    /// The certificates of an app, by hostname.
+    pub fn certificates_of_app(&self, app: &str) -> Result<Vec<CertificateRow>, RibError> {
+        self.read("certificates_of_app", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT hostname, app, fullchain, sealed_key, created_at FROM certificates
+                 WHERE app = ?1 ORDER BY hostname",
+            )?;
+            let rows = stmt.query_map([app], |r| {
+                Ok(CertificateRow {
+                    hostname: r.get(0)?,
+                    app: r.get(1)?,
+                    fullchain: r.get(2)?,
+                    sealed_key: r.get(3)?,
+                    created_at: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 

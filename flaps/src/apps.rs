@@ -209,7 +209,7 @@ async fn delete(
     }
     flaps.rib.delete_app(&name)?;
     flaps.rib.forget_machines_of_app(&name)?;
-    flaps.rib.forget_secrets(&name)?;
+    flaps.rib.forget_app_data(&name)?;
     tracing::info!(app = %name, "app deleted");
     Ok(StatusCode::ACCEPTED)
 }
