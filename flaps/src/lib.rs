@@ -12,6 +12,7 @@
 //! - [`error`]: [`error::ApiError`], the one place failures become responses.
 //! - [`apps`]: `/v1/apps` endpoints.
 //! - [`machines`]: `/v1/apps/{app}/machines` endpoints and placement.
+//! - [`certificates`]: custom certificates the proxy serves by SNI.
 //! - [`secrets`]: app secrets, sealed at rest, given to machines at start.
 //! - [`platform`]: regions, placements, the caller's token, an org's machines.
 //!
@@ -20,6 +21,7 @@
 
 pub mod apps;
 pub mod auth;
+pub mod certificates;
 pub mod config;
 pub mod error;
 pub mod limits;
@@ -74,6 +76,7 @@ pub fn router(flaps: Arc<Flaps>) -> Router {
         .merge(machines::routes())
         .merge(platform::routes())
         .merge(secrets::routes())
+        .merge(certificates::routes())
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(
             flaps.clone(),
