@@ -78,7 +78,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         stopping(stop_rx.clone()),
     ));
 
-    let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone(), secrets);
+    let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone(), secrets.clone());
     let flaps_listener = bind(cfg.flaps.listen, "Machines API").await?;
     let flaps_addr = flaps_listener.local_addr()?;
     let flaps_server = tokio::spawn(
@@ -88,7 +88,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     let metrics = Arc::new(Metrics::new(fib.clone()));
-    let proxy = Proxy::bind(cfg.proxy.clone(), fib.clone(), &data_dir, &metrics).await?;
+    let proxy = Proxy::bind(cfg.proxy.clone(), fib.clone(), &data_dir, &metrics, secrets).await?;
     let (http_addr, https_addr) = (proxy.http_addr(), proxy.https_addr());
     let proxy_server = tokio::spawn(proxy.serve(stopping(stop_rx.clone()), DRAIN));
     let metrics_listener = bind(cfg.metrics.listen, "metrics").await?;

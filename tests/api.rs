@@ -345,3 +345,104 @@ async fn rate_limits_answer_429_with_retry_after() {
     }
     assert!((10..40).contains(&allowed(&reads)), "{reads:?}");
 }
+
+#[tokio::test]
+async fn custom_certificates_are_served_by_sni_and_route_their_hostname() {
+    let h = Hangar::start().await;
+    let machine = h.app_with_machine("site").await;
+    assert_eq!(h.post("/v1/apps", r#"{"app_name":"other"}"#).await.0, 201);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["www.custom.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let upload = |hostname: &str, key_pem: &str| {
+        serde_json::json!({ "hostname": hostname, "fullchain": cert.pem(), "private_key": key_pem })
+            .to_string()
+    };
+    let (status, body) = h
+        .post(
+            "/v1/apps/site/certificates/custom",
+            &upload("www.custom.test", &key.serialize_pem()),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["hostname"], "www.custom.test");
+
+    // Refused: a key of another certificate, another app's hostname, a bad name.
+    let stranger = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    let (status, body) = h
+        .post(
+            "/v1/apps/site/certificates/custom",
+            &upload("www.custom.test", &stranger),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("does not match"),
+        "{body}"
+    );
+    let (status, _) = h
+        .post(
+            "/v1/apps/other/certificates/custom",
+            &upload("www.custom.test", &key.serialize_pem()),
+        )
+        .await;
+    assert_eq!(status, 409);
+    let (status, _) = h
+        .post(
+            "/v1/apps/site/certificates/custom",
+            &upload("x.localhost", &key.serialize_pem()),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(h.post("/v1/apps/site/certificates/acme", "{}").await.0, 501);
+
+    // HTTPS with strict verification against that certificate only: SNI
+    // picks it, and the hostname routes to the app's machine.
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve("www.custom.test", h.addrs.https)
+        .timeout(common::WAIT)
+        .build()
+        .unwrap();
+    let url = format!("https://www.custom.test:{}/", h.addrs.https.port());
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let echo: Value = loop {
+        // The FIB follows the RIB asynchronously; retry until it has the hostname.
+        match https.get(&url).send().await {
+            Ok(resp) if resp.status() == 200 => break resp.json().await.unwrap(),
+            other => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "never served: {other:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_eq!(echo["machine_id"], machine["id"]);
+    assert_eq!(h.via_proxy("www.custom.test", "/").await.0, 200);
+
+    let (_, list) = h.get("/v1/apps/site/certificates").await;
+    assert_eq!(list["total_count"], 1, "{list}");
+    assert_eq!(
+        h.delete("/v1/apps/site/certificates/www.custom.test")
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        h.get("/v1/apps/site/certificates/www.custom.test").await.0,
+        404
+    );
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while h.via_proxy("www.custom.test", "/").await.0 != 400 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hostname still routed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

@@ -12,6 +12,10 @@ use std::path::Path;
 
 const NONCE_LEN: usize = 24;
 
+/// The "app" under which custom certificates' private keys are sealed,
+/// with the hostname as the name.
+pub const CERTIFICATE_KEYS: &str = "certificates";
+
 /// Why a secret could not be sealed or opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {

@@ -13,16 +13,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
+use hangar_catalog::secrets::CERTIFICATE_KEYS;
 use hangar_catalog::{CertificateRow, RibError};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-/// The secrets-key "app" under which certificate keys are sealed, with the
-/// hostname as the name (the proxy opens them the same way).
-pub const KEY_SEAL_APP: &str = "certificates";
 
 pub(crate) fn routes() -> Router<Arc<Flaps>> {
     Router::new()
@@ -140,7 +137,7 @@ async fn upload(
     let row = CertificateRow {
         sealed_key: flaps
             .secrets
-            .seal(KEY_SEAL_APP, &hostname, private_key.as_bytes()),
+            .seal(CERTIFICATE_KEYS, &hostname, private_key.as_bytes()),
         hostname: hostname.clone(),
         app,
         fullchain,

@@ -171,6 +171,7 @@ mod tests {
         AppRoutes {
             name: "hello".into(),
             machines,
+            certificates: Vec::new(),
         }
     }
 

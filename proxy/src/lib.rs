@@ -35,7 +35,7 @@ pub use config::ProxyConfig;
 pub use error::{PathError, ProxyError};
 pub use metrics::{Metrics, serve_metrics};
 
-use hangar_catalog::Fib;
+use hangar_catalog::{Fib, SecretBox};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -108,17 +108,21 @@ impl fmt::Debug for Proxy {
 impl Proxy {
     /// Validates `cfg`, loads the dev certificate from `data_dir` (creating
     /// it on first start), and binds both listeners. Requests read routes
-    /// from `fib` and are counted in `metrics`.
+    /// from `fib` and are counted in `metrics`; apps' custom certificates
+    /// (in the FIB) are opened with `secrets`.
     pub async fn bind(
         cfg: ProxyConfig,
         fib: Arc<Fib>,
         data_dir: &Path,
         metrics: &Metrics,
+        secrets: Arc<SecretBox>,
     ) -> Result<Proxy, ProxyError> {
         cfg.validate().map_err(ProxyError::Config)?;
         // Blocking file IO and key generation, but once at start-up and
         // before any traffic, so the runtime has nothing else to do yet.
-        let tls = TlsAcceptor::from(tls::server_config(tls::load_or_create_dev_cert(data_dir)?)?);
+        let dev = tls::load_or_create_dev_cert(data_dir)?;
+        let resolver = tls::SniResolver::new(fib.clone(), secrets, dev)?;
+        let tls = TlsAcceptor::from(tls::server_config(Arc::new(resolver))?);
         let http = bind_listener("http", cfg.http_addr).await?;
         let https = bind_listener("https", cfg.https_addr).await?;
         let edge = Arc::new(Edge {
@@ -385,7 +389,8 @@ mod tests {
             https_addr: "127.0.0.1:0".parse().unwrap(),
             ..ProxyConfig::default()
         };
-        let proxy = Proxy::bind(cfg, fib.clone(), dir.path(), &metrics)
+        let secrets = Arc::new(SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap());
+        let proxy = Proxy::bind(cfg, fib.clone(), dir.path(), &metrics, secrets)
             .await
             .unwrap();
         let (http_addr, https_addr) = (proxy.http_addr(), proxy.https_addr());

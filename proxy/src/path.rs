@@ -200,7 +200,7 @@ async fn route(
     ex: &mut Exchange,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, PathError> {
-    let host = host(&req)?;
+    let host = host(&edge.fib, &req)?;
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.clone());
     let target = machine(&app, ex.conn.listener)?;
@@ -219,7 +219,7 @@ struct Host {
 /// Reads the host from the URI authority (h2, or an HTTP/1 absolute-form
 /// target, which takes precedence over `Host` per RFC 9112 section 3.2.2),
 /// else from the `Host` header.
-fn host(req: &Request<Incoming>) -> Result<Host, PathError> {
+fn host(fib: &Fib, req: &Request<Incoming>) -> Result<Host, PathError> {
     let raw = match req.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str())
             .map_err(|_| PathError::BadHost(HostError::NotText))?,
@@ -232,8 +232,19 @@ fn host(req: &Request<Incoming>) -> Result<Host, PathError> {
     let text = raw
         .to_str()
         .map_err(|_| PathError::BadHost(HostError::NotText))?;
-    let app = parse_host(text).map_err(PathError::BadHost)?;
+    // An app's custom hostname first, then `<app>.localhost`.
+    let app = match custom_hostname_app(fib, text) {
+        Some(app) => app,
+        None => parse_host(text).map_err(PathError::BadHost)?,
+    };
     Ok(Host { app, raw })
+}
+
+/// The app a custom hostname (one with an uploaded certificate) belongs to.
+fn custom_hostname_app(fib: &Fib, raw: &str) -> Option<String> {
+    let name = strip_port(raw).ok()?.to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    fib.snapshot().hostname(name).map(|c| c.app.clone())
 }
 
 /// The app's routes from the current FIB snapshot.

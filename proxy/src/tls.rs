@@ -7,9 +7,15 @@
 //! trusting it across restarts.
 
 use crate::error::ProxyError;
+use arc_swap::ArcSwap;
+use hangar_catalog::secrets::CERTIFICATE_KEYS;
+use hangar_catalog::{CertificateRow, Fib, SecretBox};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,16 +62,108 @@ pub fn load_or_create_dev_cert(data_dir: &Path) -> Result<CertifiedKey, ProxyErr
 }
 
 /// Builds the HTTPS listener's rustls config: TLS 1.2 and 1.3 on the ring
-/// provider, ALPN `h2` then `http/1.1`.
-pub fn server_config(cert: CertifiedKey) -> Result<Arc<ServerConfig>, ProxyError> {
+/// provider, ALPN `h2` then `http/1.1`, certificates chosen by `resolver`.
+pub fn server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<Arc<ServerConfig>, ProxyError> {
     // The workspace builds rustls without a default provider, so name it.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(cert.chain, cert.key)?;
+        .with_cert_resolver(resolver);
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// A chain and key as rustls signs with them.
+pub fn signing_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKeyDer<'_>,
+) -> Result<Arc<sign::CertifiedKey>, rustls::Error> {
+    let signer = rustls::crypto::ring::sign::any_supported_type(key)?;
+    Ok(Arc::new(sign::CertifiedKey::new(chain, signer)))
+}
+
+/// Chooses the certificate by SNI: an app's custom certificate for its
+/// hostname (from the FIB), else the dev certificate. Parsed certificates
+/// are kept in a copy-on-write cache, so a handshake reads without locking.
+pub struct SniResolver {
+    fib: Arc<Fib>,
+    secrets: Arc<SecretBox>,
+    default: Arc<sign::CertifiedKey>,
+    /// hostname → (the row's `created_at`, the parsed key): a replaced
+    /// certificate has a new `created_at` and is parsed again.
+    cache: ArcSwap<HashMap<String, (i64, Arc<sign::CertifiedKey>)>>,
+}
+
+impl std::fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SniResolver")
+            .field("cached", &self.cache.load().len())
+            .finish()
+    }
+}
+
+impl SniResolver {
+    /// A resolver over `fib`'s hostnames, falling back to `dev`.
+    pub fn new(
+        fib: Arc<Fib>,
+        secrets: Arc<SecretBox>,
+        dev: CertifiedKey,
+    ) -> Result<Self, ProxyError> {
+        Ok(Self {
+            fib,
+            secrets,
+            default: signing_key(dev.chain, &dev.key)?,
+            cache: ArcSwap::from_pointee(HashMap::new()),
+        })
+    }
+
+    fn custom(&self, row: &CertificateRow) -> Result<Arc<sign::CertifiedKey>, String> {
+        if let Some((created, key)) = self.cache.load().get(&row.hostname) {
+            if *created == row.created_at {
+                return Ok(key.clone());
+            }
+        }
+        let chain = CertificateDer::pem_slice_iter(row.fullchain.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("chain: {e}"))?;
+        let pem = self
+            .secrets
+            .open(CERTIFICATE_KEYS, &row.hostname, &row.sealed_key)
+            .map_err(|e| e.to_string())?;
+        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("key: {e}"))?;
+        let parsed = signing_key(chain, &key).map_err(|e| e.to_string())?;
+        self.cache.rcu(|cache| {
+            let mut next = HashMap::clone(cache);
+            next.insert(row.hostname.clone(), (row.created_at, parsed.clone()));
+            // Forget hostnames the FIB no longer has.
+            let snapshot = self.fib.snapshot();
+            next.retain(|name, _| snapshot.hostname(name).is_some());
+            next
+        });
+        Ok(parsed)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<sign::CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            return Some(self.default.clone());
+        };
+        let snapshot = self.fib.snapshot();
+        let Some(row) = snapshot.hostname(&name.to_ascii_lowercase()) else {
+            return Some(self.default.clone());
+        };
+        match self.custom(row) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::warn!(hostname = %row.hostname, error = %e, "custom certificate unusable; serving the dev certificate");
+                Some(self.default.clone())
+            }
+        }
+    }
 }
 
 fn create_dev_cert(cert_path: &Path, key_path: &Path) -> Result<(), ProxyError> {
@@ -162,7 +260,15 @@ mod tests {
         assert_eq!(std::fs::read(&cert_path).unwrap(), cert_pem);
         assert_eq!(std::fs::read(&key_path).unwrap(), key_pem);
         assert_eq!(first.key.secret_der(), second.key.secret_der());
-        server_config(second).unwrap();
+        let resolver = test_resolver(dir.path(), second);
+        server_config(resolver).unwrap();
+    }
+
+    fn test_resolver(dir: &Path, dev: CertifiedKey) -> Arc<SniResolver> {
+        let rib = hangar_catalog::Rib::open(&dir.join("rib.sqlite")).unwrap();
+        let fib = Fib::load(&rib).unwrap();
+        let secrets = Arc::new(SecretBox::load_or_create(&dir.join("secrets.key")).unwrap());
+        Arc::new(SniResolver::new(fib, secrets, dev).unwrap())
     }
 
     #[cfg(unix)]
@@ -190,7 +296,8 @@ mod tests {
     #[test]
     fn server_config_offers_h2_then_http1() {
         let dir = tempfile::tempdir().unwrap();
-        let config = server_config(load_or_create_dev_cert(dir.path()).unwrap()).unwrap();
+        let dev = load_or_create_dev_cert(dir.path()).unwrap();
+        let config = server_config(test_resolver(dir.path(), dev)).unwrap();
         assert_eq!(
             config.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
