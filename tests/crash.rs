@@ -27,7 +27,7 @@ async fn crash_and_recover(kind: &str, step: &str, when: &str) {
     let point = format!("{kind}/{step}/{when}");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let config = format!("[flyd]\ncrash_at = \"{point}\"\n");
+    let config = format!("[flyd]\ncrash_at = \"{point}\"\n[flaps.rate_limits]\nenabled = false\n");
     let mut h = Hangar::start_with(&dir, Some(&config)).await;
     let (status, _) = h.post("/v1/apps", r#"{"app_name":"crash"}"#).await;
     assert_eq!(status, 201);

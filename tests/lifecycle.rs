@@ -446,7 +446,8 @@ async fn service_checks_are_reported_and_gate_routing() {
 #[tokio::test]
 async fn capacity_is_reserved_on_create_and_released_on_destroy() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = "[flyd]\ncpus = 2\nmemory_mb = 1024\ncpu_overcommit = 1\n";
+    let config = "[flyd]\ncpus = 2\nmemory_mb = 1024\ncpu_overcommit = 1\n\
+                  [flaps.rate_limits]\nenabled = false\n";
     let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
     assert_eq!(h.post("/v1/apps", r#"{"app_name":"big"}"#).await.0, 201);
     let sized = |cpus: u32, mem: u32| {
