@@ -63,9 +63,7 @@ impl Flyd {
                 "ttl: must be between 1 and {MAX_LEASE_TTL} seconds"
             )));
         }
-        let _guard = self.lock_machine(id).await?;
-        let mut rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, mut rec) = self.begin(id, nonce).await?;
         let expires_at = now_ms() / 1000 + ttl as i64;
         let lease = match rec.active_lease() {
             Some(held) => Lease {
@@ -122,9 +120,7 @@ impl Flyd {
         nonce: Option<&str>,
         change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<(), FlydError>,
     ) -> Result<(), FlydError> {
-        let _guard = self.lock_machine(id).await?;
-        let mut rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, mut rec) = self.begin(id, nonce).await?;
         change(&mut rec.config.metadata)?;
         if let Some(bad) = rec.config.metadata.keys().find(|k| !valid_key(k)) {
             return Err(FlydError::BadRequest(format!(

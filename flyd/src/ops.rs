@@ -17,6 +17,7 @@ use hangar_api::machine::{
 use rand::Rng;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::OwnedMutexGuard;
 
 /// What `wait` waits for.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +67,19 @@ fn precondition(id: &str, op: &str, state: MachineState) -> FlydError {
 }
 
 impl Flyd {
+    /// Starts an operation on machine `id`: takes its lock (queueing behind
+    /// the one in progress), reads its record, and checks the caller's lease.
+    pub(crate) async fn begin(
+        &self,
+        id: &str,
+        nonce: Option<&str>,
+    ) -> Result<(OwnedMutexGuard<()>, MachineRecord), FlydError> {
+        let guard = self.lock_machine(id).await?;
+        let rec = self.record(id)?;
+        self.check_lease(&rec, nonce)?;
+        Ok((guard, rec))
+    }
+
     /// Creates a machine and, unless `skip_launch`, starts it. With
     /// `skip_service_registration` it starts cordoned; with `lease_ttl` the
     /// answer carries the nonce of a new lease.
@@ -146,9 +160,7 @@ impl Flyd {
         id: &str,
         nonce: Option<&str>,
     ) -> Result<StartResponse, FlydError> {
-        let _guard = self.lock_machine(id).await?;
-        let mut rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, mut rec) = self.begin(id, nonce).await?;
         let previous = rec.state;
         if !matches!(
             previous,
@@ -181,9 +193,7 @@ impl Flyd {
         req: StopRequest,
         nonce: Option<&str>,
     ) -> Result<(), FlydError> {
-        let _guard = self.lock_machine(id).await?;
-        let rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, rec) = self.begin(id, nonce).await?;
         if !rec.has_process() {
             return Err(precondition(id, "stop", rec.state));
         }
@@ -199,9 +209,7 @@ impl Flyd {
     /// Suspends a started machine: its processes are frozen (SIGSTOP), and a
     /// start resumes them where they were.
     pub async fn suspend(self: &Arc<Self>, id: &str, nonce: Option<&str>) -> Result<(), FlydError> {
-        let _guard = self.lock_machine(id).await?;
-        let rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state != MachineState::Started {
             return Err(precondition(id, "suspend", rec.state));
         }
@@ -216,9 +224,7 @@ impl Flyd {
         req: StopRequest,
         nonce: Option<&str>,
     ) -> Result<(), FlydError> {
-        let _guard = self.lock_machine(id).await?;
-        let rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state != MachineState::Started {
             return Err(precondition(id, "restart", rec.state));
         }
@@ -242,9 +248,7 @@ impl Flyd {
     ) -> Result<Machine, FlydError> {
         req.config.validate().map_err(FlydError::BadRequest)?;
         workload_argv(&self.exe, &req.config)?;
-        let _guard = self.lock_machine(id).await?;
-        let rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state == MachineState::Destroyed {
             return Err(precondition(id, "update", rec.state));
         }
@@ -325,9 +329,7 @@ impl Flyd {
         force: bool,
         nonce: Option<&str>,
     ) -> Result<(), FlydError> {
-        let _guard = self.lock_machine(id).await?;
-        let rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state == MachineState::Destroyed {
             return Err(FlydError::Precondition(format!(
                 "machine {id} is already destroyed"
@@ -354,9 +356,7 @@ impl Flyd {
         cordoned: bool,
         nonce: Option<&str>,
     ) -> Result<(), FlydError> {
-        let _guard = self.lock_machine(id).await?;
-        let rec = self.record(id)?;
-        self.check_lease(&rec, nonce)?;
+        let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state == MachineState::Destroyed {
             let op = if cordoned { "cordon" } else { "uncordon" };
             return Err(precondition(id, op, rec.state));
