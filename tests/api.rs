@@ -446,3 +446,29 @@ async fn custom_certificates_are_served_by_sni_and_route_their_hostname() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn flycast_addresses_are_assigned_listed_and_released() {
+    let h = Hangar::start().await;
+    assert_eq!(h.post("/v1/apps", r#"{"app_name":"flyc"}"#).await.0, 201);
+    let (status, ip) = h
+        .post("/v1/apps/flyc/ip_assignments", r#"{"type":"private_v6"}"#)
+        .await;
+    assert_eq!(status, 200, "{ip}");
+    let addr: std::net::Ipv4Addr = ip["ip"].as_str().unwrap().parse().unwrap();
+    assert_eq!(addr.octets()[..2], [127, 20]);
+    let (status, body) = h
+        .post("/v1/apps/flyc/ip_assignments", r#"{"type":"shared_v4"}"#)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(h.post("/v1/apps/flyc/ip_assignments", "{}").await.0, 400);
+    let (_, list) = h.get("/v1/apps/flyc/ip_assignments").await;
+    assert_eq!(list["ips"][0]["ip"], ip["ip"]);
+    let path = format!("/v1/apps/flyc/ip_assignments/{addr}");
+    assert_eq!(h.delete(&path).await.0, 204);
+    assert_eq!(h.delete(&path).await.0, 404);
+    assert_eq!(
+        h.get("/v1/apps/flyc/ip_assignments").await.1["ips"],
+        serde_json::json!([])
+    );
+}

@@ -18,7 +18,7 @@ pub mod secrets;
 
 pub use fib::{AppRoutes, Fib, FibSnapshot, RouteMachine};
 pub use rib::{
-    AppRow, CertificateRow, Change, HostCapacity, HostRow, MachineRow, Rib, RibError, SealedSecret,
-    SecretRow,
+    AppRow, CertificateRow, Change, HostCapacity, HostRow, IpRow, MachineRow, Rib, RibError,
+    SealedSecret, SecretRow,
 };
 pub use secrets::SecretBox;

@@ -104,6 +104,19 @@ CREATE TABLE certificates (
 );
 CREATE INDEX certificates_by_app ON certificates(app);
 "#,
+    // 6: flycast (private) addresses of apps, for the proxy's flycast listeners.
+    r#"
+CREATE TABLE ip_assignments (
+    ip          TEXT PRIMARY KEY,
+    app         TEXT NOT NULL,
+    kind        TEXT NOT NULL,       -- 'private_v6' (flycast)
+    network     TEXT NOT NULL,
+    region      TEXT NOT NULL,
+    service_name TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX ip_assignments_by_app ON ip_assignments(app);
+"#,
 ];
 
 /// A failed RIB operation.
@@ -201,6 +214,19 @@ pub struct CertificateRow {
     /// The PEM private key, sealed with the secrets key (associated data:
     /// app `certificates`, name = hostname).
     pub sealed_key: Vec<u8>,
+    pub created_at: i64,
+}
+
+/// An address assigned to an app (written by flaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpRow {
+    pub ip: String,
+    pub app: String,
+    /// The Fly type asked for; Hangar assigns `private_v6` (flycast).
+    pub kind: String,
+    pub network: String,
+    pub region: String,
+    pub service_name: String,
     pub created_at: i64,
 }
 
@@ -682,14 +708,17 @@ impl Rib {
         })
     }
 
-    /// Deletes every secret and certificate of an app (when the app is
-    /// deleted).
+    /// Deletes every secret, certificate and address of an app (when the
+    /// app is deleted).
     pub fn forget_app_data(&self, app: &str) -> Result<(), RibError> {
         self.write("forget_app_data", |tx| {
             tx.execute("DELETE FROM secrets WHERE app = ?1", [app])?;
             tx.execute("DELETE FROM secrets_versions WHERE app = ?1", [app])?;
             if tx.execute("DELETE FROM certificates WHERE app = ?1", [app])? > 0 {
                 append_change(tx, "certificates", "*", Some(app))?;
+            }
+            if tx.execute("DELETE FROM ip_assignments WHERE app = ?1", [app])? > 0 {
+                append_change(tx, "ip_assignments", "*", Some(app))?;
             }
             Ok(())
         })
@@ -763,6 +792,63 @@ impl Rib {
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    // ---- ip assignments (flaps) ----
+
+    /// Records an assignment; `Conflict` if the address is taken.
+    pub fn add_ip(&self, row: &IpRow) -> Result<(), RibError> {
+        self.write("add_ip", |tx| {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO ip_assignments (ip, app, kind, network, region, service_name, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![row.ip, row.app, row.kind, row.network, row.region, row.service_name, row.created_at],
+            )?;
+            if n == 0 {
+                return Err(RibError::Conflict {
+                    what: "ip",
+                    key: row.ip.clone(),
+                });
+            }
+            append_change(tx, "ip_assignments", &row.ip, Some(&row.app))?;
+            Ok(())
+        })
+    }
+
+    /// Every assignment, or those of one app, by address.
+    pub fn ips(&self, app: Option<&str>) -> Result<Vec<IpRow>, RibError> {
+        self.read("ips", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT ip, app, kind, network, region, service_name, created_at FROM ip_assignments
+                 WHERE ?1 IS NULL OR app = ?1 ORDER BY ip",
+            )?;
+            let rows = stmt.query_map([app], |r| {
+                Ok(IpRow {
+                    ip: r.get(0)?,
+                    app: r.get(1)?,
+                    kind: r.get(2)?,
+                    network: r.get(3)?,
+                    region: r.get(4)?,
+                    service_name: r.get(5)?,
+                    created_at: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Releases `ip` from `app`; true if it was the app's.
+    pub fn release_ip(&self, app: &str, ip: &str) -> Result<bool, RibError> {
+        self.write("release_ip", |tx| {
+            let n = tx.execute(
+                "DELETE FROM ip_assignments WHERE app = ?1 AND ip = ?2",
+                [app, ip],
+            )?;
+            if n > 0 {
+                append_change(tx, "ip_assignments", ip, Some(app))?;
+            }
+            Ok(n > 0)
         })
     }
 

@@ -17,6 +17,8 @@ pub struct FlapsConfig {
     pub max_body_bytes: usize,
     /// How long a call to a flyd host may take (waits carry their own).
     pub host_timeout_ms: u64,
+    /// Loopback block flycast addresses come from, as CIDR.
+    pub flycast_range: String,
     /// Per token and action; Fly's published limits by default.
     pub rate_limits: crate::limits::RateLimitConfig,
 }
@@ -29,6 +31,7 @@ impl Default for FlapsConfig {
             dev_org: "personal".into(),
             max_body_bytes: 1 << 20,
             host_timeout_ms: 60_000,
+            flycast_range: "127.20.0.0/16".into(),
             rate_limits: Default::default(),
         }
     }

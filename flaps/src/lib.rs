@@ -8,6 +8,7 @@
 //!
 //! - [`config`]: the `[flaps]` config table.
 //! - [`auth`]: tokens (stored hashed) and the auth middleware.
+//! - [`ips`]: apps' flycast (private) addresses.
 //! - [`limits`]: rate limits per token and action (429 with `Retry-After`).
 //! - [`error`]: [`error::ApiError`], the one place failures become responses.
 //! - [`apps`]: `/v1/apps` endpoints.
@@ -24,6 +25,7 @@ pub mod auth;
 pub mod certificates;
 pub mod config;
 pub mod error;
+pub mod ips;
 pub mod limits;
 pub mod machines;
 pub mod platform;
@@ -77,6 +79,7 @@ pub fn router(flaps: Arc<Flaps>) -> Router {
         .merge(platform::routes())
         .merge(secrets::routes())
         .merge(certificates::routes())
+        .merge(ips::routes())
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(
             flaps.clone(),

@@ -1,0 +1,165 @@
+//! `/v1/apps/{app}/ip_assignments`: an app's flycast (private) addresses.
+//!
+//! Hangar assigns the `private_v6` (flycast) type only. Its flycast
+//! addresses come from a loopback IPv4 block (`flycast_range`, default
+//! `127.20.0.0/16`), so a proxy can listen on them on any host without IPv6
+//! setup. The proxy's flycast listeners follow these rows.
+
+use crate::Flaps;
+use crate::apps::owned_app;
+use crate::auth::Caller;
+use crate::error::{ApiError, json_body};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Extension, Json, Router};
+use hangar_catalog::{IpRow, RibError};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+pub(crate) fn routes() -> Router<Arc<Flaps>> {
+    Router::new()
+        .route("/v1/apps/{app}/ip_assignments", get(list).post(assign))
+        .route("/v1/apps/{app}/ip_assignments/{ip}", delete(release))
+}
+
+/// The block flycast addresses come from, as (first, last) usable address.
+fn range(cidr: &str) -> Result<(u32, u32), ApiError> {
+    let bad = || {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("flaps.flycast_range {cidr:?} is invalid"),
+        )
+    };
+    let (ip, prefix) = cidr.split_once('/').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let prefix: u32 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (8..=30).contains(p))
+        .ok_or_else(bad)?;
+    let base = u32::from(ip) & (u32::MAX << (32 - prefix));
+    Ok((base + 1, base + (1u32 << (32 - prefix)) - 2))
+}
+
+fn shown(row: &IpRow) -> Value {
+    let created =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(row.created_at.max(0) as u64);
+    json!({
+        "ip": row.ip,
+        "region": row.region,
+        "service_name": row.service_name,
+        "shared": false,
+        "egress": false,
+        "network": { "name": row.network, "org_slug": "" },
+        "created_at": humantime::format_rfc3339_seconds(created).to_string(),
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct AssignRequest {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    network: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    service_name: Option<String>,
+}
+
+async fn assign(
+    State(flaps): State<Arc<Flaps>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let owner = owned_app(&flaps, &caller, &app)?;
+    let req: AssignRequest = json_body(body)?;
+    match req.kind.as_deref() {
+        Some("private_v6") => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "type: {other:?} is not available in Hangar; only \"private_v6\" (flycast) addresses are"
+            )));
+        }
+        None => return Err(ApiError::bad_request("type: required (\"private_v6\")")),
+    }
+    let (first, last) = range(&flaps.cfg.flycast_range)?;
+    let used: HashSet<String> = flaps.rib.ips(None)?.into_iter().map(|r| r.ip).collect();
+    let mut row = IpRow {
+        ip: String::new(),
+        app: app.clone(),
+        kind: "private_v6".into(),
+        network: req.network.unwrap_or_else(|| owner.network.clone()),
+        region: req.region.unwrap_or_default(),
+        service_name: req.service_name.unwrap_or_default(),
+        created_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+    };
+    // Random picks keep concurrent assignments apart; the RIB's primary key
+    // settles the rare race.
+    for _ in 0..100 {
+        let ip = Ipv4Addr::from(rand::rng().random_range(first..=last)).to_string();
+        if used.contains(&ip) {
+            continue;
+        }
+        row.ip = ip;
+        match flaps.rib.add_ip(&row) {
+            Ok(()) => return Ok(Json(shown(&row))),
+            Err(RibError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("no free flycast address in {}", flaps.cfg.flycast_range),
+    ))
+}
+
+async fn list(
+    State(flaps): State<Arc<Flaps>>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    owned_app(&flaps, &caller, &app)?;
+    let ips: Vec<Value> = flaps.rib.ips(Some(&app))?.iter().map(shown).collect();
+    Ok(Json(json!({ "ips": ips })))
+}
+
+async fn release(
+    State(flaps): State<Arc<Flaps>>,
+    Extension(caller): Extension<Caller>,
+    Path((app, ip)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    owned_app(&flaps, &caller, &app)?;
+    if flaps.rib.release_ip(&app, &ip)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "app {app:?} has no address {ip:?}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flycast_ranges_parse() {
+        let (first, last) = range("127.20.0.0/16").unwrap();
+        assert_eq!(Ipv4Addr::from(first), Ipv4Addr::new(127, 20, 0, 1));
+        assert_eq!(Ipv4Addr::from(last), Ipv4Addr::new(127, 20, 255, 254));
+        assert!(range("127.20.0.0").is_err());
+        assert!(range("127.20.0.0/31").is_err());
+    }
+}
