@@ -59,8 +59,10 @@ fn valid_hostname(name: &str) -> bool {
         })
 }
 
-/// Checks that the chain and key parse and belong together.
-fn check_pair(fullchain: &str, private_key: &str) -> Result<(), ApiError> {
+/// Checks that the chain and key parse, belong together, and that the
+/// certificate is valid for `hostname` (its names, not its trust chain:
+/// a self-signed certificate is the uploader's choice).
+fn check_pair(hostname: &str, fullchain: &str, private_key: &str) -> Result<(), ApiError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(fullchain.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| ApiError::bad_request(format!("fullchain: not PEM certificates: {e}")))?;
@@ -69,6 +71,18 @@ fn check_pair(fullchain: &str, private_key: &str) -> Result<(), ApiError> {
     }
     let key = PrivateKeyDer::from_pem_slice(private_key.as_bytes())
         .map_err(|e| ApiError::bad_request(format!("private_key: not a PEM private key: {e}")))?;
+    let name = rustls::pki_types::ServerName::try_from(hostname)
+        .map_err(|e| ApiError::bad_request(format!("hostname: {e}")))?;
+    webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| {
+            ApiError::bad_request(format!("fullchain: unreadable leaf certificate: {e:?}"))
+        })?
+        .verify_is_valid_for_subject_name(&name)
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "fullchain: the certificate is not valid for {hostname:?}"
+            ))
+        })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| ApiError::bad_request(format!("private_key: unsupported key: {e}")))?;
     rustls::sign::CertifiedKey::new(chain, signing)
@@ -133,7 +147,7 @@ async fn upload(
     let private_key = req
         .private_key
         .ok_or_else(|| ApiError::bad_request("private_key: required"))?;
-    check_pair(&fullchain, &private_key)?;
+    check_pair(&hostname, &fullchain, &private_key)?;
     let row = CertificateRow {
         sealed_key: flaps
             .secrets
