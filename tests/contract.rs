@@ -210,3 +210,47 @@ fn the_contract_check_catches_mismatches() {
         assert!(result.is_err(), "{bad} passed as a Machine");
     }
 }
+
+/// `/openapi.json` is public, and every operation it lists is routed (a
+/// documented path that answers "no such endpoint" or 405 fails).
+#[tokio::test]
+async fn the_openapi_document_lists_only_routed_operations() {
+    let h = Hangar::start().await;
+    let resp = h.http.get(h.api("/openapi.json")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let doc: Value = resp.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.0.1");
+    let machine = h.app_with_machine("doc").await;
+    let id = machine["id"].as_str().unwrap();
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            // Deleting the app would take the machine with it.
+            if path == "/v1/apps/{app_name}" && method == "delete" {
+                continue;
+            }
+            let real = path
+                .replace("{app_name}", "doc")
+                .replace("{machine_id}", id)
+                .replace("{org_slug}", "personal")
+                .replace("{key}", "k")
+                .replace("{secret_name}", "S")
+                .replace("{hostname}", "h.example.com")
+                .replace("{ip}", "127.20.0.1");
+            let req = h
+                .http
+                .request(method.to_uppercase().parse().unwrap(), h.api(&real))
+                .bearer_auth(&h.token)
+                .body("{}");
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap();
+            assert!(
+                status != 405 && !body.contains("no such endpoint"),
+                "{method} {path}: {status} {body}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "{checked}");
+}

@@ -9,6 +9,7 @@
 //! - [`config`]: the `[flaps]` config table.
 //! - [`auth`]: tokens (stored hashed) and the auth middleware.
 //! - [`ips`]: apps' flycast (private) addresses.
+//! - [`openapi`]: `/openapi.json`, the operations Hangar implements.
 //! - [`limits`]: rate limits per token and action (429 with `Retry-After`).
 //! - [`error`]: [`error::ApiError`], the one place failures become responses.
 //! - [`apps`]: `/v1/apps` endpoints.
@@ -28,6 +29,7 @@ pub mod error;
 pub mod ips;
 pub mod limits;
 pub mod machines;
+pub mod openapi;
 pub mod platform;
 pub mod secrets;
 
@@ -89,6 +91,8 @@ pub fn router(flaps: Arc<Flaps>) -> Router {
             flaps.clone(),
             auth::require_token,
         ))
+        // Public: what the API offers, without a token.
+        .route("/openapi.json", axum::routing::get(openapi::serve))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(error::json_errors))
         .layer(axum::middleware::from_fn(request_id))
