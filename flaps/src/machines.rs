@@ -108,6 +108,28 @@ fn place(flaps: &Flaps, region: &str, guest: (u64, u64)) -> Result<HostRow, ApiE
         })
 }
 
+/// Placement without a requested region: the default region (the one
+/// nearest the API), else any other region with room, by name.
+fn place_anywhere(flaps: &Flaps, guest: (u64, u64)) -> Result<HostRow, ApiError> {
+    let first = place(flaps, &flaps.cfg.default_region, guest);
+    if first.is_ok() {
+        return first;
+    }
+    let mut regions: Vec<String> = flaps
+        .rib
+        .hosts(None)?
+        .into_iter()
+        .map(|h| h.region)
+        .collect();
+    regions.sort();
+    regions.dedup();
+    regions
+        .iter()
+        .filter(|r| **r != flaps.cfg.default_region)
+        .find_map(|r| place(flaps, r, guest).ok())
+        .map_or(first, Ok)
+}
+
 async fn create(
     State(flaps): State<Arc<Flaps>>,
     Extension(caller): Extension<Caller>,
@@ -117,12 +139,11 @@ async fn create(
     owned_app(&flaps, &caller, &app)?;
     let req: CreateMachineRequest = json_body(body)?;
     req.config.validate().map_err(ApiError::bad_request)?;
-    let region = req
-        .region
-        .clone()
-        .filter(|r| !r.is_empty())
-        .unwrap_or_else(|| flaps.cfg.default_region.clone());
-    let host = place(&flaps, &region, req.config.reservation())?;
+    let guest = req.config.reservation();
+    let host = match req.region.as_deref().filter(|r| !r.is_empty()) {
+        Some(region) => place(&flaps, region, guest)?,
+        None => place_anywhere(&flaps, guest)?,
+    };
     let host_req = HostCreateRequest {
         app: app.clone(),
         machine: req,
@@ -363,6 +384,39 @@ mod tests {
             "created_at": "", "updated_at": ""
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn placement_prefers_the_default_region_then_any_with_room() {
+        use hangar_catalog::{HostCapacity, Rib, SecretBox};
+        let dir = tempfile::tempdir().unwrap();
+        let rib = Rib::open(&dir.path().join("rib.sqlite")).unwrap();
+        let host = |id: &str, region: &str, free_mb: u64| HostRow {
+            id: id.into(),
+            region: region.into(),
+            address: "127.0.0.1:1".into(),
+            updated_at: 0,
+            capacity: HostCapacity {
+                cpus: 16,
+                memory_mb: 1024,
+                cpus_reserved: 0,
+                memory_mb_reserved: 1024 - free_mb,
+            },
+        };
+        rib.upsert_host(&host("d1", "dev", 256)).unwrap();
+        rib.upsert_host(&host("a1", "ams", 1024)).unwrap();
+        rib.upsert_host(&host("a2", "ams", 512)).unwrap();
+        let secrets =
+            std::sync::Arc::new(SecretBox::load_or_create(&dir.path().join("k")).unwrap());
+        let flaps = Flaps::new(crate::FlapsConfig::default(), rib, secrets);
+        assert_eq!(place_anywhere(&flaps, (1, 256)).unwrap().id, "d1");
+        // The default region is full for 512 MB: the roomiest host elsewhere.
+        assert_eq!(place_anywhere(&flaps, (1, 512)).unwrap().id, "a1");
+        let err = place_anywhere(&flaps, (1, 4096)).unwrap_err();
+        assert_eq!(err.body.status.as_deref(), Some("insufficient_capacity"));
+        let err = place(&flaps, "mars", (1, 256)).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.body.error.contains("ams, dev"), "{}", err.body.error);
     }
 
     fn q(pairs: &[(&str, &str)]) -> Result<ListQuery, ApiError> {
