@@ -210,6 +210,43 @@ async fn orgs_are_isolated() {
         ),
         403
     );
+    // Every documented operation on the other org's app: refused, never done.
+    let doc: Value = h
+        .http
+        .get(h.api("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/apps/{app_name}") {
+            continue;
+        }
+        for method in ops.as_object().unwrap().keys() {
+            let real = path
+                .replace("{app_name}", "mine")
+                .replace("{machine_id}", id)
+                .replace("{key}", "k")
+                .replace("{secret_name}", "S")
+                .replace("{hostname}", "h.example.com")
+                .replace("{ip}", "127.20.0.1");
+            let resp = h
+                .http
+                .request(method.to_uppercase().parse().unwrap(), h.api(&real))
+                .bearer_auth(&rival)
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            let code = resp.status().as_u16();
+            assert!(
+                code == 403 || code == 404,
+                "{method} {path} as another org: {code}"
+            );
+        }
+    }
     // Names are global, as on Fly: taken is taken.
     let resp = h
         .http
