@@ -438,9 +438,16 @@ impl Flyd {
     async fn recover(self: &Arc<Self>) -> Result<(), FlydError> {
         let unfinished = self.store.unfinished_runs()?;
         let resumed: HashSet<String> = unfinished.iter().map(|r| r.machine_id.clone()).collect();
-        for run in unfinished {
+        for mut run in unfinished {
             tracing::info!(run = %run.id, machine = %run.machine_id, kind = ?run.kind, step = ?run.current(), "resuming fsm run");
             let guard = self.lock_machine(&run.machine_id).await?;
+            if run.current() == Some(Step::Record) {
+                // Record now, so the machine is listed as soon as flyd
+                // serves; the launch goes on in the background.
+                self.step_record(&run)?;
+                run.step += 1;
+                self.store.put_run(&run)?;
+            }
             let flyd = self.clone();
             tokio::spawn(async move {
                 let _guard = guard;
