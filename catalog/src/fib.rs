@@ -91,6 +91,8 @@ pub struct Fib {
     snapshot: ArcSwap<FibSnapshot>,
     /// Changes applied since start, for telemetry.
     applied: AtomicU64,
+    /// Full reloads since start (after falling behind a compaction).
+    reloads: AtomicU64,
 }
 
 /// How many feed entries the follower reads per round.
@@ -99,22 +101,10 @@ const FEED_BATCH: usize = 1024;
 impl Fib {
     /// Loads the whole table from the RIB.
     pub fn load(rib: &Rib) -> Result<Arc<Self>, RibError> {
-        // Read the feed position first: anything committed after it is
-        // replayed by the follower, and replaying is idempotent.
-        let seq = rib.last_seq()?;
-        let mut apps = HashMap::new();
-        for app in rib.apps(None)? {
-            let routes = load_app(rib, &app.name, None)?;
-            apps.insert(app.name, Arc::new(routes));
-        }
-        let hostnames = hostnames(&apps);
         Ok(Arc::new(Self {
-            snapshot: ArcSwap::from_pointee(FibSnapshot {
-                seq,
-                apps,
-                hostnames,
-            }),
+            snapshot: ArcSwap::from_pointee(full_snapshot(rib, None)?),
             applied: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
         }))
     }
 
@@ -128,6 +118,11 @@ impl Fib {
         self.snapshot.load().apps.get(app).cloned()
     }
 
+    /// How many full reloads happened since load.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
     /// How many feed changes have been applied since load.
     pub fn applied(&self) -> u64 {
         self.applied.load(Ordering::Relaxed)
@@ -139,6 +134,17 @@ impl Fib {
         let mut total = 0;
         loop {
             let current = self.snapshot.load_full();
+            if current.seq < rib.compacted_through()? {
+                // The changes it needs are gone: start over from the RIB.
+                tracing::info!(
+                    seq = current.seq,
+                    "fib: behind the compacted feed; reloading"
+                );
+                self.snapshot
+                    .store(Arc::new(full_snapshot(rib, Some(&current))?));
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let changes = rib.changes_since(current.seq, FEED_BATCH)?;
             let Some(last) = changes.last().map(|c| c.seq) else {
                 return Ok(total);
@@ -186,6 +192,28 @@ impl Fib {
             }
         }
     }
+}
+
+/// The whole table from the RIB, keeping the in-flight counters of
+/// `previous` for machines it already had.
+fn full_snapshot(rib: &Rib, previous: Option<&FibSnapshot>) -> Result<FibSnapshot, RibError> {
+    // Read the feed position first: anything committed after it is
+    // replayed by the follower, and replaying is idempotent.
+    let seq = rib.last_seq()?;
+    let mut apps = HashMap::new();
+    for app in rib.apps(None)? {
+        let old = previous
+            .and_then(|p| p.apps.get(&app.name))
+            .map(|a| a.as_ref());
+        let routes = load_app(rib, &app.name, old)?;
+        apps.insert(app.name, Arc::new(routes));
+    }
+    let hostnames = hostnames(&apps);
+    Ok(FibSnapshot {
+        seq,
+        apps,
+        hostnames,
+    })
 }
 
 fn touched_apps(changes: &[Change]) -> HashSet<String> {

@@ -117,7 +117,21 @@ CREATE TABLE ip_assignments (
 );
 CREATE INDEX ip_assignments_by_app ON ip_assignments(app);
 "#,
+    // 7: feed compaction: changes up to `compacted_through` are gone, so a
+    // follower behind it must reload.
+    r#"
+CREATE TABLE feed_meta (
+    id                INTEGER PRIMARY KEY CHECK (id = 1),
+    compacted_through INTEGER NOT NULL
+);
+INSERT INTO feed_meta (id, compacted_through) VALUES (1, 0);
+"#,
 ];
+
+/// The newest change's sequence number. After a compaction that kept no
+/// change the table is empty, so the compaction point counts too.
+const LAST_SEQ: &str = "SELECT MAX(COALESCE((SELECT MAX(seq) FROM changes), 0),
+                           (SELECT compacted_through FROM feed_meta))";
 
 /// A failed RIB operation.
 #[derive(Debug, thiserror::Error)]
@@ -341,9 +355,7 @@ impl Rib {
         let mut writer = open_conn(path)?;
         migrate(&mut writer)?;
         let reader = open_conn(path)?;
-        let last: i64 = writer.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
-            r.get(0)
-        })?;
+        let last: i64 = writer.query_row(LAST_SEQ, [], |r| r.get(0))?;
         let (feed, _) = watch::channel(last as u64);
         Ok(Arc::new(Self {
             writer: Guarded::new("rib.writer", LOCK_WAIT, writer),
@@ -360,15 +372,9 @@ impl Rib {
     ) -> Result<R, RibError> {
         let (out, last_seq) = self.writer.with(label, |conn| -> Result<_, RibError> {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let before: i64 =
-                tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
-                    r.get(0)
-                })?;
+            let before: i64 = tx.query_row(LAST_SEQ, [], |r| r.get(0))?;
             let out = f(&tx)?;
-            let after: i64 =
-                tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
-                    r.get(0)
-                })?;
+            let after: i64 = tx.query_row(LAST_SEQ, [], |r| r.get(0))?;
             tx.commit()?;
             Ok((out, (after > before).then_some(after as u64)))
         })??;
@@ -857,9 +863,7 @@ impl Rib {
     /// The sequence number of the newest change.
     pub fn last_seq(&self) -> Result<u64, RibError> {
         self.read("last_seq", |c| {
-            let seq: i64 = c.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
-                r.get(0)
-            })?;
+            let seq: i64 = c.query_row(LAST_SEQ, [], |r| r.get(0))?;
             Ok(seq as u64)
         })
     }
@@ -879,6 +883,34 @@ impl Rib {
                 })
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Deletes all but the newest `keep` changes. Followers still behind the
+    /// deleted ones notice through [`Rib::compacted_through`] and reload.
+    /// Returns how many changes were deleted.
+    pub fn compact_feed(&self, keep: u64) -> Result<u64, RibError> {
+        self.write("compact_feed", |tx| {
+            let last: i64 = tx.query_row(LAST_SEQ, [], |r| r.get(0))?;
+            let done: i64 =
+                tx.query_row("SELECT compacted_through FROM feed_meta", [], |r| r.get(0))?;
+            let cutoff = last - keep as i64;
+            if cutoff <= done {
+                return Ok(0);
+            }
+            let n = tx.execute("DELETE FROM changes WHERE seq <= ?1", [cutoff])?;
+            tx.execute("UPDATE feed_meta SET compacted_through = ?1", [cutoff])?;
+            Ok(n as u64)
+        })
+    }
+
+    /// The sequence number up to which the feed was compacted: a follower
+    /// whose position is below it has missed changes.
+    pub fn compacted_through(&self) -> Result<u64, RibError> {
+        self.read("compacted_through", |c| {
+            let v: i64 =
+                c.query_row("SELECT compacted_through FROM feed_meta", [], |r| r.get(0))?;
+            Ok(v as u64)
         })
     }
 
