@@ -56,11 +56,20 @@ impl Default for MetricsConfig {
 pub struct CatalogConfig {
     /// How often the FIB polls the RIB for other processes' commits.
     pub poll_ms: u64,
+    /// Changes the feed keeps when compacted; a follower further behind
+    /// reloads the whole table.
+    pub keep_changes: u64,
+    /// How often the feed is compacted.
+    pub compact_interval_ms: u64,
 }
 
 impl Default for CatalogConfig {
     fn default() -> Self {
-        Self { poll_ms: 50 }
+        Self {
+            poll_ms: 50,
+            keep_changes: 100_000,
+            compact_interval_ms: 60_000,
+        }
     }
 }
 
@@ -93,6 +102,9 @@ impl Config {
         }
         if self.catalog.poll_ms == 0 {
             problems.push("catalog.poll_ms: must be at least 1".into());
+        }
+        if self.catalog.compact_interval_ms == 0 {
+            problems.push("catalog.compact_interval_ms: must be at least 1".into());
         }
         if problems.is_empty() {
             Ok(())

@@ -78,6 +78,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         stopping(stop_rx.clone()),
     ));
 
+    let compactor = tokio::spawn(compact_feed(
+        rib.clone(),
+        cfg.catalog.keep_changes,
+        Duration::from_millis(cfg.catalog.compact_interval_ms),
+        stopping(stop_rx.clone()),
+    ));
+
     let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone(), secrets.clone());
     let flaps_listener = bind(cfg.flaps.listen, "Machines API").await?;
     let flaps_addr = flaps_listener.local_addr()?;
@@ -141,9 +148,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     flyd.shutdown().await;
     let _ = follower.await;
+    let _ = compactor.await;
     let _ = std::fs::remove_file(&addrs_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Compacts the RIB's change feed every `every`, keeping `keep` changes.
+async fn compact_feed(rib: Arc<Rib>, keep: u64, every: Duration, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match rib.compact_feed(keep) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "compacted the rib change feed"),
+            Err(e) => tracing::warn!(error = %e, "compacting the rib change feed"),
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
