@@ -74,7 +74,8 @@ impl Flaps {
 /// The whole API: every route requires a valid token.
 pub fn router(flaps: Arc<Flaps>) -> Router {
     let body_limit = flaps.cfg.max_body_bytes;
-    // Layers run outside in: request id, body limit, auth, rate limit, route.
+    // Layers run outside in: request id, JSON errors, body limit, auth,
+    // rate limit, route.
     Router::new()
         .merge(apps::routes())
         .merge(machines::routes())
