@@ -225,13 +225,7 @@ async fn orgs_are_isolated() {
             continue;
         }
         for method in ops.as_object().unwrap().keys() {
-            let real = path
-                .replace("{app_name}", "mine")
-                .replace("{machine_id}", id)
-                .replace("{key}", "k")
-                .replace("{secret_name}", "S")
-                .replace("{hostname}", "h.example.com")
-                .replace("{ip}", "127.20.0.1");
+            let real = common::fill_path(path, "mine", id);
             let resp = h
                 .http
                 .request(method.to_uppercase().parse().unwrap(), h.api(&real))

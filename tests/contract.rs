@@ -229,14 +229,7 @@ async fn the_openapi_document_lists_only_routed_operations() {
             if path == "/v1/apps/{app_name}" && method == "delete" {
                 continue;
             }
-            let real = path
-                .replace("{app_name}", "doc")
-                .replace("{machine_id}", id)
-                .replace("{org_slug}", "personal")
-                .replace("{key}", "k")
-                .replace("{secret_name}", "S")
-                .replace("{hostname}", "h.example.com")
-                .replace("{ip}", "127.20.0.1");
+            let real = common::fill_path(path, "doc", id);
             let req = h
                 .http
                 .request(method.to_uppercase().parse().unwrap(), h.api(&real))

@@ -214,11 +214,18 @@ async fn delete(
     Ok(StatusCode::ACCEPTED)
 }
 
-fn now_ms() -> i64 {
+/// Now, in milliseconds since the Unix epoch (how the RIB stores times).
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// A RIB time (milliseconds) as RFC 3339, as the API writes times.
+pub(crate) fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn hex_id() -> String {

@@ -91,9 +91,7 @@ fn check_pair(hostname: &str, fullchain: &str, private_key: &str) -> Result<(), 
 }
 
 fn summary(row: &CertificateRow) -> Value {
-    let created =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(row.created_at.max(0) as u64);
-    let created = humantime::format_rfc3339_seconds(created).to_string();
+    let created = crate::apps::rfc3339(row.created_at);
     json!({
         "hostname": row.hostname,
         "configured": true,
@@ -155,10 +153,7 @@ async fn upload(
         hostname: hostname.clone(),
         app,
         fullchain,
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        created_at: crate::apps::now_ms(),
     };
     match flaps.rib.put_certificate(&row) {
         Ok(()) => {}

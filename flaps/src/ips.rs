@@ -49,8 +49,6 @@ fn range(cidr: &str) -> Result<(u32, u32), ApiError> {
 }
 
 fn shown(row: &IpRow) -> Value {
-    let created =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(row.created_at.max(0) as u64);
     json!({
         "ip": row.ip,
         "region": row.region,
@@ -58,7 +56,7 @@ fn shown(row: &IpRow) -> Value {
         "shared": false,
         "egress": false,
         "network": { "name": row.network, "org_slug": "" },
-        "created_at": humantime::format_rfc3339_seconds(created).to_string(),
+        "created_at": crate::apps::rfc3339(row.created_at),
     })
 }
 
@@ -100,10 +98,7 @@ async fn assign(
         network: req.network.unwrap_or_else(|| owner.network.clone()),
         region: req.region.unwrap_or_default(),
         service_name: req.service_name.unwrap_or_default(),
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        created_at: crate::apps::now_ms(),
     };
     // Random picks keep concurrent assignments apart; the RIB's primary key
     // settles the rare race.

@@ -5,7 +5,7 @@
 //! version.
 
 use crate::Flaps;
-use crate::apps::owned_app;
+use crate::apps::{owned_app, rfc3339};
 use crate::auth::Caller;
 use crate::error::{ApiError, json_body};
 use axum::body::Bytes;
@@ -59,11 +59,6 @@ fn check(name: &str, value: Option<&str>) -> Result<(), ApiError> {
 
 fn digest(value: &str) -> String {
     hex::encode(&Sha256::digest(value.as_bytes())[..8])
-}
-
-fn rfc3339(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// A secret as the API shows it; the value only when asked and it opens.

@@ -321,3 +321,16 @@ pub async fn assert_no_process_mentions(needle: &str) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A documented path (`/v1/apps/{app_name}/...`) with its placeholders
+/// filled: `app` and machine `id`, and fixed values for the rest.
+pub fn fill_path(template: &str, app: &str, id: &str) -> String {
+    template
+        .replace("{app_name}", app)
+        .replace("{machine_id}", id)
+        .replace("{org_slug}", "personal")
+        .replace("{key}", "k")
+        .replace("{secret_name}", "S")
+        .replace("{hostname}", "h.example.com")
+        .replace("{ip}", "127.20.0.1")
+}
