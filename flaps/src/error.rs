@@ -105,13 +105,21 @@ pub async fn not_found(method: Method, uri: Uri) -> ApiError {
 pub fn json_body<T: serde::de::DeserializeOwned>(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, ApiError> {
+    let bytes = non_blank(body)?;
+    parse_json(bytes.as_deref().unwrap_or(b"{}"))
+}
+
+/// The body's bytes, or `None` when it is empty or only whitespace.
+pub fn non_blank(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Option<axum::body::Bytes>, ApiError> {
     let bytes =
         body.map_err(|r| ApiError::new(r.status(), format!("request body: {}", r.body_text())))?;
-    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        &bytes
-    };
-    serde_json::from_slice(text)
+    Ok((!bytes.iter().all(u8::is_ascii_whitespace)).then_some(bytes))
+}
+
+/// Decodes JSON, answering 400 with the parser's reason.
+pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }

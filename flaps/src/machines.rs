@@ -9,7 +9,7 @@
 use crate::Flaps;
 use crate::apps::owned_app;
 use crate::auth::Caller;
-use crate::error::{ApiError, json_body};
+use crate::error::{ApiError, json_body, non_blank, parse_json};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, RawQuery, State};
@@ -356,14 +356,7 @@ async fn forward(
 
 /// The request body as JSON, or none when it is empty.
 fn json_value(body: Result<Bytes, BytesRejection>) -> Result<Option<serde_json::Value>, ApiError> {
-    let bytes =
-        body.map_err(|r| ApiError::new(r.status(), format!("request body: {}", r.body_text())))?;
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    non_blank(body)?.map(|bytes| parse_json(&bytes)).transpose()
 }
 
 #[cfg(test)]
