@@ -61,14 +61,33 @@ pub struct CatalogConfig {
     pub keep_changes: u64,
     /// How often the feed is compacted.
     pub compact_interval_ms: u64,
+    /// `global` (every machine in detail) or `regional` (the detail of
+    /// `flyd.region` only, summaries for the other regions).
+    pub mode: CatalogMode,
+    /// How long a catalog writer waits for the writer lock.
+    pub lock_wait_ms: u64,
+    /// How long the follower may not answer before the watchdog aborts the
+    /// process; 0 turns the watchdog off.
+    pub watchdog_ms: u64,
+}
+
+/// `catalog.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogMode {
+    Global,
+    Regional,
 }
 
 impl Default for CatalogConfig {
     fn default() -> Self {
         Self {
-            poll_ms: 50,
+            poll_ms: 2,
             keep_changes: 100_000,
             compact_interval_ms: 60_000,
+            mode: CatalogMode::Global,
+            lock_wait_ms: 1_000,
+            watchdog_ms: 30_000,
         }
     }
 }
@@ -105,6 +124,9 @@ impl Config {
         }
         if self.catalog.compact_interval_ms == 0 {
             problems.push("catalog.compact_interval_ms: must be at least 1".into());
+        }
+        if self.catalog.lock_wait_ms == 0 {
+            problems.push("catalog.lock_wait_ms: must be at least 1".into());
         }
         if problems.is_empty() {
             Ok(())

@@ -3,9 +3,9 @@
 //! Ctrl-C or SIGTERM: the proxy and flaps stop taking requests and drain,
 //! then flyd stops every machine and records it stopped.
 
-use crate::config::Config;
+use crate::config::{CatalogMode, Config};
 use anyhow::Context;
-use hangar_catalog::{Fib, Rib, SecretBox};
+use hangar_catalog::{Fib, FibOptions, Follower, FollowerOptions, Mode, Rib, SecretBox};
 use hangar_flyd::Flyd;
 use hangar_proxy::{Metrics, Proxy};
 use std::net::SocketAddr;
@@ -71,12 +71,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .into_future(),
     );
 
-    let fib = Fib::load(&rib)?;
-    let follower = tokio::spawn(fib.clone().follow(
+    let fib = Fib::load_with(&rib, fib_options(&cfg))?;
+    let follower = Follower::spawn(
+        fib.clone(),
         rib.clone(),
-        Duration::from_millis(cfg.catalog.poll_ms),
-        stopping(stop_rx.clone()),
-    ));
+        FollowerOptions {
+            poll: Duration::from_millis(cfg.catalog.poll_ms),
+            watchdog: (cfg.catalog.watchdog_ms > 0)
+                .then(|| Duration::from_millis(cfg.catalog.watchdog_ms)),
+            ..FollowerOptions::default()
+        },
+    )?;
 
     let compactor = tokio::spawn(compact_feed(
         rib.clone(),
@@ -94,7 +99,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .into_future(),
     );
 
-    let metrics = Arc::new(Metrics::new(fib.clone()));
+    let metrics = Arc::new(Metrics::new(fib.clone()).with_rib(rib.clone()));
     let proxy = Proxy::bind(cfg.proxy.clone(), fib.clone(), &data_dir, &metrics, secrets).await?;
     let (http_addr, https_addr) = (proxy.http_addr(), proxy.https_addr());
     let proxy_server = tokio::spawn(proxy.serve(stopping(stop_rx.clone()), DRAIN));
@@ -147,11 +152,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     flyd.shutdown().await;
-    let _ = follower.await;
+    drop(follower);
     let _ = compactor.await;
     let _ = std::fs::remove_file(&addrs_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+fn fib_options(cfg: &Config) -> FibOptions {
+    FibOptions {
+        mode: match cfg.catalog.mode {
+            CatalogMode::Global => Mode::Global,
+            CatalogMode::Regional => Mode::Regional(cfg.flyd.region.as_str().into()),
+        },
+        lock_wait: Duration::from_millis(cfg.catalog.lock_wait_ms),
+    }
 }
 
 /// Compacts the RIB's change feed every `every`, keeping `keep` changes.

@@ -8,11 +8,18 @@
 //! - `hangar apps|machines|status`: the client commands (see `cli`).
 //! - `hangar tokens create --org ORG`: a new API token for an org.
 //! - `hangar bench lifecycle`: lifecycle latencies through the Machines API.
+//! - `hangar bench catalog`: the catalog at scale (load, memory, lookups,
+//!   propagation).
 
 mod bench;
 mod cli;
 mod config;
 mod dev;
+
+/// jemalloc: steady under many threads allocating per request, and it can
+/// report allocated bytes (what `hangar bench catalog` measures the FIB with).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -90,6 +97,8 @@ enum TokensCmd {
 enum BenchPart {
     /// Machine lifecycle latencies and create throughput.
     Lifecycle(bench::LifecycleArgs),
+    /// The catalog at scale: FIB load, memory, lookups, propagation.
+    Catalog(bench::CatalogArgs),
 }
 
 /// Flags of `hangar dev`; each overrides the config file.
@@ -158,6 +167,7 @@ fn main() -> anyhow::Result<()> {
         Command::Apps { conn, cmd } => exit_with(cli::apps(conn, cmd)),
         Command::Machines { conn, cmd } => exit_with(cli::machines(conn, cmd)),
         Command::Status { conn } => exit_with(cli::status(conn)),
+        Command::Bench(BenchPart::Catalog(args)) => bench::catalog(args),
         Command::Bench(BenchPart::Lifecycle(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::lifecycle(args))
         }

@@ -5,8 +5,10 @@
 //!   transaction; each row has one writer and a version, and an older version
 //!   never overwrites a newer one. All of Hangar's SQL lives here.
 //! - [`fib`]: the FIB (the Catalog), the proxy's in-memory routing table:
-//!   loaded from the RIB, then following its change feed. Readers take an
-//!   immutable snapshot and never wait for a writer.
+//!   loaded from the RIB, then following its change feed on its own thread
+//!   under a watchdog. Readers take an immutable snapshot and never wait for
+//!   a writer. Global (every machine) or regional (own region in detail,
+//!   per-region summaries for the rest).
 //! - [`secrets`]: app secrets sealed at rest, with a key beside the RIB.
 //! - [`lock`]: [`lock::Guarded`], the only way shared mutable state is touched:
 //!   through closures, with bounded, labelled waits.
@@ -16,9 +18,12 @@ pub mod lock;
 pub mod rib;
 pub mod secrets;
 
-pub use fib::{AppRoutes, Fib, FibSnapshot, RouteMachine};
+pub use fib::{
+    AppRoutes, Fib, FibOptions, FibSnapshot, FibStats, Follower, FollowerOptions, Mode,
+    RegionSummary, RouteMachine, Stall,
+};
 pub use rib::{
-    AppRow, CertificateRow, Change, HostCapacity, HostRow, IpRow, MachineRow, Rib, RibError,
-    SealedSecret, SecretRow,
+    AppRow, CertificateRow, Change, CommitHook, HostCapacity, HostRow, IpRow, MachineRow,
+    RegionSummaryRow, Rib, RibError, SealedSecret, SecretRow,
 };
 pub use secrets::SecretBox;

@@ -2,9 +2,9 @@
 //!
 //! One writer connection and one reader connection, each behind a
 //! [`Guarded`] lock; in WAL mode the reader never blocks the writer. Every
-//! write appends to `changes` in the same transaction and then wakes
-//! in-process followers through a watch channel; followers in other processes
-//! poll `changes` by sequence number.
+//! write appends to `changes` in the same transaction and then calls the
+//! in-process followers' commit hooks; followers in other processes poll
+//! SQLite's `data_version` and read `changes` by sequence number.
 //!
 //! Row ownership: flaps writes orgs, tokens and apps; each flyd writes its
 //! host and its machines. Machine rows carry the owner's `row_version`, and an
@@ -12,12 +12,12 @@
 //! undo a newer one.
 
 use crate::lock::{Guarded, LockTimeout};
+use arc_swap::ArcSwap;
 use hangar_api::machine::{MachineService, MachineState};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// Schema migrations, applied in order at open; `PRAGMA user_version` holds
 /// how many have run. Append only: never edit a shipped migration.
@@ -125,6 +125,19 @@ CREATE TABLE feed_meta (
     compacted_through INTEGER NOT NULL
 );
 INSERT INTO feed_meta (id, compacted_through) VALUES (1, 0);
+"#,
+    // 8: per-app per-region summaries, derived from the machine rows so they
+    // can never disagree with them; the index keeps a per-app refresh cheap.
+    r#"
+CREATE INDEX machines_by_app_region ON machines(app, region, state);
+CREATE VIEW app_region_summaries AS
+SELECT app, region,
+       SUM(state = 'started')   AS started,
+       SUM(state = 'stopped')   AS stopped,
+       SUM(state = 'suspended') AS suspended,
+       SUM(state = 'started' AND cordoned = 0 AND healthy = 1) AS routable
+FROM machines WHERE state != 'destroyed'
+GROUP BY app, region;
 "#,
 ];
 
@@ -260,12 +273,41 @@ pub struct Change {
     pub app: Option<String>,
 }
 
+/// A machine as the FIB reads it: borrowed columns, services still JSON so
+/// the reader can share one decoded copy among machines with equal config.
+pub(crate) struct RouteRow<'a> {
+    pub id: &'a str,
+    pub app: &'a str,
+    pub region: &'a str,
+    pub host: &'a str,
+    pub state: MachineState,
+    pub private_ip: &'a str,
+    pub cordoned: bool,
+    pub healthy: bool,
+    pub services: &'a str,
+}
+
+/// One row of the `app_region_summaries` view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionSummaryRow {
+    pub region: String,
+    pub started: u64,
+    pub stopped: u64,
+    pub suspended: u64,
+    pub routable: u64,
+}
+
+/// Called after every commit that appended changes, with the newest
+/// sequence number. Runs on the writer's thread: it must not block.
+pub type CommitHook = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// The RIB: see the module docs.
 pub struct Rib {
     writer: Guarded<Connection>,
     reader: Guarded<Connection>,
-    /// The last committed change sequence number, for in-process followers.
-    feed: watch::Sender<u64>,
+    /// In-process followers to wake after a commit. Read without a lock on
+    /// every commit; replaced whole when one registers.
+    hooks: ArcSwap<Vec<CommitHook>>,
 }
 
 /// How long a caller waits for a RIB connection before giving up. SQLite
@@ -306,10 +348,8 @@ fn append_change(
     key: &str,
     app: Option<&str>,
 ) -> Result<u64, rusqlite::Error> {
-    tx.execute(
-        "INSERT INTO changes (tbl, key, app) VALUES (?1, ?2, ?3)",
-        params![table, key, app],
-    )?;
+    tx.prepare_cached("INSERT INTO changes (tbl, key, app) VALUES (?1, ?2, ?3)")?
+        .execute(params![table, key, app])?;
     Ok(tx.last_insert_rowid() as u64)
 }
 
@@ -355,13 +395,25 @@ impl Rib {
         let mut writer = open_conn(path)?;
         migrate(&mut writer)?;
         let reader = open_conn(path)?;
-        let last: i64 = writer.query_row(LAST_SEQ, [], |r| r.get(0))?;
-        let (feed, _) = watch::channel(last as u64);
         Ok(Arc::new(Self {
             writer: Guarded::new("rib.writer", LOCK_WAIT, writer),
             reader: Guarded::new("rib.reader", LOCK_WAIT, reader),
-            feed,
+            hooks: ArcSwap::from_pointee(Vec::new()),
         }))
+    }
+
+    /// Calls `hook` after every commit of this process that appends changes.
+    pub fn on_commit(&self, hook: CommitHook) {
+        self.hooks.rcu(|hooks| {
+            let mut hooks = Vec::clone(hooks);
+            hooks.push(hook.clone());
+            hooks
+        });
+    }
+
+    /// The RIB's connection locks, for telemetry.
+    pub fn locks(&self) -> [crate::lock::LockStats; 2] {
+        [self.writer.stats(), self.reader.stats()]
     }
 
     /// Runs `f` in one write transaction; wakes followers if it appended changes.
@@ -379,7 +431,9 @@ impl Rib {
             Ok((out, (after > before).then_some(after as u64)))
         })??;
         if let Some(seq) = last_seq {
-            self.feed.send_replace(seq);
+            for hook in self.hooks.load().iter() {
+                hook(seq);
+            }
         }
         Ok(out)
     }
@@ -444,18 +498,16 @@ impl Rib {
 
     /// Inserts a new app; `Conflict` if the name is taken.
     pub fn create_app(&self, app: &AppRow) -> Result<(), RibError> {
-        self.write("create_app", |tx| {
-            let inserted = tx.execute(
-                "INSERT OR IGNORE INTO apps (name, id, org_slug, network, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![app.name, app.id, app.org_slug, app.network, app.created_at],
-            )?;
-            if inserted == 0 {
-                return Err(RibError::Conflict {
-                    what: "app",
-                    key: app.name.clone(),
-                });
+        self.write("create_app", |tx| insert_app(tx, app))
+    }
+
+    /// Inserts many new apps in one transaction; `Conflict` (and nothing
+    /// written) if any name is taken.
+    pub fn create_apps(&self, apps: &[AppRow]) -> Result<(), RibError> {
+        self.write("create_apps", |tx| {
+            for app in apps {
+                insert_app(tx, app)?;
             }
-            append_change(tx, "apps", &app.name, Some(&app.name))?;
             Ok(())
         })
     }
@@ -561,40 +613,23 @@ impl Rib {
     /// Writes a machine row unless the RIB already has this or a newer
     /// `row_version`. Returns whether the write was applied.
     pub fn upsert_machine(&self, m: &MachineRow) -> Result<bool, RibError> {
-        let services = serde_json::to_string(&m.services).map_err(|e| RibError::Corrupt {
-            key: m.id.clone(),
-            reason: e.to_string(),
-        })?;
-        self.write("upsert_machine", |tx| {
-            let n = tx.execute(
-                "INSERT INTO machines (id, app, region, host, state, private_ip, instance_id,
-                    cordoned, services, row_version, updated_at, healthy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                 ON CONFLICT(id) DO UPDATE SET app = excluded.app, region = excluded.region,
-                    host = excluded.host, state = excluded.state, private_ip = excluded.private_ip,
-                    instance_id = excluded.instance_id, cordoned = excluded.cordoned,
-                    services = excluded.services, row_version = excluded.row_version,
-                    updated_at = excluded.updated_at, healthy = excluded.healthy
-                 WHERE excluded.row_version > machines.row_version",
-                params![
-                    m.id,
-                    m.app,
-                    m.region,
-                    m.host,
-                    m.state.as_str(),
-                    m.private_ip,
-                    m.instance_id,
-                    m.cordoned,
-                    services,
-                    m.row_version as i64,
-                    m.updated_at,
-                    m.healthy
-                ],
-            )?;
-            if n > 0 {
-                append_change(tx, "machines", &m.id, Some(&m.app))?;
+        let services = services_json(m)?;
+        self.write("upsert_machine", |tx| upsert_machine(tx, m, &services))
+    }
+
+    /// [`Rib::upsert_machine`] for many rows in one transaction (one commit,
+    /// one wake-up). Returns how many writes were applied.
+    pub fn upsert_machines(&self, rows: &[MachineRow]) -> Result<usize, RibError> {
+        let services = rows
+            .iter()
+            .map(services_json)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write("upsert_machines", |tx| {
+            let mut applied = 0;
+            for (m, services) in rows.iter().zip(&services) {
+                applied += usize::from(upsert_machine(tx, m, services)?);
             }
-            Ok(n > 0)
+            Ok(applied)
         })
     }
 
@@ -621,6 +656,74 @@ impl Rib {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })?;
         raw.into_iter().map(decode_machine).collect()
+    }
+
+    /// Calls `f` with every machine that is not destroyed, of one app or of
+    /// all, in no particular order. For the FIB: no row is decoded further
+    /// than it needs.
+    pub(crate) fn for_each_route(
+        &self,
+        app: Option<&str>,
+        mut f: impl FnMut(RouteRow<'_>),
+    ) -> Result<(), RibError> {
+        const COLUMNS: &str =
+            "id, app, region, host, state, private_ip, cordoned, healthy, services";
+        self.read("for_each_route", |c| {
+            let mut stmt = match app {
+                Some(_) => c.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM machines WHERE app = ?1 AND state != 'destroyed'"
+                ))?,
+                None => c.prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM machines WHERE state != 'destroyed'"
+                ))?,
+            };
+            let mut rows = match app {
+                Some(app) => stmt.query([app])?,
+                None => stmt.query([])?,
+            };
+            while let Some(r) = rows.next()? {
+                let text = |i: usize| -> Result<&str, RibError> {
+                    Ok(r.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
+                };
+                let id = text(0)?;
+                let state = text(4)?.parse().map_err(|reason| RibError::Corrupt {
+                    key: id.to_string(),
+                    reason,
+                })?;
+                f(RouteRow {
+                    id,
+                    app: text(1)?,
+                    region: text(2)?,
+                    host: text(3)?,
+                    state,
+                    private_ip: text(5)?,
+                    cordoned: r.get(6)?,
+                    healthy: r.get(7)?,
+                    services: text(8)?,
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// An app's machines per region, from the `app_region_summaries` view.
+    pub fn region_summaries(&self, app: &str) -> Result<Vec<RegionSummaryRow>, RibError> {
+        self.read("region_summaries", |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT region, started, stopped, suspended, routable
+                 FROM app_region_summaries WHERE app = ?1 ORDER BY region",
+            )?;
+            let rows = stmt.query_map([app], |r| {
+                Ok(RegionSummaryRow {
+                    region: r.get(0)?,
+                    started: r.get::<_, i64>(1)? as u64,
+                    stopped: r.get::<_, i64>(2)? as u64,
+                    suspended: r.get::<_, i64>(3)? as u64,
+                    routable: r.get::<_, i64>(4)? as u64,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Deletes an app's destroyed machine rows (after the app itself is gone).
@@ -783,10 +886,15 @@ impl Rib {
 
     /// The certificates of an app, by hostname.
     pub fn certificates_of_app(&self, app: &str) -> Result<Vec<CertificateRow>, RibError> {
-        self.read("certificates_of_app", |c| {
+        self.certificates(Some(app))
+    }
+
+    /// Every certificate, or those of one app, by hostname.
+    pub fn certificates(&self, app: Option<&str>) -> Result<Vec<CertificateRow>, RibError> {
+        self.read("certificates", |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT hostname, app, fullchain, sealed_key, created_at FROM certificates
-                 WHERE app = ?1 ORDER BY hostname",
+                 WHERE ?1 IS NULL OR app = ?1 ORDER BY hostname",
             )?;
             let rows = stmt.query_map([app], |r| {
                 Ok(CertificateRow {
@@ -914,10 +1022,75 @@ impl Rib {
         })
     }
 
-    /// Wakes when this process commits a change (carries its sequence number).
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.feed.subscribe()
+    /// SQLite's `data_version`: changes whenever another connection (this
+    /// process's writer, or another process) commits. Checking it costs no
+    /// disk read, so a follower in another process can poll it every few
+    /// milliseconds.
+    pub fn data_version(&self) -> Result<u64, RibError> {
+        self.read("data_version", |c| {
+            let v: i64 = c.pragma_query_value(None, "data_version", |r| r.get(0))?;
+            Ok(v as u64)
+        })
     }
+}
+
+fn insert_app(tx: &rusqlite::Transaction<'_>, app: &AppRow) -> Result<(), RibError> {
+    let inserted = tx.execute(
+        "INSERT OR IGNORE INTO apps (name, id, org_slug, network, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![app.name, app.id, app.org_slug, app.network, app.created_at],
+    )?;
+    if inserted == 0 {
+        return Err(RibError::Conflict {
+            what: "app",
+            key: app.name.clone(),
+        });
+    }
+    append_change(tx, "apps", &app.name, Some(&app.name))?;
+    Ok(())
+}
+
+fn services_json(m: &MachineRow) -> Result<String, RibError> {
+    serde_json::to_string(&m.services).map_err(|e| RibError::Corrupt {
+        key: m.id.clone(),
+        reason: e.to_string(),
+    })
+}
+
+fn upsert_machine(
+    tx: &rusqlite::Transaction<'_>,
+    m: &MachineRow,
+    services: &str,
+) -> Result<bool, RibError> {
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO machines (id, app, region, host, state, private_ip, instance_id,
+            cordoned, services, row_version, updated_at, healthy)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT(id) DO UPDATE SET app = excluded.app, region = excluded.region,
+            host = excluded.host, state = excluded.state, private_ip = excluded.private_ip,
+            instance_id = excluded.instance_id, cordoned = excluded.cordoned,
+            services = excluded.services, row_version = excluded.row_version,
+            updated_at = excluded.updated_at, healthy = excluded.healthy
+         WHERE excluded.row_version > machines.row_version",
+        )?
+        .execute(params![
+            m.id,
+            m.app,
+            m.region,
+            m.host,
+            m.state.as_str(),
+            m.private_ip,
+            m.instance_id,
+            m.cordoned,
+            services,
+            m.row_version as i64,
+            m.updated_at,
+            m.healthy
+        ])?;
+    if n > 0 {
+        append_change(tx, "machines", &m.id, Some(&m.app))?;
+    }
+    Ok(n > 0)
 }
 
 fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AppRow> {
@@ -982,7 +1155,7 @@ mod tests {
         // Two applied writes, two changes; ignored writes append nothing.
         let changes = rib.changes_since(0, 100).unwrap();
         assert_eq!(changes.len(), 2);
-        assert_eq!(*rib.subscribe().borrow(), changes[1].seq);
+        assert_eq!(rib.last_seq().unwrap(), changes[1].seq);
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! Model-based test of the RIB and the FIB that follows it: random
-//! sequences of writes (machine rows with out-of-order versions, app
-//! creates and deletes, certificates), feed compactions, follower catch-ups
-//! and follower restarts. After every catch-up the FIB must equal a FIB
-//! freshly loaded from the RIB, and the RIB must hold, for every machine,
-//! the newest version ever written (a `BTreeMap` model).
+//! Model-based test of the RIB and the FIBs that follow it: random
+//! sequences of writes (machine rows in three regions with out-of-order
+//! versions, app creates and deletes, certificates, flycast addresses), feed
+//! compactions, follower catch-ups and follower restarts. After every
+//! catch-up, a global FIB and a regional one must each equal a model rebuilt
+//! from the RIB with plain queries (machines, the summaries view,
+//! certificates, addresses), and the RIB must hold, for every machine, the
+//! newest version ever written (a `BTreeMap` model).
 
 use hangar_api::machine::MachineState;
-use hangar_catalog::{AppRow, CertificateRow, Fib, MachineRow, Rib};
+use hangar_catalog::{AppRow, CertificateRow, Fib, FibOptions, IpRow, MachineRow, Mode, Rib};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,9 +19,19 @@ enum Op {
     Upsert {
         app: u8,
         machine: u8,
+        region: u8,
         version: u8,
         state: u8,
         cordoned: bool,
+        healthy: bool,
+    },
+    AddIp {
+        app: u8,
+        ip: u8,
+    },
+    ReleaseIp {
+        app: u8,
+        ip: u8,
     },
     PutCert {
         app: u8,
@@ -38,15 +50,23 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0u8..3).prop_map(Op::CreateApp),
         (0u8..3).prop_map(Op::DeleteApp),
-        (0u8..3, 0u8..4, 1u8..8, 0u8..4, any::<bool>()).prop_map(
-            |(app, machine, version, state, cordoned)| Op::Upsert {
-                app,
-                machine,
-                version,
-                state,
-                cordoned
-            }
-        ),
+        (
+            (0u8..3, 0u8..4, 0u8..3),
+            (1u8..8, 0u8..4, any::<bool>(), any::<bool>())
+        )
+            .prop_map(
+                |((app, machine, region), (version, state, cordoned, healthy))| Op::Upsert {
+                    app,
+                    machine,
+                    region,
+                    version,
+                    state,
+                    cordoned,
+                    healthy,
+                }
+            ),
+        (0u8..3, 0u8..3).prop_map(|(app, ip)| Op::AddIp { app, ip }),
+        (0u8..3, 0u8..3).prop_map(|(app, ip)| Op::ReleaseIp { app, ip }),
         (0u8..3, 0u8..3).prop_map(|(app, host)| Op::PutCert { app, host }),
         (0u8..3, 0u8..3).prop_map(|(app, host)| Op::DeleteCert { app, host }),
         Just(Op::CatchUp),
@@ -62,40 +82,169 @@ const STATES: [MachineState; 4] = [
     MachineState::Destroyed,
 ];
 
+const REGIONS: [&str; 3] = ["ams", "ord", "syd"];
+
+/// One machine as the FIB keeps it: id, region, state, cordoned, healthy.
+type MachineView = (String, String, MachineState, bool, bool);
+/// One region summary: region, started, stopped, suspended, routable.
+type SummaryView = (String, u64, u64, u64, u64);
+
+/// An app: its machines, region summaries and non-zero counts by state.
+type AppView = (Vec<MachineView>, Vec<SummaryView>, Vec<(MachineState, u32)>);
+
 /// What a FIB says, in a comparable form.
-type View = (
-    BTreeMap<String, Vec<(String, String, bool)>>,
-    BTreeMap<String, String>,
-);
+#[derive(Debug, PartialEq)]
+struct View {
+    apps: BTreeMap<String, AppView>,
+    hostnames: BTreeMap<String, String>,
+    flycast: BTreeMap<String, String>,
+}
 
 fn view(fib: &Fib) -> View {
     let snap = fib.snapshot();
     let apps = snap
-        .apps
-        .iter()
-        .map(|(name, routes)| {
-            let mut machines: Vec<_> = routes
+        .apps()
+        .map(|app| {
+            let machines = app
                 .machines
                 .iter()
-                .map(|m| (m.id.clone(), m.state.to_string(), m.cordoned))
+                .map(|m| {
+                    (
+                        m.id.to_string(),
+                        m.region.to_string(),
+                        m.state,
+                        m.cordoned,
+                        m.healthy,
+                    )
+                })
                 .collect();
-            machines.sort();
-            (name.clone(), machines)
+            let summaries = app
+                .regions
+                .iter()
+                .map(|r| {
+                    let n = u64::from;
+                    (
+                        r.region.to_string(),
+                        n(r.started),
+                        n(r.stopped),
+                        n(r.suspended),
+                        n(r.routable),
+                    )
+                })
+                .collect();
+            let states = MachineState::ALL
+                .into_iter()
+                .map(|s| (s, app.count(s)))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            (app.name.to_string(), (machines, summaries, states))
         })
         .collect();
-    let hosts = snap
-        .hostnames
-        .iter()
-        .map(|(h, c)| (h.clone(), c.app.clone()))
+    let hostnames = snap
+        .hostnames()
+        .map(|(h, c)| (h.to_string(), c.app.clone()))
         .collect();
-    (apps, hosts)
+    let flycast = snap
+        .apps()
+        .flat_map(|app| {
+            app.flycast
+                .iter()
+                .map(|ip| (ip.to_string(), app.name.to_string()))
+        })
+        .collect();
+    View {
+        apps,
+        hostnames,
+        flycast,
+    }
+}
+
+/// The model: what a FIB in `mode` should say, from plain RIB queries.
+fn model(rib: &Rib, mode: &Mode) -> View {
+    let apps: BTreeMap<String, _> = rib
+        .apps(None)
+        .unwrap()
+        .into_iter()
+        .map(|app| {
+            let rows: Vec<MachineRow> = rib
+                .machines_of_app(&app.name)
+                .unwrap()
+                .into_iter()
+                .filter(|m| m.state != MachineState::Destroyed)
+                .collect();
+            let machines = rows
+                .iter()
+                .filter(|m| mode.region().is_none_or(|own| own == m.region))
+                .map(|m| {
+                    (
+                        m.id.clone(),
+                        m.region.clone(),
+                        m.state,
+                        m.cordoned,
+                        m.healthy,
+                    )
+                })
+                .collect();
+            let summaries = rib
+                .region_summaries(&app.name)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.region, r.started, r.stopped, r.suspended, r.routable))
+                .collect();
+            let mut states: BTreeMap<usize, (MachineState, u32)> = BTreeMap::new();
+            for m in &rows {
+                let i = MachineState::ALL
+                    .iter()
+                    .position(|s| *s == m.state)
+                    .unwrap();
+                states.entry(i).or_insert((m.state, 0)).1 += 1;
+            }
+            (
+                app.name,
+                (machines, summaries, states.into_values().collect()),
+            )
+        })
+        .collect();
+    let hostnames = rib
+        .certificates(None)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.hostname, c.app))
+        // Rows of an app being deleted are not routed.
+        .filter(|(_, app)| apps.contains_key(app))
+        .collect();
+    let flycast = rib
+        .ips(None)
+        .unwrap()
+        .into_iter()
+        .map(|ip| (ip.ip, ip.app))
+        .filter(|(_, app)| apps.contains_key(app))
+        .collect();
+    View {
+        apps,
+        hostnames,
+        flycast,
+    }
+}
+
+fn regional() -> FibOptions {
+    FibOptions {
+        mode: Mode::Regional("ams".into()),
+        ..FibOptions::default()
+    }
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let rib = Rib::open(&dir.path().join("rib.sqlite")).unwrap();
     rib.ensure_org("personal", "Personal").unwrap();
-    let mut fib = Fib::load(&rib).unwrap();
+    let load = |rib: &Rib| {
+        (
+            Fib::load(rib).unwrap(),
+            Fib::load_with(rib, regional()).unwrap(),
+        )
+    };
+    let (mut global, mut regional) = load(&rib);
     // The model of machine rows: id → (version, state), newest version wins.
     let mut rows: BTreeMap<String, (u64, MachineState)> = BTreeMap::new();
     let mut apps: BTreeSet<String> = BTreeSet::new();
@@ -124,22 +273,24 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Upsert {
                 app,
                 machine,
+                region,
                 version,
                 state,
                 cordoned,
+                healthy,
             } => {
                 let id = format!("m{app}-{machine}");
                 let row = MachineRow {
                     id: id.clone(),
                     app: format!("app{app}"),
-                    region: "dev".into(),
-                    host: "h1".into(),
+                    region: REGIONS[region as usize].into(),
+                    host: format!("h{region}"),
                     state: STATES[state as usize],
                     private_ip: "127.10.0.2".into(),
                     instance_id: "v".into(),
                     cordoned,
                     services: vec![],
-                    healthy: true,
+                    healthy,
                     row_version: version as u64,
                     updated_at: 0,
                 };
@@ -163,21 +314,39 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 rib.delete_certificate(&format!("app{app}"), &format!("h{host}.example.com"))
                     .unwrap();
             }
+            Op::AddIp { app, ip } => {
+                let _ = rib.add_ip(&IpRow {
+                    ip: format!("fdaa::{}", ip + 1),
+                    app: format!("app{app}"),
+                    kind: "private_v6".into(),
+                    network: "default".into(),
+                    region: "global".into(),
+                    service_name: String::new(),
+                    created_at: 0,
+                });
+            }
+            Op::ReleaseIp { app, ip } => {
+                rib.release_ip(&format!("app{app}"), &format!("fdaa::{}", ip + 1))
+                    .unwrap();
+            }
             Op::CatchUp => {
-                fib.catch_up(&rib).unwrap();
-                let fresh = Fib::load(&rib).unwrap();
-                prop_assert_eq!(view(&fib), view(&fresh));
+                global.catch_up(&rib).unwrap();
+                regional.catch_up(&rib).unwrap();
+                prop_assert_eq!(view(&global), model(&rib, global.mode()));
+                prop_assert_eq!(view(&regional), model(&rib, regional.mode()));
             }
             Op::Compact(keep) => {
                 rib.compact_feed(keep as u64).unwrap();
             }
             Op::RestartFollower => {
-                fib = Fib::load(&rib).unwrap();
+                (global, regional) = load(&rib);
             }
         }
     }
-    fib.catch_up(&rib).unwrap();
-    prop_assert_eq!(view(&fib), view(&Fib::load(&rib).unwrap()));
+    for fib in [&global, &regional] {
+        fib.catch_up(&rib).unwrap();
+        prop_assert_eq!(view(fib), model(&rib, fib.mode()));
+    }
     for (id, (version, state)) in &rows {
         let row = rib.machine(id).unwrap().unwrap();
         prop_assert_eq!((row.row_version, row.state), (*version, *state), "{}", id);
@@ -186,7 +355,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn the_fib_follows_the_rib_through_anything(ops in prop::collection::vec(op(), 1..40)) {
@@ -216,7 +385,7 @@ fn a_follower_behind_a_compaction_reloads() {
     assert_eq!(rib.compact_feed(1).unwrap(), 0, "nothing more to compact");
     fib.catch_up(&rib).unwrap();
     assert_eq!(fib.reloads(), 1);
-    assert_eq!(fib.snapshot().apps.len(), 5);
+    assert_eq!(fib.snapshot().app_count(), 5);
     assert_eq!(fib.snapshot().seq, rib.last_seq().unwrap());
 
     // Regression: compacting every change left an empty feed whose "last
@@ -230,7 +399,7 @@ fn a_follower_behind_a_compaction_reloads() {
     rib.delete_app("app0").unwrap();
     behind.catch_up(&rib).unwrap();
     assert_eq!(
-        behind.snapshot().apps.len(),
+        behind.snapshot().app_count(),
         4,
         "the next change is followed"
     );

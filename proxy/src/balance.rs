@@ -20,10 +20,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The machine chosen for a request and the port its service listens on.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// The machine, from the snapshot the request was routed on.
-    pub machine: Arc<RouteMachine>,
+    /// The app's routes from the snapshot the request was routed on.
+    app: Arc<AppRoutes>,
+    index: usize,
     /// The service's `internal_port` on the machine's private address.
     pub internal_port: u16,
+}
+
+impl Target {
+    /// The chosen machine.
+    pub fn machine(&self) -> &RouteMachine {
+        &self.app.machines[self.index]
+    }
 }
 
 /// Why an app has no machine for this request.
@@ -39,9 +47,12 @@ pub enum NoTarget {
 }
 
 /// Picks the machine for one request on `listener`; see the module docs.
-pub fn choose(app: &AppRoutes, listener: Listener, rng: &mut impl Rng) -> Result<Target, NoTarget> {
-    let mut routable = app.machines.iter().filter(|m| m.routable()).peekable();
-    if routable.peek().is_none() {
+pub fn choose(
+    app: &Arc<AppRoutes>,
+    listener: Listener,
+    rng: &mut impl Rng,
+) -> Result<Target, NoTarget> {
+    if !app.machines.iter().any(RouteMachine::routable) {
         let started = app
             .machines
             .iter()
@@ -52,21 +63,22 @@ pub fn choose(app: &AppRoutes, listener: Listener, rng: &mut impl Rng) -> Result
             NoTarget::NoStartedMachine
         });
     }
-    let candidates: Vec<Target> = routable
-        .filter_map(|m| {
-            http_port(&m.services, listener).map(|internal_port| Target {
-                machine: m.clone(),
-                internal_port,
-            })
-        })
+    // (index, internal port) of each candidate.
+    let candidates: Vec<(usize, u16)> = app
+        .machines
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.routable())
+        .filter_map(|(i, m)| http_port(&m.services, listener).map(|port| (i, port)))
         .collect();
-    two_choices(
-        &candidates,
-        |t| t.machine.inflight.load(Ordering::Relaxed),
-        rng,
-    )
-    .cloned()
-    .ok_or(NoTarget::NoHttpService)
+    let load = |&(i, _): &(usize, u16)| app.machines[i].inflight.load(Ordering::Relaxed);
+    let &(index, internal_port) =
+        two_choices(&candidates, load, rng).ok_or(NoTarget::NoHttpService)?;
+    Ok(Target {
+        app: app.clone(),
+        index,
+        internal_port,
+    })
 }
 
 /// The internal port of the service that serves HTTP on `listener`: the one
@@ -153,8 +165,8 @@ mod tests {
         }
     }
 
-    fn machine(id: &str, state: MachineState, services: Vec<MachineService>) -> Arc<RouteMachine> {
-        Arc::new(RouteMachine {
+    fn machine(id: &str, state: MachineState, services: Vec<MachineService>) -> RouteMachine {
+        RouteMachine {
             id: id.into(),
             region: "dev".into(),
             host: "h1".into(),
@@ -162,17 +174,16 @@ mod tests {
             private_ip: "127.10.0.2".parse().unwrap(),
             cordoned: false,
             healthy: true,
-            services,
+            services: services.into(),
             inflight: Arc::default(),
-        })
+        }
     }
 
-    fn app(machines: Vec<Arc<RouteMachine>>) -> AppRoutes {
-        AppRoutes {
-            name: "hello".into(),
-            machines,
-            certificates: Vec::new(),
-        }
+    fn app(machines: Vec<RouteMachine>) -> Arc<AppRoutes> {
+        Arc::new(AppRoutes {
+            machines: machines.into(),
+            ..AppRoutes::empty("hello")
+        })
     }
 
     fn web() -> Vec<MachineService> {
@@ -188,14 +199,10 @@ mod tests {
             NoTarget::NoStartedMachine
         );
 
-        let mut cordoned =
-            Arc::into_inner(machine("cordoned", MachineState::Started, web())).unwrap();
+        let mut cordoned = machine("cordoned", MachineState::Started, web());
         cordoned.cordoned = true;
-        let cordoned = Arc::new(cordoned);
-        let mut failing =
-            Arc::into_inner(machine("failing", MachineState::Started, web())).unwrap();
+        let mut failing = machine("failing", MachineState::Started, web());
         failing.healthy = false;
-        let failing = Arc::new(failing);
         assert_eq!(
             choose(
                 &app(vec![cordoned.clone(), failing.clone()]),
@@ -209,7 +216,7 @@ mod tests {
         let routes = app(vec![stopped, cordoned, failing, started]);
         for _ in 0..50 {
             let target = choose(&routes, Listener::Http, &mut rng).unwrap();
-            assert_eq!(target.machine.id, "started");
+            assert_eq!(&*target.machine().id, "started");
             assert_eq!(target.internal_port, 8080);
         }
     }
@@ -282,9 +289,9 @@ mod tests {
         let routes = app(vec![busy, idle]);
         for _ in 0..20 {
             assert_eq!(
-                choose(&routes, Listener::Http, &mut rng)
+                &*choose(&routes, Listener::Http, &mut rng)
                     .unwrap()
-                    .machine
+                    .machine()
                     .id,
                 "idle"
             );

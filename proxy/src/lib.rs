@@ -567,7 +567,7 @@ mod tests {
         {
             tokio::task::yield_now().await;
         }
-        assert!(fib.snapshot().apps.values().all(|app| {
+        assert!(fib.snapshot().apps().all(|app| {
             app.machines
                 .iter()
                 .all(|m| m.inflight.load(Ordering::Relaxed) == 0)

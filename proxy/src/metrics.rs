@@ -6,12 +6,16 @@
 //! - `fly_edge_inflight_requests`: requests whose response has not finished.
 //! - `fly_app_machines{state}`: machines in the FIB by state, read from the
 //!   current snapshot at scrape time, with every state present (zeros too).
+//!
+//! `GET /debug/catalog` on the same listener shows the catalog as JSON: FIB
+//! size, its feed position and lag behind the RIB, batches and reloads, the
+//! writer lock's holder, last holder and waits per call site, and the RIB's
+//! connection locks.
 
 use crate::Listener;
 use crate::conns::Conns;
 use bytes::Bytes;
-use hangar_api::machine::MachineState;
-use hangar_catalog::Fib;
+use hangar_catalog::{Fib, Rib};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -44,6 +48,9 @@ const METRICS_DRAIN: Duration = Duration::from_secs(2);
 pub struct Metrics {
     registry: Registry,
     edge: EdgeMetrics,
+    fib: Arc<Fib>,
+    /// For the RIB side of `/debug/catalog`, when the process has one.
+    rib: Option<Arc<Rib>>,
 }
 
 /// The handles the request path updates. Cloning shares the same series.
@@ -83,7 +90,7 @@ impl Metrics {
             "Requests in flight at the edge proxy, until their response body ends",
         )
         .expect("static metric definition is valid");
-        let machines = MachineCounts::new(fib);
+        let machines = MachineCounts::new(fib.clone());
 
         // Registration only fails on duplicate names, and this registry is new.
         registry
@@ -108,7 +115,29 @@ impl Metrics {
                 response_time,
                 inflight,
             },
+            fib,
+            rib: None,
         }
+    }
+
+    /// Adds the RIB to what `/debug/catalog` shows.
+    pub fn with_rib(mut self, rib: Arc<Rib>) -> Self {
+        self.rib = Some(rib);
+        self
+    }
+
+    /// The body of `/debug/catalog`.
+    pub fn catalog_debug(&self) -> serde_json::Value {
+        let fib = self.fib.stats();
+        let rib = self.rib.as_ref().map(|rib| {
+            let last_seq = rib.last_seq().ok();
+            serde_json::json!({
+                "last_seq": last_seq,
+                "fib_lag_changes": last_seq.map(|last| last.saturating_sub(fib.seq)),
+                "locks": rib.locks(),
+            })
+        });
+        serde_json::json!({ "fib": fib, "rib": rib })
     }
 
     /// The registry holding every proxy metric; other parts of the process
@@ -187,7 +216,7 @@ impl Collector for MachineCounts {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let counts = self.fib.snapshot().machine_counts();
+        let snapshot = self.fib.snapshot();
         let gauges = match IntGaugeVec::new(self.opts.clone(), &["state"]) {
             Ok(gauges) => gauges,
             Err(e) => {
@@ -195,8 +224,7 @@ impl Collector for MachineCounts {
                 return Vec::new();
             }
         };
-        for state in MachineState::ALL {
-            let n = counts.get(&state).copied().unwrap_or(0);
+        for (state, n) in snapshot.machine_counts() {
             gauges
                 .with_label_values(&[state.as_str()])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
@@ -259,7 +287,12 @@ fn scrape(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         },
-        (_, "/metrics") => (
+        (&Method::GET, "/debug/catalog") => (
+            StatusCode::OK,
+            "application/json",
+            format!("{:#}\n", metrics.catalog_debug()),
+        ),
+        (_, "/metrics" | "/debug/catalog") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "use GET\n".to_string(),
@@ -308,7 +341,7 @@ mod tests {
         assert!(text.contains(r#"fly_edge_http_response_time_seconds_count{listener="http"} 1"#));
         assert!(text.contains(r#"fly_edge_http_response_time_seconds_count{listener="https"} 0"#));
         assert!(text.contains("fly_edge_inflight_requests 1"));
-        for state in MachineState::ALL {
+        for state in hangar_api::machine::MachineState::ALL {
             let sample = format!("fly_app_machines{{state=\"{state}\"}} 0");
             assert!(text.contains(&sample), "missing {sample} in {text}");
         }

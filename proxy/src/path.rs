@@ -202,9 +202,9 @@ async fn route(
 ) -> Result<Response<ProxyBody>, PathError> {
     let host = host(&edge.fib, &req)?;
     let app = app(&edge.fib, &host.app)?;
-    ex.app = Some(app.name.clone());
+    ex.app = Some(app.name.to_string());
     let target = machine(&app, ex.conn.listener)?;
-    ex.machine = Some(target.machine.id.clone());
+    ex.machine = Some(target.machine().id.to_string());
     forward(edge, ex, target, host, req).await
 }
 
@@ -254,11 +254,14 @@ fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
 }
 
 /// Picks the machine; see [`balance`].
-fn machine(app: &AppRoutes, listener: Listener) -> Result<Target, PathError> {
-    balance::choose(app, listener, &mut rand::rng()).map_err(|no| match no {
-        NoTarget::NoStartedMachine => PathError::NoStartedMachine(app.name.clone()),
-        NoTarget::NoHealthyMachine => PathError::NoHealthyMachine(app.name.clone()),
-        NoTarget::NoHttpService => PathError::NoHttpService(app.name.clone()),
+fn machine(app: &Arc<AppRoutes>, listener: Listener) -> Result<Target, PathError> {
+    balance::choose(app, listener, &mut rand::rng()).map_err(|no| {
+        let name = app.name.to_string();
+        match no {
+            NoTarget::NoStartedMachine => PathError::NoStartedMachine(name),
+            NoTarget::NoHealthyMachine => PathError::NoHealthyMachine(name),
+            NoTarget::NoHttpService => PathError::NoHttpService(name),
+        }
     })
 }
 
@@ -271,8 +274,8 @@ async fn forward(
     host: Host,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, PathError> {
-    let lease = Lease::new(&target.machine);
-    let addr = SocketAddr::new(target.machine.private_ip, target.internal_port);
+    let lease = Lease::new(target.machine());
+    let addr = SocketAddr::new(target.machine().private_ip, target.internal_port);
     upstream_request(&mut req, ex, &edge.region, addr, host)?;
     let response = edge
         .client
@@ -368,7 +371,7 @@ fn upstream_error(
         cause = error.to_string();
     }
     PathError::Upstream {
-        machine: target.machine.id.clone(),
+        machine: target.machine().id.to_string(),
         addr,
         connect: error.is_connect(),
         cause,

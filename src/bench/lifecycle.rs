@@ -1,10 +1,8 @@
-//! `hangar bench <part>`: whole-system measurements a script can read.
-//! Each prints a table, and with `--json` one JSON object on its last line.
-//!
-//! - `lifecycle`: machine lifecycle latencies through the Machines API
-//!   (create → started, stop, start, suspend, resume), sustained creates per
-//!   second, and flyd's redb step-commit latency.
+//! `hangar bench lifecycle`: machine lifecycle latencies through the
+//! Machines API (create → started, stop, start, suspend, resume), sustained
+//! creates per second, and flyd's redb step-commit latency.
 
+use super::percentile;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -149,16 +147,13 @@ struct Latency {
     p99: f64,
 }
 
-fn latency(mut samples: Vec<Duration>) -> Latency {
-    samples.sort();
-    let at = |q: f64| {
-        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64() * 1000.0
-    };
+fn latency(samples: Vec<Duration>) -> Latency {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
     Latency {
-        p50: at(0.50),
-        p90: at(0.90),
-        p99: at(0.99),
+        p50: percentile(&ms, 0.50),
+        p90: percentile(&ms, 0.90),
+        p99: percentile(&ms, 0.99),
     }
 }
 

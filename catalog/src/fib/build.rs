@@ -1,0 +1,176 @@
+//! Building an app's routes from RIB rows.
+//!
+//! The same code builds one app (when the feed says it changed) and every
+//! app (at load), so the two can never disagree. Strings every machine of a
+//! host or region repeats are interned, and a services config is decoded
+//! once and shared by every machine whose JSON is the same.
+
+use super::{AppRoutes, Mode, RegionSummary, RouteMachine, STATES};
+use crate::rib::RouteRow;
+use hangar_api::machine::{MachineService, MachineState};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Weak};
+
+/// A machine's soft limit when its service sets none (Fly's default).
+pub(crate) const DEFAULT_SOFT_LIMIT: u64 = 20;
+
+/// What the FIB's writer keeps between batches. Only the follower (under the
+/// FIB's writer lock) touches it.
+#[derive(Default)]
+pub(crate) struct Interner {
+    strings: HashMap<Box<str>, Arc<str>>,
+    services: HashMap<Box<str>, Weak<[MachineService]>>,
+    /// Size of `services` after its last sweep of dead entries.
+    swept_at: usize,
+}
+
+impl Interner {
+    fn string(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = s.into();
+        self.strings.insert(s.into(), shared.clone());
+        shared
+    }
+
+    /// The decoded services of `json`, shared with every other machine that
+    /// has the same JSON while any of them lives.
+    fn services(&mut self, json: &str) -> Result<Arc<[MachineService]>, serde_json::Error> {
+        if let Some(shared) = self.services.get(json).and_then(Weak::upgrade) {
+            return Ok(shared);
+        }
+        let decoded: Arc<[MachineService]> = serde_json::from_str::<Vec<_>>(json)?.into();
+        self.services.insert(json.into(), Arc::downgrade(&decoded));
+        if self.services.len() > 2 * self.swept_at.max(512) {
+            self.services.retain(|_, w| w.strong_count() > 0);
+            self.swept_at = self.services.len();
+        }
+        Ok(decoded)
+    }
+}
+
+/// One app's machines as rows arrive, then [`AppBuild::finish`]ed.
+pub(crate) struct AppBuild<'p> {
+    machines: Vec<RouteMachine>,
+    regions: Vec<RegionSummary>,
+    states: [u32; STATES],
+    /// The app's previous routes, whose in-flight counters carry over.
+    previous: Option<&'p AppRoutes>,
+    previous_index: Option<HashMap<&'p str, &'p Arc<AtomicUsize>>>,
+}
+
+impl<'p> AppBuild<'p> {
+    pub fn new(previous: Option<&'p AppRoutes>) -> Self {
+        // A linear scan is faster than a map for the usual handful.
+        let previous_index = previous.filter(|p| p.machines.len() > 16).map(|p| {
+            p.machines
+                .iter()
+                .map(|m| (&*m.id, &m.inflight))
+                .collect::<HashMap<_, _>>()
+        });
+        Self {
+            machines: Vec::new(),
+            regions: Vec::new(),
+            states: [0; STATES],
+            previous,
+            previous_index,
+        }
+    }
+
+    fn inflight(&self, id: &str) -> Arc<AtomicUsize> {
+        let found = match &self.previous_index {
+            Some(index) => index.get(id).copied(),
+            None => self
+                .previous
+                .and_then(|p| p.machines.iter().find(|m| &*m.id == id))
+                .map(|m| &m.inflight),
+        };
+        found.cloned().unwrap_or_default()
+    }
+
+    /// Adds one machine: to the detail when the mode keeps its region, to
+    /// the counts and region summaries always. A row the FIB cannot use is
+    /// logged and left out.
+    pub fn add(&mut self, row: &RouteRow<'_>, mode: &Mode, interner: &mut Interner) {
+        let Ok(private_ip) = row.private_ip.parse::<IpAddr>() else {
+            tracing::warn!(
+                machine = row.id,
+                ip = row.private_ip,
+                "fib: skipping machine with bad private ip"
+            );
+            return;
+        };
+        let services = match interner.services(row.services) {
+            Ok(services) => services,
+            Err(e) => {
+                tracing::warn!(machine = row.id, error = %e, "fib: skipping machine with unreadable services");
+                return;
+            }
+        };
+        self.states[state_index(row.state)] += 1;
+        let routable = row.state == MachineState::Started && !row.cordoned && row.healthy;
+        let region = match self.regions.iter_mut().find(|r| &*r.region == row.region) {
+            Some(summary) => summary,
+            None => {
+                self.regions
+                    .push(RegionSummary::empty(interner.string(row.region)));
+                self.regions.last_mut().expect("just pushed")
+            }
+        };
+        match row.state {
+            MachineState::Started => region.started += 1,
+            MachineState::Stopped => region.stopped += 1,
+            MachineState::Suspended => region.suspended += 1,
+            _ => {}
+        }
+        if routable {
+            region.routable += 1;
+            region.capacity += services
+                .first()
+                .and_then(|s| s.concurrency.as_ref())
+                .and_then(|c| c.soft_limit)
+                .map_or(DEFAULT_SOFT_LIMIT, u64::from);
+        }
+        if !mode.keeps(row.region) {
+            return;
+        }
+        let region = region.region.clone();
+        self.machines.push(RouteMachine {
+            id: row.id.into(),
+            region,
+            host: interner.string(row.host),
+            state: row.state,
+            private_ip,
+            cordoned: row.cordoned,
+            healthy: row.healthy,
+            services,
+            inflight: self.inflight(row.id),
+        });
+    }
+
+    /// The app's routes; certificates and flycast addresses are the caller's.
+    pub fn finish(mut self, name: &str) -> AppRoutes {
+        // Stable orders, so two builds from the same rows are equal.
+        self.machines.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        self.regions
+            .sort_unstable_by(|a, b| a.region.cmp(&b.region));
+        AppRoutes {
+            name: name.into(),
+            machines: self.machines.into(),
+            regions: self.regions.into(),
+            states: self.states,
+            certificates: Arc::new([]),
+            flycast: Arc::new([]),
+        }
+    }
+}
+
+pub(crate) fn state_index(state: MachineState) -> usize {
+    MachineState::ALL
+        .iter()
+        .position(|s| *s == state)
+        .expect("ALL lists every state")
+}

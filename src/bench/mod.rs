@@ -1,0 +1,22 @@
+//! `hangar bench <part>`: whole-system measurements a script can read.
+//! Each prints a table, and with `--json` one JSON object on its last line.
+//!
+//! - `lifecycle`: machine lifecycle latencies through the Machines API.
+//! - `catalog`: the catalog at scale: RIB build, FIB load time and memory,
+//!   lookup latency and throughput (idle and under writes), and commit →
+//!   visible propagation.
+
+mod catalog;
+mod lifecycle;
+
+pub use catalog::{CatalogArgs, catalog};
+pub use lifecycle::{LifecycleArgs, lifecycle};
+
+/// The `q` quantile (0..=1) of sorted samples (nearest rank); 0 when empty.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
