@@ -65,6 +65,23 @@ async fn walkthrough_serves_http_and_https_then_destroy_leaves_no_process() {
         metrics.contains("fly_edge_http_requests_total"),
         "{metrics}"
     );
+    // The catalog's debug page: sizes, feed position, lag and locks.
+    let debug: Value = h
+        .http
+        .get(format!("http://{}/debug/catalog", h.addrs.metrics))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(debug["fib"]["mode"], "global", "{debug}");
+    assert_eq!(debug["fib"]["apps"], 1, "{debug}");
+    assert_eq!(debug["fib"]["machines"], 1, "{debug}");
+    assert_eq!(debug["fib"]["writer"]["lock"], "fib.writer", "{debug}");
+    assert!(debug["fib"]["writer"]["last_holder"].is_string(), "{debug}");
+    assert!(debug["rib"]["last_seq"].as_u64().unwrap() >= debug["fib"]["seq"].as_u64().unwrap());
+    assert_eq!(debug["rib"]["locks"][0]["lock"], "rib.writer", "{debug}");
 
     // A running machine is only destroyed with force.
     let (status, body) = h.delete(&format!("/v1/apps/hello/machines/{id}")).await;

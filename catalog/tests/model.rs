@@ -105,7 +105,10 @@ fn view(fib: &Fib) -> View {
     let apps = snap
         .apps()
         .map(|app| {
-            let machines = app
+            // The routable ones come first, and are exactly the candidates.
+            assert!(app.candidates().iter().all(|m| m.routable()));
+            assert!(!app.machines[app.routable..].iter().any(|m| m.routable()));
+            let mut machines: Vec<MachineView> = app
                 .machines
                 .iter()
                 .map(|m| {
@@ -118,6 +121,7 @@ fn view(fib: &Fib) -> View {
                     )
                 })
                 .collect();
+            machines.sort_by(|a, b| a.0.cmp(&b.0));
             let summaries = app
                 .regions
                 .iter()

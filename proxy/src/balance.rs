@@ -52,7 +52,7 @@ pub fn choose(
     listener: Listener,
     rng: &mut impl Rng,
 ) -> Result<Target, NoTarget> {
-    if !app.machines.iter().any(RouteMachine::routable) {
+    if app.candidates().is_empty() {
         let started = app
             .machines
             .iter()
@@ -63,12 +63,12 @@ pub fn choose(
             NoTarget::NoStartedMachine
         });
     }
-    // (index, internal port) of each candidate.
+    // (index, internal port) of each candidate; candidates are the first
+    // machines, so the index is also the machine's.
     let candidates: Vec<(usize, u16)> = app
-        .machines
+        .candidates()
         .iter()
         .enumerate()
-        .filter(|(_, m)| m.routable())
         .filter_map(|(i, m)| http_port(&m.services, listener).map(|port| (i, port)))
         .collect();
     let load = |&(i, _): &(usize, u16)| app.machines[i].inflight.load(Ordering::Relaxed);
@@ -180,10 +180,7 @@ mod tests {
     }
 
     fn app(machines: Vec<RouteMachine>) -> Arc<AppRoutes> {
-        Arc::new(AppRoutes {
-            machines: machines.into(),
-            ..AppRoutes::empty("hello")
-        })
+        Arc::new(AppRoutes::with_machines("hello", machines))
     }
 
     fn web() -> Vec<MachineService> {

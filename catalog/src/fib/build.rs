@@ -153,17 +153,13 @@ impl<'p> AppBuild<'p> {
 
     /// The app's routes; certificates and flycast addresses are the caller's.
     pub fn finish(mut self, name: &str) -> AppRoutes {
-        // Stable orders, so two builds from the same rows are equal.
-        self.machines.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        // A stable order, so two builds from the same rows are equal.
         self.regions
             .sort_unstable_by(|a, b| a.region.cmp(&b.region));
         AppRoutes {
-            name: name.into(),
-            machines: self.machines.into(),
             regions: self.regions.into(),
             states: self.states,
-            certificates: Arc::new([]),
-            flycast: Arc::new([]),
+            ..AppRoutes::with_machines(name, self.machines)
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::lock::{Guarded, LockStats};
 use crate::rib::{CertificateRow, Change, Rib, RibError};
 use arc_swap::ArcSwap;
 use build::{AppBuild, Interner, state_index};
+use compact_str::CompactString;
 use hangar_api::machine::{MachineService, MachineState};
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -117,19 +118,27 @@ impl RegionSummary {
 }
 
 /// An app's routes. Machines are those of the kept regions (see [`Mode`]),
-/// destroyed ones left out, by id.
+/// destroyed ones left out: the routable ones first, then the rest, each
+/// part by id.
+///
+/// `repr(C)` keeps what a lookup reads (the name it compares, the machine
+/// slice and how many are routable) at the front, in the cache line the
+/// table probe brings in; names of up to 24 bytes are stored inline.
 #[derive(Debug, Clone)]
+#[repr(C)]
 pub struct AppRoutes {
-    pub name: Box<str>,
+    pub name: CompactString,
     pub machines: Arc<[RouteMachine]>,
+    /// How many of `machines` (the first ones) are routable.
+    pub routable: usize,
     /// Per region, by region code; covers every region in every mode.
     pub regions: Arc<[RegionSummary]>,
-    /// Machine counts by state (indexed like [`MachineState::ALL`]), over
-    /// every region.
-    pub states: [u32; STATES],
     pub certificates: Arc<[Arc<CertificateRow>]>,
     /// The app's flycast (private) addresses.
     pub flycast: Arc<[IpAddr]>,
+    /// Machine counts by state (indexed like [`MachineState::ALL`]), over
+    /// every region.
+    pub states: [u32; STATES],
 }
 
 impl AppRoutes {
@@ -138,11 +147,28 @@ impl AppRoutes {
         Self {
             name: name.into(),
             machines: Arc::new([]),
+            routable: 0,
             regions: Arc::new([]),
-            states: [0; STATES],
             certificates: Arc::new([]),
             flycast: Arc::new([]),
+            states: [0; STATES],
         }
+    }
+
+    /// An app with these machines, put in order (routable first, each part
+    /// by id) and counted; no regions, certificates or addresses.
+    pub fn with_machines(name: &str, mut machines: Vec<RouteMachine>) -> Self {
+        machines.sort_unstable_by(|a, b| (!a.routable(), &a.id).cmp(&(!b.routable(), &b.id)));
+        Self {
+            routable: machines.iter().filter(|m| m.routable()).count(),
+            machines: machines.into(),
+            ..Self::empty(name)
+        }
+    }
+
+    /// The machines the proxy may send new requests to.
+    pub fn candidates(&self) -> &[RouteMachine] {
+        &self.machines[..self.routable]
     }
 
     /// How many of the app's machines (in every region) are in `state`.
@@ -165,7 +191,7 @@ pub struct FibSnapshot {
     /// Custom hostnames (lowercase) → their certificate (which names the app).
     hostnames: Arc<HashMap<Box<str>, Arc<CertificateRow>>>,
     /// Flycast addresses → their app.
-    flycast: Arc<HashMap<IpAddr, Box<str>>>,
+    flycast: Arc<HashMap<IpAddr, CompactString>>,
     /// Machine counts by state over every app and region.
     states: [u64; STATES],
     /// Machines kept in detail.
