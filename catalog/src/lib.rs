@@ -24,6 +24,6 @@ pub use fib::{
 };
 pub use rib::{
     AppRow, CertificateRow, Change, CommitHook, HostCapacity, HostRow, IpRow, MachineRow,
-    RegionSummaryRow, Rib, RibError, SealedSecret, SecretRow,
+    RegionSummaryRow, Rib, RibError, RibView, SealedSecret, SecretRow,
 };
 pub use secrets::SecretBox;

@@ -127,9 +127,8 @@ CREATE TABLE feed_meta (
 INSERT INTO feed_meta (id, compacted_through) VALUES (1, 0);
 "#,
     // 8: per-app per-region summaries, derived from the machine rows so they
-    // can never disagree with them; the index keeps a per-app refresh cheap.
+    // can never disagree with them (machines_by_app finds an app's rows).
     r#"
-CREATE INDEX machines_by_app_region ON machines(app, region, state);
 CREATE VIEW app_region_summaries AS
 SELECT app, region,
        SUM(state = 'started')   AS started,
@@ -287,6 +286,14 @@ pub(crate) struct RouteRow<'a> {
     pub services: &'a str,
 }
 
+/// Which machines [`RibView::for_each_route`] reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Routes<'a> {
+    All,
+    App(&'a str),
+    Machine(&'a str),
+}
+
 /// One row of the `app_region_summaries` view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionSummaryRow {
@@ -305,6 +312,8 @@ pub type CommitHook = Arc<dyn Fn(u64) + Send + Sync>;
 pub struct Rib {
     writer: Guarded<Connection>,
     reader: Guarded<Connection>,
+    /// The FIB follower's own connection: see [`Rib::follow_read`].
+    follower: Guarded<Connection>,
     /// In-process followers to wake after a commit. Read without a lock on
     /// every commit; replaced whole when one registers.
     hooks: ArcSwap<Vec<CommitHook>>,
@@ -326,10 +335,10 @@ fn open_conn(path: &Path) -> Result<Connection, rusqlite::Error> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // A RIB of a million machines is a few hundred MB and is read at random
-    // (one app's rows, one machine's row): read pages through a memory map
-    // instead of a read() each, and cache more than SQLite's 2 MB default.
-    conn.pragma_update(None, "mmap_size", 1i64 << 30)?;
+    // A RIB of a million machines is a few hundred MB read at random (one
+    // app's rows, one machine's row): cache more than SQLite's 2 MB
+    // default. (A memory map was slower: the file grows at every
+    // checkpoint, and each growth remaps and faults the pages in again.)
     conn.pragma_update(None, "cache_size", -32 * 1024)?;
     // Another process (a second flyd, a proxy) may hold the write lock briefly.
     conn.busy_timeout(LOCK_WAIT)?;
@@ -404,9 +413,11 @@ impl Rib {
         writer.pragma_update(None, "wal_autocheckpoint", 8192)?;
         migrate(&mut writer)?;
         let reader = open_conn(path)?;
+        let follower = open_conn(path)?;
         Ok(Arc::new(Self {
             writer: Guarded::new("rib.writer", LOCK_WAIT, writer),
             reader: Guarded::new("rib.reader", LOCK_WAIT, reader),
+            follower: Guarded::new("rib.follower", LOCK_WAIT, follower),
             hooks: ArcSwap::from_pointee(Vec::new()),
         }))
     }
@@ -421,8 +432,38 @@ impl Rib {
     }
 
     /// The RIB's connection locks, for telemetry.
-    pub fn locks(&self) -> [crate::lock::LockStats; 2] {
-        [self.writer.stats(), self.reader.stats()]
+    pub fn locks(&self) -> [crate::lock::LockStats; 3] {
+        [
+            self.writer.stats(),
+            self.reader.stats(),
+            self.follower.stats(),
+        ]
+    }
+
+    /// Runs `f` in one read transaction on the FIB follower's own
+    /// connection: one consistent view of the RIB for a whole catch-up (or
+    /// load), one lock round instead of one per query, and API reads on the
+    /// shared reader never wait behind a long load.
+    pub(crate) fn follow_read<R>(
+        &self,
+        label: &'static str,
+        f: impl FnOnce(&RibView<'_>) -> Result<R, RibError>,
+    ) -> Result<R, RibError> {
+        self.follower.with(label, |c| {
+            c.execute_batch("BEGIN")?;
+            let out = f(&RibView(c));
+            // Read only: ending it cannot lose anything, error or not.
+            let ended = c.execute_batch("COMMIT");
+            let out = out?;
+            ended?;
+            Ok(out)
+        })?
+    }
+
+    /// [`Rib::data_version`] as the follower's connection sees it.
+    pub(crate) fn follower_data_version(&self) -> Result<u64, RibError> {
+        self.follower
+            .with("data_version", |c| RibView(c).data_version())?
     }
 
     /// Runs `f` in one write transaction; wakes followers if it appended changes.
@@ -534,26 +575,12 @@ impl Rib {
 
     /// One app by name.
     pub fn app(&self, name: &str) -> Result<Option<AppRow>, RibError> {
-        self.read("app", |c| {
-            Ok(c.query_row(
-                "SELECT name, id, org_slug, network, created_at FROM apps WHERE name = ?1",
-                [name],
-                app_from_row,
-            )
-            .optional()?)
-        })
+        self.read("app", |c| RibView(c).app(name))
     }
 
     /// Every app, or every app of one org, by name.
     pub fn apps(&self, org_slug: Option<&str>) -> Result<Vec<AppRow>, RibError> {
-        self.read("apps", |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT name, id, org_slug, network, created_at FROM apps
-                 WHERE ?1 IS NULL OR org_slug = ?1 ORDER BY name",
-            )?;
-            let rows = stmt.query_map([org_slug], app_from_row)?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
+        self.read("apps", |c| RibView(c).apps(org_slug))
     }
 
     // ---- hosts (flyd) ----
@@ -620,7 +647,9 @@ impl Rib {
     // ---- machines (flyd) ----
 
     /// Writes a machine row unless the RIB already has this or a newer
-    /// `row_version`. Returns whether the write was applied.
+    /// `row_version`. Returns whether the write was applied. A machine's
+    /// app and region never change: an update leaves them (and the index on
+    /// them) alone.
     pub fn upsert_machine(&self, m: &MachineRow) -> Result<bool, RibError> {
         let services = services_json(m)?;
         self.write("upsert_machine", |tx| upsert_machine(tx, m, &services))
@@ -665,54 +694,6 @@ impl Rib {
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })?;
         raw.into_iter().map(decode_machine).collect()
-    }
-
-    /// Calls `f` with every machine that is not destroyed, of one app or of
-    /// all, in no particular order. For the FIB: no row is decoded further
-    /// than it needs.
-    pub(crate) fn for_each_route(
-        &self,
-        app: Option<&str>,
-        mut f: impl FnMut(RouteRow<'_>),
-    ) -> Result<(), RibError> {
-        const COLUMNS: &str =
-            "id, app, region, host, state, private_ip, cordoned, healthy, services";
-        self.read("for_each_route", |c| {
-            let mut stmt = match app {
-                Some(_) => c.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM machines WHERE app = ?1 AND state != 'destroyed'"
-                ))?,
-                None => c.prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM machines WHERE state != 'destroyed'"
-                ))?,
-            };
-            let mut rows = match app {
-                Some(app) => stmt.query([app])?,
-                None => stmt.query([])?,
-            };
-            while let Some(r) = rows.next()? {
-                let text = |i: usize| -> Result<&str, RibError> {
-                    Ok(r.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
-                };
-                let id = text(0)?;
-                let state = text(4)?.parse().map_err(|reason| RibError::Corrupt {
-                    key: id.to_string(),
-                    reason,
-                })?;
-                f(RouteRow {
-                    id,
-                    app: text(1)?,
-                    region: text(2)?,
-                    host: text(3)?,
-                    state,
-                    private_ip: text(5)?,
-                    cordoned: r.get(6)?,
-                    healthy: r.get(7)?,
-                    services: text(8)?,
-                });
-            }
-            Ok(())
-        })
     }
 
     /// An app's machines per region, from the `app_region_summaries` view.
@@ -900,22 +881,7 @@ impl Rib {
 
     /// Every certificate, or those of one app, by hostname.
     pub fn certificates(&self, app: Option<&str>) -> Result<Vec<CertificateRow>, RibError> {
-        self.read("certificates", |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT hostname, app, fullchain, sealed_key, created_at FROM certificates
-                 WHERE ?1 IS NULL OR app = ?1 ORDER BY hostname",
-            )?;
-            let rows = stmt.query_map([app], |r| {
-                Ok(CertificateRow {
-                    hostname: r.get(0)?,
-                    app: r.get(1)?,
-                    fullchain: r.get(2)?,
-                    sealed_key: r.get(3)?,
-                    created_at: r.get(4)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
+        self.read("certificates", |c| RibView(c).certificates(app))
     }
 
     // ---- ip assignments (flaps) ----
@@ -941,24 +907,7 @@ impl Rib {
 
     /// Every assignment, or those of one app, by address.
     pub fn ips(&self, app: Option<&str>) -> Result<Vec<IpRow>, RibError> {
-        self.read("ips", |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT ip, app, kind, network, region, service_name, created_at FROM ip_assignments
-                 WHERE ?1 IS NULL OR app = ?1 ORDER BY ip",
-            )?;
-            let rows = stmt.query_map([app], |r| {
-                Ok(IpRow {
-                    ip: r.get(0)?,
-                    app: r.get(1)?,
-                    kind: r.get(2)?,
-                    network: r.get(3)?,
-                    region: r.get(4)?,
-                    service_name: r.get(5)?,
-                    created_at: r.get(6)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
+        self.read("ips", |c| RibView(c).ips(app))
     }
 
     /// Releases `ip` from `app`; true if it was the app's.
@@ -979,28 +928,12 @@ impl Rib {
 
     /// The sequence number of the newest change.
     pub fn last_seq(&self) -> Result<u64, RibError> {
-        self.read("last_seq", |c| {
-            let seq: i64 = c.query_row(LAST_SEQ, [], |r| r.get(0))?;
-            Ok(seq as u64)
-        })
+        self.read("last_seq", |c| RibView(c).last_seq())
     }
 
     /// Up to `limit` changes after `seq`, oldest first.
     pub fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Change>, RibError> {
-        self.read("changes_since", |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT seq, tbl, key, app FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
-                Ok(Change {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    table: r.get(1)?,
-                    key: r.get(2)?,
-                    app: r.get(3)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
+        self.read("changes_since", |c| RibView(c).changes_since(seq, limit))
     }
 
     /// Deletes all but the newest `keep` changes. Followers still behind the
@@ -1024,11 +957,7 @@ impl Rib {
     /// The sequence number up to which the feed was compacted: a follower
     /// whose position is below it has missed changes.
     pub fn compacted_through(&self) -> Result<u64, RibError> {
-        self.read("compacted_through", |c| {
-            let v: i64 =
-                c.query_row("SELECT compacted_through FROM feed_meta", [], |r| r.get(0))?;
-            Ok(v as u64)
-        })
+        self.read("compacted_through", |c| RibView(c).compacted_through())
     }
 
     /// SQLite's `data_version`: changes whenever another connection (this
@@ -1036,10 +965,162 @@ impl Rib {
     /// disk read, so a follower in another process can poll it every few
     /// milliseconds.
     pub fn data_version(&self) -> Result<u64, RibError> {
-        self.read("data_version", |c| {
-            let v: i64 = c.pragma_query_value(None, "data_version", |r| r.get(0))?;
-            Ok(v as u64)
-        })
+        self.read("data_version", |c| RibView(c).data_version())
+    }
+}
+
+/// Reads on one connection. [`Rib`]'s read methods run these on the shared
+/// reader; the FIB runs them on its own connection inside one read
+/// transaction per catch-up (see [`Rib::follow_read`]), which both saves a
+/// lock round per query and gives it one consistent view of the RIB.
+pub struct RibView<'c>(&'c Connection);
+
+/// The columns [`RibView::for_each_route`] reads.
+const ROUTE_SELECT: &str =
+    "SELECT id, app, region, host, state, private_ip, cordoned, healthy, services
+     FROM machines WHERE state != 'destroyed'";
+
+impl RibView<'_> {
+    pub fn app(&self, name: &str) -> Result<Option<AppRow>, RibError> {
+        let c = self.0;
+        Ok(c.query_row(
+            "SELECT name, id, org_slug, network, created_at FROM apps WHERE name = ?1",
+            [name],
+            app_from_row,
+        )
+        .optional()?)
+    }
+
+    pub fn apps(&self, org_slug: Option<&str>) -> Result<Vec<AppRow>, RibError> {
+        let c = self.0;
+        let mut stmt = c.prepare_cached(
+            "SELECT name, id, org_slug, network, created_at FROM apps
+                 WHERE ?1 IS NULL OR org_slug = ?1 ORDER BY name",
+        )?;
+        let rows = stmt.query_map([org_slug], app_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn certificates(&self, app: Option<&str>) -> Result<Vec<CertificateRow>, RibError> {
+        let c = self.0;
+        let mut stmt = c.prepare_cached(
+            "SELECT hostname, app, fullchain, sealed_key, created_at FROM certificates
+                 WHERE ?1 IS NULL OR app = ?1 ORDER BY hostname",
+        )?;
+        let rows = stmt.query_map([app], |r| {
+            Ok(CertificateRow {
+                hostname: r.get(0)?,
+                app: r.get(1)?,
+                fullchain: r.get(2)?,
+                sealed_key: r.get(3)?,
+                created_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn ips(&self, app: Option<&str>) -> Result<Vec<IpRow>, RibError> {
+        let c = self.0;
+        let mut stmt = c.prepare_cached(
+            "SELECT ip, app, kind, network, region, service_name, created_at FROM ip_assignments
+                 WHERE ?1 IS NULL OR app = ?1 ORDER BY ip",
+        )?;
+        let rows = stmt.query_map([app], |r| {
+            Ok(IpRow {
+                ip: r.get(0)?,
+                app: r.get(1)?,
+                kind: r.get(2)?,
+                network: r.get(3)?,
+                region: r.get(4)?,
+                service_name: r.get(5)?,
+                created_at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn last_seq(&self) -> Result<u64, RibError> {
+        let c = self.0;
+        let seq: i64 = c.query_row(LAST_SEQ, [], |r| r.get(0))?;
+        Ok(seq as u64)
+    }
+
+    pub fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Change>, RibError> {
+        let c = self.0;
+        let mut stmt = c.prepare_cached(
+            "SELECT seq, tbl, key, app FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
+            Ok(Change {
+                seq: r.get::<_, i64>(0)? as u64,
+                table: r.get(1)?,
+                key: r.get(2)?,
+                app: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn compacted_through(&self) -> Result<u64, RibError> {
+        let c = self.0;
+        let v: i64 = c.query_row("SELECT compacted_through FROM feed_meta", [], |r| r.get(0))?;
+        Ok(v as u64)
+    }
+
+    pub fn data_version(&self) -> Result<u64, RibError> {
+        let c = self.0;
+        let v: i64 = c
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        Ok(v as u64)
+    }
+
+    /// Calls `f` with every machine that is not destroyed among `which`, in
+    /// no particular order. For the FIB: no row is decoded further than it
+    /// needs.
+    pub(crate) fn for_each_route(
+        &self,
+        which: Routes<'_>,
+        mut f: impl FnMut(RouteRow<'_>),
+    ) -> Result<(), RibError> {
+        let c = self.0;
+        let (mut stmt, key) = match which {
+            Routes::All => (c.prepare_cached(ROUTE_SELECT)?, None),
+            Routes::App(app) => (
+                c.prepare_cached(&format!("{ROUTE_SELECT} AND app = ?1"))?,
+                Some(app),
+            ),
+            Routes::Machine(id) => (
+                c.prepare_cached(&format!("{ROUTE_SELECT} AND id = ?1"))?,
+                Some(id),
+            ),
+        };
+        let mut rows = match key {
+            Some(key) => stmt.query([key])?,
+            None => stmt.query([])?,
+        };
+        while let Some(r) = rows.next()? {
+            let text = |i: usize| -> Result<&str, RibError> {
+                Ok(r.get_ref(i)?.as_str().map_err(rusqlite::Error::from)?)
+            };
+            let id = text(0)?;
+            let state = text(4)?.parse().map_err(|reason| RibError::Corrupt {
+                key: id.to_string(),
+                reason,
+            })?;
+            f(RouteRow {
+                id,
+                app: text(1)?,
+                region: text(2)?,
+                host: text(3)?,
+                state,
+                private_ip: text(5)?,
+                cordoned: r.get(6)?,
+                healthy: r.get(7)?,
+                services: text(8)?,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -1075,7 +1156,7 @@ fn upsert_machine(
             "INSERT INTO machines (id, app, region, host, state, private_ip, instance_id,
             cordoned, services, row_version, updated_at, healthy)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-         ON CONFLICT(id) DO UPDATE SET app = excluded.app, region = excluded.region,
+         ON CONFLICT(id) DO UPDATE SET
             host = excluded.host, state = excluded.state, private_ip = excluded.private_ip,
             instance_id = excluded.instance_id, cordoned = excluded.cordoned,
             services = excluded.services, row_version = excluded.row_version,

@@ -110,34 +110,13 @@ impl<'p> AppBuild<'p> {
                 return;
             }
         };
-        self.states[state_index(row.state)] += 1;
         let routable = row.state == MachineState::Started && !row.cordoned && row.healthy;
-        let region = match self.regions.iter_mut().find(|r| &*r.region == row.region) {
-            Some(summary) => summary,
-            None => {
-                self.regions
-                    .push(RegionSummary::empty(interner.string(row.region)));
-                self.regions.last_mut().expect("just pushed")
-            }
-        };
-        match row.state {
-            MachineState::Started => region.started += 1,
-            MachineState::Stopped => region.stopped += 1,
-            MachineState::Suspended => region.suspended += 1,
-            _ => {}
-        }
-        if routable {
-            region.routable += 1;
-            region.capacity += services
-                .first()
-                .and_then(|s| s.concurrency.as_ref())
-                .and_then(|c| c.soft_limit)
-                .map_or(DEFAULT_SOFT_LIMIT, u64::from);
-        }
+        let region = self.count(row.region, row.state, routable, &services, || {
+            interner.string(row.region)
+        });
         if !mode.keeps(row.region) {
             return;
         }
-        let region = region.region.clone();
         self.machines.push(RouteMachine {
             id: row.id.into(),
             region,
@@ -149,6 +128,49 @@ impl<'p> AppBuild<'p> {
             services,
             inflight: self.inflight(row.id),
         });
+    }
+
+    /// Adds a machine the app already had, unchanged.
+    pub fn keep(&mut self, m: &RouteMachine) {
+        self.count(&m.region, m.state, m.routable(), &m.services, || {
+            m.region.clone()
+        });
+        self.machines.push(m.clone());
+    }
+
+    /// Counts a machine in the state counts and its region's summary;
+    /// returns the region's shared name.
+    fn count(
+        &mut self,
+        region: &str,
+        state: MachineState,
+        routable: bool,
+        services: &[MachineService],
+        shared_name: impl FnOnce() -> Arc<str>,
+    ) -> Arc<str> {
+        self.states[state_index(state)] += 1;
+        let summary = match self.regions.iter().position(|r| &*r.region == region) {
+            Some(i) => &mut self.regions[i],
+            None => {
+                self.regions.push(RegionSummary::empty(shared_name()));
+                self.regions.last_mut().expect("just pushed")
+            }
+        };
+        match state {
+            MachineState::Started => summary.started += 1,
+            MachineState::Stopped => summary.stopped += 1,
+            MachineState::Suspended => summary.suspended += 1,
+            _ => {}
+        }
+        if routable {
+            summary.routable += 1;
+            summary.capacity += services
+                .first()
+                .and_then(|s| s.concurrency.as_ref())
+                .and_then(|c| c.soft_limit)
+                .map_or(DEFAULT_SOFT_LIMIT, u64::from);
+        }
+        summary.region.clone()
     }
 
     /// The app's routes; certificates and flycast addresses are the caller's.

@@ -154,7 +154,7 @@ fn run(
     pending: &AtomicBool,
     poll: Duration,
 ) {
-    let mut version = rib.data_version().ok();
+    let mut version = rib.follower_data_version().ok();
     let mut dirty = true;
     loop {
         let mut wait = poll;
@@ -178,7 +178,7 @@ fn run(
             }
             Ok(Control::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {
-                let now = rib.data_version().ok();
+                let now = rib.follower_data_version().ok();
                 if now != version {
                     version = now;
                     dirty = true;

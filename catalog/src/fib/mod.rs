@@ -23,7 +23,7 @@ mod table;
 pub use follower::{Follower, FollowerOptions, Stall};
 
 use crate::lock::{Guarded, LockStats};
-use crate::rib::{CertificateRow, Change, Rib, RibError};
+use crate::rib::{CertificateRow, Change, Rib, RibError, RibView, Routes};
 use arc_swap::ArcSwap;
 use build::{AppBuild, Interner, state_index};
 use compact_str::CompactString;
@@ -67,7 +67,8 @@ impl Mode {
 /// A machine as the proxy routes to it.
 #[derive(Debug, Clone)]
 pub struct RouteMachine {
-    pub id: Box<str>,
+    /// Inline (no allocation) up to 24 bytes; Fly machine ids are 14.
+    pub id: CompactString,
     pub region: Arc<str>,
     pub host: Arc<str>,
     pub state: MachineState,
@@ -362,7 +363,9 @@ impl Fib {
     /// Loads the whole table from the RIB.
     pub fn load_with(rib: &Rib, options: FibOptions) -> Result<Arc<Self>, RibError> {
         let mut interner = Interner::default();
-        let snapshot = full(&mut interner, rib, &options.mode, None)?;
+        let snapshot = rib.follow_read("fib.load", |rib| {
+            full(&mut interner, rib, &options.mode, None)
+        })?;
         Ok(Arc::new(Self {
             noticed: AtomicU64::new(snapshot.seq),
             mode: options.mode,
@@ -422,37 +425,42 @@ impl Fib {
             if let Some(release) = self.stall.lock().take() {
                 let _ = release.recv();
             }
-            let mut total = 0;
-            loop {
-                let started = Instant::now();
-                let current = self.snapshot.load_full();
-                if current.seq < rib.compacted_through()? {
-                    // The changes it needs are gone: start over from the RIB.
-                    tracing::info!(
-                        seq = current.seq,
-                        "fib: behind the compacted feed; reloading"
-                    );
-                    let fresh = full(interner, rib, &self.mode, Some(&current))?;
-                    self.snapshot.store(Arc::new(fresh));
-                    self.reloads.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let changes = rib.changes_since(current.seq, FEED_BATCH)?;
-                if changes.is_empty() {
-                    return Ok(total);
-                }
-                let next = apply(interner, rib, &self.mode, &current, &changes)?;
-                // Single writer (this lock), so a plain store loses nothing.
-                self.snapshot.store(Arc::new(next));
-                total += changes.len();
-                self.applied
-                    .fetch_add(changes.len() as u64, Ordering::Relaxed);
-                self.batches.fetch_add(1, Ordering::Relaxed);
-                let took = started.elapsed().as_micros() as u64;
-                self.last_batch_us.store(took, Ordering::Relaxed);
-                self.max_batch_us.fetch_max(took, Ordering::Relaxed);
-            }
+            rib.follow_read(label, |rib| self.catch_up_in(interner, rib))
         })?
+    }
+
+    /// The catch-up loop, inside the writer lock and one read transaction.
+    fn catch_up_in(&self, interner: &mut Interner, rib: &RibView<'_>) -> Result<usize, RibError> {
+        let mut total = 0;
+        loop {
+            let started = Instant::now();
+            let current = self.snapshot.load_full();
+            if current.seq < rib.compacted_through()? {
+                // The changes it needs are gone: start over from the RIB.
+                tracing::info!(
+                    seq = current.seq,
+                    "fib: behind the compacted feed; reloading"
+                );
+                let fresh = full(interner, rib, &self.mode, Some(&current))?;
+                self.snapshot.store(Arc::new(fresh));
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let changes = rib.changes_since(current.seq, FEED_BATCH)?;
+            if changes.is_empty() {
+                return Ok(total);
+            }
+            let next = apply(interner, rib, &self.mode, &current, &changes)?;
+            // Single writer (this lock), so a plain store loses nothing.
+            self.snapshot.store(Arc::new(next));
+            total += changes.len();
+            self.applied
+                .fetch_add(changes.len() as u64, Ordering::Relaxed);
+            self.batches.fetch_add(1, Ordering::Relaxed);
+            let took = started.elapsed().as_micros() as u64;
+            self.last_batch_us.store(took, Ordering::Relaxed);
+            self.max_batch_us.fetch_max(took, Ordering::Relaxed);
+        }
     }
 
     /// The FIB's telemetry, for `/debug/catalog`.
@@ -517,7 +525,7 @@ pub struct FibStats {
 /// `previous` for machines it already had.
 fn full(
     interner: &mut Interner,
-    rib: &Rib,
+    rib: &RibView<'_>,
     mode: &Mode,
     previous: Option<&FibSnapshot>,
 ) -> Result<FibSnapshot, RibError> {
@@ -532,7 +540,7 @@ fn full(
             (a.name.as_str(), AppBuild::new(old))
         })
         .collect();
-    rib.for_each_route(None, |row| {
+    rib.for_each_route(Routes::All, |row| {
         // Machines of a deleted app wait for their rows to be forgotten.
         if let Some(build) = builds.get_mut(row.app) {
             build.add(&row, mode, interner);
@@ -557,7 +565,10 @@ fn full(
 }
 
 /// Flycast addresses by app, of one app or all.
-fn flycast_of(rib: &Rib, app: Option<&str>) -> Result<HashMap<String, Vec<IpAddr>>, RibError> {
+fn flycast_of(
+    rib: &RibView<'_>,
+    app: Option<&str>,
+) -> Result<HashMap<String, Vec<IpAddr>>, RibError> {
     let mut by_app: HashMap<String, Vec<IpAddr>> = HashMap::new();
     for row in rib.ips(app)? {
         match row.ip.parse() {
@@ -570,23 +581,45 @@ fn flycast_of(rib: &Rib, app: Option<&str>) -> Result<HashMap<String, Vec<IpAddr
 
 /// Which parts of an app a batch changed.
 #[derive(Default)]
-struct Touched {
+struct Touched<'c> {
     app: bool,
-    machines: bool,
+    machines: Machines<'c>,
     certificates: bool,
     flycast: bool,
 }
 
-/// `current` with `changes` applied: every touched app is rebuilt from the
-/// RIB (only the parts its changes name), everything else is shared.
+/// Which of an app's machines a batch changed.
+#[derive(Default)]
+enum Machines<'c> {
+    #[default]
+    None,
+    /// These ids (deduplicated).
+    Some(Vec<&'c str>),
+    /// All of them (a bulk change, key `*`).
+    All,
+}
+
+impl<'c> Machines<'c> {
+    fn add(&mut self, key: &'c str) {
+        match self {
+            _ if key == "*" => *self = Self::All,
+            Self::None => *self = Self::Some(vec![key]),
+            Self::Some(ids) if !ids.contains(&key) => ids.push(key),
+            Self::Some(_) | Self::All => {}
+        }
+    }
+}
+
+/// `current` with `changes` applied: every touched app is rebuilt (only
+/// the parts its changes name), everything else is shared.
 fn apply(
     interner: &mut Interner,
-    rib: &Rib,
+    rib: &RibView<'_>,
     mode: &Mode,
     current: &FibSnapshot,
     changes: &[Change],
 ) -> Result<FibSnapshot, RibError> {
-    let mut touched: HashMap<&str, Touched> = HashMap::new();
+    let mut touched: HashMap<&str, Touched<'_>> = HashMap::new();
     for change in changes {
         let Some(app) = change.app.as_deref() else {
             continue; // Hosts: not part of the FIB.
@@ -594,7 +627,7 @@ fn apply(
         let t = touched.entry(app).or_default();
         match change.table.as_str() {
             "apps" => t.app = true,
-            "machines" => t.machines = true,
+            "machines" => t.machines.add(&change.key),
             "certificates" => t.certificates = true,
             "ip_assignments" => t.flycast = true,
             _ => {}
@@ -613,29 +646,24 @@ fn apply(
             next.remove(name);
             continue;
         }
-        // A new (or re-created) app is read whole.
-        let fresh = t.app || old.is_none();
-        let mut app = match old {
-            Some(old) if !fresh && !t.machines => old.clone(),
-            _ => {
-                let mut build = AppBuild::new(old);
-                rib.for_each_route(Some(name), |row| build.add(&row, mode, interner))?;
-                let mut app = build.finish(name);
-                if let Some(old) = old {
-                    app.certificates = old.certificates.clone();
-                    app.flycast = old.flycast.clone();
-                }
-                app
+        let mut app = match (old, t.machines) {
+            // A new (or re-created) app is read whole.
+            (None, _) => read_app(interner, rib, mode, name, None)?,
+            (Some(old), _) if t.app => read_app(interner, rib, mode, name, Some(old))?,
+            (Some(old), Machines::None) => old.clone(),
+            (Some(old), Machines::Some(ids)) if patchable(mode, old, &ids) => {
+                patch_app(interner, rib, mode, old, &ids)?
             }
+            (Some(old), _) => read_app(interner, rib, mode, name, Some(old))?,
         };
-        if fresh || t.certificates {
+        if old.is_none() || t.app || t.certificates {
             app.certificates = rib
                 .certificates(Some(name))?
                 .into_iter()
                 .map(Arc::new)
                 .collect();
         }
-        if fresh || t.flycast {
+        if old.is_none() || t.app || t.flycast {
             app.flycast = flycast_of(rib, Some(name))?
                 .remove(name)
                 .unwrap_or_default()
@@ -644,6 +672,59 @@ fn apply(
         next.put(Arc::new(app));
     }
     Ok(next)
+}
+
+/// An app's machines read whole from the RIB; certificates and addresses
+/// carried over from `old`.
+fn read_app(
+    interner: &mut Interner,
+    rib: &RibView<'_>,
+    mode: &Mode,
+    name: &str,
+    old: Option<&AppRoutes>,
+) -> Result<AppRoutes, RibError> {
+    let mut build = AppBuild::new(old);
+    rib.for_each_route(Routes::App(name), |row| build.add(&row, mode, interner))?;
+    let mut app = build.finish(name);
+    if let Some(old) = old {
+        app.certificates = old.certificates.clone();
+        app.flycast = old.flycast.clone();
+    }
+    Ok(app)
+}
+
+/// Whether changing `ids` can be applied by reading only their rows: the
+/// FIB must hold every machine of the app (to recount the summaries), and
+/// reading the few rows must be cheaper than reading the app.
+fn patchable(mode: &Mode, old: &AppRoutes, ids: &[&str]) -> bool {
+    *mode == Mode::Global && ids.len() * 2 <= old.machines.len().max(1)
+}
+
+/// `old` with the rows of `ids` read again: every other machine is kept
+/// as it was; the counts and summaries are recounted.
+fn patch_app(
+    interner: &mut Interner,
+    rib: &RibView<'_>,
+    mode: &Mode,
+    old: &AppRoutes,
+    ids: &[&str],
+) -> Result<AppRoutes, RibError> {
+    let mut build = AppBuild::new(Some(old));
+    for m in old.machines.iter().filter(|m| !ids.contains(&&*m.id)) {
+        build.keep(m);
+    }
+    for id in ids {
+        rib.for_each_route(Routes::Machine(id), |row| {
+            // A machine never changes app; a row that says otherwise is not ours.
+            if *row.app == *old.name {
+                build.add(&row, mode, interner);
+            }
+        })?;
+    }
+    let mut app = build.finish(&old.name);
+    app.certificates = old.certificates.clone();
+    app.flycast = old.flycast.clone();
+    Ok(app)
 }
 
 #[cfg(test)]
