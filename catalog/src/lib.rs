@@ -20,7 +20,7 @@ pub mod secrets;
 
 pub use fib::{
     AppRoutes, Fib, FibOptions, FibSnapshot, FibStats, Follower, FollowerOptions, Mode,
-    RegionSummary, RouteMachine, Stall,
+    RegionSummary, RemoteMachine, RouteMachine, Stall,
 };
 pub use rib::{
     AppRow, CertificateRow, Change, CommitHook, HostCapacity, HostRow, IpRow, MachineRow,

@@ -13,6 +13,7 @@
 //!   another connection (noticed by polling `data_version`).
 
 use super::percentile;
+use compact_str::CompactString;
 use hangar_api::machine::{Concurrency, MachinePort, MachineService, MachineState};
 use hangar_catalog::{
     AppRow, CommitHook, Fib, FibOptions, Follower, FollowerOptions, MachineRow, Mode, Rib,
@@ -195,10 +196,13 @@ fn latency(fib: &Arc<Fib>, names: &Arc<Vec<String>>, threads: usize, probe: Prob
                 let mut sink = 0usize;
                 let mut samples = Vec::with_capacity(SAMPLES);
                 for _ in 0..SAMPLES {
-                    let picks: [usize; BATCH] = std::array::from_fn(|_| rng.below(names.len()));
+                    // The names are copied out first: a request's Host is
+                    // in a buffer the proxy just read, so it is in cache.
+                    let picks: [CompactString; BATCH] =
+                        std::array::from_fn(|_| names[rng.below(names.len())].as_str().into());
                     let started = Instant::now();
-                    for &i in &picks {
-                        sink = sink.wrapping_add(probe(&fib, &names[i], &mut rng));
+                    for name in &picks {
+                        sink = sink.wrapping_add(probe(&fib, name, &mut rng));
                     }
                     samples.push(started.elapsed().as_nanos() as f64 / BATCH as f64);
                 }
@@ -213,6 +217,32 @@ fn latency(fib: &Arc<Fib>, names: &Arc<Vec<String>>, threads: usize, probe: Prob
         .collect();
     all.sort_by(f64::total_cmp);
     all
+}
+
+/// The reference for lookup latency: one dependent random read from a
+/// buffer of `bytes`, as a pointer chase through cache lines in random order
+/// (ns per read). A lookup is two or three such reads at least (the table's
+/// control bytes, the app), so this is its floor on this machine.
+fn memory_read_ns(bytes: usize) -> f64 {
+    const LINE: usize = 64 / size_of::<usize>();
+    let lines = (bytes / 64).max(2);
+    let mut order: Vec<usize> = (0..lines).collect();
+    let mut rng = Rng(0x5eed_5eed_5eed_5eed);
+    for i in (1..lines).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let mut next = vec![0usize; lines * LINE];
+    for w in 0..lines {
+        next[order[w] * LINE] = order[(w + 1) % lines] * LINE;
+    }
+    let hops = 2_000_000;
+    let mut at = 0;
+    let started = Instant::now();
+    for _ in 0..hops {
+        at = next[at];
+    }
+    std::hint::black_box(at);
+    started.elapsed().as_nanos() as f64 / hops as f64
 }
 
 /// Lookups per second of one reader during `secs`.
@@ -342,6 +372,7 @@ pub fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
     let names: Arc<Vec<String>> = Arc::new((0..args.apps).map(app_name).collect());
 
     eprintln!("measuring lookup latency...");
+    let memory_read = memory_read_ns(fib_bytes as usize);
     let one = latency(&fib, &names, 1, lookup);
     let two = latency(&fib, &names, 2, lookup);
     let routed = latency(&fib, &names, 1, route);
@@ -349,6 +380,10 @@ pub fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
     eprintln!("measuring lookup throughput with and without writes...");
     let mut versions = vec![1u64; args.machines];
     let (mut idle, mut busy, mut written, mut writing_s) = (0.0, 0.0, 0, 0.0);
+    let (applied_before, busy_before) = {
+        let stats = fib.stats();
+        (stats.applied, stats.busy_us)
+    };
     for _ in 0..2 {
         idle += throughput(&fib, &names, args.round_secs);
         let stop = AtomicBool::new(false);
@@ -365,6 +400,14 @@ pub fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
         busy += rate;
     }
     let (idle, busy) = (idle / 2.0, busy / 2.0);
+    // What applying the writes cost the follower: its share of one core
+    // while writing, and per change.
+    let (apply_us_per_change, follower_core_share) = {
+        let stats = fib.stats();
+        let busy_us = (stats.busy_us - busy_before) as f64;
+        let applied = (stats.applied - applied_before).max(1) as f64;
+        (busy_us / applied, busy_us / 1e6 / writing_s)
+    };
 
     eprintln!("measuring commit -> visible...");
     let newest = Arc::new(AtomicU64::new(0));
@@ -397,11 +440,14 @@ pub fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
         "fib_bytes_per_machine": fib_bytes as f64 / args.machines as f64,
         "lookup_ns_1_thread": { "p50": percentile(&one, 0.5), "p99": percentile(&one, 0.99) },
         "lookup_ns_2_threads": { "p50": percentile(&two, 0.5), "p99": percentile(&two, 0.99) },
+        "memory_read_ns": memory_read,
         "lookup_and_choice_ns": { "p50": percentile(&routed, 0.5), "p99": percentile(&routed, 0.99) },
         "lookups_per_sec_idle": idle,
         "lookups_per_sec_writing": busy,
         "throughput_under_writes": busy / idle,
         "writes_per_sec": written as f64 / writing_s,
+        "apply_us_per_change": apply_us_per_change,
+        "follower_core_share": follower_core_share,
         "propagation_us": { "p50": percentile(&local, 0.5), "p99": percentile(&local, 0.99) },
         "propagation_other_connection_us": { "p50": percentile(&remote, 0.5), "p99": percentile(&remote, 0.99) },
         "fib_batches": stats.batches,
@@ -439,6 +485,11 @@ pub fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
             "p50 <= 150",
         ),
         (
+            "  reference: one random memory read (ns)",
+            format!("{memory_read:.0}"),
+            "",
+        ),
+        (
             "  + two-choice pick, 1 thread (ns)",
             format!(
                 "{:.0} / {:.0}",
@@ -453,6 +504,11 @@ pub fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
         (
             "  writes/s achieved",
             format!("{:.0}", written as f64 / writing_s),
+            "",
+        ),
+        (
+            "  follower: us per change / core share",
+            format!("{apply_us_per_change:.1} / {follower_core_share:.2}"),
             "",
         ),
         (

@@ -5,7 +5,7 @@
 //! host or region repeats are interned, and a services config is decoded
 //! once and shared by every machine whose JSON is the same.
 
-use super::{AppRoutes, Mode, RegionSummary, RouteMachine, STATES};
+use super::{AppRoutes, Mode, RegionSummary, RemoteMachine, RouteMachine, STATES};
 use crate::rib::RouteRow;
 use hangar_api::machine::{MachineService, MachineState};
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 
 /// A machine's soft limit when its service sets none (Fly's default).
-pub(crate) const DEFAULT_SOFT_LIMIT: u64 = 20;
+pub(crate) const DEFAULT_SOFT_LIMIT: u32 = 20;
 
 /// What the FIB's writer keeps between batches. Only the follower (under the
 /// FIB's writer lock) touches it.
@@ -55,6 +55,7 @@ impl Interner {
 /// One app's machines as rows arrive, then [`AppBuild::finish`]ed.
 pub(crate) struct AppBuild<'p> {
     machines: Vec<RouteMachine>,
+    remote: Vec<RemoteMachine>,
     regions: Vec<RegionSummary>,
     states: [u32; STATES],
     /// The app's previous routes, whose in-flight counters carry over.
@@ -73,6 +74,7 @@ impl<'p> AppBuild<'p> {
         });
         Self {
             machines: Vec::new(),
+            remote: Vec::new(),
             regions: Vec::new(),
             states: [0; STATES],
             previous,
@@ -111,10 +113,18 @@ impl<'p> AppBuild<'p> {
             }
         };
         let routable = row.state == MachineState::Started && !row.cordoned && row.healthy;
-        let region = self.count(row.region, row.state, routable, &services, || {
+        let capacity = soft_limit(&services);
+        let region = self.count(row.region, row.state, routable, capacity, || {
             interner.string(row.region)
         });
         if !mode.keeps(row.region) {
+            self.remote.push(RemoteMachine {
+                id: row.id.into(),
+                region,
+                state: row.state,
+                routable,
+                capacity,
+            });
             return;
         }
         self.machines.push(RouteMachine {
@@ -132,10 +142,19 @@ impl<'p> AppBuild<'p> {
 
     /// Adds a machine the app already had, unchanged.
     pub fn keep(&mut self, m: &RouteMachine) {
-        self.count(&m.region, m.state, m.routable(), &m.services, || {
+        let capacity = soft_limit(&m.services);
+        self.count(&m.region, m.state, m.routable(), capacity, || {
             m.region.clone()
         });
         self.machines.push(m.clone());
+    }
+
+    /// Adds a machine of another region the app already had, unchanged.
+    pub fn keep_remote(&mut self, m: &RemoteMachine) {
+        self.count(&m.region, m.state, m.routable, m.capacity, || {
+            m.region.clone()
+        });
+        self.remote.push(m.clone());
     }
 
     /// Counts a machine in the state counts and its region's summary;
@@ -145,7 +164,7 @@ impl<'p> AppBuild<'p> {
         region: &str,
         state: MachineState,
         routable: bool,
-        services: &[MachineService],
+        capacity: u32,
         shared_name: impl FnOnce() -> Arc<str>,
     ) -> Arc<str> {
         self.states[state_index(state)] += 1;
@@ -164,11 +183,7 @@ impl<'p> AppBuild<'p> {
         }
         if routable {
             summary.routable += 1;
-            summary.capacity += services
-                .first()
-                .and_then(|s| s.concurrency.as_ref())
-                .and_then(|c| c.soft_limit)
-                .map_or(DEFAULT_SOFT_LIMIT, u64::from);
+            summary.capacity += u64::from(capacity);
         }
         summary.region.clone()
     }
@@ -178,12 +193,24 @@ impl<'p> AppBuild<'p> {
         // A stable order, so two builds from the same rows are equal.
         self.regions
             .sort_unstable_by(|a, b| a.region.cmp(&b.region));
+        self.remote.sort_unstable_by(|a, b| a.id.cmp(&b.id));
         AppRoutes {
             regions: self.regions.into(),
             states: self.states,
+            remote: self.remote.into(),
             ..AppRoutes::with_machines(name, self.machines)
         }
     }
+}
+
+/// What a machine adds to its region's capacity: its first service's soft
+/// limit.
+fn soft_limit(services: &[MachineService]) -> u32 {
+    services
+        .first()
+        .and_then(|s| s.concurrency.as_ref())
+        .and_then(|c| c.soft_limit)
+        .unwrap_or(DEFAULT_SOFT_LIMIT)
 }
 
 pub(crate) fn state_index(state: MachineState) -> usize {

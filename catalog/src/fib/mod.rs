@@ -91,6 +91,19 @@ impl RouteMachine {
     }
 }
 
+/// A machine of a region a regional FIB keeps no detail for: just what its
+/// region's summary counts, so a change to it is applied without reading
+/// the app's other machines again.
+#[derive(Debug, Clone)]
+pub struct RemoteMachine {
+    pub id: CompactString,
+    pub region: Arc<str>,
+    pub state: MachineState,
+    pub routable: bool,
+    /// Its soft limit, counted in the region's capacity while routable.
+    pub capacity: u32,
+}
+
 /// An app's machines in one region, in every mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegionSummary {
@@ -137,6 +150,8 @@ pub struct AppRoutes {
     pub certificates: Arc<[Arc<CertificateRow>]>,
     /// The app's flycast (private) addresses.
     pub flycast: Arc<[IpAddr]>,
+    /// The machines of the regions not kept in detail (regional mode).
+    pub remote: Arc<[RemoteMachine]>,
     /// Machine counts by state (indexed like [`MachineState::ALL`]), over
     /// every region.
     pub states: [u32; STATES],
@@ -152,6 +167,7 @@ impl AppRoutes {
             regions: Arc::new([]),
             certificates: Arc::new([]),
             flycast: Arc::new([]),
+            remote: Arc::new([]),
             states: [0; STATES],
         }
     }
@@ -342,6 +358,8 @@ pub struct Fib {
     reloads: AtomicU64,
     last_batch_us: AtomicU64,
     max_batch_us: AtomicU64,
+    /// Time spent applying batches, summed.
+    busy_us: AtomicU64,
     /// The newest sequence number a commit hook reported.
     noticed: AtomicU64,
     /// When the follower last answered the watchdog, ms after `born`.
@@ -377,6 +395,7 @@ impl Fib {
             reloads: AtomicU64::new(0),
             last_batch_us: AtomicU64::new(0),
             max_batch_us: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
             answered_ms: AtomicU64::new(0),
             #[cfg(test)]
             stall: parking_lot::Mutex::new(None),
@@ -460,6 +479,7 @@ impl Fib {
             let took = started.elapsed().as_micros() as u64;
             self.last_batch_us.store(took, Ordering::Relaxed);
             self.max_batch_us.fetch_max(took, Ordering::Relaxed);
+            self.busy_us.fetch_add(took, Ordering::Relaxed);
         }
     }
 
@@ -488,6 +508,7 @@ impl Fib {
             reloads: self.reloads(),
             last_batch_us: self.last_batch_us.load(Ordering::Relaxed),
             max_batch_us: self.max_batch_us.load(Ordering::Relaxed),
+            busy_us: self.busy_us.load(Ordering::Relaxed),
             watchdog_answered_ms_ago: (self.born.elapsed().as_millis() as u64)
                 .saturating_sub(self.answered_ms.load(Ordering::Relaxed)),
             writer: self.writer.stats(),
@@ -517,6 +538,8 @@ pub struct FibStats {
     pub reloads: u64,
     pub last_batch_us: u64,
     pub max_batch_us: u64,
+    /// Time spent applying batches since load.
+    pub busy_us: u64,
     pub watchdog_answered_ms_ago: u64,
     pub writer: LockStats,
 }
@@ -651,7 +674,7 @@ fn apply(
             (None, _) => read_app(interner, rib, mode, name, None)?,
             (Some(old), _) if t.app => read_app(interner, rib, mode, name, Some(old))?,
             (Some(old), Machines::None) => old.clone(),
-            (Some(old), Machines::Some(ids)) if patchable(mode, old, &ids) => {
+            (Some(old), Machines::Some(ids)) if patchable(old, &ids) => {
                 patch_app(interner, rib, mode, old, &ids)?
             }
             (Some(old), _) => read_app(interner, rib, mode, name, Some(old))?,
@@ -693,15 +716,14 @@ fn read_app(
     Ok(app)
 }
 
-/// Whether changing `ids` can be applied by reading only their rows: the
-/// FIB must hold every machine of the app (to recount the summaries), and
-/// reading the few rows must be cheaper than reading the app.
-fn patchable(mode: &Mode, old: &AppRoutes, ids: &[&str]) -> bool {
-    *mode == Mode::Global && ids.len() * 2 <= old.machines.len().max(1)
+/// Whether changing `ids` is cheaper by reading only their rows than by
+/// reading the app's.
+fn patchable(old: &AppRoutes, ids: &[&str]) -> bool {
+    ids.len() * 2 <= old.machines.len() + old.remote.len()
 }
 
-/// `old` with the rows of `ids` read again: every other machine is kept
-/// as it was; the counts and summaries are recounted.
+/// `old` with the rows of `ids` read again: every other machine (detailed
+/// or remote) is kept as it was; the counts and summaries are recounted.
 fn patch_app(
     interner: &mut Interner,
     rib: &RibView<'_>,
@@ -712,6 +734,9 @@ fn patch_app(
     let mut build = AppBuild::new(Some(old));
     for m in old.machines.iter().filter(|m| !ids.contains(&&*m.id)) {
         build.keep(m);
+    }
+    for m in old.remote.iter().filter(|m| !ids.contains(&&*m.id)) {
+        build.keep_remote(m);
     }
     for id in ids {
         rib.for_each_route(Routes::Machine(id), |row| {
@@ -859,7 +884,7 @@ pub(crate) mod tests {
         assert_eq!(ids, ["a1", "a2"]);
         let ord = app.region("ord").unwrap();
         assert_eq!((ord.started, ord.suspended, ord.routable), (2, 1, 1));
-        assert_eq!(ord.capacity, build::DEFAULT_SOFT_LIMIT);
+        assert_eq!(ord.capacity, u64::from(build::DEFAULT_SOFT_LIMIT));
         assert_eq!(app.count(MachineState::Started), 3);
         assert_eq!(global.lookup("hello").unwrap().machines.len(), 5);
         assert_eq!(app.regions, global.lookup("hello").unwrap().regions);
