@@ -79,6 +79,20 @@ pub enum PathError {
         "app {0:?} has no machine taking traffic: its started machines are cordoned or failing their service checks"
     )]
     NoHealthyMachine(String),
+    /// This proxy's region has no candidate (regional catalog), but other
+    /// regions do; forwarding between regions' proxies is not there yet.
+    #[error(
+        "app {app:?} has no machine taking traffic in region {region}; it has in {}",
+        elsewhere.join(", ")
+    )]
+    OnlyElsewhere {
+        /// The app.
+        app: String,
+        /// This proxy's region.
+        region: String,
+        /// The regions with routable machines, the most capacity first.
+        elsewhere: Vec<String>,
+    },
     /// The app's started machines expose no HTTP service.
     #[error("app {0:?} has no started machine with an http service")]
     NoHttpService(String),
@@ -114,9 +128,10 @@ impl PathError {
         match self {
             Self::BadHost(_) => StatusCode::BAD_REQUEST,
             Self::UnknownApp(_) => StatusCode::NOT_FOUND,
-            Self::NoStartedMachine(_) | Self::NoHealthyMachine(_) | Self::NoHttpService(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoStartedMachine(_)
+            | Self::NoHealthyMachine(_)
+            | Self::NoHttpService(_)
+            | Self::OnlyElsewhere { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -130,6 +145,7 @@ impl PathError {
             Self::NoStartedMachine(_)
             | Self::NoHealthyMachine(_)
             | Self::NoHttpService(_)
+            | Self::OnlyElsewhere { .. }
             | Self::Upstream { .. } => Side::Upstream,
             Self::Internal(_) => Side::Internal,
         }

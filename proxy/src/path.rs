@@ -203,7 +203,7 @@ async fn route(
     let host = host(&edge.fib, &req)?;
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.to_string());
-    let target = machine(&app, ex.conn.listener)?;
+    let target = machine(&app, ex.conn.listener, &edge.region)?;
     ex.machine = Some(target.machine().id.to_string());
     forward(edge, ex, target, host, req).await
 }
@@ -253,10 +253,20 @@ fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
         .ok_or_else(|| PathError::UnknownApp(name.to_string()))
 }
 
-/// Picks the machine; see [`balance`].
-fn machine(app: &Arc<AppRoutes>, listener: Listener) -> Result<Target, PathError> {
+/// Picks the machine; see [`balance`]. With none here but some in other
+/// regions (a regional catalog keeps only this region's machines), the
+/// error names those regions, from the catalog's summaries.
+fn machine(app: &Arc<AppRoutes>, listener: Listener, region: &str) -> Result<Target, PathError> {
     balance::choose(app, listener, &mut rand::rng()).map_err(|no| {
         let name = app.name.to_string();
+        let elsewhere = app.regions_elsewhere(region);
+        if app.candidates().is_empty() && !elsewhere.is_empty() {
+            return PathError::OnlyElsewhere {
+                app: name,
+                region: region.to_string(),
+                elsewhere: elsewhere.iter().map(|r| r.region.to_string()).collect(),
+            };
+        }
         match no {
             NoTarget::NoStartedMachine => PathError::NoStartedMachine(name),
             NoTarget::NoHealthyMachine => PathError::NoHealthyMachine(name),
@@ -531,6 +541,38 @@ fn strip_port(raw: &str) -> Result<&str, HostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_nothing_here_the_error_names_the_regions_that_have_machines() {
+        use hangar_catalog::RegionSummary;
+        let summary = |region: &str, routable, capacity| RegionSummary {
+            region: region.into(),
+            started: routable,
+            stopped: 1,
+            suspended: 0,
+            routable,
+            capacity,
+        };
+        let app = Arc::new(AppRoutes {
+            regions: Arc::new([
+                summary("ams", 0, 0),
+                summary("ord", 1, 20),
+                summary("syd", 2, 40),
+            ]),
+            ..AppRoutes::empty("hello")
+        });
+        let err = machine(&app, Listener::Http, "ams").unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            err.to_string(),
+            "app \"hello\" has no machine taking traffic in region ams; it has in syd, ord"
+        );
+        let nowhere = Arc::new(AppRoutes::empty("hello"));
+        assert!(matches!(
+            machine(&nowhere, Listener::Http, "ams"),
+            Err(PathError::NoStartedMachine(_))
+        ));
+    }
 
     #[test]
     fn good_hosts_name_their_app() {

@@ -193,6 +193,19 @@ impl AppRoutes {
         self.states[state_index(state)]
     }
 
+    /// The regions other than `own` with machines that can take requests
+    /// now, the most capacity first: where a proxy with no candidate of its
+    /// own would send the request.
+    pub fn regions_elsewhere(&self, own: &str) -> Vec<&RegionSummary> {
+        let mut elsewhere: Vec<_> = self
+            .regions
+            .iter()
+            .filter(|r| r.routable > 0 && &*r.region != own)
+            .collect();
+        elsewhere.sort_by(|a, b| b.capacity.cmp(&a.capacity).then(a.region.cmp(&b.region)));
+        elsewhere
+    }
+
     /// The app's summary for `region`.
     pub fn region(&self, region: &str) -> Option<&RegionSummary> {
         self.regions.iter().find(|r| &*r.region == region)
@@ -886,6 +899,12 @@ pub(crate) mod tests {
         assert_eq!((ord.started, ord.suspended, ord.routable), (2, 1, 1));
         assert_eq!(ord.capacity, u64::from(build::DEFAULT_SOFT_LIMIT));
         assert_eq!(app.count(MachineState::Started), 3);
+        let elsewhere: Vec<_> = app
+            .regions_elsewhere("ams")
+            .iter()
+            .map(|r| &*r.region)
+            .collect();
+        assert_eq!(elsewhere, ["ord"]);
         assert_eq!(global.lookup("hello").unwrap().machines.len(), 5);
         assert_eq!(app.regions, global.lookup("hello").unwrap().regions);
         assert_eq!(regional.snapshot().machine_count(), 2);
