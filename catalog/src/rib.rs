@@ -1,7 +1,8 @@
 //! The RIB: Hangar's routing information base in SQLite.
 //!
-//! One writer connection and one reader connection, each behind a
-//! [`Guarded`] lock; in WAL mode the reader never blocks the writer. Every
+//! One writer connection, one reader connection for everyone, and one for
+//! the FIB follower ([`Rib::follow_read`]), each behind a [`Guarded`] lock;
+//! in WAL mode readers never block the writer. Every
 //! write appends to `changes` in the same transaction and then calls the
 //! in-process followers' commit hooks; followers in other processes poll
 //! SQLite's `data_version` and read `changes` by sequence number.
@@ -335,10 +336,14 @@ fn open_conn(path: &Path) -> Result<Connection, rusqlite::Error> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // A RIB of a million machines is a few hundred MB: cache more than
-    // SQLite's 2 MB default for the reads within one transaction (a load
-    // scans it all). A memory map was slower: the file grows at every
-    // checkpoint, and each growth remaps and faults the pages in again.
+    // A RIB of a million machines is a few hundred MB: 32 MB of page cache
+    // instead of SQLite's 2 MB. The writer's stays valid between its own
+    // transactions; a reader's lasts one transaction (in WAL mode it is
+    // dropped whenever another connection has committed), which for the
+    // follower is a whole catch-up, whose lookups share the upper B-tree
+    // pages. (256 MB did no better: emptying it costs more.) No memory map:
+    // it was slower, as the file grows at each checkpoint and each growth
+    // remaps it.
     conn.pragma_update(None, "cache_size", -32 * 1024)?;
     // Another process (a second flyd, a proxy) may hold the write lock briefly.
     conn.busy_timeout(LOCK_WAIT)?;
@@ -407,16 +412,8 @@ impl Rib {
     /// Opens (creating if needed) and migrates the RIB at `path`.
     pub fn open(path: &Path) -> Result<Arc<Self>, RibError> {
         let mut writer = open_conn(path)?;
-        // Checkpoint (copy the WAL back and fsync) every 32 MB rather than
-        // every 4 MB: under a stream of machine updates each checkpoint is
-        // an fsync the writer waits for.
-        writer.pragma_update(None, "wal_autocheckpoint", 8192)?;
         migrate(&mut writer)?;
         let reader = open_conn(path)?;
-        // No bigger cache for the follower: in WAL mode a connection drops
-        // its whole page cache whenever another connection has committed,
-        // so across catch-ups it never stays warm (measured: a 256 MB cache
-        // only added the cost of emptying it).
         let follower = open_conn(path)?;
         Ok(Arc::new(Self {
             writer: Guarded::new("rib.writer", LOCK_WAIT, writer),
