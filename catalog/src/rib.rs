@@ -139,6 +139,11 @@ SELECT app, region,
 FROM machines WHERE state != 'destroyed'
 GROUP BY app, region;
 "#,
+    // 9: a machine change carries what the FIB routes on (a `RouteImage`,
+    // JSON), so a follower applies it without reading the machine's row.
+    r#"
+ALTER TABLE changes ADD COLUMN image TEXT;
+"#,
 ];
 
 /// The newest change's sequence number. After a compaction that kept no
@@ -271,6 +276,40 @@ pub struct Change {
     pub table: String,
     pub key: String,
     pub app: Option<String>,
+    /// For a machine change, the machine as the FIB routes on it after the
+    /// change (JSON of [`RouteImage`]).
+    pub image: Option<String>,
+}
+
+/// What the FIB routes on of one machine, as a machine change carries it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RouteImage {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub host: String,
+    pub state: MachineState,
+    pub private_ip: String,
+    pub cordoned: bool,
+    pub healthy: bool,
+    /// The services JSON, as the row stores it.
+    pub services: String,
+}
+
+impl RouteImage {
+    pub fn row(&self) -> RouteRow<'_> {
+        RouteRow {
+            id: &self.id,
+            app: &self.app,
+            region: &self.region,
+            host: &self.host,
+            state: self.state,
+            private_ip: &self.private_ip,
+            cordoned: self.cordoned,
+            healthy: self.healthy,
+            services: &self.services,
+        }
+    }
 }
 
 /// A machine as the FIB reads it: borrowed columns, services still JSON so
@@ -1049,7 +1088,7 @@ impl RibView<'_> {
     pub fn changes_since(&self, seq: u64, limit: usize) -> Result<Vec<Change>, RibError> {
         let c = self.0;
         let mut stmt = c.prepare_cached(
-            "SELECT seq, tbl, key, app FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, tbl, key, app, image FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![seq as i64, limit as i64], |r| {
             Ok(Change {
@@ -1057,6 +1096,7 @@ impl RibView<'_> {
                 table: r.get(1)?,
                 key: r.get(2)?,
                 app: r.get(3)?,
+                image: r.get(4)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1152,7 +1192,9 @@ fn upsert_machine(
     m: &MachineRow,
     services: &str,
 ) -> Result<bool, RibError> {
-    let n = tx
+    // RETURNING yields a row only when the write was applied, with the app
+    // and region as stored (an update never changes them).
+    let stored: Option<(String, String)> = tx
         .prepare_cached(
             "INSERT INTO machines (id, app, region, host, state, private_ip, instance_id,
             cordoned, services, row_version, updated_at, healthy)
@@ -1162,26 +1204,48 @@ fn upsert_machine(
             instance_id = excluded.instance_id, cordoned = excluded.cordoned,
             services = excluded.services, row_version = excluded.row_version,
             updated_at = excluded.updated_at, healthy = excluded.healthy
-         WHERE excluded.row_version > machines.row_version",
+         WHERE excluded.row_version > machines.row_version
+         RETURNING app, region",
         )?
-        .execute(params![
-            m.id,
-            m.app,
-            m.region,
-            m.host,
-            m.state.as_str(),
-            m.private_ip,
-            m.instance_id,
-            m.cordoned,
-            services,
-            m.row_version as i64,
-            m.updated_at,
-            m.healthy
-        ])?;
-    if n > 0 {
-        append_change(tx, "machines", &m.id, Some(&m.app))?;
-    }
-    Ok(n > 0)
+        .query_row(
+            params![
+                m.id,
+                m.app,
+                m.region,
+                m.host,
+                m.state.as_str(),
+                m.private_ip,
+                m.instance_id,
+                m.cordoned,
+                services,
+                m.row_version as i64,
+                m.updated_at,
+                m.healthy
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((app, region)) = stored else {
+        return Ok(false);
+    };
+    let image = RouteImage {
+        id: m.id.clone(),
+        app,
+        region,
+        host: m.host.clone(),
+        state: m.state,
+        private_ip: m.private_ip.clone(),
+        cordoned: m.cordoned,
+        healthy: m.healthy,
+        services: services.to_string(),
+    };
+    let json = serde_json::to_string(&image).map_err(|e| RibError::Corrupt {
+        key: m.id.clone(),
+        reason: e.to_string(),
+    })?;
+    tx.prepare_cached("INSERT INTO changes (tbl, key, app, image) VALUES ('machines', ?1, ?2, ?3)")?
+        .execute(params![image.id, image.app, json])?;
+    Ok(true)
 }
 
 fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AppRow> {

@@ -23,7 +23,7 @@ mod table;
 pub use follower::{Follower, FollowerOptions, Stall};
 
 use crate::lock::{Guarded, LockStats};
-use crate::rib::{CertificateRow, Change, Rib, RibError, RibView, Routes};
+use crate::rib::{CertificateRow, Change, Rib, RibError, RibView, RouteImage, RouteRow, Routes};
 use arc_swap::ArcSwap;
 use build::{AppBuild, Interner, state_index};
 use compact_str::CompactString;
@@ -629,19 +629,24 @@ struct Touched<'c> {
 enum Machines<'c> {
     #[default]
     None,
-    /// These ids (deduplicated).
-    Some(Vec<&'c str>),
+    /// These ids (deduplicated), each with the image of its newest change
+    /// when the change carries one.
+    Some(Vec<(&'c str, Option<&'c str>)>),
     /// All of them (a bulk change, key `*`).
     All,
 }
 
 impl<'c> Machines<'c> {
-    fn add(&mut self, key: &'c str) {
+    /// Adds a change; changes come oldest first, so a later image wins.
+    fn add(&mut self, key: &'c str, image: Option<&'c str>) {
         match self {
             _ if key == "*" => *self = Self::All,
-            Self::None => *self = Self::Some(vec![key]),
-            Self::Some(ids) if !ids.contains(&key) => ids.push(key),
-            Self::Some(_) | Self::All => {}
+            Self::None => *self = Self::Some(vec![(key, image)]),
+            Self::Some(ids) => match ids.iter_mut().find(|(id, _)| *id == key) {
+                Some(seen) => seen.1 = image,
+                None => ids.push((key, image)),
+            },
+            Self::All => {}
         }
     }
 }
@@ -663,7 +668,7 @@ fn apply(
         let t = touched.entry(app).or_default();
         match change.table.as_str() {
             "apps" => t.app = true,
-            "machines" => t.machines.add(&change.key),
+            "machines" => t.machines.add(&change.key, change.image.as_deref()),
             "certificates" => t.certificates = true,
             "ip_assignments" => t.flycast = true,
             _ => {}
@@ -731,33 +736,52 @@ fn read_app(
 
 /// Whether changing `ids` is cheaper by reading only their rows than by
 /// reading the app's.
-fn patchable(old: &AppRoutes, ids: &[&str]) -> bool {
+fn patchable(old: &AppRoutes, ids: &[(&str, Option<&str>)]) -> bool {
     ids.len() * 2 <= old.machines.len() + old.remote.len()
 }
 
-/// `old` with the rows of `ids` read again: every other machine (detailed
-/// or remote) is kept as it was; the counts and summaries are recounted.
+/// `old` with the machines of `ids` replaced by their new images (or their
+/// rows, read again, for a change without one): every other machine
+/// (detailed or remote) is kept as it was; counts and summaries are
+/// recounted.
 fn patch_app(
     interner: &mut Interner,
     rib: &RibView<'_>,
     mode: &Mode,
     old: &AppRoutes,
-    ids: &[&str],
+    ids: &[(&str, Option<&str>)],
 ) -> Result<AppRoutes, RibError> {
+    let changed = |id: &str| ids.iter().any(|(changed, _)| *changed == id);
     let mut build = AppBuild::new(Some(old));
-    for m in old.machines.iter().filter(|m| !ids.contains(&&*m.id)) {
+    for m in old.machines.iter().filter(|m| !changed(&m.id)) {
         build.keep(m);
     }
-    for m in old.remote.iter().filter(|m| !ids.contains(&&*m.id)) {
+    for m in old.remote.iter().filter(|m| !changed(&m.id)) {
         build.keep_remote(m);
     }
-    for id in ids {
-        rib.for_each_route(Routes::Machine(id), |row| {
-            // A machine never changes app; a row that says otherwise is not ours.
-            if *row.app == *old.name {
-                build.add(&row, mode, interner);
+    // A machine never changes app; a row that says otherwise is not ours.
+    let ours = |row: &RouteRow<'_>| *row.app == *old.name;
+    for (id, image) in ids {
+        let image = image.and_then(|json| match serde_json::from_str::<RouteImage>(json) {
+            Ok(image) => Some(image),
+            Err(e) => {
+                tracing::warn!(machine = id, error = %e, "fib: unreadable change image; reading the row");
+                None
             }
-        })?;
+        });
+        match image {
+            Some(image) => {
+                let row = image.row();
+                if row.state != MachineState::Destroyed && ours(&row) {
+                    build.add(&row, mode, interner);
+                }
+            }
+            None => rib.for_each_route(Routes::Machine(id), |row| {
+                if ours(&row) {
+                    build.add(&row, mode, interner);
+                }
+            })?,
+        }
     }
     let mut app = build.finish(&old.name);
     app.certificates = old.certificates.clone();
