@@ -1243,8 +1243,10 @@ fn upsert_machine(
         key: m.id.clone(),
         reason: e.to_string(),
     })?;
-    tx.prepare_cached("INSERT INTO changes (tbl, key, app, image) VALUES ('machines', ?1, ?2, ?3)")?
-        .execute(params![image.id, image.app, json])?;
+    tx.prepare_cached(
+        "INSERT INTO changes (tbl, key, app, image) VALUES ('machines', ?1, ?2, ?3)",
+    )?
+    .execute(params![image.id, image.app, json])?;
     Ok(true)
 }
 
