@@ -734,10 +734,12 @@ fn read_app(
     Ok(app)
 }
 
-/// Whether changing `ids` is cheaper by reading only their rows than by
-/// reading the app's.
+/// Whether patching `old` with `ids` beats reading the app again: always
+/// when every change carries its image (no row to read), else when only a
+/// few of the app's machines changed.
 fn patchable(old: &AppRoutes, ids: &[(&str, Option<&str>)]) -> bool {
-    ids.len() * 2 <= old.machines.len() + old.remote.len()
+    ids.iter().all(|(_, image)| image.is_some())
+        || ids.len() * 2 <= old.machines.len() + old.remote.len()
 }
 
 /// `old` with the machines of `ids` replaced by their new images (or their
