@@ -500,7 +500,10 @@ impl Rib {
         })?
     }
 
-    /// [`Rib::data_version`] as the follower's connection sees it.
+    /// SQLite's `data_version` on the follower's connection: it changes
+    /// whenever another connection (this process's writer, or another
+    /// process) commits. Checking it costs no disk read, so the follower
+    /// polls it every few milliseconds.
     pub(crate) fn follower_data_version(&self) -> Result<u64, RibError> {
         self.follower
             .with("data_version", |c| RibView(c).data_version())?
@@ -998,14 +1001,6 @@ impl Rib {
     /// whose position is below it has missed changes.
     pub fn compacted_through(&self) -> Result<u64, RibError> {
         self.read("compacted_through", |c| RibView(c).compacted_through())
-    }
-
-    /// SQLite's `data_version`: changes whenever another connection (this
-    /// process's writer, or another process) commits. Checking it costs no
-    /// disk read, so a follower in another process can poll it every few
-    /// milliseconds.
-    pub fn data_version(&self) -> Result<u64, RibError> {
-        self.read("data_version", |c| RibView(c).data_version())
     }
 }
 
