@@ -32,6 +32,11 @@ impl Target {
     pub fn machine(&self) -> &RouteMachine {
         &self.app.machines[self.index]
     }
+
+    /// The app's routes the machine was chosen from.
+    pub fn app(&self) -> &AppRoutes {
+        &self.app
+    }
 }
 
 /// Why an app has no machine for this request.

@@ -29,6 +29,9 @@ pub struct ProxyConfig {
     /// How long a client may take to finish the TLS handshake; bounds what a
     /// silent client can hold (including the shutdown drain).
     pub handshake_timeout_ms: u64,
+    /// Worker threads serving connections, each a single-threaded runtime;
+    /// 0 means one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -41,6 +44,7 @@ impl Default for ProxyConfig {
             max_idle_per_machine: 64,
             idle_timeout_ms: 90_000,
             handshake_timeout_ms: 10_000,
+            workers: 0,
         }
     }
 }
@@ -81,6 +85,14 @@ impl ProxyConfig {
             Ok(())
         } else {
             Err(problems)
+        }
+    }
+
+    /// The number of worker threads: [`Self::workers`], or one per CPU.
+    pub fn workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         }
     }
 

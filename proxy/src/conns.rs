@@ -3,6 +3,7 @@
 
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::time::Duration;
+use tokio::runtime::Handle;
 use tokio::task::JoinSet;
 
 /// How long an accept loop pauses after an accept error. Errors such as
@@ -25,15 +26,15 @@ impl Conns {
         }
     }
 
-    /// Runs one connection. The watcher is taken here, before the task
+    /// Runs one connection on the runtime of `on`. The watcher is taken here, before the task
     /// starts, so a shutdown that begins while the task is still in its TLS
     /// handshake still reaches the connection.
-    pub(crate) fn spawn<F>(&mut self, conn: impl FnOnce(Watcher) -> F)
+    pub(crate) fn spawn<F>(&mut self, on: &Handle, conn: impl FnOnce(Watcher) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let watcher = self.graceful.watcher();
-        self.tasks.spawn(conn(watcher));
+        self.tasks.spawn_on(conn(watcher), on);
     }
 
     /// Collects one finished connection task; pending while there is none,

@@ -22,6 +22,9 @@ pub enum ProxyError {
         /// Why binding failed (in use, permission, ...).
         source: std::io::Error,
     },
+    /// The worker threads could not be started.
+    #[error("proxy: starting worker threads: {0}")]
+    Workers(std::io::Error),
     /// The dev certificate or its directory could not be read or written.
     #[error("proxy: dev certificate {}: {source}", path.display())]
     CertFile {

@@ -12,6 +12,10 @@
 //! - [`metrics`]: Prometheus metrics (`fly_edge_*`, `fly_app_machines`) and
 //!   the `/metrics` endpoint.
 //! - [`error`]: [`ProxyError`] for setup, [`PathError`] for one request.
+//! - `workers`: the worker threads, one single-threaded runtime each; every
+//!   connection lives on one of them.
+//! - `upstream`: keep-alive connections to machines, pooled per worker and
+//!   machine, driven by the request that uses them.
 //! - `headers`, `body`, `conns`: header rewriting at the hop, the response
 //!   body type, and connection draining at shutdown.
 //!
@@ -29,6 +33,8 @@ mod headers;
 pub mod metrics;
 pub mod path;
 pub mod tls;
+mod upstream;
+mod workers;
 
 pub use body::ProxyBody;
 pub use config::ProxyConfig;
@@ -36,9 +42,6 @@ pub use error::{PathError, ProxyError};
 pub use metrics::{Metrics, serve_metrics};
 
 use hangar_catalog::{Fib, SecretBox};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use path::Edge;
 use std::fmt;
 use std::net::SocketAddr;
@@ -93,6 +96,7 @@ pub struct Proxy {
     http: TcpListener,
     https: TcpListener,
     edge: Arc<Edge>,
+    workers: workers::Workers,
 }
 
 impl fmt::Debug for Proxy {
@@ -125,15 +129,27 @@ impl Proxy {
         let tls = TlsAcceptor::from(tls::server_config(Arc::new(resolver))?);
         let http = bind_listener("http", cfg.http_addr).await?;
         let https = bind_listener("https", cfg.https_addr).await?;
+        let workers = workers::Workers::start(cfg.workers()).map_err(ProxyError::Workers)?;
         let edge = Arc::new(Edge {
             fib,
-            client: upstream_client(&cfg),
+            upstreams: upstream::Upstreams::new(
+                workers.count(),
+                cfg.connect_timeout(),
+                cfg.max_idle_per_machine,
+                cfg.idle_timeout(),
+                metrics.edge().upstream,
+            ),
             region: cfg.region.clone(),
             metrics: metrics.edge(),
             tls,
             handshake_timeout: cfg.handshake_timeout(),
         });
-        Ok(Proxy { http, https, edge })
+        Ok(Proxy {
+            http,
+            https,
+            edge,
+            workers,
+        })
     }
 
     /// The HTTP listener's bound address.
@@ -175,20 +191,6 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// The pooled HTTP/1.1 client to machines: keep-alive connections per
-/// machine address, bounded idle count and idle time, bounded connect time.
-fn upstream_client(cfg: &ProxyConfig) -> Client<HttpConnector, hyper::body::Incoming> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cfg.connect_timeout()));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(cfg.max_idle_per_machine)
-        .pool_idle_timeout(cfg.idle_timeout())
-        // Without a timer the pool never evicts idle connections.
-        .pool_timer(TokioTimer::new())
-        .build(connector)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +200,7 @@ mod tests {
     use http::{HeaderMap, Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     use std::sync::atomic::Ordering;
@@ -363,6 +365,7 @@ mod tests {
     struct Harness {
         _dir: tempfile::TempDir,
         data_dir: std::path::PathBuf,
+        rib: Arc<Rib>,
         fib: Arc<Fib>,
         metrics: Metrics,
         http_addr: SocketAddr,
@@ -404,6 +407,7 @@ mod tests {
         Harness {
             data_dir: dir.path().to_path_buf(),
             _dir: dir,
+            rib,
             fib,
             metrics,
             http_addr,
@@ -425,6 +429,7 @@ mod tests {
             _dir,
             data_dir,
             fib,
+            rib: _,
             metrics,
             http_addr,
             https_addr,
@@ -624,5 +629,114 @@ mod tests {
         })
         .await
         .expect("serve returned at the drain deadline");
+    }
+
+    /// What a [`raw_machine`] saw of one connection.
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Accepted,
+        /// The machine closed the connection after answering.
+        Closed,
+        /// The proxy closed the connection.
+        Eof,
+    }
+
+    /// A machine speaking just enough HTTP/1.1 to answer GETs with `ok`,
+    /// reporting what happens to its connections; with `close_each` it
+    /// closes every connection after one response, without saying so.
+    async fn raw_machine(close_each: bool) -> (u16, mpsc::UnboundedReceiver<Event>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let _ = tx.send(Event::Accepted);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = tcp.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            let _ = tx.send(Event::Eof);
+                            return;
+                        }
+                        head.extend_from_slice(&buf[..n]);
+                        if !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            continue;
+                        }
+                        head.clear();
+                        tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                        if close_each {
+                            drop(tcp);
+                            let _ = tx.send(Event::Closed);
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    #[tokio::test]
+    async fn upstream_connections_are_reused_replaced_and_closed_with_their_machine() {
+        tokio::time::timeout(DEADLINE, async {
+            let (keep, mut keep_events) = raw_machine(false).await;
+            let (flaky, mut flaky_events) = raw_machine(true).await;
+            let h = harness(
+                &[
+                    ("keep", "m1", MachineState::Started, keep),
+                    ("flaky", "m2", MachineState::Started, flaky),
+                ],
+                Duration::from_secs(5),
+            )
+            .await;
+            let mut client = http1(h.http_addr).await;
+            let mut get_ok = async |app: &str| {
+                let response = client
+                    .send_request(get(Some(&format!("{app}.localhost"))))
+                    .await
+                    .unwrap();
+                let (status, _, body) = read(response).await;
+                assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"), "{app}");
+            };
+
+            // Three requests, one connection.
+            for _ in 0..3 {
+                get_ok("keep").await;
+            }
+            assert_eq!(keep_events.recv().await, Some(Event::Accepted));
+            assert!(keep_events.try_recv().is_err(), "no second connection");
+
+            // A machine that closes its idle connections: each request
+            // notices the close at checkout and opens a new one.
+            for _ in 0..3 {
+                get_ok("flaky").await;
+                assert_eq!(flaky_events.recv().await, Some(Event::Accepted));
+                assert_eq!(flaky_events.recv().await, Some(Event::Closed));
+            }
+            let text = h.metrics.render().unwrap();
+            for sample in [
+                r#"fly_edge_upstream_requests_total{connection="new"} 4"#,
+                r#"fly_edge_upstream_requests_total{connection="reused"} 2"#,
+            ] {
+                assert!(text.contains(sample), "missing {sample} in\n{text}");
+            }
+
+            // The machine stops: the sweep closes its idle connection.
+            let mut row = machine_row("m1", "keep", MachineState::Stopped, keep);
+            row.row_version = 2;
+            h.rib.upsert_machine(&row).unwrap();
+            h.fib.catch_up(&h.rib).unwrap();
+            assert_eq!(keep_events.recv().await, Some(Event::Eof));
+            h.stop.send(()).unwrap();
+            h.served.await.unwrap();
+        })
+        .await
+        .expect("finished in time");
     }
 }

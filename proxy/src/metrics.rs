@@ -4,6 +4,8 @@
 //! - `fly_edge_http_response_time_seconds{listener}`: time until the
 //!   response head was ready (forwarded or produced by the proxy).
 //! - `fly_edge_inflight_requests`: requests whose response has not finished.
+//! - `fly_edge_upstream_requests_total{connection}`: requests sent to
+//!   machines on a `new` or a `reused` keep-alive connection.
 //! - `fly_app_machines{state}`: machines in the FIB by state, read from the
 //!   current snapshot at scrape time, with every state present (zeros too).
 //!
@@ -23,8 +25,8 @@ use hyper_util::rt::TokioIo;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -61,6 +63,14 @@ pub(crate) struct EdgeMetrics {
     /// label lookup.
     response_time: [Histogram; 2],
     inflight: IntGauge,
+    pub(crate) upstream: UpstreamCounters,
+}
+
+/// Requests sent to machines by the kind of connection they went on.
+#[derive(Clone)]
+pub(crate) struct UpstreamCounters {
+    pub(crate) new: IntCounter,
+    pub(crate) reused: IntCounter,
 }
 
 impl Metrics {
@@ -90,6 +100,14 @@ impl Metrics {
             "Requests in flight at the edge proxy, until their response body ends",
         )
         .expect("static metric definition is valid");
+        let upstream = IntCounterVec::new(
+            Opts::new(
+                "fly_edge_upstream_requests_total",
+                "Requests sent to machines, by whether their keep-alive connection was new or reused",
+            ),
+            &["connection"],
+        )
+        .expect("static metric definition is valid");
         let machines = MachineCounts::new(fib.clone());
 
         // Registration only fails on duplicate names, and this registry is new.
@@ -103,6 +121,9 @@ impl Metrics {
             .register(Box::new(inflight.clone()))
             .expect("fresh registry accepts fly_edge_inflight_requests");
         registry
+            .register(Box::new(upstream.clone()))
+            .expect("fresh registry accepts fly_edge_upstream_requests_total");
+        registry
             .register(Box::new(machines))
             .expect("fresh registry accepts fly_app_machines");
 
@@ -114,6 +135,10 @@ impl Metrics {
                 requests,
                 response_time,
                 inflight,
+                upstream: UpstreamCounters {
+                    new: upstream.with_label_values(&["new"]),
+                    reused: upstream.with_label_values(&["reused"]),
+                },
             },
             fib,
             rib: None,
@@ -262,7 +287,7 @@ pub async fn serve_metrics(
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service);
-                conns.spawn(|watcher| async move {
+                conns.spawn(&tokio::runtime::Handle::current(), |watcher| async move {
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "metrics: connection ended with an error");
                     }
@@ -341,6 +366,7 @@ mod tests {
         assert!(text.contains(r#"fly_edge_http_response_time_seconds_count{listener="http"} 1"#));
         assert!(text.contains(r#"fly_edge_http_response_time_seconds_count{listener="https"} 0"#));
         assert!(text.contains("fly_edge_inflight_requests 1"));
+        assert!(text.contains(r#"fly_edge_upstream_requests_total{connection="reused"} 0"#));
         for state in hangar_api::machine::MachineState::ALL {
             let sample = format!("fly_app_machines{{state=\"{state}\"}} 0");
             assert!(text.contains(&sample), "missing {sample} in {text}");

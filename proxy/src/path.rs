@@ -8,19 +8,18 @@
 //! load counters are atomics.
 
 use crate::balance::{self, Lease, NoTarget, Target};
-use crate::body::{Held, ProxyBody};
+use crate::body::{Held, ProxyBody, UpBody};
 use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
 use crate::headers::{self, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, InFlight};
+use crate::upstream::{self, SendError, Upstreams};
 use crate::{Listener, Proxy};
 use hangar_catalog::{AppRoutes, Fib};
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, SERVER, VIA};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
@@ -35,8 +34,8 @@ use tokio_rustls::TlsAcceptor;
 /// What every request on every connection shares.
 pub(crate) struct Edge {
     pub fib: Arc<Fib>,
-    /// Pooled HTTP/1.1 client to machines, keyed by `private_ip:port`.
-    pub client: Client<HttpConnector, Incoming>,
+    /// Keep-alive connections to machines, pooled per `private_ip:port`.
+    pub upstreams: Upstreams,
     pub region: String,
     pub metrics: EdgeMetrics,
     pub tls: TlsAcceptor,
@@ -50,6 +49,8 @@ struct Conn {
     peer: SocketAddr,
     /// The port the client connected to, for `X-Forwarded-Port`.
     local_port: u16,
+    /// The worker thread serving the connection; see [`crate::workers`].
+    worker: usize,
 }
 
 /// One request as it moves down the path: what the log line reports.
@@ -68,9 +69,15 @@ struct Exchange {
 
 /// Accepts on both listeners until `shutdown`, then drains for at most `drain`.
 pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drain: Duration) {
-    let Proxy { http, https, edge } = proxy;
+    let Proxy {
+        http,
+        https,
+        edge,
+        mut workers,
+    } = proxy;
     let server = auto::Builder::new(TokioExecutor::new());
     let mut conns = Conns::new();
+    let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
     tokio::pin!(shutdown);
     loop {
         // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
@@ -79,6 +86,10 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
         let (tcp, listener) = tokio::select! {
             () = &mut shutdown => break,
             () = conns.reap() => continue,
+            _ = sweep.tick() => {
+                edge.upstreams.sweep(&edge.fib.snapshot());
+                continue;
+            }
             accepted = http.accept() => (accepted, Listener::Http),
             accepted = https.accept() => (accepted, Listener::Https),
         };
@@ -89,8 +100,29 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
                 continue;
             }
         };
+        // The socket moves to the worker's reactor: registered here, it
+        // would be driven by this thread.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "accepted connection unusable");
+                continue;
+            }
+        };
         let (edge, server) = (edge.clone(), server.clone());
-        conns.spawn(move |watcher| connection(edge, server, tcp, peer, listener, watcher));
+        let (worker, runtime) = workers.next();
+        conns.spawn(runtime, move |watcher| async move {
+            let Ok(tcp) = TcpStream::from_std(tcp) else {
+                return;
+            };
+            let conn = Conn {
+                listener,
+                peer,
+                local_port: tcp.local_addr().map(|a| a.port()).unwrap_or(0),
+                worker,
+            };
+            connection(edge, server, tcp, conn, watcher).await;
+        });
     }
     // Closing the listeners first makes new clients fail fast instead of
     // queueing on a socket nobody accepts from.
@@ -107,18 +139,12 @@ async fn connection(
     edge: Arc<Edge>,
     server: auto::Builder<TokioExecutor>,
     tcp: TcpStream,
-    peer: SocketAddr,
-    listener: Listener,
+    conn: Conn,
     watcher: Watcher,
 ) {
     // Small request and response heads should not wait on Nagle.
     let _ = tcp.set_nodelay(true);
-    let local_port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
-    let conn = Conn {
-        listener,
-        peer,
-        local_port,
-    };
+    let Conn { listener, peer, .. } = conn;
     let service = hyper::service::service_fn({
         let edge = edge.clone();
         move |req| handle(edge.clone(), conn, req)
@@ -285,28 +311,39 @@ async fn forward(
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, PathError> {
     let lease = Lease::new(target.machine());
-    let addr = SocketAddr::new(target.machine().private_ip, target.internal_port);
-    upstream_request(&mut req, ex, &edge.region, addr, host)?;
-    let response = edge
-        .client
-        .request(req)
+    let m = target.machine();
+    let machine = upstream::Machine {
+        addr: SocketAddr::new(m.private_ip, target.internal_port),
+        app: target.app().name.clone(),
+        id: m.id.clone(),
+    };
+    upstream_request(&mut req, ex, &edge.region, host)?;
+    let req = req.map(|body| {
+        if body.is_end_stream() {
+            UpBody::Buffered(None)
+        } else {
+            UpBody::Streaming(body)
+        }
+    });
+    let (response, conn) = edge
+        .upstreams
+        .send(ex.conn.worker, &machine, req)
         .await
-        .map_err(|e| upstream_error(&target, addr, &e))?;
+        .map_err(|e| upstream_error(&machine, e))?;
     let held = Held {
         _lease: lease,
         _in_flight: ex.in_flight.take(),
     };
-    downstream_response(response, ex, held)
+    downstream_response(response, ex, held, conn)
 }
 
-/// Rewrites the client's request for the machine: absolute URI for the
-/// pooled client (it sends origin-form `path?query` on the wire), HTTP/1.1,
-/// the client's Host, no hop-by-hop headers, proxy headers added.
+/// Rewrites the client's request for the machine: origin-form
+/// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, proxy
+/// headers added.
 fn upstream_request(
     req: &mut Request<Incoming>,
     ex: &Exchange,
     region: &str,
-    addr: SocketAddr,
     host: Host,
 ) -> Result<(), PathError> {
     let via = match req.version() {
@@ -319,12 +356,7 @@ fn upstream_request(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(addr.to_string())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| PathError::Internal(format!("upstream uri for {addr}: {e}")))?;
+    *req.uri_mut() = Uri::from(path);
     // Machines are spoken to in HTTP/1.1 whatever the client used.
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
@@ -349,8 +381,9 @@ fn downstream_response(
     response: Response<Incoming>,
     ex: &Exchange,
     held: Held,
+    conn: Box<upstream::Conn>,
 ) -> Result<Response<ProxyBody>, PathError> {
-    let mut response = response.map(|body| ProxyBody::upstream(body, held));
+    let mut response = response.map(|body| ProxyBody::upstream(body, held, conn));
     // The client's connection decides its own version; hyper frames it.
     *response.version_mut() = Version::HTTP_11;
     let headers = response.headers_mut();
@@ -361,29 +394,15 @@ fn downstream_response(
     Ok(response)
 }
 
-fn upstream_error(
-    target: &Target,
-    addr: SocketAddr,
-    error: &hyper_util::client::legacy::Error,
-) -> PathError {
-    // The client error's own message ("client error (Connect)") only names
-    // the kind; the cause is in its sources.
-    let mut cause = String::new();
-    let mut source = std::error::Error::source(error);
-    while let Some(e) = source {
-        if !cause.is_empty() {
-            cause.push_str(": ");
-        }
-        cause.push_str(&e.to_string());
-        source = e.source();
-    }
-    if cause.is_empty() {
-        cause = error.to_string();
-    }
+fn upstream_error(machine: &upstream::Machine, error: SendError) -> PathError {
+    let (connect, cause) = match error {
+        SendError::Connect(cause) => (true, cause),
+        SendError::Exchange(cause) => (false, cause),
+    };
     PathError::Upstream {
-        machine: target.machine().id.to_string(),
-        addr,
-        connect: error.is_connect(),
+        machine: machine.id.to_string(),
+        addr: machine.addr,
+        connect,
         cause,
     }
 }
