@@ -1,30 +1,49 @@
 //! Choosing the machine for one request.
 //!
-//! A machine is a candidate when it is routable (started, not cordoned) and
-//! has a TCP service that handles HTTP for the listener the request came in
-//! on. Among candidates the proxy takes the less loaded of two picked at
-//! random ("power of two choices"): nearly as good as least-loaded, without
-//! every proxy worker herding onto the same idle machine.
+//! A machine is a candidate when it is routable (started, healthy, not
+//! cordoned) and has a TCP service that handles HTTP for the listener the
+//! request came in on. Each candidate's load is its in-flight count, held
+//! by [`Lease`]s, against its service's `concurrency` limits
+//! (`soft_limit`, default 20; `hard_limit`, default 25, as on Fly):
 //!
-//! Load is the machine's in-flight request count, an atomic shared by every
-//! FIB snapshot. A [`Lease`] holds one unit of it for as long as the request
-//! (and its response body) is in flight.
+//! 1. a machine at its hard limit is never chosen;
+//! 2. machines under their soft limit come first, in this proxy's region
+//!    before other regions;
+//! 3. then machines between soft and hard, again nearest first.
+//!
+//! Within the best class present, the proxy takes the less loaded of two
+//! candidates picked at random ("power of two choices") on exact in-flight
+//! counts: nearly as good as least-loaded, without every worker herding
+//! onto the same idle machine.
+//!
+//! For HTTP services both concurrency types count the same thing: one
+//! request in flight holds one upstream connection, so `requests` and
+//! `connections` give the same load.
+//!
+//! The counts are atomics shared by every FIB snapshot. [`Lease::acquire`]
+//! takes a unit only while the machine is under its hard limit, so two
+//! requests racing for the last slot cannot both get it.
 
 use crate::Listener;
+use crate::queue::Queues;
 use hangar_api::machine::{MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
 use rand::Rng;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The machine chosen for a request and the port its service listens on.
+/// `soft_limit` when a service sets none (Fly's default).
+pub const DEFAULT_SOFT_LIMIT: u32 = 20;
+/// `hard_limit` when a service sets none (Fly's default).
+pub const DEFAULT_HARD_LIMIT: u32 = 25;
+
+/// The machine chosen for a request and the service that takes it.
 #[derive(Debug, Clone)]
 pub struct Target {
     /// The app's routes from the snapshot the request was routed on.
     app: Arc<AppRoutes>,
     index: usize,
-    /// The service's `internal_port` on the machine's private address.
-    pub internal_port: u16,
+    service: usize,
 }
 
 impl Target {
@@ -36,6 +55,49 @@ impl Target {
     /// The app's routes the machine was chosen from.
     pub fn app(&self) -> &AppRoutes {
         &self.app
+    }
+
+    /// The service that takes the request.
+    pub fn service(&self) -> &MachineService {
+        &self.machine().services[self.service]
+    }
+
+    /// The service's `internal_port` on the machine's private address.
+    pub fn internal_port(&self) -> u16 {
+        self.service().internal_port
+    }
+
+    /// The service's soft and hard limits.
+    pub fn limits(&self) -> Limits {
+        Limits::of(self.service())
+    }
+}
+
+/// A service's concurrency limits, defaults applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Preferred maximum load.
+    pub soft: usize,
+    /// Absolute maximum load; never below `soft`.
+    pub hard: usize,
+}
+
+impl Limits {
+    /// The limits `service` declares, with Fly's defaults for those unset.
+    pub fn of(service: &MachineService) -> Self {
+        let c = service.concurrency.as_ref();
+        let soft = c
+            .and_then(|c| c.soft_limit)
+            .unwrap_or(DEFAULT_SOFT_LIMIT)
+            .max(1) as usize;
+        let hard = c
+            .and_then(|c| c.hard_limit)
+            .unwrap_or(DEFAULT_HARD_LIMIT)
+            .max(1) as usize;
+        Self {
+            soft,
+            hard: hard.max(soft),
+        }
     }
 }
 
@@ -49,12 +111,18 @@ pub enum NoTarget {
     NoHealthyMachine,
     /// Started machines exist, but none has an HTTP service.
     NoHttpService,
+    /// Every candidate is at its hard limit: the request may wait for a slot.
+    AtCapacity,
 }
 
-/// Picks the machine for one request on `listener`; see the module docs.
+/// Picks the machine for one request on `listener` from a proxy in
+/// `region`; see the module docs. Machines for which `skip` is true (say
+/// ones that just refused a connection) are left out.
 pub fn choose(
     app: &Arc<AppRoutes>,
     listener: Listener,
+    region: &str,
+    skip: impl Fn(&RouteMachine) -> bool,
     rng: &mut impl Rng,
 ) -> Result<Target, NoTarget> {
     if app.candidates().is_empty() {
@@ -68,91 +136,159 @@ pub fn choose(
             NoTarget::NoStartedMachine
         });
     }
-    // (index, internal port) of each candidate; candidates are the first
-    // machines, so the index is also the machine's.
-    let candidates: Vec<(usize, u16)> = app
-        .candidates()
-        .iter()
+    // Candidates are the first machines, so an index into them is also the
+    // machine's. Each is (index, service, class, load); a lower class is
+    // better, and `None` means at the hard limit.
+    let classify = |i: usize, m: &RouteMachine| {
+        let service = http_service(&m.services, listener)?;
+        let limits = Limits::of(&m.services[service]);
+        let load = m.inflight.load(Ordering::Relaxed);
+        let class = if load >= limits.hard {
+            None
+        } else {
+            Some(2 * u8::from(load >= limits.soft) + u8::from(&*m.region != region))
+        };
+        Some((i, service, class, load))
+    };
+    let all = || {
+        app.candidates()
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !skip(m))
+            .filter_map(|(i, m)| classify(i, m))
+    };
+    // Two passes over a handful of machines, without allocating: the best
+    // class present and how many share it, then the two random picks.
+    let mut serving = false;
+    let mut best: Option<(u8, usize)> = None;
+    for (_, _, class, _) in all() {
+        serving = true;
+        let Some(class) = class else { continue };
+        best = match best {
+            Some((b, n)) if b == class => Some((b, n + 1)),
+            Some((b, n)) if b < class => Some((b, n)),
+            _ => Some((class, 1)),
+        };
+    }
+    let Some((class, count)) = best else {
+        return Err(if serving {
+            NoTarget::AtCapacity
+        } else {
+            NoTarget::NoHttpService
+        });
+    };
+    let (a, b) = two_distinct(count, rng);
+    let mut picked = all()
+        .filter(|c| c.2 == Some(class))
         .enumerate()
-        .filter_map(|(i, m)| http_port(&m.services, listener).map(|port| (i, port)))
-        .collect();
-    let load = |&(i, _): &(usize, u16)| app.machines[i].inflight.load(Ordering::Relaxed);
-    let &(index, internal_port) =
-        two_choices(&candidates, load, rng).ok_or(NoTarget::NoHttpService)?;
+        .filter(|(k, _)| Some(*k) == a || Some(*k) == b)
+        .map(|(_, c)| c);
+    let first = picked.next().ok_or(NoTarget::AtCapacity)?;
+    let (index, service, _, _) = match picked.next() {
+        Some(second) if second.3 < first.3 => second,
+        _ => first,
+    };
     Ok(Target {
         app: app.clone(),
         index,
-        internal_port,
+        service,
     })
 }
 
-/// The internal port of the service that serves HTTP on `listener`: the one
-/// whose public port matches the listener (80 with `http`, or 443 with `tls`
-/// and `http`), else the first service that handles `http` on any port.
-pub fn http_port(services: &[MachineService], listener: Listener) -> Option<u16> {
-    let tcp = || services.iter().filter(|s| s.protocol == "tcp");
+/// The service (by index) that serves HTTP on `listener`: the one whose
+/// public port matches the listener (80 with `http`, or 443 with `tls` and
+/// `http`), else the first service that handles `http` on any port.
+pub fn http_service(services: &[MachineService], listener: Listener) -> Option<usize> {
+    let tcp = || {
+        services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.protocol == "tcp")
+    };
     let exact = |p: &MachinePort| {
         p.port == Some(listener.public_port())
             && has(p, "http")
             && (listener == Listener::Http || has(p, "tls"))
     };
     tcp()
-        .find(|s| s.ports.iter().any(exact))
-        .or_else(|| tcp().find(|s| s.ports.iter().any(|p| has(p, "http"))))
-        .map(|s| s.internal_port)
+        .find(|(_, s)| s.ports.iter().any(exact))
+        .or_else(|| tcp().find(|(_, s)| s.ports.iter().any(|p| has(p, "http"))))
+        .map(|(i, _)| i)
 }
 
 fn has(port: &MachinePort, handler: &str) -> bool {
     port.handlers.iter().any(|h| h == handler)
 }
 
-/// Power of two choices: two distinct random candidates, the one with the
-/// lower `load` wins (the first on a tie). One candidate is simply chosen.
-pub fn two_choices<'a, T>(
-    candidates: &'a [T],
-    load: impl Fn(&T) -> usize,
-    rng: &mut impl Rng,
-) -> Option<&'a T> {
-    let n = candidates.len();
-    if n < 2 {
-        return candidates.first();
+/// Two distinct random positions below `n`; one when `n` is 1.
+fn two_distinct(n: usize, rng: &mut impl Rng) -> (Option<usize>, Option<usize>) {
+    match n {
+        0 => (None, None),
+        1 => (Some(0), None),
+        _ => {
+            let a = rng.random_range(0..n);
+            // Draw from the n-1 others so the two picks always differ.
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            (Some(a), Some(b))
+        }
     }
-    let a = rng.random_range(0..n);
-    // Draw from the n-1 others so the two picks always differ.
-    let mut b = rng.random_range(0..n - 1);
-    if b >= a {
-        b += 1;
-    }
-    let (a, b) = (candidates.get(a)?, candidates.get(b)?);
-    Some(if load(b) < load(a) { b } else { a })
 }
 
-/// One request's share of a machine's in-flight count: added on creation,
-/// removed on drop, so every way a request ends (response finished, client
-/// gone, error) releases it exactly once.
+/// One request's share of a machine's in-flight count: taken by
+/// [`Lease::acquire`], given back on drop, so every way a request ends
+/// (response finished, client gone, error) releases it exactly once.
 #[derive(Debug)]
-pub struct Lease(Arc<AtomicUsize>);
+pub struct Lease {
+    load: Arc<AtomicUsize>,
+    /// Told of the release, for requests of the app waiting for a slot.
+    queues: Option<(Arc<Queues>, Arc<AppRoutes>)>,
+}
 
 impl Lease {
-    /// Counts one more request in flight on `machine`.
-    pub fn new(machine: &RouteMachine) -> Self {
-        machine.inflight.fetch_add(1, Ordering::Relaxed);
-        Self(machine.inflight.clone())
+    /// Counts one more request in flight on the target's machine, unless it
+    /// is already at its hard limit. `queues` hears of the release.
+    pub fn acquire(target: &Target, queues: Option<&Arc<Queues>>) -> Option<Self> {
+        let hard = target.limits().hard;
+        let load = &target.machine().inflight;
+        load.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < hard).then_some(n + 1)
+        })
+        .ok()?;
+        Some(Self {
+            load: load.clone(),
+            queues: queues.map(|q| (q.clone(), target.app.clone())),
+        })
+    }
+
+    /// Counts one more request on `machine` whatever its load (tests).
+    pub fn force(machine: &RouteMachine) -> Self {
+        machine.inflight.fetch_add(1, Ordering::AcqRel);
+        Self {
+            load: machine.inflight.clone(),
+            queues: None,
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.load.fetch_sub(1, Ordering::AcqRel);
+        if let Some((queues, app)) = &self.queues {
+            queues.released(&app.name);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hangar_api::machine::MachineState;
+    use hangar_api::machine::{Concurrency, MachineState};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+    use std::collections::HashMap;
 
     fn service(internal_port: u16, ports: &[(u16, &[&str])]) -> MachineService {
         MachineService {
@@ -184,6 +320,21 @@ mod tests {
         }
     }
 
+    /// A started web machine in `region` with limits `soft`/`hard` and
+    /// `load` requests in flight.
+    fn loaded(id: &str, region: &str, soft: u32, hard: u32, load: usize) -> RouteMachine {
+        let mut web = web();
+        web[0].concurrency = Some(Concurrency {
+            kind: Some("requests".into()),
+            soft_limit: Some(soft),
+            hard_limit: Some(hard),
+        });
+        let mut m = machine(id, MachineState::Started, web);
+        m.region = region.into();
+        m.inflight.store(load, Ordering::Relaxed);
+        m
+    }
+
     fn app(machines: Vec<RouteMachine>) -> Arc<AppRoutes> {
         Arc::new(AppRoutes::with_machines("hello", machines))
     }
@@ -192,13 +343,27 @@ mod tests {
         vec![service(8080, &[(80, &["http"]), (443, &["tls", "http"])])]
     }
 
+    fn pick(routes: &Arc<AppRoutes>, rng: &mut StdRng) -> Result<String, NoTarget> {
+        choose(routes, Listener::Http, "dev", |_| false, rng).map(|t| t.machine().id.to_string())
+    }
+
+    /// How often each machine is chosen in `n` tries.
+    fn spread(routes: &Arc<AppRoutes>, n: usize) -> HashMap<String, usize> {
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut seen = HashMap::new();
+        for _ in 0..n {
+            *seen.entry(pick(routes, &mut rng).unwrap()).or_default() += 1;
+        }
+        seen
+    }
+
     #[test]
     fn only_routable_machines_are_chosen() {
         let mut rng = StdRng::seed_from_u64(1);
         let stopped = machine("stopped", MachineState::Stopped, web());
         assert_eq!(
-            choose(&app(vec![stopped.clone()]), Listener::Http, &mut rng).unwrap_err(),
-            NoTarget::NoStartedMachine
+            pick(&app(vec![stopped.clone()]), &mut rng),
+            Err(NoTarget::NoStartedMachine)
         );
 
         let mut cordoned = machine("cordoned", MachineState::Started, web());
@@ -206,20 +371,15 @@ mod tests {
         let mut failing = machine("failing", MachineState::Started, web());
         failing.healthy = false;
         assert_eq!(
-            choose(
-                &app(vec![cordoned.clone(), failing.clone()]),
-                Listener::Http,
-                &mut rng
-            )
-            .unwrap_err(),
-            NoTarget::NoHealthyMachine
+            pick(&app(vec![cordoned.clone(), failing.clone()]), &mut rng),
+            Err(NoTarget::NoHealthyMachine)
         );
         let started = machine("started", MachineState::Started, web());
         let routes = app(vec![stopped, cordoned, failing, started]);
         for _ in 0..50 {
-            let target = choose(&routes, Listener::Http, &mut rng).unwrap();
+            let target = choose(&routes, Listener::Http, "dev", |_| false, &mut rng).unwrap();
             assert_eq!(&*target.machine().id, "started");
-            assert_eq!(target.internal_port, 8080);
+            assert_eq!(target.internal_port(), 8080);
         }
     }
 
@@ -233,7 +393,14 @@ mod tests {
         );
         let no_services = machine("worker", MachineState::Started, vec![]);
         assert_eq!(
-            choose(&app(vec![tcp_only, no_services]), Listener::Https, &mut rng).unwrap_err(),
+            choose(
+                &app(vec![tcp_only, no_services]),
+                Listener::Https,
+                "dev",
+                |_| false,
+                &mut rng
+            )
+            .unwrap_err(),
             NoTarget::NoHttpService
         );
     }
@@ -245,8 +412,8 @@ mod tests {
             service(8443, &[(443, &["tls", "http"])]),
             service(8080, &[(80, &["http"])]),
         ];
-        assert_eq!(http_port(&services, Listener::Http), Some(8080));
-        assert_eq!(http_port(&services, Listener::Https), Some(8443));
+        assert_eq!(http_service(&services, Listener::Http), Some(2));
+        assert_eq!(http_service(&services, Listener::Https), Some(1));
     }
 
     #[test]
@@ -257,57 +424,114 @@ mod tests {
             service(3000, &[(443, &["http"])]),
             service(8080, &[(80, &["http"])]),
         ];
-        assert_eq!(http_port(&services, Listener::Https), Some(3000));
-        assert_eq!(http_port(&services, Listener::Http), Some(8080));
+        assert_eq!(http_service(&services, Listener::Https), Some(1));
+        assert_eq!(http_service(&services, Listener::Http), Some(2));
 
         let mut udp = service(53, &[(80, &["http"])]);
         udp.protocol = "udp".into();
-        assert_eq!(http_port(&[udp], Listener::Http), None);
+        assert_eq!(http_service(&[udp], Listener::Http), None);
     }
 
     #[test]
-    fn two_choices_picks_the_lighter_candidate() {
-        let mut rng = StdRng::seed_from_u64(7);
-        // With two candidates both are always drawn, so the lighter always wins.
-        let loads = [5usize, 0];
-        for _ in 0..100 {
-            assert_eq!(two_choices(&loads, |l| *l, &mut rng), Some(&0));
-        }
-        // The heaviest of three can never beat the other one it is drawn with.
-        let loads = [3usize, 9, 1];
-        for _ in 0..100 {
-            assert_ne!(two_choices(&loads, |l| *l, &mut rng), Some(&9));
-        }
-        assert_eq!(two_choices(&[4usize], |l| *l, &mut rng), Some(&4));
-        assert_eq!(two_choices(&[] as &[usize], |l| *l, &mut rng), None);
+    fn limits_default_to_flys_and_hard_is_never_below_soft() {
+        let mut s = service(8080, &[(80, &["http"])]);
+        assert_eq!(Limits::of(&s), Limits { soft: 20, hard: 25 });
+        s.concurrency = Some(Concurrency {
+            kind: None,
+            soft_limit: Some(50),
+            hard_limit: Some(10),
+        });
+        assert_eq!(Limits::of(&s), Limits { soft: 50, hard: 50 });
     }
 
     #[test]
-    fn choose_balances_on_inflight() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let busy = machine("busy", MachineState::Started, web());
-        let idle = machine("idle", MachineState::Started, web());
-        let _held: Vec<Lease> = (0..4).map(|_| Lease::new(&busy)).collect();
-        let routes = app(vec![busy, idle]);
+    fn the_lighter_of_two_equals_wins() {
+        // With two candidates both are always drawn, so the lighter wins.
+        let routes = app(vec![
+            loaded("busy", "dev", 20, 25, 5),
+            loaded("idle", "dev", 20, 25, 0),
+        ]);
+        assert_eq!(spread(&routes, 100)["idle"], 100);
+        // The heaviest of three never beats the other one it is drawn with.
+        let routes = app(vec![
+            loaded("a", "dev", 20, 25, 3),
+            loaded("b", "dev", 20, 25, 9),
+            loaded("c", "dev", 20, 25, 1),
+        ]);
+        assert!(!spread(&routes, 200).contains_key("b"));
+    }
+
+    #[test]
+    fn under_soft_beats_over_soft_and_hard_is_never_crossed() {
+        // "over" is past its soft limit, "under" is not, "full" is at hard.
+        let routes = app(vec![
+            loaded("over", "dev", 2, 10, 5),
+            loaded("under", "dev", 2, 10, 1),
+            loaded("full", "dev", 2, 10, 10),
+        ]);
+        assert_eq!(spread(&routes, 100)["under"], 100);
+        // Everyone over soft: the ones under hard share the load.
+        let routes = app(vec![
+            loaded("over", "dev", 2, 10, 5),
+            loaded("full", "dev", 2, 10, 10),
+        ]);
+        assert_eq!(spread(&routes, 100)["over"], 100);
+        let routes = app(vec![loaded("full", "dev", 2, 10, 10)]);
+        assert_eq!(
+            pick(&routes, &mut StdRng::seed_from_u64(1)),
+            Err(NoTarget::AtCapacity)
+        );
+    }
+
+    #[test]
+    fn this_region_first_then_the_others() {
+        let routes = app(vec![
+            loaded("far", "ord", 20, 25, 0),
+            loaded("near", "dev", 20, 25, 7),
+        ]);
+        assert_eq!(spread(&routes, 100)["near"], 100);
+        // Past its soft limit, the near one loses to a far one under it.
+        let routes = app(vec![
+            loaded("far", "ord", 20, 25, 19),
+            loaded("near", "dev", 20, 25, 20),
+        ]);
+        assert_eq!(spread(&routes, 100)["far"], 100);
+    }
+
+    #[test]
+    fn skipped_machines_are_left_out() {
+        let routes = app(vec![
+            loaded("a", "dev", 20, 25, 0),
+            loaded("b", "dev", 20, 25, 9),
+        ]);
+        let mut rng = StdRng::seed_from_u64(2);
         for _ in 0..20 {
-            assert_eq!(
-                &*choose(&routes, Listener::Http, &mut rng)
-                    .unwrap()
-                    .machine()
-                    .id,
-                "idle"
-            );
+            let t = choose(&routes, Listener::Http, "dev", |m| &*m.id == "a", &mut rng);
+            assert_eq!(&*t.unwrap().machine().id, "b");
         }
+        let none = choose(&routes, Listener::Http, "dev", |_| true, &mut rng);
+        assert_eq!(none.unwrap_err(), NoTarget::NoHttpService);
     }
 
     #[test]
-    fn a_lease_counts_while_held() {
-        let m = machine("m", MachineState::Started, web());
-        let lease = Lease::new(&m);
-        let second = Lease::new(&m);
-        assert_eq!(m.inflight.load(Ordering::Relaxed), 2);
-        drop(lease);
-        drop(second);
-        assert_eq!(m.inflight.load(Ordering::Relaxed), 0);
+    fn leases_stop_at_the_hard_limit_and_release_on_drop() {
+        let routes = app(vec![loaded("m", "dev", 1, 2, 0)]);
+        let target = choose(
+            &routes,
+            Listener::Http,
+            "dev",
+            |_| false,
+            &mut StdRng::seed_from_u64(1),
+        )
+        .unwrap();
+        let first = Lease::acquire(&target, None).unwrap();
+        let second = Lease::acquire(&target, None).unwrap();
+        assert!(Lease::acquire(&target, None).is_none(), "at hard limit");
+        assert_eq!(target.machine().inflight.load(Ordering::Relaxed), 2);
+        drop((first, second));
+        assert_eq!(target.machine().inflight.load(Ordering::Relaxed), 0);
+        let forced = Lease::force(target.machine());
+        assert_eq!(target.machine().inflight.load(Ordering::Relaxed), 1);
+        drop(forced);
     }
 }

@@ -32,6 +32,22 @@ pub struct ProxyConfig {
     /// Worker threads serving connections, each a single-threaded runtime;
     /// 0 means one per CPU.
     pub workers: usize,
+    /// Machines tried per request when connecting fails (refused, timed
+    /// out); at least 1.
+    pub max_attempts: usize,
+    /// How long a machine may take to send its response head before the
+    /// request fails with 504.
+    pub response_timeout_ms: u64,
+    /// Requests of one app that may wait for a slot while every machine is
+    /// at its hard limit; 0 answers 503 at once.
+    pub queue_max_per_app: usize,
+    /// How long a request waits for a slot before 503 with `Retry-After`.
+    pub queue_timeout_ms: u64,
+    /// How long a client may take to send a whole request head; also how
+    /// long an HTTP/1 keep-alive connection may sit idle.
+    pub header_timeout_ms: u64,
+    /// Largest request head accepted (431 beyond); at least 8192.
+    pub max_header_bytes: usize,
 }
 
 impl Default for ProxyConfig {
@@ -45,6 +61,12 @@ impl Default for ProxyConfig {
             idle_timeout_ms: 90_000,
             handshake_timeout_ms: 10_000,
             workers: 0,
+            max_attempts: 3,
+            response_timeout_ms: 60_000,
+            queue_max_per_app: 256,
+            queue_timeout_ms: 5_000,
+            header_timeout_ms: 10_000,
+            max_header_bytes: 32 * 1024,
         }
     }
 }
@@ -76,10 +98,19 @@ impl ProxyConfig {
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("response_timeout_ms", self.response_timeout_ms),
+            ("queue_timeout_ms", self.queue_timeout_ms),
+            ("header_timeout_ms", self.header_timeout_ms),
         ] {
             if ms == 0 {
                 problems.push(format!("proxy.{field}: must be greater than 0"));
             }
+        }
+        if self.max_header_bytes < 8192 {
+            problems.push(format!(
+                "proxy.max_header_bytes: must be at least 8192, got {}",
+                self.max_header_bytes
+            ));
         }
         if problems.is_empty() {
             Ok(())
@@ -104,6 +135,21 @@ impl ProxyConfig {
     /// [`Self::idle_timeout_ms`] as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// [`Self::response_timeout_ms`] as a duration.
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.response_timeout_ms)
+    }
+
+    /// [`Self::queue_timeout_ms`] as a duration.
+    pub fn queue_timeout(&self) -> Duration {
+        Duration::from_millis(self.queue_timeout_ms)
+    }
+
+    /// [`Self::header_timeout_ms`] as a duration.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
     }
 
     /// [`Self::handshake_timeout_ms`] as a duration.

@@ -2,9 +2,11 @@
 //! one request that could not be served.
 
 use crate::path::HostError;
+use crate::queue::QueueError;
 use http::StatusCode;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Starting the proxy failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +114,37 @@ pub enum PathError {
         /// The underlying error chain, for the log.
         cause: String,
     },
+    /// Every machine of the app is at its hard limit, and no slot came free
+    /// in time (or the app's queue is full).
+    #[error("{}", at_capacity_message(.app, .reason))]
+    AtCapacity {
+        /// The app.
+        app: String,
+        /// Why the request stopped waiting.
+        reason: QueueError,
+    },
+    /// The machine took the request but sent no response head in time.
+    #[error("machine {machine} did not answer within {after:?}")]
+    UpstreamTimeout {
+        /// The machine's id.
+        machine: String,
+        /// The response timeout.
+        after: Duration,
+    },
     /// The proxy failed to build the upstream request.
     #[error("internal proxy error")]
     Internal(String),
+}
+
+fn at_capacity_message(app: &str, reason: &QueueError) -> String {
+    match reason {
+        QueueError::Full => format!(
+            "app {app:?} is at capacity: every machine is at its hard limit and the queue is full"
+        ),
+        QueueError::TimedOut(after) => format!(
+            "app {app:?} is at capacity: every machine stayed at its hard limit for {after:?}"
+        ),
+    }
 }
 
 fn upstream_message(machine: &str, connect: &bool) -> String {
@@ -135,8 +165,39 @@ impl PathError {
             | Self::NoHealthyMachine(_)
             | Self::NoHttpService(_)
             | Self::OnlyElsewhere { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The error's code, sent in `fly-proxy-error` and logged. Codes follow
+    /// the categories of Fly's (second letter: Edge, App, Routing,
+    /// Connection, Upstream, Proxy-internal); `PC01`, `PU02` and `PU04`
+    /// mean what they mean on Fly, the others are Hangar's own numbering.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadHost(_) => "PE01",
+            Self::UnknownApp(_) => "PA01",
+            Self::NoStartedMachine(_) => "PR01",
+            Self::NoHealthyMachine(_) => "PR02",
+            Self::NoHttpService(_) => "PR03",
+            Self::AtCapacity { .. } => "PR04",
+            Self::OnlyElsewhere { .. } => "PR05",
+            Self::Upstream { connect: true, .. } => "PC01",
+            Self::Upstream { connect: false, .. } => "PU02",
+            Self::UpstreamTimeout { .. } => "PU05",
+            Self::Internal(_) => "PU04",
+        }
+    }
+
+    /// Seconds a client should wait before trying again, for errors that
+    /// pass on their own.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::AtCapacity { .. } => Some(1),
+            _ => None,
         }
     }
 
@@ -149,7 +210,9 @@ impl PathError {
             | Self::NoHealthyMachine(_)
             | Self::NoHttpService(_)
             | Self::OnlyElsewhere { .. }
-            | Self::Upstream { .. } => Side::Upstream,
+            | Self::AtCapacity { .. }
+            | Self::Upstream { .. }
+            | Self::UpstreamTimeout { .. } => Side::Upstream,
             Self::Internal(_) => Side::Internal,
         }
     }

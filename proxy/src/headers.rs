@@ -23,6 +23,8 @@ pub(crate) const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client
 pub(crate) const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");
 pub(crate) const FLY_REGION: HeaderName = HeaderName::from_static("fly-region");
 pub(crate) const FLY_REQUEST_ID: HeaderName = HeaderName::from_static("fly-request-id");
+/// On the proxy's own error responses: the error's code (`PR04`, ...).
+pub(crate) const FLY_PROXY_ERROR: HeaderName = HeaderName::from_static("fly-proxy-error");
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");

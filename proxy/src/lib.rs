@@ -32,6 +32,7 @@ pub mod error;
 mod headers;
 pub mod metrics;
 pub mod path;
+pub mod queue;
 pub mod tls;
 mod upstream;
 mod workers;
@@ -42,7 +43,10 @@ pub use error::{PathError, ProxyError};
 pub use metrics::{Metrics, serve_metrics};
 
 use hangar_catalog::{Fib, SecretBox};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
 use path::Edge;
+use queue::Queues;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -97,6 +101,7 @@ pub struct Proxy {
     https: TcpListener,
     edge: Arc<Edge>,
     workers: workers::Workers,
+    server: auto::Builder<TokioExecutor>,
 }
 
 impl fmt::Debug for Proxy {
@@ -143,12 +148,16 @@ impl Proxy {
             metrics: metrics.edge(),
             tls,
             handshake_timeout: cfg.handshake_timeout(),
+            queues: Arc::new(Queues::new(cfg.queue_max_per_app, cfg.queue_timeout())),
+            max_attempts: cfg.max_attempts.max(1),
+            response_timeout: cfg.response_timeout(),
         });
         Ok(Proxy {
             http,
             https,
             edge,
             workers,
+            server: client_server(&cfg),
         })
     }
 
@@ -168,6 +177,26 @@ impl Proxy {
     pub async fn serve(self, shutdown: impl Future<Output = ()>, drain: Duration) {
         path::serve(self, shutdown, drain).await;
     }
+}
+
+/// The HTTP server side for clients, with the limits against bad ones: a
+/// request head must arrive whole within `header_timeout` (which also
+/// closes HTTP/1 keep-alive connections idle that long) and fit in
+/// `max_header_bytes` (else 431).
+fn client_server(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout())
+        .max_buf_size(cfg.max_header_bytes);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(cfg.header_timeout())
+        .keep_alive_timeout(cfg.header_timeout());
+    server
 }
 
 async fn bind_listener(
@@ -200,7 +229,7 @@ mod tests {
     use http::{HeaderMap, Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::TokioIo;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
     use std::sync::atomic::Ordering;

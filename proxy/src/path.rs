@@ -1,6 +1,7 @@
 //! The request path, top to bottom:
 //!
-//! accept → tls → connection → [handle: host → app → machine → forward] → log
+//! accept → tls → connection →
+//!   [handle: host → app → slot (queue) → force_https → send (retry) → respond] → log
 //!
 //! One short function per step; a step that cannot go on returns a
 //! [`PathError`], and `fail()` alone turns errors into responses. Nothing
@@ -11,14 +12,16 @@ use crate::balance::{self, Lease, NoTarget, Target};
 use crate::body::{Held, ProxyBody, UpBody};
 use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
-use crate::headers::{self, FLY_REQUEST_ID, Forwarded};
+use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, InFlight};
+use crate::queue::{QueueError, Queues};
 use crate::upstream::{self, SendError, Upstreams};
 use crate::{Listener, Proxy};
-use hangar_catalog::{AppRoutes, Fib};
-use http::header::{CONTENT_TYPE, HOST, HeaderValue, SERVER, VIA};
+use compact_str::CompactString;
+use hangar_catalog::{AppRoutes, Fib, RouteMachine};
+use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, RETRY_AFTER, SERVER, VIA};
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -40,6 +43,12 @@ pub(crate) struct Edge {
     pub metrics: EdgeMetrics,
     pub tls: TlsAcceptor,
     pub handshake_timeout: Duration,
+    /// Requests waiting for a slot, per app.
+    pub queues: Arc<Queues>,
+    /// Machines tried per request when connects fail.
+    pub max_attempts: usize,
+    /// How long a machine may take to send its response head.
+    pub response_timeout: Duration,
 }
 
 /// The connection a request arrived on.
@@ -74,8 +83,8 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
         https,
         edge,
         mut workers,
+        server,
     } = proxy;
-    let server = auto::Builder::new(TokioExecutor::new());
     let mut conns = Conns::new();
     let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
     tokio::pin!(shutdown);
@@ -229,9 +238,165 @@ async fn route(
     let host = host(&edge.fib, &req)?;
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.to_string());
-    let target = machine(&app, ex.conn.listener, &edge.region)?;
-    ex.machine = Some(target.machine().id.to_string());
-    forward(edge, ex, target, host, req).await
+    let mut req = upstream_request(req, ex, &edge.region, host)?;
+    // A machine that refused the connection never saw the request: it goes
+    // to another one, a bounded number of times.
+    let mut refused: Vec<CompactString> = Vec::new();
+    let mut last_refusal = None;
+    loop {
+        let (target, lease) = match slot(edge, &app, ex.conn.listener, &refused).await {
+            Ok(slot) => slot,
+            // No machine left to try: the refusal is the answer.
+            Err(error) => return Err(last_refusal.unwrap_or(error)),
+        };
+        ex.machine = Some(target.machine().id.to_string());
+        if let Some(redirect) = force_https(&target, ex.conn.listener, &req) {
+            return Ok(redirect);
+        }
+        match send(edge, ex, &target, req).await {
+            Ok((response, conn)) => {
+                let held = Held {
+                    _lease: lease,
+                    _in_flight: ex.in_flight.take(),
+                };
+                return downstream_response(response, ex, held, conn);
+            }
+            Err(Failure::Refused(error, back)) if refused.len() + 1 < edge.max_attempts => {
+                tracing::debug!(request_id = ?ex.id, %error, detail = ?error.detail(), "trying another machine");
+                refused.push(target.machine().id.clone());
+                last_refusal = Some(error);
+                req = *back;
+            }
+            Err(Failure::Refused(error, _) | Failure::Failed(error)) => return Err(error),
+        }
+    }
+}
+
+/// Picks the machine and takes a slot on it; see [`balance`]. When every
+/// machine is at its hard limit the request waits in the app's queue
+/// ([`crate::queue`]), reading the app's routes afresh on every try.
+async fn slot(
+    edge: &Edge,
+    app: &Arc<AppRoutes>,
+    listener: Listener,
+    refused: &[CompactString],
+) -> Result<(Target, Lease), PathError> {
+    let skip = |m: &RouteMachine| refused.contains(&m.id);
+    let attempt = |app: &Arc<AppRoutes>| {
+        match balance::choose(app, listener, &edge.region, skip, &mut rand::rng()) {
+            // A slot taken between choosing and leasing counts as full.
+            Ok(target) => Lease::acquire(&target, Some(&edge.queues)).map(|l| Ok((target, l))),
+            Err(NoTarget::AtCapacity) => None,
+            Err(no) => Some(Err(no)),
+        }
+    };
+    let found = match attempt(app) {
+        Some(found) => found,
+        None => edge
+            .queues
+            .wait(&app.name, || attempt(&edge.fib.lookup(&app.name)?))
+            .await
+            .map_err(|reason| PathError::AtCapacity {
+                app: app.name.to_string(),
+                reason,
+            })?,
+    };
+    found.map_err(|no| no_target(app, no, &edge.region))
+}
+
+/// The error for an app without a machine for this request. With none here
+/// but some in other regions (a regional catalog keeps only this region's
+/// machines), the error names those regions, from the catalog's summaries.
+fn no_target(app: &AppRoutes, no: NoTarget, region: &str) -> PathError {
+    let name = app.name.to_string();
+    let elsewhere = app.regions_elsewhere(region);
+    if app.candidates().is_empty() && !elsewhere.is_empty() {
+        return PathError::OnlyElsewhere {
+            app: name,
+            region: region.to_string(),
+            elsewhere: elsewhere.iter().map(|r| r.region.to_string()).collect(),
+        };
+    }
+    match no {
+        NoTarget::NoStartedMachine => PathError::NoStartedMachine(name),
+        NoTarget::NoHealthyMachine => PathError::NoHealthyMachine(name),
+        NoTarget::NoHttpService => PathError::NoHttpService(name),
+        NoTarget::AtCapacity => PathError::AtCapacity {
+            app: name,
+            reason: QueueError::Full,
+        },
+    }
+}
+
+/// `301` to the same URL over https, when the service's port for this
+/// listener says `force_https`.
+fn force_https(
+    target: &Target,
+    listener: Listener,
+    req: &Request<UpBody>,
+) -> Option<Response<ProxyBody>> {
+    if listener != Listener::Http {
+        return None;
+    }
+    let forced = target.service().ports.iter().any(|p| {
+        p.port == Some(listener.public_port())
+            && p.force_https == Some(true)
+            && p.handlers.iter().any(|h| h == "http")
+    });
+    if !forced {
+        return None;
+    }
+    // The Host as the client sent it, without the plain-text port.
+    let host = req.headers().get(HOST)?.to_str().ok()?;
+    let host = strip_port(host).unwrap_or(host);
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = HeaderValue::from_str(&format!("https://{host}{path}")).ok()?;
+    let mut response = Response::new(ProxyBody::local(""));
+    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    response.headers_mut().insert(LOCATION, location);
+    response
+        .headers_mut()
+        .insert(SERVER, HeaderValue::from_static("hangar"));
+    Some(response)
+}
+
+/// How one attempt to forward failed.
+enum Failure {
+    /// The machine could not be connected to; the request comes back.
+    Refused(PathError, Box<Request<UpBody>>),
+    /// Anything else: the request is gone.
+    Failed(PathError),
+}
+
+/// Sends the request to the target and waits for the response head, for at
+/// most the response timeout.
+async fn send(
+    edge: &Edge,
+    ex: &Exchange,
+    target: &Target,
+    req: Request<UpBody>,
+) -> Result<(Response<Incoming>, Box<upstream::Conn>), Failure> {
+    let m = target.machine();
+    let machine = upstream::Machine {
+        addr: SocketAddr::new(m.private_ip, target.internal_port()),
+        app: target.app().name.clone(),
+        id: m.id.clone(),
+    };
+    let sent = edge.upstreams.send(ex.conn.worker, &machine, req);
+    match tokio::time::timeout(edge.response_timeout, sent).await {
+        Ok(Ok(exchange)) => Ok(exchange),
+        Ok(Err(SendError::Connect { cause, request })) => Err(Failure::Refused(
+            upstream_error(&machine, true, cause),
+            request,
+        )),
+        Ok(Err(SendError::Exchange(cause))) => {
+            Err(Failure::Failed(upstream_error(&machine, false, cause)))
+        }
+        Err(_) => Err(Failure::Failed(PathError::UpstreamTimeout {
+            machine: machine.id.to_string(),
+            after: edge.response_timeout,
+        })),
+    }
 }
 
 /// The host a request is for, and the app it names.
@@ -279,73 +444,15 @@ fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
         .ok_or_else(|| PathError::UnknownApp(name.to_string()))
 }
 
-/// Picks the machine; see [`balance`]. With none here but some in other
-/// regions (a regional catalog keeps only this region's machines), the
-/// error names those regions, from the catalog's summaries.
-fn machine(app: &Arc<AppRoutes>, listener: Listener, region: &str) -> Result<Target, PathError> {
-    balance::choose(app, listener, &mut rand::rng()).map_err(|no| {
-        let name = app.name.to_string();
-        let elsewhere = app.regions_elsewhere(region);
-        if app.candidates().is_empty() && !elsewhere.is_empty() {
-            return PathError::OnlyElsewhere {
-                app: name,
-                region: region.to_string(),
-                elsewhere: elsewhere.iter().map(|r| r.region.to_string()).collect(),
-            };
-        }
-        match no {
-            NoTarget::NoStartedMachine => PathError::NoStartedMachine(name),
-            NoTarget::NoHealthyMachine => PathError::NoHealthyMachine(name),
-            NoTarget::NoHttpService => PathError::NoHttpService(name),
-        }
-    })
-}
-
-/// Sends the request to the machine and streams its response back. The
-/// machine's in-flight count is held from here until the response body ends.
-async fn forward(
-    edge: &Edge,
-    ex: &mut Exchange,
-    target: Target,
-    host: Host,
-    mut req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, PathError> {
-    let lease = Lease::new(target.machine());
-    let m = target.machine();
-    let machine = upstream::Machine {
-        addr: SocketAddr::new(m.private_ip, target.internal_port),
-        app: target.app().name.clone(),
-        id: m.id.clone(),
-    };
-    upstream_request(&mut req, ex, &edge.region, host)?;
-    let req = req.map(|body| {
-        if body.is_end_stream() {
-            UpBody::Buffered(None)
-        } else {
-            UpBody::Streaming(body)
-        }
-    });
-    let (response, conn) = edge
-        .upstreams
-        .send(ex.conn.worker, &machine, req)
-        .await
-        .map_err(|e| upstream_error(&machine, e))?;
-    let held = Held {
-        _lease: lease,
-        _in_flight: ex.in_flight.take(),
-    };
-    downstream_response(response, ex, held, conn)
-}
-
 /// Rewrites the client's request for the machine: origin-form
 /// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, proxy
 /// headers added.
 fn upstream_request(
-    req: &mut Request<Incoming>,
+    mut req: Request<Incoming>,
     ex: &Exchange,
     region: &str,
     host: Host,
-) -> Result<(), PathError> {
+) -> Result<Request<UpBody>, PathError> {
     let via = match req.version() {
         Version::HTTP_2 => "2 hangar",
         Version::HTTP_10 => "1.0 hangar",
@@ -372,7 +479,14 @@ fn upstream_request(
     };
     headers::join_cookies(headers)
         .and_then(|()| headers::add_forwarded(headers, &forwarded))
-        .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))
+        .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))?;
+    Ok(req.map(|body| {
+        if body.is_end_stream() {
+            UpBody::Buffered(None)
+        } else {
+            UpBody::Streaming(body)
+        }
+    }))
 }
 
 /// The machine's response for the client: hop-by-hop headers out, request
@@ -394,11 +508,7 @@ fn downstream_response(
     Ok(response)
 }
 
-fn upstream_error(machine: &upstream::Machine, error: SendError) -> PathError {
-    let (connect, cause) = match error {
-        SendError::Connect(cause) => (true, cause),
-        SendError::Exchange(cause) => (false, cause),
-    };
+fn upstream_error(machine: &upstream::Machine, connect: bool, cause: String) -> PathError {
     PathError::Upstream {
         machine: machine.id.to_string(),
         addr: machine.addr,
@@ -462,6 +572,10 @@ fn fail(ex: &Exchange, error: &PathError) -> Response<ProxyBody> {
     );
     headers.insert(SERVER, HeaderValue::from_static("hangar"));
     headers.insert(FLY_REQUEST_ID, ex.id.clone());
+    headers.insert(FLY_PROXY_ERROR, HeaderValue::from_static(error.code()));
+    if let Some(after) = error.retry_after() {
+        headers.insert(RETRY_AFTER, HeaderValue::from(after));
+    }
     response
 }
 
@@ -580,7 +694,7 @@ mod tests {
             ]),
             ..AppRoutes::empty("hello")
         });
-        let err = machine(&app, Listener::Http, "ams").unwrap_err();
+        let err = no_target(&app, NoTarget::NoStartedMachine, "ams");
         assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             err.to_string(),
@@ -588,8 +702,8 @@ mod tests {
         );
         let nowhere = Arc::new(AppRoutes::empty("hello"));
         assert!(matches!(
-            machine(&nowhere, Listener::Http, "ams"),
-            Err(PathError::NoStartedMachine(_))
+            no_target(&nowhere, NoTarget::NoStartedMachine, "ams"),
+            PathError::NoStartedMachine(_)
         ));
     }
 

@@ -100,8 +100,12 @@ impl std::fmt::Debug for Conn {
 /// Why a request got no response from the machine.
 #[derive(Debug)]
 pub(crate) enum SendError {
-    /// No connection: refused, unreachable, or the connect timed out.
-    Connect(String),
+    /// No connection: refused, unreachable, or the connect timed out. The
+    /// request never left, and comes back for another machine.
+    Connect {
+        cause: String,
+        request: Box<Request<UpBody>>,
+    },
     /// The connection failed after the request was (maybe) written.
     Exchange(String),
 }
@@ -145,7 +149,15 @@ impl Upstreams {
                 Err(Failed::Lost(cause)) => return Err(SendError::Exchange(cause)),
             }
         }
-        let mut conn = self.connect(&pool).await?;
+        let mut conn = match self.connect(&pool).await {
+            Ok(conn) => conn,
+            Err(cause) => {
+                return Err(SendError::Connect {
+                    cause,
+                    request: Box::new(req),
+                });
+            }
+        };
         self.counters.new.inc();
         match conn.exchange(req).await {
             Ok(response) => Ok((response, conn)),
@@ -183,16 +195,16 @@ impl Upstreams {
         }
     }
 
-    async fn connect(&self, pool: &Arc<Pool>) -> Result<Box<Conn>, SendError> {
+    async fn connect(&self, pool: &Arc<Pool>) -> Result<Box<Conn>, String> {
         let addr = pool.machine.addr;
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(SendError::Connect(e.to_string())),
+            Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => {
-                return Err(SendError::Connect(format!(
+                return Err(format!(
                     "connect timed out after {:?}",
                     self.connect_timeout
-                )));
+                ));
             }
         };
         // Small request heads should not wait on Nagle.
@@ -200,7 +212,7 @@ impl Upstreams {
         let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         // Boxed: the driver is large, and moves between pool and body.
         Ok(Box::new(Conn {
             sender,
