@@ -62,7 +62,7 @@ async fn walkthrough_serves_http_and_https_then_destroy_leaves_no_process() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("fly_edge_http_requests_total"),
+        metrics.contains(r#"fly_app_http_responses_count{app="hello",region="dev",status="200"}"#),
         "{metrics}"
     );
     // The catalog's debug page: sizes, feed position, lag and locks.

@@ -181,12 +181,15 @@ pub fn choose(
     let mut picked = all()
         .filter(|c| c.2 == Some(class))
         .enumerate()
-        .filter(|(k, _)| Some(*k) == a || Some(*k) == b)
-        .map(|(_, c)| c);
-    let first = picked.next().ok_or(NoTarget::AtCapacity)?;
+        .filter(|(k, _)| Some(*k) == a || Some(*k) == b);
+    let one = picked.next().ok_or(NoTarget::AtCapacity)?;
     let (index, service, _, _) = match picked.next() {
-        Some(second) if second.3 < first.3 => second,
-        _ => first,
+        // The lighter wins; on a tie the one drawn first, so ties do not
+        // always go to the machine listed first.
+        Some(other) if other.1.3 < one.1.3 || (other.1.3 == one.1.3 && Some(other.0) == a) => {
+            other.1
+        }
+        _ => one.1,
     };
     Ok(Target {
         app: app.clone(),
@@ -459,6 +462,16 @@ mod tests {
             loaded("c", "dev", 20, 25, 1),
         ]);
         assert!(!spread(&routes, 200).contains_key("b"));
+    }
+
+    #[test]
+    fn ties_are_split_evenly() {
+        let routes = app(vec![
+            loaded("a", "dev", 20, 25, 2),
+            loaded("b", "dev", 20, 25, 2),
+        ]);
+        let seen = spread(&routes, 1000);
+        assert!(seen["a"] > 400 && seen["b"] > 400, "{seen:?}");
     }
 
     #[test]

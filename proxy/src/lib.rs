@@ -9,8 +9,8 @@
 //!   machine → forward → log, with every failure answered by one `fail()`.
 //! - [`balance`]: which machine serves a request (routable, right service,
 //!   power of two choices on in-flight counts) and the lease that counts it.
-//! - [`metrics`]: Prometheus metrics (`fly_edge_*`, `fly_app_machines`) and
-//!   the `/metrics` endpoint.
+//! - [`metrics`]: Prometheus metrics (Fly's `fly_edge_*` and `fly_app_*`
+//!   names) and the `/metrics` endpoint.
 //! - [`error`]: [`ProxyError`] for setup, [`PathError`] for one request.
 //! - `workers`: the worker threads, one single-threaded runtime each; every
 //!   connection lives on one of them.
@@ -148,7 +148,11 @@ impl Proxy {
             metrics: metrics.edge(),
             tls,
             handshake_timeout: cfg.handshake_timeout(),
-            queues: Arc::new(Queues::new(cfg.queue_max_per_app, cfg.queue_timeout())),
+            queues: Arc::new(Queues::new(
+                cfg.queue_max_per_app,
+                cfg.queue_timeout(),
+                metrics.edge().queued,
+            )),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
         });
@@ -518,26 +522,30 @@ mod tests {
 
         // Failures, each one line of text from the proxy itself.
         let port = http_addr.port();
-        for (host, status, text) in [
+        for (host, status, code, text) in [
             (
                 Some(format!("nope.localhost:{port}")),
                 404,
+                "PA01",
                 "app \"nope\" not found\n",
             ),
             (
                 Some("sleepy.localhost".into()),
                 503,
+                "PR01",
                 "app \"sleepy\" has no started machine\n",
             ),
             (
                 Some("broken.localhost".into()),
                 502,
+                "PC01",
                 "could not connect to machine m3\n",
             ),
-            (None, 400, "missing Host header\n"),
+            (None, 400, "PE01", "missing Host header\n"),
             (
                 Some("example.com".into()),
                 400,
+                "PE01",
                 "Host \"example.com\" is not <app>.localhost\n",
             ),
         ] {
@@ -545,6 +553,7 @@ mod tests {
             let (got, headers, body) = read(response).await;
             assert_eq!((got.as_u16(), body.as_str()), (status, text), "{host:?}");
             assert_eq!(headers["server"], "hangar");
+            assert_eq!(headers["fly-proxy-error"], code);
             assert_eq!(headers["content-type"], "text/plain; charset=utf-8");
             assert!(headers.contains_key("fly-request-id"));
         }
@@ -581,10 +590,14 @@ mod tests {
 
         let text = metrics.render().unwrap();
         for sample in [
-            r#"fly_edge_http_requests_total{listener="http",status="200"} 2"#,
-            r#"fly_edge_http_requests_total{listener="https",status="200"} 1"#,
-            r#"fly_edge_http_requests_total{listener="http",status="400"} 2"#,
-            r#"fly_edge_http_requests_total{listener="http",status="502"} 1"#,
+            r#"fly_edge_http_responses_count{app="hello",region="dev",status="200"} 3"#,
+            r#"fly_edge_http_responses_count{app="",region="dev",status="400"} 2"#,
+            r#"fly_edge_http_responses_count{app="broken",region="dev",status="502"} 1"#,
+            r#"fly_edge_proxy_errors_count{code="PC01"} 1"#,
+            r#"fly_edge_proxy_errors_count{code="PE01"} 2"#,
+            r#"fly_edge_proxy_errors_count{code="PA01"} 1"#,
+            r#"fly_edge_proxy_errors_count{code="PR01"} 1"#,
+            r#"fly_edge_tls_handshakes_count{result="ok"} 1"#,
             r#"fly_app_machines{state="started"} 2"#,
             r#"fly_app_machines{state="stopped"} 1"#,
         ] {

@@ -1,13 +1,37 @@
-//! The proxy's Prometheus metrics and the `/metrics` endpoint.
+//! The proxy's Prometheus metrics and the `/metrics` endpoint. Names follow
+//! Fly's where Fly has one; `region` is this proxy's region.
 //!
-//! - `fly_edge_http_requests_total{status, listener}`: responses sent.
-//! - `fly_edge_http_response_time_seconds{listener}`: time until the
-//!   response head was ready (forwarded or produced by the proxy).
-//! - `fly_edge_inflight_requests`: requests whose response has not finished.
+//! Per request:
+//! - `fly_edge_http_responses_count{app, region, status}`: every response
+//!   the edge sent, the proxy's own errors included (`app` is empty when
+//!   the request named none).
+//! - `fly_edge_http_response_time_seconds{app, region, status}`: time until
+//!   the response head was ready.
+//! - `fly_app_http_responses_count{app, region, status}`: responses that
+//!   came from the app's machines.
+//! - `fly_edge_proxy_errors_count{code}`: the proxy's own error responses
+//!   by code (`PR04`, ...; see [`crate::PathError::code`]).
+//! - `fly_edge_http_retries_count`: requests sent to another machine after
+//!   one refused the connection.
 //! - `fly_edge_upstream_requests_total{connection}`: requests sent to
 //!   machines on a `new` or a `reused` keep-alive connection.
-//! - `fly_app_machines{state}`: machines in the FIB by state, read from the
-//!   current snapshot at scrape time, with every state present (zeros too).
+//!
+//! Per connection:
+//! - `fly_edge_tcp_connects_count{listener}`: client connections accepted.
+//! - `fly_edge_tls_handshakes_count{result}`: `ok`, `error`, `timeout`.
+//! - `fly_edge_tls_handshake_time_seconds`: successful handshakes.
+//! - `fly_edge_http_connection_errors_count{reason}`: client connections
+//!   ended by the proxy: `header_timeout` (no whole request head in time,
+//!   or idle keep-alive), `bad_request` (answered 400/414/431 by the HTTP
+//!   layer), `other`.
+//!
+//! Gauges:
+//! - `fly_edge_inflight_requests`: requests whose response has not finished.
+//! - `fly_edge_queued_requests`: requests waiting for a slot.
+//! - `fly_app_concurrency{app, region}`: requests in flight per app and
+//!   machine region, read from the FIB at scrape time.
+//! - `fly_app_machines{state}`: machines in the FIB by state, read at scrape
+//!   time, with every state present (zeros too).
 //!
 //! `GET /debug/catalog` on the same listener shows the catalog as JSON: FIB
 //! size, its feed position and lag behind the RIB, batches and reloads, the
@@ -28,8 +52,10 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -38,6 +64,9 @@ use tokio::net::TcpListener;
 const RESPONSE_TIME_BUCKETS: [f64; 14] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// TLS handshake buckets, in seconds.
+const HANDSHAKE_BUCKETS: [f64; 8] = [0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25, 1.0];
 
 /// How long the metrics endpoint waits for open scrapes at shutdown.
 /// Scrapes take milliseconds; anything longer is a stuck client.
@@ -58,12 +87,21 @@ pub struct Metrics {
 /// The handles the request path updates. Cloning shares the same series.
 #[derive(Clone)]
 pub(crate) struct EdgeMetrics {
-    requests: IntCounterVec,
-    /// One histogram per listener, resolved once so the hot path skips the
-    /// label lookup.
-    response_time: [Histogram; 2],
+    responses: IntCounterVec,
+    response_time: HistogramVec,
+    app_responses: IntCounterVec,
+    errors: IntCounterVec,
+    pub(crate) retries: IntCounter,
     inflight: IntGauge,
+    pub(crate) queued: IntGauge,
     pub(crate) upstream: UpstreamCounters,
+    /// Indexed by [`Listener::index`].
+    tcp_connects: [IntCounter; 2],
+    tls_ok: IntCounter,
+    tls_error: IntCounter,
+    tls_timeout: IntCounter,
+    tls_time: Histogram,
+    connection_errors: IntCounterVec,
 }
 
 /// Requests sent to machines by the kind of connection they went on.
@@ -73,73 +111,141 @@ pub(crate) struct UpstreamCounters {
     pub(crate) reused: IntCounter,
 }
 
+/// How a TLS handshake ended.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Handshake {
+    Ok(Duration),
+    Error,
+    Timeout,
+}
+
+/// Registers metrics on one registry; every definition here is static, so
+/// failing is a programming error.
+struct Registrar<'a>(&'a Registry);
+
+impl Registrar<'_> {
+    fn add<C: Collector + Clone + 'static>(&self, metric: C) -> C {
+        self.0
+            .register(Box::new(metric.clone()))
+            .expect("a fresh registry accepts each metric once");
+        metric
+    }
+
+    fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+}
+
 impl Metrics {
-    /// Creates the registry with the proxy's metrics and the
-    /// `fly_app_machines` collector reading `fib`.
+    /// Creates the registry with the proxy's metrics and the collectors
+    /// reading `fib`.
     pub fn new(fib: Arc<Fib>) -> Self {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "fly_edge_http_requests_total",
-                "HTTP responses sent by the edge proxy",
-            ),
-            &["status", "listener"],
-        )
-        .expect("static metric definition is valid");
-        let response_time = HistogramVec::new(
-            HistogramOpts::new(
-                "fly_edge_http_response_time_seconds",
-                "Time from request to response head at the edge proxy",
+        let r = Registrar(&registry);
+        let by_app = &["app", "region", "status"];
+        let responses = r.counter(
+            "fly_edge_http_responses_count",
+            "HTTP responses sent by the edge proxy",
+            by_app,
+        );
+        let response_time = r.add(
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "fly_edge_http_response_time_seconds",
+                    "Time from request to response head at the edge proxy",
+                )
+                .buckets(RESPONSE_TIME_BUCKETS.to_vec()),
+                by_app,
             )
-            .buckets(RESPONSE_TIME_BUCKETS.to_vec()),
-            &["listener"],
-        )
-        .expect("static metric definition is valid");
-        let inflight = IntGauge::new(
+            .expect("valid metric"),
+        );
+        let app_responses = r.counter(
+            "fly_app_http_responses_count",
+            "HTTP responses from the app's machines",
+            by_app,
+        );
+        let errors = r.counter(
+            "fly_edge_proxy_errors_count",
+            "Responses the proxy produced itself, by error code",
+            &["code"],
+        );
+        let retries = r
+            .counter(
+                "fly_edge_http_retries_count",
+                "Requests sent to another machine after one refused the connection",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]);
+        let inflight = r.gauge(
             "fly_edge_inflight_requests",
             "Requests in flight at the edge proxy, until their response body ends",
-        )
-        .expect("static metric definition is valid");
-        let upstream = IntCounterVec::new(
-            Opts::new(
-                "fly_edge_upstream_requests_total",
-                "Requests sent to machines, by whether their keep-alive connection was new or reused",
-            ),
+        );
+        let queued = r.gauge(
+            "fly_edge_queued_requests",
+            "Requests waiting for a machine of their app to drop below its hard limit",
+        );
+        let upstream = r.counter(
+            "fly_edge_upstream_requests_total",
+            "Requests sent to machines, by whether their keep-alive connection was new or reused",
             &["connection"],
-        )
-        .expect("static metric definition is valid");
-        let machines = MachineCounts::new(fib.clone());
-
-        // Registration only fails on duplicate names, and this registry is new.
-        registry
-            .register(Box::new(requests.clone()))
-            .expect("fresh registry accepts fly_edge_http_requests_total");
-        registry
-            .register(Box::new(response_time.clone()))
-            .expect("fresh registry accepts fly_edge_http_response_time_seconds");
-        registry
-            .register(Box::new(inflight.clone()))
-            .expect("fresh registry accepts fly_edge_inflight_requests");
-        registry
-            .register(Box::new(upstream.clone()))
-            .expect("fresh registry accepts fly_edge_upstream_requests_total");
-        registry
-            .register(Box::new(machines))
-            .expect("fresh registry accepts fly_app_machines");
-
-        let response_time = [Listener::Http, Listener::Https]
-            .map(|l| response_time.with_label_values(&[l.as_str()]));
+        );
+        let tcp_connects = r.counter(
+            "fly_edge_tcp_connects_count",
+            "Client connections accepted",
+            &["listener"],
+        );
+        let tls = r.counter(
+            "fly_edge_tls_handshakes_count",
+            "TLS handshakes with clients, by result",
+            &["result"],
+        );
+        let tls_time = r.add(
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "fly_edge_tls_handshake_time_seconds",
+                    "Time to complete a TLS handshake with a client",
+                )
+                .buckets(HANDSHAKE_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        );
+        let connection_errors = r.counter(
+            "fly_edge_http_connection_errors_count",
+            "Client connections the proxy ended for misbehaving, by reason",
+            &["reason"],
+        );
+        r.add(Concurrency::new(fib.clone()));
+        r.add(MachineCounts::new(fib.clone()));
+        let edge = EdgeMetrics {
+            responses,
+            response_time,
+            app_responses,
+            errors,
+            retries,
+            inflight,
+            queued,
+            upstream: UpstreamCounters {
+                new: upstream.with_label_values(&["new"]),
+                reused: upstream.with_label_values(&["reused"]),
+            },
+            tcp_connects: [Listener::Http, Listener::Https]
+                .map(|l| tcp_connects.with_label_values(&[l.as_str()])),
+            tls_ok: tls.with_label_values(&["ok"]),
+            tls_error: tls.with_label_values(&["error"]),
+            tls_timeout: tls.with_label_values(&["timeout"]),
+            tls_time,
+            connection_errors: connection_errors.clone(),
+        };
+        for reason in ["header_timeout", "bad_request", "other"] {
+            connection_errors.with_label_values(&[reason]);
+        }
         Self {
             registry,
-            edge: EdgeMetrics {
-                requests,
-                response_time,
-                inflight,
-                upstream: UpstreamCounters {
-                    new: upstream.with_label_values(&["new"]),
-                    reused: upstream.with_label_values(&["reused"]),
-                },
-            },
+            edge,
             fib,
             rib: None,
         }
@@ -183,19 +289,58 @@ impl Metrics {
     }
 }
 
+/// One response, as [`EdgeMetrics::observe`] counts it.
+pub(crate) struct Observed<'a> {
+    pub app: &'a str,
+    pub region: &'a str,
+    pub status: StatusCode,
+    pub elapsed: Duration,
+    /// The proxy's error code when it answered itself, else the response
+    /// came from a machine.
+    pub error: Option<&'static str>,
+}
+
 impl EdgeMetrics {
     /// Counts one response and the time to its head.
-    pub(crate) fn observe(&self, listener: Listener, status: StatusCode, elapsed: Duration) {
-        self.requests
-            .with_label_values(&[status.as_str(), listener.as_str()])
-            .inc();
-        self.response_time[listener.index()].observe(elapsed.as_secs_f64());
+    pub(crate) fn observe(&self, o: &Observed<'_>) {
+        let labels = [o.app, o.region, o.status.as_str()];
+        self.responses.with_label_values(&labels).inc();
+        self.response_time
+            .with_label_values(&labels)
+            .observe(o.elapsed.as_secs_f64());
+        match o.error {
+            Some(code) => self.errors.with_label_values(&[code]).inc(),
+            None => self.app_responses.with_label_values(&labels).inc(),
+        }
     }
 
     /// Counts one request in flight until the guard is dropped.
     pub(crate) fn in_flight(&self) -> InFlight {
         self.inflight.inc();
         InFlight(self.inflight.clone())
+    }
+
+    /// Counts one accepted client connection.
+    pub(crate) fn connected(&self, listener: Listener) {
+        self.tcp_connects[listener.index()].inc();
+    }
+
+    /// Counts one TLS handshake.
+    pub(crate) fn handshake(&self, outcome: Handshake) {
+        match outcome {
+            Handshake::Ok(took) => {
+                self.tls_ok.inc();
+                self.tls_time.observe(took.as_secs_f64());
+            }
+            Handshake::Error => self.tls_error.inc(),
+            Handshake::Timeout => self.tls_timeout.inc(),
+        }
+    }
+
+    /// Counts a client connection the HTTP layer ended: `reason` is
+    /// `header_timeout`, `bad_request` or `other`.
+    pub(crate) fn connection_error(&self, reason: &str) {
+        self.connection_errors.with_label_values(&[reason]).inc();
     }
 }
 
@@ -209,8 +354,60 @@ impl Drop for InFlight {
     }
 }
 
+/// The `fly_app_concurrency{app, region}` collector: requests in flight on
+/// each app's machines, summed per machine region from the FIB at scrape
+/// time. Apps with nothing in flight are left out.
+#[derive(Clone)]
+struct Concurrency {
+    fib: Arc<Fib>,
+    described: IntGaugeVec,
+}
+
+impl Concurrency {
+    fn opts() -> Opts {
+        Opts::new(
+            "fly_app_concurrency",
+            "Requests in flight on the app's machines, by machine region",
+        )
+    }
+
+    fn new(fib: Arc<Fib>) -> Self {
+        let described = IntGaugeVec::new(Self::opts(), &["app", "region"]).expect("valid metric");
+        Self { fib, described }
+    }
+}
+
+impl Collector for Concurrency {
+    fn desc(&self) -> Vec<&Desc> {
+        self.described.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Ok(gauges) = IntGaugeVec::new(Self::opts(), &["app", "region"]) else {
+            return Vec::new();
+        };
+        let mut sums: HashMap<(&str, &str), usize> = HashMap::new();
+        let snapshot = self.fib.snapshot();
+        for app in snapshot.apps() {
+            for m in app.machines.iter() {
+                let n = m.inflight.load(Ordering::Relaxed);
+                if n > 0 {
+                    *sums.entry((&app.name, &m.region)).or_default() += n;
+                }
+            }
+        }
+        for ((app, region), n) in sums {
+            gauges
+                .with_label_values(&[app, region])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        gauges.collect()
+    }
+}
+
 /// The `fly_app_machines{state}` collector: counts are computed from the FIB
 /// snapshot at scrape time rather than kept up to date on every change.
+#[derive(Clone)]
 struct MachineCounts {
     fib: Arc<Fib>,
     opts: Opts,
@@ -355,18 +552,45 @@ mod tests {
         let (_dir, fib) = empty_fib();
         let metrics = Metrics::new(fib);
         let edge = metrics.edge();
-        edge.observe(Listener::Http, StatusCode::OK, Duration::from_millis(3));
+        let observed = |status, error| Observed {
+            app: "hello",
+            region: "dev",
+            status,
+            elapsed: Duration::from_millis(3),
+            error,
+        };
+        edge.observe(&observed(StatusCode::OK, None));
+        edge.observe(&observed(StatusCode::SERVICE_UNAVAILABLE, Some("PR04")));
+        edge.connected(Listener::Https);
+        edge.handshake(Handshake::Ok(Duration::from_millis(2)));
+        edge.handshake(Handshake::Timeout);
         let guard = edge.in_flight();
 
         let text = metrics.render().unwrap();
+        for sample in [
+            r#"fly_edge_http_responses_count{app="hello",region="dev",status="200"} 1"#,
+            r#"fly_edge_http_responses_count{app="hello",region="dev",status="503"} 1"#,
+            r#"fly_app_http_responses_count{app="hello",region="dev",status="200"} 1"#,
+            r#"fly_edge_http_response_time_seconds_count{app="hello",region="dev",status="200"} 1"#,
+            r#"fly_edge_proxy_errors_count{code="PR04"} 1"#,
+            r#"fly_edge_tcp_connects_count{listener="https"} 1"#,
+            r#"fly_edge_tcp_connects_count{listener="http"} 0"#,
+            r#"fly_edge_tls_handshakes_count{result="ok"} 1"#,
+            r#"fly_edge_tls_handshakes_count{result="timeout"} 1"#,
+            "fly_edge_tls_handshake_time_seconds_count 1",
+            r#"fly_edge_http_connection_errors_count{reason="header_timeout"} 0"#,
+            "fly_edge_http_retries_count 0",
+            "fly_edge_inflight_requests 1",
+            "fly_edge_queued_requests 0",
+            r#"fly_edge_upstream_requests_total{connection="reused"} 0"#,
+        ] {
+            assert!(text.contains(sample), "missing {sample} in\n{text}");
+        }
         assert!(
-            text.contains(r#"fly_edge_http_requests_total{listener="http",status="200"} 1"#),
-            "{text}"
+            !text
+                .contains(r#"fly_app_http_responses_count{app="hello",region="dev",status="503"}"#),
+            "the proxy's own errors are not the app's responses"
         );
-        assert!(text.contains(r#"fly_edge_http_response_time_seconds_count{listener="http"} 1"#));
-        assert!(text.contains(r#"fly_edge_http_response_time_seconds_count{listener="https"} 0"#));
-        assert!(text.contains("fly_edge_inflight_requests 1"));
-        assert!(text.contains(r#"fly_edge_upstream_requests_total{connection="reused"} 0"#));
         for state in hangar_api::machine::MachineState::ALL {
             let sample = format!("fly_app_machines{{state=\"{state}\"}} 0");
             assert!(text.contains(&sample), "missing {sample} in {text}");

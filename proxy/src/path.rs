@@ -13,7 +13,7 @@ use crate::body::{Held, ProxyBody, UpBody};
 use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
-use crate::metrics::{EdgeMetrics, InFlight};
+use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
 use crate::queue::{QueueError, Queues};
 use crate::upstream::{self, SendError, Upstreams};
 use crate::{Listener, Proxy};
@@ -118,6 +118,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
                 continue;
             }
         };
+        edge.metrics.connected(listener);
         let (edge, server) = (edge.clone(), server.clone());
         let (worker, runtime) = workers.next();
         conns.spawn(runtime, move |watcher| async move {
@@ -173,8 +174,17 @@ async fn connection(
         }
     };
     if let Err(e) = served {
+        let reason = match e.downcast_ref::<hyper::Error>() {
+            Some(e) if e.is_timeout() => Some("header_timeout"),
+            Some(e) if e.is_parse() => Some("bad_request"),
+            // Resets and the like: the client's business.
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            edge.metrics.connection_error(reason);
+        }
         // Clients resetting connections is ordinary, hence debug.
-        tracing::debug!(%peer, listener = listener.as_str(), error = %e, "connection ended with an error");
+        tracing::debug!(%peer, listener = listener.as_str(), error = %e, reason, "connection ended with an error");
     }
 }
 
@@ -185,13 +195,19 @@ async fn tls(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let started = Instant::now();
     match tokio::time::timeout(edge.handshake_timeout, edge.tls.accept(tcp)).await {
-        Ok(Ok(stream)) => Some(stream),
+        Ok(Ok(stream)) => {
+            edge.metrics.handshake(Handshake::Ok(started.elapsed()));
+            Some(stream)
+        }
         Ok(Err(e)) => {
+            edge.metrics.handshake(Handshake::Error);
             tracing::debug!(%peer, error = %e, "tls handshake failed");
             None
         }
         Err(_) => {
+            edge.metrics.handshake(Handshake::Timeout);
             tracing::debug!(%peer, "tls handshake timed out");
             None
         }
@@ -263,6 +279,7 @@ async fn route(
             }
             Err(Failure::Refused(error, back)) if refused.len() + 1 < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, detail = ?error.detail(), "trying another machine");
+                edge.metrics.retries.inc();
                 refused.push(target.machine().id.clone());
                 last_refusal = Some(error);
                 req = *back;
@@ -525,7 +542,13 @@ fn log(edge: &Edge, ex: &Exchange, response: &Response<ProxyBody>, error: Option
     let elapsed = ex.started.elapsed();
     let status = response.status();
     let listener = ex.conn.listener;
-    edge.metrics.observe(listener, status, elapsed);
+    edge.metrics.observe(&Observed {
+        app: ex.app.as_deref().unwrap_or(""),
+        region: &edge.region,
+        status,
+        elapsed,
+        error: error.map(PathError::code),
+    });
     let app = ex.app.as_deref().unwrap_or("-");
     let machine = ex.machine.as_deref().unwrap_or("-");
     let id = ex.id.to_str().unwrap_or("-");

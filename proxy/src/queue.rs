@@ -13,6 +13,7 @@
 
 use compact_str::CompactString;
 use dashmap::DashMap;
+use prometheus::IntGauge;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -27,6 +28,8 @@ pub struct Queues {
     waiting: AtomicUsize,
     max_per_app: usize,
     timeout: Duration,
+    /// `fly_edge_queued_requests`.
+    gauge: IntGauge,
 }
 
 #[derive(Debug, Default)]
@@ -47,12 +50,14 @@ pub enum QueueError {
 impl Queues {
     /// Queues of at most `max_per_app` waiters, each waiting at most
     /// `timeout`. A zero `max_per_app` turns waiting off.
-    pub fn new(max_per_app: usize, timeout: Duration) -> Self {
+    /// `gauge` follows the number of waiters.
+    pub fn new(max_per_app: usize, timeout: Duration, gauge: IntGauge) -> Self {
         Self {
             apps: DashMap::new(),
             waiting: AtomicUsize::new(0),
             max_per_app,
             timeout,
+            gauge,
         }
     }
 
@@ -119,6 +124,7 @@ impl<'a> Waiting<'a> {
             })
             .ok()?;
         queues.waiting.fetch_add(1, Ordering::AcqRel);
+        queues.gauge.inc();
         Some(Self { queues, app, queue })
     }
 }
@@ -126,6 +132,7 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.queues.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.queues.gauge.dec();
         if self.queue.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.queues
                 .apps
@@ -139,9 +146,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
 
+    fn gauge() -> IntGauge {
+        IntGauge::new("queued", "test").unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_release_wakes_a_waiter_which_takes_the_slot() {
-        let queues = Arc::new(Queues::new(10, Duration::from_secs(5)));
+        let queues = Arc::new(Queues::new(10, Duration::from_secs(5), gauge()));
         let free = Arc::new(AtomicBool::new(false));
         let waiter = tokio::spawn({
             let (queues, free) = (queues.clone(), free.clone());
@@ -163,7 +174,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waits_are_bounded_in_time_and_in_number() {
-        let queues = Arc::new(Queues::new(1, Duration::from_millis(300)));
+        let queues = Arc::new(Queues::new(1, Duration::from_millis(300), gauge()));
         let first = tokio::spawn({
             let queues = queues.clone();
             async move { queues.wait("app", || None::<()>).await }
@@ -186,7 +197,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_release_of_another_app_wakes_nobody_here() {
-        let queues = Arc::new(Queues::new(10, Duration::from_secs(1)));
+        let queues = Arc::new(Queues::new(10, Duration::from_secs(1), gauge()));
         let tries = Arc::new(AtomicUsize::new(0));
         let waiter = tokio::spawn({
             let (queues, tries) = (queues.clone(), tries.clone());

@@ -1,0 +1,367 @@
+//! The edge proxy end to end, through the real binary: load limits and the
+//! wait queue, retries, force_https, the proxy's own errors with their
+//! codes, and clients that misbehave.
+
+mod common;
+
+use common::{Hangar, WAIT};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Test-sized limits: a short queue wait and header timeout, a response
+/// timeout between the sleeps the tests ask for, and machines reported
+/// started quickly even when their service port never opens.
+const CONFIG: &str = r#"
+[flaps.rate_limits]
+enabled = false
+[flyd]
+ready_timeout_ms = 300
+cpu_overcommit = 128
+[proxy]
+queue_max_per_app = 1
+queue_timeout_ms = 1000
+response_timeout_ms = 2500
+header_timeout_ms = 700
+"#;
+
+async fn start() -> (tempfile::TempDir, Hangar) {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(CONFIG)).await;
+    (tmp, h)
+}
+
+async fn create_app(h: &Hangar, app: &str) {
+    let (status, body) = h
+        .post(
+            "/v1/apps",
+            &format!(r#"{{"app_name":"{app}","org_slug":"personal"}}"#),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// A started hangar/echo machine with `config` merged into its config.
+async fn machine(h: &Hangar, app: &str, config: Value) -> String {
+    let mut full = serde_json::json!({"image": "hangar/echo"});
+    full.as_object_mut()
+        .unwrap()
+        .extend(config.as_object().unwrap().clone());
+    let body = serde_json::json!({ "config": full }).to_string();
+    let (status, m) = h.post(&format!("/v1/apps/{app}/machines"), &body).await;
+    assert_eq!(status, 200, "{m}\n{}", h.log());
+    let id = m["id"].as_str().unwrap().to_string();
+    let (status, body) = h
+        .get(&format!(
+            "/v1/apps/{app}/machines/{id}/wait?state=started&timeout=30"
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    id
+}
+
+/// Services of a web machine on `internal_port` with the given limits.
+fn web(internal_port: u16, soft: u32, hard: u32) -> Value {
+    serde_json::json!({"services": [{
+        "protocol": "tcp",
+        "internal_port": internal_port,
+        "concurrency": {"type": "requests", "soft_limit": soft, "hard_limit": hard},
+        "ports": [{"port": 80, "handlers": ["http"]}, {"port": 443, "handlers": ["tls", "http"]}]
+    }]})
+}
+
+/// What a request through the proxy got back.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    machine: Option<String>,
+    code: Option<String>,
+    retry_after: Option<String>,
+    location: Option<String>,
+    body: String,
+}
+
+async fn get(h: &Hangar, app: &str, path: &str) -> Got {
+    // No redirects followed: the 301 itself is under test.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("http://{}{path}", h.addrs.http))
+        .header("host", format!("{app}.localhost"))
+        .send()
+        .await
+        .expect("proxy request");
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    Got {
+        status: resp.status().as_u16(),
+        machine: header("fly-machine-id"),
+        code: header("fly-proxy-error"),
+        retry_after: header("retry-after"),
+        location: header("location"),
+        body: resp.text().await.unwrap(),
+    }
+}
+
+async fn metrics(h: &Hangar) -> String {
+    h.http
+        .get(format!("http://{}/metrics", h.addrs.metrics))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Waits until `/metrics` shows `sample`: the proxy's own readiness signal
+/// for "requests are in flight" or "a request is queued".
+async fn until_metric(h: &Hangar, sample: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = metrics(h).await;
+        if text.contains(sample) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw {sample} in\n{text}\n{}",
+            h.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_spread_load_and_a_full_app_queues_then_answers_503() {
+    let (_tmp, h) = start().await;
+    let h = std::sync::Arc::new(h);
+
+    // Soft limit 1 on two machines: with one busy, the next request goes to
+    // the other even though the busy one is far from its hard limit.
+    create_app(&h, "spread").await;
+    let a = machine(&h, "spread", web(8080, 1, 5)).await;
+    let b = machine(&h, "spread", web(8080, 1, 5)).await;
+    let slow = tokio::spawn({
+        let h = h.clone();
+        async move { get(&h, "spread", "/?sleep_ms=600").await }
+    });
+    until_metric(&h, r#"fly_app_concurrency{app="spread",region="dev"} 1"#).await;
+    let quick = get(&h, "spread", "/").await;
+    let slow = slow.await.unwrap();
+    assert_eq!((slow.status, quick.status), (200, 200));
+    assert_ne!(
+        slow.machine, quick.machine,
+        "the second went to the idle one"
+    );
+    for m in [&slow.machine, &quick.machine] {
+        assert!(*m == Some(a.clone()) || *m == Some(b.clone()));
+    }
+
+    // One machine, hard limit 2, both slots taken for 2 s.
+    create_app(&h, "full").await;
+    machine(&h, "full", web(8080, 1, 2)).await;
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { get(&h, "full", "/?sleep_ms=2000").await })
+        })
+        .collect();
+    until_metric(&h, r#"fly_app_concurrency{app="full",region="dev"} 2"#).await;
+    // The third waits in the queue (its only place), the fourth finds the
+    // queue full at once, and the third gives up after queue_timeout_ms.
+    let queued = tokio::spawn({
+        let h = h.clone();
+        async move { get(&h, "full", "/").await }
+    });
+    until_metric(&h, "fly_edge_queued_requests 1").await;
+    let rejected = get(&h, "full", "/").await;
+    assert_eq!(rejected.status, 503, "{rejected:?}");
+    assert_eq!(rejected.code.as_deref(), Some("PR04"));
+    assert_eq!(rejected.retry_after.as_deref(), Some("1"));
+    assert!(rejected.body.contains("the queue is full"), "{rejected:?}");
+    let timed_out = queued.await.unwrap();
+    assert_eq!(timed_out.status, 503, "{timed_out:?}");
+    assert_eq!(timed_out.code.as_deref(), Some("PR04"));
+    assert_eq!(timed_out.retry_after.as_deref(), Some("1"));
+    assert!(
+        timed_out.body.contains("stayed at its hard limit for 1s"),
+        "{timed_out:?}"
+    );
+    for r in busy {
+        assert_eq!(r.await.unwrap().status, 200, "the slow ones finish");
+    }
+
+    // A slot that frees while a request waits serves it.
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { get(&h, "full", "/?sleep_ms=200").await })
+        })
+        .collect();
+    until_metric(&h, r#"fly_app_concurrency{app="full",region="dev"} 2"#).await;
+    let served = get(&h, "full", "/").await;
+    assert_eq!(served.status, 200, "{served:?}");
+    for r in busy {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    until_metric(&h, "fly_edge_queued_requests 0").await;
+}
+
+#[tokio::test]
+async fn refused_connects_go_to_another_machine_and_every_error_has_its_code() {
+    let (_tmp, h) = start().await;
+
+    // "bad" is started, but its service port is closed: the echo listens on
+    // 8080 while the service says 9999.
+    create_app(&h, "retry").await;
+    let good = machine(&h, "retry", web(8080, 20, 25)).await;
+    let mut bad = web(9999, 20, 25);
+    bad["env"] = serde_json::json!({"PORT": "8080"});
+    machine(&h, "retry", bad.clone()).await;
+    for _ in 0..20 {
+        let got = get(&h, "retry", "/").await;
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.machine.as_deref(), Some(good.as_str()));
+    }
+    let text = metrics(&h).await;
+    assert!(
+        !text.contains("fly_edge_http_retries_count 0"),
+        "two choices among equals pick the bad one about half the time:\n{text}"
+    );
+
+    // The proxy's own errors: status, code, one line of text.
+    create_app(&h, "refusing").await;
+    machine(&h, "refusing", bad).await;
+    create_app(&h, "empty").await;
+    create_app(&h, "tcponly").await;
+    machine(
+        &h,
+        "tcponly",
+        serde_json::json!({"services": [{"protocol": "tcp", "internal_port": 8080,
+            "ports": [{"port": 5432}]}]}),
+    )
+    .await;
+    create_app(&h, "slow").await;
+    machine(&h, "slow", web(8080, 20, 25)).await;
+    for (app, path, status, code, text) in [
+        ("nope", "/", 404, "PA01", "app \"nope\" not found"),
+        ("empty", "/", 503, "PR01", "has no started machine"),
+        (
+            "tcponly",
+            "/",
+            503,
+            "PR03",
+            "no started machine with an http",
+        ),
+        ("refusing", "/", 502, "PC01", "could not connect to machine"),
+        (
+            "slow",
+            "/?sleep_ms=4000",
+            504,
+            "PU05",
+            "did not answer within 2.5s",
+        ),
+    ] {
+        let got = get(&h, app, path).await;
+        assert_eq!(got.status, status, "{app}: {got:?}");
+        assert_eq!(got.code.as_deref(), Some(code), "{app}: {got:?}");
+        assert!(got.body.contains(text), "{app}: {got:?}");
+        assert_eq!(got.body.lines().count(), 1, "{app}: {got:?}");
+    }
+    let bad_host = h
+        .http
+        .get(format!("http://{}/", h.addrs.http))
+        .header("host", "not an app")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_host.status(), 400);
+    assert_eq!(bad_host.headers()["fly-proxy-error"], "PE01");
+    let text = metrics(&h).await;
+    for code in ["PA01", "PR01", "PR03", "PC01", "PU05", "PE01"] {
+        let sample = format!("fly_edge_proxy_errors_count{{code=\"{code}\"}} 1");
+        assert!(text.contains(&sample), "missing {sample} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn force_https_redirects_and_bad_clients_cost_only_their_connection() {
+    let (_tmp, h) = start().await;
+    create_app(&h, "web").await;
+    let mut services = web(8080, 20, 25);
+    services["services"][0]["ports"][0]["force_https"] = true.into();
+    machine(&h, "web", services).await;
+
+    let got = get(&h, "web", "/login?next=%2F").await;
+    assert_eq!(got.status, 301, "{got:?}");
+    assert_eq!(
+        got.location.as_deref(),
+        Some("https://web.localhost/login?next=%2F")
+    );
+    // The dev certificate is self-signed; the name resolves to the proxy.
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .resolve("web.localhost", h.addrs.https)
+        .build()
+        .unwrap();
+    let resp = client
+        .get(format!("https://web.localhost:{}/", h.addrs.https.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "https is served, not redirected");
+
+    // A slow client sends half a request head and stops: the others are
+    // served meanwhile, and the proxy closes it after header_timeout_ms.
+    let mut slow = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: web.local")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..3 {
+        let resp = client
+            .get(format!("https://web.localhost:{}/", h.addrs.https.port()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, slow.read(&mut buf))
+        .await
+        .expect("the slow client is cut off")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+
+    // Garbage and oversized heads are answered by the HTTP layer.
+    let mut raw = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(WAIT, raw.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    let big = h
+        .http
+        .get(format!("http://{}/", h.addrs.http))
+        .header("host", "web.localhost")
+        .header("x-big", "a".repeat(40 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 431);
+
+    let text = metrics(&h).await;
+    for sample in [
+        r#"fly_edge_http_connection_errors_count{reason="header_timeout"} 1"#,
+        r#"fly_edge_http_connection_errors_count{reason="bad_request"} 2"#,
+    ] {
+        assert!(text.contains(sample), "missing {sample} in\n{text}");
+    }
+}
