@@ -280,6 +280,35 @@ pub struct MachinePort {
     pub handlers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_https: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_options: Option<HttpOptions>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `fly.HTTPOptions`: how the proxy speaks HTTP on a port.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HttpOptions {
+    /// Speak h2 (prior knowledge) to the machine instead of HTTP/1.1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_backend: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<HttpResponseOptions>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `fly.HTTPResponseOptions`: what the proxy does to responses.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HttpResponseOptions {
+    /// Add none of the proxy's own headers (`Server`, `Via`,
+    /// `fly-request-id`) to responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pristine: Option<bool>,
+    /// Headers to set on responses: a string (or list of strings) sets the
+    /// header, `false` removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Map<String, Value>>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

@@ -67,6 +67,15 @@ impl Target {
         self.service().internal_port
     }
 
+    /// The service's port for `listener` (80 handling `http`, or 443
+    /// handling `tls` and `http`), where its HTTP options live.
+    pub fn port(&self, listener: Listener) -> Option<&MachinePort> {
+        self.service()
+            .ports
+            .iter()
+            .find(|p| p.port == Some(listener.public_port()) && has(p, "http"))
+    }
+
     /// The service's soft and hard limits.
     pub fn limits(&self) -> Limits {
         Limits::of(self.service())

@@ -28,6 +28,7 @@ pub(crate) const FLY_PROXY_ERROR: HeaderName = HeaderName::from_static("fly-prox
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub(crate) const X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwarded-ssl");
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -81,11 +82,44 @@ pub(crate) fn add_forwarded(
     append_to_list(headers, X_FORWARDED_FOR, &ip)?;
     headers.insert(FLY_CLIENT_IP, ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
+    let ssl = if f.proto == "https" { "on" } else { "off" };
+    headers.insert(X_FORWARDED_SSL, HeaderValue::from_static(ssl));
     headers.insert(X_FORWARDED_PORT, port.clone());
     headers.insert(FLY_FORWARDED_PORT, port);
     headers.insert(FLY_REGION, HeaderValue::from_str(f.region)?);
     headers.insert(FLY_REQUEST_ID, f.request_id.clone());
     append_to_list(headers, VIA, &HeaderValue::from_static(f.via))
+}
+
+/// Applies a port's configured response headers
+/// (`http_options.response.headers`): a string sets the header, a list of
+/// strings sets one line each, `false` removes it. Names or values that are
+/// not valid HTTP are skipped (flaps accepts the config as Fly does).
+pub(crate) fn apply_configured(
+    headers: &mut HeaderMap,
+    set: &serde_json::Map<String, serde_json::Value>,
+) {
+    use serde_json::Value;
+    for (name, value) in set {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        let values: Vec<&str> = match value {
+            Value::Bool(false) => {
+                headers.remove(&name);
+                continue;
+            }
+            Value::String(one) => vec![one],
+            Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
+            _ => continue,
+        };
+        headers.remove(&name);
+        for v in values {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.append(name.clone(), v);
+            }
+        }
+    }
 }
 
 /// Adds `value` to a comma-separated list header, merging repeated headers
@@ -182,5 +216,24 @@ mod tests {
         join_cookies(&mut h).unwrap();
         assert_eq!(h.get_all("cookie").iter().count(), 1);
         assert_eq!(h["cookie"], "a=1; b=2");
+    }
+
+    #[test]
+    fn configured_response_headers_set_replace_and_remove() {
+        let mut h = map(&[("server", "app"), ("x-powered-by", "php"), ("x-a", "old")]);
+        let set = serde_json::json!({
+            "x-a": "new",
+            "x-list": ["1", "2"],
+            "x-powered-by": false,
+            "bad name": "skipped",
+            "x-number": 7,
+        });
+        apply_configured(&mut h, set.as_object().unwrap());
+        assert_eq!(h["x-a"], "new");
+        let list: Vec<_> = h.get_all("x-list").iter().collect();
+        assert_eq!(list, ["1", "2"]);
+        assert!(h.get("x-powered-by").is_none());
+        assert!(h.get("x-number").is_none());
+        assert_eq!(h["server"], "app");
     }
 }

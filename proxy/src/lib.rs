@@ -496,6 +496,7 @@ mod tests {
             "hop-by-hop response header leaked"
         );
         assert_eq!(headers["via"], "1.1 hangar");
+        assert_eq!(headers["server"], "hangar");
         let up = seen.recv().await.unwrap();
         assert_eq!(up.uri, "/echo?x=1", "origin-form upstream");
         let h = &up.headers;
@@ -503,6 +504,7 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["fly-client-ip"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-ssl"], "off");
         assert_eq!(h["x-forwarded-port"], http_addr.port().to_string().as_str());
         assert_eq!(
             h["fly-forwarded-port"],
@@ -582,6 +584,7 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         let up = seen.recv().await.unwrap();
         assert_eq!(up.headers["x-forwarded-proto"], "https");
+        assert_eq!(up.headers["x-forwarded-ssl"], "on");
         assert_eq!(
             up.headers["x-forwarded-port"],
             https_addr.port().to_string().as_str()

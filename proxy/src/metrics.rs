@@ -295,9 +295,11 @@ pub(crate) struct Observed<'a> {
     pub region: &'a str,
     pub status: StatusCode,
     pub elapsed: Duration,
-    /// The proxy's error code when it answered itself, else the response
-    /// came from a machine.
+    /// The proxy's error code when it answered with an error.
     pub error: Option<&'static str>,
+    /// The response came from a machine (not an error or a redirect of the
+    /// proxy's own).
+    pub from_machine: bool,
 }
 
 impl EdgeMetrics {
@@ -308,9 +310,11 @@ impl EdgeMetrics {
         self.response_time
             .with_label_values(&labels)
             .observe(o.elapsed.as_secs_f64());
-        match o.error {
-            Some(code) => self.errors.with_label_values(&[code]).inc(),
-            None => self.app_responses.with_label_values(&labels).inc(),
+        if let Some(code) = o.error {
+            self.errors.with_label_values(&[code]).inc();
+        }
+        if o.from_machine {
+            self.app_responses.with_label_values(&labels).inc();
         }
     }
 
@@ -552,12 +556,13 @@ mod tests {
         let (_dir, fib) = empty_fib();
         let metrics = Metrics::new(fib);
         let edge = metrics.edge();
-        let observed = |status, error| Observed {
+        let observed = |status, error: Option<&'static str>| Observed {
             app: "hello",
             region: "dev",
             status,
             elapsed: Duration::from_millis(3),
             error,
+            from_machine: error.is_none(),
         };
         edge.observe(&observed(StatusCode::OK, None));
         edge.observe(&observed(StatusCode::SERVICE_UNAVAILABLE, Some("PR04")));

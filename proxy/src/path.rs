@@ -18,6 +18,7 @@ use crate::queue::{QueueError, Queues};
 use crate::upstream::{self, SendError, Upstreams};
 use crate::{Listener, Proxy};
 use compact_str::CompactString;
+use hangar_api::machine::HttpResponseOptions;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, RETRY_AFTER, SERVER, VIA};
 use http::uri::PathAndQuery;
@@ -72,6 +73,8 @@ struct Exchange {
     /// Moves into the response body when the request is forwarded, so the
     /// gauge covers streaming too.
     in_flight: Option<InFlight>,
+    /// The response is the machine's.
+    from_machine: bool,
 }
 
 // ---- accept ----
@@ -230,6 +233,7 @@ async fn handle(
         app: None,
         machine: None,
         in_flight: Some(edge.metrics.in_flight()),
+        from_machine: false,
     };
     let response = match route(&edge, &mut ex, req).await {
         Ok(response) => {
@@ -275,7 +279,11 @@ async fn route(
                     _lease: lease,
                     _in_flight: ex.in_flight.take(),
                 };
-                return downstream_response(response, ex, held, conn);
+                ex.from_machine = true;
+                let options = target
+                    .port(ex.conn.listener)
+                    .and_then(|p| p.http_options.as_ref()?.response.as_ref());
+                return downstream_response(response, ex, held, conn, options);
             }
             Err(Failure::Refused(error, back)) if refused.len() + 1 < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, detail = ?error.detail(), "trying another machine");
@@ -352,15 +360,7 @@ fn force_https(
     listener: Listener,
     req: &Request<UpBody>,
 ) -> Option<Response<ProxyBody>> {
-    if listener != Listener::Http {
-        return None;
-    }
-    let forced = target.service().ports.iter().any(|p| {
-        p.port == Some(listener.public_port())
-            && p.force_https == Some(true)
-            && p.handlers.iter().any(|h| h == "http")
-    });
-    if !forced {
+    if listener != Listener::Http || target.port(listener)?.force_https != Some(true) {
         return None;
     }
     // The Host as the client sent it, without the plain-text port.
@@ -507,21 +507,32 @@ fn upstream_request(
 }
 
 /// The machine's response for the client: hop-by-hop headers out, request
-/// id and `Via` in, body streamed through holding `held`.
+/// id, `Via` and `Server` in (unless the port asks for `pristine`
+/// responses), the port's own response headers applied, body streamed
+/// through holding `held`.
 fn downstream_response(
     response: Response<Incoming>,
     ex: &Exchange,
     held: Held,
     conn: Box<upstream::Conn>,
+    options: Option<&HttpResponseOptions>,
 ) -> Result<Response<ProxyBody>, PathError> {
     let mut response = response.map(|body| ProxyBody::upstream(body, held, conn));
     // The client's connection decides its own version; hyper frames it.
     *response.version_mut() = Version::HTTP_11;
     let headers = response.headers_mut();
     headers::strip_hop_by_hop(headers);
-    headers.insert(FLY_REQUEST_ID, ex.id.clone());
-    headers::append_to_list(headers, VIA, &HeaderValue::from_static("1.1 hangar"))
-        .map_err(|e| PathError::Internal(format!("response via: {e}")))?;
+    if options.and_then(|o| o.pristine) != Some(true) {
+        headers.insert(FLY_REQUEST_ID, ex.id.clone());
+        headers::append_to_list(headers, VIA, &HeaderValue::from_static("1.1 hangar"))
+            .map_err(|e| PathError::Internal(format!("response via: {e}")))?;
+        headers
+            .entry(SERVER)
+            .or_insert(HeaderValue::from_static("hangar"));
+    }
+    if let Some(set) = options.and_then(|o| o.headers.as_ref()) {
+        headers::apply_configured(headers, set);
+    }
     Ok(response)
 }
 
@@ -548,6 +559,7 @@ fn log(edge: &Edge, ex: &Exchange, response: &Response<ProxyBody>, error: Option
         status,
         elapsed,
         error: error.map(PathError::code),
+        from_machine: ex.from_machine,
     });
     let app = ex.app.as_deref().unwrap_or("-");
     let machine = ex.machine.as_deref().unwrap_or("-");
