@@ -405,3 +405,59 @@ async fn force_https_redirects_and_bad_clients_cost_only_their_connection() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn upgrades_become_tunnels_that_hold_a_slot_while_open() {
+    let (_tmp, h) = start().await;
+    create_app(&h, "ws").await;
+    machine(&h, "ws", web(8080, 20, 25)).await;
+
+    let mut tcp = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+    tcp.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: ws.localhost\r\nConnection: keep-alive, Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // The head of the 101, byte by byte so nothing after it is swallowed.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed before the head ended: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("connection: upgrade"), "{head}");
+    assert!(head.contains("fly-request-id:"), "{head}");
+
+    // Bytes go both ways through the tunnel, and it holds its slot.
+    for message in [&b"hello tunnel"[..], &b"second message"[..]] {
+        tcp.write_all(message).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(WAIT, tcp.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, message);
+    }
+    until_metric(&h, r#"fly_app_concurrency{app="ws",region="dev"} 1"#).await;
+    drop(tcp);
+    let deadline = Instant::now() + WAIT;
+    while metrics(&h)
+        .await
+        .contains(r#"fly_app_concurrency{app="ws""#)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the tunnel's slot was not released"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

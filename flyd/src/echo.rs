@@ -5,7 +5,10 @@
 //! It binds `FLY_PRIVATE_IP:PORT` and answers every path with JSON naming the
 //! machine, app and region and echoing the method, path, query and headers.
 //! `?sleep_ms=N` delays the answer; `?bytes=N` answers N bytes instead of
-//! JSON; `/healthz` answers `ok`. SIGINT or SIGTERM ends it gracefully.
+//! JSON; `/healthz` answers `ok`. An HTTP/1.1 upgrade request (WebSocket
+//! or any other protocol) gets `101 Switching Protocols` and then every
+//! byte echoed back, which is enough to test a proxy's tunnel. SIGINT or
+//! SIGTERM ends it gracefully.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -65,7 +68,7 @@ pub async fn run() -> anyhow::Result<()> {
         let id = id.clone();
         let service = hyper::service::service_fn(move |req| answer(id.clone(), req));
         let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
@@ -75,6 +78,25 @@ pub async fn run() -> anyhow::Result<()> {
     eprintln!("echo: shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
     Ok(())
+}
+
+/// Answers an upgrade with 101 and echoes the upgraded connection's bytes.
+fn switch(
+    mut req: Request<Incoming>,
+    protocol: hyper::header::HeaderValue,
+) -> Response<Full<Bytes>> {
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(hyper::header::CONNECTION, "upgrade")
+        .header(hyper::header::UPGRADE, protocol)
+        .body(Full::default())
+        .expect("static response parts are valid")
 }
 
 fn query_param<T: std::str::FromStr>(query: &str, key: &str) -> Option<T> {
@@ -89,6 +111,9 @@ async fn answer(
     id: Arc<Identity>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    if let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() {
+        return Ok(switch(req, protocol));
+    }
     let query = req.uri().query().unwrap_or("").to_string();
     if let Some(ms) = query_param::<u64>(&query, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;

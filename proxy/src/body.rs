@@ -22,8 +22,9 @@ enum Kind {
     /// machine lease and the in-flight gauge) until the body ends or the
     /// client goes away, whichever comes first.
     ///
-    /// `conn` is the connection the body arrives on: polling the body polls
-    /// it too, and it goes back to the pool once the body has ended.
+    /// `conn` is the connection the body arrives on, when this task drives
+    /// it: polling the body polls it too, and it goes back to the pool once
+    /// the body has ended.
     Upstream {
         body: Incoming,
         held: Option<Held>,
@@ -47,12 +48,17 @@ impl ProxyBody {
 
     /// A machine's body, streamed through. `held` is dropped when the body
     /// ends, fails, or is dropped unfinished.
-    pub(crate) fn upstream(body: Incoming, held: Held, conn: Box<Conn>) -> Self {
+    pub(crate) fn upstream(body: Incoming, held: Held, conn: Option<Box<Conn>>) -> Self {
         Self(Kind::Upstream {
             body,
             held: Some(held),
-            conn: Some(conn),
+            conn,
         })
+    }
+
+    /// No body at all (a `101`, for one).
+    pub fn empty() -> Self {
+        Self(Kind::Local(None))
     }
 }
 

@@ -44,6 +44,48 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// An HTTP/1.1 upgrade the client asked for (`Connection: upgrade` and
+/// `Upgrade: websocket`, say): the protocol, and the client's side of the
+/// connection once hyper hands it over.
+pub(crate) struct Upgrade {
+    pub protocol: HeaderValue,
+    pub client: hyper::upgrade::OnUpgrade,
+}
+
+impl Upgrade {
+    /// Takes the upgrade out of an HTTP/1.1 request that asks for one.
+    /// (h2 has no `Upgrade`; its extended CONNECT is not proxied yet.)
+    pub(crate) fn take<B>(req: &mut http::Request<B>) -> Option<Self> {
+        if req.version() != http::Version::HTTP_11 {
+            return None;
+        }
+        let asked = req
+            .headers()
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        let protocol = req.headers().get(UPGRADE)?.clone();
+        asked.then(|| Self {
+            protocol,
+            client: hyper::upgrade::on(req),
+        })
+    }
+
+    /// Puts the upgrade back on the request to the machine, whose
+    /// hop-by-hop headers are gone by now.
+    pub(crate) fn ask(&self, headers: &mut HeaderMap) {
+        Self::answer(headers, self.protocol.clone());
+    }
+
+    /// `Connection: upgrade` and `Upgrade: <protocol>`.
+    pub(crate) fn answer(headers: &mut HeaderMap, protocol: HeaderValue) {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, protocol);
+    }
+}
+
 /// Joins split `cookie` headers into one: h2 clients may send one header
 /// per cookie, but an HTTP/1.1 server expects a single line
 /// (RFC 9113 section 8.2.3).

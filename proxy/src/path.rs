@@ -165,14 +165,16 @@ async fn connection(
     let served = match listener {
         Listener::Http => {
             let io = TokioIo::new(tcp);
-            watcher.watch(server.serve_connection(io, service)).await
+            watcher
+                .watch(server.serve_connection_with_upgrades(io, service))
+                .await
         }
         Listener::Https => {
             let Some(tls) = tls(&edge, tcp, peer).await else {
                 return;
             };
             watcher
-                .watch(server.serve_connection(TokioIo::new(tls), service))
+                .watch(server.serve_connection_with_upgrades(TokioIo::new(tls), service))
                 .await
         }
     };
@@ -258,7 +260,12 @@ async fn route(
     let host = host(&edge.fib, &req)?;
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.to_string());
+    let mut req = req;
+    let mut upgrade = headers::Upgrade::take(&mut req);
     let mut req = upstream_request(req, ex, &edge.region, host)?;
+    if let Some(upgrade) = &upgrade {
+        upgrade.ask(req.headers_mut());
+    }
     // A machine that refused the connection never saw the request: it goes
     // to another one, a bounded number of times.
     let mut refused: Vec<CompactString> = Vec::new();
@@ -273,13 +280,18 @@ async fn route(
         if let Some(redirect) = force_https(&target, ex.conn.listener, &req) {
             return Ok(redirect);
         }
-        match send(edge, ex, &target, req).await {
-            Ok((response, conn)) => {
+        match send(edge, ex, &target, req, upgrade.is_some()).await {
+            Ok((mut response, conn)) => {
                 let held = Held {
                     _lease: lease,
                     _in_flight: ex.in_flight.take(),
                 };
                 ex.from_machine = true;
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(upgrade) = upgrade.take()
+                {
+                    return Ok(tunnel(upgrade, &mut response, held, ex));
+                }
                 let options = target
                     .port(ex.conn.listener)
                     .and_then(|p| p.http_options.as_ref()?.response.as_ref());
@@ -386,20 +398,30 @@ enum Failure {
 }
 
 /// Sends the request to the target and waits for the response head, for at
-/// most the response timeout.
+/// most the response timeout. An upgrade request goes on a connection of
+/// its own, handed over to the tunnel if the machine switches protocols.
 async fn send(
     edge: &Edge,
     ex: &Exchange,
     target: &Target,
     req: Request<UpBody>,
-) -> Result<(Response<Incoming>, Box<upstream::Conn>), Failure> {
+    upgrade: bool,
+) -> Result<(Response<Incoming>, Option<Box<upstream::Conn>>), Failure> {
     let m = target.machine();
     let machine = upstream::Machine {
         addr: SocketAddr::new(m.private_ip, target.internal_port()),
         app: target.app().name.clone(),
         id: m.id.clone(),
     };
-    let sent = edge.upstreams.send(ex.conn.worker, &machine, req);
+    let sent = async {
+        if upgrade {
+            let response = edge.upstreams.send_upgrade(ex.conn.worker, &machine, req);
+            response.await.map(|r| (r, None))
+        } else {
+            let exchange = edge.upstreams.send(ex.conn.worker, &machine, req).await;
+            exchange.map(|(r, conn)| (r, Some(conn)))
+        }
+    };
     match tokio::time::timeout(edge.response_timeout, sent).await {
         Ok(Ok(exchange)) => Ok(exchange),
         Ok(Err(SendError::Connect { cause, request })) => Err(Failure::Refused(
@@ -514,7 +536,7 @@ fn downstream_response(
     response: Response<Incoming>,
     ex: &Exchange,
     held: Held,
-    conn: Box<upstream::Conn>,
+    conn: Option<Box<upstream::Conn>>,
     options: Option<&HttpResponseOptions>,
 ) -> Result<Response<ProxyBody>, PathError> {
     let mut response = response.map(|body| ProxyBody::upstream(body, held, conn));
@@ -534,6 +556,47 @@ fn downstream_response(
         headers::apply_configured(headers, set);
     }
     Ok(response)
+}
+
+/// The machine switched protocols: the client gets the `101`, and a task
+/// joins the two upgraded connections, holding the request's lease (a
+/// tunnel counts against the machine's limits while it is open).
+fn tunnel(
+    upgrade: headers::Upgrade,
+    response: &mut Response<Incoming>,
+    held: Held,
+    ex: &Exchange,
+) -> Response<ProxyBody> {
+    let machine_side = hyper::upgrade::on(&mut *response);
+    let id = ex.id.clone();
+    let protocol = upgrade.protocol.clone();
+    tokio::spawn(async move {
+        let _held = held;
+        match tokio::join!(upgrade.client, machine_side) {
+            (Ok(client), Ok(machine)) => {
+                let (mut client, mut machine) = (TokioIo::new(client), TokioIo::new(machine));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut machine).await {
+                    tracing::debug!(request_id = ?id, error = %e, "tunnel ended with an error");
+                }
+            }
+            (client, machine) => tracing::debug!(
+                request_id = ?id,
+                client = ?client.err(),
+                machine = ?machine.err(),
+                "upgrade failed"
+            ),
+        }
+    });
+    let mut switched = Response::new(ProxyBody::empty());
+    *switched.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = switched.headers_mut();
+    for (name, value) in response.headers() {
+        headers.append(name, value.clone());
+    }
+    headers::strip_hop_by_hop(headers);
+    headers::Upgrade::answer(headers, protocol);
+    headers.insert(FLY_REQUEST_ID, ex.id.clone());
+    switched
 }
 
 fn upstream_error(machine: &upstream::Machine, connect: bool, cause: String) -> PathError {

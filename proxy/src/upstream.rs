@@ -168,6 +168,37 @@ impl Upstreams {
         }
     }
 
+    /// Sends an upgrade request on a new connection of its own. Its driver
+    /// runs in a task of its own, so that after a `101` it can hand the
+    /// connection over (`hyper::upgrade::on` the response); it is never
+    /// pooled.
+    pub(crate) async fn send_upgrade(
+        &self,
+        worker: usize,
+        machine: &Machine,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let pool = self.pool(worker, machine);
+        let conn = match self.connect(&pool).await {
+            Ok(conn) => conn,
+            Err(cause) => {
+                return Err(SendError::Connect {
+                    cause,
+                    request: Box::new(req),
+                });
+            }
+        };
+        self.counters.new.inc();
+        let Conn {
+            mut sender, driver, ..
+        } = *conn;
+        tokio::spawn(driver.with_upgrades());
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Exchange(error_chain(&e)))
+    }
+
     fn pool(&self, worker: usize, machine: &Machine) -> Arc<Pool> {
         let pools = &self.pools[worker % self.pools.len()];
         if let Some(pool) = pools.get(&machine.addr) {
