@@ -102,7 +102,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(fib.clone()).with_rib(rib.clone()));
     let proxy = Proxy::bind(cfg.proxy.clone(), fib.clone(), &data_dir, &metrics, secrets).await?;
     let (http_addr, https_addr) = (proxy.http_addr(), proxy.https_addr());
-    let proxy_server = tokio::spawn(proxy.serve(stopping(stop_rx.clone()), DRAIN));
+    let proxy_drain = cfg.proxy.drain();
+    let proxy_server = tokio::spawn(proxy.serve(stopping(stop_rx.clone()), proxy_drain));
     let metrics_listener = bind(cfg.metrics.listen, "metrics").await?;
     let metrics_addr = metrics_listener.local_addr()?;
     let metrics_server = tokio::spawn(hangar_proxy::serve_metrics(
@@ -136,8 +137,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!("shutting down: draining requests, then stopping machines");
     let _ = stop_tx.send(true);
-    for (name, task) in [("proxy", proxy_server), ("metrics", metrics_server)] {
-        if tokio::time::timeout(DRAIN + Duration::from_secs(1), task)
+    for (name, task, drain) in [
+        ("proxy", proxy_server, proxy_drain),
+        ("metrics", metrics_server, DRAIN),
+    ] {
+        if tokio::time::timeout(drain + Duration::from_secs(1), task)
             .await
             .is_err()
         {

@@ -461,3 +461,38 @@ async fn upgrades_become_tunnels_that_hold_a_slot_while_open() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_the_listeners_and_finishes_requests_in_flight() {
+    let (_tmp, mut h) = start().await;
+    create_app(&h, "calm").await;
+    machine(&h, "calm", web(8080, 20, 25)).await;
+    let url = format!("http://{}/?sleep_ms=800", h.addrs.http);
+    let in_flight = tokio::spawn(async move {
+        let resp = reqwest::Client::new()
+            .get(url)
+            .header("host", "calm.localhost")
+            .timeout(WAIT)
+            .send()
+            .await
+            .expect("the request in flight is answered");
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    });
+    until_metric(&h, r#"fly_app_concurrency{app="calm",region="dev"} 1"#).await;
+
+    let pid = nix::unistd::Pid::from_raw(h.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    // New connections are refused once the listener is closed...
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(h.addrs.http).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...while the request in flight finishes normally.
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let status = tokio::task::spawn_blocking(move || h.wait_exit())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

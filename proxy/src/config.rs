@@ -48,6 +48,9 @@ pub struct ProxyConfig {
     pub header_timeout_ms: u64,
     /// Largest request head accepted (431 beyond); at least 8192.
     pub max_header_bytes: usize,
+    /// On shutdown (SIGTERM), how long requests in flight may take to
+    /// finish after the listeners close; the rest are cut.
+    pub drain_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -67,6 +70,7 @@ impl Default for ProxyConfig {
             queue_timeout_ms: 5_000,
             header_timeout_ms: 10_000,
             max_header_bytes: 32 * 1024,
+            drain_ms: 5_000,
         }
     }
 }
@@ -101,6 +105,7 @@ impl ProxyConfig {
             ("response_timeout_ms", self.response_timeout_ms),
             ("queue_timeout_ms", self.queue_timeout_ms),
             ("header_timeout_ms", self.header_timeout_ms),
+            ("drain_ms", self.drain_ms),
         ] {
             if ms == 0 {
                 problems.push(format!("proxy.{field}: must be greater than 0"));
@@ -150,6 +155,11 @@ impl ProxyConfig {
     /// [`Self::header_timeout_ms`] as a duration.
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms)
+    }
+
+    /// [`Self::drain_ms`] as a duration.
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.drain_ms)
     }
 
     /// [`Self::handshake_timeout_ms`] as a duration.
