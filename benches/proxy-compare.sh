@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
 # Hangar's proxy against nginx and HAProxy, in front of the same machine.
 #
-#   benches/proxy-compare.sh [--rounds N] [--secs S] [--conns C] [--json]
+#   benches/proxy-compare.sh [--rounds N] [--secs S] [--conns C] [--rate R]
+#                            [--idle N] [--json]
 #
 # Starts `hangar dev` (port 0, temp dir) with one hangar/echo machine, then
-# nginx and HAProxy from Debian (installed when missing) proxying to that
-# machine with keep-alive upstream connections, 2 workers/threads each like
-# Hangar's 2-core runtime, and X-Forwarded-For added by all three. wrk
-# measures HTTP/1.1 keep-alive at saturation through each path and directly
-# to the machine, in interleaved rounds (every path once per round, so drift
-# on this shared machine hits them all); the table shows each path's median
-# over the rounds and its ratios to direct, nginx and HAProxy.
+# nginx and HAProxy from Debian (installed when missing, with wrk and
+# openssl) proxying to that machine: keep-alive upstream connections, 2
+# workers/threads each like Hangar's 2 workers, X-Forwarded-For added by
+# all three, and TLS with the same kind of key (ECDSA P-256: Hangar's dev
+# certificate, a fresh openssl one for the others). Measured in interleaved
+# rounds (every path once per round, so drift on this shared machine hits
+# them all):
 #
-# Not measured yet (the proxy issue asks for them): a fixed request rate,
-# HTTPS keep-alive, new TLS handshakes per second, memory per idle
-# connection.
+#   - HTTP/1.1 keep-alive req/s and p50/p99 at saturation (wrk, C
+#     connections), also directly to the machine;
+#   - p50/p99 at a fixed rate of R req/s (`hangar bench load`, open loop);
+#   - HTTPS keep-alive req/s (wrk over TLS);
+#   - new TLS handshakes per second (wrk with `Connection: close`);
+#
+# and once: memory per idle keep-alive connection, plain and TLS (N
+# connections, each after one request: growth of the proxy's resident
+# memory divided by N; benches/idle_conns.py). The table shows each
+# figure's median and its ratios to direct, nginx and HAProxy; --json adds
+# one JSON object on the last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-rounds=3 secs=5 conns=32 json=false
+rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
     --secs) secs=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --idle) idle=$2; shift 2 ;;
     --json) json=true; shift ;;
-    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--json]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json]" >&2; exit 2 ;;
   esac
 done
 
@@ -33,6 +44,7 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -52,21 +64,28 @@ trap cleanup EXIT
 "$bin" dev --data-dir "$tmp/data" --flaps-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
   --https-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --flyd-addr 127.0.0.1:0 \
   >"$tmp/hangar.out" 2>"$tmp/hangar.err" &
-pids+=($!)
+pids+=($!); hangar_pid=$!
 for _ in $(seq 1 600); do [ -f "$tmp/data/addrs.json" ] && break; sleep 0.05; done
 [ -f "$tmp/data/addrs.json" ] || { cat "$tmp/hangar.err"; exit 1; }
 
 addr() { python3 -c "import json; print(json.load(open('$tmp/data/addrs.json'))['$1'])"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-flaps=$(addr flaps); hangar=$(addr http)
+flaps=$(addr flaps); hangar=$(addr http); hangar_tls=$(addr https)
 auth="Authorization: Bearer $(cat "$tmp/data/token")"
 curl -sf -H "$auth" -X POST "http://$flaps/v1/apps" -d '{"app_name":"bench"}' >/dev/null
 ip=$(curl -sf -H "$auth" -X POST "http://$flaps/v1/apps/bench/machines" \
-  -d '{"config":{"image":"hangar/echo","services":[{"internal_port":8080,"ports":[{"port":80,"handlers":["http"]}]}]}}' \
+  -d '{"config":{"image":"hangar/echo","services":[{"internal_port":8080,
+        "concurrency":{"type":"requests","soft_limit":10000,"hard_limit":10000},
+        "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}' \
   | python3 -c "import json,sys; print(json.load(sys.stdin)['private_ip'])")
 upstream="$ip:8080"
 
-nginx_port=$(free_port)
+# One ECDSA P-256 certificate for nginx and HAProxy (Hangar has its own).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj /CN=bench.localhost -keyout "$tmp/key.pem" -out "$tmp/cert.pem" 2>/dev/null
+cat "$tmp/cert.pem" "$tmp/key.pem" >"$tmp/haproxy.pem"
+
+nginx_port=$(free_port); nginx_tls=$(free_port)
 mkdir -p "$tmp/nginx"
 cat >"$tmp/nginx/nginx.conf" <<EOF
 worker_processes 2;
@@ -84,6 +103,10 @@ http {
   upstream machine { server $upstream; keepalive 128; }
   server {
     listen 127.0.0.1:$nginx_port;
+    listen 127.0.0.1:$nginx_tls ssl;
+    ssl_certificate $tmp/cert.pem;
+    ssl_certificate_key $tmp/key.pem;
+    keepalive_requests 1000000;
     location / {
       proxy_pass http://machine;
       proxy_http_version 1.1;
@@ -97,7 +120,7 @@ EOF
 nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" &
 pids+=($!)
 
-haproxy_port=$(free_port)
+haproxy_port=$(free_port); haproxy_tls=$(free_port)
 cat >"$tmp/haproxy.cfg" <<EOF
 global
   nbthread 2
@@ -111,26 +134,18 @@ defaults
   http-reuse always
 frontend edge
   bind 127.0.0.1:$haproxy_port
+  bind 127.0.0.1:$haproxy_tls ssl crt $tmp/haproxy.pem alpn http/1.1
   default_backend machine
 backend machine
   server m1 $upstream
 EOF
 haproxy -f "$tmp/haproxy.cfg" -db >"$tmp/haproxy.log" 2>&1 &
-pids+=($!)
+pids+=($!); haproxy_pid=$!
 
-# Every path answers before measuring.
-for target in "$upstream" "$hangar" "127.0.0.1:$nginx_port" "127.0.0.1:$haproxy_port"; do
-  for _ in $(seq 1 200); do
-    curl -sf -o /dev/null -H "Host: bench.localhost" "http://$target/" && break
-    sleep 0.05
-  done
-  curl -sf -o /dev/null -H "Host: bench.localhost" "http://$target/" \
-    || { echo "no answer from $target" >&2; cat "$tmp"/nginx/error.log "$tmp"/haproxy.log >&2; exit 1; }
-done
-
-# One wrk run: "req/s p50_ms p99_ms".
-run() {
-  wrk -t2 -c"$conns" -d"${secs}s" --latency -H "Host: bench.localhost" "http://$1/?bytes=128" | python3 -c '
+# One wrk run: "req/s p50_ms p99_ms". Extra arguments go to wrk.
+wrk_run() {
+  local url=$1; shift
+  wrk -t2 -c"$conns" -d"${secs}s" --latency -H "Host: bench.localhost" "$@" "$url" | python3 -c '
 import re, sys
 text = sys.stdin.read()
 def ms(v):
@@ -145,40 +160,98 @@ p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
 print(f"{rps:.0f} {p50:.3f} {p99:.3f}")'
 }
 
+# One fixed-rate run: "p50_ms p99_ms achieved_rps".
+fixed_run() {
+  "$bin" bench load --addr "$1" --host bench.localhost --path '/?bytes=128' \
+    --rate "$rate" --secs "$secs" --conns "$conns" --json | tail -1 | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+if r["errors"]:
+    sys.exit("%d failed requests" % r["errors"])
+print("%.3f %.3f %.0f" % (r["p50_ms"], r["p99_ms"], r["achieved_rps"]))'
+}
+
+plain() { case $1 in direct) echo "$upstream" ;; hangar) echo "$hangar" ;;
+  nginx) echo "127.0.0.1:$nginx_port" ;; haproxy) echo "127.0.0.1:$haproxy_port" ;; esac; }
+tls() { case $1 in hangar) echo "$hangar_tls" ;; nginx) echo "127.0.0.1:$nginx_tls" ;;
+  haproxy) echo "127.0.0.1:$haproxy_tls" ;; esac; }
+
+# Every path answers before measuring.
+for path in direct hangar nginx haproxy; do
+  for _ in $(seq 1 200); do
+    curl -sf -o /dev/null -H "Host: bench.localhost" "http://$(plain $path)/" && break
+    sleep 0.05
+  done
+  curl -sf -o /dev/null -H "Host: bench.localhost" "http://$(plain $path)/" \
+    || { echo "no answer from $path" >&2; cat "$tmp"/nginx/error.log "$tmp"/haproxy.log >&2; exit 1; }
+  [ $path = direct ] || curl -sfk -o /dev/null -H "Host: bench.localhost" "https://$(tls $path)/" \
+    || { echo "no TLS answer from $path" >&2; exit 1; }
+done
+
 results="$tmp/results"
 : >"$results"
 for round in $(seq 1 "$rounds"); do
   for path in direct hangar nginx haproxy; do
-    case $path in
-      direct) target=$upstream ;;
-      hangar) target=$hangar ;;
-      nginx) target="127.0.0.1:$nginx_port" ;;
-      haproxy) target="127.0.0.1:$haproxy_port" ;;
-    esac
-    echo "$path $(run "$target")" >>"$results"
-    echo "round $round: $(tail -1 "$results")" >&2
+    echo "keepalive $path $(wrk_run "http://$(plain $path)/?bytes=128")" >>"$results"
+    echo "fixed $path $(fixed_run "$(plain $path)")" >>"$results"
+    if [ $path != direct ]; then
+      echo "https $path $(wrk_run "https://$(tls $path)/?bytes=128")" >>"$results"
+      echo "handshakes $path $(wrk_run "https://$(tls $path)/?bytes=128" -H "Connection: close")" >>"$results"
+    fi
+    echo "round $round: $path done" >&2
   done
 done
 
-python3 - "$results" "$rounds" "$secs" "$conns" "$json" <<'EOF'
+# Memory per idle connection: the proxy processes only (nginx's workers,
+# HAProxy's one process, Hangar's whole process).
+pids_of() { case $1 in hangar) echo "$hangar_pid" ;;
+  nginx) pgrep -f "nginx: worker process" | tr '\n' ' ' ;;
+  haproxy) echo "$haproxy_pid" ;; esac; }
+for path in hangar nginx haproxy; do
+  # shellcheck disable=SC2046
+  echo "idle_plain $path $(python3 benches/idle_conns.py "$(plain $path)" "$idle" plain $(pids_of $path))" >>"$results"
+  # shellcheck disable=SC2046
+  echo "idle_tls $path $(python3 benches/idle_conns.py "$(tls $path)" "$idle" tls $(pids_of $path))" >>"$results"
+done
+
+python3 - "$results" "$rounds" "$secs" "$conns" "$rate" "$idle" "$json" <<'PYEOF'
 import json, statistics, sys
-path, rounds, secs, conns, as_json = sys.argv[1:]
+path, rounds, secs, conns, rate, idle, as_json = sys.argv[1:]
 runs = {}
 for line in open(path):
-    name, rps, p50, p99 = line.split()
-    runs.setdefault(name, []).append((float(rps), float(p50), float(p99)))
-med = {n: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for n, rs in runs.items()}
-print(f"HTTP/1.1 keep-alive, {conns} connections, {secs}s x {rounds} interleaved rounds (medians)")
-print(f"{'path':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'rps/direct':>11} {'rps/nginx':>10} {'rps/haproxy':>12} {'p99/nginx':>10}")
-for n in ["direct", "hangar", "nginx", "haproxy"]:
-    rps, p50, p99 = med[n]
-    print(f"{n:<10} {rps:>9.0f} {p50:>8.3f} {p99:>8.3f} {rps/med['direct'][0]:>11.2f} "
-          f"{rps/med['nginx'][0]:>10.2f} {rps/med['haproxy'][0]:>12.2f} {p99/med['nginx'][2]:>10.2f}")
+    kind, name, *values = line.split()
+    runs.setdefault(kind, {}).setdefault(name, []).append([float(v) for v in values])
+def med(kind, name, i):
+    rs = runs.get(kind, {}).get(name)
+    return statistics.median(r[i] for r in rs) if rs else None
+# (label, kind, column)
+rows = [
+    ("keep-alive req/s", "keepalive", 0),
+    ("keep-alive p50 ms", "keepalive", 1),
+    ("keep-alive p99 ms", "keepalive", 2),
+    (f"fixed {rate}/s p50 ms", "fixed", 0),
+    (f"fixed {rate}/s p99 ms", "fixed", 1),
+    ("https keep-alive req/s", "https", 0),
+    ("https p99 ms", "https", 2),
+    ("new TLS handshakes/s", "handshakes", 0),
+    ("idle conn bytes, plain", "idle_plain", 0),
+    ("idle conn bytes, TLS", "idle_tls", 0),
+]
+names = ["direct", "hangar", "nginx", "haproxy"]
+fmt = lambda v: "-" if v is None else (f"{v:.0f}" if v >= 100 else f"{v:.3f}")
+ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}"
+print(f"{rounds} interleaved rounds of {secs}s, {conns} connections (medians); idle memory over {idle} connections")
+print(f"{'measure':<24}" + "".join(f"{n:>10}" for n in names) + f"{'h/direct':>10}{'h/nginx':>10}{'h/haproxy':>10}")
+table = {}
+for label, kind, i in rows:
+    vals = {n: med(kind, n, i) for n in names}
+    table[label] = vals
+    h = vals["hangar"]
+    print(f"{label:<24}" + "".join(f"{fmt(vals[n]):>10}" for n in names)
+          + f"{ratio(h, vals['direct']):>10}{ratio(h, vals['nginx']):>10}{ratio(h, vals['haproxy']):>10}")
 if as_json == "true":
     print(json.dumps({
-        "bench": "proxy-compare", "conns": int(conns), "secs": float(secs), "rounds": int(rounds),
-        "medians": {n: {"rps": v[0], "p50_ms": v[1], "p99_ms": v[2]} for n, v in med.items()},
-        "hangar_vs": {n: med["hangar"][0] / med[n][0] for n in ["direct", "nginx", "haproxy"]},
-        "runs": runs,
+        "bench": "proxy-compare", "rounds": int(rounds), "secs": float(secs), "conns": int(conns),
+        "rate": int(rate), "idle": int(idle), "medians": table, "runs": runs,
     }))
-EOF
+PYEOF

@@ -99,6 +99,8 @@ enum BenchPart {
     Lifecycle(bench::LifecycleArgs),
     /// The catalog at scale: FIB load, memory, lookups, propagation.
     Catalog(bench::CatalogArgs),
+    /// HTTP requests at a fixed rate: latency percentiles at that load.
+    Load(bench::LoadArgs),
 }
 
 /// Flags of `hangar dev`; each overrides the config file.
@@ -168,6 +170,9 @@ fn main() -> anyhow::Result<()> {
         Command::Machines { conn, cmd } => exit_with(cli::machines(conn, cmd)),
         Command::Status { conn } => exit_with(cli::status(conn)),
         Command::Bench(BenchPart::Catalog(args)) => bench::catalog(args),
+        Command::Bench(BenchPart::Load(args)) => {
+            tokio::runtime::Runtime::new()?.block_on(bench::load(args))
+        }
         Command::Bench(BenchPart::Lifecycle(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::lifecycle(args))
         }

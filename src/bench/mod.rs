@@ -5,12 +5,16 @@
 //! - `catalog`: the catalog at scale: RIB build, FIB load time and memory,
 //!   lookup latency and throughput (idle and under writes), and commit →
 //!   visible propagation.
+//! - `load`: HTTP requests at a fixed rate and their latency percentiles
+//!   (what `benches/proxy-compare.sh` measures every proxy with).
 
 mod catalog;
 mod lifecycle;
+mod load;
 
 pub use catalog::{CatalogArgs, catalog};
 pub use lifecycle::{LifecycleArgs, lifecycle};
+pub use load::{LoadArgs, load};
 
 /// The `q` quantile (0..=1) of sorted samples (nearest rank); 0 when empty.
 fn percentile(sorted: &[f64], q: f64) -> f64 {
