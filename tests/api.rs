@@ -488,6 +488,14 @@ async fn flycast_addresses_are_assigned_listed_and_released() {
     assert_eq!(status, 200, "{ip}");
     let addr: std::net::Ipv4Addr = ip["ip"].as_str().unwrap().parse().unwrap();
     assert_eq!(addr.octets()[..2], [127, 20]);
+    let (status, dedicated) = h
+        .post("/v1/apps/flyc/ip_assignments", r#"{"type":"v4"}"#)
+        .await;
+    assert_eq!(status, 200, "{dedicated}");
+    let dedicated: std::net::Ipv4Addr = dedicated["ip"].as_str().unwrap().parse().unwrap();
+    assert_eq!(dedicated.octets()[..2], [127, 30]);
+    let path = format!("/v1/apps/flyc/ip_assignments/{dedicated}");
+    assert_eq!(h.delete(&path).await.0, 204);
     let (status, body) = h
         .post("/v1/apps/flyc/ip_assignments", r#"{"type":"shared_v4"}"#)
         .await;

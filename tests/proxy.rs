@@ -496,3 +496,113 @@ async fn sigterm_closes_the_listeners_and_finishes_requests_in_flight() {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// One HTTP/1.1 request written by hand on `tcp`; the response's status
+/// line and JSON body.
+async fn raw_get<S>(mut tcp: S) -> (String, Value)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tcp.write_all(b"GET /raw HTTP/1.1\r\nHost: anything\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut response))
+        .await
+        .expect("answered in time")
+        .unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole response");
+    let status = head.lines().next().unwrap().to_string();
+    (status, serde_json::from_str(body).expect("echo's JSON"))
+}
+
+#[tokio::test]
+async fn an_app_address_serves_each_port_with_its_handlers() {
+    let (_tmp, h) = start().await;
+    create_app(&h, "db").await;
+    let (status, ip) = h
+        .post("/v1/apps/db/ip_assignments", r#"{"type":"v4"}"#)
+        .await;
+    assert_eq!(status, 200, "{ip}");
+    let ip: std::net::IpAddr = ip["ip"].as_str().unwrap().parse().unwrap();
+    let id = machine(
+        &h,
+        "db",
+        serde_json::json!({"services": [{"protocol": "tcp", "internal_port": 8080, "ports": [
+            {"port": 7000},
+            {"port": 7001, "handlers": ["proxy_proto"]},
+            {"port": 7002, "handlers": ["proxy_proto"], "proxy_proto_options": {"version": "v2"}},
+            {"port": 7003, "handlers": ["tls"]},
+            {"port": 7080, "handlers": ["http"]}
+        ]}]}),
+    )
+    .await;
+    let at = |port| std::net::SocketAddr::new(ip, port);
+    // The listeners follow the catalog within moments.
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(at(7080)).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no listener on {}:\n{}",
+            at(7080),
+            h.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // No handler: the bytes reach the machine as they are.
+    let (status, body) = raw_get(tokio::net::TcpStream::connect(at(7000)).await.unwrap()).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body["machine_id"], id.as_str());
+    assert!(
+        body["headers"].get("fly-request-id").is_none(),
+        "not proxied as HTTP"
+    );
+    assert!(body["proxy_protocol_source"].is_null());
+
+    // proxy_proto, v1 and v2: the machine learns who the client is.
+    for port in [7001, 7002] {
+        let tcp = tokio::net::TcpStream::connect(at(port)).await.unwrap();
+        let me = tcp.local_addr().unwrap().to_string();
+        let (status, body) = raw_get(tcp).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{port}: {status}");
+        assert_eq!(body["proxy_protocol_source"], me.as_str(), "{port}");
+    }
+
+    // tls: the proxy terminates TLS, the machine gets plain bytes.
+    let tls_client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let resp = tls_client
+        .get(format!("https://{}/", at(7003)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("fly-request-id").is_none());
+
+    // http: the app's HTTP path, whatever the Host says.
+    let resp = h
+        .http
+        .get(format!("http://{}/", at(7080)))
+        .header("host", "not-an-app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("fly-request-id"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["machine_id"], id.as_str());
+
+    // Released, the address stops being listened on.
+    let (status, _) = h.delete(&format!("/v1/apps/db/ip_assignments/{ip}")).await;
+    assert_eq!(status, 204);
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(at(7000)).await.is_ok() {
+        assert!(Instant::now() < deadline, "still listening after release");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

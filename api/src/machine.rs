@@ -282,6 +282,19 @@ pub struct MachinePort {
     pub force_https: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_options: Option<HttpOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_proto_options: Option<ProxyProtoOptions>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `fly.ProxyProtoOptions`: which PROXY protocol header the `proxy_proto`
+/// handler sends the machine.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ProxyProtoOptions {
+    /// `v1` (text, the default) or `v2` (binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

@@ -19,6 +19,8 @@ pub struct FlapsConfig {
     pub host_timeout_ms: u64,
     /// Loopback block flycast addresses come from, as CIDR.
     pub flycast_range: String,
+    /// Loopback block dedicated public addresses (type `v4`) come from.
+    pub public_range: String,
     /// Per token and action; Fly's published limits by default.
     pub rate_limits: crate::limits::RateLimitConfig,
 }
@@ -32,6 +34,7 @@ impl Default for FlapsConfig {
             max_body_bytes: 1 << 20,
             host_timeout_ms: 60_000,
             flycast_range: "127.20.0.0/16".into(),
+            public_range: "127.30.0.0/16".into(),
             rate_limits: Default::default(),
         }
     }

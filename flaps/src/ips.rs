@@ -1,9 +1,16 @@
-//! `/v1/apps/{app}/ip_assignments`: an app's flycast (private) addresses.
+//! `/v1/apps/{app}/ip_assignments`: an app's own addresses.
 //!
-//! Hangar assigns the `private_v6` (flycast) type only. Its flycast
-//! addresses come from a loopback IPv4 block (`flycast_range`, default
-//! `127.20.0.0/16`), so a proxy can listen on them on any host without IPv6
-//! setup. The proxy's flycast listeners follow these rows.
+//! Two types, each from a loopback IPv4 block so a proxy can listen on them
+//! on any host without IPv6 or routing setup:
+//!
+//! - `private_v6` (flycast): from `flycast_range` (default `127.20.0.0/16`);
+//! - `v4` (a dedicated public address, what Fly gives apps with non-HTTP
+//!   services): from `public_range` (default `127.30.0.0/16`).
+//!
+//! The proxy listens on every assigned address, on each service port of the
+//! app's machines, with that port's handlers. `shared_v4` is not assigned:
+//! the proxy's own HTTP/HTTPS listeners already serve every app by Host and
+//! SNI.
 
 use crate::Flaps;
 use crate::apps::owned_app;
@@ -29,12 +36,12 @@ pub(crate) fn routes() -> Router<Arc<Flaps>> {
         .route("/v1/apps/{app}/ip_assignments/{ip}", delete(release))
 }
 
-/// The block flycast addresses come from, as (first, last) usable address.
+/// An address block as (first, last) usable address.
 fn range(cidr: &str) -> Result<(u32, u32), ApiError> {
     let bad = || {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("flaps.flycast_range {cidr:?} is invalid"),
+            format!("flaps address block {cidr:?} is invalid"),
         )
     };
     let (ip, prefix) = cidr.split_once('/').ok_or_else(bad)?;
@@ -80,21 +87,26 @@ async fn assign(
 ) -> Result<Json<Value>, ApiError> {
     let owner = owned_app(&flaps, &caller, &app)?;
     let req: AssignRequest = json_body(body)?;
-    match req.kind.as_deref() {
-        Some("private_v6") => {}
+    let (kind, block) = match req.kind.as_deref() {
+        Some("private_v6") => ("private_v6", &flaps.cfg.flycast_range),
+        Some("v4") => ("v4", &flaps.cfg.public_range),
         Some(other) => {
             return Err(ApiError::bad_request(format!(
-                "type: {other:?} is not available in Hangar; only \"private_v6\" (flycast) addresses are"
+                "type: {other:?} is not available in Hangar; \"private_v6\" (flycast) and \"v4\" (dedicated) are"
             )));
         }
-        None => return Err(ApiError::bad_request("type: required (\"private_v6\")")),
-    }
-    let (first, last) = range(&flaps.cfg.flycast_range)?;
+        None => {
+            return Err(ApiError::bad_request(
+                "type: required (\"private_v6\" or \"v4\")",
+            ));
+        }
+    };
+    let (first, last) = range(block)?;
     let used: HashSet<String> = flaps.rib.ips(None)?.into_iter().map(|r| r.ip).collect();
     let mut row = IpRow {
         ip: String::new(),
         app: app.clone(),
-        kind: "private_v6".into(),
+        kind: kind.into(),
         network: req.network.unwrap_or_else(|| owner.network.clone()),
         region: req.region.unwrap_or_default(),
         service_name: req.service_name.unwrap_or_default(),
@@ -116,7 +128,7 @@ async fn assign(
     }
     Err(ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        format!("no free flycast address in {}", flaps.cfg.flycast_range),
+        format!("no free {kind} address in {block}"),
     ))
 }
 

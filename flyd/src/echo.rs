@@ -7,8 +7,10 @@
 //! `?sleep_ms=N` delays the answer; `?bytes=N` answers N bytes instead of
 //! JSON; `/healthz` answers `ok`. An HTTP/1.1 upgrade request (WebSocket
 //! or any other protocol) gets `101 Switching Protocols` and then every
-//! byte echoed back, which is enough to test a proxy's tunnel. SIGINT or
-//! SIGTERM ends it gracefully.
+//! byte echoed back, which is enough to test a proxy's tunnel. A connection
+//! that starts with a PROXY protocol header (v1 or v2) has the client
+//! address it names reported as `proxy_protocol_source`. SIGINT or SIGTERM
+//! ends it gracefully.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -66,13 +68,16 @@ pub async fn run() -> anyhow::Result<()> {
         };
         let _ = stream.set_nodelay(true);
         let id = id.clone();
-        let service = hyper::service::service_fn(move |req| answer(id.clone(), req));
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _ = conn.await;
+            let mut stream = stream;
+            let source: Option<Arc<str>> = proxy_header(&mut stream).await.ok().flatten();
+            let service =
+                hyper::service::service_fn(move |req| answer(id.clone(), source.clone(), req));
+            let conn = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     eprintln!("echo: shutting down");
@@ -107,8 +112,45 @@ fn query_param<T: std::str::FromStr>(query: &str, key: &str) -> Option<T> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
+/// Reads the PROXY protocol header (v1 text or v2 binary) a connection may
+/// start with, and returns the client address it names.
+async fn proxy_header(stream: &mut tokio::net::TcpStream) -> std::io::Result<Option<Arc<str>>> {
+    use tokio::io::AsyncReadExt;
+    const V2: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut peeked = [0u8; 16];
+    let n = stream.peek(&mut peeked).await?;
+    if peeked[..n].starts_with(b"PROXY ") {
+        // One line of at most 107 bytes, ending in CRLF.
+        let mut line = Vec::new();
+        while !line.ends_with(b"\r\n") && line.len() < 108 {
+            line.push(stream.read_u8().await?);
+        }
+        let text = String::from_utf8_lossy(&line);
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        return Ok(match fields.as_slice() {
+            ["PROXY", _, src, _, sport, _] => Some(format!("{src}:{sport}").into()),
+            _ => None,
+        });
+    }
+    if n == 16 && peeked[..12] == *V2 {
+        let mut head = [0u8; 16];
+        stream.read_exact(&mut head).await?;
+        let mut rest = vec![0u8; usize::from(u16::from_be_bytes([head[14], head[15]]))];
+        stream.read_exact(&mut rest).await?;
+        return Ok(match (head[13], rest.as_slice()) {
+            (0x11, [a, b, c, d, _, _, _, _, p1, p2, ..]) => {
+                let port = u16::from_be_bytes([*p1, *p2]);
+                Some(format!("{a}.{b}.{c}.{d}:{port}").into())
+            }
+            _ => None,
+        });
+    }
+    Ok(None)
+}
+
 async fn answer(
     id: Arc<Identity>,
+    proxied_for: Option<Arc<str>>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     if let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() {
@@ -148,6 +190,7 @@ async fn answer(
         .collect();
     let body = serde_json::json!({
         "machine_id": id.machine_id,
+        "proxy_protocol_source": proxied_for.as_deref(),
         "app": id.app,
         "region": id.region,
         "method": req.method().as_str(),

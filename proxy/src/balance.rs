@@ -37,6 +37,42 @@ pub const DEFAULT_SOFT_LIMIT: u32 = 20;
 /// `hard_limit` when a service sets none (Fly's default).
 pub const DEFAULT_HARD_LIMIT: u32 = 25;
 
+/// What a request or connection needs from a machine's services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// HTTP on the proxy's shared listeners: the service whose public port
+    /// `port` handles `http` (and `tls` when `tls`), else the first service
+    /// that handles `http` on any port.
+    Http {
+        /// 80 or 443, whatever port the proxy really binds.
+        port: u16,
+        /// The request came over TLS.
+        tls: bool,
+    },
+    /// The service that declares public port `port`, whatever its
+    /// handlers: a connection to one of the app's own addresses.
+    Port(u16),
+}
+
+impl Want {
+    /// HTTP on one of the shared listeners.
+    pub fn http(listener: Listener) -> Self {
+        Self::Http {
+            port: listener.public_port(),
+            tls: listener == Listener::Https,
+        }
+    }
+
+    fn matches(self, port: &MachinePort) -> bool {
+        match self {
+            Self::Http { port: p, tls } => {
+                port.port == Some(p) && has(port, "http") && (!tls || has(port, "tls"))
+            }
+            Self::Port(p) => port.port == Some(p),
+        }
+    }
+}
+
 /// The machine chosen for a request and the service that takes it.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -44,6 +80,7 @@ pub struct Target {
     app: Arc<AppRoutes>,
     index: usize,
     service: usize,
+    want: Want,
 }
 
 impl Target {
@@ -67,13 +104,11 @@ impl Target {
         self.service().internal_port
     }
 
-    /// The service's port for `listener` (80 handling `http`, or 443
-    /// handling `tls` and `http`), where its HTTP options live.
-    pub fn port(&self, listener: Listener) -> Option<&MachinePort> {
-        self.service()
-            .ports
-            .iter()
-            .find(|p| p.port == Some(listener.public_port()) && has(p, "http"))
+    /// The service's port the request came in on, where its handlers and
+    /// HTTP options live; `None` when an HTTP request fell back to a
+    /// service without a matching port.
+    pub fn port(&self) -> Option<&MachinePort> {
+        self.service().ports.iter().find(|p| self.want.matches(p))
     }
 
     /// The service's soft and hard limits.
@@ -124,12 +159,12 @@ pub enum NoTarget {
     AtCapacity,
 }
 
-/// Picks the machine for one request on `listener` from a proxy in
-/// `region`; see the module docs. Machines for which `skip` is true (say
-/// ones that just refused a connection) are left out.
+/// Picks the machine for what `want` needs, from a proxy in `region`; see
+/// the module docs. Machines for which `skip` is true (say ones that just
+/// refused a connection) are left out.
 pub fn choose(
     app: &Arc<AppRoutes>,
-    listener: Listener,
+    want: Want,
     region: &str,
     skip: impl Fn(&RouteMachine) -> bool,
     rng: &mut impl Rng,
@@ -149,7 +184,7 @@ pub fn choose(
     // machine's. Each is (index, service, class, load); a lower class is
     // better, and `None` means at the hard limit.
     let classify = |i: usize, m: &RouteMachine| {
-        let service = http_service(&m.services, listener)?;
+        let service = service_for(&m.services, want)?;
         let limits = Limits::of(&m.services[service]);
         let load = m.inflight.load(Ordering::Relaxed);
         let class = if load >= limits.hard {
@@ -204,28 +239,26 @@ pub fn choose(
         app: app.clone(),
         index,
         service,
+        want,
     })
 }
 
-/// The service (by index) that serves HTTP on `listener`: the one whose
-/// public port matches the listener (80 with `http`, or 443 with `tls` and
-/// `http`), else the first service that handles `http` on any port.
-pub fn http_service(services: &[MachineService], listener: Listener) -> Option<usize> {
+/// The service (by index) that takes what `want` needs; see [`Want`].
+pub fn service_for(services: &[MachineService], want: Want) -> Option<usize> {
     let tcp = || {
         services
             .iter()
             .enumerate()
             .filter(|(_, s)| s.protocol == "tcp")
     };
-    let exact = |p: &MachinePort| {
-        p.port == Some(listener.public_port())
-            && has(p, "http")
-            && (listener == Listener::Http || has(p, "tls"))
-    };
-    tcp()
-        .find(|(_, s)| s.ports.iter().any(exact))
-        .or_else(|| tcp().find(|(_, s)| s.ports.iter().any(|p| has(p, "http"))))
-        .map(|(i, _)| i)
+    let exact = tcp().find(|(_, s)| s.ports.iter().any(|p| want.matches(p)));
+    match want {
+        Want::Http { .. } => {
+            exact.or_else(|| tcp().find(|(_, s)| s.ports.iter().any(|p| has(p, "http"))))
+        }
+        Want::Port(_) => exact,
+    }
+    .map(|(i, _)| i)
 }
 
 fn has(port: &MachinePort, handler: &str) -> bool {
@@ -356,7 +389,8 @@ mod tests {
     }
 
     fn pick(routes: &Arc<AppRoutes>, rng: &mut StdRng) -> Result<String, NoTarget> {
-        choose(routes, Listener::Http, "dev", |_| false, rng).map(|t| t.machine().id.to_string())
+        choose(routes, Want::http(Listener::Http), "dev", |_| false, rng)
+            .map(|t| t.machine().id.to_string())
     }
 
     /// How often each machine is chosen in `n` tries.
@@ -389,7 +423,14 @@ mod tests {
         let started = machine("started", MachineState::Started, web());
         let routes = app(vec![stopped, cordoned, failing, started]);
         for _ in 0..50 {
-            let target = choose(&routes, Listener::Http, "dev", |_| false, &mut rng).unwrap();
+            let target = choose(
+                &routes,
+                Want::http(Listener::Http),
+                "dev",
+                |_| false,
+                &mut rng,
+            )
+            .unwrap();
             assert_eq!(&*target.machine().id, "started");
             assert_eq!(target.internal_port(), 8080);
         }
@@ -407,7 +448,7 @@ mod tests {
         assert_eq!(
             choose(
                 &app(vec![tcp_only, no_services]),
-                Listener::Https,
+                Want::http(Listener::Https),
                 "dev",
                 |_| false,
                 &mut rng
@@ -424,8 +465,10 @@ mod tests {
             service(8443, &[(443, &["tls", "http"])]),
             service(8080, &[(80, &["http"])]),
         ];
-        assert_eq!(http_service(&services, Listener::Http), Some(2));
-        assert_eq!(http_service(&services, Listener::Https), Some(1));
+        assert_eq!(service_for(&services, Want::http(Listener::Http)), Some(2));
+        assert_eq!(service_for(&services, Want::http(Listener::Https)), Some(1));
+        assert_eq!(service_for(&services, Want::Port(8080)), Some(0));
+        assert_eq!(service_for(&services, Want::Port(5432)), None);
     }
 
     #[test]
@@ -436,12 +479,13 @@ mod tests {
             service(3000, &[(443, &["http"])]),
             service(8080, &[(80, &["http"])]),
         ];
-        assert_eq!(http_service(&services, Listener::Https), Some(1));
-        assert_eq!(http_service(&services, Listener::Http), Some(2));
+        assert_eq!(service_for(&services, Want::http(Listener::Https)), Some(1));
+        assert_eq!(service_for(&services, Want::http(Listener::Http)), Some(2));
+        assert_eq!(service_for(&services, Want::Port(5432)), Some(0));
 
         let mut udp = service(53, &[(80, &["http"])]);
         udp.protocol = "udp".into();
-        assert_eq!(http_service(&[udp], Listener::Http), None);
+        assert_eq!(service_for(&[udp], Want::http(Listener::Http)), None);
     }
 
     #[test]
@@ -528,10 +572,22 @@ mod tests {
         ]);
         let mut rng = StdRng::seed_from_u64(2);
         for _ in 0..20 {
-            let t = choose(&routes, Listener::Http, "dev", |m| &*m.id == "a", &mut rng);
+            let t = choose(
+                &routes,
+                Want::http(Listener::Http),
+                "dev",
+                |m| &*m.id == "a",
+                &mut rng,
+            );
             assert_eq!(&*t.unwrap().machine().id, "b");
         }
-        let none = choose(&routes, Listener::Http, "dev", |_| true, &mut rng);
+        let none = choose(
+            &routes,
+            Want::http(Listener::Http),
+            "dev",
+            |_| true,
+            &mut rng,
+        );
         assert_eq!(none.unwrap_err(), NoTarget::NoHttpService);
     }
 
@@ -540,7 +596,7 @@ mod tests {
         let routes = app(vec![loaded("m", "dev", 1, 2, 0)]);
         let target = choose(
             &routes,
-            Listener::Http,
+            Want::http(Listener::Http),
             "dev",
             |_| false,
             &mut StdRng::seed_from_u64(1),

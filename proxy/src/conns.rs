@@ -68,8 +68,10 @@ impl Conns {
             );
             self.tasks.abort_all();
         }
-        // Drained tasks are past their connection and end at once; aborted
-        // ones end at their next await.
+        // What is left either is past its connection and ends at once, or
+        // is not HTTP (a raw TCP relay has no requests to finish) and is
+        // cut here; aborted tasks end at their next await.
+        self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
     }
 }

@@ -16,6 +16,9 @@
 //!   connection lives on one of them.
 //! - `upstream`: keep-alive connections to machines, pooled per worker and
 //!   machine, driven by the request that uses them.
+//! - `ports`: listeners on apps' own addresses (flycast and dedicated), one
+//!   per service port, following the FIB; `tcp`: what arrives on a port
+//!   without the `http` handler (raw TCP, `tls`, `proxy_proto`).
 //! - `headers`, `body`, `conns`: header rewriting at the hop, the response
 //!   body type, and connection draining at shutdown.
 //!
@@ -32,7 +35,9 @@ pub mod error;
 mod headers;
 pub mod metrics;
 pub mod path;
+mod ports;
 pub mod queue;
+mod tcp;
 pub mod tls;
 mod upstream;
 mod workers;
@@ -155,6 +160,7 @@ impl Proxy {
             )),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
+            connect_timeout: cfg.connect_timeout(),
         });
         Ok(Proxy {
             http,

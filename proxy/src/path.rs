@@ -8,13 +8,15 @@
 //! here takes a lock: the FIB is read through an immutable snapshot and the
 //! load counters are atomics.
 
-use crate::balance::{self, Lease, NoTarget, Target};
+use crate::balance::{self, Lease, NoTarget, Target, Want};
 use crate::body::{Held, ProxyBody, UpBody};
 use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
+use crate::ports::{Accepted, PortListeners};
 use crate::queue::{QueueError, Queues};
+use crate::tcp;
 use crate::upstream::{self, SendError, Upstreams};
 use crate::{Listener, Proxy};
 use compact_str::CompactString;
@@ -33,6 +35,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 /// What every request on every connection shares.
@@ -50,17 +53,26 @@ pub(crate) struct Edge {
     pub max_attempts: usize,
     /// How long a machine may take to send its response head.
     pub response_timeout: Duration,
+    /// How long a TCP connect to a machine may take (raw TCP handlers; the
+    /// HTTP path's pool has its own copy).
+    pub connect_timeout: Duration,
 }
 
 /// The connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Conn {
+    /// `Http` or `Https`: the scheme, on a shared listener or an app's
+    /// address.
     listener: Listener,
     peer: SocketAddr,
     /// The port the client connected to, for `X-Forwarded-Port`.
     local_port: u16,
     /// The worker thread serving the connection; see [`crate::workers`].
     worker: usize,
+    /// On an app's own address: that app, whatever the Host says.
+    app: Option<Arc<str>>,
+    /// What to ask of the machines' services.
+    want: Want,
 }
 
 /// One request as it moves down the path: what the log line reports.
@@ -90,6 +102,9 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
     } = proxy;
     let mut conns = Conns::new();
     let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
+    let mut follow = tokio::time::interval(FOLLOW_PORTS);
+    let (to_ports, mut from_ports) = mpsc::channel(1024);
+    let mut ports = PortListeners::new(to_ports);
     tokio::pin!(shutdown);
     loop {
         // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
@@ -100,6 +115,14 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
             () = conns.reap() => continue,
             _ = sweep.tick() => {
                 edge.upstreams.sweep(&edge.fib.snapshot());
+                continue;
+            }
+            _ = follow.tick() => {
+                ports.reconcile(&edge.fib.snapshot()).await;
+                continue;
+            }
+            Some(accepted) = from_ports.recv() => {
+                spawn_app_address(&edge, &server, &mut workers, &mut conns, accepted);
                 continue;
             }
             accepted = http.accept() => (accepted, Listener::Http),
@@ -133,14 +156,70 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
                 peer,
                 local_port: tcp.local_addr().map(|a| a.port()).unwrap_or(0),
                 worker,
+                app: None,
+                want: Want::http(listener),
             };
             connection(edge, server, tcp, conn, watcher).await;
         });
     }
     // Closing the listeners first makes new clients fail fast instead of
     // queueing on a socket nobody accepts from.
-    drop((http, https));
+    drop((http, https, ports, from_ports));
     conns.drain("proxy", drain).await;
+}
+
+/// How often the app-address listeners are checked against the FIB (a
+/// comparison of sequence numbers unless something changed).
+const FOLLOW_PORTS: Duration = Duration::from_millis(100);
+
+/// Hands a connection accepted on an app's own address to a worker: HTTP
+/// (over TLS with `tls`) when the port handles `http`, else bytes to a
+/// machine ([`crate::tcp`]).
+fn spawn_app_address(
+    edge: &Arc<Edge>,
+    server: &auto::Builder<TokioExecutor>,
+    workers: &mut crate::workers::Workers,
+    conns: &mut Conns,
+    accepted: Accepted,
+) {
+    let Accepted {
+        tcp,
+        peer,
+        local,
+        spec,
+    } = accepted;
+    let Ok(tcp) = tcp.into_std() else { return };
+    let tls = spec.has("tls");
+    let listener = if tls { Listener::Https } else { Listener::Http };
+    edge.metrics.connected(listener);
+    let (edge, server) = (edge.clone(), server.clone());
+    let (worker, runtime) = workers.next();
+    conns.spawn(runtime, move |watcher| async move {
+        let Ok(tcp) = TcpStream::from_std(tcp) else {
+            return;
+        };
+        if spec.has("http") {
+            let conn = Conn {
+                listener,
+                peer,
+                local_port: local.port(),
+                worker,
+                app: Some(spec.app.clone()),
+                want: Want::Port(local.port()),
+            };
+            return connection(edge, server, tcp, conn, watcher).await;
+        }
+        // Raw bytes are not HTTP: a shutdown cuts them at the deadline.
+        drop(watcher);
+        let _ = tcp.set_nodelay(true);
+        if tls {
+            if let Some(stream) = self::tls(&edge, tcp, peer).await {
+                tcp::relay(&edge, stream, peer, local, &spec.app).await;
+            }
+        } else {
+            tcp::relay(&edge, tcp, peer, local, &spec.app).await;
+        }
+    });
 }
 
 // ---- tls → connection ----
@@ -157,10 +236,10 @@ async fn connection(
 ) {
     // Small request and response heads should not wait on Nagle.
     let _ = tcp.set_nodelay(true);
-    let Conn { listener, peer, .. } = conn;
+    let (listener, peer) = (conn.listener, conn.peer);
     let service = hyper::service::service_fn({
         let edge = edge.clone();
-        move |req| handle(edge.clone(), conn, req)
+        move |req| handle(edge.clone(), conn.clone(), req)
     });
     let served = match listener {
         Listener::Http => {
@@ -257,7 +336,18 @@ async fn route(
     ex: &mut Exchange,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, PathError> {
-    let host = host(&edge.fib, &req)?;
+    let host = match &ex.conn.app {
+        // An app's own address: the Host is the client's business.
+        Some(app) => Host {
+            app: app.to_string(),
+            raw: req
+                .headers()
+                .get(HOST)
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("")),
+        },
+        None => host(&edge.fib, &req)?,
+    };
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.to_string());
     let mut req = req;
@@ -271,7 +361,7 @@ async fn route(
     let mut refused: Vec<CompactString> = Vec::new();
     let mut last_refusal = None;
     loop {
-        let (target, lease) = match slot(edge, &app, ex.conn.listener, &refused).await {
+        let (target, lease) = match slot(edge, &app, ex.conn.want, &refused).await {
             Ok(slot) => slot,
             // No machine left to try: the refusal is the answer.
             Err(error) => return Err(last_refusal.unwrap_or(error)),
@@ -293,7 +383,7 @@ async fn route(
                     return Ok(tunnel(upgrade, &mut response, held, ex));
                 }
                 let options = target
-                    .port(ex.conn.listener)
+                    .port()
                     .and_then(|p| p.http_options.as_ref()?.response.as_ref());
                 return downstream_response(response, ex, held, conn, options);
             }
@@ -315,12 +405,12 @@ async fn route(
 async fn slot(
     edge: &Edge,
     app: &Arc<AppRoutes>,
-    listener: Listener,
+    want: Want,
     refused: &[CompactString],
 ) -> Result<(Target, Lease), PathError> {
     let skip = |m: &RouteMachine| refused.contains(&m.id);
     let attempt = |app: &Arc<AppRoutes>| {
-        match balance::choose(app, listener, &edge.region, skip, &mut rand::rng()) {
+        match balance::choose(app, want, &edge.region, skip, &mut rand::rng()) {
             // A slot taken between choosing and leasing counts as full.
             Ok(target) => Lease::acquire(&target, Some(&edge.queues)).map(|l| Ok((target, l))),
             Err(NoTarget::AtCapacity) => None,
@@ -372,7 +462,7 @@ fn force_https(
     listener: Listener,
     req: &Request<UpBody>,
 ) -> Option<Response<ProxyBody>> {
-    if listener != Listener::Http || target.port(listener)?.force_https != Some(true) {
+    if listener != Listener::Http || target.port()?.force_https != Some(true) {
         return None;
     }
     // The Host as the client sent it, without the plain-text port.

@@ -148,7 +148,8 @@ pub struct AppRoutes {
     /// Per region, by region code; covers every region in every mode.
     pub regions: Arc<[RegionSummary]>,
     pub certificates: Arc<[Arc<CertificateRow>]>,
-    /// The app's flycast (private) addresses.
+    /// The app's own addresses: flycast (private) and dedicated public ones.
+    /// The proxy listens on each, on the service ports of the app's machines.
     pub flycast: Arc<[IpAddr]>,
     /// The machines of the regions not kept in detail (regional mode).
     pub remote: Arc<[RemoteMachine]>,
@@ -250,9 +251,14 @@ impl FibSnapshot {
         self.hostnames.get(name)
     }
 
-    /// The app a flycast address belongs to.
+    /// The app an address of its own (flycast or dedicated) belongs to.
     pub fn flycast(&self, ip: IpAddr) -> Option<&Arc<AppRoutes>> {
         self.app(self.flycast.get(&ip)?)
+    }
+
+    /// Every app's own address (flycast or dedicated) and its app.
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, &str)> {
+        self.flycast.iter().map(|(ip, app)| (*ip, app.as_str()))
     }
 
     /// Every app, in no particular order.

@@ -1,0 +1,151 @@
+//! Listeners on apps' own addresses (flycast and dedicated, from IP
+//! assignments), one per address and service port of the app's machines,
+//! following the FIB.
+//!
+//! Each listener belongs to one app, so no Host or SNI is needed to route
+//! what arrives on it. The port's handlers say what the proxy does with a
+//! connection: `http` (with or without `tls`) serves HTTP requests as the
+//! shared listeners do; anything else carries bytes ([`crate::tcp`]).
+//!
+//! [`PortListeners::reconcile`] runs whenever the FIB's sequence moves: it
+//! binds listeners that should exist and closes those that should not. A
+//! listener that cannot bind (the address is not local, the port is taken)
+//! is logged and tried again at the next change.
+
+use hangar_catalog::FibSnapshot;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// What a listener on an app's address does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Spec {
+    pub app: Arc<str>,
+    /// The port's handlers, as the first machine declaring the port has
+    /// them.
+    pub handlers: Vec<String>,
+}
+
+impl Spec {
+    pub(crate) fn has(&self, handler: &str) -> bool {
+        self.handlers.iter().any(|h| h == handler)
+    }
+}
+
+/// A connection accepted on an app's address.
+pub(crate) struct Accepted {
+    pub tcp: TcpStream,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub spec: Spec,
+}
+
+/// The running listeners.
+pub(crate) struct PortListeners {
+    running: HashMap<SocketAddr, (Spec, oneshot::Sender<()>)>,
+    accepted: mpsc::Sender<Accepted>,
+    /// The FIB sequence last reconciled with.
+    seen: Option<u64>,
+}
+
+impl PortListeners {
+    /// Accepted connections go to `accepted`.
+    pub(crate) fn new(accepted: mpsc::Sender<Accepted>) -> Self {
+        Self {
+            running: HashMap::new(),
+            accepted,
+            seen: None,
+        }
+    }
+
+    /// Brings the listeners in line with `fib`, if it moved since last time.
+    pub(crate) async fn reconcile(&mut self, fib: &FibSnapshot) {
+        if self.seen == Some(fib.seq) {
+            return;
+        }
+        self.seen = Some(fib.seq);
+        let wanted = wanted(fib);
+        self.running
+            .retain(|addr, (spec, _)| wanted.get(addr) == Some(spec));
+        for (addr, spec) in wanted {
+            if self.running.contains_key(&addr) {
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, app = %spec.app, handlers = ?spec.handlers, "listening on an app address");
+                    let (stop, stopped) = oneshot::channel();
+                    tokio::spawn(accept(
+                        listener,
+                        addr,
+                        spec.clone(),
+                        self.accepted.clone(),
+                        stopped,
+                    ));
+                    self.running.insert(addr, (spec, stop));
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, app = %spec.app, error = %e, "cannot listen on an app address");
+                    // Try again at the next change.
+                    self.seen = None;
+                }
+            }
+        }
+    }
+}
+
+/// Every (address, port) the FIB's apps want a listener on.
+fn wanted(fib: &FibSnapshot) -> HashMap<SocketAddr, Spec> {
+    let mut wanted = HashMap::new();
+    for (ip, app) in fib.addresses() {
+        let Some(routes) = fib.app(app) else { continue };
+        let app: Arc<str> = Arc::from(app);
+        for m in routes.machines.iter() {
+            for service in m.services.iter().filter(|s| s.protocol == "tcp") {
+                for port in &service.ports {
+                    let Some(number) = port.port else { continue };
+                    wanted
+                        .entry(SocketAddr::new(ip, number))
+                        .or_insert_with(|| Spec {
+                            app: app.clone(),
+                            handlers: port.handlers.clone(),
+                        });
+                }
+            }
+        }
+    }
+    wanted
+}
+
+/// Accepts on one app address until stopped (or dropped).
+async fn accept(
+    listener: TcpListener,
+    local: SocketAddr,
+    spec: Spec,
+    accepted: mpsc::Sender<Accepted>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    crate::conns::accept_failed("app address", &e).await;
+                    continue;
+                }
+            },
+        };
+        let conn = Accepted {
+            tcp,
+            peer,
+            local,
+            spec: spec.clone(),
+        };
+        if accepted.send(conn).await.is_err() {
+            return;
+        }
+    }
+}
