@@ -456,7 +456,53 @@ async fn custom_certificates_are_served_by_sni_and_route_their_hostname() {
     assert_eq!(echo["machine_id"], machine["id"]);
     assert_eq!(h.via_proxy("www.custom.test", "/").await.0, 200);
 
+    // A second certificate, for another app's hostname: each SNI gets its
+    // own, and a client trusting only the first refuses the second.
+    let key2 = rcgen::KeyPair::generate().unwrap();
+    let cert2 = rcgen::CertificateParams::new(vec!["api.other.test".to_string()])
+        .unwrap()
+        .self_signed(&key2)
+        .unwrap();
+    let body = serde_json::json!({ "hostname": "api.other.test", "fullchain": cert2.pem(),
+        "private_key": key2.serialize_pem() });
+    let (status, body) = h
+        .post("/v1/apps/other/certificates/custom", &body.to_string())
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let strict = |pem: &str| {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+            .tls_built_in_root_certs(false)
+            .resolve("api.other.test", h.addrs.https)
+            .resolve("www.custom.test", h.addrs.https)
+            .timeout(common::WAIT)
+            .build()
+            .unwrap()
+    };
+    let url2 = format!("https://api.other.test:{}/", h.addrs.https.port());
+    let deadline = std::time::Instant::now() + common::WAIT;
+    loop {
+        // "other" has no machine: a 503 after a verified handshake.
+        match strict(&cert2.pem()).get(&url2).send().await {
+            Ok(resp) => {
+                assert_eq!(resp.status(), 503);
+                assert_eq!(resp.headers()["fly-proxy-error"], "PR01");
+                break;
+            }
+            Err(e) => assert!(std::time::Instant::now() < deadline, "never served: {e}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(strict(&cert.pem()).get(&url2).send().await.is_err());
+    assert!(strict(&cert2.pem()).get(&url).send().await.is_err());
+    assert_eq!(
+        strict(&cert.pem()).get(&url).send().await.unwrap().status(),
+        200
+    );
+
     let (_, list) = h.get("/v1/apps/site/certificates").await;
+    assert_eq!(list["total_count"], 1, "{list}");
+    let (_, list) = h.get("/v1/apps/other/certificates").await;
     assert_eq!(list["total_count"], 1, "{list}");
     assert_eq!(
         h.delete("/v1/apps/site/certificates/www.custom.test")
