@@ -29,6 +29,7 @@ use crate::queue::Queues;
 use hangar_api::machine::{MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
 use rand::Rng;
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -180,12 +181,24 @@ pub fn choose(
             NoTarget::NoStartedMachine
         });
     }
+    // Machines of one app mostly share one decoded services config (the
+    // catalog interns them), so the service and limits are worked out once
+    // per config rather than once per machine.
+    let memo = Cell::new((std::ptr::null::<MachineService>(), None));
+    let service_of = |services: &Arc<[MachineService]>| {
+        let (seen, found) = memo.get();
+        if seen == services.as_ptr() {
+            return found;
+        }
+        let found = service_for(services, want).map(|i| (i, Limits::of(&services[i])));
+        memo.set((services.as_ptr(), found));
+        found
+    };
     // Candidates are the first machines, so an index into them is also the
     // machine's. Each is (index, service, class, load); a lower class is
     // better, and `None` means at the hard limit.
     let classify = |i: usize, m: &RouteMachine| {
-        let service = service_for(&m.services, want)?;
-        let limits = Limits::of(&m.services[service]);
+        let (service, limits) = service_of(&m.services)?;
         let load = m.inflight.load(Ordering::Relaxed);
         let class = if load >= limits.hard {
             None
