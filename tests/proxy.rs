@@ -282,6 +282,37 @@ async fn refused_connects_go_to_another_machine_and_every_error_has_its_code() {
         assert!(got.body.contains(text), "{app}: {got:?}");
         assert_eq!(got.body.lines().count(), 1, "{app}: {got:?}");
     }
+    // h2_backend: h2 to the machine, whatever the client spoke; h2 on
+    // both sides with an h2c client.
+    create_app(&h, "grpc").await;
+    let mut h2 = web(8080, 20, 25);
+    h2["services"][0]["ports"][0]["http_options"] = serde_json::json!({"h2_backend": true});
+    machine(&h, "grpc", h2).await;
+    let client = |h2: bool| {
+        let builder = reqwest::Client::builder()
+            .resolve("grpc.localhost", h.addrs.http)
+            .timeout(WAIT);
+        let builder = if h2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder.http1_only()
+        };
+        builder.build().unwrap()
+    };
+    let url = format!("http://grpc.localhost:{}/grpc", h.addrs.http.port());
+    for (client, version) in [
+        (client(false), reqwest::Version::HTTP_11),
+        (client(true), reqwest::Version::HTTP_2),
+    ] {
+        for _ in 0..3 {
+            let resp = client.get(&url).send().await.unwrap();
+            assert_eq!((resp.status().as_u16(), resp.version()), (200, version));
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body["version"], "HTTP/2.0", "{body}");
+            assert_eq!(body["path"], "/grpc");
+        }
+    }
+
     let bad_host = h
         .http
         .get(format!("http://{}/", h.addrs.http))

@@ -479,6 +479,33 @@ fn force_https(
     Some(response)
 }
 
+/// An HTTP/1.1-shaped request made ready for h2: the Host moves into the
+/// URI's authority (h2's `:authority`), the machine's address standing in
+/// when the client sent none usable.
+fn for_h2(mut req: Request<UpBody>, addr: SocketAddr) -> Request<UpBody> {
+    let host = req.headers_mut().remove(HOST);
+    let authority = host
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            http::uri::Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is an authority")
+        });
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    req
+}
+
 /// How one attempt to forward failed.
 enum Failure {
     /// The machine could not be connected to; the request comes back.
@@ -503,9 +530,17 @@ async fn send(
         app: target.app().name.clone(),
         id: m.id.clone(),
     };
+    let h2 = target
+        .port()
+        .and_then(|p| p.http_options.as_ref()?.h2_backend)
+        == Some(true);
     let sent = async {
         if upgrade {
             let response = edge.upstreams.send_upgrade(ex.conn.worker, &machine, req);
+            response.await.map(|r| (r, None))
+        } else if h2 {
+            let req = for_h2(req, machine.addr);
+            let response = edge.upstreams.send_h2(ex.conn.worker, &machine, req);
             response.await.map(|r| (r, None))
         } else {
             let exchange = edge.upstreams.send(ex.conn.worker, &machine, req).await;

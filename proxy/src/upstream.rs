@@ -18,6 +18,9 @@
 //! Pools are per worker thread ([`crate::workers`]): a connection is only
 //! ever driven on the thread whose reactor it is registered with.
 //!
+//! A port with `http_options.h2_backend` gets h2 instead: one multiplexed
+//! connection per machine and worker, driven by a task of its own.
+//!
 //! Bounds: at most `max_idle` idle connections per machine and worker, each
 //! idle at most `idle_timeout`. Open connections per machine are those idle plus one
 //! per request in flight, which the balancer's limits bound. A sweep every
@@ -32,7 +35,8 @@ use hangar_catalog::FibSnapshot;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, Connection, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
@@ -59,6 +63,8 @@ pub(crate) struct Machine {
 pub(crate) struct Upstreams {
     /// One map per worker, indexed by the worker's number.
     pools: Box<[DashMap<SocketAddr, Arc<Pool>>]>,
+    /// `h2_backend` machines' connections, one map per worker.
+    h2: Box<[DashMap<SocketAddr, H2Conn>]>,
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
@@ -120,6 +126,7 @@ impl Upstreams {
     ) -> Self {
         Self {
             pools: (0..workers.max(1)).map(|_| DashMap::new()).collect(),
+            h2: (0..workers.max(1)).map(|_| DashMap::new()).collect(),
             connect_timeout,
             max_idle,
             idle_timeout,
@@ -259,13 +266,7 @@ impl Upstreams {
         let idle_timeout = self.idle_timeout;
         for pools in &self.pools {
             pools.retain(|_, pool| {
-                let m = &pool.machine;
-                let routable = fib.app(&m.app).is_some_and(|app| {
-                    app.candidates()
-                        .iter()
-                        .any(|r| r.id == m.id && r.private_ip == m.addr.ip())
-                });
-                if !routable {
+                if !routable(fib, &pool.machine) {
                     return false;
                 }
                 pool.idle
@@ -274,7 +275,94 @@ impl Upstreams {
                 true
             });
         }
+        for h2 in &self.h2 {
+            h2.retain(|_, conn| !conn.sender.is_closed() && routable(fib, &conn.machine));
+        }
     }
+
+    /// Sends `req` over h2 (prior knowledge) to a machine whose port asks
+    /// for `h2_backend`: one multiplexed connection per machine and worker,
+    /// made on first use, whose driver runs as a task of the worker (it
+    /// serves many requests at once, so no one request can drive it). The
+    /// request's URI must be absolute: its authority becomes `:authority`.
+    pub(crate) async fn send_h2(
+        &self,
+        worker: usize,
+        machine: &Machine,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let conns = &self.h2[worker % self.h2.len()];
+        let existing = conns
+            .get(&machine.addr)
+            .map(|c| c.sender.clone())
+            .filter(|s| !s.is_closed());
+        let mut sender = match existing {
+            Some(sender) => {
+                self.counters.reused.inc();
+                sender
+            }
+            None => {
+                let sender = match self.connect_h2(machine).await {
+                    Ok(sender) => sender,
+                    Err(cause) => {
+                        return Err(SendError::Connect {
+                            cause,
+                            request: Box::new(req),
+                        });
+                    }
+                };
+                self.counters.new.inc();
+                conns.insert(
+                    machine.addr,
+                    H2Conn {
+                        sender: sender.clone(),
+                        machine: machine.clone(),
+                    },
+                );
+                sender
+            }
+        };
+        if let Err(e) = sender.ready().await {
+            conns.remove(&machine.addr);
+            return Err(SendError::Exchange(error_chain(&e)));
+        }
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| SendError::Exchange(error_chain(&e)))
+    }
+
+    async fn connect_h2(&self, machine: &Machine) -> Result<http2::SendRequest<UpBody>, String> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(machine.addr))
+            .await
+            .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, driver) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .map_err(|e| error_chain(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(error = %e, "h2 upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Whether `machine` is still one the FIB would send requests to.
+fn routable(fib: &FibSnapshot, machine: &Machine) -> bool {
+    fib.app(&machine.app).is_some_and(|app| {
+        app.candidates()
+            .iter()
+            .any(|r| r.id == machine.id && r.private_ip == machine.addr.ip())
+    })
+}
+
+/// A machine's multiplexed h2 connection.
+struct H2Conn {
+    sender: http2::SendRequest<UpBody>,
+    machine: Machine,
 }
 
 /// How an exchange failed.
