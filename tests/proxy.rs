@@ -23,6 +23,7 @@ queue_max_per_app = 1
 queue_timeout_ms = 1000
 response_timeout_ms = 2500
 header_timeout_ms = 700
+max_body_bytes = 65536
 "#;
 
 async fn start() -> (tempfile::TempDir, Hangar) {
@@ -417,6 +418,37 @@ async fn force_https_redirects_and_bad_clients_cost_only_their_connection() {
         .await
         .unwrap();
     assert_eq!(big.status(), 431);
+
+    // Bodies: up to max_body_bytes goes through, over it is 413 whether
+    // the length is declared or the body is chunked.
+    let post = |len: usize| {
+        h.http
+            .post(format!("http://{}/", h.addrs.http))
+            .header("host", "pure.localhost")
+            .body(vec![b'x'; len])
+            .send()
+    };
+    assert_eq!(post(60_000).await.unwrap().status(), 200);
+    let too_big = post(70_000).await.unwrap();
+    assert_eq!(too_big.status(), 413);
+    assert_eq!(too_big.headers()["fly-proxy-error"], "PE02");
+    let mut chunked = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+    chunked
+        .write_all(b"POST / HTTP/1.1\r\nHost: pure.localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let chunk = format!("{:x}\r\n{}\r\n", 10_000, "y".repeat(10_000));
+        if chunked.write_all(chunk.as_bytes()).await.is_err() {
+            break; // the proxy may answer and close before the end
+        }
+    }
+    let mut answer = vec![0u8; 12];
+    tokio::time::timeout(WAIT, chunked.read_exact(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 413");
 
     // Idle keep-alive connections end the same way, so at least one.
     let text = metrics(&h).await;

@@ -132,10 +132,78 @@ impl Body for ProxyBody {
 /// A request body on its way to a machine.
 #[derive(Debug)]
 pub(crate) enum UpBody {
-    /// Read whole before sending (or empty); `None` once sent.
+    /// Read whole before sending (or empty), so the request can be sent
+    /// again; `None` once sent.
     Buffered(Option<Bytes>),
-    /// Streamed from the client as it arrives.
-    Streaming(Incoming),
+    /// Too large to keep: what was read already, then the rest as it
+    /// arrives from the client.
+    Streaming {
+        prefix: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+impl UpBody {
+    /// A copy to send again, for a buffered body.
+    pub(crate) fn replay(&self) -> Option<Self> {
+        match self {
+            Self::Buffered(bytes) => Some(Self::Buffered(bytes.clone())),
+            Self::Streaming { .. } => None,
+        }
+    }
+}
+
+/// Why a request body could not be read for the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ReadBody {
+    /// Larger than the proxy accepts.
+    TooLarge { limit: u64 },
+    /// The client's stream failed.
+    Failed(String),
+}
+
+/// Reads a request body for the machine: whole when it is at most `keep`
+/// bytes (so the request can be retried or replayed), else the first
+/// `keep` bytes and the rest streamed. A body over `max` bytes (0: no
+/// limit) is refused before anything is sent when its length is declared
+/// or it ends within `keep`; a longer undeclared one is cut mid-stream.
+pub(crate) async fn read_body(mut body: Incoming, keep: u64, max: u64) -> Result<UpBody, ReadBody> {
+    use http_body_util::BodyExt;
+    let over = |n: u64| max > 0 && n > max;
+    let declared = body.size_hint().exact();
+    if let Some(n) = declared
+        && over(n)
+    {
+        return Err(ReadBody::TooLarge { limit: max });
+    }
+    if body.is_end_stream() {
+        return Ok(UpBody::Buffered(None));
+    }
+    if declared.is_some_and(|n| n > keep) {
+        return Ok(UpBody::Streaming {
+            prefix: None,
+            rest: body,
+        });
+    }
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadBody::Failed(e.to_string()))?;
+        // Trailers are dropped: HTTP/1.1 machines rarely take them.
+        if let Ok(data) = frame.into_data() {
+            read.extend_from_slice(&data);
+        }
+        let n = read.len() as u64;
+        if over(n) {
+            return Err(ReadBody::TooLarge { limit: max });
+        }
+        if n > keep {
+            return Ok(UpBody::Streaming {
+                prefix: Some(read.freeze()),
+                rest: body,
+            });
+        }
+    }
+    Ok(UpBody::Buffered(Some(read.freeze())))
 }
 
 impl Body for UpBody {
@@ -148,14 +216,17 @@ impl Body for UpBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Streaming(body) => Pin::new(body).poll_frame(cx),
+            Self::Streaming { prefix, rest } => match prefix.take() {
+                Some(read) => Poll::Ready(Some(Ok(Frame::data(read)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Buffered(bytes) => bytes.is_none(),
-            Self::Streaming(body) => body.is_end_stream(),
+            Self::Streaming { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -164,7 +235,16 @@ impl Body for UpBody {
             Self::Buffered(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            Self::Streaming(body) => body.size_hint(),
+            Self::Streaming { prefix, rest } => {
+                let read = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let left = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(left.lower() + read);
+                if let Some(upper) = left.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
+            }
         }
     }
 }

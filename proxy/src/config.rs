@@ -51,6 +51,12 @@ pub struct ProxyConfig {
     /// On shutdown (SIGTERM), how long requests in flight may take to
     /// finish after the listeners close; the rest are cut.
     pub drain_ms: u64,
+    /// Request bodies up to this size are read whole before the request is
+    /// sent, so it can be sent again (a stale keep-alive connection, a
+    /// replay); larger ones stream and are never retried.
+    pub retry_body_bytes: u64,
+    /// Largest request body accepted, else 413 (0: no limit).
+    pub max_body_bytes: u64,
 }
 
 impl Default for ProxyConfig {
@@ -71,6 +77,8 @@ impl Default for ProxyConfig {
             header_timeout_ms: 10_000,
             max_header_bytes: 32 * 1024,
             drain_ms: 5_000,
+            retry_body_bytes: 10 * 1024 * 1024,
+            max_body_bytes: 0,
         }
     }
 }

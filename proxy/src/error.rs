@@ -102,7 +102,7 @@ pub enum PathError {
     #[error("app {0:?} has no started machine with an http service")]
     NoHttpService(String),
     /// The chosen machine could not be reached, or failed mid-exchange.
-    #[error("{}", upstream_message(.machine, .connect))]
+    #[error("{}", upstream_message(.machine, .connect, .not_retried))]
     Upstream {
         /// The machine's id (shown to the client).
         machine: String,
@@ -113,7 +113,18 @@ pub enum PathError {
         connect: bool,
         /// The underlying error chain, for the log.
         cause: String,
+        /// Why the request was not sent again, when it could not be.
+        not_retried: Option<String>,
     },
+    /// The request body is larger than the proxy accepts.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// `proxy.max_body_bytes`.
+        limit: u64,
+    },
+    /// The client's request body could not be read.
+    #[error("could not read the request body")]
+    BodyRead(String),
     /// Every machine of the app is at its hard limit, and no slot came free
     /// in time (or the app's queue is full).
     #[error("{}", at_capacity_message(.app, .reason))]
@@ -147,11 +158,11 @@ fn at_capacity_message(app: &str, reason: &QueueError) -> String {
     }
 }
 
-fn upstream_message(machine: &str, connect: &bool) -> String {
-    if *connect {
-        format!("could not connect to machine {machine}")
-    } else {
-        format!("machine {machine} did not answer")
+fn upstream_message(machine: &str, connect: &bool, not_retried: &Option<String>) -> String {
+    match (connect, not_retried) {
+        (true, _) => format!("could not connect to machine {machine}"),
+        (false, None) => format!("machine {machine} did not answer"),
+        (false, Some(why)) => format!("machine {machine} did not answer ({why})"),
     }
 }
 
@@ -159,7 +170,8 @@ impl PathError {
     /// The status the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadHost(_) => StatusCode::BAD_REQUEST,
+            Self::BadHost(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnknownApp(_) => StatusCode::NOT_FOUND,
             Self::NoStartedMachine(_)
             | Self::NoHealthyMachine(_)
@@ -179,6 +191,8 @@ impl PathError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadHost(_) => "PE01",
+            Self::BodyTooLarge { .. } => "PE02",
+            Self::BodyRead(_) => "PE03",
             Self::UnknownApp(_) => "PA01",
             Self::NoStartedMachine(_) => "PR01",
             Self::NoHealthyMachine(_) => "PR02",
@@ -204,7 +218,10 @@ impl PathError {
     /// Who caused the failure.
     pub fn side(&self) -> Side {
         match self {
-            Self::BadHost(_) | Self::UnknownApp(_) => Side::Client,
+            Self::BadHost(_)
+            | Self::UnknownApp(_)
+            | Self::BodyTooLarge { .. }
+            | Self::BodyRead(_) => Side::Client,
             // No capacity is an operator concern, like an unreachable machine.
             Self::NoStartedMachine(_)
             | Self::NoHealthyMachine(_)
@@ -227,7 +244,7 @@ impl PathError {
     pub fn detail(&self) -> Option<String> {
         match self {
             Self::Upstream { addr, cause, .. } => Some(format!("{addr}: {cause}")),
-            Self::Internal(cause) => Some(cause.clone()),
+            Self::Internal(cause) | Self::BodyRead(cause) => Some(cause.clone()),
             _ => None,
         }
     }
@@ -252,6 +269,7 @@ mod tests {
             addr: "127.10.0.2:8080".parse().unwrap(),
             connect: true,
             cause: "Connection refused".into(),
+            not_retried: None,
         };
         assert_eq!(e.to_string(), "could not connect to machine m1");
         assert_eq!(e.status(), StatusCode::BAD_GATEWAY);

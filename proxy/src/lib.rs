@@ -161,6 +161,8 @@ impl Proxy {
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
             connect_timeout: cfg.connect_timeout(),
+            retry_body_bytes: cfg.retry_body_bytes,
+            max_body_bytes: cfg.max_body_bytes,
         });
         Ok(Proxy {
             http,
@@ -692,10 +694,21 @@ mod tests {
         Eof,
     }
 
-    /// A machine speaking just enough HTTP/1.1 to answer GETs with `ok`,
-    /// reporting what happens to its connections; with `close_each` it
-    /// closes every connection after one response, without saying so.
-    async fn raw_machine(close_each: bool) -> (u16, mpsc::UnboundedReceiver<Event>) {
+    /// How a [`raw_machine`] treats its connections.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Keep {
+        /// Keep-alive, as servers do.
+        Alive,
+        /// Close after one response, without saying so.
+        CloseEach,
+        /// Answer the first request, then close on the second without
+        /// answering: a keep-alive timeout firing as the request arrives.
+        DropSecond,
+    }
+
+    /// A machine speaking just enough HTTP/1.1 to answer requests with
+    /// `ok`, reporting what happens to its connections.
+    async fn raw_machine(keep: Keep) -> (u16, mpsc::UnboundedReceiver<Event>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -707,6 +720,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut buf = [0u8; 4096];
+                    let mut answered = 0;
                     loop {
                         let n = tcp.read(&mut buf).await.unwrap_or(0);
                         if n == 0 {
@@ -718,10 +732,16 @@ mod tests {
                             continue;
                         }
                         head.clear();
+                        answered += 1;
+                        if keep == Keep::DropSecond && answered == 2 {
+                            drop(tcp);
+                            let _ = tx.send(Event::Closed);
+                            return;
+                        }
                         tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                             .await
                             .unwrap();
-                        if close_each {
+                        if keep == Keep::CloseEach {
                             drop(tcp);
                             let _ = tx.send(Event::Closed);
                             return;
@@ -736,8 +756,8 @@ mod tests {
     #[tokio::test]
     async fn upstream_connections_are_reused_replaced_and_closed_with_their_machine() {
         tokio::time::timeout(DEADLINE, async {
-            let (keep, mut keep_events) = raw_machine(false).await;
-            let (flaky, mut flaky_events) = raw_machine(true).await;
+            let (keep, mut keep_events) = raw_machine(Keep::Alive).await;
+            let (flaky, mut flaky_events) = raw_machine(Keep::CloseEach).await;
             let h = harness(
                 &[
                     ("keep", "m1", MachineState::Started, keep),
@@ -786,6 +806,52 @@ mod tests {
             assert_eq!(keep_events.recv().await, Some(Event::Eof));
             h.stop.send(()).unwrap();
             h.served.await.unwrap();
+        })
+        .await
+        .expect("finished in time");
+    }
+
+    #[tokio::test]
+    async fn a_request_lost_to_a_closing_idle_connection_is_sent_again_when_safe() {
+        tokio::time::timeout(DEADLINE, async {
+            let (port, mut events) = raw_machine(Keep::DropSecond).await;
+            let h = harness(
+                &[("stale", "m1", MachineState::Started, port)],
+                Duration::from_secs(5),
+            )
+            .await;
+            let mut client = http1(h.http_addr).await;
+            let send = async |client: &mut hyper::client::conn::http1::SendRequest<_>, post| {
+                let req = Request::builder()
+                    .method(if post { "POST" } else { "GET" })
+                    .uri("/")
+                    .header("host", "stale.localhost")
+                    .body(Full::new(Bytes::from_static(b"x")))
+                    .unwrap();
+                read(client.send_request(req).await.unwrap()).await
+            };
+            let (status, _, body) = send(&mut client, false).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(events.recv().await, Some(Event::Accepted));
+            // Idle long enough to count as possibly stale (STALE_AFTER):
+            // the rule under test is about time.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            // The machine drops the connection under the GET: it is sent
+            // again on a new one.
+            let (status, _, body) = send(&mut client, false).await;
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+            assert_eq!(events.recv().await, Some(Event::Closed));
+            assert_eq!(events.recv().await, Some(Event::Accepted));
+            // The same under a POST: not idempotent, so not sent again, and
+            // the error says why.
+            let (status, headers, body) = send(&mut client, true).await;
+            assert_eq!(events.recv().await, Some(Event::Closed));
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+            assert_eq!(headers["fly-proxy-error"], "PU02");
+            assert_eq!(
+                body,
+                "machine m1 did not answer (not retried: POST is not idempotent)\n"
+            );
         })
         .await
         .expect("finished in time");

@@ -9,7 +9,7 @@
 //! load counters are atomics.
 
 use crate::balance::{self, Lease, NoTarget, Target, Want};
-use crate::body::{Held, ProxyBody, UpBody};
+use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
 use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
@@ -25,7 +25,7 @@ use hangar_catalog::{AppRoutes, Fib, RouteMachine};
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, RETRY_AFTER, SERVER, VIA};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
@@ -56,6 +56,11 @@ pub(crate) struct Edge {
     /// How long a TCP connect to a machine may take (raw TCP handlers; the
     /// HTTP path's pool has its own copy).
     pub connect_timeout: Duration,
+    /// Request bodies up to this size are read whole, so the request can
+    /// be sent again.
+    pub retry_body_bytes: u64,
+    /// Largest request body accepted (0: no limit).
+    pub max_body_bytes: u64,
 }
 
 /// The connection a request arrived on.
@@ -352,7 +357,15 @@ async fn route(
     ex.app = Some(app.name.to_string());
     let mut req = req;
     let mut upgrade = headers::Upgrade::take(&mut req);
-    let mut req = upstream_request(req, ex, &edge.region, host)?;
+    let req = upstream_request(req, ex, &edge.region, host)?;
+    let (parts, body) = req.into_parts();
+    let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            ReadBody::TooLarge { limit } => PathError::BodyTooLarge { limit },
+            ReadBody::Failed(cause) => PathError::BodyRead(cause),
+        })?;
+    let mut req = Request::from_parts(parts, body);
     if let Some(upgrade) = &upgrade {
         upgrade.ask(req.headers_mut());
     }
@@ -506,6 +519,21 @@ fn for_h2(mut req: Request<UpBody>, addr: SocketAddr) -> Request<UpBody> {
     req
 }
 
+/// Why a request that failed at the machine was not sent again (it is
+/// only when it went out on a reused connection that turned out closed,
+/// and could be repeated safely).
+fn why_not_retried(method: &http::Method, buffered: bool, keep: u64) -> Option<String> {
+    if !buffered {
+        Some(format!(
+            "not retried: the request body was larger than {keep} bytes and was streamed"
+        ))
+    } else if !method.is_idempotent() {
+        Some(format!("not retried: {method} is not idempotent"))
+    } else {
+        None
+    }
+}
+
 /// How one attempt to forward failed.
 enum Failure {
     /// The machine could not be connected to; the request comes back.
@@ -530,6 +558,10 @@ async fn send(
         app: target.app().name.clone(),
         id: m.id.clone(),
     };
+    let (method, buffered) = (
+        req.method().clone(),
+        matches!(req.body(), UpBody::Buffered(_)),
+    );
     let h2 = target
         .port()
         .and_then(|p| p.http_options.as_ref()?.h2_backend)
@@ -554,7 +586,11 @@ async fn send(
             request,
         )),
         Ok(Err(SendError::Exchange(cause))) => {
-            Err(Failure::Failed(upstream_error(&machine, false, cause)))
+            let mut error = upstream_error(&machine, false, cause);
+            if let PathError::Upstream { not_retried, .. } = &mut error {
+                *not_retried = why_not_retried(&method, buffered, edge.retry_body_bytes);
+            }
+            Err(Failure::Failed(error))
         }
         Err(_) => Err(Failure::Failed(PathError::UpstreamTimeout {
             machine: machine.id.to_string(),
@@ -616,7 +652,7 @@ fn upstream_request(
     ex: &Exchange,
     region: &str,
     host: Host,
-) -> Result<Request<UpBody>, PathError> {
+) -> Result<Request<Incoming>, PathError> {
     let via = match req.version() {
         Version::HTTP_2 => "2 hangar",
         Version::HTTP_10 => "1.0 hangar",
@@ -644,13 +680,7 @@ fn upstream_request(
     headers::join_cookies(headers)
         .and_then(|()| headers::add_forwarded(headers, &forwarded))
         .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))?;
-    Ok(req.map(|body| {
-        if body.is_end_stream() {
-            UpBody::Buffered(None)
-        } else {
-            UpBody::Streaming(body)
-        }
-    }))
+    Ok(req)
 }
 
 /// The machine's response for the client: hop-by-hop headers out, request
@@ -730,6 +760,7 @@ fn upstream_error(machine: &upstream::Machine, connect: bool, cause: String) -> 
         addr: machine.addr,
         connect,
         cause,
+        not_retried: None,
     }
 }
 

@@ -144,7 +144,11 @@ impl Upstreams {
         mut req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Box<Conn>), SendError> {
         let pool = self.pool(worker, machine);
-        while let Some(mut conn) = self.checkout(&pool) {
+        while let Some((mut conn, idle_for)) = self.checkout(&pool) {
+            // A connection idle for a while may be closing at the machine's
+            // end as the request goes out; keep a copy to send again when
+            // that is safe (see `replayable`). Busy connections skip it.
+            let copy = (idle_for > STALE_AFTER).then(|| replayable(&req)).flatten();
             match conn.exchange(req).await {
                 Ok(response) => {
                     self.counters.reused.inc();
@@ -153,7 +157,13 @@ impl Upstreams {
                 // Closed by the machine while idle, before our request went
                 // out: try the next one.
                 Err(Failed::Unsent(back)) => req = *back,
-                Err(Failed::Lost(cause)) => return Err(SendError::Exchange(cause)),
+                Err(Failed::Lost(cause)) => match copy {
+                    Some(copy) => {
+                        tracing::debug!(addr = %machine.addr, cause, "a reused connection was closed under the request; sending it again");
+                        req = copy;
+                    }
+                    None => return Err(SendError::Exchange(cause)),
+                },
             }
         }
         let mut conn = match self.connect(&pool).await {
@@ -223,12 +233,14 @@ impl Upstreams {
             .clone()
     }
 
-    /// The warmest idle connection that is still open and young enough.
-    fn checkout(&self, pool: &Arc<Pool>) -> Option<Box<Conn>> {
+    /// The warmest idle connection that is still open and young enough,
+    /// and how long it was idle.
+    fn checkout(&self, pool: &Arc<Pool>) -> Option<(Box<Conn>, Duration)> {
         loop {
             let Idle { mut conn, since } = pool.idle.lock().pop()?;
-            if since.elapsed() < self.idle_timeout && conn.still_open() {
-                return Some(conn);
+            let idle_for = since.elapsed();
+            if idle_for < self.idle_timeout && conn.still_open() {
+                return Some((conn, idle_for));
             }
         }
     }
@@ -348,6 +360,25 @@ impl Upstreams {
         });
         Ok(sender)
     }
+}
+
+/// How long a pooled connection may sit idle before a request sent on it
+/// keeps a copy for a second try: servers close idle keep-alive connections
+/// after seconds (Node's default is 5), never within one.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+
+/// A copy of a request that is safe to send twice: an idempotent method
+/// and a body read whole ([`UpBody::Buffered`]).
+fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
+    if !req.method().is_idempotent() {
+        return None;
+    }
+    let mut copy = Request::new(req.body().replay()?);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// Whether `machine` is still one the FIB would send requests to.
