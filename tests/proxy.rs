@@ -669,3 +669,57 @@ async fn an_app_address_serves_each_port_with_its_handlers() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn an_app_gets_at_most_max_conns_per_app_client_connections() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!("{CONFIG}max_conns_per_app = 2\n");
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(&config)).await;
+    create_app(&h, "few").await;
+    machine(&h, "few", web(8080, 20, 25)).await;
+
+    /// A keep-alive connection that has sent one request; its status.
+    async fn open(h: &Hangar) -> (tokio::net::TcpStream, String) {
+        let mut tcp = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+        tcp.write_all(b"GET /?bytes=2 HTTP/1.1\r\nHost: few.localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(WAIT, tcp.read_exact(&mut byte))
+                .await
+                .unwrap()
+                .unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        (tcp, head.lines().next().unwrap().to_string())
+    }
+    let (first, status) = open(&h).await;
+    assert!(status.ends_with("200 OK"), "{status}");
+    let (_second, status) = open(&h).await;
+    assert!(status.ends_with("200 OK"), "{status}");
+    let (_third, status) = open(&h).await;
+    assert!(status.contains(" 503 "), "{status}");
+    // Another app is not affected, and a closed connection frees a place.
+    assert_eq!(get(&h, "nope", "/").await.status, 404);
+    drop(first);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_again, status) = open(&h).await;
+        if status.ends_with("200 OK") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the place was not freed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let text = metrics(&h).await;
+    assert!(
+        text.contains(r#"fly_edge_proxy_errors_count{code="PE04"}"#),
+        "{text}"
+    );
+}

@@ -57,6 +57,9 @@ pub struct ProxyConfig {
     pub retry_body_bytes: u64,
     /// Largest request body accepted, else 413 (0: no limit).
     pub max_body_bytes: u64,
+    /// Client connections one app may have open at once; past it requests
+    /// get 503 (0: no limit).
+    pub max_conns_per_app: usize,
 }
 
 impl Default for ProxyConfig {
@@ -79,6 +82,7 @@ impl Default for ProxyConfig {
             drain_ms: 5_000,
             retry_body_bytes: 10 * 1024 * 1024,
             max_body_bytes: 0,
+            max_conns_per_app: 10_000,
         }
     }
 }

@@ -122,6 +122,14 @@ pub enum PathError {
         /// `proxy.max_body_bytes`.
         limit: u64,
     },
+    /// The app already has `proxy.max_conns_per_app` client connections.
+    #[error("app {app:?} has too many open connections (limit {limit})")]
+    TooManyConnections {
+        /// The app.
+        app: String,
+        /// The limit.
+        limit: usize,
+    },
     /// The client's request body could not be read.
     #[error("could not read the request body")]
     BodyRead(String),
@@ -177,7 +185,9 @@ impl PathError {
             | Self::NoHealthyMachine(_)
             | Self::NoHttpService(_)
             | Self::OnlyElsewhere { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::AtCapacity { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::AtCapacity { .. } | Self::TooManyConnections { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -193,6 +203,7 @@ impl PathError {
             Self::BadHost(_) => "PE01",
             Self::BodyTooLarge { .. } => "PE02",
             Self::BodyRead(_) => "PE03",
+            Self::TooManyConnections { .. } => "PE04",
             Self::UnknownApp(_) => "PA01",
             Self::NoStartedMachine(_) => "PR01",
             Self::NoHealthyMachine(_) => "PR02",
@@ -210,7 +221,7 @@ impl PathError {
     /// pass on their own.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::AtCapacity { .. } => Some(1),
+            Self::AtCapacity { .. } | Self::TooManyConnections { .. } => Some(1),
             _ => None,
         }
     }
@@ -221,7 +232,8 @@ impl PathError {
             Self::BadHost(_)
             | Self::UnknownApp(_)
             | Self::BodyTooLarge { .. }
-            | Self::BodyRead(_) => Side::Client,
+            | Self::BodyRead(_)
+            | Self::TooManyConnections { .. } => Side::Client,
             // No capacity is an operator concern, like an unreachable machine.
             Self::NoStartedMachine(_)
             | Self::NoHealthyMachine(_)

@@ -30,6 +30,7 @@
 pub mod balance;
 mod body;
 pub mod config;
+mod conn_limit;
 mod conns;
 pub mod error;
 mod headers;
@@ -163,6 +164,7 @@ impl Proxy {
             connect_timeout: cfg.connect_timeout(),
             retry_body_bytes: cfg.retry_body_bytes,
             max_body_bytes: cfg.max_body_bytes,
+            app_conns: conn_limit::AppConns::new(cfg.max_conns_per_app),
         });
         Ok(Proxy {
             http,

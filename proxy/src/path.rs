@@ -10,6 +10,7 @@
 
 use crate::balance::{self, Lease, NoTarget, Target, Want};
 use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
+use crate::conn_limit::{AppConns, Counted};
 use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
@@ -32,7 +33,7 @@ use hyper_util::server::graceful::Watcher;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -61,6 +62,8 @@ pub(crate) struct Edge {
     pub retry_body_bytes: u64,
     /// Largest request body accepted (0: no limit).
     pub max_body_bytes: u64,
+    /// Client connections per app.
+    pub app_conns: Arc<AppConns>,
 }
 
 /// The connection a request arrived on.
@@ -78,6 +81,9 @@ struct Conn {
     app: Option<Arc<str>>,
     /// What to ask of the machines' services.
     want: Want,
+    /// The connection's place in its app's connection count, taken by its
+    /// first request; see [`crate::conn_limit`].
+    counted: Arc<OnceLock<Counted>>,
 }
 
 /// One request as it moves down the path: what the log line reports.
@@ -163,6 +169,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
                 worker,
                 app: None,
                 want: Want::http(listener),
+                counted: Arc::default(),
             };
             connection(edge, server, tcp, conn, watcher).await;
         });
@@ -211,11 +218,16 @@ fn spawn_app_address(
                 worker,
                 app: Some(spec.app.clone()),
                 want: Want::Port(local.port()),
+                counted: Arc::default(),
             };
             return connection(edge, server, tcp, conn, watcher).await;
         }
         // Raw bytes are not HTTP: a shutdown cuts them at the deadline.
         drop(watcher);
+        let Some(_counted) = edge.app_conns.enter(&spec.app) else {
+            tracing::info!(app = %spec.app, %peer, "too many connections for the app; closing");
+            return;
+        };
         let _ = tcp.set_nodelay(true);
         if tls {
             if let Some(stream) = self::tls(&edge, tcp, peer).await {
@@ -355,6 +367,7 @@ async fn route(
     };
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.to_string());
+    count_connection(edge, &ex.conn, &app.name)?;
     let mut req = req;
     let mut upgrade = headers::Upgrade::take(&mut req);
     let req = upstream_request(req, ex, &edge.region, host)?;
@@ -597,6 +610,25 @@ async fn send(
             after: edge.response_timeout,
         })),
     }
+}
+
+/// Counts the request's connection against its app, once per connection;
+/// past `max_conns_per_app` the request is refused.
+fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError> {
+    if edge.app_conns.limit() == 0 || conn.counted.get().is_some() {
+        return Ok(());
+    }
+    let counted = edge
+        .app_conns
+        .enter(app)
+        .ok_or_else(|| PathError::TooManyConnections {
+            app: app.to_string(),
+            limit: edge.app_conns.limit(),
+        })?;
+    // A concurrent request on the same (h2) connection may have set it
+    // first; this one's count is then dropped again.
+    let _ = conn.counted.set(counted);
+    Ok(())
 }
 
 /// The host a request is for, and the app it names.
