@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Memory per idle keep-alive connection of a proxy.
+"""Memory per idle keep-alive connection of a proxy, plain and TLS.
 
-    idle_conns.py HOST:PORT COUNT tls|plain PID [PID...]
+    idle_conns.py PLAIN_ADDR TLS_ADDR COUNT PID [PID...]
 
-Opens COUNT connections to HOST:PORT (TLS handshakes with `tls`), sends one
-request on each (`Host: bench.localhost`, a one-byte body back) so every
-connection has served a request, and leaves them idle. Prints the growth of
-the summed resident memory (VmRSS) of the PIDs divided by COUNT, in bytes,
-after the connections are open and answered. The connections close when the
-script exits.
+Opens COUNT plain connections to PLAIN_ADDR, sends one request on each
+(`Host: bench.localhost`, a one-byte body back) so every connection has
+served a request, and leaves them idle; then the same over TLS to TLS_ADDR,
+keeping the plain ones open (so memory the plain ones freed cannot be
+counted again). Prints two numbers: the growth of the summed resident memory
+(VmRSS) of the PIDs divided by COUNT, in bytes, for each set. Everything
+closes when the script exits.
 """
 import socket
 import ssl
@@ -48,27 +49,33 @@ def answered(sock):
     return True
 
 
-def main():
-    addr, count, mode, pids = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+def open_idle(addr, count, tls, ctx, keep):
     host, port = addr.rsplit(":", 1)
+    for _ in range(count):
+        s = socket.create_connection((host, int(port)))
+        if tls:
+            s = ctx.wrap_socket(s, server_hostname="bench.localhost")
+        s.sendall(b"GET /?bytes=1 HTTP/1.1\r\nHost: bench.localhost\r\n\r\n")
+        if not answered(s):
+            sys.exit(f"connection {len(keep)} to {addr} was not answered")
+        keep.append(s)
+
+
+def main():
+    plain, tls, count, pids = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["http/1.1"])
-    before = rss(pids)
-    conns = []
-    for _ in range(count):
-        s = socket.create_connection((host, int(port)))
-        if mode == "tls":
-            s = ctx.wrap_socket(s, server_hostname="bench.localhost")
-        s.sendall(b"GET /?bytes=1 HTTP/1.1\r\nHost: bench.localhost\r\n\r\n")
-        if not answered(s):
-            sys.exit(f"connection {len(conns)} was not answered")
-        conns.append(s)
-    # Let the proxy settle (buffers released after the response).
-    time.sleep(0.5)
-    after = rss(pids)
-    print(max(after - before, 0) // count)
+    keep = []
+    grown = []
+    for addr, is_tls in [(plain, False), (tls, True)]:
+        before = rss(pids)
+        open_idle(addr, count, is_tls, ctx, keep)
+        # Let the proxy settle (buffers released after the response).
+        time.sleep(0.5)
+        grown.append(max(rss(pids) - before, 0) // count)
+    print(*grown)
 
 
 if __name__ == "__main__":

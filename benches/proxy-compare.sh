@@ -21,7 +21,8 @@
 #
 # and once: memory per idle keep-alive connection, plain and TLS (N
 # connections, each after one request: growth of the proxy's resident
-# memory divided by N; benches/idle_conns.py). The table shows each
+# memory divided by N; benches/idle_conns.py), and the share of Hangar's
+# upstream requests that went on a reused keep-alive connection. The table shows each
 # figure's median and its ratios to direct, nginx and HAProxy; --json adds
 # one JSON object on the last line.
 set -euo pipefail
@@ -202,6 +203,14 @@ for round in $(seq 1 "$rounds"); do
   done
 done
 
+# Upstream keep-alive reuse over everything Hangar forwarded above.
+curl -sf "http://$(addr metrics)/metrics" | python3 -c '
+import re, sys
+text = sys.stdin.read()
+n = {k: float(v) for k, v in re.findall(r"fly_edge_upstream_requests_total\{connection=\"(\w+)\"\} (\S+)", text)}
+total = n.get("new", 0) + n.get("reused", 0)
+print("reuse hangar", 100 * n.get("reused", 0) / total if total else 0)' >>"$results"
+
 # Memory per idle connection: the proxy processes only (nginx's workers,
 # HAProxy's one process, Hangar's whole process).
 pids_of() { case $1 in hangar) echo "$hangar_pid" ;;
@@ -209,9 +218,9 @@ pids_of() { case $1 in hangar) echo "$hangar_pid" ;;
   haproxy) echo "$haproxy_pid" ;; esac; }
 for path in hangar nginx haproxy; do
   # shellcheck disable=SC2046
-  echo "idle_plain $path $(python3 benches/idle_conns.py "$(plain $path)" "$idle" plain $(pids_of $path))" >>"$results"
-  # shellcheck disable=SC2046
-  echo "idle_tls $path $(python3 benches/idle_conns.py "$(tls $path)" "$idle" tls $(pids_of $path))" >>"$results"
+  read -r plain_bytes tls_bytes < <(python3 benches/idle_conns.py "$(plain $path)" "$(tls $path)" "$idle" $(pids_of $path))
+  echo "idle_plain $path $plain_bytes" >>"$results"
+  echo "idle_tls $path $tls_bytes" >>"$results"
 done
 
 python3 - "$results" "$rounds" "$secs" "$conns" "$rate" "$idle" "$json" <<'PYEOF'
@@ -236,6 +245,7 @@ rows = [
     ("new TLS handshakes/s", "handshakes", 0),
     ("idle conn bytes, plain", "idle_plain", 0),
     ("idle conn bytes, TLS", "idle_tls", 0),
+    ("upstream reuse %", "reuse", 0),
 ]
 names = ["direct", "hangar", "nginx", "haproxy"]
 fmt = lambda v: "-" if v is None else (f"{v:.0f}" if v >= 100 else f"{v:.3f}")

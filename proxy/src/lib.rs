@@ -1,29 +1,28 @@
-//! Hangar's edge proxy: it owns the public HTTP and HTTPS listeners, finds
-//! the app a request is for by its host (`<app>.localhost`), picks one of the
-//! app's started machines and forwards the request to the machine's private
-//! address, streaming both bodies.
+//! Hangar's edge proxy: the HTTP and HTTPS listeners every app shares
+//! (routing by Host and SNI), listeners on apps' own addresses (routing by
+//! address, with each port's handlers), and the path from a client to one of
+//! the app's machines. proxy/DESIGN.md describes the whole; in short:
 //!
-//! - [`config`]: [`ProxyConfig`], listen addresses, region, upstream timeouts.
-//! - [`tls`]: the self-signed dev certificate and the rustls server config.
-//! - [`path`]: the request path, top to bottom: accept → tls → host → app →
-//!   machine → forward → log, with every failure answered by one `fail()`.
-//! - [`balance`]: which machine serves a request (routable, right service,
-//!   power of two choices on in-flight counts) and the lease that counts it.
+//! - [`config`]: [`ProxyConfig`], listen addresses, region, limits, timeouts.
+//! - [`tls`]: the dev certificate, certificates by SNI, the rustls config.
+//! - [`path`]: the request path, top to bottom (host → app → body → slot →
+//!   send → respond → log), with every failure answered by one `fail()`.
+//! - [`balance`]: which machine takes a request (limits, nearest region,
+//!   two choices on exact in-flight counts) and the lease that counts it.
+//! - [`queue`]: requests waiting for a slot while an app is at its limits.
 //! - [`metrics`]: Prometheus metrics (Fly's `fly_edge_*` and `fly_app_*`
 //!   names) and the `/metrics` endpoint.
-//! - [`error`]: [`ProxyError`] for setup, [`PathError`] for one request.
+//! - [`error`]: [`ProxyError`] for setup, [`PathError`] (with its code) for
+//!   one request.
 //! - `workers`: the worker threads, one single-threaded runtime each; every
 //!   connection lives on one of them.
 //! - `upstream`: keep-alive connections to machines, pooled per worker and
-//!   machine, driven by the request that uses them.
+//!   machine, driven by the request that uses them; h2 for `h2_backend`.
 //! - `ports`: listeners on apps' own addresses (flycast and dedicated), one
 //!   per service port, following the FIB; `tcp`: what arrives on a port
 //!   without the `http` handler (raw TCP, `tls`, `proxy_proto`).
-//! - `headers`, `body`, `conns`: header rewriting at the hop, the response
-//!   body type, and connection draining at shutdown.
-//!
-//! Routing state comes from the catalog's FIB: every request reads one
-//! immutable snapshot and never waits for a writer.
+//! - `headers`, `body`, `conns`, `conn_limit`: header rewriting at the hop,
+//!   the bodies at both hops, draining at shutdown, connections per app.
 
 #![warn(missing_docs)]
 
