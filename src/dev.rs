@@ -100,7 +100,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
 
     let metrics = Arc::new(Metrics::new(fib.clone()).with_rib(rib.clone()));
-    let proxy = Proxy::bind(cfg.proxy.clone(), fib.clone(), &data_dir, &metrics, secrets).await?;
+    let hosts = Arc::new(RibHosts(rib.clone()));
+    let proxy = Proxy::bind(
+        cfg.proxy.clone(),
+        fib.clone(),
+        &data_dir,
+        &metrics,
+        secrets,
+        hosts,
+    )
+    .await?;
     let (http_addr, https_addr) = (proxy.http_addr(), proxy.https_addr());
     let proxy_drain = cfg.proxy.drain();
     let proxy_server = tokio::spawn(proxy.serve(stopping(stop_rx.clone()), proxy_drain));
@@ -161,6 +170,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&addrs_path);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The proxy finds each host's flyd (to start machines) in the RIB.
+struct RibHosts(Arc<Rib>);
+
+impl hangar_proxy::autostart::HostDirectory for RibHosts {
+    fn address(&self, host: &str) -> Option<String> {
+        match self.0.host(host) {
+            Ok(row) => row.map(|h| h.address),
+            Err(e) => {
+                tracing::warn!(host, error = %e, "reading a host's address");
+                None
+            }
+        }
+    }
 }
 
 fn fib_options(cfg: &Config) -> FibOptions {

@@ -723,3 +723,69 @@ async fn an_app_gets_at_most_max_conns_per_app_client_connections() {
         "{text}"
     );
 }
+
+/// Asks flaps to `stop` or `suspend` a machine and waits until it is.
+async fn put_down(h: &Hangar, app: &str, id: &str, how: &str, state: &str) {
+    let (status, body) = h
+        .post(&format!("/v1/apps/{app}/machines/{id}/{how}"), "{}")
+        .await;
+    assert_eq!(status, 200, "{how}: {body}");
+    let (status, body) = h
+        .get(&format!(
+            "/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=30"
+        ))
+        .await;
+    assert_eq!(status, 200, "wait {state}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_app_answers_its_first_requests_with_exactly_one_start() {
+    let (_tmp, h) = start().await;
+    let h = std::sync::Arc::new(h);
+    create_app(&h, "sleepy").await;
+    let id = machine(&h, "sleepy", web(8080, 500, 500)).await;
+    let started = |n| format!("fly_edge_autostarts_count{{result=\"ok\"}} {n}");
+
+    // Stopped: the first request starts it and is answered by it.
+    put_down(&h, "sleepy", &id, "stop", "stopped").await;
+    let got = get(&h, "sleepy", "/").await;
+    assert_eq!(got.status, 200, "{got:?}\n{}", h.log());
+    assert_eq!(got.machine.as_deref(), Some(id.as_str()));
+    assert!(metrics(&h).await.contains(&started(1)));
+
+    // 200 requests at once on a stopped app: one start, every one answered.
+    put_down(&h, "sleepy", &id, "stop", "stopped").await;
+    let all: Vec<_> = (0..200)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { get(&h, "sleepy", "/").await })
+        })
+        .collect();
+    for r in all {
+        let got = r.await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+    }
+    assert!(
+        metrics(&h).await.contains(&started(2)),
+        "exactly one more start"
+    );
+
+    // Suspended: resumed the same way.
+    put_down(&h, "sleepy", &id, "suspend", "suspended").await;
+    assert_eq!(get(&h, "sleepy", "/").await.status, 200);
+    assert!(metrics(&h).await.contains(&started(3)));
+
+    // A service with autostart off stays down.
+    create_app(&h, "manual").await;
+    let mut services = web(8080, 20, 25);
+    services["services"][0]["autostart"] = false.into();
+    let manual = machine(&h, "manual", services).await;
+    put_down(&h, "manual", &manual, "stop", "stopped").await;
+    let got = get(&h, "manual", "/").await;
+    assert_eq!(
+        (got.status, got.code.as_deref()),
+        (503, Some("PR01")),
+        "{got:?}"
+    );
+    assert!(metrics(&h).await.contains(&started(3)));
+}

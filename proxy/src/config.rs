@@ -60,6 +60,9 @@ pub struct ProxyConfig {
     /// Client connections one app may have open at once; past it requests
     /// get 503 (0: no limit).
     pub max_conns_per_app: usize,
+    /// How long a request may wait for a machine the proxy starts for it
+    /// (autostart) before 503 with `Retry-After`.
+    pub autostart_hold_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -83,6 +86,7 @@ impl Default for ProxyConfig {
             retry_body_bytes: 10 * 1024 * 1024,
             max_body_bytes: 0,
             max_conns_per_app: 10_000,
+            autostart_hold_ms: 30_000,
         }
     }
 }
@@ -118,6 +122,7 @@ impl ProxyConfig {
             ("queue_timeout_ms", self.queue_timeout_ms),
             ("header_timeout_ms", self.header_timeout_ms),
             ("drain_ms", self.drain_ms),
+            ("autostart_hold_ms", self.autostart_hold_ms),
         ] {
             if ms == 0 {
                 problems.push(format!("proxy.{field}: must be greater than 0"));
@@ -167,6 +172,11 @@ impl ProxyConfig {
     /// [`Self::header_timeout_ms`] as a duration.
     pub fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.header_timeout_ms)
+    }
+
+    /// [`Self::autostart_hold_ms`] as a duration.
+    pub fn autostart_hold(&self) -> Duration {
+        Duration::from_millis(self.autostart_hold_ms)
     }
 
     /// [`Self::drain_ms`] as a duration.

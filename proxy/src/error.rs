@@ -122,6 +122,17 @@ pub enum PathError {
         /// `proxy.max_body_bytes`.
         limit: u64,
     },
+    /// The app had no machine up, and starting one failed or took longer
+    /// than the hold timeout.
+    #[error("app {app:?} has no machine up, and starting machine {machine} failed: {reason}")]
+    StartFailed {
+        /// The app.
+        app: String,
+        /// The machine the proxy tried to start.
+        machine: String,
+        /// Why (flyd's answer, or the hold timeout).
+        reason: String,
+    },
     /// The app already has `proxy.max_conns_per_app` client connections.
     #[error("app {app:?} has too many open connections (limit {limit})")]
     TooManyConnections {
@@ -185,9 +196,9 @@ impl PathError {
             | Self::NoHealthyMachine(_)
             | Self::NoHttpService(_)
             | Self::OnlyElsewhere { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::AtCapacity { .. } | Self::TooManyConnections { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::AtCapacity { .. }
+            | Self::TooManyConnections { .. }
+            | Self::StartFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -204,6 +215,7 @@ impl PathError {
             Self::BodyTooLarge { .. } => "PE02",
             Self::BodyRead(_) => "PE03",
             Self::TooManyConnections { .. } => "PE04",
+            Self::StartFailed { .. } => "PM01",
             Self::UnknownApp(_) => "PA01",
             Self::NoStartedMachine(_) => "PR01",
             Self::NoHealthyMachine(_) => "PR02",
@@ -221,7 +233,9 @@ impl PathError {
     /// pass on their own.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::AtCapacity { .. } | Self::TooManyConnections { .. } => Some(1),
+            Self::AtCapacity { .. }
+            | Self::TooManyConnections { .. }
+            | Self::StartFailed { .. } => Some(1),
             _ => None,
         }
     }
@@ -240,6 +254,7 @@ impl PathError {
             | Self::NoHttpService(_)
             | Self::OnlyElsewhere { .. }
             | Self::AtCapacity { .. }
+            | Self::StartFailed { .. }
             | Self::Upstream { .. }
             | Self::UpstreamTimeout { .. } => Side::Upstream,
             Self::Internal(_) => Side::Internal,

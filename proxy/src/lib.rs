@@ -10,6 +10,7 @@
 //! - [`balance`]: which machine takes a request (limits, nearest region,
 //!   two choices on exact in-flight counts) and the lease that counts it.
 //! - [`queue`]: requests waiting for a slot while an app is at its limits.
+//! - [`autostart`]: starting a stopped machine for a request, single flight.
 //! - [`metrics`]: Prometheus metrics (Fly's `fly_edge_*` and `fly_app_*`
 //!   names) and the `/metrics` endpoint.
 //! - [`error`]: [`ProxyError`] for setup, [`PathError`] (with its code) for
@@ -26,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod autostart;
 pub mod balance;
 mod body;
 pub mod config;
@@ -123,13 +125,15 @@ impl Proxy {
     /// Validates `cfg`, loads the dev certificate from `data_dir` (creating
     /// it on first start), and binds both listeners. Requests read routes
     /// from `fib` and are counted in `metrics`; apps' custom certificates
-    /// (in the FIB) are opened with `secrets`.
+    /// (in the FIB) are opened with `secrets`; stopped machines are started
+    /// through the flyd `hosts` names.
     pub async fn bind(
         cfg: ProxyConfig,
         fib: Arc<Fib>,
         data_dir: &Path,
         metrics: &Metrics,
         secrets: Arc<SecretBox>,
+        hosts: Arc<dyn autostart::HostDirectory>,
     ) -> Result<Proxy, ProxyError> {
         cfg.validate().map_err(ProxyError::Config)?;
         // Blocking file IO and key generation, but once at start-up and
@@ -141,7 +145,7 @@ impl Proxy {
         let https = bind_listener("https", cfg.https_addr).await?;
         let workers = workers::Workers::start(cfg.workers()).map_err(ProxyError::Workers)?;
         let edge = Arc::new(Edge {
-            fib,
+            fib: fib.clone(),
             upstreams: upstream::Upstreams::new(
                 workers.count(),
                 cfg.connect_timeout(),
@@ -164,6 +168,12 @@ impl Proxy {
             retry_body_bytes: cfg.retry_body_bytes,
             max_body_bytes: cfg.max_body_bytes,
             app_conns: conn_limit::AppConns::new(cfg.max_conns_per_app),
+            autostart: Arc::new(autostart::Autostart::new(
+                fib,
+                hosts,
+                cfg.autostart_hold(),
+                metrics.edge(),
+            )),
         });
         Ok(Proxy {
             http,
@@ -403,6 +413,15 @@ mod tests {
             .expect("end-to-end proxy test finished in time");
     }
 
+    /// No flyd anywhere: these tests start no machines.
+    struct NoHosts;
+
+    impl autostart::HostDirectory for NoHosts {
+        fn address(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
     /// A proxy serving a temp RIB's apps, and the handles to stop it.
     struct Harness {
         _dir: tempfile::TempDir,
@@ -435,9 +454,16 @@ mod tests {
             ..ProxyConfig::default()
         };
         let secrets = Arc::new(SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap());
-        let proxy = Proxy::bind(cfg, fib.clone(), dir.path(), &metrics, secrets)
-            .await
-            .unwrap();
+        let proxy = Proxy::bind(
+            cfg,
+            fib.clone(),
+            dir.path(),
+            &metrics,
+            secrets,
+            Arc::new(NoHosts),
+        )
+        .await
+        .unwrap();
         let (http_addr, https_addr) = (proxy.http_addr(), proxy.https_addr());
         let (stop, stopped) = oneshot::channel::<()>();
         let served = tokio::spawn(proxy.serve(

@@ -13,6 +13,8 @@
 //!   by code (`PR04`, ...; see [`crate::PathError::code`]).
 //! - `fly_edge_http_retries_count`: requests sent to another machine after
 //!   one refused the connection.
+//! - `fly_edge_autostarts_count{result}` and
+//!   `fly_edge_autostart_time_seconds`: machines started for requests.
 //! - `fly_edge_upstream_requests_total{connection}`: requests sent to
 //!   machines on a `new` or a `reused` keep-alive connection.
 //!
@@ -102,6 +104,8 @@ pub(crate) struct EdgeMetrics {
     tls_timeout: IntCounter,
     tls_time: Histogram,
     connection_errors: IntCounterVec,
+    autostarts: IntCounterVec,
+    autostart_time: Histogram,
 }
 
 /// Requests sent to machines by the kind of connection they went on.
@@ -218,6 +222,24 @@ impl Metrics {
             "Client connections the proxy ended for misbehaving, by reason",
             &["reason"],
         );
+        let autostarts = r.counter(
+            "fly_edge_autostarts_count",
+            "Machines the proxy started for requests, by result",
+            &["result"],
+        );
+        let autostart_time = r.add(
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "fly_edge_autostart_time_seconds",
+                    "Time from a start's first request until its machine takes traffic",
+                )
+                .buckets(RESPONSE_TIME_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        );
+        for result in ["ok", "failed"] {
+            autostarts.with_label_values(&[result]);
+        }
         r.add(Concurrency::new(fib.clone()));
         r.add(MachineCounts::new(fib.clone()));
         let edge = EdgeMetrics {
@@ -239,6 +261,8 @@ impl Metrics {
             tls_timeout: tls.with_label_values(&["timeout"]),
             tls_time,
             connection_errors: connection_errors.clone(),
+            autostarts,
+            autostart_time,
         };
         for reason in ["header_timeout", "bad_request", "other"] {
             connection_errors.with_label_values(&[reason]);
@@ -339,6 +363,13 @@ impl EdgeMetrics {
             Handshake::Error => self.tls_error.inc(),
             Handshake::Timeout => self.tls_timeout.inc(),
         }
+    }
+
+    /// Counts one autostart and how long it took.
+    pub(crate) fn autostart(&self, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "failed" };
+        self.autostarts.with_label_values(&[result]).inc();
+        self.autostart_time.observe(took.as_secs_f64());
     }
 
     /// Counts a client connection the HTTP layer ended: `reason` is

@@ -8,6 +8,7 @@
 //! here takes a lock: the FIB is read through an immutable snapshot and the
 //! load counters are atomics.
 
+use crate::autostart::{self, Autostart};
 use crate::balance::{self, Lease, NoTarget, Target, Want};
 use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
 use crate::conn_limit::{AppConns, Counted};
@@ -64,6 +65,8 @@ pub(crate) struct Edge {
     pub max_body_bytes: u64,
     /// Client connections per app.
     pub app_conns: Arc<AppConns>,
+    /// Starts of stopped machines for requests.
+    pub autostart: Arc<Autostart>,
 }
 
 /// The connection a request arrived on.
@@ -427,7 +430,9 @@ async fn route(
 
 /// Picks the machine and takes a slot on it; see [`balance`]. When every
 /// machine is at its hard limit the request waits in the app's queue
-/// ([`crate::queue`]), reading the app's routes afresh on every try.
+/// ([`crate::queue`]), reading the app's routes afresh on every try. When
+/// the app has no machine up, one is started ([`crate::autostart`]) and the
+/// request routed again once it is.
 async fn slot(
     edge: &Edge,
     app: &Arc<AppRoutes>,
@@ -443,18 +448,42 @@ async fn slot(
             Err(no) => Some(Err(no)),
         }
     };
-    let found = match attempt(app) {
-        Some(found) => found,
-        None => edge
-            .queues
-            .wait(&app.name, || attempt(&edge.fib.lookup(&app.name)?))
+    let mut app = app.clone();
+    let mut started = false;
+    loop {
+        let found = match attempt(&app) {
+            Some(found) => found,
+            None => edge
+                .queues
+                .wait(&app.name, || attempt(&edge.fib.lookup(&app.name)?))
+                .await
+                .map_err(|reason| PathError::AtCapacity {
+                    app: app.name.to_string(),
+                    reason,
+                })?,
+        };
+        let no = match found {
+            Ok(slot) => return Ok(slot),
+            Err(no @ (NoTarget::NoStartedMachine | NoTarget::NoHealthyMachine)) if !started => no,
+            Err(no) => return Err(no_target(&app, no, &edge.region)),
+        };
+        let Some(machine) = autostart::pick(&app, want, &edge.region) else {
+            return Err(no_target(&app, no, &edge.region));
+        };
+        edge.autostart
+            .start(&app.name, machine)
             .await
-            .map_err(|reason| PathError::AtCapacity {
+            .map_err(|reason| PathError::StartFailed {
                 app: app.name.to_string(),
+                machine: machine.id.to_string(),
                 reason,
-            })?,
-    };
-    found.map_err(|no| no_target(app, no, &edge.region))
+            })?;
+        started = true;
+        app = edge
+            .fib
+            .lookup(&app.name)
+            .ok_or_else(|| PathError::UnknownApp(app.name.to_string()))?;
+    }
 }
 
 /// The error for an app without a machine for this request. With none here

@@ -1,0 +1,190 @@
+//! Autostart: a request for an app with no machine to take it starts one of
+//! the app's stopped or suspended machines, by calling the flyd that owns
+//! it, and waits until the catalog shows it routable.
+//!
+//! - Which machine: one with a service for the request whose `autostart` is
+//!   not off, suspended before stopped (a resume takes milliseconds), this
+//!   proxy's region before others, then by id, so concurrent requests agree.
+//! - Single flight per app: every request that finds the app without a
+//!   machine while a start is under way waits for that start instead of
+//!   starting another. The flight ends when flyd has answered and the FIB
+//!   shows the machine routable (checked every [`POLL`]), or fails; at most
+//!   `hold` in all.
+//! - The caller then routes again as usual; a failed or timed-out start is
+//!   the caller's 503 with `Retry-After`.
+
+use crate::balance::{Want, service_for};
+use compact_str::CompactString;
+use dashmap::DashMap;
+use hangar_api::host::{HostCall, HostClient};
+use hangar_api::machine::MachineState;
+use hangar_catalog::{AppRoutes, Fib, RouteMachine};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How often a start in flight checks the FIB for its machine.
+const POLL: Duration = Duration::from_millis(2);
+
+/// How long a start waits before asking again when flyd says the machine
+/// cannot start yet (it is still stopping or suspending).
+const SETTLE: Duration = Duration::from_millis(5);
+
+/// Where each host's flyd listens (host id → `ip:port`); the RIB knows.
+pub trait HostDirectory: Send + Sync {
+    /// The flyd RPC address of `host`, if the host is known.
+    fn address(&self, host: &str) -> Option<String>;
+}
+
+/// How a start ended, shared by everyone waiting on it.
+pub(crate) type Outcome = Result<(), String>;
+
+/// Starts in flight, one per app.
+pub(crate) struct Autostart {
+    flights: DashMap<CompactString, watch::Receiver<Option<Outcome>>>,
+    fib: Arc<Fib>,
+    hosts: Arc<dyn HostDirectory>,
+    client: HostClient,
+    hold: Duration,
+    metrics: crate::metrics::EdgeMetrics,
+}
+
+/// The machine to start for a request: see the module docs. A machine
+/// still stopping or suspending counts (after the settled ones): its start
+/// waits until flyd takes it; so does one already starting (started by
+/// someone else), whose start just waits for it.
+pub(crate) fn pick<'a>(app: &'a AppRoutes, want: Want, region: &str) -> Option<&'a RouteMachine> {
+    use MachineState::*;
+    app.machines
+        .iter()
+        .filter(|m| {
+            matches!(
+                m.state,
+                Stopped | Suspended | Created | Stopping | Suspending | Starting
+            )
+        })
+        .filter(|m| !m.cordoned)
+        .filter(|m| {
+            service_for(&m.services, want).is_some_and(|s| m.services[s].autostart != Some(false))
+        })
+        .min_by_key(|m| {
+            let settled = matches!(m.state, Stopped | Suspended | Created);
+            let suspended = matches!(m.state, Suspended | Suspending);
+            (!settled, !suspended, &*m.region != region, m.id.clone())
+        })
+}
+
+impl Autostart {
+    pub(crate) fn new(
+        fib: Arc<Fib>,
+        hosts: Arc<dyn HostDirectory>,
+        hold: Duration,
+        metrics: crate::metrics::EdgeMetrics,
+    ) -> Self {
+        Self {
+            flights: DashMap::new(),
+            fib,
+            hosts,
+            // flyd answers a start once the machine is ready; the hold
+            // bounds it.
+            client: HostClient::new(hold),
+            hold,
+            metrics,
+        }
+    }
+
+    /// Starts `machine` of `app`, or joins the app's start in flight, and
+    /// waits for the outcome.
+    pub(crate) async fn start(self: &Arc<Self>, app: &str, machine: &RouteMachine) -> Outcome {
+        let mut outcome = self
+            .flights
+            .entry(CompactString::from(app))
+            .or_insert_with(|| self.launch(app, machine))
+            .clone();
+        match outcome.wait_for(Option::is_some).await {
+            Ok(done) => done
+                .clone()
+                .unwrap_or_else(|| Err("start abandoned".into())),
+            Err(_) => Err("start abandoned".into()),
+        }
+    }
+
+    /// Runs one start in a task of its own, so it completes (and frees the
+    /// flight) even if the request that began it goes away.
+    fn launch(
+        self: &Arc<Self>,
+        app: &str,
+        machine: &RouteMachine,
+    ) -> watch::Receiver<Option<Outcome>> {
+        let (tx, rx) = watch::channel(None);
+        let this = self.clone();
+        let app = CompactString::from(app);
+        let (id, host, from) = (machine.id.clone(), machine.host.clone(), machine.state);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = match tokio::time::timeout(this.hold, this.run(&app, &id, &host)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("machine {id} was not ready within {:?}", this.hold)),
+            };
+            let took = started.elapsed();
+            match &outcome {
+                Ok(true) => {
+                    tracing::info!(%app, machine = %id, from = %from, ?took, "autostart: started for a request");
+                    this.metrics.autostart(true, took);
+                }
+                // Someone else had started it: not a start of ours.
+                Ok(false) => tracing::debug!(%app, machine = %id, "autostart: already starting"),
+                Err(e) => {
+                    tracing::warn!(%app, machine = %id, ?took, error = %e, "autostart failed");
+                    this.metrics.autostart(false, took);
+                }
+            }
+            this.flights.remove(&app);
+            let _ = tx.send(Some(outcome.map(|_| ())));
+        });
+        rx
+    }
+
+    /// Asks the machine's flyd to start it, then waits until the FIB routes
+    /// to it. True when this start is what started it.
+    async fn run(&self, app: &str, id: &str, host: &str) -> Result<bool, String> {
+        let addr = self
+            .hosts
+            .address(host)
+            .ok_or_else(|| format!("host {host} of machine {id} is unknown"))?;
+        let path = format!("/v1/machines/{id}/start");
+        let routable = || {
+            self.fib
+                .lookup(app)
+                .is_some_and(|a| a.candidates().iter().any(|m| m.id == id))
+        };
+        // 412: not startable now, either still stopping (start it once it
+        // has stopped) or started by someone else (the FIB will say).
+        loop {
+            let reply = self
+                .client
+                .call(&addr, HostCall::new(reqwest::Method::POST, &path))
+                .await
+                .map_err(|e| e.to_string())?;
+            match reply.status {
+                200..=299 => break,
+                412 if routable() => return Ok(false),
+                412 => tokio::time::sleep(SETTLE).await,
+                status => {
+                    return Err(format!(
+                        "flyd answered {status}: {}",
+                        reply
+                            .body
+                            .get("error")
+                            .and_then(|e| e.as_str())
+                            .unwrap_or("")
+                    ));
+                }
+            }
+        }
+        while !routable() {
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(true)
+    }
+}
