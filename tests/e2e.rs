@@ -237,8 +237,6 @@ async fn shutdown_stops_machines_and_records_them_stopped() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "stopped", "{body}");
     assert_eq!(body["events"][0]["type"], "stop", "{body}");
-    let (status, body) = h.via_proxy("sleepy.localhost", "/").await;
-    assert_eq!(status, 503, "{body}");
     let (status, body) = h
         .post(&format!("/v1/apps/sleepy/machines/{id}/start"), "")
         .await;

@@ -53,7 +53,10 @@ fn all_frozen(id: &str) -> bool {
 #[tokio::test]
 async fn suspend_restart_cordon_and_wrong_states() {
     let h = Hangar::start().await;
-    let machine = h.app_with_machine("life").await;
+    // Autostart off: this test makes every transition itself.
+    let machine = h
+        .app_with_machine_config("life", common::ECHO_MACHINE_MANUAL)
+        .await;
     let id = machine["id"].as_str().unwrap();
     let m = |suffix: &str| format!("/v1/apps/life/machines/{id}{suffix}");
 

@@ -567,10 +567,11 @@ mod tests {
                 "app \"nope\" not found\n",
             ),
             (
+                // Stopped: autostart tries, and this test has no flyd.
                 Some("sleepy.localhost".into()),
                 503,
-                "PR01",
-                "app \"sleepy\" has no started machine\n",
+                "PM01",
+                "app \"sleepy\" has no machine up, and starting machine m2 failed: host h1 of machine m2 is unknown\n",
             ),
             (
                 Some("broken.localhost".into()),
@@ -634,7 +635,8 @@ mod tests {
             r#"fly_edge_proxy_errors_count{code="PC01"} 1"#,
             r#"fly_edge_proxy_errors_count{code="PE01"} 2"#,
             r#"fly_edge_proxy_errors_count{code="PA01"} 1"#,
-            r#"fly_edge_proxy_errors_count{code="PR01"} 1"#,
+            r#"fly_edge_proxy_errors_count{code="PM01"} 1"#,
+            r#"fly_edge_autostarts_count{result="failed"} 1"#,
             r#"fly_edge_tls_handshakes_count{result="ok"} 1"#,
             r#"fly_app_machines{state="started"} 2"#,
             r#"fly_app_machines{state="stopped"} 1"#,

@@ -219,6 +219,12 @@ impl Hangar {
 
     /// Creates an app and a started hangar/echo machine; returns the machine.
     pub async fn app_with_machine(&self, app: &str) -> Value {
+        self.app_with_machine_config(app, ECHO_MACHINE).await
+    }
+
+    /// Creates an app and a started machine from `request` (a create
+    /// request's JSON); returns the machine.
+    pub async fn app_with_machine_config(&self, app: &str, request: &str) -> Value {
         let (status, body) = self
             .call(
                 reqwest::Method::POST,
@@ -231,7 +237,7 @@ impl Hangar {
             .call(
                 reqwest::Method::POST,
                 &format!("/v1/apps/{app}/machines"),
-                Some(ECHO_MACHINE),
+                Some(request),
             )
             .await;
         assert_eq!(status, 200, "{machine}\n{}", self.log());
@@ -274,6 +280,12 @@ fn read_log(dir: &Path) -> String {
 
 /// The machine the README's walkthrough creates.
 pub const ECHO_MACHINE: &str = r#"{"config":{"image":"hangar/echo","services":[{"protocol":"tcp","internal_port":8080,
+  "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}"#;
+
+/// [`ECHO_MACHINE`] with autostart off: the proxy never starts it, so a
+/// test can watch it stay stopped or suspended.
+pub const ECHO_MACHINE_MANUAL: &str = r#"{"config":{"image":"hangar/echo","services":[{"protocol":"tcp","internal_port":8080,
+  "autostart":false,
   "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}"#;
 
 /// Pids of processes whose command line or environment mentions `needle`.
