@@ -318,7 +318,7 @@ async fn tls(
     }
 }
 
-// ---- handle: host → app → machine → forward ----
+// ---- handle: host → app → body → slot → send → respond ----
 
 /// Serves one request. Never fails: every error becomes a response in
 /// [`fail`], and every request is logged and counted once in [`log`].
@@ -427,6 +427,108 @@ async fn route(
         }
     }
 }
+/// The host a request is for, and the app it names.
+#[derive(Debug)]
+struct Host {
+    app: String,
+    /// The client's Host as received, port included, passed on to the machine.
+    raw: HeaderValue,
+}
+
+/// Reads the host from the URI authority (h2, or an HTTP/1 absolute-form
+/// target, which takes precedence over `Host` per RFC 9112 section 3.2.2),
+/// else from the `Host` header.
+fn host(fib: &Fib, req: &Request<Incoming>) -> Result<Host, PathError> {
+    let raw = match req.uri().authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str())
+            .map_err(|_| PathError::BadHost(HostError::NotText))?,
+        None => req
+            .headers()
+            .get(HOST)
+            .cloned()
+            .ok_or(PathError::BadHost(HostError::Missing))?,
+    };
+    let text = raw
+        .to_str()
+        .map_err(|_| PathError::BadHost(HostError::NotText))?;
+    // An app's custom hostname first, then `<app>.localhost`.
+    let app = match custom_hostname_app(fib, text) {
+        Some(app) => app,
+        None => parse_host(text).map_err(PathError::BadHost)?,
+    };
+    Ok(Host { app, raw })
+}
+
+/// The app a custom hostname (one with an uploaded certificate) belongs to.
+fn custom_hostname_app(fib: &Fib, raw: &str) -> Option<String> {
+    let name = strip_port(raw).ok()?.to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    fib.snapshot().hostname(name).map(|c| c.app.clone())
+}
+
+/// The app's routes from the current FIB snapshot.
+fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
+    fib.lookup(name)
+        .ok_or_else(|| PathError::UnknownApp(name.to_string()))
+}
+
+/// Counts the request's connection against its app, once per connection;
+/// past `max_conns_per_app` the request is refused.
+fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError> {
+    if edge.app_conns.limit() == 0 || conn.counted.get().is_some() {
+        return Ok(());
+    }
+    let counted = edge
+        .app_conns
+        .enter(app)
+        .ok_or_else(|| PathError::TooManyConnections {
+            app: app.to_string(),
+            limit: edge.app_conns.limit(),
+        })?;
+    // A concurrent request on the same (h2) connection may have set it
+    // first; this one's count is then dropped again.
+    let _ = conn.counted.set(counted);
+    Ok(())
+}
+
+/// Rewrites the client's request for the machine: origin-form
+/// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, proxy
+/// headers added.
+fn upstream_request(
+    mut req: Request<Incoming>,
+    ex: &Exchange,
+    region: &str,
+    host: Host,
+) -> Result<Request<Incoming>, PathError> {
+    let via = match req.version() {
+        Version::HTTP_2 => "2 hangar",
+        Version::HTTP_10 => "1.0 hangar",
+        _ => "1.1 hangar",
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+    // Machines are spoken to in HTTP/1.1 whatever the client used.
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    headers::strip_hop_by_hop(headers);
+    headers.insert(HOST, host.raw);
+    let forwarded = Forwarded {
+        client_ip: ex.conn.peer.ip().to_canonical(),
+        proto: ex.conn.listener.as_str(),
+        port: ex.conn.local_port,
+        region,
+        request_id: &ex.id,
+        via,
+    };
+    headers::join_cookies(headers)
+        .and_then(|()| headers::add_forwarded(headers, &forwarded))
+        .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))?;
+    Ok(req)
+}
 
 /// Picks the machine and takes a slot on it; see [`balance`]. When every
 /// machine is at its hard limit the request waits in the app's queue
@@ -534,56 +636,6 @@ fn force_https(
     Some(response)
 }
 
-/// An HTTP/1.1-shaped request made ready for h2: the Host moves into the
-/// URI's authority (h2's `:authority`), the machine's address standing in
-/// when the client sent none usable.
-fn for_h2(mut req: Request<UpBody>, addr: SocketAddr) -> Request<UpBody> {
-    let host = req.headers_mut().remove(HOST);
-    let authority = host
-        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-        .unwrap_or_else(|| {
-            http::uri::Authority::try_from(addr.to_string().as_str())
-                .expect("a socket address is an authority")
-        });
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(path);
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-    *req.version_mut() = Version::HTTP_2;
-    req
-}
-
-/// Why a request that failed at the machine was not sent again (it is
-/// only when it went out on a reused connection that turned out closed,
-/// and could be repeated safely).
-fn why_not_retried(method: &http::Method, buffered: bool, keep: u64) -> Option<String> {
-    if !buffered {
-        Some(format!(
-            "not retried: the request body was larger than {keep} bytes and was streamed"
-        ))
-    } else if !method.is_idempotent() {
-        Some(format!("not retried: {method} is not idempotent"))
-    } else {
-        None
-    }
-}
-
-/// How one attempt to forward failed.
-enum Failure {
-    /// The machine could not be connected to; the request comes back.
-    Refused(PathError, Box<Request<UpBody>>),
-    /// Anything else: the request is gone.
-    Failed(PathError),
-}
-
 /// Sends the request to the target and waits for the response head, for at
 /// most the response timeout. An upgrade request goes on a connection of
 /// its own, handed over to the tunnel if the machine switches protocols.
@@ -641,107 +693,54 @@ async fn send(
     }
 }
 
-/// Counts the request's connection against its app, once per connection;
-/// past `max_conns_per_app` the request is refused.
-fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError> {
-    if edge.app_conns.limit() == 0 || conn.counted.get().is_some() {
-        return Ok(());
-    }
-    let counted = edge
-        .app_conns
-        .enter(app)
-        .ok_or_else(|| PathError::TooManyConnections {
-            app: app.to_string(),
-            limit: edge.app_conns.limit(),
-        })?;
-    // A concurrent request on the same (h2) connection may have set it
-    // first; this one's count is then dropped again.
-    let _ = conn.counted.set(counted);
-    Ok(())
+/// How one attempt to forward failed.
+enum Failure {
+    /// The machine could not be connected to; the request comes back.
+    Refused(PathError, Box<Request<UpBody>>),
+    /// Anything else: the request is gone.
+    Failed(PathError),
 }
 
-/// The host a request is for, and the app it names.
-#[derive(Debug)]
-struct Host {
-    app: String,
-    /// The client's Host as received, port included, passed on to the machine.
-    raw: HeaderValue,
-}
-
-/// Reads the host from the URI authority (h2, or an HTTP/1 absolute-form
-/// target, which takes precedence over `Host` per RFC 9112 section 3.2.2),
-/// else from the `Host` header.
-fn host(fib: &Fib, req: &Request<Incoming>) -> Result<Host, PathError> {
-    let raw = match req.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str())
-            .map_err(|_| PathError::BadHost(HostError::NotText))?,
-        None => req
-            .headers()
-            .get(HOST)
-            .cloned()
-            .ok_or(PathError::BadHost(HostError::Missing))?,
-    };
-    let text = raw
-        .to_str()
-        .map_err(|_| PathError::BadHost(HostError::NotText))?;
-    // An app's custom hostname first, then `<app>.localhost`.
-    let app = match custom_hostname_app(fib, text) {
-        Some(app) => app,
-        None => parse_host(text).map_err(PathError::BadHost)?,
-    };
-    Ok(Host { app, raw })
-}
-
-/// The app a custom hostname (one with an uploaded certificate) belongs to.
-fn custom_hostname_app(fib: &Fib, raw: &str) -> Option<String> {
-    let name = strip_port(raw).ok()?.to_ascii_lowercase();
-    let name = name.strip_suffix('.').unwrap_or(&name);
-    fib.snapshot().hostname(name).map(|c| c.app.clone())
-}
-
-/// The app's routes from the current FIB snapshot.
-fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
-    fib.lookup(name)
-        .ok_or_else(|| PathError::UnknownApp(name.to_string()))
-}
-
-/// Rewrites the client's request for the machine: origin-form
-/// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, proxy
-/// headers added.
-fn upstream_request(
-    mut req: Request<Incoming>,
-    ex: &Exchange,
-    region: &str,
-    host: Host,
-) -> Result<Request<Incoming>, PathError> {
-    let via = match req.version() {
-        Version::HTTP_2 => "2 hangar",
-        Version::HTTP_10 => "1.0 hangar",
-        _ => "1.1 hangar",
-    };
+/// An HTTP/1.1-shaped request made ready for h2: the Host moves into the
+/// URI's authority (h2's `:authority`), the machine's address standing in
+/// when the client sent none usable.
+fn for_h2(mut req: Request<UpBody>, addr: SocketAddr) -> Request<UpBody> {
+    let host = req.headers_mut().remove(HOST);
+    let authority = host
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            http::uri::Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is an authority")
+        });
     let path = req
         .uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
-    // Machines are spoken to in HTTP/1.1 whatever the client used.
-    *req.version_mut() = Version::HTTP_11;
-    let headers = req.headers_mut();
-    headers::strip_hop_by_hop(headers);
-    headers.insert(HOST, host.raw);
-    let forwarded = Forwarded {
-        client_ip: ex.conn.peer.ip().to_canonical(),
-        proto: ex.conn.listener.as_str(),
-        port: ex.conn.local_port,
-        region,
-        request_id: &ex.id,
-        via,
-    };
-    headers::join_cookies(headers)
-        .and_then(|()| headers::add_forwarded(headers, &forwarded))
-        .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))?;
-    Ok(req)
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    req
+}
+
+/// Why a request that failed at the machine was not sent again (it is
+/// only when it went out on a reused connection that turned out closed,
+/// and could be repeated safely).
+fn why_not_retried(method: &http::Method, buffered: bool, keep: u64) -> Option<String> {
+    if !buffered {
+        Some(format!(
+            "not retried: the request body was larger than {keep} bytes and was streamed"
+        ))
+    } else if !method.is_idempotent() {
+        Some(format!("not retried: {method} is not idempotent"))
+    } else {
+        None
+    }
 }
 
 /// The machine's response for the client: hop-by-hop headers out, request
