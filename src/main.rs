@@ -101,6 +101,9 @@ enum BenchPart {
     Catalog(bench::CatalogArgs),
     /// HTTP requests at a fixed rate: latency percentiles at that load.
     Load(bench::LoadArgs),
+    /// A request to a stopped or suspended app through the proxy, which
+    /// starts its machine: time to first byte.
+    Coldstart(bench::ColdstartArgs),
 }
 
 /// Flags of `hangar dev`; each overrides the config file.
@@ -172,6 +175,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchPart::Catalog(args)) => bench::catalog(args),
         Command::Bench(BenchPart::Load(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::load(args))
+        }
+        Command::Bench(BenchPart::Coldstart(args)) => {
+            tokio::runtime::Runtime::new()?.block_on(bench::coldstart(args))
         }
         Command::Bench(BenchPart::Lifecycle(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::lifecycle(args))

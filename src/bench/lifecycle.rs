@@ -30,7 +30,7 @@ pub struct LifecycleArgs {
 }
 
 /// A `hangar dev` started for the benchmark, stopped on drop.
-struct DevInstance {
+pub(super) struct DevInstance {
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -55,6 +55,17 @@ impl Drop for DevInstance {
 /// Starts `hangar dev` on port 0 in a temp dir; returns it, the API base
 /// URL and the token.
 async fn start_dev() -> anyhow::Result<(DevInstance, String, String)> {
+    let (instance, addrs, token) = start_dev_with_addrs().await?;
+    let base = format!(
+        "http://{}",
+        addrs["flaps"].as_str().context("addrs.json has no flaps")?
+    );
+    Ok((instance, base, token))
+}
+
+/// Starts `hangar dev` on port 0 in a temp dir; returns it, its bound
+/// addresses (`addrs.json`) and the token.
+pub(super) async fn start_dev_with_addrs() -> anyhow::Result<(DevInstance, Value, String)> {
     let dir = tempfile::tempdir()?;
     let data: PathBuf = dir.path().join("data");
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -91,19 +102,15 @@ async fn start_dev() -> anyhow::Result<(DevInstance, String, String)> {
     let token = std::fs::read_to_string(data.join("token"))?
         .trim()
         .to_string();
-    let base = format!(
-        "http://{}",
-        addrs["flaps"].as_str().context("addrs.json has no flaps")?
-    );
-    Ok((instance, base, token))
+    Ok((instance, addrs, token))
 }
 
 /// The Machines API, as the benchmark calls it.
 #[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+pub(super) struct Api {
+    pub(super) http: reqwest::Client,
+    pub(super) base: String,
+    pub(super) token: String,
 }
 
 impl Api {
@@ -129,25 +136,25 @@ impl Api {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    async fn wait(&self, app: &str, id: &str, state: &str) -> anyhow::Result<()> {
+    pub(super) async fn wait(&self, app: &str, id: &str, state: &str) -> anyhow::Result<()> {
         let path = format!("/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=60");
         self.call(reqwest::Method::GET, &path, None).await.map(drop)
     }
 
-    async fn post(&self, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+    pub(super) async fn post(&self, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
         self.call(reqwest::Method::POST, path, body).await
     }
 }
 
 /// Percentiles of a sample, in milliseconds.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
-struct Latency {
-    p50: f64,
-    p90: f64,
-    p99: f64,
+pub(super) struct Latency {
+    pub(super) p50: f64,
+    pub(super) p90: f64,
+    pub(super) p99: f64,
 }
 
-fn latency(samples: Vec<Duration>) -> Latency {
+pub(super) fn latency(samples: Vec<Duration>) -> Latency {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(f64::total_cmp);
     Latency {

@@ -7,12 +7,16 @@
 //!   visible propagation.
 //! - `load`: HTTP requests at a fixed rate and their latency percentiles
 //!   (what `benches/proxy-compare.sh` measures every proxy with).
+//! - `coldstart`: a request to a stopped or suspended app through the
+//!   proxy, which starts the machine, until the first byte.
 
 mod catalog;
+mod coldstart;
 mod lifecycle;
 mod load;
 
 pub use catalog::{CatalogArgs, catalog};
+pub use coldstart::{ColdstartArgs, coldstart};
 pub use lifecycle::{LifecycleArgs, lifecycle};
 pub use load::{LoadArgs, load};
 
