@@ -789,3 +789,35 @@ async fn a_stopped_app_answers_its_first_requests_with_exactly_one_start() {
     );
     assert!(metrics(&h).await.contains(&started(3)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_past_their_soft_limit_get_a_stopped_one_started_beside_them() {
+    let (_tmp, h) = start().await;
+    let h = std::sync::Arc::new(h);
+    create_app(&h, "grow").await;
+    let a = machine(&h, "grow", web(8080, 1, 25)).await;
+    let b = machine(&h, "grow", web(8080, 1, 25)).await;
+    put_down(&h, "grow", &b, "stop", "stopped").await;
+
+    // A busy: the next request still goes to A (past soft, under hard) and
+    // starts B in the background.
+    let slow = tokio::spawn({
+        let h = h.clone();
+        async move { get(&h, "grow", "/?sleep_ms=1500").await }
+    });
+    until_metric(&h, r#"fly_app_concurrency{app="grow",region="dev"} 1"#).await;
+    let quick = get(&h, "grow", "/").await;
+    assert_eq!(quick.status, 200, "{quick:?}");
+    assert_eq!(quick.machine.as_deref(), Some(a.as_str()));
+    let (status, body) = h
+        .get(&format!(
+            "/v1/apps/grow/machines/{b}/wait?state=started&timeout=30"
+        ))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    until_metric(&h, r#"fly_edge_autostarts_count{result="ok"} 1"#).await;
+    // With A still busy, B takes the next one.
+    let next = get(&h, "grow", "/").await;
+    assert_eq!(next.machine.as_deref(), Some(b.as_str()), "{next:?}");
+    assert_eq!(slow.await.unwrap().status, 200);
+}

@@ -12,6 +12,9 @@
 //!   `hold` in all.
 //! - The caller then routes again as usual; a failed or timed-out start is
 //!   the caller's 503 with `Retry-After`.
+//! - When the machine a request gets is already past its soft limit (every
+//!   running machine of the app is), a stopped one is started in the
+//!   background for the requests that follow; this one does not wait.
 
 use crate::balance::{Want, service_for};
 use compact_str::CompactString;
@@ -107,6 +110,15 @@ impl Autostart {
                 .unwrap_or_else(|| Err("start abandoned".into())),
             Err(_) => Err("start abandoned".into()),
         }
+    }
+
+    /// Starts `machine` of `app` without waiting, unless the app already
+    /// has a start in flight: the app's running machines are past their
+    /// soft limit, and this request goes to one of them meanwhile.
+    pub(crate) fn start_in_background(self: &Arc<Self>, app: &str, machine: &RouteMachine) {
+        self.flights
+            .entry(CompactString::from(app))
+            .or_insert_with(|| self.launch(app, machine));
     }
 
     /// Runs one start in a task of its own, so it completes (and frees the

@@ -82,6 +82,8 @@ pub struct Target {
     index: usize,
     service: usize,
     want: Want,
+    /// Every machine the request could go to was past its soft limit.
+    past_soft: bool,
 }
 
 impl Target {
@@ -110,6 +112,12 @@ impl Target {
     /// service without a matching port.
     pub fn port(&self) -> Option<&MachinePort> {
         self.service().ports.iter().find(|p| self.want.matches(p))
+    }
+
+    /// Whether the best machine available was already past its soft limit
+    /// (so the app could use another machine).
+    pub fn past_soft(&self) -> bool {
+        self.past_soft
     }
 
     /// The service's soft and hard limits.
@@ -253,6 +261,8 @@ pub fn choose(
         index,
         service,
         want,
+        // Classes 2 and 3 are past the soft limit (see `classify`).
+        past_soft: class >= 2,
     })
 }
 

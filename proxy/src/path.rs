@@ -565,7 +565,14 @@ async fn slot(
                 })?,
         };
         let no = match found {
-            Ok(slot) => return Ok(slot),
+            Ok(slot) => {
+                if slot.0.past_soft()
+                    && let Some(machine) = autostart::pick(&app, want, &edge.region)
+                {
+                    edge.autostart.start_in_background(&app.name, machine);
+                }
+                return Ok(slot);
+            }
             Err(no @ (NoTarget::NoStartedMachine | NoTarget::NoHealthyMachine)) if !started => no,
             Err(no) => return Err(no_target(&app, no, &edge.region)),
         };
