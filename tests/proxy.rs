@@ -821,3 +821,61 @@ async fn machines_past_their_soft_limit_get_a_stopped_one_started_beside_them() 
     assert_eq!(next.machine.as_deref(), Some(b.as_str()), "{next:?}");
     assert_eq!(slow.await.unwrap().status, 200);
 }
+
+#[tokio::test]
+async fn routing_headers_force_or_prefer_a_machine_or_a_region() {
+    let (_tmp, h) = start().await;
+    create_app(&h, "steer").await;
+    let a = machine(&h, "steer", web(8080, 20, 25)).await;
+    let b = machine(&h, "steer", web(8080, 20, 25)).await;
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let with = |name: &'static str, value: String| {
+        let client = client.clone();
+        let url = format!("http://{}/", h.addrs.http);
+        async move {
+            let resp = client
+                .get(url)
+                .header("host", "steer.localhost")
+                .header(name, value)
+                .send()
+                .await
+                .unwrap();
+            let header = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().to_string())
+            };
+            let (machine, code) = (header("fly-machine-id"), header("fly-proxy-error"));
+            (resp.status().as_u16(), machine, code)
+        }
+    };
+    for target in [&a, &b] {
+        for name in ["fly-force-instance-id", "fly-prefer-instance-id"] {
+            for _ in 0..5 {
+                let (status, machine, _) = with(name, target.clone()).await;
+                assert_eq!(
+                    (status, machine.as_deref()),
+                    (200, Some(target.as_str())),
+                    "{name}"
+                );
+            }
+        }
+    }
+    // Unknown targets: forcing is an error, preferring is not.
+    assert_eq!(
+        with("fly-force-instance-id", "nope".into()).await,
+        (404, None, Some("PR06".into()))
+    );
+    assert_eq!(with("fly-prefer-instance-id", "nope".into()).await.0, 200);
+    assert_eq!(with("fly-force-region", "dev".into()).await.0, 200);
+    assert_eq!(
+        with("fly-force-region", "ams".into()).await,
+        (503, None, Some("PR07".into()))
+    );
+    assert_eq!(with("fly-prefer-region", "ams".into()).await.0, 200);
+
+    // A forced machine that is stopped is started for the request.
+    put_down(&h, "steer", &b, "stop", "stopped").await;
+    let (status, machine, _) = with("fly-force-instance-id", b.clone()).await;
+    assert_eq!((status, machine.as_deref()), (200, Some(b.as_str())));
+}

@@ -52,14 +52,21 @@ pub(crate) struct Autostart {
     metrics: crate::metrics::EdgeMetrics,
 }
 
-/// The machine to start for a request: see the module docs. A machine
+/// The machine to start for a request, among those `allowed`: see the
+/// module docs. A machine
 /// still stopping or suspending counts (after the settled ones): its start
 /// waits until flyd takes it; so does one already starting (started by
 /// someone else), whose start just waits for it.
-pub(crate) fn pick<'a>(app: &'a AppRoutes, want: Want, region: &str) -> Option<&'a RouteMachine> {
+pub(crate) fn pick<'a>(
+    app: &'a AppRoutes,
+    want: Want,
+    region: &str,
+    allowed: impl Fn(&RouteMachine) -> bool,
+) -> Option<&'a RouteMachine> {
     use MachineState::*;
     app.machines
         .iter()
+        .filter(|m| allowed(m))
         .filter(|m| {
             matches!(
                 m.state,

@@ -133,6 +133,22 @@ pub enum PathError {
         /// Why (flyd's answer, or the hold timeout).
         reason: String,
     },
+    /// `fly-force-instance-id` names a machine the app does not have.
+    #[error("app {app:?} has no machine {machine:?} (fly-force-instance-id)")]
+    NoSuchMachine {
+        /// The app.
+        app: String,
+        /// The machine asked for.
+        machine: String,
+    },
+    /// `fly-force-region` names a region where the app has no machine.
+    #[error("app {app:?} has no machine in region {region:?} (fly-force-region)")]
+    NotInRegion {
+        /// The app.
+        app: String,
+        /// The region asked for.
+        region: String,
+    },
     /// The app already has `proxy.max_conns_per_app` client connections.
     #[error("app {app:?} has too many open connections (limit {limit})")]
     TooManyConnections {
@@ -191,7 +207,8 @@ impl PathError {
         match self {
             Self::BadHost(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnknownApp(_) => StatusCode::NOT_FOUND,
+            Self::UnknownApp(_) | Self::NoSuchMachine { .. } => StatusCode::NOT_FOUND,
+            Self::NotInRegion { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoStartedMachine(_)
             | Self::NoHealthyMachine(_)
             | Self::NoHttpService(_)
@@ -222,6 +239,8 @@ impl PathError {
             Self::NoHttpService(_) => "PR03",
             Self::AtCapacity { .. } => "PR04",
             Self::OnlyElsewhere { .. } => "PR05",
+            Self::NoSuchMachine { .. } => "PR06",
+            Self::NotInRegion { .. } => "PR07",
             Self::Upstream { connect: true, .. } => "PC01",
             Self::Upstream { connect: false, .. } => "PU02",
             Self::UpstreamTimeout { .. } => "PU05",
@@ -245,6 +264,8 @@ impl PathError {
         match self {
             Self::BadHost(_)
             | Self::UnknownApp(_)
+            | Self::NoSuchMachine { .. }
+            | Self::NotInRegion { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyRead(_)
             | Self::TooManyConnections { .. } => Side::Client,

@@ -373,6 +373,7 @@ async fn route(
     count_connection(edge, &ex.conn, &app.name)?;
     let mut req = req;
     let mut upgrade = headers::Upgrade::take(&mut req);
+    let steer = Steer::from_headers(req.headers());
     let req = upstream_request(req, ex, &edge.region, host)?;
     let (parts, body) = req.into_parts();
     let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
@@ -390,7 +391,7 @@ async fn route(
     let mut refused: Vec<CompactString> = Vec::new();
     let mut last_refusal = None;
     loop {
-        let (target, lease) = match slot(edge, &app, ex.conn.want, &refused).await {
+        let (target, lease) = match slot(edge, &app, ex.conn.want, &steer, &refused).await {
             Ok(slot) => slot,
             // No machine left to try: the refusal is the answer.
             Err(error) => return Err(last_refusal.unwrap_or(error)),
@@ -534,16 +535,30 @@ fn upstream_request(
 /// machine is at its hard limit the request waits in the app's queue
 /// ([`crate::queue`]), reading the app's routes afresh on every try. When
 /// the app has no machine up, one is started ([`crate::autostart`]) and the
-/// request routed again once it is.
+/// request routed again once it is. `steer` narrows or orders the choice
+/// (Fly's routing headers).
 async fn slot(
     edge: &Edge,
     app: &Arc<AppRoutes>,
     want: Want,
+    steer: &Steer,
     refused: &[CompactString],
 ) -> Result<(Target, Lease), PathError> {
-    let skip = |m: &RouteMachine| refused.contains(&m.id);
+    steer.check(app)?;
+    let near = steer.near(&edge.region);
+    let allowed = |m: &RouteMachine| steer.allows(m) && !refused.contains(&m.id);
     let attempt = |app: &Arc<AppRoutes>| {
-        match balance::choose(app, want, &edge.region, skip, &mut rand::rng()) {
+        // A preferred machine that can take the request gets it.
+        if let Some(id) = &steer.prefer_instance {
+            let only = |m: &RouteMachine| !allowed(m) || m.id != id.as_str();
+            if let Ok(target) = balance::choose(app, want, near, only, &mut rand::rng())
+                && let Some(lease) = Lease::acquire(&target, Some(&edge.queues))
+            {
+                return Some(Ok((target, lease)));
+            }
+        }
+        let skip = |m: &RouteMachine| !allowed(m);
+        match balance::choose(app, want, near, skip, &mut rand::rng()) {
             // A slot taken between choosing and leasing counts as full.
             Ok(target) => Lease::acquire(&target, Some(&edge.queues)).map(|l| Ok((target, l))),
             Err(NoTarget::AtCapacity) => None,
@@ -567,16 +582,18 @@ async fn slot(
         let no = match found {
             Ok(slot) => {
                 if slot.0.past_soft()
-                    && let Some(machine) = autostart::pick(&app, want, &edge.region)
+                    && let Some(machine) = autostart::pick(&app, want, near, &allowed)
                 {
                     edge.autostart.start_in_background(&app.name, machine);
                 }
                 return Ok(slot);
             }
             Err(no @ (NoTarget::NoStartedMachine | NoTarget::NoHealthyMachine)) if !started => no,
+            // A forced machine or region with nothing up there: start one.
+            Err(no @ NoTarget::NoHttpService) if !started && steer.forces() => no,
             Err(no) => return Err(no_target(&app, no, &edge.region)),
         };
-        let Some(machine) = autostart::pick(&app, want, &edge.region) else {
+        let Some(machine) = autostart::pick(&app, want, near, &allowed) else {
             return Err(no_target(&app, no, &edge.region));
         };
         edge.autostart
@@ -592,6 +609,76 @@ async fn slot(
             .fib
             .lookup(&app.name)
             .ok_or_else(|| PathError::UnknownApp(app.name.to_string()))?;
+    }
+}
+
+/// What the client asked of the choice of machine, with Fly's request
+/// headers: `fly-force-instance-id` (that machine only),
+/// `fly-prefer-instance-id` (that machine when it can take the request),
+/// `fly-force-region` (machines of that region only) and
+/// `fly-prefer-region` (that region counts as the nearest).
+#[derive(Debug, Default)]
+struct Steer {
+    force_instance: Option<String>,
+    prefer_instance: Option<String>,
+    force_region: Option<String>,
+    prefer_region: Option<String>,
+}
+
+impl Steer {
+    fn from_headers(headers: &http::HeaderMap) -> Self {
+        let get = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_string)
+        };
+        Self {
+            force_instance: get("fly-force-instance-id"),
+            prefer_instance: get("fly-prefer-instance-id"),
+            force_region: get("fly-force-region"),
+            prefer_region: get("fly-prefer-region"),
+        }
+    }
+
+    fn forces(&self) -> bool {
+        self.force_instance.is_some() || self.force_region.is_some()
+    }
+
+    fn allows(&self, m: &RouteMachine) -> bool {
+        self.force_instance.as_deref().is_none_or(|id| m.id == id)
+            && self.force_region.as_deref().is_none_or(|r| &*m.region == r)
+    }
+
+    /// The region that counts as nearest.
+    fn near<'a>(&'a self, own: &'a str) -> &'a str {
+        self.force_region
+            .as_deref()
+            .or(self.prefer_region.as_deref())
+            .unwrap_or(own)
+    }
+
+    /// A forced machine or region the app does not have at all.
+    fn check(&self, app: &AppRoutes) -> Result<(), PathError> {
+        if let Some(id) = &self.force_instance
+            && !app.machines.iter().any(|m| m.id == id.as_str())
+        {
+            return Err(PathError::NoSuchMachine {
+                app: app.name.to_string(),
+                machine: id.clone(),
+            });
+        }
+        if let Some(region) = &self.force_region
+            && app.region(region).is_none()
+        {
+            return Err(PathError::NotInRegion {
+                app: app.name.to_string(),
+                region: region.clone(),
+            });
+        }
+        Ok(())
     }
 }
 
