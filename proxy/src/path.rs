@@ -582,7 +582,7 @@ async fn slot(
         let no = match found {
             Ok(slot) => {
                 if slot.0.past_soft()
-                    && let Some(machine) = autostart::pick(&app, want, near, &allowed)
+                    && let Some(machine) = autostart::pick(&app, want, near, allowed)
                 {
                     edge.autostart.start_in_background(&app.name, machine);
                 }
@@ -593,7 +593,7 @@ async fn slot(
             Err(no @ NoTarget::NoHttpService) if !started && steer.forces() => no,
             Err(no) => return Err(no_target(&app, no, &edge.region)),
         };
-        let Some(machine) = autostart::pick(&app, want, near, &allowed) else {
+        let Some(machine) = autostart::pick(&app, want, near, allowed) else {
             return Err(no_target(&app, no, &edge.region));
         };
         edge.autostart
