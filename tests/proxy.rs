@@ -879,3 +879,54 @@ async fn routing_headers_force_or_prefer_a_machine_or_a_region() {
     let (status, machine, _) = with("fly-force-instance-id", b.clone()).await;
     assert_eq!((status, machine.as_deref()), (200, Some(b.as_str())));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{CONFIG}autostop_interval_ms = 100\nautostop_idle_ms = 600\nautostop_drain_ms = 5000\n"
+    );
+    let h = std::sync::Arc::new(Hangar::start_with(&tmp.path().join("data"), Some(&config)).await);
+    let with = |autostop: &str, min: u32| {
+        let mut services = web(8080, 20, 25);
+        services["services"][0]["autostop"] = autostop.into();
+        services["services"][0]["min_machines_running"] = min.into();
+        services
+    };
+    create_app(&h, "idle").await;
+    let idle = machine(&h, "idle", with("stop", 0)).await;
+    create_app(&h, "frozen").await;
+    let frozen = machine(&h, "frozen", with("suspend", 0)).await;
+    create_app(&h, "kept").await;
+    let kept = machine(&h, "kept", with("stop", 1)).await;
+    create_app(&h, "busy").await;
+    let busy = machine(&h, "busy", with("stop", 0)).await;
+
+    // A request longer than the idle time: the machine stays up for it.
+    let slow = tokio::spawn({
+        let h = h.clone();
+        async move { get(&h, "busy", "/?sleep_ms=1500").await }
+    });
+    let state = |app: &'static str, id: String, state: &'static str| {
+        let h = h.clone();
+        async move {
+            let (status, body) = h
+                .get(&format!(
+                    "/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=30"
+                ))
+                .await;
+            assert_eq!(status, 200, "{app} never {state}: {body}");
+        }
+    };
+    state("idle", idle, "stopped").await;
+    state("frozen", frozen, "suspended").await;
+    let (_, m) = h.get(&format!("/v1/apps/kept/machines/{kept}")).await;
+    assert_eq!(m["state"], "started", "min_machines_running holds it");
+    let got = slow.await.unwrap();
+    assert_eq!(got.status, 200, "the request in flight finished: {got:?}");
+    state("busy", busy, "stopped").await;
+    // Counted once the machine is uncordoned again, just after the stop.
+    until_metric(&h, r#"fly_edge_autostops_count{result="ok"} 3"#).await;
+    // And the stopped app still answers: autostart brings it back.
+    assert_eq!(get(&h, "idle", "/").await.status, 200);
+}

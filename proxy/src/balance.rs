@@ -25,6 +25,7 @@
 //! requests racing for the last slot cannot both get it.
 
 use crate::Listener;
+use crate::autostop::Activity;
 use crate::queue::Queues;
 use hangar_api::machine::{MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
@@ -311,14 +312,24 @@ fn two_distinct(n: usize, rng: &mut impl Rng) -> (Option<usize>, Option<usize>) 
 #[derive(Debug)]
 pub struct Lease {
     load: Arc<AtomicUsize>,
-    /// Told of the release, for requests of the app waiting for a slot.
-    queues: Option<(Arc<Queues>, Arc<AppRoutes>)>,
+    /// Told of the release: the app's waiting requests and the machine's
+    /// idle clock.
+    hooks: Option<(Arc<Released>, Arc<AppRoutes>, usize)>,
+}
+
+/// Who hears that a lease ended.
+#[derive(Debug)]
+pub struct Released {
+    /// Requests waiting for a slot.
+    pub queues: Arc<Queues>,
+    /// When each machine was last busy, for autostop.
+    pub activity: Arc<Activity>,
 }
 
 impl Lease {
     /// Counts one more request in flight on the target's machine, unless it
-    /// is already at its hard limit. `queues` hears of the release.
-    pub fn acquire(target: &Target, queues: Option<&Arc<Queues>>) -> Option<Self> {
+    /// is already at its hard limit. `released` hears of the release.
+    pub fn acquire(target: &Target, released: Option<&Arc<Released>>) -> Option<Self> {
         let hard = target.limits().hard;
         let load = &target.machine().inflight;
         load.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
@@ -327,7 +338,7 @@ impl Lease {
         .ok()?;
         Some(Self {
             load: load.clone(),
-            queues: queues.map(|q| (q.clone(), target.app.clone())),
+            hooks: released.map(|r| (r.clone(), target.app.clone(), target.index)),
         })
     }
 
@@ -336,7 +347,7 @@ impl Lease {
         machine.inflight.fetch_add(1, Ordering::AcqRel);
         Self {
             load: machine.inflight.clone(),
-            queues: None,
+            hooks: None,
         }
     }
 }
@@ -344,8 +355,9 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.load.fetch_sub(1, Ordering::AcqRel);
-        if let Some((queues, app)) = &self.queues {
-            queues.released(&app.name);
+        if let Some((released, app, index)) = &self.hooks {
+            released.activity.touch(&app.machines[*index].id);
+            released.queues.released(&app.name);
         }
     }
 }

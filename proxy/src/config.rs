@@ -63,6 +63,13 @@ pub struct ProxyConfig {
     /// How long a request may wait for a machine the proxy starts for it
     /// (autostart) before 503 with `Retry-After`.
     pub autostart_hold_ms: u64,
+    /// How often the autostop loop looks for idle machines (0: never).
+    pub autostop_interval_ms: u64,
+    /// How long a lone machine must go without a request to be stopped.
+    pub autostop_idle_ms: u64,
+    /// How long a machine picked for stopping may take to finish its
+    /// requests after being cordoned; busier than that, it is left running.
+    pub autostop_drain_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +94,9 @@ impl Default for ProxyConfig {
             max_body_bytes: 0,
             max_conns_per_app: 10_000,
             autostart_hold_ms: 30_000,
+            autostop_interval_ms: 30_000,
+            autostop_idle_ms: 300_000,
+            autostop_drain_ms: 10_000,
         }
     }
 }
@@ -123,6 +133,7 @@ impl ProxyConfig {
             ("header_timeout_ms", self.header_timeout_ms),
             ("drain_ms", self.drain_ms),
             ("autostart_hold_ms", self.autostart_hold_ms),
+            ("autostop_drain_ms", self.autostop_drain_ms),
         ] {
             if ms == 0 {
                 problems.push(format!("proxy.{field}: must be greater than 0"));
@@ -177,6 +188,11 @@ impl ProxyConfig {
     /// [`Self::autostart_hold_ms`] as a duration.
     pub fn autostart_hold(&self) -> Duration {
         Duration::from_millis(self.autostart_hold_ms)
+    }
+
+    /// [`Self::autostop_drain_ms`] as a duration.
+    pub fn autostop_drain(&self) -> Duration {
+        Duration::from_millis(self.autostop_drain_ms)
     }
 
     /// [`Self::drain_ms`] as a duration.

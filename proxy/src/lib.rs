@@ -11,6 +11,7 @@
 //!   two choices on exact in-flight counts) and the lease that counts it.
 //! - [`queue`]: requests waiting for a slot while an app is at its limits.
 //! - [`autostart`]: starting a stopped machine for a request, single flight.
+//! - [`autostop`]: stopping idle machines, one per app and region per round.
 //! - [`metrics`]: Prometheus metrics (Fly's `fly_edge_*` and `fly_app_*`
 //!   names) and the `/metrics` endpoint.
 //! - [`error`]: [`ProxyError`] for setup, [`PathError`] (with its code) for
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 pub mod autostart;
+pub mod autostop;
 pub mod balance;
 mod body;
 pub mod config;
@@ -109,6 +111,8 @@ pub struct Proxy {
     edge: Arc<Edge>,
     workers: workers::Workers,
     server: auto::Builder<TokioExecutor>,
+    /// The autostop loop, unless turned off.
+    autostop: Option<autostop::Autostopper>,
 }
 
 impl fmt::Debug for Proxy {
@@ -144,6 +148,22 @@ impl Proxy {
         let http = bind_listener("http", cfg.http_addr).await?;
         let https = bind_listener("https", cfg.https_addr).await?;
         let workers = workers::Workers::start(cfg.workers()).map_err(ProxyError::Workers)?;
+        let queues = Arc::new(Queues::new(
+            cfg.queue_max_per_app,
+            cfg.queue_timeout(),
+            metrics.edge().queued,
+        ));
+        let activity = Arc::new(autostop::Activity::new());
+        let autostop = (cfg.autostop_interval_ms > 0).then(|| autostop::Autostopper {
+            fib: fib.clone(),
+            activity: activity.clone(),
+            hosts: hosts.clone(),
+            client: hangar_api::host::HostClient::new(cfg.autostop_drain() * 2),
+            interval: Duration::from_millis(cfg.autostop_interval_ms),
+            idle: Duration::from_millis(cfg.autostop_idle_ms),
+            drain: cfg.autostop_drain(),
+            metrics: metrics.edge(),
+        });
         let edge = Arc::new(Edge {
             fib: fib.clone(),
             upstreams: upstream::Upstreams::new(
@@ -157,11 +177,11 @@ impl Proxy {
             metrics: metrics.edge(),
             tls,
             handshake_timeout: cfg.handshake_timeout(),
-            queues: Arc::new(Queues::new(
-                cfg.queue_max_per_app,
-                cfg.queue_timeout(),
-                metrics.edge().queued,
-            )),
+            released: Arc::new(balance::Released {
+                queues: queues.clone(),
+                activity,
+            }),
+            queues,
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
             connect_timeout: cfg.connect_timeout(),
@@ -181,6 +201,7 @@ impl Proxy {
             edge,
             workers,
             server: client_server(&cfg),
+            autostop,
         })
     }
 

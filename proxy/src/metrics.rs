@@ -14,7 +14,9 @@
 //! - `fly_edge_http_retries_count`: requests sent to another machine after
 //!   one refused the connection.
 //! - `fly_edge_autostarts_count{result}` and
-//!   `fly_edge_autostart_time_seconds`: machines started for requests.
+//!   `fly_edge_autostart_time_seconds`: machines started for requests;
+//!   `fly_edge_autostops_count{result}` and `fly_edge_autostop_time_seconds`:
+//!   idle machines stopped.
 //! - `fly_edge_upstream_requests_total{connection}`: requests sent to
 //!   machines on a `new` or a `reused` keep-alive connection.
 //!
@@ -106,6 +108,8 @@ pub(crate) struct EdgeMetrics {
     connection_errors: IntCounterVec,
     autostarts: IntCounterVec,
     autostart_time: Histogram,
+    autostops: IntCounterVec,
+    autostop_time: Histogram,
 }
 
 /// Requests sent to machines by the kind of connection they went on.
@@ -237,8 +241,24 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let autostops = r.counter(
+            "fly_edge_autostops_count",
+            "Machines the proxy stopped or suspended for being idle, by result",
+            &["result"],
+        );
+        let autostop_time = r.add(
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "fly_edge_autostop_time_seconds",
+                    "Time to cordon, drain and stop a machine the proxy stopped",
+                )
+                .buckets(RESPONSE_TIME_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        );
         for result in ["ok", "failed"] {
             autostarts.with_label_values(&[result]);
+            autostops.with_label_values(&[result]);
         }
         r.add(Concurrency::new(fib.clone()));
         r.add(MachineCounts::new(fib.clone()));
@@ -263,6 +283,8 @@ impl Metrics {
             connection_errors: connection_errors.clone(),
             autostarts,
             autostart_time,
+            autostops,
+            autostop_time,
         };
         for reason in ["header_timeout", "bad_request", "other"] {
             connection_errors.with_label_values(&[reason]);
@@ -370,6 +392,13 @@ impl EdgeMetrics {
         let result = if ok { "ok" } else { "failed" };
         self.autostarts.with_label_values(&[result]).inc();
         self.autostart_time.observe(took.as_secs_f64());
+    }
+
+    /// Counts one autostop and how long it took.
+    pub(crate) fn autostop(&self, ok: bool, took: Duration) {
+        let result = if ok { "ok" } else { "failed" };
+        self.autostops.with_label_values(&[result]).inc();
+        self.autostop_time.observe(took.as_secs_f64());
     }
 
     /// Counts a client connection the HTTP layer ended: `reason` is

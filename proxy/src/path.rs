@@ -9,7 +9,7 @@
 //! load counters are atomics.
 
 use crate::autostart::{self, Autostart};
-use crate::balance::{self, Lease, NoTarget, Target, Want};
+use crate::balance::{self, Lease, NoTarget, Released, Target, Want};
 use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
 use crate::conn_limit::{AppConns, Counted};
 use crate::conns::{self, Conns};
@@ -67,6 +67,9 @@ pub(crate) struct Edge {
     pub app_conns: Arc<AppConns>,
     /// Starts of stopped machines for requests.
     pub autostart: Arc<Autostart>,
+    /// What a lease's end tells: the queues (shared with `queues`) and
+    /// the machines' idle clocks.
+    pub released: Arc<Released>,
 }
 
 /// The connection a request arrived on.
@@ -113,12 +116,15 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
         edge,
         mut workers,
         server,
+        autostop,
     } = proxy;
     let mut conns = Conns::new();
     let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
     let mut follow = tokio::time::interval(FOLLOW_PORTS);
     let (to_ports, mut from_ports) = mpsc::channel(1024);
     let mut ports = PortListeners::new(to_ports);
+    // Ends with serve: dropping the handle's abort guard stops the loop.
+    let _autostop = autostop.map(|a| AbortOnDrop(tokio::spawn(a.run())));
     tokio::pin!(shutdown);
     loop {
         // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
@@ -181,6 +187,15 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
     // queueing on a socket nobody accepts from.
     drop((http, https, ports, from_ports));
     conns.drain("proxy", drain).await;
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// How often the app-address listeners are checked against the FIB (a
@@ -552,7 +567,7 @@ async fn slot(
         if let Some(id) = &steer.prefer_instance {
             let only = |m: &RouteMachine| !allowed(m) || m.id != id.as_str();
             if let Ok(target) = balance::choose(app, want, near, only, &mut rand::rng())
-                && let Some(lease) = Lease::acquire(&target, Some(&edge.queues))
+                && let Some(lease) = Lease::acquire(&target, Some(&edge.released))
             {
                 return Some(Ok((target, lease)));
             }
@@ -560,7 +575,7 @@ async fn slot(
         let skip = |m: &RouteMachine| !allowed(m);
         match balance::choose(app, want, near, skip, &mut rand::rng()) {
             // A slot taken between choosing and leasing counts as full.
-            Ok(target) => Lease::acquire(&target, Some(&edge.queues)).map(|l| Ok((target, l))),
+            Ok(target) => Lease::acquire(&target, Some(&edge.released)).map(|l| Ok((target, l))),
             Err(NoTarget::AtCapacity) => None,
             Err(no) => Some(Err(no)),
         }

@@ -124,7 +124,7 @@ pub(crate) async fn relay<C>(
             skip,
             &mut rand::rng(),
         ) {
-            Ok(t) => Lease::acquire(&t, Some(&edge.queues)).map(|l| Ok((t, l))),
+            Ok(t) => Lease::acquire(&t, Some(&edge.released)).map(|l| Ok((t, l))),
             Err(NoTarget::AtCapacity) => None,
             Err(no) => Some(Err(no)),
         };
