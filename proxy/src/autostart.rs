@@ -8,7 +8,7 @@
 //! - Single flight per app: every request that finds the app without a
 //!   machine while a start is under way waits for that start instead of
 //!   starting another. The flight ends when flyd has answered and the FIB
-//!   shows the machine routable (checked every [`POLL`]), or fails; at most
+//!   shows the machine routable (checked every 2 ms), or fails; at most
 //!   `hold` in all.
 //! - The caller then routes again as usual; a failed or timed-out start is
 //!   the caller's 503 with `Retry-After`.

@@ -11,9 +11,11 @@
 //! list. So one request is served by one task, the client's connection task.
 //!
 //! An idle connection is polled by nobody. A machine closing it is noticed at
-//! the next checkout, where one poll of its driver returns at once; a request
-//! that loses the race with such a close is sent again on a new connection
-//! when hyper hands it back unsent.
+//! the next checkout, where one poll of its driver returns at once. A
+//! request that loses the race with such a close is sent again on a new
+//! connection when hyper hands it back unsent, or, after a connection idle
+//! for [`STALE_AFTER`] or more, when it is idempotent and its body was read
+//! whole (a copy is kept for that case only).
 //!
 //! Pools are per worker thread ([`crate::workers`]): a connection is only
 //! ever driven on the thread whose reactor it is registered with.
@@ -22,8 +24,8 @@
 //! connection per machine and worker, driven by a task of its own.
 //!
 //! Bounds: at most `max_idle` idle connections per machine and worker, each
-//! idle at most `idle_timeout`. Open connections per machine are those idle plus one
-//! per request in flight, which the balancer's limits bound. A sweep every
+//! idle at most `idle_timeout`. Open connections per machine are those idle
+//! plus one per request in flight, which the balancer's limits bound. A sweep every
 //! [`SWEEP_EVERY`] drops expired idle connections and closes the pools of
 //! machines that are no longer routable (stopped, destroyed, cordoned).
 
