@@ -930,3 +930,47 @@ async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
     // And the stopped app still answers: autostart brings it back.
     assert_eq!(get(&h, "idle", "/").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_flycast_address_routes_only_to_its_app_and_starts_it() {
+    let (_tmp, h) = start().await;
+    for app in ["private", "other"] {
+        create_app(&h, app).await;
+    }
+    // Port 8080, not 80: the test may run without the right to bind 80.
+    let flycast_web = serde_json::json!({"services": [{"protocol": "tcp", "internal_port": 8080,
+        "ports": [{"port": 8080, "handlers": ["http"]}]}]});
+    let mine = machine(&h, "private", flycast_web.clone()).await;
+    machine(&h, "other", flycast_web).await;
+    let (status, ip) = h
+        .post(
+            "/v1/apps/private/ip_assignments",
+            r#"{"type":"private_v6"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{ip}");
+    let at = format!("{}:8080", ip["ip"].as_str().unwrap());
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(&at).await.is_err() {
+        assert!(Instant::now() < deadline, "no flycast listener on {at}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ask = |host: &'static str| {
+        let (client, url) = (h.http.clone(), format!("http://{at}/"));
+        async move {
+            let resp = client.get(url).header("host", host).send().await.unwrap();
+            let machine = resp.headers()["fly-machine-id"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (resp.status().as_u16(), machine)
+        }
+    };
+    // Whatever the Host names, the address's app answers.
+    for host in ["private.flycast", "other.localhost", "anything"] {
+        assert_eq!(ask(host).await, (200, mine.clone()), "{host}");
+    }
+    // Stopped, it is started for the request, as on the shared listeners.
+    put_down(&h, "private", &mine, "stop", "stopped").await;
+    assert_eq!(ask("private.flycast").await, (200, mine.clone()));
+}

@@ -9,11 +9,11 @@
 //!
 //! [`PortListeners::reconcile`] runs whenever the FIB's sequence moves: it
 //! binds listeners that should exist and closes those that should not. A
-//! listener that cannot bind (the address is not local, the port is taken)
-//! is logged and tried again at the next change.
+//! listener that cannot bind (the address is not local, the port is taken
+//! or privileged) is logged once and tried again at each later change.
 
 use hangar_catalog::FibSnapshot;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -48,6 +48,8 @@ pub(crate) struct PortListeners {
     accepted: mpsc::Sender<Accepted>,
     /// The FIB sequence last reconciled with.
     seen: Option<u64>,
+    /// Addresses that could not be bound (warned about once).
+    failed: HashSet<SocketAddr>,
 }
 
 impl PortListeners {
@@ -57,6 +59,7 @@ impl PortListeners {
             running: HashMap::new(),
             accepted,
             seen: None,
+            failed: HashSet::new(),
         }
     }
 
@@ -86,10 +89,13 @@ impl PortListeners {
                     ));
                     self.running.insert(addr, (spec, stop));
                 }
-                Err(e) => {
+                // Tried again at the next change of the FIB; said loudly
+                // once per address.
+                Err(e) if self.failed.insert(addr) => {
                     tracing::warn!(%addr, app = %spec.app, error = %e, "cannot listen on an app address");
-                    // Try again at the next change.
-                    self.seen = None;
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, app = %spec.app, error = %e, "still cannot listen on an app address");
                 }
             }
         }
