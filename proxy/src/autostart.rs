@@ -149,13 +149,13 @@ impl Autostart {
             match &outcome {
                 Ok(true) => {
                     tracing::info!(%app, machine = %id, from = %from, ?took, "autostart: started for a request");
-                    this.metrics.autostart(true, took);
+                    this.metrics.autostarts.record(true, took);
                 }
                 // Someone else had started it: not a start of ours.
                 Ok(false) => tracing::debug!(%app, machine = %id, "autostart: already starting"),
                 Err(e) => {
                     tracing::warn!(%app, machine = %id, ?took, error = %e, "autostart failed");
-                    this.metrics.autostart(false, took);
+                    this.metrics.autostarts.record(false, took);
                 }
             }
             this.flights.remove(&app);

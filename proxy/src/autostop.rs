@@ -236,7 +236,7 @@ impl Autostopper {
                 tracing::warn!(app = %pick.app, machine = %pick.id, reason = pick.reason, error = %e, "autostop did not stop the machine")
             }
         }
-        self.metrics.autostop(outcome.is_ok(), took);
+        self.metrics.autostops.record(outcome.is_ok(), took);
     }
 }
 

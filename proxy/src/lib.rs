@@ -184,7 +184,6 @@ impl Proxy {
             queues,
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
-            connect_timeout: cfg.connect_timeout(),
             retry_body_bytes: cfg.retry_body_bytes,
             max_body_bytes: cfg.max_body_bytes,
             app_conns: conn_limit::AppConns::new(cfg.max_conns_per_app),

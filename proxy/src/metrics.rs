@@ -27,7 +27,7 @@
 //! - `fly_edge_http_connection_errors_count{reason}`: client connections
 //!   ended by the proxy: `header_timeout` (no whole request head in time,
 //!   or idle keep-alive), `bad_request` (answered 400/414/431 by the HTTP
-//!   layer), `other`.
+//!   layer).
 //!
 //! Gauges:
 //! - `fly_edge_inflight_requests`: requests whose response has not finished.
@@ -106,10 +106,25 @@ pub(crate) struct EdgeMetrics {
     tls_timeout: IntCounter,
     tls_time: Histogram,
     connection_errors: IntCounterVec,
-    autostarts: IntCounterVec,
-    autostart_time: Histogram,
-    autostops: IntCounterVec,
-    autostop_time: Histogram,
+    pub(crate) autostarts: Outcomes,
+    pub(crate) autostops: Outcomes,
+}
+
+/// Something the proxy does now and then (start a machine, stop one):
+/// counted by result, and timed.
+#[derive(Clone)]
+pub(crate) struct Outcomes {
+    ok: IntCounter,
+    failed: IntCounter,
+    time: Histogram,
+}
+
+impl Outcomes {
+    /// Counts one, and how long it took.
+    pub(crate) fn record(&self, ok: bool, took: Duration) {
+        if ok { &self.ok } else { &self.failed }.inc();
+        self.time.observe(took.as_secs_f64());
+    }
 }
 
 /// Requests sent to machines by the kind of connection they went on.
@@ -145,6 +160,22 @@ impl Registrar<'_> {
 
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.add(IntGauge::new(name, help).expect("valid metric"))
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        self.add(Histogram::with_opts(opts).expect("valid metric"))
+    }
+
+    /// A `result` counter (`ok`, `failed`) and a time histogram, as
+    /// (name, help) each.
+    fn outcomes(&self, count: (&str, &str), time: (&str, &str)) -> Outcomes {
+        let counts = self.counter(count.0, count.1, &["result"]);
+        Outcomes {
+            ok: counts.with_label_values(&["ok"]),
+            failed: counts.with_label_values(&["failed"]),
+            time: self.histogram(time.0, time.1, &RESPONSE_TIME_BUCKETS),
+        }
     }
 }
 
@@ -211,55 +242,36 @@ impl Metrics {
             "TLS handshakes with clients, by result",
             &["result"],
         );
-        let tls_time = r.add(
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "fly_edge_tls_handshake_time_seconds",
-                    "Time to complete a TLS handshake with a client",
-                )
-                .buckets(HANDSHAKE_BUCKETS.to_vec()),
-            )
-            .expect("valid metric"),
+        let tls_time = r.histogram(
+            "fly_edge_tls_handshake_time_seconds",
+            "Time to complete a TLS handshake with a client",
+            &HANDSHAKE_BUCKETS,
         );
         let connection_errors = r.counter(
             "fly_edge_http_connection_errors_count",
             "Client connections the proxy ended for misbehaving, by reason",
             &["reason"],
         );
-        let autostarts = r.counter(
-            "fly_edge_autostarts_count",
-            "Machines the proxy started for requests, by result",
-            &["result"],
+        let autostarts = r.outcomes(
+            (
+                "fly_edge_autostarts_count",
+                "Machines the proxy started for requests, by result",
+            ),
+            (
+                "fly_edge_autostart_time_seconds",
+                "Time from a start's first request until its machine takes traffic",
+            ),
         );
-        let autostart_time = r.add(
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "fly_edge_autostart_time_seconds",
-                    "Time from a start's first request until its machine takes traffic",
-                )
-                .buckets(RESPONSE_TIME_BUCKETS.to_vec()),
-            )
-            .expect("valid metric"),
+        let autostops = r.outcomes(
+            (
+                "fly_edge_autostops_count",
+                "Machines the proxy stopped or suspended for being idle, by result",
+            ),
+            (
+                "fly_edge_autostop_time_seconds",
+                "Time to cordon, drain and stop a machine the proxy stopped",
+            ),
         );
-        let autostops = r.counter(
-            "fly_edge_autostops_count",
-            "Machines the proxy stopped or suspended for being idle, by result",
-            &["result"],
-        );
-        let autostop_time = r.add(
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "fly_edge_autostop_time_seconds",
-                    "Time to cordon, drain and stop a machine the proxy stopped",
-                )
-                .buckets(RESPONSE_TIME_BUCKETS.to_vec()),
-            )
-            .expect("valid metric"),
-        );
-        for result in ["ok", "failed"] {
-            autostarts.with_label_values(&[result]);
-            autostops.with_label_values(&[result]);
-        }
         r.add(Concurrency::new(fib.clone()));
         r.add(MachineCounts::new(fib.clone()));
         let edge = EdgeMetrics {
@@ -282,11 +294,9 @@ impl Metrics {
             tls_time,
             connection_errors: connection_errors.clone(),
             autostarts,
-            autostart_time,
             autostops,
-            autostop_time,
         };
-        for reason in ["header_timeout", "bad_request", "other"] {
+        for reason in ["header_timeout", "bad_request"] {
             connection_errors.with_label_values(&[reason]);
         }
         Self {
@@ -387,22 +397,8 @@ impl EdgeMetrics {
         }
     }
 
-    /// Counts one autostart and how long it took.
-    pub(crate) fn autostart(&self, ok: bool, took: Duration) {
-        let result = if ok { "ok" } else { "failed" };
-        self.autostarts.with_label_values(&[result]).inc();
-        self.autostart_time.observe(took.as_secs_f64());
-    }
-
-    /// Counts one autostop and how long it took.
-    pub(crate) fn autostop(&self, ok: bool, took: Duration) {
-        let result = if ok { "ok" } else { "failed" };
-        self.autostops.with_label_values(&[result]).inc();
-        self.autostop_time.observe(took.as_secs_f64());
-    }
-
     /// Counts a client connection the HTTP layer ended: `reason` is
-    /// `header_timeout`, `bad_request` or `other`.
+    /// `header_timeout` or `bad_request`.
     pub(crate) fn connection_error(&self, reason: &str) {
         self.connection_errors.with_label_values(&[reason]).inc();
     }

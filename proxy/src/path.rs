@@ -16,7 +16,7 @@ use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
-use crate::ports::{Accepted, PortListeners};
+use crate::ports::{Accepted, PortListeners, Spec};
 use crate::queue::{QueueError, Queues};
 use crate::tcp;
 use crate::upstream::{self, SendError, Upstreams};
@@ -55,9 +55,6 @@ pub(crate) struct Edge {
     pub max_attempts: usize,
     /// How long a machine may take to send its response head.
     pub response_timeout: Duration,
-    /// How long a TCP connect to a machine may take (raw TCP handlers; the
-    /// HTTP path's pool has its own copy).
-    pub connect_timeout: Duration,
     /// Request bodies up to this size are read whole, so the request can
     /// be sent again.
     pub retry_body_bytes: u64,
@@ -130,7 +127,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
         // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
         // A connection accepted in the same instant as shutdown is drained
         // like the others.
-        let (tcp, listener) = tokio::select! {
+        let (accepted, listener, spec) = tokio::select! {
             () = &mut shutdown => break,
             () = conns.reap() => continue,
             _ = sweep.tick() => {
@@ -141,47 +138,20 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
                 ports.reconcile(&edge.fib.snapshot()).await;
                 continue;
             }
-            Some(accepted) = from_ports.recv() => {
-                spawn_app_address(&edge, &server, &mut workers, &mut conns, accepted);
-                continue;
+            Some(Accepted { tcp, peer, spec }) = from_ports.recv() => {
+                let listener = if spec.has("tls") { Listener::Https } else { Listener::Http };
+                (Ok((tcp, peer)), listener, Some(spec))
             }
-            accepted = http.accept() => (accepted, Listener::Http),
-            accepted = https.accept() => (accepted, Listener::Https),
+            accepted = http.accept() => (accepted, Listener::Http, None),
+            accepted = https.accept() => (accepted, Listener::Https, None),
         };
-        let (tcp, peer) = match tcp {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                conns::accept_failed(listener.as_str(), &e).await;
-                continue;
+        match accepted {
+            Ok((tcp, peer)) => {
+                let to = (&mut workers, &mut conns);
+                hand_off(&edge, &server, to, tcp, peer, listener, spec);
             }
-        };
-        // The socket moves to the worker's reactor: registered here, it
-        // would be driven by this thread.
-        let tcp = match tcp.into_std() {
-            Ok(tcp) => tcp,
-            Err(e) => {
-                tracing::debug!(%peer, error = %e, "accepted connection unusable");
-                continue;
-            }
-        };
-        edge.metrics.connected(listener);
-        let (edge, server) = (edge.clone(), server.clone());
-        let (worker, runtime) = workers.next();
-        conns.spawn(runtime, move |watcher| async move {
-            let Ok(tcp) = TcpStream::from_std(tcp) else {
-                return;
-            };
-            let conn = Conn {
-                listener,
-                peer,
-                local_port: tcp.local_addr().map(|a| a.port()).unwrap_or(0),
-                worker,
-                app: None,
-                want: Want::http(listener),
-                counted: Arc::default(),
-            };
-            connection(edge, server, tcp, conn, watcher).await;
-        });
+            Err(e) => conns::accept_failed(listener.as_str(), &e).await,
+        }
     }
     // Closing the listeners first makes new clients fail fast instead of
     // queueing on a socket nobody accepts from.
@@ -202,25 +172,28 @@ impl Drop for AbortOnDrop {
 /// comparison of sequence numbers unless something changed).
 const FOLLOW_PORTS: Duration = Duration::from_millis(100);
 
-/// Hands a connection accepted on an app's own address to a worker: HTTP
-/// (over TLS with `tls`) when the port handles `http`, else bytes to a
-/// machine ([`crate::tcp`]).
-fn spawn_app_address(
+/// Hands an accepted connection to the next worker. On the shared
+/// listeners, and on an app's port with `http`, it serves HTTP (over TLS on
+/// HTTPS or with `tls`); on an app's port without `http` its bytes go to a
+/// machine ([`relay`]).
+fn hand_off(
     edge: &Arc<Edge>,
     server: &auto::Builder<TokioExecutor>,
-    workers: &mut crate::workers::Workers,
-    conns: &mut Conns,
-    accepted: Accepted,
+    (workers, conns): (&mut crate::workers::Workers, &mut Conns),
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Listener,
+    spec: Option<Spec>,
 ) {
-    let Accepted {
-        tcp,
-        peer,
-        local,
-        spec,
-    } = accepted;
-    let Ok(tcp) = tcp.into_std() else { return };
-    let tls = spec.has("tls");
-    let listener = if tls { Listener::Https } else { Listener::Http };
+    // The socket moves to the worker's reactor: registered here, it
+    // would be driven by this thread.
+    let tcp = match tcp.into_std() {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "accepted connection unusable");
+            return;
+        }
+    };
     edge.metrics.connected(listener);
     let (edge, server) = (edge.clone(), server.clone());
     let (worker, runtime) = workers.next();
@@ -228,33 +201,43 @@ fn spawn_app_address(
         let Ok(tcp) = TcpStream::from_std(tcp) else {
             return;
         };
-        if spec.has("http") {
-            let conn = Conn {
-                listener,
-                peer,
-                local_port: local.port(),
-                worker,
-                app: Some(spec.app.clone()),
-                want: Want::Port(local.port()),
-                counted: Arc::default(),
-            };
-            return connection(edge, server, tcp, conn, watcher).await;
-        }
-        // Raw bytes are not HTTP: a shutdown cuts them at the deadline.
-        drop(watcher);
-        let Some(_counted) = edge.app_conns.enter(&spec.app) else {
-            tracing::info!(app = %spec.app, %peer, "too many connections for the app; closing");
-            return;
-        };
-        let _ = tcp.set_nodelay(true);
-        if tls {
-            if let Some(stream) = self::tls(&edge, tcp, peer).await {
-                tcp::relay(&edge, stream, peer, local, &spec.app).await;
+        let Ok(local) = tcp.local_addr() else { return };
+        let (app, want) = match spec {
+            None => (None, Want::http(listener)),
+            Some(spec) if spec.has("http") => (Some(spec.app), Want::Port(local.port())),
+            Some(spec) => {
+                // Raw bytes are not HTTP: a shutdown cuts them once the
+                // HTTP connections have drained.
+                drop(watcher);
+                return relay(&edge, tcp, peer, local, &spec).await;
             }
-        } else {
-            tcp::relay(&edge, tcp, peer, local, &spec.app).await;
-        }
+        };
+        let conn = Conn {
+            listener,
+            peer,
+            local_port: local.port(),
+            worker,
+            app,
+            want,
+            counted: Arc::default(),
+        };
+        connection(edge, server, tcp, conn, watcher).await;
     });
+}
+
+/// A connection to an app's port without `http`: counted against the app,
+/// past TLS with `tls`, then relayed to a machine ([`crate::tcp`]).
+async fn relay(edge: &Edge, tcp: TcpStream, peer: SocketAddr, local: SocketAddr, spec: &Spec) {
+    let Some(_counted) = edge.app_conns.enter(&spec.app) else {
+        tracing::info!(app = %spec.app, %peer, "too many connections for the app; closing");
+        return;
+    };
+    if !spec.has("tls") {
+        return tcp::relay(edge, tcp, peer, local, &spec.app).await;
+    }
+    if let Some(stream) = tls(edge, tcp, peer).await {
+        tcp::relay(edge, stream, peer, local, &spec.app).await;
+    }
 }
 
 // ---- tls → connection ----

@@ -38,7 +38,6 @@ impl Spec {
 pub(crate) struct Accepted {
     pub tcp: TcpStream,
     pub peer: SocketAddr,
-    pub local: SocketAddr,
     pub spec: Spec,
 }
 
@@ -82,7 +81,6 @@ impl PortListeners {
                     let (stop, stopped) = oneshot::channel();
                     tokio::spawn(accept(
                         listener,
-                        addr,
                         spec.clone(),
                         self.accepted.clone(),
                         stopped,
@@ -128,7 +126,6 @@ fn wanted(fib: &FibSnapshot) -> HashMap<SocketAddr, Spec> {
 /// Accepts on one app address until stopped (or dropped).
 async fn accept(
     listener: TcpListener,
-    local: SocketAddr,
     spec: Spec,
     accepted: mpsc::Sender<Accepted>,
     mut stopped: oneshot::Receiver<()>,
@@ -147,7 +144,6 @@ async fn accept(
         let conn = Accepted {
             tcp,
             peer,
-            local,
             spec: spec.clone(),
         };
         if accepted.send(conn).await.is_err() {

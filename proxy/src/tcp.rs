@@ -176,13 +176,9 @@ pub(crate) async fn relay<C>(
     }
 }
 
-async fn connect(edge: &Edge, target: &Target) -> std::io::Result<TcpStream> {
+async fn connect(edge: &Edge, target: &Target) -> Result<TcpStream, String> {
     let addr = SocketAddr::new(target.machine().private_ip, target.internal_port());
-    let tcp = tokio::time::timeout(edge.connect_timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    tcp.set_nodelay(true)?;
-    Ok(tcp)
+    edge.upstreams.dial(addr).await
 }
 
 #[cfg(test)]

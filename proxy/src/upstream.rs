@@ -118,6 +118,16 @@ pub(crate) enum SendError {
     Exchange(String),
 }
 
+impl SendError {
+    /// The machine could not be connected to; `req` never left.
+    fn refused(cause: String, req: Request<UpBody>) -> Self {
+        Self::Connect {
+            cause,
+            request: Box::new(req),
+        }
+    }
+}
+
 impl Upstreams {
     pub(crate) fn new(
         workers: usize,
@@ -170,12 +180,7 @@ impl Upstreams {
         }
         let mut conn = match self.connect(&pool).await {
             Ok(conn) => conn,
-            Err(cause) => {
-                return Err(SendError::Connect {
-                    cause,
-                    request: Box::new(req),
-                });
-            }
+            Err(cause) => return Err(SendError::refused(cause, req)),
         };
         self.counters.new.inc();
         match conn.exchange(req).await {
@@ -200,12 +205,7 @@ impl Upstreams {
         let pool = self.pool(worker, machine);
         let conn = match self.connect(&pool).await {
             Ok(conn) => conn,
-            Err(cause) => {
-                return Err(SendError::Connect {
-                    cause,
-                    request: Box::new(req),
-                });
-            }
+            Err(cause) => return Err(SendError::refused(cause, req)),
         };
         self.counters.new.inc();
         let Conn {
@@ -247,20 +247,20 @@ impl Upstreams {
         }
     }
 
-    async fn connect(&self, pool: &Arc<Pool>) -> Result<Box<Conn>, String> {
-        let addr = pool.machine.addr;
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => {
-                return Err(format!(
-                    "connect timed out after {:?}",
-                    self.connect_timeout
-                ));
-            }
-        };
+    /// A TCP connection to a machine, within the connect timeout. Every
+    /// connection to a machine (HTTP/1, h2, raw TCP) is made here.
+    pub(crate) async fn dial(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))?
+            .map_err(|e| e.to_string())?;
         // Small request heads should not wait on Nagle.
         let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    async fn connect(&self, pool: &Arc<Pool>) -> Result<Box<Conn>, String> {
+        let tcp = self.dial(pool.machine.addr).await?;
         let (sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
@@ -318,12 +318,7 @@ impl Upstreams {
             None => {
                 let sender = match self.connect_h2(machine).await {
                     Ok(sender) => sender,
-                    Err(cause) => {
-                        return Err(SendError::Connect {
-                            cause,
-                            request: Box::new(req),
-                        });
-                    }
+                    Err(cause) => return Err(SendError::refused(cause, req)),
                 };
                 self.counters.new.inc();
                 conns.insert(
@@ -347,11 +342,7 @@ impl Upstreams {
     }
 
     async fn connect_h2(&self, machine: &Machine) -> Result<http2::SendRequest<UpBody>, String> {
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(machine.addr))
-            .await
-            .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))?
-            .map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
+        let tcp = self.dial(machine.addr).await?;
         let (sender, driver) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
             .map_err(|e| error_chain(&e))?;
