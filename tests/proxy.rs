@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Hangar, WAIT};
+use common::{Hangar, WAIT, eventually};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,13 +33,7 @@ async fn start() -> (tempfile::TempDir, Hangar) {
 }
 
 async fn create_app(h: &Hangar, app: &str) {
-    let (status, body) = h
-        .post(
-            "/v1/apps",
-            &format!(r#"{{"app_name":"{app}","org_slug":"personal"}}"#),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
+    h.create_app(app).await;
 }
 
 /// A started hangar/echo machine with `config` merged into its config.
@@ -49,16 +43,8 @@ async fn machine(h: &Hangar, app: &str, config: Value) -> String {
         .unwrap()
         .extend(config.as_object().unwrap().clone());
     let body = serde_json::json!({ "config": full }).to_string();
-    let (status, m) = h.post(&format!("/v1/apps/{app}/machines"), &body).await;
-    assert_eq!(status, 200, "{m}\n{}", h.log());
-    let id = m["id"].as_str().unwrap().to_string();
-    let (status, body) = h
-        .get(&format!(
-            "/v1/apps/{app}/machines/{id}/wait?state=started&timeout=30"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    id
+    let m = h.started_machine(app, &body).await;
+    m["id"].as_str().unwrap().to_string()
 }
 
 /// Services of a web machine on `internal_port` with the given limits.
@@ -512,17 +498,12 @@ async fn upgrades_become_tunnels_that_hold_a_slot_while_open() {
     }
     until_metric(&h, r#"fly_app_concurrency{app="ws",region="dev"} 1"#).await;
     drop(tcp);
-    let deadline = Instant::now() + WAIT;
-    while metrics(&h)
-        .await
-        .contains(r#"fly_app_concurrency{app="ws""#)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the tunnel's slot was not released"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the tunnel's slot is released", || async {
+        !metrics(&h)
+            .await
+            .contains(r#"fly_app_concurrency{app="ws""#)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,11 +527,10 @@ async fn sigterm_closes_the_listeners_and_finishes_requests_in_flight() {
     let pid = nix::unistd::Pid::from_raw(h.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     // New connections are refused once the listener is closed...
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(h.addrs.http).await.is_ok() {
-        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("no longer accepting after SIGTERM", || async {
+        tokio::net::TcpStream::connect(h.addrs.http).await.is_err()
+    })
+    .await;
     // ...while the request in flight finishes normally.
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -603,16 +583,10 @@ async fn an_app_address_serves_each_port_with_its_handlers() {
     .await;
     let at = |port| std::net::SocketAddr::new(ip, port);
     // The listeners follow the catalog within moments.
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(at(7080)).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no listener on {}:\n{}",
-            at(7080),
-            h.log()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("a listener on the app's address", || async {
+        tokio::net::TcpStream::connect(at(7080)).await.is_ok()
+    })
+    .await;
 
     // No handler: the bytes reach the machine as they are.
     let (status, body) = raw_get(tokio::net::TcpStream::connect(at(7000)).await.unwrap()).await;
@@ -663,11 +637,10 @@ async fn an_app_address_serves_each_port_with_its_handlers() {
     // Released, the address stops being listened on.
     let (status, _) = h.delete(&format!("/v1/apps/db/ip_assignments/{ip}")).await;
     assert_eq!(status, 204);
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(at(7000)).await.is_ok() {
-        assert!(Instant::now() < deadline, "still listening after release");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("no listener after the release", || async {
+        tokio::net::TcpStream::connect(at(7000)).await.is_err()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -705,18 +678,10 @@ async fn an_app_gets_at_most_max_conns_per_app_client_connections() {
     // Another app is not affected, and a closed connection frees a place.
     assert_eq!(get(&h, "nope", "/").await.status, 404);
     drop(first);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_again, status) = open(&h).await;
-        if status.ends_with("200 OK") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the place was not freed: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the closed connection's place is freed", || async {
+        open(&h).await.1.ends_with("200 OK")
+    })
+    .await;
     let text = metrics(&h).await;
     assert!(
         text.contains(r#"fly_edge_proxy_errors_count{code="PE04"}"#),
@@ -730,12 +695,7 @@ async fn put_down(h: &Hangar, app: &str, id: &str, how: &str, state: &str) {
         .post(&format!("/v1/apps/{app}/machines/{id}/{how}"), "{}")
         .await;
     assert_eq!(status, 200, "{how}: {body}");
-    let (status, body) = h
-        .get(&format!(
-            "/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=30"
-        ))
-        .await;
-    assert_eq!(status, 200, "wait {state}: {body}");
+    h.wait_state(app, id, state).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -809,12 +769,7 @@ async fn machines_past_their_soft_limit_get_a_stopped_one_started_beside_them() 
     let quick = get(&h, "grow", "/").await;
     assert_eq!(quick.status, 200, "{quick:?}");
     assert_eq!(quick.machine.as_deref(), Some(a.as_str()));
-    let (status, body) = h
-        .get(&format!(
-            "/v1/apps/grow/machines/{b}/wait?state=started&timeout=30"
-        ))
-        .await;
-    assert_eq!(status, 200, "{body}");
+    h.wait_state("grow", &b, "started").await;
     until_metric(&h, r#"fly_edge_autostarts_count{result="ok"} 1"#).await;
     // With A still busy, B takes the next one.
     let next = get(&h, "grow", "/").await;
@@ -907,24 +862,13 @@ async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
         let h = h.clone();
         async move { get(&h, "busy", "/?sleep_ms=1500").await }
     });
-    let state = |app: &'static str, id: String, state: &'static str| {
-        let h = h.clone();
-        async move {
-            let (status, body) = h
-                .get(&format!(
-                    "/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=30"
-                ))
-                .await;
-            assert_eq!(status, 200, "{app} never {state}: {body}");
-        }
-    };
-    state("idle", idle, "stopped").await;
-    state("frozen", frozen, "suspended").await;
+    h.wait_state("idle", &idle, "stopped").await;
+    h.wait_state("frozen", &frozen, "suspended").await;
     let (_, m) = h.get(&format!("/v1/apps/kept/machines/{kept}")).await;
     assert_eq!(m["state"], "started", "min_machines_running holds it");
     let got = slow.await.unwrap();
     assert_eq!(got.status, 200, "the request in flight finished: {got:?}");
-    state("busy", busy, "stopped").await;
+    h.wait_state("busy", &busy, "stopped").await;
     // Counted once the machine is uncordoned again, just after the stop.
     until_metric(&h, r#"fly_edge_autostops_count{result="ok"} 3"#).await;
     // And the stopped app still answers: autostart brings it back.
@@ -950,11 +894,10 @@ async fn a_flycast_address_routes_only_to_its_app_and_starts_it() {
         .await;
     assert_eq!(status, 200, "{ip}");
     let at = format!("{}:8080", ip["ip"].as_str().unwrap());
-    let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(&at).await.is_err() {
-        assert!(Instant::now() < deadline, "no flycast listener on {at}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("a listener on the flycast address", || async {
+        tokio::net::TcpStream::connect(&at).await.is_ok()
+    })
+    .await;
     let ask = |host: &'static str| {
         let (client, url) = (h.http.clone(), format!("http://{at}/"));
         async move {

@@ -225,32 +225,34 @@ impl Hangar {
     /// Creates an app and a started machine from `request` (a create
     /// request's JSON); returns the machine.
     pub async fn app_with_machine_config(&self, app: &str, request: &str) -> Value {
-        let (status, body) = self
-            .call(
-                reqwest::Method::POST,
-                "/v1/apps",
-                Some(&format!(r#"{{"app_name":"{app}","org_slug":"personal"}}"#)),
-            )
-            .await;
+        self.create_app(app).await;
+        self.started_machine(app, request).await
+    }
+
+    /// Creates an app in the dev org.
+    pub async fn create_app(&self, app: &str) {
+        let body = format!(r#"{{"app_name":"{app}","org_slug":"personal"}}"#);
+        let (status, body) = self.post("/v1/apps", &body).await;
         assert_eq!(status, 201, "{body}");
+    }
+
+    /// Creates a machine from `request` (a create request's JSON) in an
+    /// existing app and waits until it is started; returns the machine.
+    pub async fn started_machine(&self, app: &str, request: &str) -> Value {
         let (status, machine) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/v1/apps/{app}/machines"),
-                Some(request),
-            )
+            .post(&format!("/v1/apps/{app}/machines"), request)
             .await;
         assert_eq!(status, 200, "{machine}\n{}", self.log());
         let id = machine["id"].as_str().unwrap();
-        let (status, body) = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/v1/apps/{app}/machines/{id}/wait?state=started&timeout=30"),
-                None,
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
+        self.wait_state(app, id, "started").await;
         machine
+    }
+
+    /// Waits until the machine is in `state`.
+    pub async fn wait_state(&self, app: &str, id: &str, state: &str) {
+        let path = format!("/v1/apps/{app}/machines/{id}/wait?state={state}&timeout=30");
+        let (status, body) = self.get(&path).await;
+        assert_eq!(status, 200, "wait {state}: {body}");
     }
 
     /// A GET through the proxy's HTTP listener with `Host: host`.
@@ -287,6 +289,20 @@ pub const ECHO_MACHINE: &str = r#"{"config":{"image":"hangar/echo","services":[{
 pub const ECHO_MACHINE_MANUAL: &str = r#"{"config":{"image":"hangar/echo","services":[{"protocol":"tcp","internal_port":8080,
   "autostart":false,
   "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}"#;
+
+/// Waits until `check` holds, checking every 10 ms for at most [`WAIT`];
+/// panics naming `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// Pids of processes whose command line or environment mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
