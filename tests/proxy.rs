@@ -917,3 +917,188 @@ async fn a_flycast_address_routes_only_to_its_app_and_starts_it() {
     put_down(&h, "private", &mine, "stop", "stopped").await;
     assert_eq!(ask("private.flycast").await, (200, mine.clone()));
 }
+
+/// What a request through the proxy got, for the replay test: the status,
+/// the answering machine, the proxy's error code and the echo's JSON (or
+/// the proxy's error text as a string).
+async fn replayed(req: reqwest::RequestBuilder) -> (u16, Option<String>, Option<String>, Value) {
+    let resp = req.header("host", "front.localhost").send().await.unwrap();
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let (status, machine, code) = (
+        resp.status().as_u16(),
+        header("fly-machine-id"),
+        header("fly-proxy-error"),
+    );
+    let text = resp.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, machine, code, body)
+}
+
+#[tokio::test]
+async fn fly_replay_sends_the_request_on_and_falls_back_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!("{CONFIG}retry_body_bytes = 4096\n");
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(&config)).await;
+    create_app(&h, "front").await;
+    let a = machine(&h, "front", web(8080, 20, 25)).await;
+    let b = machine(&h, "front", web(8080, 20, 25)).await;
+    create_app(&h, "back").await;
+    let c = machine(&h, "back", web(8080, 20, 25)).await;
+    create_app(&h, "cold").await;
+    let cold = machine(&h, "cold", web(8080, 20, 25)).await;
+    put_down(&h, "cold", &cold, "stop", "stopped").await;
+
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let url = format!("http://{}", h.addrs.http);
+    // Every request is first sent to `a`; the query is what `a` answers
+    // (`replay=` once, `replay_always=` on every hop).
+    let from_a = |query: &str| {
+        client
+            .get(format!("{url}/?{query}"))
+            .header("fly-force-instance-id", &a)
+    };
+    let enc = |s: &str| {
+        s.replace('=', "%3D")
+            .replace(';', "%3B")
+            .replace(',', "%2C")
+            .replace('"', "%22")
+    };
+
+    // To a machine, with the source and the state passed on.
+    let (status, machine, _, body) = replayed(from_a(&format!(
+        "replay={}",
+        enc(&format!("instance={b};state=s1"))
+    )))
+    .await;
+    assert_eq!(
+        (status, machine.as_deref()),
+        (200, Some(b.as_str())),
+        "{body}"
+    );
+    let src = body["headers"]["fly-replay-src"].as_str().unwrap();
+    assert!(
+        src.starts_with(&format!("instance={a};region=dev;t=")),
+        "{src}"
+    );
+    assert!(src.ends_with(";state=s1"), "{src}");
+
+    // To another app; `elsewhere` to any machine but the one that asked;
+    // to the first listed region that has machines.
+    let (status, machine, ..) = replayed(from_a(&format!("replay={}", enc("app=back")))).await;
+    assert_eq!((status, machine.as_deref()), (200, Some(c.as_str())));
+    for _ in 0..5 {
+        let (_, machine, ..) = replayed(from_a(&format!("replay={}", enc("elsewhere=true")))).await;
+        assert_eq!(machine.as_deref(), Some(b.as_str()));
+    }
+    let (status, ..) = replayed(from_a(&format!("replay={}", enc("region=\"ams,dev\"")))).await;
+    assert_eq!(status, 200);
+
+    // A request body read whole goes along; a streamed one cannot.
+    let post = |len: usize| {
+        client
+            .post(format!("{url}/?replay={}", enc(&format!("instance={b}"))))
+            .header("fly-force-instance-id", &a)
+            .body(vec![b'x'; len])
+    };
+    let (status, machine, _, body) = replayed(post(1000)).await;
+    assert_eq!(
+        (status, machine.as_deref()),
+        (200, Some(b.as_str())),
+        "{body}"
+    );
+    assert_eq!(
+        (
+            body["method"].as_str(),
+            body["headers"]["content-length"].as_str()
+        ),
+        (Some("POST"), Some("1000"))
+    );
+    let (status, _, code, body) = replayed(post(8000)).await;
+    assert_eq!((status, code.as_deref()), (413, Some("PR10")), "{body}");
+
+    // Targets that cannot be reached: an error, or back to the machine
+    // that asked with `fallback`, told why in `fly-replay-failed`.
+    let (status, _, code, _) = replayed(from_a(&format!("replay={}", enc("app=nowhere")))).await;
+    assert_eq!((status, code.as_deref()), (404, Some("PA01")));
+    let (status, _, code, _) = replayed(from_a(&format!("replay={}", enc("region=ams")))).await;
+    assert_eq!((status, code.as_deref()), (503, Some("PR07")));
+    let (status, machine, _, body) = replayed(from_a(&format!(
+        "replay={}",
+        enc("app=nowhere;fallback=force_self")
+    )))
+    .await;
+    assert_eq!(
+        (status, machine.as_deref()),
+        (200, Some(a.as_str())),
+        "{body}"
+    );
+    let failed = body["headers"]["fly-replay-failed"].as_str().unwrap();
+    assert!(
+        failed.starts_with("code=PA01;reason=\"app \\\"nowhere\\\" not found"),
+        "{failed}"
+    );
+    // A start that takes longer than the replay's timeout.
+    let slow = format!("app=cold;instance={cold};timeout=1ms");
+    let (status, _, code, _) = replayed(from_a(&format!("replay={}", enc(&slow)))).await;
+    assert_eq!((status, code.as_deref()), (504, Some("PR11")));
+    let (status, machine, _, body) = replayed(from_a(&format!(
+        "replay={}",
+        enc(&format!("{slow};fallback=prefer_self"))
+    )))
+    .await;
+    assert_eq!(
+        (status, machine.as_deref()),
+        (200, Some(a.as_str())),
+        "{body}"
+    );
+    assert!(
+        body["headers"]["fly-replay-failed"]
+            .as_str()
+            .unwrap()
+            .starts_with("code=PR11")
+    );
+
+    // A replay to a stopped machine starts it.
+    h.wait_state("cold", &cold, "started").await;
+    put_down(&h, "cold", &cold, "stop", "stopped").await;
+    let (status, machine, ..) = replayed(from_a(&format!(
+        "replay={}",
+        enc(&format!("app=cold;instance={cold}"))
+    )))
+    .await;
+    assert_eq!((status, machine.as_deref()), (200, Some(cold.as_str())));
+
+    // Machines that ask for too much, or for nonsense.
+    let (status, _, code, body) = replayed(from_a(&format!(
+        "replay_always={}",
+        enc(&format!("instance={a}"))
+    )))
+    .await;
+    assert_eq!((status, code.as_deref()), (502, Some("PR09")), "{body}");
+    let (status, _, code, body) = replayed(from_a("replay=colour%3Dred")).await;
+    assert_eq!((status, code.as_deref()), (502, Some("PR08")));
+    assert!(
+        body.as_str().unwrap().contains("unknown field \"colour\""),
+        "{body}"
+    );
+    let (status, _, code, _) = replayed(from_a(&format!(
+        "replay_always={}",
+        enc("app=nowhere;fallback=force_self")
+    )))
+    .await;
+    assert_eq!((status, code.as_deref()), (502, Some("PR08")));
+
+    let text = metrics(&h).await;
+    assert!(
+        counter(&text, r#"fly_edge_http_replays_count{result="replayed"}"#) >= 20,
+        "{text}"
+    );
+    assert_eq!(
+        counter(&text, r#"fly_edge_http_replays_count{result="fell_back"}"#),
+        3
+    );
+}

@@ -5,7 +5,11 @@
 //! It binds `FLY_PRIVATE_IP:PORT` and answers every path with JSON naming the
 //! machine, app and region and echoing the method, path, query and headers.
 //! `?sleep_ms=N` delays the answer; `?bytes=N` answers N bytes instead of
-//! JSON; `/healthz` answers `ok`. An HTTP/1.1 upgrade request (WebSocket
+//! JSON; `?header=name:value` (repeatable, URL-encoded) adds a response
+//! header; `?replay=V` answers with `fly-replay: V` unless the request is
+//! itself a replay or a fallback (it has `fly-replay-src` or
+//! `fly-replay-failed`), `?replay_always=V` even then; `/healthz` answers
+//! `ok`. An HTTP/1.1 upgrade request (WebSocket
 //! or any other protocol) gets `101 Switching Protocols` and then every
 //! byte echoed back, which is enough to test a proxy's tunnel. A connection
 //! that starts with a PROXY protocol header (v1 or v2) has the client
@@ -104,12 +108,29 @@ fn switch(
         .expect("static response parts are valid")
 }
 
+/// The first value of `key` in a URL-encoded query, parsed.
 fn query_param<T: std::str::FromStr>(query: &str, key: &str) -> Option<T> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == key)
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
         .and_then(|(_, v)| v.parse().ok())
+}
+
+/// The response headers the query asks for: `header=name:value` pairs,
+/// and `fly-replay` from `replay` (not on a request that is a replay or
+/// a fallback already) or `replay_always`.
+fn asked_headers(query: &str, req_headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    let replayed =
+        req_headers.contains_key("fly-replay-src") || req_headers.contains_key("fly-replay-failed");
+    form_urlencoded::parse(query.as_bytes())
+        .filter_map(|(k, v)| match &*k {
+            "header" => v
+                .split_once(':')
+                .map(|(n, v)| (n.trim().to_string(), v.trim().to_string())),
+            "replay" if !replayed => Some(("fly-replay".into(), v.into_owned())),
+            "replay_always" => Some(("fly-replay".into(), v.into_owned())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Reads the PROXY protocol header (v1 text or v2 binary) a connection may
@@ -160,16 +181,27 @@ async fn answer(
     if let Some(ms) = query_param::<u64>(&query, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
     }
+    let asked = asked_headers(&query, req.headers());
     let respond = |status, ctype, body: Bytes| {
-        Ok(Response::builder()
+        let mut response = Response::builder()
             .status(status)
             .header("content-type", ctype)
-            .header("fly-machine-id", id.machine_id.as_str())
-            .body(Full::new(body))
-            .expect("static response parts are valid"))
+            .header("fly-machine-id", id.machine_id.as_str());
+        for (name, value) in &asked {
+            response = response.header(name, value);
+        }
+        Ok(response.body(Full::new(body)).unwrap_or_else(|e| {
+            let mut bad = Response::new(Full::new(Bytes::from(format!("bad header: {e}\n"))));
+            *bad.status_mut() = StatusCode::BAD_REQUEST;
+            bad
+        }))
     };
     if req.uri().path() == "/healthz" {
         return respond(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"));
+    }
+    // A replay answer has nothing to say: the proxy drops it.
+    if asked.iter().any(|(name, _)| name == "fly-replay") {
+        return respond(StatusCode::OK, "text/plain", Bytes::new());
     }
     if let Some(n) = query_param::<usize>(&query, "bytes") {
         return respond(
@@ -213,5 +245,22 @@ mod tests {
         assert_eq!(query_param::<u64>("a=1&sleep_ms=20", "sleep_ms"), Some(20));
         assert_eq!(query_param::<usize>("bytes=abc", "bytes"), None);
         assert_eq!(query_param::<usize>("", "bytes"), None);
+    }
+
+    #[test]
+    fn asked_headers_decode_and_replay_only_once() {
+        let query = "header=fly-keep-alive-until%3A%201700000000&replay=region%3Dord%3Bstate%3Dx";
+        let fresh = hyper::HeaderMap::new();
+        assert_eq!(
+            asked_headers(query, &fresh),
+            [
+                ("fly-keep-alive-until".to_string(), "1700000000".to_string()),
+                ("fly-replay".to_string(), "region=ord;state=x".to_string()),
+            ]
+        );
+        let mut replayed = hyper::HeaderMap::new();
+        replayed.insert("fly-replay-src", "instance=m1".parse().unwrap());
+        assert_eq!(asked_headers(query, &replayed).len(), 1);
+        assert_eq!(asked_headers("replay_always=app%3Dx", &replayed).len(), 1);
     }
 }

@@ -94,8 +94,13 @@ impl Target {
     }
 
     /// The app's routes the machine was chosen from.
-    pub fn app(&self) -> &AppRoutes {
+    pub fn app(&self) -> &Arc<AppRoutes> {
         &self.app
+    }
+
+    /// What the request needed of the machine's services.
+    pub fn want(&self) -> Want {
+        self.want
     }
 
     /// The service that takes the request.

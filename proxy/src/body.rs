@@ -6,6 +6,7 @@ use crate::balance::Lease;
 use crate::metrics::InFlight;
 use crate::upstream::Conn;
 use bytes::Bytes;
+use http::Request;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -151,6 +152,16 @@ impl UpBody {
             Self::Streaming { .. } => None,
         }
     }
+}
+
+/// A copy of a request whose body was read whole, to send again.
+pub(crate) fn copy(req: &Request<UpBody>) -> Option<Request<UpBody>> {
+    let mut copy = Request::new(req.body().replay()?);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 /// Why a request body could not be read for the machine.

@@ -133,21 +133,60 @@ pub enum PathError {
         /// Why (flyd's answer, or the hold timeout).
         reason: String,
     },
-    /// `fly-force-instance-id` names a machine the app does not have.
-    #[error("app {app:?} has no machine {machine:?} (fly-force-instance-id)")]
+    /// `fly-force-instance-id` (or a `fly-replay`) names a machine the
+    /// app does not have.
+    #[error("app {app:?} has no machine {machine:?} ({by})")]
     NoSuchMachine {
         /// The app.
         app: String,
         /// The machine asked for.
         machine: String,
+        /// The header that asked.
+        by: &'static str,
     },
-    /// `fly-force-region` names a region where the app has no machine.
-    #[error("app {app:?} has no machine in region {region:?} (fly-force-region)")]
+    /// `fly-force-region` (or a `fly-replay`) names regions where the app
+    /// has no machine.
+    #[error("app {app:?} has no machine in region {region:?} ({by})")]
     NotInRegion {
         /// The app.
         app: String,
-        /// The region asked for.
+        /// The region (or regions) asked for.
         region: String,
+        /// The header that asked.
+        by: &'static str,
+    },
+    /// A machine answered with a `fly-replay` the proxy cannot follow.
+    #[error("machine {machine} asked for a replay the proxy cannot follow: {reason}")]
+    BadReplay {
+        /// The machine that answered.
+        machine: String,
+        /// What is wrong with its `fly-replay`.
+        reason: String,
+    },
+    /// The request was replayed as often as allowed, and a machine asked
+    /// for one more.
+    #[error("machine {machine} asked to replay a request already replayed {limit} times")]
+    TooManyReplays {
+        /// The machine that asked last.
+        machine: String,
+        /// [`crate::replay::MAX_REPLAYS`].
+        limit: usize,
+    },
+    /// A machine asked for a replay of a request whose body was streamed.
+    #[error(
+        "machine {machine} asked for a replay, but the request body was larger than {limit} bytes and was streamed"
+    )]
+    ReplayTooLarge {
+        /// The machine that asked.
+        machine: String,
+        /// `proxy.retry_body_bytes`.
+        limit: u64,
+    },
+    /// A replay's `timeout` passed before a machine could take the request.
+    #[error("the replay found no machine to take the request within {after:?}")]
+    ReplayTimedOut {
+        /// The replay's `timeout`.
+        after: Duration,
     },
     /// The app already has `proxy.max_conns_per_app` client connections.
     #[error("app {app:?} has too many open connections (limit {limit})")]
@@ -206,7 +245,9 @@ impl PathError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadHost(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::ReplayTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::UnknownApp(_) | Self::NoSuchMachine { .. } => StatusCode::NOT_FOUND,
             Self::NotInRegion { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoStartedMachine(_)
@@ -216,8 +257,12 @@ impl PathError {
             Self::AtCapacity { .. }
             | Self::TooManyConnections { .. }
             | Self::StartFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream { .. } | Self::BadReplay { .. } | Self::TooManyReplays { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamTimeout { .. } | Self::ReplayTimedOut { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -241,6 +286,10 @@ impl PathError {
             Self::OnlyElsewhere { .. } => "PR05",
             Self::NoSuchMachine { .. } => "PR06",
             Self::NotInRegion { .. } => "PR07",
+            Self::BadReplay { .. } => "PR08",
+            Self::TooManyReplays { .. } => "PR09",
+            Self::ReplayTooLarge { .. } => "PR10",
+            Self::ReplayTimedOut { .. } => "PR11",
             Self::Upstream { connect: true, .. } => "PC01",
             Self::Upstream { connect: false, .. } => "PU02",
             Self::UpstreamTimeout { .. } => "PU05",
@@ -277,7 +326,11 @@ impl PathError {
             | Self::AtCapacity { .. }
             | Self::StartFailed { .. }
             | Self::Upstream { .. }
-            | Self::UpstreamTimeout { .. } => Side::Upstream,
+            | Self::UpstreamTimeout { .. }
+            | Self::BadReplay { .. }
+            | Self::TooManyReplays { .. }
+            | Self::ReplayTooLarge { .. }
+            | Self::ReplayTimedOut { .. } => Side::Upstream,
             Self::Internal(_) => Side::Internal,
         }
     }
@@ -286,6 +339,25 @@ impl PathError {
     /// this one never saw it.
     pub fn retryable(&self) -> bool {
         matches!(self, Self::Upstream { connect: true, .. })
+    }
+
+    /// Whether the request failed before reaching any machine: the errors
+    /// that send a replay with a `fallback` back to the machine that asked.
+    pub fn reached_no_machine(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownApp(_)
+                | Self::NoStartedMachine(_)
+                | Self::NoHealthyMachine(_)
+                | Self::OnlyElsewhere { .. }
+                | Self::NoHttpService(_)
+                | Self::StartFailed { .. }
+                | Self::NoSuchMachine { .. }
+                | Self::NotInRegion { .. }
+                | Self::AtCapacity { .. }
+                | Self::ReplayTimedOut { .. }
+                | Self::Upstream { connect: true, .. }
+        )
     }
 
     /// Operator detail beyond the client-facing message, for the log.

@@ -23,6 +23,8 @@
 //! - `ports`: listeners on apps' own addresses (flycast and dedicated), one
 //!   per service port, following the FIB; `tcp`: what arrives on a port
 //!   without the `http` handler (raw TCP, `tls`, `proxy_proto`).
+//! - `steer` and `replay`: Fly's routing request headers, and `fly-replay`
+//!   answers sending a request on to another region, machine or app.
 //! - `headers`, `body`, `conns`, `conn_limit`: header rewriting at the hop,
 //!   the bodies at both hops, draining at shutdown, connections per app.
 
@@ -41,6 +43,8 @@ pub mod metrics;
 pub mod path;
 mod ports;
 pub mod queue;
+mod replay;
+mod steer;
 mod tcp;
 pub mod tls;
 mod upstream;

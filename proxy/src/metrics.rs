@@ -13,6 +13,9 @@
 //!   by code (`PR04`, ...; see [`crate::PathError::code`]).
 //! - `fly_edge_http_retries_count`: requests sent to another machine after
 //!   one refused the connection.
+//! - `fly_edge_http_replays_count{result}`: `fly-replay` answers followed
+//!   (`replayed`), and replays that could not reach their target and went
+//!   back to the machine that asked (`fell_back`).
 //! - `fly_edge_autostarts_count{result}` and
 //!   `fly_edge_autostart_time_seconds`: machines started for requests;
 //!   `fly_edge_autostops_count{result}` and `fly_edge_autostop_time_seconds`:
@@ -88,6 +91,13 @@ pub struct Metrics {
     rib: Option<Arc<Rib>>,
 }
 
+/// `fly-replay` outcomes.
+#[derive(Clone)]
+pub(crate) struct Replays {
+    pub(crate) replayed: IntCounter,
+    pub(crate) fell_back: IntCounter,
+}
+
 /// The handles the request path updates. Cloning shares the same series.
 #[derive(Clone)]
 pub(crate) struct EdgeMetrics {
@@ -96,6 +106,7 @@ pub(crate) struct EdgeMetrics {
     app_responses: IntCounterVec,
     errors: IntCounterVec,
     pub(crate) retries: IntCounter,
+    pub(crate) replays: Replays,
     inflight: IntGauge,
     pub(crate) queued: IntGauge,
     pub(crate) upstream: UpstreamCounters,
@@ -219,6 +230,15 @@ impl Metrics {
                 &[],
             )
             .with_label_values(&[] as &[&str]);
+        let replays = r.counter(
+            "fly_edge_http_replays_count",
+            "fly-replay answers followed, and replays that fell back",
+            &["result"],
+        );
+        let replays = Replays {
+            replayed: replays.with_label_values(&["replayed"]),
+            fell_back: replays.with_label_values(&["fell_back"]),
+        };
         let inflight = r.gauge(
             "fly_edge_inflight_requests",
             "Requests in flight at the edge proxy, until their response body ends",
@@ -280,6 +300,7 @@ impl Metrics {
             app_responses,
             errors,
             retries,
+            replays,
             inflight,
             queued,
             upstream: UpstreamCounters {
@@ -641,6 +662,7 @@ mod tests {
             "fly_edge_tls_handshake_time_seconds_count 1",
             r#"fly_edge_http_connection_errors_count{reason="header_timeout"} 0"#,
             "fly_edge_http_retries_count 0",
+            r#"fly_edge_http_replays_count{result="fell_back"} 0"#,
             "fly_edge_inflight_requests 1",
             "fly_edge_queued_requests 0",
             r#"fly_edge_upstream_requests_total{connection="reused"} 0"#,

@@ -18,6 +18,8 @@ use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
 use crate::ports::{Accepted, PortListeners, Spec};
 use crate::queue::{QueueError, Queues};
+use crate::replay::{self, FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC, MAX_REPLAYS, Replay};
+use crate::steer::{Hop, Steer};
 use crate::tcp;
 use crate::upstream::{self, SendError, Upstreams};
 use crate::{Listener, Proxy};
@@ -371,7 +373,7 @@ async fn route(
     count_connection(edge, &ex.conn, &app.name)?;
     let mut req = req;
     let mut upgrade = headers::Upgrade::take(&mut req);
-    let steer = Steer::from_headers(req.headers());
+    let mut hop = Hop::first(app, ex.conn.want, Steer::from_headers(req.headers()));
     let req = upstream_request(req, ex, &edge.region, host)?;
     let (parts, body) = req.into_parts();
     let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
@@ -384,48 +386,201 @@ async fn route(
     if let Some(upgrade) = &upgrade {
         upgrade.ask(req.headers_mut());
     }
-    // A machine that refused the connection never saw the request: it goes
-    // to another one, a bounded number of times.
-    let mut refused: Vec<CompactString> = Vec::new();
-    let mut last_refusal = None;
     loop {
-        let (target, lease) = match slot(edge, &app, ex.conn.want, &steer, &refused).await {
+        // Kept in case the machine asks for a replay (only a body read
+        // whole can be sent twice).
+        let copy = body::copy(&req);
+        let (error, copy) = match forward(edge, ex, &hop, req, upgrade.is_some()).await {
+            Ok(Reply::Local(response)) => return Ok(response),
+            Ok(Reply::Machine(answer)) => {
+                let Some(asked) = answer.replay() else {
+                    return respond(ex, answer, upgrade.take());
+                };
+                let (next, copy) = replay(edge, ex, &hop, answer, asked, copy)?;
+                hop = next;
+                req = copy;
+                continue;
+            }
+            Err(error) => (error, copy),
+        };
+        // A replay that reached no machine goes back to the machine that
+        // asked for it, when that one said so.
+        let (Some(back), Some(mut copy)) = (hop.fall_back(&error), copy) else {
+            return Err(error);
+        };
+        tracing::debug!(request_id = ?ex.id, %error, "replay failed; falling back");
+        edge.metrics.replays.fell_back.inc();
+        let failed = replay::failed(error.code(), &error.to_string());
+        copy.headers_mut().insert(FLY_REPLAY_FAILED, failed);
+        hop = back;
+        req = copy;
+    }
+}
+
+/// What one hop of a request came back with.
+enum Reply {
+    /// The proxy answers itself (a `force_https` redirect).
+    Local(Response<ProxyBody>),
+    /// A machine's response head.
+    Machine(Answer),
+}
+
+/// A machine's response head, with the slot and connection it holds.
+struct Answer {
+    target: Target,
+    lease: Lease,
+    response: Response<Incoming>,
+    conn: Option<Box<upstream::Conn>>,
+}
+
+impl Answer {
+    /// Drops a response the client will not see. An empty body leaves the
+    /// connection ready for the next request; otherwise it is closed.
+    fn discard(self) {
+        if hyper::body::Body::is_end_stream(self.response.body())
+            && let Some(conn) = self.conn
+        {
+            conn.release();
+        }
+    }
+
+    /// The machine's `fly-replay`, if it asks for one (a switch of
+    /// protocols cannot be replayed).
+    fn replay(&self) -> Option<HeaderValue> {
+        if self.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return None;
+        }
+        self.response.headers().get(FLY_REPLAY).cloned()
+    }
+}
+
+/// Sends the request to a machine of the hop's choice; a machine that
+/// refused the connection never saw the request, which goes to another
+/// one, a bounded number of times.
+async fn forward(
+    edge: &Edge,
+    ex: &mut Exchange,
+    hop: &Hop,
+    mut req: Request<UpBody>,
+    upgrade: bool,
+) -> Result<Reply, PathError> {
+    let app = hop.app.routes(&edge.fib)?;
+    let mut skip: Vec<CompactString> = hop.exclude.iter().cloned().collect();
+    let mut last_refusal = None;
+    for attempt in 1.. {
+        let slot = slot(edge, &app, hop, &skip);
+        let slot = match hop.timeout {
+            Some(after) => tokio::time::timeout(after, slot)
+                .await
+                .unwrap_or(Err(PathError::ReplayTimedOut { after })),
+            None => slot.await,
+        };
+        let (target, lease) = match slot {
             Ok(slot) => slot,
             // No machine left to try: the refusal is the answer.
             Err(error) => return Err(last_refusal.unwrap_or(error)),
         };
         ex.machine = Some(target.machine().id.to_string());
         if let Some(redirect) = force_https(&target, ex.conn.listener, &req) {
-            return Ok(redirect);
+            return Ok(Reply::Local(redirect));
         }
-        match send(edge, ex, &target, req, upgrade.is_some()).await {
-            Ok((mut response, conn)) => {
-                let held = Held {
-                    _lease: lease,
-                    _in_flight: ex.in_flight.take(),
-                };
-                ex.from_machine = true;
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(upgrade) = upgrade.take()
-                {
-                    return Ok(tunnel(upgrade, &mut response, held, ex));
-                }
-                let options = target
-                    .port()
-                    .and_then(|p| p.http_options.as_ref()?.response.as_ref());
-                return downstream_response(response, ex, held, conn, options);
+        match send(edge, ex, &target, req, upgrade).await {
+            Ok((response, conn)) => {
+                return Ok(Reply::Machine(Answer {
+                    target,
+                    lease,
+                    response,
+                    conn,
+                }));
             }
-            Err(Failure::Refused(error, back)) if refused.len() + 1 < edge.max_attempts => {
+            Err(Failure::Refused(error, back)) if attempt < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, detail = ?error.detail(), "trying another machine");
                 edge.metrics.retries.inc();
-                refused.push(target.machine().id.clone());
+                skip.push(target.machine().id.clone());
                 last_refusal = Some(error);
                 req = *back;
             }
             Err(Failure::Refused(error, _) | Failure::Failed(error)) => return Err(error),
         }
     }
+    unreachable!("the attempts loop only ends by returning")
 }
+
+/// A machine answered with `fly-replay` (`asked`): its response is
+/// dropped, and the next hop goes where it says with the request's copy,
+/// marked with `fly-replay-src`.
+fn replay(
+    edge: &Edge,
+    ex: &Exchange,
+    hop: &Hop,
+    answer: Answer,
+    asked: HeaderValue,
+    copy: Option<Request<UpBody>>,
+) -> Result<(Hop, Request<UpBody>), PathError> {
+    let from = answer.target.machine();
+    let machine = from.id.to_string();
+    let replay = Replay::parse(&asked).map_err(|reason| PathError::BadReplay {
+        machine: machine.clone(),
+        reason,
+    })?;
+    if hop.fell_back {
+        return Err(PathError::BadReplay {
+            machine,
+            reason: "the request already came back from a failed replay".into(),
+        });
+    }
+    if hop.replays == MAX_REPLAYS {
+        return Err(PathError::TooManyReplays {
+            machine,
+            limit: MAX_REPLAYS,
+        });
+    }
+    let Some(mut copy) = copy else {
+        return Err(PathError::ReplayTooLarge {
+            machine,
+            limit: edge.retry_body_bytes,
+        });
+    };
+    let src = replay::source(&from.id, &from.region, replay.state.as_deref());
+    copy.headers_mut().insert(FLY_REPLAY_SRC, src);
+    let target = &answer.target;
+    let asker = (target.app(), from, target.want());
+    let next = hop.replay(&replay, asker, Want::http(ex.conn.listener));
+    tracing::debug!(request_id = ?ex.id, %machine, replay = ?asked, "replaying");
+    edge.metrics.replays.replayed.inc();
+    answer.discard();
+    Ok((next, copy))
+}
+
+/// The machine's response for the client: a tunnel after `101`, else the
+/// response with the port's header rules applied.
+fn respond(
+    ex: &mut Exchange,
+    answer: Answer,
+    upgrade: Option<headers::Upgrade>,
+) -> Result<Response<ProxyBody>, PathError> {
+    let Answer {
+        target,
+        lease,
+        mut response,
+        conn,
+    } = answer;
+    let held = Held {
+        _lease: lease,
+        _in_flight: ex.in_flight.take(),
+    };
+    ex.from_machine = true;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(upgrade) = upgrade
+    {
+        return Ok(tunnel(upgrade, &mut response, held, ex));
+    }
+    let options = target
+        .port()
+        .and_then(|p| p.http_options.as_ref()?.response.as_ref());
+    downstream_response(response, ex, held, conn, options)
+}
+
 /// The host a request is for, and the app it names.
 #[derive(Debug)]
 struct Host {
@@ -533,22 +688,21 @@ fn upstream_request(
 /// machine is at its hard limit the request waits in the app's queue
 /// ([`crate::queue`]), reading the app's routes afresh on every try. When
 /// the app has no machine up, one is started ([`crate::autostart`]) and the
-/// request routed again once it is. `steer` narrows or orders the choice
-/// (Fly's routing headers).
+/// request routed again once it is. The hop's [`Steer`] narrows or orders
+/// the choice; machines in `skip` are not chosen.
 async fn slot(
     edge: &Edge,
     app: &Arc<AppRoutes>,
-    want: Want,
-    steer: &Steer,
-    refused: &[CompactString],
+    hop: &Hop,
+    skip: &[CompactString],
 ) -> Result<(Target, Lease), PathError> {
-    steer.check(app)?;
-    let near = steer.near(&edge.region);
-    let allowed = |m: &RouteMachine| steer.allows(m) && !refused.contains(&m.id);
+    let steer = hop.steer.resolve(app, &edge.region)?;
+    let (want, near) = (hop.want, steer.near);
+    let allowed = |m: &RouteMachine| steer.allows(m) && !skip.contains(&m.id);
     let attempt = |app: &Arc<AppRoutes>| {
         // A preferred machine that can take the request gets it.
-        if let Some(id) = &steer.prefer_instance {
-            let only = |m: &RouteMachine| !allowed(m) || m.id != id.as_str();
+        if let Some(id) = steer.prefer_instance {
+            let only = |m: &RouteMachine| !allowed(m) || m.id != id;
             if let Ok(target) = balance::choose(app, want, near, only, &mut rand::rng())
                 && let Some(lease) = Lease::acquire(&target, Some(&edge.released))
             {
@@ -588,7 +742,7 @@ async fn slot(
             }
             Err(no @ (NoTarget::NoStartedMachine | NoTarget::NoHealthyMachine)) if !started => no,
             // A forced machine or region with nothing up there: start one.
-            Err(no @ NoTarget::NoHttpService) if !started && steer.forces() => no,
+            Err(no @ NoTarget::NoHttpService) if !started && hop.steer.forces() => no,
             Err(no) => return Err(no_target(&app, no, &edge.region)),
         };
         let Some(machine) = autostart::pick(&app, want, near, allowed) else {
@@ -607,76 +761,6 @@ async fn slot(
             .fib
             .lookup(&app.name)
             .ok_or_else(|| PathError::UnknownApp(app.name.to_string()))?;
-    }
-}
-
-/// What the client asked of the choice of machine, with Fly's request
-/// headers: `fly-force-instance-id` (that machine only),
-/// `fly-prefer-instance-id` (that machine when it can take the request),
-/// `fly-force-region` (machines of that region only) and
-/// `fly-prefer-region` (that region counts as the nearest).
-#[derive(Debug, Default)]
-struct Steer {
-    force_instance: Option<String>,
-    prefer_instance: Option<String>,
-    force_region: Option<String>,
-    prefer_region: Option<String>,
-}
-
-impl Steer {
-    fn from_headers(headers: &http::HeaderMap) -> Self {
-        let get = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(str::to_string)
-        };
-        Self {
-            force_instance: get("fly-force-instance-id"),
-            prefer_instance: get("fly-prefer-instance-id"),
-            force_region: get("fly-force-region"),
-            prefer_region: get("fly-prefer-region"),
-        }
-    }
-
-    fn forces(&self) -> bool {
-        self.force_instance.is_some() || self.force_region.is_some()
-    }
-
-    fn allows(&self, m: &RouteMachine) -> bool {
-        self.force_instance.as_deref().is_none_or(|id| m.id == id)
-            && self.force_region.as_deref().is_none_or(|r| &*m.region == r)
-    }
-
-    /// The region that counts as nearest.
-    fn near<'a>(&'a self, own: &'a str) -> &'a str {
-        self.force_region
-            .as_deref()
-            .or(self.prefer_region.as_deref())
-            .unwrap_or(own)
-    }
-
-    /// A forced machine or region the app does not have at all.
-    fn check(&self, app: &AppRoutes) -> Result<(), PathError> {
-        if let Some(id) = &self.force_instance
-            && !app.machines.iter().any(|m| m.id == id.as_str())
-        {
-            return Err(PathError::NoSuchMachine {
-                app: app.name.to_string(),
-                machine: id.clone(),
-            });
-        }
-        if let Some(region) = &self.force_region
-            && app.region(region).is_none()
-        {
-            return Err(PathError::NotInRegion {
-                app: app.name.to_string(),
-                region: region.clone(),
-            });
-        }
-        Ok(())
     }
 }
 

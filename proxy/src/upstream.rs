@@ -366,12 +366,7 @@ fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
     if !req.method().is_idempotent() {
         return None;
     }
-    let mut copy = Request::new(req.body().replay()?);
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
+    crate::body::copy(req)
 }
 
 /// Whether `machine` is still one the FIB would send requests to.
