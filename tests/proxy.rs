@@ -856,7 +856,35 @@ async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
     let kept = machine(&h, "kept", with("stop", 1)).await;
     create_app(&h, "busy").await;
     let busy = machine(&h, "busy", with("stop", 0)).await;
+    create_app(&h, "held").await;
+    let held = machine(&h, "held", with("stop", 0)).await;
 
+    // The app asks for its machine to be kept up for 5 s more; the proxy
+    // keeps the header to itself.
+    let until = std::time::SystemTime::now() + Duration::from_secs(5);
+    let until = until
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let got = get(
+        &h,
+        "held",
+        &format!("/?header=fly-keep-alive-until%3A{until}"),
+    )
+    .await;
+    assert_eq!(got.status, 200, "{got:?}");
+    let resp = h
+        .http
+        .get(format!(
+            "http://{}/?header=x-seen%3A1&header=fly-keep-alive-until%3A{until}",
+            h.addrs.http
+        ))
+        .header("host", "held.localhost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-seen"], "1");
+    assert!(!resp.headers().contains_key("fly-keep-alive-until"));
     // A request longer than the idle time: the machine stays up for it.
     let slow = tokio::spawn({
         let h = h.clone();
@@ -868,9 +896,12 @@ async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
     assert_eq!(m["state"], "started", "min_machines_running holds it");
     let got = slow.await.unwrap();
     assert_eq!(got.status, 200, "the request in flight finished: {got:?}");
+    let (_, m) = h.get(&format!("/v1/apps/held/machines/{held}")).await;
+    assert_eq!(m["state"], "started", "fly-keep-alive-until holds it");
     h.wait_state("busy", &busy, "stopped").await;
     // Counted once the machine is uncordoned again, just after the stop.
     until_metric(&h, r#"fly_edge_autostops_count{result="ok"} 3"#).await;
+    h.wait_state("held", &held, "stopped").await;
     // And the stopped app still answers: autostart brings it back.
     assert_eq!(get(&h, "idle", "/").await.status, 200);
 }

@@ -19,7 +19,17 @@
 //!
 //! A machine's idle clock restarts whenever a request or tunnel on it ends
 //! ([`Activity`]); a machine the proxy has not served since it started
-//! counts from the proxy's start.
+//! counts from the proxy's start. What is open on a machine keeps it up:
+//! a request in flight, a streaming response, a WebSocket or other tunnel,
+//! a raw TCP connection all count in its in-flight load. An idle
+//! keep-alive client connection does not: between requests it holds no
+//! machine (each request is routed afresh).
+//!
+//! An app tells the proxy it is busy beyond that (a job running after the
+//! response, say) with a response header, `fly-keep-alive-until: <Unix
+//! seconds>` or an RFC 3339 time: the machine is not stopped before then
+//! (at most [`MAX_KEEP_ALIVE`] ahead). The proxy takes the header out of
+//! the response.
 
 use crate::autostart::HostDirectory;
 use crate::metrics::EdgeMetrics;
@@ -28,17 +38,29 @@ use dashmap::DashMap;
 use hangar_api::host::{HostCall, HostClient};
 use hangar_api::machine::{Autostop, MachineService};
 use hangar_catalog::{Fib, RouteMachine};
+use http::HeaderValue;
+use http::header::HeaderName;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// When each machine last finished serving something.
+/// The response header an app keeps its machine up with.
+pub(crate) const FLY_KEEP_ALIVE_UNTIL: HeaderName = HeaderName::from_static("fly-keep-alive-until");
+
+/// How far ahead `fly-keep-alive-until` is honoured: a wrong clock or a
+/// typo must not pin a machine for good.
+pub const MAX_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
+
+/// When each machine last finished serving something, and until when its
+/// app asked for it to be kept up.
 #[derive(Debug)]
 pub struct Activity {
     epoch: Instant,
     /// Milliseconds since `epoch`.
     last: DashMap<CompactString, AtomicU64>,
+    /// Milliseconds since `epoch`, from `fly-keep-alive-until`.
+    kept_until: DashMap<CompactString, AtomicU64>,
 }
 
 impl Activity {
@@ -46,7 +68,39 @@ impl Activity {
         Self {
             epoch: Instant::now(),
             last: DashMap::new(),
+            kept_until: DashMap::new(),
         }
+    }
+
+    /// `machine`'s app answered with `fly-keep-alive-until: value`. A
+    /// value that is not a time is ignored (and logged).
+    pub(crate) fn keep_alive(&self, machine: &str, value: &HeaderValue) {
+        let Some(left) = keep_alive_left(value, SystemTime::now()) else {
+            tracing::debug!(
+                machine,
+                ?value,
+                "fly-keep-alive-until is not a Unix time or RFC 3339 time; ignored"
+            );
+            return;
+        };
+        let until = (self.epoch.elapsed() + left).as_millis() as u64;
+        match self.kept_until.get(machine) {
+            Some(kept) => {
+                kept.fetch_max(until, Ordering::Relaxed);
+            }
+            None => {
+                self.kept_until
+                    .insert(CompactString::from(machine), AtomicU64::new(until));
+            }
+        }
+    }
+
+    /// Whether `machine`'s app asked for it to be kept up until later.
+    fn kept(&self, machine: &str) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.kept_until
+            .get(machine)
+            .is_some_and(|until| until.load(Ordering::Relaxed) > now)
     }
 
     /// `machine` just finished a request (or a tunnel, or a connection).
@@ -151,11 +205,12 @@ impl Autostopper {
             .zip(&loads)
             .filter(|((_, s), load)| **load > crate::balance::Limits::of(s).soft)
             .count();
-        // The most idle machine with nothing in flight.
+        // The most idle machine with nothing in flight that its app has
+        // not asked to keep.
         let (m, service, idle) = machines
             .iter()
             .zip(&loads)
-            .filter(|(_, load)| **load == 0)
+            .filter(|((m, _), load)| **load == 0 && !self.activity.kept(&m.id))
             .map(|((m, s), _)| (*m, *s, self.activity.idle_for(&m.id)))
             .max_by_key(|(_, _, idle)| *idle)?;
         let reason = if running == 1 {
@@ -240,7 +295,57 @@ impl Autostopper {
     }
 }
 
+/// How long from `now` a `fly-keep-alive-until` value asks for: Unix
+/// seconds or an RFC 3339 time, capped at [`MAX_KEEP_ALIVE`]; `None` when
+/// it is neither (or already past).
+fn keep_alive_left(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    let until = match text.parse::<u64>() {
+        Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => humantime::parse_rfc3339_weak(text).ok()?,
+    };
+    let left = until.duration_since(now).ok()?;
+    Some(left.min(MAX_KEEP_ALIVE))
+}
+
 /// Whether a service asks for its machines to be stopped when idle.
 fn stops(service: &MachineService) -> bool {
     matches!(service.autostop, Some(Autostop::Stop | Autostop::Suspend))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_alive_until_takes_unix_seconds_or_rfc3339_capped() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let left = |v: &str| keep_alive_left(&HeaderValue::from_str(v).unwrap(), now);
+        assert_eq!(left("1700000030"), Some(Duration::from_secs(30)));
+        assert_eq!(left(" 2023-11-14T22:13:20Z "), Some(Duration::ZERO));
+        assert_eq!(
+            left("2023-11-14T22:14:20.5Z"),
+            Some(Duration::from_millis(60_500))
+        );
+        assert_eq!(left("1799999999"), Some(MAX_KEEP_ALIVE));
+        assert_eq!(left("1600000000"), None, "in the past");
+        assert_eq!(left("soon"), None);
+    }
+
+    #[test]
+    fn a_kept_machine_counts_as_kept_until_its_time() {
+        let activity = Activity::new();
+        assert!(!activity.kept("m1"));
+        let secs = |d: Duration| {
+            let t = SystemTime::now() + d;
+            HeaderValue::from(t.duration_since(UNIX_EPOCH).unwrap().as_secs())
+        };
+        activity.keep_alive("m1", &secs(Duration::from_secs(60)));
+        assert!(activity.kept("m1"));
+        // A sooner time does not shorten it.
+        activity.keep_alive("m1", &secs(Duration::ZERO));
+        assert!(activity.kept("m1"));
+        activity.keep_alive("m2", &HeaderValue::from_static("1"));
+        assert!(!activity.kept("m2"));
+    }
 }

@@ -9,6 +9,7 @@
 //! load counters are atomics.
 
 use crate::autostart::{self, Autostart};
+use crate::autostop::FLY_KEEP_ALIVE_UNTIL;
 use crate::balance::{self, Lease, NoTarget, Released, Target, Want};
 use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
 use crate::conn_limit::{AppConns, Counted};
@@ -394,7 +395,7 @@ async fn route(
             Ok(Reply::Local(response)) => return Ok(response),
             Ok(Reply::Machine(answer)) => {
                 let Some(asked) = answer.replay() else {
-                    return respond(ex, answer, upgrade.take());
+                    return respond(edge, ex, answer, upgrade.take());
                 };
                 let (next, copy) = replay(edge, ex, &hop, answer, asked, copy)?;
                 hop = next;
@@ -553,8 +554,10 @@ fn replay(
 }
 
 /// The machine's response for the client: a tunnel after `101`, else the
-/// response with the port's header rules applied.
+/// response with the port's header rules applied. A `fly-keep-alive-until`
+/// is the proxy's to read ([`crate::autostop`]), not the client's.
 fn respond(
+    edge: &Edge,
     ex: &mut Exchange,
     answer: Answer,
     upgrade: Option<headers::Upgrade>,
@@ -565,6 +568,11 @@ fn respond(
         mut response,
         conn,
     } = answer;
+    if let Some(until) = response.headers_mut().remove(FLY_KEEP_ALIVE_UNTIL) {
+        edge.released
+            .activity
+            .keep_alive(&target.machine().id, &until);
+    }
     let held = Held {
         _lease: lease,
         _in_flight: ex.in_flight.take(),
