@@ -465,10 +465,18 @@ async fn forward(
     mut req: Request<UpBody>,
     upgrade: bool,
 ) -> Result<Reply, PathError> {
-    let app = hop.app.routes(&edge.fib)?;
+    let mut app = hop.app.routes(&edge.fib)?;
     let mut skip: Vec<CompactString> = hop.exclude.iter().cloned().collect();
     let mut last_refusal = None;
     for attempt in 1.. {
+        if attempt > 1 {
+            // The refusal may be a machine going down: flyd marks it
+            // stopping before it signals it, so fresh routes know.
+            app = edge
+                .fib
+                .lookup(&app.name)
+                .ok_or_else(|| PathError::UnknownApp(app.name.to_string()))?;
+        }
         let slot = slot(edge, &app, hop, &skip);
         let slot = match hop.timeout {
             Some(after) => tokio::time::timeout(after, slot)
@@ -707,6 +715,9 @@ async fn slot(
     let steer = hop.steer.resolve(app, &edge.region)?;
     let (want, near) = (hop.want, steer.near);
     let allowed = |m: &RouteMachine| steer.allows(m) && !skip.contains(&m.id);
+    // A machine that refused the request and is down now may be started
+    // for it: autostart only picks machines the catalog shows down.
+    let startable = |m: &RouteMachine| steer.allows(m);
     let attempt = |app: &Arc<AppRoutes>| {
         // A preferred machine that can take the request gets it.
         if let Some(id) = steer.prefer_instance {
@@ -742,7 +753,7 @@ async fn slot(
         let no = match found {
             Ok(slot) => {
                 if slot.0.past_soft()
-                    && let Some(machine) = autostart::pick(&app, want, near, allowed)
+                    && let Some(machine) = autostart::pick(&app, want, near, startable)
                 {
                     edge.autostart.start_in_background(&app.name, machine);
                 }
@@ -753,7 +764,7 @@ async fn slot(
             Err(no @ NoTarget::NoHttpService) if !started && hop.steer.forces() => no,
             Err(no) => return Err(no_target(&app, no, &edge.region)),
         };
-        let Some(machine) = autostart::pick(&app, want, near, allowed) else {
+        let Some(machine) = autostart::pick(&app, want, near, startable) else {
             return Err(no_target(&app, no, &edge.region));
         };
         edge.autostart
