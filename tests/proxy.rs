@@ -1133,3 +1133,79 @@ async fn fly_replay_sends_the_request_on_and_falls_back_when_asked() {
         3
     );
 }
+
+#[tokio::test]
+async fn sticky_sessions_pin_a_client_to_its_machine_while_it_is_up() {
+    let (_tmp, h) = start().await;
+    let sticky = |how: Value| {
+        let mut services = web(8080, 20, 25);
+        services["services"][0]["sticky"] = how;
+        services
+    };
+    create_app(&h, "cookie").await;
+    let by_cookie = sticky(serde_json::json!({"cookie": "pin", "ttl_secs": 600}));
+    let c1 = machine(&h, "cookie", by_cookie.clone()).await;
+    let c2 = machine(&h, "cookie", by_cookie).await;
+    create_app(&h, "mcp").await;
+    let by_header = sticky(serde_json::json!({"header": "Mcp-Session-Id"}));
+    let m1 = machine(&h, "mcp", by_header.clone()).await;
+    let m2 = machine(&h, "mcp", by_header).await;
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    let send = |app: &str, path: &str, header: Option<(&str, String)>| {
+        let mut req = client
+            .get(format!("http://{}{path}", h.addrs.http))
+            .header("host", format!("{app}.localhost"));
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let get = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().to_string())
+            };
+            (get("fly-machine-id").unwrap(), get("set-cookie"))
+        }
+    };
+
+    // By cookie: the first answer sets it, and the client stays there.
+    let (first, set) = send("cookie", "/", None).await;
+    let set = set.expect("a pin cookie");
+    assert_eq!(
+        set,
+        format!("pin={first}; Path=/; Max-Age=600; HttpOnly; SameSite=Lax")
+    );
+    let cookie = format!("pin={first}");
+    for _ in 0..10 {
+        let (machine, set) = send("cookie", "/", Some(("cookie", cookie.clone()))).await;
+        assert_eq!((machine.as_str(), set), (first.as_str(), None));
+    }
+    // Its machine stops: the client moves, and is pinned to the new one.
+    let other = if first == c1 { &c2 } else { &c1 };
+    put_down(&h, "cookie", &first, "stop", "stopped").await;
+    let (machine, set) = send("cookie", "/", Some(("cookie", cookie.clone()))).await;
+    assert_eq!(&machine, other);
+    assert!(set.unwrap().starts_with(&format!("pin={other};")));
+
+    // By header: the machine that handed out the session keeps it; other
+    // sessions spread.
+    let (owner, _) = send("mcp", "/?header=Mcp-Session-Id%3As-1", None).await;
+    for _ in 0..10 {
+        let (machine, _) = send("mcp", "/", Some(("mcp-session-id", "s-1".into()))).await;
+        assert_eq!(machine, owner);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        seen.insert(
+            send("mcp", "/", Some(("mcp-session-id", "unknown".into())))
+                .await
+                .0,
+        );
+    }
+    assert_eq!(
+        seen,
+        [m1, m2].into_iter().collect(),
+        "unpinned sessions spread"
+    );
+}

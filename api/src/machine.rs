@@ -224,8 +224,61 @@ pub struct MachineService {
     /// Checks whose failure takes the machine out of the proxy's choice.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<MachineCheck>,
+    /// Hangar's own (not in Fly's spec): pin each client to the machine
+    /// that first served it, while that machine can take its requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<Sticky>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// How the proxy recognises a client to pin to its machine: by a cookie
+/// the proxy sets, or by a header the app hands out (an MCP server's
+/// `Mcp-Session-Id`, say). Exactly one of the two.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Sticky {
+    /// The proxy sets `Set-Cookie: <cookie>=<machine id>` on a response
+    /// and sends the client's later requests carrying it to that machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// A header the machine sets on a response and the client sends back
+    /// on its later requests: the proxy remembers which machine gave out
+    /// each value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// How long a pin lasts unused, in seconds (the cookie's `Max-Age`);
+    /// default 3600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+impl Sticky {
+    /// Pins last this long unused when `ttl_secs` is not set.
+    pub const DEFAULT_TTL_SECS: u64 = 3600;
+
+    /// Checks that exactly one of `cookie` and `header` is a usable name.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        let token = |name: &str| {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        match (self.cookie.as_deref(), self.header.as_deref()) {
+            (Some(name), None) | (None, Some(name)) if token(name) => {}
+            (Some(name), None) => {
+                return Err(format!("{at}.cookie: {name:?} is not a cookie name"));
+            }
+            (None, Some(name)) => {
+                return Err(format!("{at}.header: {name:?} is not a header name"));
+            }
+            _ => return Err(format!("{at}: set exactly one of cookie and header")),
+        }
+        if self.ttl_secs == Some(0) {
+            return Err(format!("{at}.ttl_secs: must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 /// A health check (`fly.MachineCheck`, `fly.MachineServiceCheck`).
@@ -579,6 +632,9 @@ impl MachineConfig {
             for (j, check) in svc.checks.iter().enumerate() {
                 check.validate(&format!("config.services[{i}].checks[{j}]"))?;
             }
+            if let Some(sticky) = &svc.sticky {
+                sticky.validate(&format!("config.services[{i}].sticky"))?;
+            }
             for (j, port) in svc.ports.iter().enumerate() {
                 for h in &port.handlers {
                     if !matches!(
@@ -647,5 +703,29 @@ mod tests {
                 .unwrap_err()
                 .starts_with("config.services[0].ports[0].handlers")
         );
+        for (sticky, error) in [
+            (
+                r#"{}"#,
+                "config.services[0].sticky: set exactly one of cookie and header",
+            ),
+            (
+                r#"{"cookie":"a","header":"b"}"#,
+                "config.services[0].sticky: set exactly one of cookie and header",
+            ),
+            (
+                r#"{"cookie":"a b"}"#,
+                "config.services[0].sticky.cookie: \"a b\" is not a cookie name",
+            ),
+            (
+                r#"{"header":"Mcp-Session-Id","ttl_secs":0}"#,
+                "config.services[0].sticky.ttl_secs: must be at least 1",
+            ),
+        ] {
+            let cfg: MachineConfig = serde_json::from_str(&format!(
+                r#"{{"image":"x","services":[{{"internal_port":80,"sticky":{sticky}}}]}}"#
+            ))
+            .unwrap();
+            assert_eq!(cfg.validate().unwrap_err(), error, "{sticky}");
+        }
     }
 }

@@ -24,7 +24,8 @@
 //!   per service port, following the FIB; `tcp`: what arrives on a port
 //!   without the `http` handler (raw TCP, `tls`, `proxy_proto`).
 //! - `steer` and `replay`: Fly's routing request headers, and `fly-replay`
-//!   answers sending a request on to another region, machine or app.
+//!   answers sending a request on to another region, machine or app;
+//!   `sticky`: sessions pinned to a machine by cookie or header.
 //! - `headers`, `body`, `conns`, `conn_limit`: header rewriting at the hop,
 //!   the bodies at both hops, draining at shutdown, connections per app.
 
@@ -45,6 +46,7 @@ mod ports;
 pub mod queue;
 mod replay;
 mod steer;
+mod sticky;
 mod tcp;
 pub mod tls;
 mod upstream;
@@ -186,6 +188,7 @@ impl Proxy {
                 activity,
             }),
             queues,
+            pins: sticky::Pins::new(),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
             retry_body_bytes: cfg.retry_body_bytes,

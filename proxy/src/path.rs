@@ -21,6 +21,7 @@ use crate::ports::{Accepted, PortListeners, Spec};
 use crate::queue::{QueueError, Queues};
 use crate::replay::{self, FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC, MAX_REPLAYS, Replay};
 use crate::steer::{Hop, Steer};
+use crate::sticky::{self, Pins};
 use crate::tcp;
 use crate::upstream::{self, SendError, Upstreams};
 use crate::{Listener, Proxy};
@@ -70,6 +71,8 @@ pub(crate) struct Edge {
     /// What a lease's end tells: the queues (shared with `queues`) and
     /// the machines' idle clocks.
     pub released: Arc<Released>,
+    /// Sticky sessions pinned by a header value.
+    pub pins: Pins,
 }
 
 /// The connection a request arrived on.
@@ -135,6 +138,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
             () = conns.reap() => continue,
             _ = sweep.tick() => {
                 edge.upstreams.sweep(&edge.fib.snapshot());
+                edge.pins.sweep();
                 continue;
             }
             _ = follow.tick() => {
@@ -374,7 +378,11 @@ async fn route(
     count_connection(edge, &ex.conn, &app.name)?;
     let mut req = req;
     let mut upgrade = headers::Upgrade::take(&mut req);
-    let mut hop = Hop::first(app, ex.conn.want, Steer::from_headers(req.headers()));
+    // A sticky session's machine first, unless the client asks otherwise.
+    let pinned = sticky::of(&app, ex.conn.want)
+        .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
+    let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
+    let mut hop = Hop::first(app, ex.conn.want, steer);
     let req = upstream_request(req, ex, &edge.region, host)?;
     let (parts, body) = req.into_parts();
     let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
@@ -395,7 +403,7 @@ async fn route(
             Ok(Reply::Local(response)) => return Ok(response),
             Ok(Reply::Machine(answer)) => {
                 let Some(asked) = answer.replay() else {
-                    return respond(edge, ex, answer, upgrade.take());
+                    return respond(edge, ex, answer, upgrade.take(), pinned.as_deref());
                 };
                 let (next, copy) = replay(edge, ex, &hop, answer, asked, copy)?;
                 hop = next;
@@ -563,12 +571,15 @@ fn replay(
 
 /// The machine's response for the client: a tunnel after `101`, else the
 /// response with the port's header rules applied. A `fly-keep-alive-until`
-/// is the proxy's to read ([`crate::autostop`]), not the client's.
+/// is the proxy's to read ([`crate::autostop`]), not the client's; a
+/// sticky service pins the client ([`crate::sticky`]; `pinned`: the
+/// machine the request was pinned to).
 fn respond(
     edge: &Edge,
     ex: &mut Exchange,
     answer: Answer,
     upgrade: Option<headers::Upgrade>,
+    pinned: Option<&str>,
 ) -> Result<Response<ProxyBody>, PathError> {
     let Answer {
         target,
@@ -576,10 +587,14 @@ fn respond(
         mut response,
         conn,
     } = answer;
+    let machine = &target.machine().id;
     if let Some(until) = response.headers_mut().remove(FLY_KEEP_ALIVE_UNTIL) {
-        edge.released
-            .activity
-            .keep_alive(&target.machine().id, &until);
+        edge.released.activity.keep_alive(machine, &until);
+    }
+    if let Some(sticky) = &target.service().sticky {
+        let headers = response.headers_mut();
+        edge.pins
+            .learn(&target.app().name, sticky, machine, pinned, headers);
     }
     let held = Held {
         _lease: lease,

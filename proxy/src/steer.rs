@@ -53,6 +53,15 @@ impl Steer {
         }
     }
 
+    /// Prefers the machine a sticky session is pinned to, unless the
+    /// client's headers already name a machine.
+    pub(crate) fn or_pinned(mut self, pinned: Option<&str>) -> Self {
+        if self.force_instance.is_none() && self.prefer_instance.is_none() {
+            self.prefer_instance = pinned.map(str::to_string);
+        }
+        self
+    }
+
     fn from_replay(replay: &Replay) -> Self {
         Self {
             force_instance: replay.instance.clone(),
