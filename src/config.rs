@@ -62,7 +62,7 @@ pub struct CatalogConfig {
     /// How often the feed is compacted.
     pub compact_interval_ms: u64,
     /// `global` (every machine in detail) or `regional` (the detail of
-    /// `flyd.region` only, summaries for the other regions).
+    /// `proxy.region` only, summaries for the other regions).
     pub mode: CatalogMode,
     /// How long a catalog writer waits for the writer lock.
     pub lock_wait_ms: u64,

@@ -47,34 +47,77 @@ fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let data_dir = cfg.data_dir.clone();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
-    let addrs_path = data_dir.join("addrs.json");
-    // A stale file would send scripts to the previous run's ports.
-    let _ = std::fs::remove_file(&addrs_path);
+/// What every part shares: the RIB and the secrets key in the data dir.
+struct Shared {
+    rib: Arc<Rib>,
+    secrets: Arc<SecretBox>,
+}
 
-    let rib = Rib::open(&data_dir.join("rib.sqlite"))?;
-    let secrets = Arc::new(SecretBox::load_or_create(&data_dir.join("secrets.key"))?);
-    let token = hangar_flaps::auth::dev_token(&rib, &cfg.flaps.dev_org, &data_dir.join("token"))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
+impl Shared {
+    fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        Ok(Self {
+            rib: Rib::open(&data_dir.join("rib.sqlite"))?,
+            secrets: Arc::new(SecretBox::load_or_create(&data_dir.join("secrets.key"))?),
+        })
+    }
+}
 
-    // flyd first: it resumes what a previous run left before anyone calls it.
-    let flyd = Flyd::open(cfg.flyd.clone(), &data_dir, rib.clone(), secrets.clone()).await?;
-    let flyd_listener = bind(cfg.flyd.listen, "flyd").await?;
-    let flyd_addr = flyd_listener.local_addr()?;
-    flyd.register(flyd_addr)?;
-    let flyd_server = tokio::spawn(
-        axum::serve(flyd_listener, hangar_flyd::rpc::router(flyd.clone()))
-            .with_graceful_shutdown(stopping(stop_rx.clone()))
+/// A running flyd: its RPC server, registered in the RIB as its host.
+struct FlydPart {
+    flyd: Arc<Flyd>,
+    addr: SocketAddr,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens flyd on `dir` (its store and machines), resumes what a previous
+/// run left, and serves its RPC.
+async fn start_flyd(
+    cfg: &Config,
+    dir: &Path,
+    shared: &Shared,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<FlydPart> {
+    let flyd = Flyd::open(
+        cfg.flyd.clone(),
+        dir,
+        shared.rib.clone(),
+        shared.secrets.clone(),
+    )
+    .await?;
+    let listener = bind(cfg.flyd.listen, "flyd").await?;
+    let addr = listener.local_addr()?;
+    flyd.register(addr)?;
+    let server = tokio::spawn(
+        axum::serve(listener, hangar_flyd::rpc::router(flyd.clone()))
+            .with_graceful_shutdown(stopping(stop.clone()))
             .into_future(),
     );
+    Ok(FlydPart { flyd, addr, server })
+}
 
-    let fib = Fib::load_with(&rib, fib_options(&cfg))?;
+/// A running proxy with its FIB, the follower keeping it current, and the
+/// metrics endpoint.
+struct EdgePart {
+    http: SocketAddr,
+    https: SocketAddr,
+    metrics: SocketAddr,
+    proxy: tokio::task::JoinHandle<()>,
+    metrics_server: tokio::task::JoinHandle<()>,
+    drain: Duration,
+    _follower: Follower,
+}
+
+async fn start_edge(
+    cfg: &Config,
+    shared: &Shared,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<EdgePart> {
+    let fib = Fib::load_with(&shared.rib, fib_options(cfg))?;
     let follower = Follower::spawn(
         fib.clone(),
-        rib.clone(),
+        shared.rib.clone(),
         FollowerOptions {
             poll: Duration::from_millis(cfg.catalog.poll_ms),
             watchdog: (cfg.catalog.watchdog_ms > 0)
@@ -82,7 +125,77 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ..FollowerOptions::default()
         },
     )?;
+    let metrics = Arc::new(Metrics::new(fib.clone()).with_rib(shared.rib.clone()));
+    let hosts = Arc::new(RibHosts(shared.rib.clone()));
+    let proxy = Proxy::bind(
+        cfg.proxy.clone(),
+        fib,
+        &cfg.data_dir,
+        &metrics,
+        shared.secrets.clone(),
+        hosts,
+    )
+    .await?;
+    let (http, https) = (proxy.http_addr(), proxy.https_addr());
+    let drain = cfg.proxy.drain();
+    let proxy = tokio::spawn(proxy.serve(stopping(stop.clone()), drain));
+    let metrics_listener = bind(cfg.metrics.listen, "metrics").await?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let metrics_server = tokio::spawn(hangar_proxy::serve_metrics(
+        metrics_listener,
+        metrics,
+        stopping(stop.clone()),
+    ));
+    Ok(EdgePart {
+        http,
+        https,
+        metrics: metrics_addr,
+        proxy,
+        metrics_server,
+        drain,
+        _follower: follower,
+    })
+}
 
+impl EdgePart {
+    /// Stops taking requests and lets those in flight finish.
+    async fn drain(self) {
+        for (name, task, drain) in [
+            ("proxy", self.proxy, self.drain),
+            ("metrics", self.metrics_server, DRAIN),
+        ] {
+            if tokio::time::timeout(drain + Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(part = name, "did not stop in time");
+            }
+        }
+    }
+}
+
+/// Waits for a server task to end after shutdown began.
+async fn join_server(name: &str, task: tokio::task::JoinHandle<std::io::Result<()>>) {
+    match tokio::time::timeout(DRAIN, task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(part = name, error = %e, "server error"),
+        _ => tracing::warn!(part = name, "did not stop in time"),
+    }
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let data_dir = cfg.data_dir.clone();
+    let shared = Shared::open(&data_dir)?;
+    let addrs_path = data_dir.join("addrs.json");
+    // A stale file would send scripts to the previous run's ports.
+    let _ = std::fs::remove_file(&addrs_path);
+    let rib = shared.rib.clone();
+    let token = hangar_flaps::auth::dev_token(&rib, &cfg.flaps.dev_org, &data_dir.join("token"))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // flyd first: it resumes what a previous run left before anyone calls it.
+    let flyd = start_flyd(&cfg, &data_dir, &shared, &stop_rx).await?;
+    let edge = start_edge(&cfg, &shared, &stop_rx).await?;
     let compactor = tokio::spawn(compact_feed(
         rib.clone(),
         cfg.catalog.keep_changes,
@@ -90,7 +203,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         stopping(stop_rx.clone()),
     ));
 
-    let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone(), secrets.clone());
+    let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone(), shared.secrets.clone());
     let flaps_listener = bind(cfg.flaps.listen, "Machines API").await?;
     let flaps_addr = flaps_listener.local_addr()?;
     let flaps_server = tokio::spawn(
@@ -99,34 +212,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .into_future(),
     );
 
-    let metrics = Arc::new(Metrics::new(fib.clone()).with_rib(rib.clone()));
-    let hosts = Arc::new(RibHosts(rib.clone()));
-    let proxy = Proxy::bind(
-        cfg.proxy.clone(),
-        fib.clone(),
-        &data_dir,
-        &metrics,
-        secrets,
-        hosts,
-    )
-    .await?;
-    let (http_addr, https_addr) = (proxy.http_addr(), proxy.https_addr());
-    let proxy_drain = cfg.proxy.drain();
-    let proxy_server = tokio::spawn(proxy.serve(stopping(stop_rx.clone()), proxy_drain));
-    let metrics_listener = bind(cfg.metrics.listen, "metrics").await?;
-    let metrics_addr = metrics_listener.local_addr()?;
-    let metrics_server = tokio::spawn(hangar_proxy::serve_metrics(
-        metrics_listener,
-        metrics.clone(),
-        stopping(stop_rx.clone()),
-    ));
-
     let addrs = Addrs {
         flaps: flaps_addr,
-        http: http_addr,
-        https: https_addr,
-        metrics: metrics_addr,
-        flyd: flyd_addr,
+        http: edge.http,
+        https: edge.https,
+        metrics: edge.metrics,
+        flyd: flyd.addr,
     };
     write_atomic(&addrs_path, &serde_json::to_string(&addrs)?)?;
     println!(
@@ -140,35 +231,79 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
          export TOKEN={token}\n\
          Press Ctrl-C to stop.",
         dir = data_dir.display(),
-        http_port = http_addr.port(),
+        http_addr = edge.http,
+        https_addr = edge.https,
+        metrics_addr = edge.metrics,
+        flyd_addr = flyd.addr,
+        http_port = edge.http.port(),
     );
 
     wait_for_signal().await?;
     tracing::info!("shutting down: draining requests, then stopping machines");
     let _ = stop_tx.send(true);
-    for (name, task, drain) in [
-        ("proxy", proxy_server, proxy_drain),
-        ("metrics", metrics_server, DRAIN),
-    ] {
-        if tokio::time::timeout(drain + Duration::from_secs(1), task)
-            .await
-            .is_err()
-        {
-            tracing::warn!(part = name, "did not stop in time");
-        }
-    }
-    for (name, task) in [("flaps", flaps_server), ("flyd", flyd_server)] {
-        match tokio::time::timeout(DRAIN, task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(part = name, error = %e, "server error"),
-            _ => tracing::warn!(part = name, "did not stop in time"),
-        }
-    }
-    flyd.shutdown().await;
-    drop(follower);
+    edge.drain().await;
+    join_server("flaps", flaps_server).await;
+    join_server("flyd", flyd.server).await;
+    flyd.flyd.shutdown().await;
     let _ = compactor.await;
     let _ = std::fs::remove_file(&addrs_path);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `hangar flyd`: one more host, in `flyd.region`, beside a `hangar dev`
+/// sharing the data dir (its RIB and secrets key). Its store and machines
+/// live in `<data dir>/hosts/<host_id>`; it writes its address to
+/// `<data dir>/addrs-flyd-<host_id>.json`. Give each host its own
+/// `flyd.private_range`.
+pub async fn run_flyd(cfg: Config) -> anyhow::Result<()> {
+    let shared = Shared::open(&cfg.data_dir)?;
+    let dir = cfg.data_dir.join("hosts").join(&cfg.flyd.host_id);
+    let addrs_path = cfg
+        .data_dir
+        .join(format!("addrs-flyd-{}.json", cfg.flyd.host_id));
+    let _ = std::fs::remove_file(&addrs_path);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let flyd = start_flyd(&cfg, &dir, &shared, &stop_rx).await?;
+    let addrs = serde_json::json!({ "flyd": flyd.addr });
+    write_atomic(&addrs_path, &addrs.to_string())?;
+    println!(
+        "flyd {} (region {}) is running: http://{}",
+        cfg.flyd.host_id, cfg.flyd.region, flyd.addr
+    );
+    wait_for_signal().await?;
+    let _ = stop_tx.send(true);
+    join_server("flyd", flyd.server).await;
+    flyd.flyd.shutdown().await;
+    let _ = std::fs::remove_file(&addrs_path);
+    Ok(())
+}
+
+/// `hangar proxy`: one more edge, in `proxy.region`, beside a `hangar dev`
+/// sharing the data dir; it writes its addresses to
+/// `<data dir>/addrs-proxy-<region>.json`.
+pub async fn run_proxy(cfg: Config) -> anyhow::Result<()> {
+    let shared = Shared::open(&cfg.data_dir)?;
+    let addrs_path = cfg
+        .data_dir
+        .join(format!("addrs-proxy-{}.json", cfg.proxy.region));
+    let _ = std::fs::remove_file(&addrs_path);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let edge = start_edge(&cfg, &shared, &stop_rx).await?;
+    let addrs = serde_json::json!({
+        "http": edge.http,
+        "https": edge.https,
+        "metrics": edge.metrics,
+    });
+    write_atomic(&addrs_path, &addrs.to_string())?;
+    println!(
+        "proxy (region {}) is running: http://{}  https://{}",
+        cfg.proxy.region, edge.http, edge.https
+    );
+    wait_for_signal().await?;
+    let _ = stop_tx.send(true);
+    edge.drain().await;
+    let _ = std::fs::remove_file(&addrs_path);
     Ok(())
 }
 
@@ -191,7 +326,7 @@ fn fib_options(cfg: &Config) -> FibOptions {
     FibOptions {
         mode: match cfg.catalog.mode {
             CatalogMode::Global => Mode::Global,
-            CatalogMode::Regional => Mode::Regional(cfg.flyd.region.as_str().into()),
+            CatalogMode::Regional => Mode::Regional(cfg.proxy.region.as_str().into()),
         },
         lock_wait: Duration::from_millis(cfg.catalog.lock_wait_ms),
     }

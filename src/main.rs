@@ -3,6 +3,8 @@
 //!
 //! - `hangar dev`: the whole platform in one process (flaps, one flyd host,
 //!   the catalog and the proxy).
+//! - `hangar flyd` and `hangar proxy`: one more host or edge, in the region
+//!   their config names, beside a `hangar dev` sharing its data dir.
 //! - `hangar pilot --dir DIR`: a machine's init, started by flyd.
 //! - `hangar echo`: the built-in image `hangar/echo`, started by pilot.
 //! - `hangar apps|machines|status`: the client commands (see `cli`).
@@ -40,6 +42,12 @@ struct Cli {
 enum Command {
     /// Run the whole platform in one process.
     Dev(DevArgs),
+    /// Run one more flyd host (in `flyd.region`) beside `hangar dev`,
+    /// sharing its data dir.
+    Flyd(DevArgs),
+    /// Run one more proxy (in `proxy.region`) beside `hangar dev`, sharing
+    /// its data dir.
+    Proxy(DevArgs),
     /// Create, list and destroy apps.
     Apps {
         #[command(flatten)]
@@ -106,7 +114,8 @@ enum BenchPart {
     Coldstart(bench::ColdstartArgs),
 }
 
-/// Flags of `hangar dev`; each overrides the config file.
+/// Flags of `hangar dev` (and `flyd`, `proxy`); each overrides the config
+/// file.
 #[derive(clap::Args)]
 pub struct DevArgs {
     /// Config file (TOML); the built-in config/dev.toml when absent.
@@ -147,11 +156,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Dev(args) => {
-            let mut cfg = config::Config::load(args.config.as_deref())?;
-            args.apply(&mut cfg);
-            cfg.validate()?;
-            tokio::runtime::Runtime::new()?.block_on(dev::run(cfg))
+        Command::Dev(args) => tokio::runtime::Runtime::new()?.block_on(dev::run(args.config()?)),
+        Command::Flyd(args) => {
+            tokio::runtime::Runtime::new()?.block_on(dev::run_flyd(args.config()?))
+        }
+        Command::Proxy(args) => {
+            tokio::runtime::Runtime::new()?.block_on(dev::run_proxy(args.config()?))
         }
         Command::Pilot { dir } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -199,6 +209,15 @@ fn exit_with(command: impl Future<Output = anyhow::Result<i32>>) -> anyhow::Resu
 }
 
 impl DevArgs {
+    /// The config file (or the built-in one) with the flags applied,
+    /// validated.
+    fn config(&self) -> anyhow::Result<config::Config> {
+        let mut cfg = config::Config::load(self.config.as_deref())?;
+        self.apply(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     fn apply(&self, cfg: &mut config::Config) {
         if let Some(d) = &self.data_dir {
             cfg.data_dir = d.clone();

@@ -37,7 +37,7 @@ enum Kind {
 /// Only dropping it matters.
 #[derive(Debug)]
 pub(crate) struct Held {
-    pub(crate) _lease: Lease,
+    pub(crate) _lease: Option<Lease>,
     pub(crate) _in_flight: Option<InFlight>,
 }
 

@@ -70,6 +70,19 @@ pub struct ProxyConfig {
     /// How long a machine picked for stopping may take to finish its
     /// requests after being cordoned; busier than that, it is left running.
     pub autostop_drain_ms: u64,
+    /// Other regions' proxies, closest first: where a request goes when
+    /// this proxy's region has no machine for it (see [`crate::peers`]).
+    pub peers: Vec<Peer>,
+}
+
+/// Another region's proxy (`[[proxy.peers]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// The region it serves.
+    pub region: String,
+    /// Its HTTP listener.
+    pub addr: SocketAddr,
 }
 
 impl Default for ProxyConfig {
@@ -97,6 +110,7 @@ impl Default for ProxyConfig {
             autostop_interval_ms: 30_000,
             autostop_idle_ms: 300_000,
             autostop_drain_ms: 10_000,
+            peers: Vec::new(),
         }
     }
 }
@@ -137,6 +151,20 @@ impl ProxyConfig {
         ] {
             if ms == 0 {
                 problems.push(format!("proxy.{field}: must be greater than 0"));
+            }
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            if peer.region == self.region {
+                problems.push(format!(
+                    "proxy.peers[{i}].region: {:?} is this proxy's own region",
+                    peer.region
+                ));
+            }
+            if self.peers[..i].iter().any(|p| p.region == peer.region) {
+                problems.push(format!(
+                    "proxy.peers[{i}].region: {:?} is listed twice",
+                    peer.region
+                ));
             }
         }
         if self.max_header_bytes < 8192 {

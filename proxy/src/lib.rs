@@ -42,6 +42,7 @@ pub mod error;
 mod headers;
 pub mod metrics;
 pub mod path;
+mod peers;
 mod ports;
 pub mod queue;
 mod replay;
@@ -178,7 +179,8 @@ impl Proxy {
                 cfg.max_idle_per_machine,
                 cfg.idle_timeout(),
                 metrics.edge().upstream,
-            ),
+            )
+            .keeping(cfg.peers.iter().map(|p| p.addr)),
             region: cfg.region.clone(),
             metrics: metrics.edge(),
             tls,
@@ -189,6 +191,7 @@ impl Proxy {
             }),
             queues,
             pins: sticky::Pins::new(),
+            peers: peers::Peers::new(cfg.peers.clone()),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
             retry_body_bytes: cfg.retry_body_bytes,

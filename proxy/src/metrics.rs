@@ -13,6 +13,8 @@
 //!   by code (`PR04`, ...; see [`crate::PathError::code`]).
 //! - `fly_edge_http_retries_count`: requests sent to another machine after
 //!   one refused the connection.
+//! - `fly_edge_http_forwarded_count`: requests sent to another region's
+//!   proxy because this region had no machine for them.
 //! - `fly_edge_http_replays_count{result}`: `fly-replay` answers followed
 //!   (`replayed`), and replays that could not reach their target and went
 //!   back to the machine that asked (`fell_back`).
@@ -107,6 +109,7 @@ pub(crate) struct EdgeMetrics {
     errors: IntCounterVec,
     pub(crate) retries: IntCounter,
     pub(crate) replays: Replays,
+    pub(crate) forwarded: IntCounter,
     inflight: IntGauge,
     pub(crate) queued: IntGauge,
     pub(crate) upstream: UpstreamCounters,
@@ -235,6 +238,13 @@ impl Metrics {
             "fly-replay answers followed, and replays that fell back",
             &["result"],
         );
+        let forwarded = r
+            .counter(
+                "fly_edge_http_forwarded_count",
+                "Requests sent to another region's proxy: no machine for them here",
+                &[],
+            )
+            .with_label_values(&[] as &[&str]);
         let replays = Replays {
             replayed: replays.with_label_values(&["replayed"]),
             fell_back: replays.with_label_values(&["fell_back"]),
@@ -301,6 +311,7 @@ impl Metrics {
             errors,
             retries,
             replays,
+            forwarded,
             inflight,
             queued,
             upstream: UpstreamCounters {

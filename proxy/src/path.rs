@@ -17,6 +17,7 @@ use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
+use crate::peers::{FLY_FORWARDED_REGION, Peers};
 use crate::ports::{Accepted, PortListeners, Spec};
 use crate::queue::{QueueError, Queues};
 use crate::replay::{self, FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC, MAX_REPLAYS, Replay};
@@ -73,6 +74,8 @@ pub(crate) struct Edge {
     pub released: Arc<Released>,
     /// Sticky sessions pinned by a header value.
     pub pins: Pins,
+    /// Other regions' proxies.
+    pub peers: Peers,
 }
 
 /// The connection a request arrived on.
@@ -107,6 +110,8 @@ struct Exchange {
     in_flight: Option<InFlight>,
     /// The response is the machine's.
     from_machine: bool,
+    /// The request came through another region's proxy, this one.
+    from_region: Option<HeaderValue>,
 }
 
 // ---- accept ----
@@ -340,6 +345,7 @@ async fn handle(
         machine: None,
         in_flight: Some(edge.metrics.in_flight()),
         from_machine: false,
+        from_region: None,
     };
     let response = match route(&edge, &mut ex, req).await {
         Ok(response) => {
@@ -359,8 +365,15 @@ async fn handle(
 async fn route(
     edge: &Edge,
     ex: &mut Exchange,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, PathError> {
+    ex.from_region = edge.peers.forwarded(ex.conn.peer.ip(), req.headers_mut());
+    if ex.from_region.is_some()
+        && let Some(id) = req.headers().get(FLY_REQUEST_ID)
+    {
+        // One id for the request in both regions' logs.
+        ex.id = id.clone();
+    }
     let host = match &ex.conn.app {
         // An app's own address: the Host is the client's business.
         Some(app) => Host {
@@ -376,7 +389,6 @@ async fn route(
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.to_string());
     count_connection(edge, &ex.conn, &app.name)?;
-    let mut req = req;
     let mut upgrade = headers::Upgrade::take(&mut req);
     // A sticky session's machine first, unless the client asks otherwise.
     let pinned = sticky::of(&app, ex.conn.want)
@@ -414,7 +426,14 @@ async fn route(
         };
         // A replay that reached no machine goes back to the machine that
         // asked for it, when that one said so.
-        let (Some(back), Some(mut copy)) = (hop.fall_back(&error), copy) else {
+        let Some(back) = hop.fall_back(&error) else {
+            // Nothing here for it: maybe in another region.
+            return match (elsewhere(edge, ex, &hop, &error), copy) {
+                (Some(peer), Some(copy)) => to_peer(edge, ex, peer, copy).await,
+                _ => Err(error),
+            };
+        };
+        let Some(mut copy) = copy else {
             return Err(error);
         };
         tracing::debug!(request_id = ?ex.id, %error, "replay failed; falling back");
@@ -569,6 +588,68 @@ fn replay(
     Ok((next, copy))
 }
 
+/// The peer to send a request to that found no machine here: only a
+/// client's own request on a shared listener, not one already forwarded
+/// by a peer (no loops) or replayed.
+fn elsewhere<'a>(
+    edge: &'a Edge,
+    ex: &Exchange,
+    hop: &Hop,
+    error: &PathError,
+) -> Option<&'a crate::config::Peer> {
+    let nothing_here = matches!(
+        error,
+        PathError::OnlyElsewhere { .. }
+            | PathError::NoStartedMachine(_)
+            | PathError::NoHealthyMachine(_)
+    );
+    if !nothing_here || ex.from_region.is_some() || ex.conn.app.is_some() || hop.replays > 0 {
+        return None;
+    }
+    let app = hop.app.routes(&edge.fib).ok()?;
+    edge.peers.choose(&app, hop.steer.forced_region())
+}
+
+/// Sends the request to another region's proxy and its response back.
+async fn to_peer(
+    edge: &Edge,
+    ex: &mut Exchange,
+    peer: &crate::config::Peer,
+    mut req: Request<UpBody>,
+) -> Result<Response<ProxyBody>, PathError> {
+    let region = HeaderValue::from_str(&edge.region)
+        .map_err(|e| PathError::Internal(format!("region header: {e}")))?;
+    req.headers_mut().insert(FLY_FORWARDED_REGION, region);
+    let proxy = upstream::Machine {
+        addr: peer.addr,
+        app: ex.app.as_deref().unwrap_or_default().into(),
+        id: format!("proxy-{}", peer.region).into(),
+    };
+    ex.machine = Some(proxy.id.to_string());
+    tracing::debug!(request_id = ?ex.id, region = peer.region, "no machine here; forwarding to the region's proxy");
+    edge.metrics.forwarded.inc();
+    let sent = edge.upstreams.send(ex.conn.worker, &proxy, req);
+    let (response, conn) = match tokio::time::timeout(edge.response_timeout, sent).await {
+        Ok(Ok(exchange)) => exchange,
+        Ok(Err(SendError::Connect { cause, .. })) => {
+            return Err(upstream_error(&proxy, true, cause));
+        }
+        Ok(Err(SendError::Exchange(cause))) => return Err(upstream_error(&proxy, false, cause)),
+        Err(_) => {
+            return Err(PathError::UpstreamTimeout {
+                machine: proxy.id.to_string(),
+                after: edge.response_timeout,
+            });
+        }
+    };
+    let held = Held {
+        _lease: None,
+        _in_flight: ex.in_flight.take(),
+    };
+    ex.from_machine = true;
+    downstream_response(response, ex, held, Some(conn), None)
+}
+
 /// The machine's response for the client: a tunnel after `101`, else the
 /// response with the port's header rules applied. A `fly-keep-alive-until`
 /// is the proxy's to read ([`crate::autostop`]), not the client's; a
@@ -597,7 +678,7 @@ fn respond(
             .learn(&target.app().name, sticky, machine, pinned, headers);
     }
     let held = Held {
-        _lease: lease,
+        _lease: Some(lease),
         _in_flight: ex.in_flight.take(),
     };
     ex.from_machine = true;
@@ -709,8 +790,17 @@ fn upstream_request(
         request_id: &ex.id,
         via,
     };
+    // Through a peer, the first proxy's view of the client stands, and the
+    // machine learns where the request came in.
+    let added = match &ex.from_region {
+        Some(region) => {
+            headers.insert(FLY_FORWARDED_REGION, region.clone());
+            headers::append_to_list(headers, VIA, &HeaderValue::from_static(via))
+        }
+        None => headers::add_forwarded(headers, &forwarded),
+    };
     headers::join_cookies(headers)
-        .and_then(|()| headers::add_forwarded(headers, &forwarded))
+        .and(added)
         .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))?;
     Ok(req)
 }

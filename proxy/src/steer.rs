@@ -78,6 +78,11 @@ impl Steer {
         self.force_instance.is_some() || !self.force_regions.is_empty()
     }
 
+    /// The region the client forced, if any.
+    pub(crate) fn forced_region(&self) -> Option<&str> {
+        self.force_regions.first().map(String::as_str)
+    }
+
     /// What this means for `app`, whose own region is `own`: errors when
     /// it has no such machine or no machine in any of the regions.
     pub(crate) fn resolve<'a>(

@@ -71,6 +71,9 @@ pub(crate) struct Upstreams {
     max_idle: usize,
     idle_timeout: Duration,
     counters: UpstreamCounters,
+    /// Other regions' proxies: pooled like machines, but never routable
+    /// in this FIB, so the sweep keeps them by address.
+    peers: Vec<SocketAddr>,
 }
 
 /// One machine's idle connections.
@@ -143,7 +146,15 @@ impl Upstreams {
             max_idle,
             idle_timeout,
             counters,
+            peers: Vec::new(),
         }
+    }
+
+    /// Keeps connections to these addresses (other regions' proxies)
+    /// through sweeps.
+    pub(crate) fn keeping(mut self, peers: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.peers = peers.into_iter().collect();
+        self
     }
 
     /// Sends `req` to `machine` on an idle connection of `worker`'s, or a
@@ -279,8 +290,8 @@ impl Upstreams {
     pub(crate) fn sweep(&self, fib: &FibSnapshot) {
         let idle_timeout = self.idle_timeout;
         for pools in &self.pools {
-            pools.retain(|_, pool| {
-                if !routable(fib, &pool.machine) {
+            pools.retain(|addr, pool| {
+                if !self.peers.contains(addr) && !routable(fib, &pool.machine) {
                     return false;
                 }
                 pool.idle

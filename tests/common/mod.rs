@@ -268,6 +268,99 @@ impl Hangar {
     }
 }
 
+/// One more part beside a `hangar dev` (`hangar flyd` or `hangar proxy`),
+/// sharing its data dir, on port 0; stopped with SIGTERM on drop.
+pub struct Part {
+    child: Child,
+    log: PathBuf,
+    /// What the part wrote to its addrs file.
+    pub addrs: Value,
+}
+
+impl Part {
+    /// Starts `hangar <kind>` with `config` (TOML) in `data_dir`, and
+    /// waits for `<data_dir>/<addrs_file>`. `name` names its config and
+    /// log files beside the data dir.
+    pub async fn start(
+        kind: &str,
+        name: &str,
+        data_dir: &Path,
+        config: &str,
+        addrs_file: &str,
+    ) -> Self {
+        std::fs::create_dir_all(data_dir).unwrap();
+        let parent = data_dir.parent().unwrap();
+        let config_path = parent.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let log = parent.join(format!("{name}.log"));
+        let addrs_path = data_dir.join(addrs_file);
+        let _ = std::fs::remove_file(&addrs_path);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
+        cmd.arg(kind)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--data-dir")
+            .arg(data_dir);
+        let ports: &[&str] = match kind {
+            "flyd" => &["--flyd-addr"],
+            _ => &["--http-addr", "--https-addr", "--metrics-addr"],
+        };
+        for flag in ports {
+            cmd.args([flag, "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .current_dir(parent)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn hangar part");
+        let deadline = Instant::now() + WAIT;
+        let addrs = loop {
+            if let Ok(text) = std::fs::read_to_string(&addrs_path) {
+                break serde_json::from_str(&text).expect("addrs file parses");
+            }
+            let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("hangar {kind} exited with {status}:\n{}", log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hangar {kind} not ready:\n{}",
+                log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        Self { child, log, addrs }
+    }
+
+    /// An address the part wrote (`http`, `flyd`, ...).
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs[name].as_str().unwrap().parse().unwrap()
+    }
+
+    /// The part's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 impl Drop for Hangar {
     fn drop(&mut self) {
         if self.child.is_some() {
