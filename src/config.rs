@@ -149,6 +149,19 @@ mod tests {
     }
 
     #[test]
+    fn the_two_region_example_loads_and_is_valid() {
+        for file in ["dev", "ord"] {
+            let path =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("config/regions/{file}.toml"));
+            let cfg = Config::load(Some(&path)).unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(cfg.proxy.region, file);
+            assert_eq!(cfg.catalog.mode, CatalogMode::Regional);
+            assert_eq!(cfg.proxy.peers.len(), 1);
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let err = toml::from_str::<Config>("[flaps]\nlisten_addr = \"127.0.0.1:1\"").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");

@@ -944,6 +944,33 @@ async fn a_flycast_address_routes_only_to_its_app_and_starts_it() {
     for host in ["private.flycast", "other.localhost", "anything"] {
         assert_eq!(ask(host).await, (200, mine.clone()), "{host}");
     }
+    // `<app>.flycast` through the shared listener used as an HTTP proxy
+    // (`curl -x`, `http_proxy`): the app's flycast port; an app without a
+    // flycast address has none.
+    let via_proxy = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", h.addrs.http)).unwrap())
+        .timeout(WAIT)
+        .build()
+        .unwrap();
+    let resp = via_proxy
+        .get("http://private.flycast:8080/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["fly-machine-id"], mine.as_str());
+    let resp = via_proxy
+        .get("http://other.flycast:8080/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            resp.status().as_u16(),
+            resp.headers()["fly-proxy-error"].to_str().unwrap()
+        ),
+        (404, "PA02")
+    );
     // Stopped, it is started for the request, as on the shared listeners.
     put_down(&h, "private", &mine, "stop", "stopped").await;
     assert_eq!(ask("private.flycast").await, (200, mine.clone()));

@@ -76,6 +76,11 @@ pub enum PathError {
     /// No app of that name is in the FIB.
     #[error("app {0:?} not found")]
     UnknownApp(String),
+    /// `<app>.flycast` for an app without a flycast address.
+    #[error(
+        "app {0:?} has no flycast address (POST /v1/apps/{0}/ip_assignments {{\"type\":\"private_v6\"}})"
+    )]
+    NoFlycast(String),
     /// The app has no machine the proxy may send requests to.
     #[error("app {0:?} has no started machine")]
     NoStartedMachine(String),
@@ -248,7 +253,9 @@ impl PathError {
             Self::BodyTooLarge { .. } | Self::ReplayTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            Self::UnknownApp(_) | Self::NoSuchMachine { .. } => StatusCode::NOT_FOUND,
+            Self::UnknownApp(_) | Self::NoFlycast(_) | Self::NoSuchMachine { .. } => {
+                StatusCode::NOT_FOUND
+            }
             Self::NotInRegion { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoStartedMachine(_)
             | Self::NoHealthyMachine(_)
@@ -279,6 +286,7 @@ impl PathError {
             Self::TooManyConnections { .. } => "PE04",
             Self::StartFailed { .. } => "PM01",
             Self::UnknownApp(_) => "PA01",
+            Self::NoFlycast(_) => "PA02",
             Self::NoStartedMachine(_) => "PR01",
             Self::NoHealthyMachine(_) => "PR02",
             Self::NoHttpService(_) => "PR03",
@@ -313,6 +321,7 @@ impl PathError {
         match self {
             Self::BadHost(_)
             | Self::UnknownApp(_)
+            | Self::NoFlycast(_)
             | Self::NoSuchMachine { .. }
             | Self::NotInRegion { .. }
             | Self::BodyTooLarge { .. }

@@ -25,7 +25,8 @@
 //!   without the `http` handler (raw TCP, `tls`, `proxy_proto`).
 //! - `steer` and `replay`: Fly's routing request headers, and `fly-replay`
 //!   answers sending a request on to another region, machine or app;
-//!   `sticky`: sessions pinned to a machine by cookie or header.
+//!   `sticky`: sessions pinned to a machine by cookie or header; `peers`:
+//!   other regions' proxies, for requests this region has no machine for.
 //! - `headers`, `body`, `conns`, `conn_limit`: header rewriting at the hop,
 //!   the bodies at both hops, draining at shutdown, connections per app.
 
@@ -614,7 +615,7 @@ mod tests {
                 Some("example.com".into()),
                 400,
                 "PE01",
-                "Host \"example.com\" is not <app>.localhost\n",
+                "Host \"example.com\" is not <app>.localhost or <app>.flycast\n",
             ),
         ] {
             let response = client.send_request(get(host.as_deref())).await.unwrap();

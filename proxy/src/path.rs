@@ -383,18 +383,27 @@ async fn route(
                 .get(HOST)
                 .cloned()
                 .unwrap_or_else(|| HeaderValue::from_static("")),
+            flycast: None,
         },
         None => host(&edge.fib, &req)?,
     };
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.to_string());
+    let want = match host.flycast {
+        // `<app>.flycast`: what the app's flycast address serves on that port.
+        Some(_) if app.flycast.is_empty() => {
+            return Err(PathError::NoFlycast(app.name.to_string()));
+        }
+        Some(port) => Want::Port(port),
+        None => ex.conn.want,
+    };
     count_connection(edge, &ex.conn, &app.name)?;
     let mut upgrade = headers::Upgrade::take(&mut req);
     // A sticky session's machine first, unless the client asks otherwise.
-    let pinned = sticky::of(&app, ex.conn.want)
+    let pinned = sticky::of(&app, want)
         .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
     let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
-    let mut hop = Hop::first(app, ex.conn.want, steer);
+    let mut hop = Hop::first(app, want, steer);
     let req = upstream_request(req, ex, &edge.region, host)?;
     let (parts, body) = req.into_parts();
     let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
@@ -699,6 +708,8 @@ struct Host {
     app: String,
     /// The client's Host as received, port included, passed on to the machine.
     raw: HeaderValue,
+    /// `<app>.flycast[:port]`: the port (80 by default).
+    flycast: Option<u16>,
 }
 
 /// Reads the host from the URI authority (h2, or an HTTP/1 absolute-form
@@ -717,12 +728,16 @@ fn host(fib: &Fib, req: &Request<Incoming>) -> Result<Host, PathError> {
     let text = raw
         .to_str()
         .map_err(|_| PathError::BadHost(HostError::NotText))?;
-    // An app's custom hostname first, then `<app>.localhost`.
-    let app = match custom_hostname_app(fib, text) {
-        Some(app) => app,
-        None => parse_host(text).map_err(PathError::BadHost)?,
+    // An app's custom hostname first, then `<app>.flycast`, then
+    // `<app>.localhost`.
+    let (app, flycast) = match custom_hostname_app(fib, text) {
+        Some(app) => (app, None),
+        None => match parse_flycast(text) {
+            Some((app, port)) => (app, Some(port)),
+            None => (parse_host(text).map_err(PathError::BadHost)?, None),
+        },
     };
-    Ok(Host { app, raw })
+    Ok(Host { app, raw, flycast })
 }
 
 /// The app a custom hostname (one with an uploaded certificate) belongs to.
@@ -1224,7 +1239,9 @@ impl fmt::Display for HostError {
             Self::Missing => f.write_str("missing Host header"),
             Self::NotText => f.write_str("Host header is not valid text"),
             Self::Malformed(host) => write!(f, "malformed Host {host:?}"),
-            Self::NotAnApp(host) => write!(f, "Host {host:?} is not <app>.localhost"),
+            Self::NotAnApp(host) => {
+                write!(f, "Host {host:?} is not <app>.localhost or <app>.flycast")
+            }
             Self::BadAppName(name) => write!(
                 f,
                 "{name:?} is not an app name (1-63 characters of a-z, 0-9 and -)"
@@ -1250,15 +1267,32 @@ pub fn parse_host(raw: &str) -> Result<String, HostError> {
     let app = name
         .strip_suffix(".localhost")
         .ok_or_else(|| HostError::NotAnApp(raw.to_string()))?;
-    let valid = (1..=MAX_APP_NAME).contains(&app.len())
-        && app
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if valid {
+    if app_name(app) {
         Ok(app.to_string())
     } else {
         Err(HostError::BadAppName(app.to_string()))
     }
+}
+
+/// `<app>.flycast[:port]` → the app and the port (80 when none): the name
+/// an app's private services go by. Anything else is `None`.
+pub fn parse_flycast(raw: &str) -> Option<(String, u16)> {
+    let name = strip_port(raw).ok()?.to_ascii_lowercase();
+    let name = name.strip_suffix('.').unwrap_or(&name);
+    let app = name.strip_suffix(".flycast").filter(|app| app_name(app))?;
+    let port = match raw.rsplit_once(':') {
+        Some((_, port)) if !port.is_empty() => port.parse().ok()?,
+        _ => 80,
+    };
+    Some((app.to_string(), port))
+}
+
+/// Whether `label` is a valid app name: 1-63 of a-z, 0-9 and `-`.
+fn app_name(label: &str) -> bool {
+    (1..=MAX_APP_NAME).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// `name[:port]` → `name`. The port may be empty (RFC 3986 allows it) but
@@ -1383,12 +1417,31 @@ mod tests {
     }
 
     #[test]
+    fn flycast_names_name_their_app_and_port() {
+        assert_eq!(parse_flycast("hello.flycast"), Some(("hello".into(), 80)));
+        assert_eq!(
+            parse_flycast("Hello.Flycast.:8080"),
+            Some(("hello".into(), 8080))
+        );
+        assert_eq!(parse_flycast("hello.flycast:"), Some(("hello".into(), 80)));
+        for other in [
+            "hello.localhost",
+            "a.b.flycast",
+            ".flycast",
+            "hello.flycast:x",
+            "flycast",
+        ] {
+            assert_eq!(parse_flycast(other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn host_errors_read_as_one_line() {
         let e = parse_host("evil\u{7f}.localhost").unwrap_err();
         assert!(!e.to_string().contains('\n'));
         assert_eq!(
             parse_host("example.com").unwrap_err().to_string(),
-            r#"Host "example.com" is not <app>.localhost"#
+            r#"Host "example.com" is not <app>.localhost or <app>.flycast"#
         );
     }
 }
