@@ -751,6 +751,41 @@ async fn a_stopped_app_answers_its_first_requests_with_exactly_one_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_never_gets_ready_answers_503_and_its_waiters_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!("{CONFIG}autostart_hold_ms = 1500\nautostart_max_waiting = 2\n");
+    let h = std::sync::Arc::new(Hangar::start_with(&tmp.path().join("data"), Some(&config)).await);
+    create_app(&h, "never").await;
+    // Its check probes a port nothing listens on: started, never routable.
+    let mut services = web(8080, 20, 25);
+    services["services"][0]["checks"] =
+        serde_json::json!([{"type": "tcp", "port": 9, "interval": "100ms", "timeout": "50ms"}]);
+    let id = machine(&h, "never", services).await;
+    put_down(&h, "never", &id, "stop", "stopped").await;
+    let all: Vec<_> = (0..6)
+        .map(|_| {
+            let h = h.clone();
+            tokio::spawn(async move { get(&h, "never", "/").await })
+        })
+        .collect();
+    let (mut timed_out, mut turned_away) = (0, 0);
+    for r in all {
+        let got = r.await.unwrap();
+        assert_eq!(
+            (got.status, got.code.as_deref(), got.retry_after.as_deref()),
+            (503, Some("PM01"), Some("1")),
+            "{got:?}"
+        );
+        if got.body.contains("was not ready within 1.5s") {
+            timed_out += 1;
+        } else if got.body.contains("2 requests already wait") {
+            turned_away += 1;
+        }
+    }
+    assert_eq!((timed_out, turned_away), (2, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machines_past_their_soft_limit_get_a_stopped_one_started_beside_them() {
     let (_tmp, h) = start().await;
     let h = std::sync::Arc::new(h);
@@ -1043,6 +1078,19 @@ async fn fly_replay_sends_the_request_on_and_falls_back_when_asked() {
         "{src}"
     );
     assert!(src.ends_with(";state=s1"), "{src}");
+
+    // A preferred machine that can take it gets it; an unknown one is no
+    // error.
+    for prefer in [&b, &a] {
+        let (_, machine, ..) = replayed(from_a(&format!(
+            "replay={}",
+            enc(&format!("prefer_instance={prefer}"))
+        )))
+        .await;
+        assert_eq!(machine.as_deref(), Some(prefer.as_str()));
+    }
+    let (status, ..) = replayed(from_a(&format!("replay={}", enc("prefer_instance=nope")))).await;
+    assert_eq!(status, 200);
 
     // To another app; `elsewhere` to any machine but the one that asked;
     // to the first listed region that has machines.

@@ -9,7 +9,8 @@
 //!   machine while a start is under way waits for that start instead of
 //!   starting another. The flight ends when flyd has answered and the FIB
 //!   shows the machine routable (checked every 2 ms), or fails; at most
-//!   `hold` in all.
+//!   `hold` in all. At most `max_waiting` requests of an app wait for its
+//!   start; more are answered at once (503 with `Retry-After`).
 //! - The caller then routes again as usual; a failed or timed-out start is
 //!   the caller's 503 with `Retry-After`.
 //! - When the machine a request gets is already past its soft limit (every
@@ -23,6 +24,7 @@ use hangar_api::host::{HostCall, HostClient};
 use hangar_api::machine::MachineState;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -44,12 +46,30 @@ pub(crate) type Outcome = Result<(), String>;
 
 /// Starts in flight, one per app.
 pub(crate) struct Autostart {
-    flights: DashMap<CompactString, watch::Receiver<Option<Outcome>>>,
+    flights: DashMap<CompactString, Flight>,
     fib: Arc<Fib>,
     hosts: Arc<dyn HostDirectory>,
     client: HostClient,
     hold: Duration,
+    max_waiting: usize,
     metrics: crate::metrics::EdgeMetrics,
+}
+
+/// One app's start in flight: its outcome once known, and how many
+/// requests wait for it.
+#[derive(Clone)]
+struct Flight {
+    outcome: watch::Receiver<Option<Outcome>>,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// One request's place among a flight's waiters.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The machine to start for a request, among those `allowed`: see the
@@ -88,7 +108,7 @@ impl Autostart {
     pub(crate) fn new(
         fib: Arc<Fib>,
         hosts: Arc<dyn HostDirectory>,
-        hold: Duration,
+        (hold, max_waiting): (Duration, usize),
         metrics: crate::metrics::EdgeMetrics,
     ) -> Self {
         Self {
@@ -99,6 +119,7 @@ impl Autostart {
             // bounds it.
             client: HostClient::new(hold),
             hold,
+            max_waiting,
             metrics,
         }
     }
@@ -106,11 +127,22 @@ impl Autostart {
     /// Starts `machine` of `app`, or joins the app's start in flight, and
     /// waits for the outcome.
     pub(crate) async fn start(self: &Arc<Self>, app: &str, machine: &RouteMachine) -> Outcome {
-        let mut outcome = self
+        let Flight {
+            mut outcome,
+            waiting,
+        } = self
             .flights
             .entry(CompactString::from(app))
             .or_insert_with(|| self.launch(app, machine))
             .clone();
+        if waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!(
+                "{} requests already wait for the app's machine to start",
+                self.max_waiting
+            ));
+        }
+        let _waiting = Waiting(waiting);
         match outcome.wait_for(Option::is_some).await {
             Ok(done) => done
                 .clone()
@@ -130,11 +162,7 @@ impl Autostart {
 
     /// Runs one start in a task of its own, so it completes (and frees the
     /// flight) even if the request that began it goes away.
-    fn launch(
-        self: &Arc<Self>,
-        app: &str,
-        machine: &RouteMachine,
-    ) -> watch::Receiver<Option<Outcome>> {
+    fn launch(self: &Arc<Self>, app: &str, machine: &RouteMachine) -> Flight {
         let (tx, rx) = watch::channel(None);
         let this = self.clone();
         let app = CompactString::from(app);
@@ -161,7 +189,10 @@ impl Autostart {
             this.flights.remove(&app);
             let _ = tx.send(Some(outcome.map(|_| ())));
         });
-        rx
+        Flight {
+            outcome: rx,
+            waiting: Arc::default(),
+        }
     }
 
     /// Asks the machine's flyd to start it, then waits until the FIB routes

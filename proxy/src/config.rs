@@ -63,6 +63,9 @@ pub struct ProxyConfig {
     /// How long a request may wait for a machine the proxy starts for it
     /// (autostart) before 503 with `Retry-After`.
     pub autostart_hold_ms: u64,
+    /// Requests of one app that may wait for its machine to start; more
+    /// get 503 with `Retry-After` at once.
+    pub autostart_max_waiting: usize,
     /// How often the autostop loop looks for idle machines (0: never).
     pub autostop_interval_ms: u64,
     /// How long a lone machine must go without a request to be stopped.
@@ -107,6 +110,7 @@ impl Default for ProxyConfig {
             max_body_bytes: 0,
             max_conns_per_app: 10_000,
             autostart_hold_ms: 30_000,
+            autostart_max_waiting: 1024,
             autostop_interval_ms: 30_000,
             autostop_idle_ms: 300_000,
             autostop_drain_ms: 10_000,

@@ -201,7 +201,7 @@ impl Proxy {
             autostart: Arc::new(autostart::Autostart::new(
                 fib,
                 hosts,
-                cfg.autostart_hold(),
+                (cfg.autostart_hold(), cfg.autostart_max_waiting),
                 metrics.edge(),
             )),
         });
