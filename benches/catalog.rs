@@ -24,6 +24,7 @@ fn machine(id: usize, app: usize, version: u64, state: MachineState) -> MachineR
         services: vec![],
         row_version: version,
         healthy: true,
+        primary_region: None,
         updated_at: 0,
     }
 }

@@ -52,6 +52,7 @@ fn app(n: usize, busy: usize) -> Arc<AppRoutes> {
                 cordoned: false,
                 healthy: true,
                 services: services.clone(),
+                primary_region: None,
                 inflight: Arc::default(),
             };
             m.inflight

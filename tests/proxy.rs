@@ -889,6 +889,15 @@ async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
     let frozen = machine(&h, "frozen", with("suspend", 0)).await;
     create_app(&h, "kept").await;
     let kept = machine(&h, "kept", with("stop", 1)).await;
+    // The minimum holds in the primary region only: this one is ams.
+    create_app(&h, "abroad").await;
+    let mut abroad_config = with("stop", 1);
+    abroad_config["env"] = serde_json::json!({"PRIMARY_REGION": "ams"});
+    let abroad = machine(&h, "abroad", abroad_config).await;
+    create_app(&h, "home").await;
+    let mut home_config = with("stop", 1);
+    home_config["env"] = serde_json::json!({"PRIMARY_REGION": "dev"});
+    let home = machine(&h, "home", home_config).await;
     create_app(&h, "busy").await;
     let busy = machine(&h, "busy", with("stop", 0)).await;
     create_app(&h, "held").await;
@@ -927,15 +936,18 @@ async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
     });
     h.wait_state("idle", &idle, "stopped").await;
     h.wait_state("frozen", &frozen, "suspended").await;
-    let (_, m) = h.get(&format!("/v1/apps/kept/machines/{kept}")).await;
-    assert_eq!(m["state"], "started", "min_machines_running holds it");
+    h.wait_state("abroad", &abroad, "stopped").await;
+    for (app, id) in [("kept", &kept), ("home", &home)] {
+        let (_, m) = h.get(&format!("/v1/apps/{app}/machines/{id}")).await;
+        assert_eq!(m["state"], "started", "min_machines_running holds {app}");
+    }
     let got = slow.await.unwrap();
     assert_eq!(got.status, 200, "the request in flight finished: {got:?}");
     let (_, m) = h.get(&format!("/v1/apps/held/machines/{held}")).await;
     assert_eq!(m["state"], "started", "fly-keep-alive-until holds it");
     h.wait_state("busy", &busy, "stopped").await;
     // Counted once the machine is uncordoned again, just after the stop.
-    until_metric(&h, r#"fly_edge_autostops_count{result="ok"} 3"#).await;
+    until_metric(&h, r#"fly_edge_autostops_count{result="ok"} 4"#).await;
     h.wait_state("held", &held, "stopped").await;
     // And the stopped app still answers: autostart brings it back.
     assert_eq!(get(&h, "idle", "/").await.status, 200);

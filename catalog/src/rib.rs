@@ -144,6 +144,12 @@ GROUP BY app, region;
     r#"
 ALTER TABLE changes ADD COLUMN image TEXT;
 "#,
+    // 10: the app's primary region as the machine's config names it
+    // (`env.PRIMARY_REGION`, as Fly's tools set it), for autostop's
+    // `min_machines_running`.
+    r#"
+ALTER TABLE machines ADD COLUMN primary_region TEXT;
+"#,
 ];
 
 /// The newest change's sequence number. After a compaction that kept no
@@ -220,6 +226,8 @@ pub struct MachineRow {
     pub services: Vec<MachineService>,
     /// Whether every service check passes (true when there are none).
     pub healthy: bool,
+    /// The app's primary region, from the config's `env.PRIMARY_REGION`.
+    pub primary_region: Option<String>,
     /// Increases with every write by the owner; stale writes are dropped.
     pub row_version: u64,
     pub updated_at: i64,
@@ -294,6 +302,8 @@ pub(crate) struct RouteImage {
     pub healthy: bool,
     /// The services JSON, as the row stores it.
     pub services: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_region: Option<String>,
 }
 
 impl RouteImage {
@@ -308,6 +318,7 @@ impl RouteImage {
             cordoned: self.cordoned,
             healthy: self.healthy,
             services: &self.services,
+            primary_region: self.primary_region.as_deref(),
         }
     }
 }
@@ -324,6 +335,7 @@ pub(crate) struct RouteRow<'a> {
     pub cordoned: bool,
     pub healthy: bool,
     pub services: &'a str,
+    pub primary_region: Option<&'a str>,
 }
 
 /// Which machines [`RibView::for_each_route`] reads.
@@ -427,6 +439,7 @@ fn machine_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(MachineRow, Stri
             row_version: r.get::<_, i64>(9)? as u64,
             updated_at: r.get(10)?,
             healthy: r.get(11)?,
+            primary_region: r.get(12)?,
         },
         r.get(4)?,
         r.get(8)?,
@@ -445,7 +458,7 @@ fn decode_machine(
     Ok(row)
 }
 
-const MACHINE_COLUMNS: &str = "id, app, region, host, state, private_ip, instance_id, cordoned, services, row_version, updated_at, healthy";
+const MACHINE_COLUMNS: &str = "id, app, region, host, state, private_ip, instance_id, cordoned, services, row_version, updated_at, healthy, primary_region";
 
 impl Rib {
     /// Opens (creating if needed) and migrates the RIB at `path`.
@@ -1012,7 +1025,7 @@ pub struct RibView<'c>(&'c Connection);
 
 /// The columns [`RibView::for_each_route`] reads.
 const ROUTE_SELECT: &str =
-    "SELECT id, app, region, host, state, private_ip, cordoned, healthy, services
+    "SELECT id, app, region, host, state, private_ip, cordoned, healthy, services, primary_region
      FROM machines WHERE state != 'destroyed'";
 
 impl RibView<'_> {
@@ -1154,6 +1167,10 @@ impl RibView<'_> {
                 cordoned: r.get(6)?,
                 healthy: r.get(7)?,
                 services: text(8)?,
+                primary_region: r
+                    .get_ref(9)?
+                    .as_str_or_null()
+                    .map_err(rusqlite::Error::from)?,
             });
         }
         Ok(())
@@ -1192,13 +1209,14 @@ fn upsert_machine(
     let stored: Option<(String, String)> = tx
         .prepare_cached(
             "INSERT INTO machines (id, app, region, host, state, private_ip, instance_id,
-            cordoned, services, row_version, updated_at, healthy)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+            cordoned, services, row_version, updated_at, healthy, primary_region)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT(id) DO UPDATE SET
             host = excluded.host, state = excluded.state, private_ip = excluded.private_ip,
             instance_id = excluded.instance_id, cordoned = excluded.cordoned,
             services = excluded.services, row_version = excluded.row_version,
-            updated_at = excluded.updated_at, healthy = excluded.healthy
+            updated_at = excluded.updated_at, healthy = excluded.healthy,
+            primary_region = excluded.primary_region
          WHERE excluded.row_version > machines.row_version
          RETURNING app, region",
         )?
@@ -1215,7 +1233,8 @@ fn upsert_machine(
                 services,
                 m.row_version as i64,
                 m.updated_at,
-                m.healthy
+                m.healthy,
+                m.primary_region
             ],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -1233,6 +1252,7 @@ fn upsert_machine(
         cordoned: m.cordoned,
         healthy: m.healthy,
         services: services.to_string(),
+        primary_region: m.primary_region.clone(),
     };
     let json = serde_json::to_string(&image).map_err(|e| RibError::Corrupt {
         key: m.id.clone(),
@@ -1272,6 +1292,7 @@ mod tests {
             services: vec![],
             row_version: version,
             healthy: true,
+            primary_region: None,
             updated_at: 0,
         }
     }

@@ -295,6 +295,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     cordoned,
                     services: vec![],
                     healthy,
+                    primary_region: None,
                     row_version: version as u64,
                     updated_at: 0,
                 };

@@ -135,6 +135,7 @@ fn readers_only_see_whole_snapshots_in_order() {
                 cordoned: false,
                 services: vec![],
                 healthy: true,
+                primary_region: None,
                 row_version: generation,
                 updated_at: 0,
             })

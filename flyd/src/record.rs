@@ -146,6 +146,7 @@ impl MachineRecord {
             cordoned: self.cordoned,
             services: self.config.services.clone(),
             healthy: crate::checks::services_healthy(&self.checks),
+            primary_region: self.config.env.get("PRIMARY_REGION").cloned(),
             row_version: self.rib_version,
             updated_at: now_ms(),
         }

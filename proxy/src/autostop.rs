@@ -6,8 +6,10 @@
 //!   `running − (machines past their soft limit + 1) ≥ 1`, the most idle
 //!   machine with nothing in flight goes;
 //! - a lone machine only after `autostop_idle_ms` without a request;
-//! - never below the services' `min_machines_running` (per region here:
-//!   Hangar has no primary region).
+//! - never below the services' `min_machines_running` in the app's primary
+//!   region, as Fly: the region the machines' config names in
+//!   `env.PRIMARY_REGION` (Fly's tools set it from `primary_region`); an
+//!   app whose machines name none keeps the minimum in every region.
 //!
 //! A machine is never stopped with requests in flight: it is cordoned
 //! first (the proxy sends it nothing new), the proxy waits up to
@@ -176,8 +178,10 @@ impl Autostopper {
                 };
                 regions.entry(&m.region).or_default().push((m, service));
             }
-            for machines in regions.values() {
-                if let Some(pick) = self.choose(&app.name, machines) {
+            let primary = app.machines.iter().find_map(|m| m.primary_region.clone());
+            for (region, machines) in &regions {
+                let keeps_min = primary.as_deref().is_none_or(|p| p == *region);
+                if let Some(pick) = self.choose(&app.name, machines, keeps_min) {
                     picks.push(pick);
                 }
             }
@@ -185,13 +189,20 @@ impl Autostopper {
         picks
     }
 
-    /// The machine of one app and region to put down this round, if any.
-    fn choose(&self, app: &str, machines: &[(&RouteMachine, &MachineService)]) -> Option<Pick> {
+    /// The machine of one app and region to put down this round, if any;
+    /// `keeps_min`: `min_machines_running` holds in this region.
+    fn choose(
+        &self,
+        app: &str,
+        machines: &[(&RouteMachine, &MachineService)],
+        keeps_min: bool,
+    ) -> Option<Pick> {
         let running = machines.len();
         let min = machines
             .iter()
             .filter_map(|(_, s)| s.min_machines_running)
             .max()
+            .filter(|_| keeps_min)
             .unwrap_or(0) as usize;
         if running <= min {
             return None;

@@ -401,6 +401,7 @@ mod tests {
             cordoned: false,
             healthy: true,
             services: services.into(),
+            primary_region: None,
             inflight: Arc::default(),
         }
     }

@@ -332,6 +332,7 @@ mod tests {
             }],
             row_version: 1,
             healthy: true,
+            primary_region: None,
             updated_at: 0,
         }
     }

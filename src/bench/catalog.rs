@@ -102,6 +102,7 @@ fn machine(args: &CatalogArgs, i: usize, version: u64, state: MachineState) -> M
             ..MachineService::default()
         }],
         healthy: true,
+        primary_region: None,
         row_version: version,
         updated_at: 0,
     }

@@ -136,6 +136,7 @@ impl<'p> AppBuild<'p> {
             cordoned: row.cordoned,
             healthy: row.healthy,
             services,
+            primary_region: row.primary_region.map(|r| interner.string(r)),
             inflight: self.inflight(row.id),
         });
     }

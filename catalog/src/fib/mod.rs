@@ -78,6 +78,9 @@ pub struct RouteMachine {
     pub healthy: bool,
     /// Shared by every machine with the same services config.
     pub services: Arc<[MachineService]>,
+    /// The app's primary region, as the machine's config names it
+    /// (`env.PRIMARY_REGION`).
+    pub primary_region: Option<Arc<str>>,
     /// Requests the proxy has in flight to this machine. Shared by every
     /// snapshot that contains the machine.
     pub inflight: Arc<AtomicUsize>,
@@ -825,6 +828,7 @@ pub(crate) mod tests {
             services: vec![],
             row_version: version,
             healthy: true,
+            primary_region: None,
             updated_at: 0,
         }
     }
