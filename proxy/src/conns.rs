@@ -2,6 +2,8 @@
 //! deadline instead of leaving them to the runtime.
 
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::task::JoinSet;
@@ -11,30 +13,47 @@ use tokio::task::JoinSet;
 /// connections finish and free some instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Open connections: each runs in its own task, registered with a
-/// [`GracefulShutdown`] so [`Conns::drain`] can ask them all to finish.
+/// What tells every HTTP connection of a server to finish: shared by all
+/// the accept loops, taken (`None`) once shutdown begins.
+pub(crate) type Graceful = Arc<Mutex<Option<GracefulShutdown>>>;
+
+/// A new [`Graceful`].
+pub(crate) fn graceful() -> Graceful {
+    Arc::new(Mutex::new(Some(GracefulShutdown::new())))
+}
+
+/// Connections accepted by one accept loop: each runs in its own task,
+/// registered with the server's [`Graceful`] so [`drain`] can ask them all
+/// to finish.
 pub(crate) struct Conns {
-    graceful: GracefulShutdown,
+    graceful: Graceful,
     tasks: JoinSet<()>,
 }
 
 impl Conns {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(graceful: Graceful) -> Self {
         Self {
-            graceful: GracefulShutdown::new(),
+            graceful,
             tasks: JoinSet::new(),
         }
     }
 
-    /// Runs one connection on the runtime of `on`. The watcher is taken here, before the task
-    /// starts, so a shutdown that begins while the task is still in its TLS
-    /// handshake still reaches the connection.
-    pub(crate) fn spawn<F>(&mut self, on: &Handle, conn: impl FnOnce(Watcher) -> F)
+    /// Runs one connection on the runtime of `on`, or on the current one.
+    /// The watcher is taken here, before the task starts, so a shutdown
+    /// that begins while the task is still in its TLS handshake still
+    /// reaches the connection. Once shutdown has begun the connection is
+    /// closed instead.
+    pub(crate) fn spawn<F>(&mut self, on: Option<&Handle>, conn: impl FnOnce(Watcher) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let watcher = self.graceful.watcher();
-        self.tasks.spawn_on(conn(watcher), on);
+        let Some(watcher) = self.graceful.lock().as_ref().map(GracefulShutdown::watcher) else {
+            return;
+        };
+        match on {
+            Some(on) => self.tasks.spawn_on(conn(watcher), on),
+            None => self.tasks.spawn(conn(watcher)),
+        };
     }
 
     /// Collects one finished connection task; pending while there is none,
@@ -48,31 +67,43 @@ impl Conns {
             None => std::future::pending().await,
         }
     }
+}
 
-    /// Asks every connection to finish its in-flight requests and close,
-    /// waits at most `deadline` for them, then cuts off the rest.
-    pub(crate) async fn drain(mut self, server: &'static str, deadline: Duration) {
-        let open = self.tasks.len();
-        let graceful = self.graceful;
-        if tokio::time::timeout(deadline, graceful.shutdown())
-            .await
-            .is_ok()
-        {
-            tracing::debug!(server, drained = open, "all connections drained");
-        } else {
-            tracing::warn!(
-                server,
-                open = self.tasks.len(),
-                ?deadline,
-                "drain deadline passed; closing the remaining connections"
-            );
-            self.tasks.abort_all();
-        }
-        // What is left either is past its connection and ends at once, or
-        // is not HTTP (a raw TCP relay has no requests to finish) and is
-        // cut here; aborted tasks end at their next await.
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+/// Asks every connection of `graceful`'s server to finish its in-flight
+/// requests and close, waits at most `deadline` for them, then cuts off
+/// the rest (`conns`: every accept loop's).
+pub(crate) async fn drain(
+    graceful: &Graceful,
+    mut conns: Vec<Conns>,
+    server: &'static str,
+    deadline: Duration,
+) {
+    let open: usize = conns.iter().map(|c| c.tasks.len()).sum();
+    let Some(shutdown) = graceful.lock().take() else {
+        return;
+    };
+    if tokio::time::timeout(deadline, shutdown.shutdown())
+        .await
+        .is_ok()
+    {
+        tracing::debug!(server, drained = open, "all connections drained");
+    } else {
+        let left: usize = conns.iter().map(|c| c.tasks.len()).sum();
+        tracing::warn!(
+            server,
+            open = left,
+            ?deadline,
+            "drain deadline passed; closing the remaining connections"
+        );
+    }
+    // What is left either is past its connection and ends at once, or is
+    // not HTTP (a raw TCP relay has no requests to finish) and is cut here;
+    // aborted tasks end at their next await.
+    for c in &mut conns {
+        c.tasks.abort_all();
+    }
+    for c in &mut conns {
+        while c.tasks.join_next().await.is_some() {}
     }
 }
 

@@ -555,7 +555,8 @@ pub async fn serve_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut conns = Conns::new();
+    let graceful = crate::conns::graceful();
+    let mut conns = Conns::new(graceful.clone());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -576,7 +577,7 @@ pub async fn serve_metrics(
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service);
-                conns.spawn(&tokio::runtime::Handle::current(), |watcher| async move {
+                conns.spawn(None, |watcher| async move {
                     if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "metrics: connection ended with an error");
                     }
@@ -585,7 +586,7 @@ pub async fn serve_metrics(
         }
     }
     drop(listener);
-    conns.drain("metrics", METRICS_DRAIN).await;
+    crate::conns::drain(&graceful, vec![conns], "metrics", METRICS_DRAIN).await;
 }
 
 fn scrape(metrics: &Metrics, req: &Request<Incoming>) -> Response<Full<Bytes>> {

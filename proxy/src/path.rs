@@ -41,8 +41,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 /// What every request on every connection shares.
@@ -116,7 +116,9 @@ struct Exchange {
 
 // ---- accept ----
 
-/// Accepts on both listeners until `shutdown`, then drains for at most `drain`.
+/// Serves until `shutdown`, then drains for at most `drain`. Each worker
+/// accepts on the shared listeners itself (see [`accept`]); this loop runs
+/// the app-address listeners, the upstream sweep and autostop.
 pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drain: Duration) {
     let Proxy {
         http,
@@ -126,7 +128,24 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
         server,
         autostop,
     } = proxy;
-    let mut conns = Conns::new();
+    let graceful = conns::graceful();
+    let (stop, stopping) = watch::channel(false);
+    let accepting = match (http.into_std(), https.into_std()) {
+        (Ok(http), Ok(https)) => workers
+            .handles()
+            .filter_map(|(worker, runtime)| {
+                let listeners = (http.try_clone().ok()?, https.try_clone().ok()?);
+                let conns = Conns::new(graceful.clone());
+                let (edge, server, stop) = (edge.clone(), server.clone(), stopping.clone());
+                Some(runtime.spawn(accept(edge, server, worker, listeners, conns, stop)))
+            })
+            .collect(),
+        (http, https) => {
+            tracing::error!(http = ?http.err(), https = ?https.err(), "proxy: the listeners cannot be shared with the workers");
+            Vec::new()
+        }
+    };
+    let mut conns = Conns::new(graceful.clone());
     let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
     let mut follow = tokio::time::interval(FOLLOW_PORTS);
     let (to_ports, mut from_ports) = mpsc::channel(1024);
@@ -135,40 +154,72 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
     let _autostop = autostop.map(|a| AbortOnDrop(tokio::spawn(a.run())));
     tokio::pin!(shutdown);
     loop {
-        // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
-        // A connection accepted in the same instant as shutdown is drained
-        // like the others.
-        let (accepted, listener, spec) = tokio::select! {
+        tokio::select! {
             () = &mut shutdown => break,
-            () = conns.reap() => continue,
+            () = conns.reap() => {}
             _ = sweep.tick() => {
                 edge.upstreams.sweep(&edge.fib.snapshot());
                 edge.pins.sweep();
-                continue;
             }
-            _ = follow.tick() => {
-                ports.reconcile(&edge.fib.snapshot()).await;
-                continue;
-            }
+            _ = follow.tick() => ports.reconcile(&edge.fib.snapshot()).await,
             Some(Accepted { tcp, peer, spec }) = from_ports.recv() => {
-                let listener = if spec.has("tls") { Listener::Https } else { Listener::Http };
-                (Ok((tcp, peer)), listener, Some(spec))
+                hand_off(&edge, &server, (&mut workers, &mut conns), tcp, peer, spec);
             }
-            accepted = http.accept() => (accepted, Listener::Http, None),
-            accepted = https.accept() => (accepted, Listener::Https, None),
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let to = (&mut workers, &mut conns);
-                hand_off(&edge, &server, to, tcp, peer, listener, spec);
-            }
-            Err(e) => conns::accept_failed(listener.as_str(), &e).await,
         }
     }
     // Closing the listeners first makes new clients fail fast instead of
     // queueing on a socket nobody accepts from.
-    drop((http, https, ports, from_ports));
-    conns.drain("proxy", drain).await;
+    let _ = stop.send(true);
+    drop((ports, from_ports));
+    let mut all = vec![conns];
+    for worker in accepting {
+        if let Ok(conns) = worker.await {
+            all.push(conns);
+        }
+    }
+    conns::drain(&graceful, all, "proxy", drain).await;
+}
+
+/// One worker's accept loop on the shared listeners (every worker accepts
+/// on the same sockets): a connection is served on the thread that
+/// accepted it, with no hand-off, like nginx's workers. Ends, closing its
+/// copies of the listeners, when `stop` turns true; returns the
+/// connections still open, for the drain.
+async fn accept(
+    edge: Arc<Edge>,
+    server: auto::Builder<TokioExecutor>,
+    worker: usize,
+    (http, https): (std::net::TcpListener, std::net::TcpListener),
+    mut conns: Conns,
+    mut stop: watch::Receiver<bool>,
+) -> Conns {
+    let (http, https) = match (TcpListener::from_std(http), TcpListener::from_std(https)) {
+        (Ok(http), Ok(https)) => (http, https),
+        (http, https) => {
+            tracing::error!(worker, http = ?http.err(), https = ?https.err(), "proxy: a worker cannot accept");
+            return conns;
+        }
+    };
+    loop {
+        // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
+        let (accepted, listener) = tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => break,
+            () = conns.reap() => continue,
+            accepted = http.accept() => (accepted, Listener::Http),
+            accepted = https.accept() => (accepted, Listener::Https),
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                edge.metrics.connected(listener);
+                let (edge, server) = (edge.clone(), server.clone());
+                conns.spawn(None, move |watcher| {
+                    serve_conn(edge, server, (tcp, peer), listener, None, worker, watcher)
+                });
+            }
+            Err(e) => conns::accept_failed(listener.as_str(), &e).await,
+        }
+    }
+    conns
 }
 
 /// Aborts a task when dropped.
@@ -184,19 +235,20 @@ impl Drop for AbortOnDrop {
 /// comparison of sequence numbers unless something changed).
 const FOLLOW_PORTS: Duration = Duration::from_millis(100);
 
-/// Hands an accepted connection to the next worker. On the shared
-/// listeners, and on an app's port with `http`, it serves HTTP (over TLS on
-/// HTTPS or with `tls`); on an app's port without `http` its bytes go to a
-/// machine ([`relay`]).
+/// Hands a connection accepted on an app's address to the next worker.
 fn hand_off(
     edge: &Arc<Edge>,
     server: &auto::Builder<TokioExecutor>,
     (workers, conns): (&mut crate::workers::Workers, &mut Conns),
     tcp: TcpStream,
     peer: SocketAddr,
-    listener: Listener,
-    spec: Option<Spec>,
+    spec: Spec,
 ) {
+    let listener = if spec.has("tls") {
+        Listener::Https
+    } else {
+        Listener::Http
+    };
     // The socket moves to the worker's reactor: registered here, it
     // would be driven by this thread.
     let tcp = match tcp.into_std() {
@@ -209,32 +261,57 @@ fn hand_off(
     edge.metrics.connected(listener);
     let (edge, server) = (edge.clone(), server.clone());
     let (worker, runtime) = workers.next();
-    conns.spawn(runtime, move |watcher| async move {
+    conns.spawn(Some(runtime), move |watcher| async move {
         let Ok(tcp) = TcpStream::from_std(tcp) else {
             return;
         };
-        let Ok(local) = tcp.local_addr() else { return };
-        let (app, want) = match spec {
-            None => (None, Want::http(listener)),
-            Some(spec) if spec.has("http") => (Some(spec.app), Want::Port(local.port())),
-            Some(spec) => {
-                // Raw bytes are not HTTP: a shutdown cuts them once the
-                // HTTP connections have drained.
-                drop(watcher);
-                return relay(&edge, tcp, peer, local, &spec).await;
-            }
-        };
-        let conn = Conn {
+        serve_conn(
+            edge,
+            server,
+            (tcp, peer),
             listener,
-            peer,
-            local_port: local.port(),
+            Some(spec),
             worker,
-            app,
-            want,
-            counted: Arc::default(),
-        };
-        connection(edge, server, tcp, conn, watcher).await;
+            watcher,
+        )
+        .await;
     });
+}
+
+/// One accepted connection, on its worker. On the shared listeners, and on
+/// an app's port with `http`, it serves HTTP (over TLS on HTTPS or with
+/// `tls`); on an app's port without `http` its bytes go to a machine
+/// ([`relay`]).
+async fn serve_conn(
+    edge: Arc<Edge>,
+    server: auto::Builder<TokioExecutor>,
+    (tcp, peer): (TcpStream, SocketAddr),
+    listener: Listener,
+    spec: Option<Spec>,
+    worker: usize,
+    watcher: Watcher,
+) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let (app, want) = match spec {
+        None => (None, Want::http(listener)),
+        Some(spec) if spec.has("http") => (Some(spec.app), Want::Port(local.port())),
+        Some(spec) => {
+            // Raw bytes are not HTTP: a shutdown cuts them once the HTTP
+            // connections have drained.
+            drop(watcher);
+            return relay(&edge, tcp, peer, local, &spec).await;
+        }
+    };
+    let conn = Conn {
+        listener,
+        peer,
+        local_port: local.port(),
+        worker,
+        app,
+        want,
+        counted: Arc::default(),
+    };
+    connection(edge, server, tcp, conn, watcher).await;
 }
 
 /// A connection to an app's port without `http`: counted against the app,

@@ -1,9 +1,10 @@
 //! The proxy's worker threads: one single-threaded tokio runtime each, like
 //! nginx's worker processes.
 //!
-//! The accept loop hands each new connection to the next worker in turn,
-//! and everything that connection does (TLS, HTTP, the upstream connection
-//! it borrows, its timers) stays on that worker's thread. Nothing is stolen
+//! Every worker accepts on the shared listeners itself (connections on
+//! apps' own addresses are handed to the next worker in turn), and
+//! everything a connection does (TLS, HTTP, the upstream connection it
+//! borrows, its timers) stays on that worker's thread. Nothing is stolen
 //! or woken across threads on the request path, and the upstream pools are
 //! per worker ([`crate::upstream`]), so a pooled connection is always driven
 //! by the reactor it is registered with.
@@ -48,6 +49,11 @@ impl Workers {
 
     pub(crate) fn count(&self) -> usize {
         self.handles.len()
+    }
+
+    /// Every worker's index and runtime.
+    pub(crate) fn handles(&self) -> impl Iterator<Item = (usize, &Handle)> {
+        self.handles.iter().enumerate()
     }
 
     /// The next worker in turn, and its index.
