@@ -1,7 +1,10 @@
 //! The request path, top to bottom:
 //!
 //! accept → tls → connection →
-//!   [handle: host → app → slot (queue) → force_https → send (retry) → respond] → log
+//!   [handle: host → app → read body → deliver:
+//!      (slot (queue, autostart) → force_https → send (retry)
+//!       → a `fly-replay`? next hop; no machine? fallback or another region)
+//!    → respond] → log
 //!
 //! One short function per step; a step that cannot go on returns a
 //! [`PathError`], and `fail()` alone turns errors into responses. Nothing
@@ -475,12 +478,12 @@ async fn route(
         None => ex.conn.want,
     };
     count_connection(edge, &ex.conn, &app.name)?;
-    let mut upgrade = headers::Upgrade::take(&mut req);
+    let upgrade = headers::Upgrade::take(&mut req);
     // A sticky session's machine first, unless the client asks otherwise.
     let pinned = sticky::of(&app, want)
         .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
     let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
-    let mut hop = Hop::first(app, want, steer);
+    let hop = Hop::first(app, want, steer);
     let req = upstream_request(req, ex, &edge.region, host)?;
     let (parts, body) = req.into_parts();
     let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
@@ -493,6 +496,21 @@ async fn route(
     if let Some(upgrade) = &upgrade {
         upgrade.ask(req.headers_mut());
     }
+    deliver(edge, ex, hop, req, upgrade, pinned.as_deref()).await
+}
+
+/// Sends the request on its first hop and on every hop after: where each
+/// `fly-replay` sends it, back to the machine that asked when a replay
+/// reaches no machine and it said so, or to another region's proxy when
+/// this one has no machine for it.
+async fn deliver(
+    edge: &Edge,
+    ex: &mut Exchange,
+    mut hop: Hop,
+    mut req: Request<UpBody>,
+    mut upgrade: Option<headers::Upgrade>,
+    pinned: Option<&str>,
+) -> Result<Response<ProxyBody>, PathError> {
     loop {
         // Kept in case the machine asks for a replay (only a body read
         // whole can be sent twice).
@@ -501,7 +519,7 @@ async fn route(
             Ok(Reply::Local(response)) => return Ok(response),
             Ok(Reply::Machine(answer)) => {
                 let Some(asked) = answer.replay() else {
-                    return respond(edge, ex, answer, upgrade.take(), pinned.as_deref());
+                    return respond(edge, ex, answer, upgrade.take(), pinned);
                 };
                 let (next, copy) = replay(edge, ex, &hop, answer, asked, copy)?;
                 hop = next;
