@@ -48,15 +48,7 @@ async fn walkthrough_serves_http_and_https_then_destroy_leaves_no_process() {
     let (status, list) = h.get("/v1/apps/hello/machines").await;
     assert_eq!(status, 200);
     assert_eq!(list.as_array().unwrap().len(), 1);
-    let metrics = h
-        .http
-        .get(format!("http://{}/metrics", h.addrs.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_at(&h.http, h.addrs.metrics).await;
     assert!(
         metrics.contains("fly_app_machines{state=\"started\"} 1"),
         "{metrics}"

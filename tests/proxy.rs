@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Hangar, WAIT, eventually};
+use common::{Answered, Hangar, WAIT, eventually};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,14 +97,7 @@ async fn get(h: &Hangar, app: &str, path: &str) -> Got {
 }
 
 async fn metrics(h: &Hangar) -> String {
-    h.http
-        .get(format!("http://{}/metrics", h.addrs.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    common::metrics_at(&h.http, h.addrs.metrics).await
 }
 
 /// The value of the series `name` (with its labels) in a metrics text.
@@ -830,13 +823,8 @@ async fn routing_headers_force_or_prefer_a_machine_or_a_region() {
                 .send()
                 .await
                 .unwrap();
-            let header = |n: &str| {
-                resp.headers()
-                    .get(n)
-                    .map(|v| v.to_str().unwrap().to_string())
-            };
-            let (machine, code) = (header("fly-machine-id"), header("fly-proxy-error"));
-            (resp.status().as_u16(), machine, code)
+            let got = Answered::of(resp).await;
+            (got.status, got.machine, got.code)
         }
     };
     for target in [&a, &b] {
@@ -1023,24 +1011,10 @@ async fn a_flycast_address_routes_only_to_its_app_and_starts_it() {
     assert_eq!(ask("private.flycast").await, (200, mine.clone()));
 }
 
-/// What a request through the proxy got, for the replay test: the status,
-/// the answering machine, the proxy's error code and the echo's JSON (or
-/// the proxy's error text as a string).
+/// What a request for app `front` got, for the replay test.
 async fn replayed(req: reqwest::RequestBuilder) -> (u16, Option<String>, Option<String>, Value) {
     let resp = req.header("host", "front.localhost").send().await.unwrap();
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .map(|v| v.to_str().unwrap().to_string())
-    };
-    let (status, machine, code) = (
-        resp.status().as_u16(),
-        header("fly-machine-id"),
-        header("fly-proxy-error"),
-    );
-    let text = resp.text().await.unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, machine, code, body)
+    Answered::of(resp).await.parts()
 }
 
 #[tokio::test]

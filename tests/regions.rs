@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Hangar, Part, WAIT};
+use common::{Answered, Hangar, Part, WAIT};
 use serde_json::Value;
 
 /// Test-sized settings, and regional catalogs: each proxy knows its own
@@ -33,23 +33,7 @@ async fn get(
         .send()
         .await
         .unwrap();
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .map(|v| v.to_str().unwrap().to_string())
-    };
-    let (status, machine, code) = (
-        resp.status().as_u16(),
-        header("fly-machine-id"),
-        header("fly-proxy-error"),
-    );
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        machine,
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    Answered::of(resp).await.parts()
 }
 
 fn machine_in(region: &str, autostart: bool) -> String {
@@ -152,15 +136,7 @@ async fn a_region_without_machines_forwards_to_the_closest_that_has_them() {
         "{body}"
     );
 
-    let metrics = h
-        .http
-        .get(format!("http://{}/metrics", h.addrs.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_at(&h.http, h.addrs.metrics).await;
     assert!(
         metrics.contains("fly_edge_http_forwarded_count 3"),
         "{metrics}"

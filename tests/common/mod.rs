@@ -268,6 +268,55 @@ impl Hangar {
     }
 }
 
+/// What a response (through the proxy, usually) carried: the status, the
+/// answering machine, the proxy's error code, and the body as JSON (the
+/// echo's) or else as a JSON string.
+pub struct Answered {
+    pub status: u16,
+    pub machine: Option<String>,
+    pub code: Option<String>,
+    pub body: Value,
+}
+
+impl Answered {
+    pub async fn of(resp: reqwest::Response) -> Self {
+        let header = |n: &str| {
+            resp.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let (status, machine, code) = (
+            resp.status().as_u16(),
+            header("fly-machine-id"),
+            header("fly-proxy-error"),
+        );
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Self {
+            status,
+            machine,
+            code,
+            body,
+        }
+    }
+
+    /// Status, machine, code and body as a tuple, for one-line asserts.
+    pub fn parts(self) -> (u16, Option<String>, Option<String>, Value) {
+        (self.status, self.machine, self.code, self.body)
+    }
+}
+
+/// The metrics text served at `metrics`.
+pub async fn metrics_at(http: &reqwest::Client, metrics: SocketAddr) -> String {
+    http.get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// One more part beside a `hangar dev` (`hangar flyd` or `hangar proxy`),
 /// sharing its data dir, on port 0; stopped with SIGTERM on drop.
 pub struct Part {
