@@ -360,7 +360,8 @@ async fn force_https_redirects_and_bad_clients_cost_only_their_connection() {
     assert!(normal.machine.is_none(), "a 301 is the proxy's own");
 
     // A slow client sends half a request head and stops: the others are
-    // served meanwhile, and the proxy closes it after header_timeout_ms.
+    // served meanwhile, and the proxy answers it 408 after
+    // header_timeout_ms and closes.
     let mut slow = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: web.local")
         .await
@@ -374,13 +375,28 @@ async fn force_https_redirects_and_bad_clients_cost_only_their_connection() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(WAIT, slow.read(&mut buf))
+    let mut answer = String::new();
+    tokio::time::timeout(WAIT, slow.read_to_string(&mut answer))
         .await
         .expect("the slow client is cut off")
-        .unwrap_or(0);
-    assert_eq!(n, 0, "closed without an answer");
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer:?}"
+    );
+    assert!(
+        answer.contains("\r\nfly-proxy-error: PE05\r\n"),
+        "{answer:?}"
+    );
     assert!(started.elapsed() >= Duration::from_millis(500));
+    // One that sends nothing is closed without a word.
+    let mut silent = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+    let mut nothing = Vec::new();
+    tokio::time::timeout(WAIT, silent.read_to_end(&mut nothing))
+        .await
+        .expect("the idle client is cut off")
+        .unwrap();
+    assert!(nothing.is_empty(), "{nothing:?}");
 
     // Garbage and oversized heads are answered by the HTTP layer.
     let mut raw = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
@@ -429,14 +445,18 @@ async fn force_https_redirects_and_bad_clients_cost_only_their_connection() {
         .unwrap();
     assert_eq!(&answer, b"HTTP/1.1 413");
 
-    // Idle keep-alive connections end the same way, so at least one.
+    // Idle keep-alive connections end the same way, so at least two.
     let text = metrics(&h).await;
     assert!(
         counter(
             &text,
             r#"fly_edge_http_connection_errors_count{reason="header_timeout"}"#
-        ) >= 1,
+        ) >= 2,
         "{text}"
+    );
+    assert_eq!(
+        counter(&text, r#"fly_edge_proxy_errors_count{code="PE05"}"#),
+        1
     );
     assert_eq!(
         counter(

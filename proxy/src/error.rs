@@ -278,6 +278,8 @@ impl PathError {
     /// the categories of Fly's (second letter: Edge, App, Routing,
     /// Connection, Upstream, Proxy-internal); `PC01`, `PU02` and `PU04`
     /// mean what they mean on Fly, the others are Hangar's own numbering.
+    /// `PE05` (a request head not whole in time, 408) is answered below
+    /// HTTP, by the connection's IO (`head_timeout`), not as a `PathError`.
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadHost(_) => "PE01",

@@ -40,6 +40,7 @@ pub mod config;
 mod conn_limit;
 mod conns;
 pub mod error;
+mod head_timeout;
 mod headers;
 pub mod metrics;
 pub mod path;
@@ -192,6 +193,7 @@ impl Proxy {
             }),
             queues,
             pins: sticky::Pins::new(),
+            header_timeout: cfg.header_timeout(),
             peers: peers::Peers::new(cfg.peers.clone()),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
@@ -234,15 +236,15 @@ impl Proxy {
 }
 
 /// The HTTP server side for clients, with the limits against bad ones: a
-/// request head must arrive whole within `header_timeout` (which also
-/// closes HTTP/1 keep-alive connections idle that long) and fit in
-/// `max_header_bytes` (else 431).
+/// request head must fit in `max_header_bytes` (else 431). The HTTP/1
+/// header timeout is the proxy's own, with a 408 (see `head_timeout`);
+/// h2 connections that stop answering pings are closed.
 fn client_server(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     let mut server = auto::Builder::new(TokioExecutor::new());
     server
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout())
+        .header_read_timeout(None)
         .max_buf_size(cfg.max_header_bytes);
     server
         .http2()

@@ -18,6 +18,7 @@ use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
 use crate::conn_limit::{AppConns, Counted};
 use crate::conns::{self, Conns};
 use crate::error::{PathError, Side};
+use crate::head_timeout::{Busy, HeadTimeout, Heads, TimedOut, Tracked};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
 use crate::peers::{FLY_FORWARDED_REGION, Peers};
@@ -77,6 +78,8 @@ pub(crate) struct Edge {
     pub released: Arc<Released>,
     /// Sticky sessions pinned by a header value.
     pub pins: Pins,
+    /// How long a client may take to send a request head (HTTP/1).
+    pub header_timeout: Duration,
     /// Other regions' proxies.
     pub peers: Peers,
 }
@@ -347,13 +350,28 @@ async fn connection(
     // Small request and response heads should not wait on Nagle.
     let _ = tcp.set_nodelay(true);
     let (listener, peer) = (conn.listener, conn.peer);
+    let heads = Arc::new(Heads::default());
     let service = hyper::service::service_fn({
-        let edge = edge.clone();
-        move |req| handle(edge.clone(), conn.clone(), req)
+        let (edge, heads) = (edge.clone(), heads.clone());
+        move |req| {
+            // In progress until its response body is done: no header
+            // timeout meanwhile.
+            let busy = Busy::new(&heads);
+            let response = handle(edge.clone(), conn.clone(), req);
+            async move {
+                let response = response.await?;
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    busy.upgraded();
+                    return Ok(response.map(|body| Tracked::new(body, None)));
+                }
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, Some(busy))))
+            }
+        }
     });
+    let timeout = edge.header_timeout;
     let served = match listener {
         Listener::Http => {
-            let io = TokioIo::new(tcp);
+            let io = TokioIo::new(HeadTimeout::new(tcp, heads.clone(), timeout, false));
             watcher
                 .watch(server.serve_connection_with_upgrades(io, service))
                 .await
@@ -362,11 +380,49 @@ async fn connection(
             let Some(tls) = tls(&edge, tcp, peer).await else {
                 return;
             };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = TokioIo::new(HeadTimeout::new(tls, heads.clone(), timeout, h2));
             watcher
-                .watch(server.serve_connection_with_upgrades(TokioIo::new(tls), service))
+                .watch(server.serve_connection_with_upgrades(io, service))
                 .await
         }
     };
+    match heads.timed_out() {
+        Some(how) => header_timeout(&edge, how, timeout, peer, listener),
+        None => connection_ended(&edge, served, peer, listener),
+    }
+}
+
+/// A connection closed at the header timeout, counted: with its `408`
+/// as a response of the proxy's own when it got one.
+fn header_timeout(
+    edge: &Edge,
+    how: TimedOut,
+    timeout: Duration,
+    peer: SocketAddr,
+    listener: Listener,
+) {
+    edge.metrics.connection_error("header_timeout");
+    if how == TimedOut::Answered {
+        edge.metrics.observe(&Observed {
+            app: "",
+            region: &edge.region,
+            status: StatusCode::REQUEST_TIMEOUT,
+            elapsed: timeout,
+            error: Some("PE05"),
+            from_machine: false,
+        });
+    }
+    tracing::debug!(%peer, listener = listener.as_str(), ?how, "no whole request head within the header timeout");
+}
+
+/// Counts and logs how a connection ended, when hyper says it failed.
+fn connection_ended(
+    edge: &Edge,
+    served: Result<(), Box<dyn std::error::Error + Send + Sync>>,
+    peer: SocketAddr,
+    listener: Listener,
+) {
     if let Err(e) = served {
         let reason = match e.downcast_ref::<hyper::Error>() {
             Some(e) if e.is_timeout() => Some("header_timeout"),
