@@ -357,7 +357,9 @@ async fn connection(
             // In progress until its response body is done: no header
             // timeout meanwhile.
             let busy = Busy::new(&heads);
-            let response = handle(edge.clone(), conn.clone(), req);
+            // Boxed: hyper keeps room for the service's future in every
+            // connection, idle ones too, and a request's is several KiB.
+            let response = Box::pin(handle(edge.clone(), conn.clone(), req));
             async move {
                 let response = response.await?;
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
