@@ -133,7 +133,7 @@ impl Autostart {
         } = self
             .flights
             .entry(CompactString::from(app))
-            .or_insert_with(|| self.launch(app, machine))
+            .or_insert_with(|| self.launch(app, machine, "no machine of the app is up"))
             .clone();
         if waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
             waiting.fetch_sub(1, Ordering::AcqRel);
@@ -157,12 +157,14 @@ impl Autostart {
     pub(crate) fn start_in_background(self: &Arc<Self>, app: &str, machine: &RouteMachine) {
         self.flights
             .entry(CompactString::from(app))
-            .or_insert_with(|| self.launch(app, machine));
+            .or_insert_with(|| {
+                self.launch(app, machine, "every running machine is past its soft limit")
+            });
     }
 
     /// Runs one start in a task of its own, so it completes (and frees the
     /// flight) even if the request that began it goes away.
-    fn launch(self: &Arc<Self>, app: &str, machine: &RouteMachine) -> Flight {
+    fn launch(self: &Arc<Self>, app: &str, machine: &RouteMachine, reason: &'static str) -> Flight {
         let (tx, rx) = watch::channel(None);
         let this = self.clone();
         let app = CompactString::from(app);
@@ -176,13 +178,13 @@ impl Autostart {
             let took = started.elapsed();
             match &outcome {
                 Ok(true) => {
-                    tracing::info!(%app, machine = %id, from = %from, ?took, "autostart: started for a request");
+                    tracing::info!(%app, machine = %id, from = %from, reason, ?took, "autostart: started for requests");
                     this.metrics.autostarts.record(true, took);
                 }
                 // Someone else had started it: not a start of ours.
                 Ok(false) => tracing::debug!(%app, machine = %id, "autostart: already starting"),
                 Err(e) => {
-                    tracing::warn!(%app, machine = %id, ?took, error = %e, "autostart failed");
+                    tracing::warn!(%app, machine = %id, reason, ?took, error = %e, "autostart failed");
                     this.metrics.autostarts.record(false, took);
                 }
             }
