@@ -826,6 +826,37 @@ async fn machines_past_their_soft_limit_get_a_stopped_one_started_beside_them() 
 }
 
 #[tokio::test]
+async fn a_machine_whose_process_died_is_started_for_the_next_request() {
+    let (_tmp, h) = start().await;
+    create_app(&h, "fragile").await;
+    let mut config = web(8080, 20, 25);
+    config["restart"] = serde_json::json!({"policy": "no"});
+    let id = machine(&h, "fragile", config).await;
+    assert_eq!(get(&h, "fragile", "/").await.status, 200);
+    // Its workload dies under it; the catalog may still show it started
+    // when the next request comes, which must not fail for that.
+    for _ in 0..3 {
+        let workloads: Vec<u32> = common::processes_mentioning(&id)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("echo"))
+            })
+            .collect();
+        assert_eq!(workloads.len(), 1, "one workload: {workloads:?}");
+        let pid = nix::unistd::Pid::from_raw(workloads[0] as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let got = get(&h, "fragile", "/").await;
+        assert_eq!(
+            (got.status, got.machine.as_deref()),
+            (200, Some(id.as_str())),
+            "{got:?}\n{}",
+            h.log()
+        );
+    }
+}
+
+#[tokio::test]
 async fn routing_headers_force_or_prefer_a_machine_or_a_region() {
     let (_tmp, h) = start().await;
     create_app(&h, "steer").await;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// How often a start in flight checks the FIB for its machine.
-const POLL: Duration = Duration::from_millis(2);
+pub(crate) const POLL: Duration = Duration::from_millis(2);
 
 /// How long a start waits before asking again when flyd says the machine
 /// cannot start yet (it is still stopping or suspending).

@@ -573,7 +573,8 @@ async fn deliver(
         // Kept in case the machine asks for a replay (only a body read
         // whole can be sent twice).
         let copy = body::copy(&req);
-        let (error, copy) = match forward(edge, ex, &hop, req, upgrade.is_some()).await {
+        let sent = forward(edge, ex, &hop, (req, copy.as_ref()), upgrade.is_some()).await;
+        let (error, copy) = match sent {
             Ok(Reply::Local(response)) => return Ok(response),
             Ok(Reply::Machine(answer)) => {
                 let Some(asked) = answer.replay() else {
@@ -646,12 +647,13 @@ impl Answer {
 
 /// Sends the request to a machine of the hop's choice; a machine that
 /// refused the connection never saw the request, which goes to another
-/// one, a bounded number of times.
+/// one, a bounded number of times. `copy` (the request, when its body was
+/// read whole) is sent again after a reused connection broke under it.
 async fn forward(
     edge: &Edge,
     ex: &mut Exchange,
     hop: &Hop,
-    mut req: Request<UpBody>,
+    (mut req, copy): (Request<UpBody>, Option<&Request<UpBody>>),
     upgrade: bool,
 ) -> Result<Reply, PathError> {
     let mut app = hop.app.routes(&edge.fib)?;
@@ -659,12 +661,7 @@ async fn forward(
     let mut last_refusal = None;
     for attempt in 1.. {
         if attempt > 1 {
-            // The refusal may be a machine going down: flyd marks it
-            // stopping before it signals it, so fresh routes know.
-            app = edge
-                .fib
-                .lookup(&app.name)
-                .ok_or_else(|| PathError::UnknownApp(app.name.to_string()))?;
+            app = after_refusal(edge, &app.name, &skip).await?;
         }
         let slot = slot(edge, &app, hop, &skip);
         let slot = match hop.timeout {
@@ -698,10 +695,54 @@ async fn forward(
                 last_refusal = Some(error);
                 req = *back;
             }
-            Err(Failure::Refused(error, _) | Failure::Failed(error)) => return Err(error),
+            // The machine may be gone (its connections all closed): a new
+            // connection tells, and a refusal is handled as above. Sent
+            // again at most `max_attempts` times in all, like refusals.
+            Err(Failure::Broken(error)) if attempt < edge.max_attempts => {
+                let Some(again) = copy.and_then(body::copy) else {
+                    return Err(error);
+                };
+                tracing::debug!(request_id = ?ex.id, %error, "the connection broke before an answer; sending again on a new one");
+                edge.metrics.retries.inc();
+                req = again;
+            }
+            Err(Failure::Refused(error, _) | Failure::Failed(error) | Failure::Broken(error)) => {
+                return Err(error);
+            }
         }
     }
     unreachable!("the attempts loop only ends by returning")
+}
+
+/// How long a request whose only machine refused it waits for the catalog
+/// to report that machine down (see [`after_refusal`]).
+const REFUSED_SETTLE: Duration = Duration::from_millis(500);
+
+/// Fresh routes after a machine (the last of `skip`) refused the
+/// connection. The refusal may be a machine going down: flyd marks it
+/// stopping before it signals it, or stopped once its process is gone, and
+/// the FIB follows within milliseconds. When no other machine could take
+/// the request, this waits up to [`REFUSED_SETTLE`] for the catalog to stop
+/// routing to the refused one, so the request starts it instead of failing.
+async fn after_refusal(
+    edge: &Edge,
+    app: &str,
+    skip: &[CompactString],
+) -> Result<Arc<AppRoutes>, PathError> {
+    let deadline = Instant::now() + REFUSED_SETTLE;
+    loop {
+        let routes = edge
+            .fib
+            .lookup(app)
+            .ok_or_else(|| PathError::UnknownApp(app.to_string()))?;
+        let candidates = routes.candidates();
+        let others = candidates.iter().any(|m| !skip.contains(&m.id));
+        let refused_up = candidates.iter().any(|m| Some(&m.id) == skip.last());
+        if others || !refused_up || Instant::now() >= deadline {
+            return Ok(routes);
+        }
+        tokio::time::sleep(autostart::POLL).await;
+    }
 }
 
 /// A machine answered with `fly-replay` (`asked`): its response is
@@ -796,7 +837,9 @@ async fn to_peer(
         Ok(Err(SendError::Connect { cause, .. })) => {
             return Err(upstream_error(&proxy, true, cause));
         }
-        Ok(Err(SendError::Exchange(cause))) => return Err(upstream_error(&proxy, false, cause)),
+        Ok(Err(SendError::Exchange(cause) | SendError::Broken(cause))) => {
+            return Err(upstream_error(&proxy, false, cause));
+        }
         Err(_) => {
             return Err(PathError::UpstreamTimeout {
                 machine: proxy.id.to_string(),
@@ -987,7 +1030,12 @@ async fn slot(
 ) -> Result<(Target, Lease), PathError> {
     let steer = hop.steer.resolve(app, &edge.region)?;
     let (want, near) = (hop.want, steer.near);
-    let allowed = |m: &RouteMachine| steer.allows(m) && !skip.contains(&m.id);
+    // A machine that refused the request is skipped, unless it has been
+    // started for it since.
+    let restarted = OnceLock::new();
+    let allowed = |m: &RouteMachine| {
+        steer.allows(m) && (!skip.contains(&m.id) || restarted.get() == Some(&m.id))
+    };
     // A machine that refused the request and is down now may be started
     // for it: autostart only picks machines the catalog shows down.
     let startable = |m: &RouteMachine| steer.allows(m);
@@ -1048,6 +1096,7 @@ async fn slot(
                 machine: machine.id.to_string(),
                 reason,
             })?;
+        let _ = restarted.set(machine.id.clone());
         started = true;
         app = edge
             .fib
@@ -1147,7 +1196,10 @@ async fn send(
             upstream_error(&machine, true, cause),
             request,
         )),
-        Ok(Err(SendError::Exchange(cause))) => {
+        Ok(Err(SendError::Broken(cause))) if method.is_idempotent() && buffered => {
+            Err(Failure::Broken(upstream_error(&machine, false, cause)))
+        }
+        Ok(Err(SendError::Exchange(cause) | SendError::Broken(cause))) => {
             let mut error = upstream_error(&machine, false, cause);
             if let PathError::Upstream { not_retried, .. } = &mut error {
                 *not_retried = why_not_retried(&method, buffered, edge.retry_body_bytes);
@@ -1165,6 +1217,10 @@ async fn send(
 enum Failure {
     /// The machine could not be connected to; the request comes back.
     Refused(PathError, Box<Request<UpBody>>),
+    /// The connection broke under a request that is safe to send again
+    /// (idempotent, body read whole) before any answer; the request is
+    /// gone, a copy may go.
+    Broken(PathError),
     /// Anything else: the request is gone.
     Failed(PathError),
 }

@@ -15,7 +15,10 @@
 //! request that loses the race with such a close is sent again on a new
 //! connection when hyper hands it back unsent, or, after a connection idle
 //! for [`STALE_AFTER`] or more, when it is idempotent and its body was read
-//! whole (a copy is kept for that case only).
+//! whole (a copy is kept for that case only). Any other connection that
+//! breaks before an answer is [`SendError::Broken`]: the machine's idle
+//! connections are dropped (a machine that went away closed them all) and
+//! the caller may send a copy again.
 //!
 //! Pools are per worker thread ([`crate::workers`]): a connection is only
 //! ever driven on the thread whose reactor it is registered with.
@@ -119,6 +122,11 @@ pub(crate) enum SendError {
     },
     /// The connection failed after the request was (maybe) written.
     Exchange(String),
+    /// The connection broke under the request with nothing answered: the
+    /// machine closed it, or went away. Its other idle connections are
+    /// dropped too; the request may go again on a new connection when
+    /// that is safe (the caller decides).
+    Broken(String),
 }
 
 impl SendError {
@@ -185,7 +193,12 @@ impl Upstreams {
                         tracing::debug!(addr = %machine.addr, cause, "a reused connection was closed under the request; sending it again");
                         req = copy;
                     }
-                    None => return Err(SendError::Exchange(cause)),
+                    None => {
+                        // Its siblings likely share its fate (a machine
+                        // that died closes them all).
+                        pool.idle.lock().clear();
+                        return Err(SendError::Broken(cause));
+                    }
                 },
             }
         }
@@ -199,7 +212,10 @@ impl Upstreams {
             Err(Failed::Unsent(_)) => Err(SendError::Exchange(
                 "the machine closed a new connection before the request was sent".into(),
             )),
-            Err(Failed::Lost(cause)) => Err(SendError::Exchange(cause)),
+            Err(Failed::Lost(cause)) => {
+                pool.idle.lock().clear();
+                Err(SendError::Broken(cause))
+            }
         }
     }
 
