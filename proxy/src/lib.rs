@@ -5,8 +5,9 @@
 //!
 //! - [`config`]: [`ProxyConfig`], listen addresses, region, limits, timeouts.
 //! - [`tls`]: the dev certificate, certificates by SNI, the rustls config.
-//! - [`path`]: the request path, top to bottom (host → app → body → slot →
-//!   send → respond → log), with every failure answered by one `fail()`.
+//! - [`path`]: the request path, top to bottom (host → app → body →
+//!   deliver: slot → send → replay, fallback or another region → respond →
+//!   log), with every failure answered by one `fail()`.
 //! - [`balance`]: which machine takes a request (limits, nearest region,
 //!   two choices on exact in-flight counts) and the lease that counts it.
 //! - [`queue`]: requests waiting for a slot while an app is at its limits.
@@ -28,7 +29,8 @@
 //!   `sticky`: sessions pinned to a machine by cookie or header; `peers`:
 //!   other regions' proxies, for requests this region has no machine for.
 //! - `headers`, `body`, `conns`, `conn_limit`: header rewriting at the hop,
-//!   the bodies at both hops, draining at shutdown, connections per app.
+//!   the bodies at both hops, draining at shutdown, connections per app;
+//!   `head_timeout`: the HTTP/1 request header timeout, with its 408.
 
 #![warn(missing_docs)]
 
