@@ -74,7 +74,8 @@ pub struct ProxyConfig {
     /// requests after being cordoned; busier than that, it is left running.
     pub autostop_drain_ms: u64,
     /// Other regions' proxies, closest first: where a request goes when
-    /// this proxy's region has no machine for it (see [`crate::peers`]).
+    /// this proxy's region has no machine for it (see proxy/DESIGN.md,
+    /// Regions).
     pub peers: Vec<Peer>,
 }
 

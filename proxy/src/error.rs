@@ -174,7 +174,7 @@ pub enum PathError {
     TooManyReplays {
         /// The machine that asked last.
         machine: String,
-        /// [`crate::replay::MAX_REPLAYS`].
+        /// At most 10 replays (`replay::MAX_REPLAYS`).
         limit: usize,
     },
     /// A machine asked for a replay of a request whose body was streamed.
