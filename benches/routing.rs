@@ -10,7 +10,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use hangar_api::machine::{Concurrency, MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
 use hangar_proxy::Listener;
-use hangar_proxy::balance::{Lease, Want, choose};
+use hangar_proxy::balance::{Lease, Near, Want, choose};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::hint::black_box;
@@ -67,12 +67,18 @@ fn routing(c: &mut Criterion) {
     let mut group = c.benchmark_group("routing/choose+lease");
     let mut rng = StdRng::seed_from_u64(7);
     let want = Want::http(Listener::Http);
+    // This proxy is in dev; ams is closer than ord.
+    let closer = ["ams".to_string(), "ord".to_string()];
+    let near = Near {
+        region: "dev",
+        closer: &closer,
+    };
     for n in [1usize, 10, 100] {
         for (label, busy) in [("under_soft", 0), ("most_past_soft", n.saturating_sub(1))] {
             let routes = app(n, busy);
             group.bench_with_input(BenchmarkId::new(label, n), &routes, |b, routes| {
                 b.iter(|| {
-                    let target = choose(routes, want, "dev", |_| false, &mut rng).unwrap();
+                    let target = choose(routes, want, near, |_| false, &mut rng).unwrap();
                     black_box(Lease::acquire(&target, None))
                 })
             });

@@ -3,8 +3,9 @@
 //! it, and waits until the catalog shows it routable.
 //!
 //! - Which machine: one with a service for the request whose `autostart` is
-//!   not off, suspended before stopped (a resume takes milliseconds), this
-//!   proxy's region before others, then by id, so concurrent requests agree.
+//!   not off, suspended before stopped (a resume takes milliseconds), the
+//!   nearest region first ([`Near`]), then by id, so concurrent requests
+//!   agree.
 //! - Single flight per app: every request that finds the app without a
 //!   machine while a start is under way waits for that start instead of
 //!   starting another. The flight ends when flyd has answered and the FIB
@@ -17,7 +18,7 @@
 //!   running machine of the app is), a stopped one is started in the
 //!   background for the requests that follow; this one does not wait.
 
-use crate::balance::{Want, service_for};
+use crate::balance::{Near, Want, service_for};
 use compact_str::CompactString;
 use dashmap::DashMap;
 use hangar_api::host::{HostCall, HostClient};
@@ -80,7 +81,7 @@ impl Drop for Waiting {
 pub(crate) fn pick<'a>(
     app: &'a AppRoutes,
     want: Want,
-    region: &str,
+    near: Near<'_>,
     allowed: impl Fn(&RouteMachine) -> bool,
 ) -> Option<&'a RouteMachine> {
     use MachineState::*;
@@ -100,7 +101,7 @@ pub(crate) fn pick<'a>(
         .min_by_key(|m| {
             let settled = matches!(m.state, Stopped | Suspended | Created);
             let suspended = matches!(m.state, Suspended | Suspending);
-            (!settled, !suspended, &*m.region != region, m.id.clone())
+            (!settled, !suspended, near.rank(&m.region), m.id.clone())
         })
 }
 

@@ -8,7 +8,8 @@
 //!
 //! 1. a machine at its hard limit is never chosen;
 //! 2. machines under their soft limit come first, in this proxy's region
-//!    before other regions;
+//!    before other regions, and other regions closest first ([`Near`]: the
+//!    order of `proxy.peers`, unlisted regions last);
 //! 3. then machines between soft and hard, again nearest first.
 //!
 //! Within the best class present, the proxy takes the less loaded of two
@@ -160,6 +161,38 @@ impl Limits {
     }
 }
 
+/// Where "near" is for a request: its region (this proxy's, or the one the
+/// client prefers) first, then `closer`, the other regions closest first;
+/// regions not listed come last.
+#[derive(Debug, Clone, Copy)]
+pub struct Near<'a> {
+    /// The nearest region.
+    pub region: &'a str,
+    /// The other regions, closest first.
+    pub closer: &'a [String],
+}
+
+impl<'a> Near<'a> {
+    /// Only `region` is near; every other region is as far as the next.
+    pub fn only(region: &'a str) -> Self {
+        Self {
+            region,
+            closer: &[],
+        }
+    }
+
+    /// A region's distance rank: 0 for the nearest, then by `closer`.
+    pub fn rank(&self, region: &str) -> u8 {
+        if region == self.region {
+            return 0;
+        }
+        self.closer
+            .iter()
+            .position(|r| r == region)
+            .map_or(u8::MAX, |i| u8::try_from(i + 1).unwrap_or(u8::MAX - 1))
+    }
+}
+
 /// Why an app has no machine for this request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoTarget {
@@ -174,13 +207,13 @@ pub enum NoTarget {
     AtCapacity,
 }
 
-/// Picks the machine for what `want` needs, from a proxy in `region`; see
-/// the module docs. Machines for which `skip` is true (say ones that just
+/// Picks the machine for what `want` needs, nearest by `near`; see the
+/// module docs. Machines for which `skip` is true (say ones that just
 /// refused a connection) are left out.
 pub fn choose(
     app: &Arc<AppRoutes>,
     want: Want,
-    region: &str,
+    near: Near<'_>,
     skip: impl Fn(&RouteMachine) -> bool,
     rng: &mut impl Rng,
 ) -> Result<Target, NoTarget> {
@@ -210,14 +243,15 @@ pub fn choose(
     };
     // Candidates are the first machines, so an index into them is also the
     // machine's. Each is (index, service, class, load); a lower class is
-    // better, and `None` means at the hard limit.
+    // better (past the soft limit in the high byte, the region's rank in
+    // the low one), and `None` means at the hard limit.
     let classify = |i: usize, m: &RouteMachine| {
         let (service, limits) = service_of(&m.services)?;
         let load = m.inflight.load(Ordering::Relaxed);
         let class = if load >= limits.hard {
             None
         } else {
-            Some(2 * u8::from(load >= limits.soft) + u8::from(&*m.region != region))
+            Some(u16::from(load >= limits.soft) << 8 | u16::from(near.rank(&m.region)))
         };
         Some((i, service, class, load))
     };
@@ -231,7 +265,7 @@ pub fn choose(
     // Two passes over a handful of machines, without allocating: the best
     // class present and how many share it, then the two random picks.
     let mut serving = false;
-    let mut best: Option<(u8, usize)> = None;
+    let mut best: Option<(u16, usize)> = None;
     for (_, _, class, _) in all() {
         serving = true;
         let Some(class) = class else { continue };
@@ -267,8 +301,8 @@ pub fn choose(
         index,
         service,
         want,
-        // Classes 2 and 3 are past the soft limit (see `classify`).
-        past_soft: class >= 2,
+        // The high byte says past the soft limit (see `classify`).
+        past_soft: class >= 1 << 8,
     })
 }
 
@@ -430,8 +464,14 @@ mod tests {
     }
 
     fn pick(routes: &Arc<AppRoutes>, rng: &mut StdRng) -> Result<String, NoTarget> {
-        choose(routes, Want::http(Listener::Http), "dev", |_| false, rng)
-            .map(|t| t.machine().id.to_string())
+        choose(
+            routes,
+            Want::http(Listener::Http),
+            Near::only("dev"),
+            |_| false,
+            rng,
+        )
+        .map(|t| t.machine().id.to_string())
     }
 
     /// How often each machine is chosen in `n` tries.
@@ -467,7 +507,7 @@ mod tests {
             let target = choose(
                 &routes,
                 Want::http(Listener::Http),
-                "dev",
+                Near::only("dev"),
                 |_| false,
                 &mut rng,
             )
@@ -490,7 +530,7 @@ mod tests {
             choose(
                 &app(vec![tcp_only, no_services]),
                 Want::http(Listener::Https),
-                "dev",
+                Near::only("dev"),
                 |_| false,
                 &mut rng
             )
@@ -606,6 +646,41 @@ mod tests {
     }
 
     #[test]
+    fn other_regions_go_closest_first() {
+        let routes = app(vec![
+            loaded("syd", "syd", 20, 25, 0),
+            loaded("ord", "ord", 20, 25, 0),
+            loaded("ams", "ams", 20, 25, 5),
+            loaded("home", "dev", 20, 25, 20),
+        ]);
+        let closer = ["ams".to_string(), "ord".to_string()];
+        let near = Near {
+            region: "dev",
+            closer: &closer,
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..20 {
+            let t = choose(
+                &routes,
+                Want::http(Listener::Http),
+                near,
+                |_| false,
+                &mut rng,
+            );
+            assert_eq!(
+                &*t.unwrap().machine().id,
+                "ams",
+                "the closest under its soft limit"
+            );
+        }
+        assert_eq!(
+            (near.rank("dev"), near.rank("ams"), near.rank("ord")),
+            (0, 1, 2)
+        );
+        assert_eq!(near.rank("syd"), u8::MAX, "unlisted: last");
+    }
+
+    #[test]
     fn skipped_machines_are_left_out() {
         let routes = app(vec![
             loaded("a", "dev", 20, 25, 0),
@@ -616,7 +691,7 @@ mod tests {
             let t = choose(
                 &routes,
                 Want::http(Listener::Http),
-                "dev",
+                Near::only("dev"),
                 |m| &*m.id == "a",
                 &mut rng,
             );
@@ -625,7 +700,7 @@ mod tests {
         let none = choose(
             &routes,
             Want::http(Listener::Http),
-            "dev",
+            Near::only("dev"),
             |_| true,
             &mut rng,
         );
@@ -638,7 +713,7 @@ mod tests {
         let target = choose(
             &routes,
             Want::http(Listener::Http),
-            "dev",
+            Near::only("dev"),
             |_| false,
             &mut StdRng::seed_from_u64(1),
         )

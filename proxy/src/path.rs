@@ -13,7 +13,7 @@
 
 use crate::autostart::{self, Autostart};
 use crate::autostop::FLY_KEEP_ALIVE_UNTIL;
-use crate::balance::{self, Lease, NoTarget, Released, Target, Want};
+use crate::balance::{self, Lease, Near, NoTarget, Released, Target, Want};
 use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
 use crate::conn_limit::{AppConns, Counted};
 use crate::conns::{self, Conns};
@@ -1029,7 +1029,11 @@ async fn slot(
     skip: &[CompactString],
 ) -> Result<(Target, Lease), PathError> {
     let steer = hop.steer.resolve(app, &edge.region)?;
-    let (want, near) = (hop.want, steer.near);
+    let want = hop.want;
+    let near = Near {
+        region: steer.near,
+        closer: edge.peers.order(),
+    };
     // A machine that refused the request is skipped, unless it has been
     // started for it since.
     let restarted = OnceLock::new();

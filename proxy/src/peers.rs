@@ -28,11 +28,20 @@ pub(crate) const FLY_FORWARDED_REGION: HeaderName = HeaderName::from_static("fly
 #[derive(Debug)]
 pub(crate) struct Peers {
     list: Vec<Peer>,
+    /// Their regions, closest first.
+    order: Vec<String>,
 }
 
 impl Peers {
     pub(crate) fn new(list: Vec<Peer>) -> Self {
-        Self { list }
+        let order = list.iter().map(|p| p.region.clone()).collect();
+        Self { list, order }
+    }
+
+    /// The other regions, closest first (the order of `proxy.peers`): also
+    /// the order in which this proxy prefers other regions' machines.
+    pub(crate) fn order(&self) -> &[String] {
+        &self.order
     }
 
     /// The peer to send a request for `app` to: `forced`'s when the client

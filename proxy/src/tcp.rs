@@ -117,17 +117,16 @@ pub(crate) async fn relay<C>(
             return;
         };
         let skip = |m: &RouteMachine| refused.contains(&m.id);
-        let attempt = |routes: &Arc<_>| match balance::choose(
-            routes,
-            want,
-            &edge.region,
-            skip,
-            &mut rand::rng(),
-        ) {
-            Ok(t) => Lease::acquire(&t, Some(&edge.released)).map(|l| Ok((t, l))),
-            Err(NoTarget::AtCapacity) => None,
-            Err(no) => Some(Err(no)),
+        let near = balance::Near {
+            region: &edge.region,
+            closer: edge.peers.order(),
         };
+        let attempt =
+            |routes: &Arc<_>| match balance::choose(routes, want, near, skip, &mut rand::rng()) {
+                Ok(t) => Lease::acquire(&t, Some(&edge.released)).map(|l| Ok((t, l))),
+                Err(NoTarget::AtCapacity) => None,
+                Err(no) => Some(Err(no)),
+            };
         let slot = match attempt(&routes) {
             Some(found) => found,
             None => match edge
