@@ -648,7 +648,7 @@ impl Answer {
 /// Sends the request to a machine of the hop's choice; a machine that
 /// refused the connection never saw the request, which goes to another
 /// one, a bounded number of times. `copy` (the request, when its body was
-/// read whole) is sent again after a reused connection broke under it.
+/// read whole) is sent again when the connection broke before any answer.
 async fn forward(
     edge: &Edge,
     ex: &mut Exchange,
@@ -661,6 +661,7 @@ async fn forward(
     let mut last_refusal = None;
     for attempt in 1.. {
         if attempt > 1 {
+            // Fresh routes: the machine tried last may be going down.
             app = after_refusal(edge, &app.name, &skip).await?;
         }
         let slot = slot(edge, &app, hop, &skip);
