@@ -517,6 +517,45 @@ async fn upgrades_become_tunnels_that_hold_a_slot_while_open() {
             .contains(r#"fly_app_concurrency{app="ws""#)
     })
     .await;
+
+    // The same over h2 (extended CONNECT, RFC 8441): a 200, then a tunnel
+    // to the machine, which saw an HTTP/1.1 upgrade.
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = |method: hyper::Method| {
+        hyper::Request::builder()
+            .method(method)
+            .uri("http://ws.localhost/chat")
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    // A plain request first, so the server's settings have arrived.
+    let plain = sender
+        .send_request(request(hyper::Method::GET))
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 200);
+    let mut connect = request(hyper::Method::CONNECT);
+    connect
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut answer = sender.send_request(connect).await.unwrap();
+    assert_eq!(answer.status(), 200, "{:?}", answer.headers());
+    assert!(answer.headers().get("upgrade").is_none());
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(&mut answer).await.unwrap());
+    tunnel.write_all(b"over h2").await.unwrap();
+    let mut back = [0u8; 7];
+    tokio::time::timeout(WAIT, tunnel.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"over h2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@ use http::header::{
     CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE, VIA,
 };
+use http::header::{SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY};
 use std::net::IpAddr;
 
 /// Headers that describe one connection, not the message, so they never
@@ -44,18 +45,26 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// An HTTP/1.1 upgrade the client asked for (`Connection: upgrade` and
-/// `Upgrade: websocket`, say): the protocol, and the client's side of the
-/// connection once hyper hands it over.
+/// An upgrade the client asked for: HTTP/1.1 `Connection: upgrade` and
+/// `Upgrade: websocket` (say), or h2's extended CONNECT with `:protocol`
+/// (RFC 8441). The protocol, and the client's side of the connection once
+/// hyper hands it over.
 pub(crate) struct Upgrade {
     pub protocol: HeaderValue,
     pub client: hyper::upgrade::OnUpgrade,
+    /// Extended CONNECT: the client is answered `200`, not `101`.
+    pub h2: bool,
 }
 
 impl Upgrade {
-    /// Takes the upgrade out of an HTTP/1.1 request that asks for one.
-    /// (h2 has no `Upgrade`; its extended CONNECT is not proxied yet.)
+    /// Takes the upgrade out of a request that asks for one. An h2
+    /// extended CONNECT becomes the HTTP/1.1 `GET` with `Upgrade` the
+    /// machine understands; for WebSocket it gets the `Sec-WebSocket-Key`
+    /// HTTP/1.1 requires (h2 has none).
     pub(crate) fn take<B>(req: &mut http::Request<B>) -> Option<Self> {
+        if req.version() == http::Version::HTTP_2 {
+            return Self::extended_connect(req);
+        }
         if req.version() != http::Version::HTTP_11 {
             return None;
         }
@@ -70,6 +79,28 @@ impl Upgrade {
         asked.then(|| Self {
             protocol,
             client: hyper::upgrade::on(req),
+            h2: false,
+        })
+    }
+
+    fn extended_connect<B>(req: &mut http::Request<B>) -> Option<Self> {
+        if req.method() != http::Method::CONNECT {
+            return None;
+        }
+        let protocol = req.extensions().get::<hyper::ext::Protocol>()?;
+        let protocol = HeaderValue::from_str(protocol.as_str()).ok()?;
+        *req.method_mut() = http::Method::GET;
+        if protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+            use base64::Engine;
+            let key: [u8; 16] = rand::random();
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            let key = HeaderValue::from_str(&key).ok()?;
+            req.headers_mut().entry(SEC_WEBSOCKET_KEY).or_insert(key);
+        }
+        Some(Self {
+            protocol,
+            client: hyper::upgrade::on(req),
+            h2: true,
         })
     }
 
@@ -77,6 +108,18 @@ impl Upgrade {
     /// hop-by-hop headers are gone by now.
     pub(crate) fn ask(&self, headers: &mut HeaderMap) {
         Self::answer(headers, self.protocol.clone());
+    }
+
+    /// The client's answer once the machine switched protocols: `101` with
+    /// the machine's headers over HTTP/1.1; `200` over h2, which has no
+    /// `Upgrade` and no WebSocket key to accept.
+    pub(crate) fn switched(&self, headers: &mut HeaderMap) -> http::StatusCode {
+        if self.h2 {
+            headers.remove(SEC_WEBSOCKET_ACCEPT);
+            return http::StatusCode::OK;
+        }
+        Self::answer(headers, self.protocol.clone());
+        http::StatusCode::SWITCHING_PROTOCOLS
     }
 
     /// `Connection: upgrade` and `Upgrade: <protocol>`.
@@ -250,6 +293,36 @@ mod tests {
         assert_eq!(h["fly-region"], "dev");
         assert_eq!(h["fly-request-id"], "01J0-dev");
         assert_eq!(h["via"], "1.1 cdn, 1.1 hangar");
+    }
+
+    #[test]
+    fn an_h2_extended_connect_becomes_an_http1_upgrade() {
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .version(http::Version::HTTP_2)
+            .uri("http://ws.localhost/chat")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let upgrade = Upgrade::take(&mut req).expect("an upgrade");
+        assert_eq!(req.method(), http::Method::GET);
+        assert_eq!(upgrade.protocol, "websocket");
+        assert_eq!(
+            req.headers()[SEC_WEBSOCKET_KEY].len(),
+            24,
+            "16 bytes, base64"
+        );
+        let mut answer = map(&[("sec-websocket-accept", "x"), ("x-kept", "1")]);
+        assert_eq!(upgrade.switched(&mut answer), http::StatusCode::OK);
+        assert_eq!(answer, map(&[("x-kept", "1")]));
+
+        let mut plain_connect = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .version(http::Version::HTTP_2)
+            .body(())
+            .unwrap();
+        assert!(Upgrade::take(&mut plain_connect).is_none(), "no :protocol");
     }
 
     #[test]

@@ -253,7 +253,9 @@ fn client_server(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(cfg.header_timeout())
-        .keep_alive_timeout(cfg.header_timeout());
+        .keep_alive_timeout(cfg.header_timeout())
+        // WebSockets over h2 (RFC 8441), proxied as HTTP/1.1 upgrades.
+        .enable_connect_protocol();
     server
 }
 

@@ -1313,7 +1313,14 @@ fn tunnel(
 ) -> Response<ProxyBody> {
     let machine_side = hyper::upgrade::on(&mut *response);
     let id = ex.id.clone();
-    let protocol = upgrade.protocol.clone();
+    let mut switched = Response::new(ProxyBody::empty());
+    let headers = switched.headers_mut();
+    for (name, value) in response.headers() {
+        headers.append(name, value.clone());
+    }
+    headers::strip_hop_by_hop(headers);
+    *switched.status_mut() = upgrade.switched(switched.headers_mut());
+    switched.headers_mut().insert(FLY_REQUEST_ID, ex.id.clone());
     tokio::spawn(async move {
         let _held = held;
         match tokio::join!(upgrade.client, machine_side) {
@@ -1331,15 +1338,6 @@ fn tunnel(
             ),
         }
     });
-    let mut switched = Response::new(ProxyBody::empty());
-    *switched.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = switched.headers_mut();
-    for (name, value) in response.headers() {
-        headers.append(name, value.clone());
-    }
-    headers::strip_hop_by_hop(headers);
-    headers::Upgrade::answer(headers, protocol);
-    headers.insert(FLY_REQUEST_ID, ex.id.clone());
     switched
 }
 
