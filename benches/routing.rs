@@ -11,6 +11,7 @@ use hangar_api::machine::{Concurrency, MachinePort, MachineService, MachineState
 use hangar_catalog::{AppRoutes, RouteMachine};
 use hangar_proxy::Listener;
 use hangar_proxy::balance::{Lease, Near, Want, choose};
+use hangar_proxy::config::Peer;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::hint::black_box;
@@ -68,7 +69,11 @@ fn routing(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(7);
     let want = Want::http(Listener::Http);
     // This proxy is in dev; ams is closer than ord.
-    let closer = ["ams".to_string(), "ord".to_string()];
+    let peer = |region: &str| Peer {
+        region: region.into(),
+        addr: ([127, 0, 0, 1], 1).into(),
+    };
+    let closer = [peer("ams"), peer("ord")];
     let near = Near {
         region: "dev",
         closer: &closer,

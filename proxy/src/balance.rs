@@ -27,6 +27,7 @@
 
 use crate::Listener;
 use crate::autostop::Activity;
+use crate::config::Peer;
 use crate::queue::Queues;
 use hangar_api::machine::{MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
@@ -162,14 +163,14 @@ impl Limits {
 }
 
 /// Where "near" is for a request: its region (this proxy's, or the one the
-/// client prefers) first, then `closer`, the other regions closest first;
-/// regions not listed come last.
+/// client prefers) first, then the regions of `closer`, the other regions'
+/// proxies closest first (`proxy.peers`); regions not listed come last.
 #[derive(Debug, Clone, Copy)]
 pub struct Near<'a> {
     /// The nearest region.
     pub region: &'a str,
-    /// The other regions, closest first.
-    pub closer: &'a [String],
+    /// The other regions' proxies, closest first.
+    pub closer: &'a [Peer],
 }
 
 impl<'a> Near<'a> {
@@ -188,7 +189,7 @@ impl<'a> Near<'a> {
         }
         self.closer
             .iter()
-            .position(|r| r == region)
+            .position(|p| p.region == region)
             .map_or(u8::MAX, |i| u8::try_from(i + 1).unwrap_or(u8::MAX - 1))
     }
 }
@@ -653,7 +654,11 @@ mod tests {
             loaded("ams", "ams", 20, 25, 5),
             loaded("home", "dev", 20, 25, 20),
         ]);
-        let closer = ["ams".to_string(), "ord".to_string()];
+        let peer = |region: &str| Peer {
+            region: region.into(),
+            addr: ([127, 0, 0, 1], 1).into(),
+        };
+        let closer = [peer("ams"), peer("ord")];
         let near = Near {
             region: "dev",
             closer: &closer,

@@ -426,10 +426,10 @@ fn connection_ended(
     listener: Listener,
 ) {
     if let Err(e) = served {
+        // Header timeouts are the proxy's own (`head_timeout`), not
+        // hyper's; resets and the like are the client's business.
         let reason = match e.downcast_ref::<hyper::Error>() {
-            Some(e) if e.is_timeout() => Some("header_timeout"),
             Some(e) if e.is_parse() => Some("bad_request"),
-            // Resets and the like: the client's business.
             _ => None,
         };
         if let Some(reason) = reason {
@@ -783,9 +783,7 @@ fn replay(
     };
     let src = replay::source(&from.id, &from.region, replay.state.as_deref());
     copy.headers_mut().insert(FLY_REPLAY_SRC, src);
-    let target = &answer.target;
-    let asker = (target.app(), from, target.want());
-    let next = hop.replay(&replay, asker, Want::http(ex.conn.listener));
+    let next = hop.replay(&replay, &answer.target, Want::http(ex.conn.listener));
     tracing::debug!(request_id = ?ex.id, %machine, replay = ?asked, "replaying");
     edge.metrics.replays.replayed.inc();
     answer.discard();
@@ -832,8 +830,24 @@ async fn to_peer(
     ex.machine = Some(proxy.id.to_string());
     tracing::debug!(request_id = ?ex.id, region = peer.region, "no machine here; forwarding to the region's proxy");
     edge.metrics.forwarded.inc();
-    let sent = edge.upstreams.send(ex.conn.worker, &proxy, req);
-    let (response, conn) = match tokio::time::timeout(edge.response_timeout, sent).await {
+    // A pooled connection the peer closed meanwhile breaks under the
+    // request: it goes once more on a new one, when that is safe.
+    let again = req
+        .method()
+        .is_idempotent()
+        .then(|| body::copy(&req))
+        .flatten();
+    let send = |req| {
+        tokio::time::timeout(
+            edge.response_timeout,
+            edge.upstreams.send(ex.conn.worker, &proxy, req),
+        )
+    };
+    let mut sent = send(req).await;
+    if let (Ok(Err(SendError::Broken(_))), Some(again)) = (&sent, again) {
+        sent = send(again).await;
+    }
+    let (response, conn) = match sent {
         Ok(Ok(exchange)) => exchange,
         Ok(Err(SendError::Connect { cause, .. })) => {
             return Err(upstream_error(&proxy, true, cause));

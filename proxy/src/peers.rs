@@ -28,20 +28,17 @@ pub(crate) const FLY_FORWARDED_REGION: HeaderName = HeaderName::from_static("fly
 #[derive(Debug)]
 pub(crate) struct Peers {
     list: Vec<Peer>,
-    /// Their regions, closest first.
-    order: Vec<String>,
 }
 
 impl Peers {
     pub(crate) fn new(list: Vec<Peer>) -> Self {
-        let order = list.iter().map(|p| p.region.clone()).collect();
-        Self { list, order }
+        Self { list }
     }
 
-    /// The other regions, closest first (the order of `proxy.peers`): also
-    /// the order in which this proxy prefers other regions' machines.
-    pub(crate) fn order(&self) -> &[String] {
-        &self.order
+    /// The peers, closest first (the order of `proxy.peers`): also the
+    /// order in which this proxy prefers other regions' machines.
+    pub(crate) fn order(&self) -> &[Peer] {
+        &self.list
     }
 
     /// The peer to send a request for `app` to: `forced`'s when the client

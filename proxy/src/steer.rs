@@ -2,7 +2,7 @@
 //! routing request headers ([`Steer::from_headers`]), and the next hop a
 //! machine's `fly-replay` asks for ([`Hop::replay`], see [`crate::replay`]).
 
-use crate::balance::Want;
+use crate::balance::{Target, Want};
 use crate::error::PathError;
 use crate::replay::{Fallback, Replay};
 use compact_str::CompactString;
@@ -103,14 +103,16 @@ impl Steer {
                 by: instance_by,
             });
         }
-        let region = match self
+        // The first listed region the app has machines in; `any`, or no
+        // list, allows every region.
+        let listed = self
             .force_regions
             .iter()
-            .find(|r| *r == "any" || app.region(r).is_some())
-        {
-            _ if self.force_regions.is_empty() => None,
-            Some(any) if any == "any" => None,
-            Some(region) => Some(region.as_str()),
+            .find(|r| *r == "any" || app.region(r).is_some());
+        let region = match listed {
+            Some(region) if region != "any" => Some(region.as_str()),
+            Some(_) => None,
+            None if self.force_regions.is_empty() => None,
             None => {
                 return Err(PathError::NotInRegion {
                     app: app.name.to_string(),
@@ -206,15 +208,10 @@ impl Hop {
         }
     }
 
-    /// The hop `replay` asks for, from machine `machine` of `app`, reached
-    /// with `want`. Another app is asked for HTTP as on `other_app`'s
-    /// listener.
-    pub(crate) fn replay(
-        &self,
-        replay: &Replay,
-        (app, machine, want): (&Arc<AppRoutes>, &RouteMachine, Want),
-        other_app: Want,
-    ) -> Self {
+    /// The hop `replay` asks for, from the machine `asker` chose. Another
+    /// app is asked for HTTP as on `other_app`'s listener.
+    pub(crate) fn replay(&self, replay: &Replay, asker: &Target, other_app: Want) -> Self {
+        let (app, machine, want) = (asker.app(), asker.machine(), asker.want());
         let same = replay.app.as_deref().is_none_or(|a| a == &*app.name);
         Self {
             app: match &replay.app {

@@ -12,13 +12,12 @@
 //!
 //! An idle connection is polled by nobody. A machine closing it is noticed at
 //! the next checkout, where one poll of its driver returns at once. A
-//! request that loses the race with such a close is sent again on a new
-//! connection when hyper hands it back unsent, or, after a connection idle
-//! for [`STALE_AFTER`] or more, when it is idempotent and its body was read
-//! whole (a copy is kept for that case only). Any other connection that
-//! breaks before an answer is [`SendError::Broken`]: the machine's idle
-//! connections are dropped (a machine that went away closed them all) and
-//! the caller may send a copy again.
+//! request that loses the race with such a close is sent again on the next
+//! connection when hyper hands it back unsent. A connection that breaks
+//! after taking the request, before an answer, is [`SendError::Broken`]:
+//! the machine's idle connections are dropped (a machine closing idle
+//! connections, or one that went away, closed them all) and the caller
+//! sends a copy again when that is safe (idempotent, body read whole).
 //!
 //! Pools are per worker thread ([`crate::workers`]): a connection is only
 //! ever driven on the thread whose reactor it is registered with.
@@ -175,11 +174,7 @@ impl Upstreams {
         mut req: Request<UpBody>,
     ) -> Result<(Response<Incoming>, Box<Conn>), SendError> {
         let pool = self.pool(worker, machine);
-        while let Some((mut conn, idle_for)) = self.checkout(&pool) {
-            // A connection idle for a while may be closing at the machine's
-            // end as the request goes out; keep a copy to send again when
-            // that is safe (see `replayable`). Busy connections skip it.
-            let copy = (idle_for > STALE_AFTER).then(|| replayable(&req)).flatten();
+        while let Some(mut conn) = self.checkout(&pool) {
             match conn.exchange(req).await {
                 Ok(response) => {
                     self.counters.reused.inc();
@@ -188,18 +183,12 @@ impl Upstreams {
                 // Closed by the machine while idle, before our request went
                 // out: try the next one.
                 Err(Failed::Unsent(back)) => req = *back,
-                Err(Failed::Lost(cause)) => match copy {
-                    Some(copy) => {
-                        tracing::debug!(addr = %machine.addr, cause, "a reused connection was closed under the request; sending it again");
-                        req = copy;
-                    }
-                    None => {
-                        // Its siblings likely share its fate (a machine
-                        // that died closes them all).
-                        pool.idle.lock().clear();
-                        return Err(SendError::Broken(cause));
-                    }
-                },
+                Err(Failed::Lost(cause)) => {
+                    // Its siblings likely share its fate (a machine closing
+                    // idle connections, or one that died, closes them all).
+                    pool.idle.lock().clear();
+                    return Err(SendError::Broken(cause));
+                }
             }
         }
         let mut conn = match self.connect(&pool).await {
@@ -262,14 +251,12 @@ impl Upstreams {
             .clone()
     }
 
-    /// The warmest idle connection that is still open and young enough,
-    /// and how long it was idle.
-    fn checkout(&self, pool: &Arc<Pool>) -> Option<(Box<Conn>, Duration)> {
+    /// The warmest idle connection that is still open and young enough.
+    fn checkout(&self, pool: &Arc<Pool>) -> Option<Box<Conn>> {
         loop {
             let Idle { mut conn, since } = pool.idle.lock().pop()?;
-            let idle_for = since.elapsed();
-            if idle_for < self.idle_timeout && conn.still_open() {
-                return Some((conn, idle_for));
+            if since.elapsed() < self.idle_timeout && conn.still_open() {
+                return Some(conn);
             }
         }
     }
@@ -380,20 +367,6 @@ impl Upstreams {
         });
         Ok(sender)
     }
-}
-
-/// How long a pooled connection may sit idle before a request sent on it
-/// keeps a copy for a second try: servers close idle keep-alive connections
-/// after seconds (Node's default is 5), never within one.
-const STALE_AFTER: Duration = Duration::from_secs(1);
-
-/// A copy of a request that is safe to send twice: an idempotent method
-/// and a body read whole ([`UpBody::Buffered`]).
-fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
-    if !req.method().is_idempotent() {
-        return None;
-    }
-    crate::body::copy(req)
 }
 
 /// Whether `machine` is still one the FIB would send requests to.
