@@ -1,8 +1,10 @@
-//! Bodies at both hops: [`ProxyBody`] for every response the proxy sends
-//! (a machine's response streamed through, or a short text the proxy wrote
-//! itself), and [`UpBody`] for every request it sends to a machine.
+//! Bodies at both hops: [`ClientBody`] for every request a client sends,
+//! [`ProxyBody`] for every response the proxy sends (a machine's response
+//! streamed through, or a short text the proxy wrote itself), and
+//! [`UpBody`] for every request it sends to a machine.
 
 use crate::balance::Lease;
+use crate::h1::body::RequestBody;
 use crate::metrics::InFlight;
 use crate::upstream::Conn;
 use bytes::Bytes;
@@ -10,6 +12,47 @@ use http::Request;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+/// An error of a body's stream, whichever kind of body.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body from a client: read by the proxy's HTTP/1 server, or by
+/// hyper's h2 one.
+#[derive(Debug)]
+pub(crate) enum ClientBody {
+    H1(RequestBody),
+    H2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Both variants are Unpin.
+        match self.get_mut() {
+            Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(body) => body.is_end_stream(),
+            Self::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(body) => body.size_hint(),
+            Self::H2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// A response body. Not boxed: the proxy has exactly two kinds.
 #[derive(Debug)]
@@ -140,7 +183,7 @@ pub(crate) enum UpBody {
     /// arrives from the client.
     Streaming {
         prefix: Option<Bytes>,
-        rest: Incoming,
+        rest: ClientBody,
     },
 }
 
@@ -178,7 +221,11 @@ pub(crate) enum ReadBody {
 /// `keep` bytes and the rest streamed. A body over `max` bytes (0: no
 /// limit) is refused before anything is sent when its length is declared
 /// or it ends within `keep`; a longer undeclared one is cut mid-stream.
-pub(crate) async fn read_body(mut body: Incoming, keep: u64, max: u64) -> Result<UpBody, ReadBody> {
+pub(crate) async fn read_body(
+    mut body: ClientBody,
+    keep: u64,
+    max: u64,
+) -> Result<UpBody, ReadBody> {
     use http_body_util::BodyExt;
     let over = |n: u64| max > 0 && n > max;
     let declared = body.size_hint().exact();
@@ -219,12 +266,12 @@ pub(crate) async fn read_body(mut body: Incoming, keep: u64, max: u64) -> Result
 
 impl Body for UpBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Streaming { prefix, rest } => match prefix.take() {

@@ -1,11 +1,12 @@
 //! The connections of one server, so shutdown can drain them with a
 //! deadline instead of leaving them to the runtime.
 
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulConnection;
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 /// How long an accept loop pauses after an accept error. Errors such as
@@ -14,12 +15,17 @@ use tokio::task::JoinSet;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What tells every HTTP connection of a server to finish: shared by all
-/// the accept loops, taken (`None`) once shutdown begins.
-pub(crate) type Graceful = Arc<Mutex<Option<GracefulShutdown>>>;
+/// the accept loops, taken (`None`) once shutdown begins. Each connection
+/// holds a [`Watcher`] until it ends, so the drain knows when all have.
+pub(crate) type Graceful = Arc<Mutex<Option<watch::Sender<bool>>>>;
+
+/// A connection's view of [`Graceful`]: turns true when the server shuts
+/// down; dropped when the connection no longer serves requests.
+pub(crate) type Watcher = watch::Receiver<bool>;
 
 /// A new [`Graceful`].
 pub(crate) fn graceful() -> Graceful {
-    Arc::new(Mutex::new(Some(GracefulShutdown::new())))
+    Arc::new(Mutex::new(Some(watch::Sender::new(false))))
 }
 
 /// Connections accepted by one accept loop: each runs in its own task,
@@ -47,7 +53,7 @@ impl Conns {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let Some(watcher) = self.graceful.lock().as_ref().map(GracefulShutdown::watcher) else {
+        let Some(watcher) = self.graceful.lock().as_ref().map(watch::Sender::subscribe) else {
             return;
         };
         match on {
@@ -82,7 +88,8 @@ pub(crate) async fn drain(
     let Some(shutdown) = graceful.lock().take() else {
         return;
     };
-    if tokio::time::timeout(deadline, shutdown.shutdown())
+    shutdown.send_replace(true);
+    if tokio::time::timeout(deadline, shutdown.closed())
         .await
         .is_ok()
     {
@@ -104,6 +111,26 @@ pub(crate) async fn drain(
     }
     for c in &mut conns {
         while c.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Runs one of hyper's connections until it ends, or until a shutdown has
+/// let its in-flight requests finish.
+pub(crate) async fn serve_until_drained<C>(conn: C, mut watcher: Watcher) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    let mut conn = std::pin::pin!(conn);
+    let stop = async {
+        // The value's guard must not live across an await.
+        let _ = watcher.wait_for(|stop| *stop).await;
+    };
+    tokio::select! {
+        result = &mut conn => result,
+        () = stop => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Header rewriting at the proxy hop: hop-by-hop headers out, proxy headers
 //! in (`Fly-*`, `X-Forwarded-*`, `Via`).
 
+use crate::h1::io::{Handover, OnUpgrade};
 use http::header::{
     CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE, VIA,
@@ -51,7 +52,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// hyper hands it over.
 pub(crate) struct Upgrade {
     pub protocol: HeaderValue,
-    pub client: hyper::upgrade::OnUpgrade,
+    pub client: OnUpgrade,
     /// Extended CONNECT: the client is answered `200`, not `101`.
     pub h2: bool,
 }
@@ -76,9 +77,11 @@ impl Upgrade {
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
         let protocol = req.headers().get(UPGRADE)?.clone();
+        // The HTTP/1 server offers the connection to requests that ask.
+        let handover = req.extensions_mut().remove::<Handover>()?;
         asked.then(|| Self {
             protocol,
-            client: hyper::upgrade::on(req),
+            client: OnUpgrade::H1(handover),
             h2: false,
         })
     }
@@ -99,7 +102,7 @@ impl Upgrade {
         }
         Some(Self {
             protocol,
-            client: hyper::upgrade::on(req),
+            client: OnUpgrade::Hyper(hyper::upgrade::on(req)),
             h2: true,
         })
     }

@@ -42,7 +42,7 @@ pub mod config;
 mod conn_limit;
 mod conns;
 pub mod error;
-mod head_timeout;
+mod h1;
 mod headers;
 pub mod metrics;
 pub mod path;
@@ -64,7 +64,6 @@ pub use metrics::{Metrics, serve_metrics};
 
 use hangar_catalog::{Fib, SecretBox};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use path::Edge;
 use queue::Queues;
 use std::fmt;
@@ -121,7 +120,8 @@ pub struct Proxy {
     https: TcpListener,
     edge: Arc<Edge>,
     workers: workers::Workers,
-    server: auto::Builder<TokioExecutor>,
+    /// The h2 server for clients that speak it; HTTP/1 is [`h1`]'s.
+    server: H2Server,
     /// The autostop loop, unless turned off.
     autostop: Option<autostop::Autostopper>,
 }
@@ -195,7 +195,10 @@ impl Proxy {
             }),
             queues,
             pins: sticky::Pins::new(),
-            header_timeout: cfg.header_timeout(),
+            h1: h1::Settings {
+                header_timeout: cfg.header_timeout(),
+                max_head: cfg.max_header_bytes,
+            },
             peers: peers::Peers::new(cfg.peers.clone()),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
@@ -237,19 +240,14 @@ impl Proxy {
     }
 }
 
-/// The HTTP server side for clients, with the limits against bad ones: a
-/// request head must fit in `max_header_bytes` (else 431). The HTTP/1
-/// header timeout is the proxy's own, with a 408 (see `head_timeout`);
-/// h2 connections that stop answering pings are closed.
-fn client_server(cfg: &ProxyConfig) -> auto::Builder<TokioExecutor> {
-    let mut server = auto::Builder::new(TokioExecutor::new());
+/// The h2 server for clients, with the limits against bad ones: a request
+/// head must fit in `max_header_bytes`, and connections that stop
+/// answering pings are closed. (HTTP/1 has the same limits in [`h1`].)
+pub(crate) type H2Server = hyper::server::conn::http2::Builder<TokioExecutor>;
+
+fn client_server(cfg: &ProxyConfig) -> H2Server {
+    let mut server = H2Server::new(TokioExecutor::new());
     server
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(cfg.max_header_bytes);
-    server
-        .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(cfg.header_timeout())

@@ -578,7 +578,7 @@ pub async fn serve_metrics(
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), service);
                 conns.spawn(None, |watcher| async move {
-                    if let Err(e) = watcher.watch(conn).await {
+                    if let Err(e) = crate::conns::serve_until_drained(conn, watcher).await {
                         tracing::debug!(error = %e, "metrics: connection ended with an error");
                     }
                 });

@@ -14,11 +14,11 @@
 use crate::autostart::{self, Autostart};
 use crate::autostop::FLY_KEEP_ALIVE_UNTIL;
 use crate::balance::{self, Lease, Near, NoTarget, Released, Target, Want};
-use crate::body::{self, Held, ProxyBody, ReadBody, UpBody};
+use crate::body::{self, ClientBody, Held, ProxyBody, ReadBody, UpBody};
 use crate::conn_limit::{AppConns, Counted};
-use crate::conns::{self, Conns};
+use crate::conns::{self, Conns, Watcher};
 use crate::error::{PathError, Side};
-use crate::head_timeout::{Busy, HeadTimeout, Heads, TimedOut, Tracked};
+use crate::h1::{self, Ended, TimedOut};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
 use crate::peers::{FLY_FORWARDED_REGION, Peers};
@@ -29,7 +29,7 @@ use crate::steer::{Hop, Steer};
 use crate::sticky::{self, Pins};
 use crate::tcp;
 use crate::upstream::{self, SendError, Upstreams};
-use crate::{Listener, Proxy};
+use crate::{H2Server, Listener, Proxy};
 use compact_str::CompactString;
 use hangar_api::machine::HttpResponseOptions;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
@@ -37,9 +37,7 @@ use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, RETRY_AFTER, SERVE
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::Watcher;
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
@@ -78,8 +76,8 @@ pub(crate) struct Edge {
     pub released: Arc<Released>,
     /// Sticky sessions pinned by a header value.
     pub pins: Pins,
-    /// How long a client may take to send a request head (HTTP/1).
-    pub header_timeout: Duration,
+    /// The limits of HTTP/1 connections (h2's are the server's).
+    pub h1: h1::Settings,
     /// Other regions' proxies.
     pub peers: Peers,
 }
@@ -193,7 +191,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
 /// connections still open, for the drain.
 async fn accept(
     edge: Arc<Edge>,
-    server: auto::Builder<TokioExecutor>,
+    server: H2Server,
     worker: usize,
     (http, https): (std::net::TcpListener, std::net::TcpListener),
     mut conns: Conns,
@@ -244,7 +242,7 @@ const FOLLOW_PORTS: Duration = Duration::from_millis(100);
 /// Hands a connection accepted on an app's address to the next worker.
 fn hand_off(
     edge: &Arc<Edge>,
-    server: &auto::Builder<TokioExecutor>,
+    server: &H2Server,
     (workers, conns): (&mut crate::workers::Workers, &mut Conns),
     tcp: TcpStream,
     peer: SocketAddr,
@@ -290,7 +288,7 @@ fn hand_off(
 /// ([`relay`]).
 async fn serve_conn(
     edge: Arc<Edge>,
-    server: auto::Builder<TokioExecutor>,
+    server: H2Server,
     (tcp, peer): (TcpStream, SocketAddr),
     listener: Listener,
     spec: Option<Spec>,
@@ -338,11 +336,11 @@ async fn relay(edge: &Edge, tcp: TcpStream, peer: SocketAddr, local: SocketAddr,
 // ---- tls → connection ----
 
 /// Serves one client connection: TLS first on the HTTPS listener, then
-/// HTTP/1.1 or h2 (prior knowledge or ALPN) until the client or a shutdown
-/// closes it.
+/// HTTP/1.1 ([`h1`]) or h2 (prior knowledge, or by ALPN; hyper's) until the
+/// client or a shutdown closes it.
 async fn connection(
     edge: Arc<Edge>,
-    server: auto::Builder<TokioExecutor>,
+    server: H2Server,
     tcp: TcpStream,
     conn: Conn,
     watcher: Watcher,
@@ -350,94 +348,86 @@ async fn connection(
     // Small request and response heads should not wait on Nagle.
     let _ = tcp.set_nodelay(true);
     let (listener, peer) = (conn.listener, conn.peer);
-    let heads = Arc::new(Heads::default());
-    let service = hyper::service::service_fn({
-        let (edge, heads) = (edge.clone(), heads.clone());
-        move |req| {
-            // In progress until its response body is done: no header
-            // timeout meanwhile.
-            let busy = Busy::new(&heads);
-            // Boxed: hyper keeps room for the service's future in every
-            // connection, idle ones too, and a request's is several KiB.
-            let response = Box::pin(handle(edge.clone(), conn.clone(), req));
-            async move {
-                let response = response.await?;
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    busy.upgraded();
-                    return Ok(response.map(|body| Tracked::new(body, None)));
-                }
-                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, Some(busy))))
-            }
-        }
-    });
-    let timeout = edge.header_timeout;
-    let served = match listener {
+    let service = {
+        let edge = edge.clone();
+        // Boxed: a request's future is several KiB, and an idle connection
+        // should not carry room for one.
+        move |req: Request<ClientBody>| Box::pin(handle(edge.clone(), conn.clone(), req))
+    };
+    let ended = match listener {
         Listener::Http => {
-            let io = TokioIo::new(HeadTimeout::new(tcp, heads.clone(), timeout, false));
-            watcher
-                .watch(server.serve_connection_with_upgrades(io, service))
-                .await
+            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::H1));
+            h1::serve(tcp, &edge.h1, true, watcher.clone(), h1).await
         }
         Listener::Https => {
             let Some(tls) = tls(&edge, tcp, peer).await else {
                 return;
             };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = TokioIo::new(HeadTimeout::new(tls, heads.clone(), timeout, h2));
-            watcher
-                .watch(server.serve_connection_with_upgrades(io, service))
-                .await
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                return h2(&edge, &server, tls, service, watcher, peer).await;
+            }
+            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::H1));
+            h1::serve(tls, &edge.h1, false, watcher.clone(), h1).await
         }
     };
-    match heads.timed_out() {
-        Some(how) => header_timeout(&edge, how, timeout, peer, listener),
-        None => connection_ended(&edge, served, peer, listener),
+    match ended {
+        Ended::H2(io) => h2(&edge, &server, io, service, watcher, peer).await,
+        Ended::TimedOut(how) => header_timeout(&edge, how, peer, listener),
+        Ended::Refused(e) => {
+            edge.metrics.connection_error("bad_request");
+            tracing::debug!(%peer, listener = listener.as_str(), reason = e.reason(), "request head refused");
+        }
+        // Clients resetting connections is ordinary, hence debug.
+        Ended::Failed(e) => {
+            tracing::debug!(%peer, listener = listener.as_str(), error = %e, "connection ended with an error");
+        }
+        Ended::Closed | Ended::Upgraded => {}
+    }
+}
+
+/// Serves h2 on a connection until the client closes it, or a shutdown
+/// has let its open streams finish.
+async fn h2<IO, S, F>(
+    edge: &Edge,
+    server: &H2Server,
+    io: IO,
+    service: S,
+    watcher: Watcher,
+    peer: SocketAddr,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Fn(Request<ClientBody>) -> F + Send + Clone + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let response = service(req.map(ClientBody::H2));
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    let served = server.serve_connection(TokioIo::new(io), service);
+    let result = conns::serve_until_drained(served, watcher).await;
+    if let Err(e) = result {
+        if e.is_parse() {
+            edge.metrics.connection_error("bad_request");
+        }
+        tracing::debug!(%peer, error = %e, "h2 connection ended with an error");
     }
 }
 
 /// A connection closed at the header timeout, counted: with its `408`
 /// as a response of the proxy's own when it got one.
-fn header_timeout(
-    edge: &Edge,
-    how: TimedOut,
-    timeout: Duration,
-    peer: SocketAddr,
-    listener: Listener,
-) {
+fn header_timeout(edge: &Edge, how: TimedOut, peer: SocketAddr, listener: Listener) {
     edge.metrics.connection_error("header_timeout");
     if how == TimedOut::Answered {
         edge.metrics.observe(&Observed {
             app: "",
             region: &edge.region,
             status: StatusCode::REQUEST_TIMEOUT,
-            elapsed: timeout,
+            elapsed: edge.h1.header_timeout,
             error: Some("PE05"),
             from_machine: false,
         });
     }
     tracing::debug!(%peer, listener = listener.as_str(), ?how, "no whole request head within the header timeout");
-}
-
-/// Counts and logs how a connection ended, when hyper says it failed.
-fn connection_ended(
-    edge: &Edge,
-    served: Result<(), Box<dyn std::error::Error + Send + Sync>>,
-    peer: SocketAddr,
-    listener: Listener,
-) {
-    if let Err(e) = served {
-        // Header timeouts are the proxy's own (`head_timeout`), not
-        // hyper's; resets and the like are the client's business.
-        let reason = match e.downcast_ref::<hyper::Error>() {
-            Some(e) if e.is_parse() => Some("bad_request"),
-            _ => None,
-        };
-        if let Some(reason) = reason {
-            edge.metrics.connection_error(reason);
-        }
-        // Clients resetting connections is ordinary, hence debug.
-        tracing::debug!(%peer, listener = listener.as_str(), error = %e, reason, "connection ended with an error");
-    }
 }
 
 /// The TLS handshake, bounded so a silent client cannot hold a task (or the
@@ -470,11 +460,7 @@ async fn tls(
 
 /// Serves one request. Never fails: every error becomes a response in
 /// [`fail`], and every request is logged and counted once in [`log`].
-async fn handle(
-    edge: Arc<Edge>,
-    conn: Conn,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+async fn handle(edge: Arc<Edge>, conn: Conn, req: Request<ClientBody>) -> Response<ProxyBody> {
     let mut ex = Exchange {
         conn,
         id: request_id(&edge.region),
@@ -485,7 +471,7 @@ async fn handle(
         from_machine: false,
         from_region: None,
     };
-    let response = match route(&edge, &mut ex, req).await {
+    match route(&edge, &mut ex, req).await {
         Ok(response) => {
             log(&edge, &ex, &response, None);
             response
@@ -495,15 +481,14 @@ async fn handle(
             log(&edge, &ex, &response, Some(&error));
             response
         }
-    };
-    Ok(response)
+    }
 }
 
 /// The steps that pick a machine and forward to it, in order.
 async fn route(
     edge: &Edge,
     ex: &mut Exchange,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<Response<ProxyBody>, PathError> {
     ex.from_region = edge.peers.forwarded(ex.conn.peer.ip(), req.headers_mut());
     if ex.from_region.is_some()
@@ -926,7 +911,7 @@ struct Host {
 /// Reads the host from the URI authority (h2, or an HTTP/1 absolute-form
 /// target, which takes precedence over `Host` per RFC 9112 section 3.2.2),
 /// else from the `Host` header.
-fn host(fib: &Fib, req: &Request<Incoming>) -> Result<Host, PathError> {
+fn host(fib: &Fib, req: &Request<ClientBody>) -> Result<Host, PathError> {
     let raw = match req.uri().authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str())
             .map_err(|_| PathError::BadHost(HostError::NotText))?,
@@ -987,11 +972,11 @@ fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError
 /// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, proxy
 /// headers added.
 fn upstream_request(
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     ex: &Exchange,
     region: &str,
     host: Host,
-) -> Result<Request<Incoming>, PathError> {
+) -> Result<Request<ClientBody>, PathError> {
     let via = match req.version() {
         Version::HTTP_2 => "2 hangar",
         Version::HTTP_10 => "1.0 hangar",
@@ -1337,9 +1322,9 @@ fn tunnel(
     switched.headers_mut().insert(FLY_REQUEST_ID, ex.id.clone());
     tokio::spawn(async move {
         let _held = held;
-        match tokio::join!(upgrade.client, machine_side) {
-            (Ok(client), Ok(machine)) => {
-                let (mut client, mut machine) = (TokioIo::new(client), TokioIo::new(machine));
+        match tokio::join!(upgrade.client.io(), machine_side) {
+            (Ok(mut client), Ok(machine)) => {
+                let mut machine = TokioIo::new(machine);
                 if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut machine).await {
                     tracing::debug!(request_id = ?id, error = %e, "tunnel ended with an error");
                 }

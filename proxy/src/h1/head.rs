@@ -1,0 +1,426 @@
+//! Request heads in ([`parse`], with httparse, header values sharing the
+//! bytes read) and response heads out ([`encode`]), with the framing rules
+//! of RFC 9112: how long a request body is, whether the connection stays
+//! open, how a response body is delimited.
+
+use super::body::Framing;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Most header fields in a request head, as hyper allows.
+const MAX_HEADERS: usize = 100;
+
+/// A parsed request head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// The body's framing; `None`: no body.
+    pub body: Option<Framing>,
+    /// The client lets the connection stay open after the response.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+    /// `Connection: upgrade` with an `Upgrade` header.
+    pub upgrade: bool,
+}
+
+/// Why a request head was refused; each is answered before closing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    /// Over the size limit or the header count: `431`.
+    TooLarge,
+    /// Not HTTP/1.x as RFC 9112 writes it: `400`, with the reason.
+    Malformed(&'static str),
+}
+
+impl HeadError {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Self::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Malformed(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge => "request head too large",
+            Self::Malformed(why) => why,
+        }
+    }
+}
+
+/// Parses a request head from the front of `buf`, taking it out of `buf`
+/// when whole; `Ok(None)` while more bytes are needed.
+pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::TooLarge);
+        }
+        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::Version) => {
+            return Err(HeadError::Malformed("unsupported HTTP version"));
+        }
+        Err(_) => return Err(HeadError::Malformed("malformed request head")),
+    };
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+        .map_err(|_| HeadError::Malformed("malformed method"))?;
+    // Where each part lies in `buf`, so they can share its bytes once it is
+    // split off (httparse borrows it until then).
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let path = at(req.path.unwrap_or_default().as_bytes());
+    let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
+    let count = req.headers.len();
+    for (field, h) in fields.iter_mut().zip(req.headers.iter()) {
+        *field = (at(h.name.as_bytes()), at(h.value));
+    }
+    let head = buf.split_to(len).freeze();
+    let slice = |(start, len): (usize, usize)| head.slice(start..start + len);
+
+    let uri = Uri::from_maybe_shared(slice(path))
+        .map_err(|_| HeadError::Malformed("malformed request target"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(name, value) in &fields[..count] {
+        let name = HeaderName::from_bytes(&head[name.0..name.0 + name.1])
+            .map_err(|_| HeadError::Malformed("malformed header name"))?;
+        let value = HeaderValue::from_maybe_shared(slice(value))
+            .map_err(|_| HeadError::Malformed("malformed header value"))?;
+        headers.append(name, value);
+    }
+    let body = framing(&headers, version)?;
+    let connection = |token: &str| has_token(&headers, header::CONNECTION, token);
+    let keep_alive = match version {
+        Version::HTTP_10 => connection("keep-alive"),
+        _ => !connection("close"),
+    };
+    let expect_continue = version == Version::HTTP_11
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && connection("upgrade");
+    Ok(Some(Head {
+        method,
+        uri,
+        version,
+        headers,
+        body,
+        keep_alive,
+        expect_continue,
+        upgrade,
+    }))
+}
+
+/// The request body's framing (RFC 9112 section 6.3). A request with both
+/// `Transfer-Encoding` and `Content-Length`, or with lengths that differ,
+/// is refused: proxies that disagree on where a body ends are how requests
+/// get smuggled.
+fn framing(headers: &HeaderMap, version: Version) -> Result<Option<Framing>, HeadError> {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Malformed(
+                "transfer-encoding in an HTTP/1.0 request",
+            ));
+        }
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(HeadError::Malformed(
+                "both transfer-encoding and content-length",
+            ));
+        }
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim);
+        return match last {
+            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Ok(Some(Framing::Chunked)),
+            _ => Err(HeadError::Malformed(
+                "transfer-encoding does not end in chunked",
+            )),
+        };
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part.trim_ascii())
+                .ok_or(HeadError::Malformed("malformed content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::Malformed("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.filter(|&n| n > 0).map(Framing::Length))
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Whether a comma-separated header lists `token`.
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delimit {
+    /// No body is sent (`HEAD`, `1xx`, `204`, `304`).
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client, length unknown).
+    Close,
+}
+
+/// Writes a response head into `dst`: the status line, the response's
+/// headers (framing and connection headers are the server's: replaced),
+/// `Date` when missing, and the framing. `exact` is the body's length when
+/// known; `keep_alive` says whether the connection stays open, and turns
+/// false when the body can only end with the connection.
+pub(crate) fn encode(
+    dst: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    exact: Option<u64>,
+    head_request: bool,
+    client: Version,
+    keep_alive: &mut bool,
+) -> Delimit {
+    dst.extend_from_slice(b"HTTP/1.1 ");
+    dst.extend_from_slice(status.as_str().as_bytes());
+    dst.push(b' ');
+    dst.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    dst.extend_from_slice(b"\r\n");
+    let mut declared = None;
+    let mut dated = false;
+    for (name, value) in headers {
+        if name == header::CONNECTION || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            match value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                Some(n) if declared.is_none() => declared = Some(n),
+                _ => continue,
+            }
+        }
+        dated |= name == header::DATE;
+        line(dst, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !dated {
+        date(|d| line(dst, b"date", d));
+    }
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let delimit = if no_body {
+        Delimit::None
+    } else if let Some(n) = declared {
+        Delimit::Length(n)
+    } else if let Some(n) = exact {
+        line(dst, b"content-length", itoa(n).as_bytes());
+        Delimit::Length(n)
+    } else if client == Version::HTTP_11 {
+        line(dst, b"transfer-encoding", b"chunked");
+        Delimit::Chunked
+    } else {
+        *keep_alive = false;
+        Delimit::Close
+    };
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        if !*keep_alive {
+            line(dst, b"connection", b"close");
+        } else if client == Version::HTTP_10 {
+            line(dst, b"connection", b"keep-alive");
+        }
+    } else {
+        line(dst, b"connection", b"upgrade");
+    }
+    dst.extend_from_slice(b"\r\n");
+    delimit
+}
+
+fn line(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    dst.extend_from_slice(name);
+    dst.extend_from_slice(b": ");
+    dst.extend_from_slice(value);
+    dst.extend_from_slice(b"\r\n");
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
+}
+
+/// The `Date` header's value for now, formatted once a second per thread.
+fn date(with: impl FnOnce(&[u8])) {
+    thread_local! {
+        static NOW: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    NOW.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now).into_bytes();
+        }
+        with(text);
+    });
+}
+
+/// A response the server writes itself (a refused head, a timeout), whole.
+pub(crate) fn local(status: StatusCode, code: &str, text: &str) -> Bytes {
+    let mut out = Vec::with_capacity(160 + text.len());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::SERVER, HeaderValue::from_static("hangar"));
+    if let Ok(code) = HeaderValue::from_str(code) {
+        headers.insert(crate::headers::FLY_PROXY_ERROR, code);
+    }
+    let mut keep_alive = false;
+    let body = format!("{text}\n");
+    encode(
+        &mut out,
+        status,
+        &headers,
+        Some(body.len() as u64),
+        false,
+        Version::HTTP_11,
+        &mut keep_alive,
+    );
+    out.extend_from_slice(body.as_bytes());
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &str) -> Result<Option<Head>, HeadError> {
+        parse(&mut BytesMut::from(raw.as_bytes()), 8192)
+    }
+
+    #[test]
+    fn a_whole_head_is_taken_and_what_follows_left() {
+        let mut buf =
+            BytesMut::from(&b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nX-A: 2\r\n\r\nrest"[..]);
+        let head = parse(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!(head.method, Method::GET);
+        assert_eq!(head.uri, "/a?b=1");
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert!(head.keep_alive && !head.upgrade && head.body.is_none());
+        assert_eq!(&buf[..], b"rest");
+    }
+
+    #[test]
+    fn partial_heads_wait_and_large_ones_are_refused() {
+        assert!(parsed("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(9000));
+        assert_eq!(parsed(&big).unwrap_err(), HeadError::TooLarge);
+    }
+
+    #[test]
+    fn body_framing_follows_rfc_9112() {
+        let framing = |extra: &str| {
+            parsed(&format!("POST / HTTP/1.1\r\nHost: x\r\n{extra}\r\n")).map(|h| h.unwrap().body)
+        };
+        assert_eq!(
+            framing("Content-Length: 5\r\n"),
+            Ok(Some(Framing::Length(5)))
+        );
+        assert_eq!(framing("Content-Length: 0\r\n"), Ok(None));
+        assert_eq!(
+            framing("Content-Length: 5, 5\r\n"),
+            Ok(Some(Framing::Length(5)))
+        );
+        assert_eq!(
+            framing("Transfer-Encoding: gzip, chunked\r\n"),
+            Ok(Some(Framing::Chunked))
+        );
+        for bad in [
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: -1\r\n",
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: gzip\r\n",
+        ] {
+            assert!(
+                matches!(framing(bad), Err(HeadError::Malformed(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_reuse_and_upgrades_follow_the_version() {
+        let head = |raw: &str| parsed(raw).unwrap().unwrap();
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(
+            head("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").upgrade
+        );
+        assert!(!head("GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").upgrade);
+    }
+
+    #[test]
+    fn response_heads_carry_the_framing_the_body_needs() {
+        let encoded = |status, exact, head, version| {
+            let mut out = Vec::new();
+            let mut keep = true;
+            let delimit = encode(
+                &mut out,
+                status,
+                &HeaderMap::new(),
+                exact,
+                head,
+                version,
+                &mut keep,
+            );
+            (String::from_utf8(out).unwrap(), delimit, keep)
+        };
+        let (text, delimit, keep) = encoded(StatusCode::OK, Some(3), false, Version::HTTP_11);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("content-length: 3\r\n"));
+        assert!(text.contains("date: ") && text.ends_with("\r\n\r\n"));
+        assert_eq!((delimit, keep), (Delimit::Length(3), true));
+        let (text, delimit, _) = encoded(StatusCode::OK, None, false, Version::HTTP_11);
+        assert!(text.contains("transfer-encoding: chunked\r\n"));
+        assert_eq!(delimit, Delimit::Chunked);
+        let (text, delimit, keep) = encoded(StatusCode::OK, None, false, Version::HTTP_10);
+        assert!(text.contains("connection: close\r\n"));
+        assert_eq!((delimit, keep), (Delimit::Close, false));
+        let (_, delimit, _) = encoded(StatusCode::OK, Some(3), true, Version::HTTP_11);
+        assert_eq!(delimit, Delimit::None);
+    }
+}

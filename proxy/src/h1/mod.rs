@@ -1,0 +1,447 @@
+//! The proxy's HTTP/1.1 server for client connections.
+//!
+//! hyper's server keeps an 8 KiB read buffer and an 8 KiB write buffer for
+//! every connection from its start to its end, idle or not, and hands each
+//! request across its dispatcher's machinery. An edge holds many idle
+//! keep-alive connections and does little per request, so here, as in
+//! nginx: a connection waiting for its next request holds no buffer at all
+//! (plain TCP waits for readability first); a request head is read into a
+//! small buffer that its header values then share ([`head::parse`]); the
+//! response head is written with the first body bytes in one write; and
+//! everything runs in the connection's one task.
+//!
+//! One request at a time, in order (pipelined requests wait in the
+//! buffer). While the request path works, the connection pumps the request
+//! body to it ([`body::Pump`]), and keeps pumping while the response goes
+//! out. The connection stays open when both sides allow it and the request
+//! body was read to its end.
+//!
+//! Also here: the header timeout (a client that started a head and did not
+//! finish it in time is answered `408` with `PE05`, as HAProxy does; one
+//! that sent nothing is closed without a word, as nginx does), refusals of
+//! malformed (`400`, `PE06`) and oversized heads (`431`, `PE07`), h2 with
+//! prior knowledge (handed back to the caller), upgrades (the connection
+//! goes to whoever takes [`io::OnUpgrade`] from the request), and graceful
+//! shutdown (idle connections close, busy ones after their response).
+
+pub(crate) mod body;
+pub(crate) mod head;
+pub(crate) mod io;
+
+use crate::ProxyBody;
+use body::{Framing, Pumped, RequestBody};
+use bytes::BytesMut;
+use head::{Delimit, Head, HeadError};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Body;
+use io::{ClientIo, Handover, Shared, Upgraded};
+use parking_lot::Mutex;
+use std::future::{Future, poll_fn};
+use std::io::Write as _;
+use std::pin::pin;
+use std::task::Poll;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Bytes read at a time while waiting for a request head.
+const HEAD_CHUNK: usize = 4096;
+/// Body frames up to this size are copied next to the head (or the chunk
+/// framing) to go out in one write; larger ones are written in place.
+const COPY_MAX: usize = 4096;
+/// The connection preface of h2 with prior knowledge (RFC 9113 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The limits a connection enforces.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// Time for a whole request head, from the start of the wait for it.
+    pub header_timeout: Duration,
+    /// Largest request head accepted.
+    pub max_head: usize,
+}
+
+/// How a connection ended.
+pub(crate) enum Ended {
+    /// Closed by the client, or by the server after a response.
+    Closed,
+    /// No whole request head within the header timeout.
+    TimedOut(TimedOut),
+    /// A request head was refused with this answer.
+    Refused(HeadError),
+    /// Switched protocols: the connection went to the request's
+    /// [`io::OnUpgrade`].
+    Upgraded,
+    /// The client speaks h2 (prior knowledge): the connection, with what
+    /// was read of it, for an h2 server.
+    H2(Upgraded),
+    /// Reading or writing failed (a reset, a body cut short).
+    Failed(String),
+}
+
+/// How a connection ended at the header timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimedOut {
+    /// Nothing of a request had come: closed without an answer.
+    Idle,
+    /// Part of a head had come: answered 408.
+    Answered,
+}
+
+/// Serves HTTP/1.1 on `io` until either side closes it. `h2c`: a client
+/// may start with h2's preface instead (plain listeners). `shutdown`
+/// turning true closes the connection once it is idle.
+pub(crate) async fn serve<IO, S, F>(
+    io: IO,
+    settings: &Settings,
+    h2c: bool,
+    mut shutdown: watch::Receiver<bool>,
+    mut service: S,
+) -> Ended
+where
+    IO: ClientIo,
+    S: FnMut(Request<RequestBody>) -> F,
+    F: Future<Output = Response<ProxyBody>>,
+{
+    let io = Mutex::new(io);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let head = match read_head(&io, &mut buf, settings, &mut shutdown, first && h2c).await {
+            Read::Head(head) => head,
+            Read::Closed => return close(io).await,
+            Read::H2 => return Ended::H2(Upgraded::new(Box::new(io.into_inner()), buf.freeze())),
+            Read::TimedOut(how) => {
+                if how == TimedOut::Answered {
+                    let answer = head::local(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "PE05",
+                        "request head not received within the header timeout",
+                    );
+                    let _ = Shared(&io).write_all(&answer).await;
+                }
+                close(io).await;
+                return Ended::TimedOut(how);
+            }
+            Read::Refused(e) => {
+                let code = match e {
+                    HeadError::Malformed(_) => "PE06",
+                    HeadError::TooLarge => "PE07",
+                };
+                let _ = Shared(&io)
+                    .write_all(&head::local(e.status(), code, e.reason()))
+                    .await;
+                close(io).await;
+                return Ended::Refused(e);
+            }
+            Read::Failed(e) => return Ended::Failed(e),
+        };
+        first = false;
+        let exchange = Exchange::new(head, &mut buf);
+        let Exchange {
+            request,
+            pump,
+            upgrade,
+            mut keep_alive,
+            head_request,
+            client,
+        } = exchange;
+        let mut pumped = pump.is_none().then_some(Pumped::Complete);
+        let response = {
+            let mut pump = pump;
+            let pumping = async {
+                match pump.as_mut() {
+                    Some(pump) => pump.run(&io, &mut buf).await,
+                    None => Pumped::Complete,
+                }
+            };
+            let mut pumping = pin!(pumping);
+            let mut responding = pin!(service(request));
+            // The request path works while the body comes in...
+            let response = loop {
+                tokio::select! {
+                    biased;
+                    response = &mut responding => break response,
+                    p = &mut pumping, if pumped.is_none() => pumped = Some(p),
+                }
+            };
+            keep_alive &= !*shutdown.borrow();
+            let (parts, body) = response.into_parts();
+            let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+            keep_alive &= !switching;
+            out.clear();
+            let delimit = head::encode(
+                &mut out,
+                parts.status,
+                &parts.headers,
+                body.size_hint().exact(),
+                head_request,
+                client,
+                &mut keep_alive,
+            );
+            // ...and the response goes out while the rest of it does.
+            let mut writing = pin!(write_response(&io, &mut out, body, delimit));
+            let written = loop {
+                tokio::select! {
+                    biased;
+                    written = &mut writing => break written,
+                    p = &mut pumping, if pumped.is_none() => pumped = Some(p),
+                }
+            };
+            // The rest of a body nobody reads is read past, briefly, so
+            // the connection can serve the next request.
+            if written.is_ok() && keep_alive && pumped.is_none() {
+                pumped = tokio::time::timeout(settings.header_timeout, pumping)
+                    .await
+                    .ok();
+            }
+            (written, switching)
+        };
+        match response {
+            (Err(e), _) => return Ended::Failed(e),
+            (Ok(()), true) => {
+                return match upgrade {
+                    Some(give) => {
+                        let io = Upgraded::new(Box::new(io.into_inner()), buf.split().freeze());
+                        let _ = give.send(io);
+                        Ended::Upgraded
+                    }
+                    None => close(io).await,
+                };
+            }
+            (Ok(()), false) => {}
+        }
+        // A request body not read to its end leaves the connection
+        // somewhere in the middle of it: not reusable.
+        if !keep_alive || pumped != Some(Pumped::Complete) {
+            return close(io).await;
+        }
+    }
+}
+
+/// One request, made from its head, and what its connection keeps about it.
+struct Exchange {
+    request: Request<RequestBody>,
+    pump: Option<body::Pump>,
+    /// Where the connection goes if the response switches protocols.
+    upgrade: Option<tokio::sync::oneshot::Sender<Upgraded>>,
+    keep_alive: bool,
+    head_request: bool,
+    client: http::Version,
+}
+
+impl Exchange {
+    fn new(head: Head, buf: &mut BytesMut) -> Self {
+        let (body, pump) = match head.body {
+            None => (RequestBody::full(None), None),
+            // Most bodies arrive with their head: no pump.
+            Some(Framing::Length(n)) if buf.len() as u64 >= n => (
+                RequestBody::full(Some(buf.split_to(n as usize).freeze())),
+                None,
+            ),
+            Some(framing) => {
+                let (body, pump) = RequestBody::streaming(framing, head.expect_continue);
+                (body, Some(pump))
+            }
+        };
+        let head_request = head.method == Method::HEAD;
+        // A CONNECT tunnel is not what this proxy offers; whatever its
+        // answer, the connection ends after it.
+        let keep_alive = head.keep_alive && head.method != Method::CONNECT;
+        let mut request = Request::new(body);
+        *request.method_mut() = head.method;
+        *request.uri_mut() = head.uri;
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers;
+        let upgrade = head.upgrade.then(|| {
+            let (give, handover) = Handover::new();
+            request.extensions_mut().insert(handover);
+            give
+        });
+        Self {
+            request,
+            pump,
+            upgrade,
+            keep_alive,
+            head_request,
+            client: head.version,
+        }
+    }
+}
+
+/// What waiting for a request head came to.
+enum Read {
+    Head(Head),
+    Closed,
+    H2,
+    TimedOut(TimedOut),
+    Refused(HeadError),
+    Failed(String),
+}
+
+/// Waits for the next request head, within the header timeout. An idle
+/// plain connection waits without a buffer; a shutdown closes it.
+async fn read_head<IO: ClientIo>(
+    io: &Mutex<IO>,
+    buf: &mut BytesMut,
+    settings: &Settings,
+    shutdown: &mut watch::Receiver<bool>,
+    h2c: bool,
+) -> Read {
+    let mut timer = pin!(tokio::time::sleep(settings.header_timeout));
+    loop {
+        let started = !buf.is_empty();
+        if started {
+            if h2c && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+                if buf.len() >= H2_PREFACE.len() {
+                    return Read::H2;
+                }
+            } else {
+                match head::parse(buf, settings.max_head) {
+                    Ok(Some(head)) => return Read::Head(head),
+                    Ok(None) => {}
+                    Err(e) => return Read::Refused(e),
+                }
+            }
+        } else {
+            if *shutdown.borrow() {
+                return Read::Closed;
+            }
+            // The previous request's head keeps its bytes; the connection
+            // lets go of its share while it waits.
+            *buf = BytesMut::new();
+        }
+        let read = async {
+            if buf.capacity() == 0 {
+                poll_fn(|cx| io.lock().poll_readable(cx)).await?;
+            }
+            buf.reserve(HEAD_CHUNK);
+            Shared(io).read_buf(buf).await
+        };
+        tokio::select! {
+            read = read => match read {
+                Ok(0) if started => return Read::Failed("the client closed mid-head".into()),
+                Ok(0) => return Read::Closed,
+                Ok(_) => {}
+                Err(e) => return Read::Failed(e.to_string()),
+            },
+            () = &mut timer => {
+                return Read::TimedOut(if started { TimedOut::Answered } else { TimedOut::Idle });
+            }
+            _ = shutdown.changed(), if !started => return Read::Closed,
+        }
+    }
+}
+
+/// Writes a response: its head (in `out`), then its body as `delimit`
+/// says, taking every frame that is ready before writing, so a small
+/// response goes out in one write.
+async fn write_response<IO: ClientIo>(
+    io: &Mutex<IO>,
+    out: &mut Vec<u8>,
+    body: ProxyBody,
+    delimit: Delimit,
+) -> Result<(), String> {
+    let mut body = pin!(body);
+    let mut left = match delimit {
+        Delimit::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut ended = delimit == Delimit::None || body.is_end_stream();
+    while !ended {
+        let next = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending if out.is_empty() => Poll::Pending,
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        let data = match next {
+            // Nothing ready now: send what there is, then wait.
+            None => {
+                send(io, out, &[]).await?;
+                continue;
+            }
+            Some(None) => break,
+            Some(Some(Err(e))) => return Err(format!("the response body failed: {e}")),
+            Some(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers do not cross: HTTP/1.1 clients rarely take them.
+                Err(_) => continue,
+            },
+        };
+        ended = body.is_end_stream();
+        if data.is_empty() {
+            continue;
+        }
+        let data = match delimit {
+            Delimit::Length(_) if data.len() as u64 > left => {
+                return Err("the response body is longer than its length".into());
+            }
+            Delimit::Length(_) => {
+                left -= data.len() as u64;
+                data
+            }
+            Delimit::Chunked => {
+                let _ = write!(out, "{:x}\r\n", data.len());
+                data
+            }
+            _ => data,
+        };
+        let tail: &[u8] = if delimit == Delimit::Chunked {
+            b"\r\n"
+        } else {
+            b""
+        };
+        if data.len() <= COPY_MAX {
+            out.extend_from_slice(&data);
+            out.extend_from_slice(tail);
+        } else {
+            send(io, out, &[&data, tail]).await?;
+        }
+    }
+    match delimit {
+        Delimit::Length(_) if left != 0 => {
+            send(io, out, &[]).await?;
+            return Err("the response body ended before its length".into());
+        }
+        Delimit::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        _ => {}
+    }
+    send(io, out, &[]).await
+}
+
+/// Writes `out` then `more`, whole, and flushes; `out` is left empty.
+async fn send<IO: ClientIo>(
+    io: &Mutex<IO>,
+    out: &mut Vec<u8>,
+    more: &[&[u8]],
+) -> Result<(), String> {
+    let mut slices = Vec::with_capacity(1 + more.len());
+    slices.push(std::io::IoSlice::new(out));
+    slices.extend(
+        more.iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| std::io::IoSlice::new(m)),
+    );
+    let mut slices = &mut slices[..];
+    let mut w = Shared(io);
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("the client stopped reading".into());
+        }
+        std::io::IoSlice::advance_slices(&mut slices, n);
+    }
+    w.flush().await.map_err(|e| e.to_string())?;
+    out.clear();
+    Ok(())
+}
+
+/// Closes the connection cleanly (TLS sends its close_notify), giving a
+/// client that does not read a bounded time.
+async fn close<IO: ClientIo>(io: Mutex<IO>) -> Ended {
+    let mut io = io.into_inner();
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+    Ended::Closed
+}
