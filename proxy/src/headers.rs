@@ -7,7 +7,6 @@ use http::header::{
     TRANSFER_ENCODING, UPGRADE, VIA,
 };
 use http::header::{SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY};
-use std::net::IpAddr;
 
 /// Headers that describe one connection, not the message, so they never
 /// cross the proxy (RFC 9110 section 7.6.1).
@@ -144,15 +143,17 @@ pub(crate) fn join_cookies(headers: &mut HeaderMap) -> Result<(), InvalidHeaderV
     Ok(())
 }
 
-/// What the proxy tells the machine about the request it forwards.
+/// What the proxy tells the machine about the request it forwards. The
+/// values are made once (per connection, per proxy) and shared.
 #[derive(Debug)]
 pub(crate) struct Forwarded<'a> {
-    pub client_ip: IpAddr,
+    /// The client's address, as text.
+    pub client_ip: &'a HeaderValue,
     /// `http` or `https`.
     pub proto: &'static str,
     /// The port the client connected to.
-    pub port: u16,
-    pub region: &'a str,
+    pub port: &'a HeaderValue,
+    pub region: &'a HeaderValue,
     pub request_id: &'a HeaderValue,
     /// This hop's `Via` entry, such as `1.1 hangar`.
     pub via: &'static str,
@@ -165,16 +166,14 @@ pub(crate) fn add_forwarded(
     headers: &mut HeaderMap,
     f: &Forwarded<'_>,
 ) -> Result<(), InvalidHeaderValue> {
-    let ip = HeaderValue::from_str(&f.client_ip.to_string())?;
-    let port = HeaderValue::from(f.port);
-    append_to_list(headers, X_FORWARDED_FOR, &ip)?;
-    headers.insert(FLY_CLIENT_IP, ip);
+    append_to_list(headers, X_FORWARDED_FOR, f.client_ip)?;
+    headers.insert(FLY_CLIENT_IP, f.client_ip.clone());
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
     let ssl = if f.proto == "https" { "on" } else { "off" };
     headers.insert(X_FORWARDED_SSL, HeaderValue::from_static(ssl));
-    headers.insert(X_FORWARDED_PORT, port.clone());
-    headers.insert(FLY_FORWARDED_PORT, port);
-    headers.insert(FLY_REGION, HeaderValue::from_str(f.region)?);
+    headers.insert(X_FORWARDED_PORT, f.port.clone());
+    headers.insert(FLY_FORWARDED_PORT, f.port.clone());
+    headers.insert(FLY_REGION, f.region.clone());
     headers.insert(FLY_REQUEST_ID, f.request_id.clone());
     append_to_list(headers, VIA, &HeaderValue::from_static(f.via))
 }
@@ -217,6 +216,10 @@ pub(crate) fn append_to_list(
     name: HeaderName,
     value: &HeaderValue,
 ) -> Result<(), InvalidHeaderValue> {
+    if !headers.contains_key(&name) {
+        headers.insert(name, value.clone());
+        return Ok(());
+    }
     let merged = join(headers.get_all(&name).iter().chain([value]), b", ");
     headers.insert(name, HeaderValue::from_bytes(&merged)?);
     Ok(())
@@ -278,10 +281,10 @@ mod tests {
         add_forwarded(
             &mut h,
             &Forwarded {
-                client_ip: "127.0.0.1".parse().unwrap(),
+                client_ip: &HeaderValue::from_static("127.0.0.1"),
                 proto: "http",
-                port: 8080,
-                region: "dev",
+                port: &HeaderValue::from(8080),
+                region: &HeaderValue::from_static("dev"),
                 request_id: &id,
                 via: "1.1 hangar",
             },

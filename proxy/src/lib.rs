@@ -186,6 +186,9 @@ impl Proxy {
             )
             .keeping(cfg.peers.iter().map(|p| p.addr)),
             region: cfg.region.clone(),
+            // `validate` keeps the region to [a-z0-9-].
+            region_value: http::HeaderValue::from_str(&cfg.region)
+                .map_err(|e| ProxyError::Config(vec![format!("proxy.region: {e}")]))?,
             metrics: metrics.edge(),
             tls,
             handshake_timeout: cfg.handshake_timeout(),

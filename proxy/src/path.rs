@@ -53,6 +53,8 @@ pub(crate) struct Edge {
     /// Keep-alive connections to machines, pooled per `private_ip:port`.
     pub upstreams: Upstreams,
     pub region: String,
+    /// `region` as a header value (`Fly-Region`).
+    pub region_value: HeaderValue,
     pub metrics: EdgeMetrics,
     pub tls: TlsAcceptor,
     pub handshake_timeout: Duration,
@@ -89,8 +91,11 @@ struct Conn {
     /// address.
     listener: Listener,
     peer: SocketAddr,
+    /// The client's address as the machine is told it (`Fly-Client-IP`,
+    /// `X-Forwarded-For`), made once per connection.
+    client_ip: HeaderValue,
     /// The port the client connected to, for `X-Forwarded-Port`.
-    local_port: u16,
+    local_port: HeaderValue,
     /// The worker thread serving the connection; see [`crate::workers`].
     worker: usize,
     /// On an app's own address: that app, whatever the Host says.
@@ -309,7 +314,9 @@ async fn serve_conn(
     let conn = Conn {
         listener,
         peer,
-        local_port: local.port(),
+        client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+        local_port: HeaderValue::from(local.port()),
         worker,
         app,
         want,
@@ -527,7 +534,7 @@ async fn route(
         .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
     let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
     let hop = Hop::first(app, want, steer);
-    let req = upstream_request(req, ex, &edge.region, host)?;
+    let req = upstream_request(req, ex, &edge.region_value, host)?;
     let (parts, body) = req.into_parts();
     let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
         .await
@@ -974,7 +981,7 @@ fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError
 fn upstream_request(
     mut req: Request<ClientBody>,
     ex: &Exchange,
-    region: &str,
+    region: &HeaderValue,
     host: Host,
 ) -> Result<Request<ClientBody>, PathError> {
     let via = match req.version() {
@@ -994,9 +1001,9 @@ fn upstream_request(
     headers::strip_hop_by_hop(headers);
     headers.insert(HOST, host.raw);
     let forwarded = Forwarded {
-        client_ip: ex.conn.peer.ip().to_canonical(),
+        client_ip: &ex.conn.client_ip,
         proto: ex.conn.listener.as_str(),
-        port: ex.conn.local_port,
+        port: &ex.conn.local_port,
         region,
         request_id: &ex.id,
         via,
@@ -1421,10 +1428,16 @@ fn fail(ex: &Exchange, error: &PathError) -> Response<ProxyBody> {
 
 /// A new request id: a ULID (time-ordered, so logs sort) and the region.
 fn request_id(region: &str) -> HeaderValue {
-    let id = format!("{}-{region}", ulid::Ulid::new());
+    let mut ulid = [0u8; ulid::ULID_LEN];
+    let ulid = ulid::Ulid::new().array_to_str(&mut ulid);
+    let mut id = bytes::BytesMut::with_capacity(ulid.len() + 1 + region.len());
+    id.extend_from_slice(ulid.as_bytes());
+    id.extend_from_slice(b"-");
+    id.extend_from_slice(region.as_bytes());
     // A ULID is base32 and `ProxyConfig::validate` keeps the region to
     // [a-z0-9-], so this cannot fail; the fallback keeps it panic-free anyway.
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid-request-id"))
+    HeaderValue::from_maybe_shared(id.freeze())
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid-request-id"))
 }
 
 // ---- host parsing ----

@@ -95,7 +95,7 @@ impl RequestBody {
         });
         let pump = Pump {
             decoder,
-            tx,
+            tx: Some(tx),
             wanted,
             discarded: None,
         };
@@ -178,7 +178,8 @@ pub(crate) enum Pumped {
 /// The connection's side of a streaming [`RequestBody`].
 pub(crate) struct Pump {
     decoder: Decoder,
-    tx: mpsc::Sender<Result<Bytes, BodyError>>,
+    /// Dropped at the body's end, which the body then sees.
+    tx: Option<mpsc::Sender<Result<Bytes, BodyError>>>,
     wanted: Option<oneshot::Receiver<()>>,
     /// Bytes read past since the body was dropped.
     discarded: Option<u64>,
@@ -209,10 +210,13 @@ impl Pump {
                 return Pumped::Cut;
             }
         }
+        let Some(tx) = self.tx.clone() else {
+            return Pumped::Complete;
+        };
         loop {
             let permit = match self.discarded {
                 Some(_) => None,
-                None => self.tx.reserve().await.ok(),
+                None => tx.reserve().await.ok(),
             };
             if permit.is_none() && self.discarded.is_none() {
                 self.discarded = Some(0);
@@ -229,9 +233,7 @@ impl Pump {
                     (None, None) => unreachable!("discarding once the body is gone"),
                 },
                 Ok(Step::Done) => {
-                    // The body ends when the sender goes.
-                    drop(permit);
-                    self.tx = mpsc::channel(1).0;
+                    self.tx = None;
                     return Pumped::Complete;
                 }
                 Ok(Step::NeedMore) => {
@@ -239,7 +241,7 @@ impl Pump {
                     buf.reserve(READ_CHUNK);
                     match Shared(io).read_buf(buf).await {
                         Ok(0) | Err(_) => {
-                            let _ = self.tx.try_send(Err(BodyError(
+                            let _ = tx.try_send(Err(BodyError(
                                 "the client closed the connection mid-body",
                             )));
                             return Pumped::Cut;
