@@ -44,8 +44,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-/// Bytes read at a time while waiting for a request head.
-const HEAD_CHUNK: usize = 4096;
+/// Bytes read at a time while waiting for a request head: hyper's size, so
+/// a small body usually comes along with its head.
+const HEAD_CHUNK: usize = 8192;
 /// Body frames up to this size are copied next to the head (or the chunk
 /// framing) to go out in one write; larger ones are written in place.
 const COPY_MAX: usize = 4096;
@@ -446,4 +447,153 @@ async fn close<IO: ClientIo>(io: Mutex<IO>) -> Ended {
     let mut io = io.into_inner();
     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
     Ended::Closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Serves one connection with a service that answers each request with
+    /// its method, path and body length, reading the body unless the path
+    /// is `/early`. Returns the client's side.
+    async fn served(header_timeout: Duration) -> (TcpStream, tokio::task::JoinHandle<Ended>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (tcp, _) = accepted.unwrap();
+        let settings = Settings {
+            header_timeout,
+            max_head: 8192,
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let server = tokio::spawn(async move {
+            let _stop = _stop;
+            serve(
+                tcp,
+                &settings,
+                false,
+                shutdown,
+                |req: Request<RequestBody>| async move {
+                    let line = format!("{} {}", req.method(), req.uri().path());
+                    let early = req.uri().path() == "/early";
+                    let read = if early {
+                        0
+                    } else {
+                        req.into_body().collect().await.unwrap().to_bytes().len()
+                    };
+                    Response::new(ProxyBody::local(format!("{line} {read}")))
+                },
+            )
+            .await
+        });
+        (client.unwrap(), server)
+    }
+
+    /// Reads until `n` responses have come whole (each ends with its body,
+    /// whose length the head gives).
+    async fn responses(client: &mut TcpStream, n: usize) -> Vec<String> {
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        let mut found = Vec::new();
+        while found.len() < n {
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            assert!(read > 0, "closed after {found:?}, with {text:?}");
+            text.push_str(std::str::from_utf8(&buf[..read]).unwrap());
+            while let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |n| n.parse().unwrap());
+                if text.len() < end + 4 + len {
+                    break;
+                }
+                found.push(text[end + 4..end + 4 + len].to_string());
+                text.drain(..end + 4 + len);
+            }
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+        let (mut client, _server) = served(Duration::from_secs(5)).await;
+        client
+            .write_all(
+                b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+                  GET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+                  POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nwxyz",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            responses(&mut client, 3).await,
+            ["POST /a 5", "GET /b 0", "POST /c 4"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_answered_before_it_is_read_is_read_past() {
+        let (mut client, _server) = served(Duration::from_secs(5)).await;
+        let head = b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n";
+        client.write_all(head).await.unwrap();
+        assert_eq!(responses(&mut client, 1).await, ["POST /early 0"]);
+        client.write_all(&vec![b'x'; 100_000]).await.unwrap();
+        client
+            .write_all(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(responses(&mut client, 1).await, ["GET /next 0"]);
+    }
+
+    #[tokio::test]
+    async fn a_head_not_whole_in_time_gets_408_and_silence_just_closes() {
+        let (mut client, server) = served(Duration::from_millis(100)).await;
+        client.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{answer}"
+        );
+        assert!(answer.contains("fly-proxy-error: PE05\r\n"), "{answer}");
+        assert!(matches!(
+            server.await.unwrap(),
+            Ended::TimedOut(TimedOut::Answered)
+        ));
+
+        let (mut client, server) = served(Duration::from_millis(100)).await;
+        let mut nothing = Vec::new();
+        client.read_to_end(&mut nothing).await.unwrap();
+        assert!(nothing.is_empty());
+        assert!(matches!(
+            server.await.unwrap(),
+            Ended::TimedOut(TimedOut::Idle)
+        ));
+    }
+
+    #[tokio::test]
+    async fn malformed_and_smuggling_heads_are_refused_with_400() {
+        for raw in [
+            &b"NOT HTTP\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            let (mut client, server) = served(Duration::from_secs(5)).await;
+            client.write_all(raw).await.unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).await.unwrap();
+            assert!(
+                answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{answer}"
+            );
+            assert!(answer.contains("fly-proxy-error: PE06\r\n"), "{answer}");
+            assert!(matches!(server.await.unwrap(), Ended::Refused(_)));
+        }
+    }
 }
