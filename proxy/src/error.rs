@@ -278,8 +278,9 @@ impl PathError {
     /// the categories of Fly's (second letter: Edge, App, Routing,
     /// Connection, Upstream, Proxy-internal); `PC01`, `PU02` and `PU04`
     /// mean what they mean on Fly, the others are Hangar's own numbering.
-    /// `PE05` (a request head not whole in time, 408) is answered below
-    /// HTTP, by the connection's IO (`head_timeout`), not as a `PathError`.
+    /// `PE05` (a request head not whole in time, 408), `PE06` (a malformed
+    /// head, 400) and `PE07` (a head too large, 431) are answered by the
+    /// HTTP/1 server (`h1`), before there is a request to route.
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadHost(_) => "PE01",

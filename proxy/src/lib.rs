@@ -28,9 +28,11 @@
 //!   answers sending a request on to another region, machine or app;
 //!   `sticky`: sessions pinned to a machine by cookie or header; `peers`:
 //!   other regions' proxies, for requests this region has no machine for.
+//! - `h1`: the HTTP/1.1 server for client connections (no buffers while
+//!   idle, the header timeout with its 408, request bodies, upgrades); h2
+//!   clients get hyper's server.
 //! - `headers`, `body`, `conns`, `conn_limit`: header rewriting at the hop,
-//!   the bodies at both hops, draining at shutdown, connections per app;
-//!   `head_timeout`: the HTTP/1 request header timeout, with its 408.
+//!   the bodies at both hops, draining at shutdown, connections per app.
 
 #![warn(missing_docs)]
 
