@@ -6,7 +6,7 @@
 use crate::balance::Lease;
 use crate::h1::body::RequestBody;
 use crate::metrics::InFlight;
-use crate::upstream::Conn;
+use crate::upstream::MachineBody;
 use bytes::Bytes;
 use http::Request;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -62,17 +62,13 @@ pub struct ProxyBody(Kind);
 enum Kind {
     /// Text from the proxy; `None` once sent.
     Local(Option<Bytes>),
-    /// A machine's body. `held` keeps the request counted as in flight (its
-    /// machine lease and the in-flight gauge) until the body ends or the
-    /// client goes away, whichever comes first.
-    ///
-    /// `conn` is the connection the body arrives on, when this task drives
-    /// it: polling the body polls it too, and it goes back to the pool once
-    /// the body has ended.
+    /// A machine's body (which holds its connection, see
+    /// [`crate::upstream`]). `held` keeps the request counted as in flight
+    /// (its machine lease and the in-flight gauge) until the body ends or
+    /// the client goes away, whichever comes first.
     Upstream {
-        body: Incoming,
+        body: MachineBody,
         held: Option<Held>,
-        conn: Option<Box<Conn>>,
     },
 }
 
@@ -92,11 +88,10 @@ impl ProxyBody {
 
     /// A machine's body, streamed through. `held` is dropped when the body
     /// ends, fails, or is dropped unfinished.
-    pub(crate) fn upstream(body: Incoming, held: Held, conn: Option<Box<Conn>>) -> Self {
+    pub(crate) fn upstream(body: MachineBody, held: Held) -> Self {
         Self(Kind::Upstream {
             body,
             held: Some(held),
-            conn,
         })
     }
 
@@ -106,52 +101,28 @@ impl ProxyBody {
     }
 }
 
-impl Drop for ProxyBody {
-    /// A body that ended without being polled to its end (hyper does not
-    /// poll an empty one) still returns its connection.
-    fn drop(&mut self) {
-        if let Kind::Upstream { body, conn, .. } = &mut self.0
-            && body.is_end_stream()
-            && let Some(conn) = conn.take()
-        {
-            conn.release();
-        }
-    }
-}
-
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // Both variants are Unpin (`Incoming` is), so no pin projection.
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Both variants are Unpin, so no pin projection.
         match &mut self.get_mut().0 {
             Kind::Local(text) => Poll::Ready(text.take().map(|t| Ok(Frame::data(t)))),
-            Kind::Upstream { body, held, conn } => {
-                // The connection moves the body's bytes; it is this task's
-                // to drive (see `upstream`).
-                if let Some(c) = conn {
-                    let _ = c.poll_drive(cx);
-                }
+            Kind::Upstream { body, held } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
-                // Release as soon as the exchange is over, not when hyper
-                // gets around to dropping the body.
-                let (over, complete) = match &polled {
-                    Poll::Ready(None) => (true, true),
-                    Poll::Ready(Some(Err(_))) => (true, false),
-                    Poll::Ready(Some(Ok(_))) => (body.is_end_stream(), body.is_end_stream()),
-                    Poll::Pending => (false, false),
+                // Let go as soon as the exchange is over, not when the
+                // body gets dropped.
+                let over = match &polled {
+                    Poll::Ready(None | Some(Err(_))) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    Poll::Pending => false,
                 };
                 if over {
                     held.take();
-                    // A broken exchange closes its connection.
-                    let conn = conn.take();
-                    if complete && let Some(conn) = conn {
-                        conn.release();
-                    }
                 }
                 polled
             }

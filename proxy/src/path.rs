@@ -28,7 +28,7 @@ use crate::replay::{self, FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC, MAX_REP
 use crate::steer::{Hop, Steer};
 use crate::sticky::{self, Pins};
 use crate::tcp;
-use crate::upstream::{self, SendError, Upstreams};
+use crate::upstream::{self, MachineBody, SendError, Upstreams};
 use crate::{H2Server, Listener, Proxy};
 use compact_str::CompactString;
 use hangar_api::machine::HttpResponseOptions;
@@ -608,23 +608,20 @@ enum Reply {
     Machine(Answer),
 }
 
-/// A machine's response head, with the slot and connection it holds.
+/// A machine's response head, with the slot it holds (its body holds
+/// the connection).
 struct Answer {
     target: Target,
     lease: Lease,
-    response: Response<Incoming>,
-    conn: Option<Box<upstream::Conn>>,
+    response: Response<MachineBody>,
 }
 
 impl Answer {
-    /// Drops a response the client will not see. An empty body leaves the
-    /// connection ready for the next request; otherwise it is closed.
+    /// Drops a response the client will not see. An empty body has left
+    /// its connection ready for the next request already; otherwise the
+    /// connection closes with it.
     fn discard(self) {
-        if hyper::body::Body::is_end_stream(self.response.body())
-            && let Some(conn) = self.conn
-        {
-            conn.release();
-        }
+        drop(self.response);
     }
 
     /// The machine's `fly-replay`, if it asks for one (a switch of
@@ -673,12 +670,11 @@ async fn forward(
             return Ok(Reply::Local(redirect));
         }
         match send(edge, ex, &target, req, upgrade).await {
-            Ok((response, conn)) => {
+            Ok(response) => {
                 return Ok(Reply::Machine(Answer {
                     target,
                     lease,
                     response,
-                    conn,
                 }));
             }
             Err(Failure::Refused(error, back)) if attempt < edge.max_attempts => {
@@ -839,8 +835,8 @@ async fn to_peer(
     if let (Ok(Err(SendError::Broken(_))), Some(again)) = (&sent, again) {
         sent = send(again).await;
     }
-    let (response, conn) = match sent {
-        Ok(Ok(exchange)) => exchange,
+    let response = match sent {
+        Ok(Ok(response)) => response,
         Ok(Err(SendError::Connect { cause, .. })) => {
             return Err(upstream_error(&proxy, true, cause));
         }
@@ -859,7 +855,7 @@ async fn to_peer(
         _in_flight: ex.in_flight.take(),
     };
     ex.from_machine = true;
-    downstream_response(response, ex, held, Some(conn), None)
+    downstream_response(response, ex, held, None)
 }
 
 /// The machine's response for the client: a tunnel after `101`, else the
@@ -878,7 +874,6 @@ fn respond(
         target,
         lease,
         mut response,
-        conn,
     } = answer;
     let machine = &target.machine().id;
     if let Some(until) = response.headers_mut().remove(FLY_KEEP_ALIVE_UNTIL) {
@@ -902,7 +897,7 @@ fn respond(
     let options = target
         .port()
         .and_then(|p| p.http_options.as_ref()?.response.as_ref());
-    downstream_response(response, ex, held, conn, options)
+    downstream_response(response, ex, held, options)
 }
 
 /// The host a request is for, and the app it names.
@@ -1173,7 +1168,7 @@ async fn send(
     target: &Target,
     req: Request<UpBody>,
     upgrade: bool,
-) -> Result<(Response<Incoming>, Option<Box<upstream::Conn>>), Failure> {
+) -> Result<Response<MachineBody>, Failure> {
     let m = target.machine();
     let machine = upstream::Machine {
         addr: SocketAddr::new(m.private_ip, target.internal_port()),
@@ -1190,15 +1185,16 @@ async fn send(
         == Some(true);
     let sent = async {
         if upgrade {
-            let response = edge.upstreams.send_upgrade(ex.conn.worker, &machine, req);
-            response.await.map(|r| (r, None))
+            let response = edge
+                .upstreams
+                .send_unpooled(ex.conn.worker, &machine, req, true);
+            response.await
         } else if h2 {
             let req = for_h2(req, machine.addr);
             let response = edge.upstreams.send_h2(ex.conn.worker, &machine, req);
-            response.await.map(|r| (r, None))
+            response.await
         } else {
-            let exchange = edge.upstreams.send(ex.conn.worker, &machine, req).await;
-            exchange.map(|(r, conn)| (r, Some(conn)))
+            edge.upstreams.send(ex.conn.worker, &machine, req).await
         }
     };
     match tokio::time::timeout(edge.response_timeout, sent).await {
@@ -1283,13 +1279,12 @@ fn why_not_retried(method: &http::Method, buffered: bool, keep: u64) -> Option<S
 /// responses), the port's own response headers applied, body streamed
 /// through holding `held`.
 fn downstream_response(
-    response: Response<Incoming>,
+    response: Response<MachineBody>,
     ex: &Exchange,
     held: Held,
-    conn: Option<Box<upstream::Conn>>,
     options: Option<&HttpResponseOptions>,
 ) -> Result<Response<ProxyBody>, PathError> {
-    let mut response = response.map(|body| ProxyBody::upstream(body, held, conn));
+    let mut response = response.map(|body| ProxyBody::upstream(body, held));
     // The client's connection decides its own version; hyper frames it.
     *response.version_mut() = Version::HTTP_11;
     let headers = response.headers_mut();
@@ -1313,7 +1308,7 @@ fn downstream_response(
 /// tunnel counts against the machine's limits while it is open).
 fn tunnel(
     upgrade: headers::Upgrade,
-    response: &mut Response<Incoming>,
+    response: &mut Response<MachineBody>,
     held: Held,
     ex: &Exchange,
 ) -> Response<ProxyBody> {

@@ -1,29 +1,33 @@
 //! Connections to machines: HTTP/1.1 keep-alive, pooled per machine address,
-//! and driven by the task of the request that uses them.
+//! and used by the task of the request that holds them.
 //!
-//! hyper's pooled client runs every upstream connection in a task of its own
-//! and hands each request to it over a channel, and the response back: extra
-//! task wake-ups per request, often across threads. Here a connection's state
-//! machine (hyper's client `Connection` future) travels with the request
-//! instead. The request's future polls it while waiting for the response
-//! head, the response body ([`crate::ProxyBody`]) polls it while streaming,
-//! and when the body has ended the connection goes back to its machine's idle
-//! list. So one request is served by one task, the client's connection task.
+//! A pooled connection is a socket and the proxy's own HTTP/1.1 client
+//! ([`crate::h1::client`]): the request head (and its body, read whole) is
+//! written straight from the request in one write, the response head read
+//! and parsed in the request's task, and the response body
+//! ([`MachineBody::Pooled`]) reads the rest from the socket itself as the
+//! client's connection asks for it. When the body has ended the connection
+//! goes back to its machine's idle list. So one request is served by one
+//! task with no channel, no connection task and no wake-up in between.
 //!
-//! An idle connection is polled by nobody. A machine closing it is noticed at
-//! the next checkout, where one poll of its driver returns at once. A
-//! request that loses the race with such a close is sent again on the next
-//! connection when hyper hands it back unsent. A connection that breaks
-//! after taking the request, before an answer, is [`SendError::Broken`]:
-//! the machine's idle connections are dropped (a machine closing idle
-//! connections, or one that went away, closed them all) and the caller
-//! sends a copy again when that is safe (idempotent, body read whole).
+//! An idle connection is polled by nobody. A machine closing it is noticed
+//! at the next checkout (readiness, then a read). A request that finds a
+//! connection closed before anything of it was written goes on the next
+//! connection. A connection that breaks after taking the request, before an
+//! answer, is [`SendError::Broken`]: the machine's idle connections are
+//! dropped (a machine closing idle connections, or one that went away,
+//! closed them all) and the caller sends a copy again when that is safe
+//! (idempotent, body read whole).
+//!
+//! Requests whose body streams (over `retry_body_bytes`) and upgrades go on
+//! a new connection of their own through hyper's client, never pooled: the
+//! machine may answer before the body is sent, which needs reading and
+//! writing at once. A port with `http_options.h2_backend` gets h2 (hyper's):
+//! one multiplexed connection per machine and worker, driven by a task of
+//! its own.
 //!
 //! Pools are per worker thread ([`crate::workers`]): a connection is only
-//! ever driven on the thread whose reactor it is registered with.
-//!
-//! A port with `http_options.h2_backend` gets h2 instead: one multiplexed
-//! connection per machine and worker, driven by a task of its own.
+//! ever used on the thread whose reactor it is registered with.
 //!
 //! Bounds: at most `max_idle` idle connections per machine and worker, each
 //! idle at most `idle_timeout`. Open connections per machine are those idle
@@ -31,23 +35,28 @@
 //! [`SWEEP_EVERY`] drops expired idle connections and closes the pools of
 //! machines that are no longer routable (stopped, destroyed, cordoned).
 
-use crate::body::UpBody;
+use crate::body::{BoxError, UpBody};
+use crate::h1;
+use crate::h1::body::{Decoder, Step};
 use crate::metrics::UpstreamCounters;
+use bytes::{Bytes, BytesMut};
 use compact_str::CompactString;
 use dashmap::DashMap;
 use hangar_catalog::FibSnapshot;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::client::conn::http1;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
-use std::future::{Future, poll_fn};
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// How often idle connections are checked for age and for their machine
@@ -92,20 +101,19 @@ struct Idle {
     since: Instant,
 }
 
-/// One connection to a machine, ready for a request or carrying one.
+/// One connection to a machine, idle or carrying one exchange.
 pub(crate) struct Conn {
-    sender: SendRequest<UpBody>,
-    driver: Connection<TokioIo<TcpStream>, UpBody>,
-    /// The driver has returned: the connection is closed or broken, and must
-    /// not be polled again.
-    done: bool,
+    io: TcpStream,
+    /// Bytes read from the machine and not used yet: the rest of a
+    /// response being read; empty between exchanges.
+    buf: BytesMut,
     pool: Weak<Pool>,
 }
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("done", &self.done)
+            .field("buffered", &self.buf.len())
             .finish_non_exhaustive()
     }
 }
@@ -165,20 +173,23 @@ impl Upstreams {
     }
 
     /// Sends `req` to `machine` on an idle connection of `worker`'s, or a
-    /// new one, and returns the response head with the connection, which the
-    /// response body must keep driving (see [`Conn::poll_drive`]).
+    /// new one, and returns the response, whose body reads the rest from the
+    /// connection and returns it to the pool at its end.
     pub(crate) async fn send(
         &self,
         worker: usize,
         machine: &Machine,
         mut req: Request<UpBody>,
-    ) -> Result<(Response<Incoming>, Box<Conn>), SendError> {
+    ) -> Result<Response<MachineBody>, SendError> {
+        if matches!(req.body(), UpBody::Streaming { .. }) {
+            return self.send_unpooled(worker, machine, req, false).await;
+        }
         let pool = self.pool(worker, machine);
-        while let Some(mut conn) = self.checkout(&pool) {
+        while let Some(conn) = self.checkout(&pool) {
             match conn.exchange(req).await {
                 Ok(response) => {
                     self.counters.reused.inc();
-                    return Ok((response, conn));
+                    return Ok(response);
                 }
                 // Closed by the machine while idle, before our request went
                 // out: try the next one.
@@ -189,15 +200,16 @@ impl Upstreams {
                     pool.idle.lock().clear();
                     return Err(SendError::Broken(cause));
                 }
+                Err(Failed::Bad(cause)) => return Err(SendError::Exchange(cause)),
             }
         }
-        let mut conn = match self.connect(&pool).await {
+        let conn = match self.connect(&pool).await {
             Ok(conn) => conn,
             Err(cause) => return Err(SendError::refused(cause, req)),
         };
         self.counters.new.inc();
         match conn.exchange(req).await {
-            Ok(response) => Ok((response, conn)),
+            Ok(response) => Ok(response),
             Err(Failed::Unsent(_)) => Err(SendError::Exchange(
                 "the machine closed a new connection before the request was sent".into(),
             )),
@@ -205,33 +217,41 @@ impl Upstreams {
                 pool.idle.lock().clear();
                 Err(SendError::Broken(cause))
             }
+            Err(Failed::Bad(cause)) => Err(SendError::Exchange(cause)),
         }
     }
 
-    /// Sends an upgrade request on a new connection of its own. Its driver
-    /// runs in a task of its own, so that after a `101` it can hand the
-    /// connection over (`hyper::upgrade::on` the response); it is never
-    /// pooled.
-    pub(crate) async fn send_upgrade(
+    /// Sends an upgrade request, or one whose body streams, on a new
+    /// connection of its own through hyper's client, whose driver runs in a
+    /// task of its own (after a `101` it hands the connection over,
+    /// `hyper::upgrade::on` the response); never pooled.
+    pub(crate) async fn send_unpooled(
         &self,
         worker: usize,
         machine: &Machine,
         req: Request<UpBody>,
-    ) -> Result<Response<Incoming>, SendError> {
-        let pool = self.pool(worker, machine);
-        let conn = match self.connect(&pool).await {
-            Ok(conn) => conn,
+        upgrade: bool,
+    ) -> Result<Response<MachineBody>, SendError> {
+        let _ = worker;
+        let tcp = match self.dial(machine.addr).await {
+            Ok(tcp) => tcp,
             Err(cause) => return Err(SendError::refused(cause, req)),
         };
+        let (mut sender, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| SendError::Exchange(error_chain(&e)))?;
         self.counters.new.inc();
-        let Conn {
-            mut sender, driver, ..
-        } = *conn;
-        tokio::spawn(driver.with_upgrades());
-        sender
+        if upgrade {
+            tokio::spawn(driver.with_upgrades());
+        } else {
+            tokio::spawn(driver);
+        }
+        let response = sender
             .send_request(req)
             .await
-            .map_err(|e| SendError::Exchange(error_chain(&e)))
+            .map_err(|e| SendError::Exchange(error_chain(&e)))?;
+        Ok(response.map(MachineBody::Hyper))
     }
 
     fn pool(&self, worker: usize, machine: &Machine) -> Arc<Pool> {
@@ -274,16 +294,10 @@ impl Upstreams {
     }
 
     async fn connect(&self, pool: &Arc<Pool>) -> Result<Box<Conn>, String> {
-        let tcp = self.dial(pool.machine.addr).await?;
-        let (sender, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        // Boxed: the driver is large, and moves between pool and body.
+        let io = self.dial(pool.machine.addr).await?;
         Ok(Box::new(Conn {
-            sender,
-            driver,
-            done: false,
+            io,
+            buf: BytesMut::new(),
             pool: Arc::downgrade(pool),
         }))
     }
@@ -318,7 +332,7 @@ impl Upstreams {
         worker: usize,
         machine: &Machine,
         req: Request<UpBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    ) -> Result<Response<MachineBody>, SendError> {
         let conns = &self.h2[worker % self.h2.len()];
         let existing = conns
             .get(&machine.addr)
@@ -352,6 +366,7 @@ impl Upstreams {
         sender
             .send_request(req)
             .await
+            .map(|r| r.map(MachineBody::Hyper))
             .map_err(|e| SendError::Exchange(error_chain(&e)))
     }
 
@@ -386,65 +401,105 @@ struct H2Conn {
 
 /// How an exchange failed.
 enum Failed {
-    /// hyper handed the request back without writing any of it.
+    /// The connection was closed before any of the request was written.
     Unsent(Box<Request<UpBody>>),
-    /// The request was taken and maybe written; the cause, as text.
+    /// The connection closed or broke after the request went out, before
+    /// any answer; the cause, as text.
     Lost(String),
+    /// The machine answered something that is not an HTTP/1.1 response.
+    Bad(String),
 }
 
+/// Bytes read from a machine at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
 impl Conn {
-    /// Sends one request and waits for the response head, driving the
-    /// connection meanwhile.
-    async fn exchange(&mut self, req: Request<UpBody>) -> Result<Response<Incoming>, Failed> {
-        // Wait until the dispatcher takes a new request: after the previous
-        // response it needs one more poll of the driver to get there.
-        let ready = poll_fn(|cx| {
-            if self.poll_drive(cx).is_ready() {
-                return Poll::Ready(false);
-            }
-            self.sender.poll_ready(cx).map(|r| r.is_ok())
-        })
-        .await;
-        if !ready {
-            return Err(Failed::Unsent(Box::new(req)));
-        }
-        let mut response = std::pin::pin!(self.sender.try_send_request(req));
-        let result = poll_fn(|cx| {
-            let _ = self.poll_drive(cx);
-            // A driver that ended has failed or answered every callback, so
-            // the response future is ready now either way.
-            response.as_mut().poll(cx)
-        })
-        .await;
-        result.map_err(|mut e| match e.take_message() {
-            Some(req) => Failed::Unsent(Box::new(req)),
-            None => Failed::Lost(error_chain(e.error())),
-        })
-    }
-
-    /// Polls the connection's driver: reads and writes whatever is due.
-    /// Ready once the connection is closed; never polled after that.
-    pub(crate) fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.done {
-            return Poll::Ready(());
-        }
-        match Pin::new(&mut self.driver).poll(cx) {
-            Poll::Ready(result) => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "upstream connection ended with an error");
+    /// Sends one request (its body read whole) and reads the response
+    /// head; the response's body takes the connection from there.
+    async fn exchange(
+        mut self: Box<Self>,
+        req: Request<UpBody>,
+    ) -> Result<Response<MachineBody>, Failed> {
+        let head_request = req.method() == Method::HEAD;
+        let mut out = Vec::with_capacity(512);
+        let rest = h1::client::encode_request(&mut out, &req);
+        let mut slices = [
+            IoSlice::new(&out),
+            IoSlice::new(rest.as_deref().unwrap_or_default()),
+        ];
+        let mut slices = &mut slices[..];
+        let mut written = 0;
+        while !slices.is_empty() && slices.iter().any(|s| !s.is_empty()) {
+            match self.io.write_vectored(slices).await {
+                Ok(0) => {
+                    return Err(Failed::Lost(
+                        "the machine stopped reading the request".into(),
+                    ));
                 }
-                self.done = true;
-                Poll::Ready(())
+                Ok(n) => {
+                    written += n;
+                    IoSlice::advance_slices(&mut slices, n);
+                }
+                Err(_) if written == 0 => return Err(Failed::Unsent(Box::new(req))),
+                Err(e) => return Err(Failed::Lost(e.to_string())),
             }
-            Poll::Pending => Poll::Pending,
         }
+        drop(req);
+        let head = loop {
+            if !self.buf.is_empty() {
+                match h1::client::parse_response(&mut self.buf, head_request) {
+                    Err(e) => return Err(Failed::Bad(e.into())),
+                    // Interim answers (100, 103) are not passed on.
+                    Ok(Some(head)) if head.response.status().is_informational() => {
+                        if head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                            return Err(Failed::Bad(
+                                "the machine switched protocols unasked".into(),
+                            ));
+                        }
+                        continue;
+                    }
+                    Ok(Some(head)) => break head,
+                    Ok(None) => {}
+                }
+            }
+            let started = !self.buf.is_empty();
+            self.buf.reserve(READ_CHUNK);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) if started => return Err(Failed::Bad("the machine closed mid-head".into())),
+                Ok(0) => {
+                    return Err(Failed::Lost(
+                        "the machine closed the connection before answering".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if started => return Err(Failed::Bad(e.to_string())),
+                Err(e) => return Err(Failed::Lost(e.to_string())),
+            }
+        };
+        let h1::client::ResponseHead {
+            response,
+            body,
+            reusable,
+        } = head;
+        Ok(response.map(|()| MachineBody::Pooled(Pooled::new(self, body, reusable))))
     }
 
-    /// Whether an idle connection is still usable: one poll of its driver
-    /// notices a close (or stray bytes) from the machine.
+    /// Whether an idle connection is still usable: nothing arrived since
+    /// the last response, or what arrived is not the machine's close (or
+    /// stray bytes).
     fn still_open(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
         let mut cx = Context::from_waker(Waker::noop());
-        self.poll_drive(&mut cx).is_pending() && !self.sender.is_closed()
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
     }
 
     /// Returns the connection to its machine's idle list after a complete
@@ -456,12 +511,140 @@ impl Conn {
         if !self.still_open() {
             return;
         }
+        // The last response's head keeps its bytes; the idle connection
+        // lets go of its share.
+        self.buf = BytesMut::new();
         let mut idle = pool.idle.lock();
         if idle.len() < pool.max_idle {
             idle.push(Idle {
                 conn: self,
                 since: Instant::now(),
             });
+        }
+    }
+}
+
+/// A machine's response body.
+#[derive(Debug)]
+pub(crate) enum MachineBody {
+    /// Over hyper's client: h2, upgrades, streamed request bodies.
+    Hyper(Incoming),
+    /// Over a pooled connection, read by the proxy's client.
+    Pooled(Pooled),
+}
+
+/// A response body read straight from its pooled connection, which goes
+/// back to the pool when the body has ended (and is closed when it does
+/// not end well, or is dropped unfinished).
+#[derive(Debug)]
+pub(crate) struct Pooled {
+    conn: Option<Box<Conn>>,
+    decoder: Decoder,
+    reusable: bool,
+    done: bool,
+}
+
+impl Pooled {
+    fn new(conn: Box<Conn>, body: Option<Decoder>, reusable: bool) -> Self {
+        let mut pooled = Self {
+            conn: Some(conn),
+            decoder: body.unwrap_or(Decoder::Length(0)),
+            reusable,
+            done: false,
+        };
+        // No body to read: the connection is free now (hyper does not poll
+        // a body that says it has ended).
+        if pooled.decoder.is_done() {
+            pooled.finish(true);
+        }
+        pooled
+    }
+
+    fn finish(&mut self, complete: bool) {
+        self.done = true;
+        if let Some(conn) = self.conn.take()
+            && complete
+            && self.reusable
+        {
+            conn.release();
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        loop {
+            let Some(conn) = self.conn.as_mut().filter(|_| !self.done) else {
+                return Poll::Ready(None);
+            };
+            match self.decoder.decode(&mut conn.buf) {
+                Ok(Step::Data(data)) => {
+                    if self.decoder.is_done() {
+                        self.finish(true);
+                    }
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Ok(Step::Done) => {
+                    self.finish(true);
+                    return Poll::Ready(None);
+                }
+                Ok(Step::NeedMore) => {
+                    conn.buf.reserve(READ_CHUNK);
+                    let read = std::task::ready!(tokio_util::io::poll_read_buf(
+                        Pin::new(&mut conn.io),
+                        cx,
+                        &mut conn.buf
+                    ));
+                    match read {
+                        Ok(0) if matches!(self.decoder, Decoder::UntilClose) => {
+                            self.finish(false);
+                            return Poll::Ready(None);
+                        }
+                        Ok(0) => {
+                            return self.fail("the machine closed the connection mid-body".into());
+                        }
+                        Ok(_) => {}
+                        Err(e) => return self.fail(e.into()),
+                    }
+                }
+                Err(e) => return self.fail(e.into()),
+            }
+        }
+    }
+
+    fn fail(&mut self, error: BoxError) -> Poll<Option<Result<Bytes, BoxError>>> {
+        self.finish(false);
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl Body for MachineBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Pooled(body) => body.poll_data(cx).map_ok(Frame::data),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(body) => body.is_end_stream(),
+            Self::Pooled(body) => body.done || body.decoder.is_done(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper(body) => body.size_hint(),
+            Self::Pooled(Pooled {
+                decoder: Decoder::Length(n),
+                ..
+            }) => SizeHint::with_exact(*n),
+            Self::Pooled(_) => SizeHint::default(),
         }
     }
 }

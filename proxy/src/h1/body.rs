@@ -85,7 +85,7 @@ impl RequestBody {
         };
         let decoder = match framing {
             Framing::Length(n) => Decoder::Length(n),
-            Framing::Chunked => Decoder::Chunked(Chunked::Size { n: 0, digits: 0 }),
+            Framing::Chunked => Decoder::chunked(),
         };
         let body = Self(Inner::Streaming {
             frames,
@@ -262,20 +262,25 @@ impl Pump {
 
 /// What the decoder found in the buffer.
 #[derive(Debug, PartialEq, Eq)]
-enum Step {
+pub(crate) enum Step {
     Data(Bytes),
     NeedMore,
     Done,
 }
 
-enum Decoder {
+/// Where a body ends, and how far it has come.
+#[derive(Debug)]
+pub(crate) enum Decoder {
+    /// This many bytes still to come.
     Length(u64),
     Chunked(Chunked),
+    /// Until the connection closes (responses only): the caller ends it.
+    UntilClose,
 }
 
 /// Where a chunked body's decoder stands (RFC 9112 section 7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
+pub(crate) enum Chunked {
     Size { n: u64, digits: u8 },
     Extension { n: u64, len: usize },
     SizeLf(u64),
@@ -287,8 +292,20 @@ enum Chunked {
 }
 
 impl Decoder {
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, BodyError> {
+    pub(crate) fn chunked() -> Self {
+        Self::Chunked(Chunked::Size { n: 0, digits: 0 })
+    }
+
+    /// Whether the body has ended (as far as its framing can tell).
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self, Self::Length(0))
+    }
+
+    /// The next piece of the body from `buf`, taking it out of `buf`.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, BodyError> {
         match self {
+            Self::UntilClose if buf.is_empty() => Ok(Step::NeedMore),
+            Self::UntilClose => Ok(Step::Data(buf.split().freeze())),
             Self::Length(0) => Ok(Step::Done),
             Self::Length(_) if buf.is_empty() => Ok(Step::NeedMore),
             Self::Length(left) => {

@@ -178,7 +178,7 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
 }
 
 /// Whether a comma-separated header lists `token`.
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

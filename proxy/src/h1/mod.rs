@@ -25,6 +25,7 @@
 //! shutdown (idle connections close, busy ones after their response).
 
 pub(crate) mod body;
+pub(crate) mod client;
 pub(crate) mod head;
 pub(crate) mod io;
 
