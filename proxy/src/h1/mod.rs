@@ -39,7 +39,7 @@ use io::{ClientIo, Handover, Shared, Upgraded};
 use parking_lot::Mutex;
 use std::future::{Future, poll_fn};
 use std::io::Write as _;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -97,7 +97,7 @@ pub(crate) async fn serve<IO, S, F>(
     io: IO,
     settings: &Settings,
     h2c: bool,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     mut service: S,
 ) -> Ended
 where
@@ -109,8 +109,19 @@ where
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     let mut first = true;
+    // Made once: waiting for a head is the commonest thing a connection
+    // does, and a new timer and a new watch registration each time cost.
+    let mut waiting = Waiting {
+        timer: Box::pin(tokio::time::sleep(settings.header_timeout)),
+        stopping: Box::pin({
+            let mut shutdown = shutdown.clone();
+            async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            }
+        }),
+    };
     loop {
-        let head = match read_head(&io, &mut buf, settings, &mut shutdown, first && h2c).await {
+        let head = match read_head(&io, &mut buf, settings, &mut waiting, first && h2c).await {
             Read::Head(head) => head,
             Read::Closed => return close(io).await,
             Read::H2 => return Ended::H2(Upgraded::new(Box::new(io.into_inner()), buf.freeze())),
@@ -272,6 +283,13 @@ impl Exchange {
     }
 }
 
+/// What a connection waits with between requests: the header timeout, and
+/// the shutdown signal.
+struct Waiting {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
 /// What waiting for a request head came to. Returned once per request and
 /// moved at once: boxing the head would cost an allocation each time.
 #[allow(clippy::large_enum_variant)]
@@ -290,10 +308,13 @@ async fn read_head<IO: ClientIo>(
     io: &Mutex<IO>,
     buf: &mut BytesMut,
     settings: &Settings,
-    shutdown: &mut watch::Receiver<bool>,
+    waiting: &mut Waiting,
     h2c: bool,
 ) -> Read {
-    let mut timer = pin!(tokio::time::sleep(settings.header_timeout));
+    let Waiting { timer, stopping } = waiting;
+    timer
+        .as_mut()
+        .reset(tokio::time::Instant::now() + settings.header_timeout);
     loop {
         let started = !buf.is_empty();
         if started {
@@ -309,9 +330,6 @@ async fn read_head<IO: ClientIo>(
                 }
             }
         } else {
-            if *shutdown.borrow() {
-                return Read::Closed;
-            }
             // The previous request's head keeps its bytes; the connection
             // lets go of its share while it waits.
             *buf = BytesMut::new();
@@ -324,16 +342,19 @@ async fn read_head<IO: ClientIo>(
             Shared(io).read_buf(buf).await
         };
         tokio::select! {
+            biased;
+            // Shutting down: an idle connection closes (and, once begun,
+            // `stopping` is not polled again: the connection ends here).
+            () = stopping.as_mut(), if !started => return Read::Closed,
             read = read => match read {
                 Ok(0) if started => return Read::Failed("the client closed mid-head".into()),
                 Ok(0) => return Read::Closed,
                 Ok(_) => {}
                 Err(e) => return Read::Failed(e.to_string()),
             },
-            () = &mut timer => {
+            () = timer.as_mut() => {
                 return Read::TimedOut(if started { TimedOut::Answered } else { TimedOut::Idle });
             }
-            _ = shutdown.changed(), if !started => return Read::Closed,
         }
     }
 }
