@@ -584,7 +584,9 @@ async fn deliver(
         let Some(back) = hop.fall_back(&error) else {
             // Nothing here for it: maybe in another region.
             return match (elsewhere(edge, ex, &hop, &error), copy) {
-                (Some(peer), Some(copy)) => to_peer(edge, ex, peer, copy).await,
+                // Boxed, as every rare branch below: a request's future is
+                // as large as its largest state, and is moved whole.
+                (Some(peer), Some(copy)) => Box::pin(to_peer(edge, ex, peer, copy)).await,
                 _ => Err(error),
             };
         };
@@ -651,7 +653,7 @@ async fn forward(
     for attempt in 1.. {
         if attempt > 1 {
             // Fresh routes: the machine tried last may be going down.
-            app = after_refusal(edge, &app.name, &skip).await?;
+            app = Box::pin(after_refusal(edge, &app.name, &skip)).await?;
         }
         let slot = slot(edge, &app, hop, &skip);
         let slot = match hop.timeout {
@@ -1068,14 +1070,15 @@ async fn slot(
     loop {
         let found = match attempt(&app) {
             Some(found) => found,
-            None => edge
-                .queues
-                .wait(&app.name, || attempt(&edge.fib.lookup(&app.name)?))
-                .await
-                .map_err(|reason| PathError::AtCapacity {
-                    app: app.name.to_string(),
-                    reason,
-                })?,
+            None => Box::pin(
+                edge.queues
+                    .wait(&app.name, || attempt(&edge.fib.lookup(&app.name)?)),
+            )
+            .await
+            .map_err(|reason| PathError::AtCapacity {
+                app: app.name.to_string(),
+                reason,
+            })?,
         };
         let no = match found {
             Ok(slot) => {
@@ -1094,8 +1097,7 @@ async fn slot(
         let Some(machine) = autostart::pick(&app, want, near, startable) else {
             return Err(no_target(&app, no, &edge.region));
         };
-        edge.autostart
-            .start(&app.name, machine)
+        Box::pin(edge.autostart.start(&app.name, machine))
             .await
             .map_err(|reason| PathError::StartFailed {
                 app: app.name.to_string(),
@@ -1188,11 +1190,11 @@ async fn send(
             let response = edge
                 .upstreams
                 .send_unpooled(ex.conn.worker, &machine, req, true);
-            response.await
+            Box::pin(response).await
         } else if h2 {
             let req = for_h2(req, machine.addr);
             let response = edge.upstreams.send_h2(ex.conn.worker, &machine, req);
-            response.await
+            Box::pin(response).await
         } else {
             edge.upstreams.send(ex.conn.worker, &machine, req).await
         }

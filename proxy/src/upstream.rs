@@ -182,7 +182,8 @@ impl Upstreams {
         mut req: Request<UpBody>,
     ) -> Result<Response<MachineBody>, SendError> {
         if matches!(req.body(), UpBody::Streaming { .. }) {
-            return self.send_unpooled(worker, machine, req, false).await;
+            // Boxed: hyper's client futures are large, and this is rare.
+            return Box::pin(self.send_unpooled(worker, machine, req, false)).await;
         }
         let pool = self.pool(worker, machine);
         while let Some(conn) = self.checkout(&pool) {
