@@ -112,8 +112,8 @@ struct Exchange {
     conn: Conn,
     id: HeaderValue,
     started: Instant,
-    app: Option<String>,
-    machine: Option<String>,
+    app: Option<CompactString>,
+    machine: Option<CompactString>,
     /// Moves into the response body when the request is forwarded, so the
     /// gauge covers streaming too.
     in_flight: Option<InFlight>,
@@ -518,7 +518,7 @@ async fn route(
         None => host(&edge.fib, &req)?,
     };
     let app = app(&edge.fib, &host.app)?;
-    ex.app = Some(app.name.to_string());
+    ex.app = Some(app.name.clone());
     let want = match host.flycast {
         // `<app>.flycast`: what the app's flycast address serves on that port.
         Some(_) if app.flycast.is_empty() => {
@@ -667,7 +667,7 @@ async fn forward(
             // No machine left to try: the refusal is the answer.
             Err(error) => return Err(last_refusal.unwrap_or(error)),
         };
-        ex.machine = Some(target.machine().id.to_string());
+        ex.machine = Some(target.machine().id.clone());
         if let Some(redirect) = force_https(&target, ex.conn.listener, &req) {
             return Ok(Reply::Local(redirect));
         }
@@ -817,7 +817,7 @@ async fn to_peer(
         app: ex.app.as_deref().unwrap_or_default().into(),
         id: format!("proxy-{}", peer.region).into(),
     };
-    ex.machine = Some(proxy.id.to_string());
+    ex.machine = Some(proxy.id.clone());
     tracing::debug!(request_id = ?ex.id, region = peer.region, "no machine here; forwarding to the region's proxy");
     edge.metrics.forwarded.inc();
     // A pooled connection the peer closed meanwhile breaks under the

@@ -107,6 +107,8 @@ pub(crate) struct Conn {
     /// Bytes read from the machine and not used yet: the rest of a
     /// response being read; empty between exchanges.
     buf: BytesMut,
+    /// The request head being written; kept for the next one.
+    out: Vec<u8>,
     pool: Weak<Pool>,
 }
 
@@ -299,6 +301,7 @@ impl Upstreams {
         Ok(Box::new(Conn {
             io,
             buf: BytesMut::new(),
+            out: Vec::with_capacity(512),
             pool: Arc::downgrade(pool),
         }))
     }
@@ -411,8 +414,9 @@ enum Failed {
     Bad(String),
 }
 
-/// Bytes read from a machine at a time.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read from a machine at a time (jemalloc's largest small size
+/// class is 14 KiB: larger buffers cost more to get).
+const READ_CHUNK: usize = 8 * 1024;
 
 impl Conn {
     /// Sends one request (its body read whole) and reads the response
@@ -422,7 +426,8 @@ impl Conn {
         req: Request<UpBody>,
     ) -> Result<Response<MachineBody>, Failed> {
         let head_request = req.method() == Method::HEAD;
-        let mut out = Vec::with_capacity(512);
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
         let rest = h1::client::encode_request(&mut out, &req);
         let mut slices = [
             IoSlice::new(&out),
@@ -445,6 +450,7 @@ impl Conn {
                 Err(e) => return Err(Failed::Lost(e.to_string())),
             }
         }
+        self.out = out;
         drop(req);
         let head = loop {
             if !self.buf.is_empty() {

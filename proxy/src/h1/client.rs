@@ -99,7 +99,8 @@ pub(crate) fn parse_response(
         *field = (at(h.name.as_bytes()), at(h.value));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the headers the proxy adds on the way to the client.
+    let mut headers = HeaderMap::with_capacity(count + 4);
     for &((name, name_len), (value, value_len)) in &fields[..count] {
         let name = HeaderName::from_bytes(&head[name..name + name_len])
             .map_err(|_| "the machine sent a malformed header name")?;

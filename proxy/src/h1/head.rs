@@ -93,7 +93,8 @@ pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
 
     let uri = Uri::from_maybe_shared(slice(path))
         .map_err(|_| HeadError::Malformed("malformed request target"))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the headers the proxy adds on the way to the machine.
+    let mut headers = HeaderMap::with_capacity(count + 12);
     for &(name, value) in &fields[..count] {
         let name = HeaderName::from_bytes(&head[name.0..name.0 + name.1])
             .map_err(|_| HeadError::Malformed("malformed header name"))?;
