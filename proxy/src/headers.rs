@@ -33,6 +33,11 @@ pub(crate) const X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwar
 
 /// Removes hop-by-hop headers, including any the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the few names there are is
+    // cheaper than hashing all seven to find nothing.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()

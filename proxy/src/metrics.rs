@@ -50,6 +50,8 @@
 use crate::Listener;
 use crate::conns::Conns;
 use bytes::Bytes;
+use compact_str::CompactString;
+use dashmap::DashMap;
 use hangar_catalog::{Fib, Rib};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -106,6 +108,10 @@ pub(crate) struct EdgeMetrics {
     responses: IntCounterVec,
     response_time: HistogramVec,
     app_responses: IntCounterVec,
+    /// The three series above for each (app, region, status) seen, looked
+    /// up in their vectors once: a vector lookup hashes every label value
+    /// and takes the vector's lock, three times a response.
+    series: Arc<DashMap<SeriesKey, Series>>,
     errors: IntCounterVec,
     pub(crate) retries: IntCounter,
     pub(crate) replays: Replays,
@@ -308,6 +314,7 @@ impl Metrics {
             responses,
             response_time,
             app_responses,
+            series: Arc::default(),
             errors,
             retries,
             replays,
@@ -377,6 +384,19 @@ impl Metrics {
     }
 }
 
+/// How many (app, region, status) series [`EdgeMetrics`] keeps at hand.
+const MAX_CACHED_SERIES: usize = 10_000;
+
+/// App, region, status.
+type SeriesKey = (CompactString, CompactString, u16);
+
+/// One (app, region, status)'s response series.
+struct Series {
+    responses: IntCounter,
+    response_time: Histogram,
+    app_responses: IntCounter,
+}
+
 /// One response, as [`EdgeMetrics::observe`] counts it.
 pub(crate) struct Observed<'a> {
     pub app: &'a str,
@@ -393,16 +413,32 @@ pub(crate) struct Observed<'a> {
 impl EdgeMetrics {
     /// Counts one response and the time to its head.
     pub(crate) fn observe(&self, o: &Observed<'_>) {
-        let labels = [o.app, o.region, o.status.as_str()];
-        self.responses.with_label_values(&labels).inc();
-        self.response_time
-            .with_label_values(&labels)
-            .observe(o.elapsed.as_secs_f64());
+        let key = (o.app.into(), o.region.into(), o.status.as_u16());
+        let count = |s: &Series| {
+            s.responses.inc();
+            s.response_time.observe(o.elapsed.as_secs_f64());
+            if o.from_machine {
+                s.app_responses.inc();
+            }
+        };
+        match self.series.get(&key) {
+            Some(series) => count(&series),
+            None => {
+                let labels = [o.app, o.region, o.status.as_str()];
+                let series = Series {
+                    responses: self.responses.with_label_values(&labels),
+                    response_time: self.response_time.with_label_values(&labels),
+                    app_responses: self.app_responses.with_label_values(&labels),
+                };
+                count(&series);
+                // Bounded: past it, new series are looked up every time.
+                if self.series.len() < MAX_CACHED_SERIES {
+                    self.series.insert(key, series);
+                }
+            }
+        }
         if let Some(code) = o.error {
             self.errors.with_label_values(&[code]).inc();
-        }
-        if o.from_machine {
-            self.app_responses.with_label_values(&labels).inc();
         }
     }
 
