@@ -394,7 +394,9 @@ type SeriesKey = (CompactString, CompactString, u16);
 struct Series {
     responses: IntCounter,
     response_time: Histogram,
-    app_responses: IntCounter,
+    /// Made at the first response from a machine: the proxy's own errors
+    /// are not the app's.
+    app_responses: std::sync::OnceLock<IntCounter>,
 }
 
 /// One response, as [`EdgeMetrics::observe`] counts it.
@@ -418,7 +420,10 @@ impl EdgeMetrics {
             s.responses.inc();
             s.response_time.observe(o.elapsed.as_secs_f64());
             if o.from_machine {
-                s.app_responses.inc();
+                let labels = [o.app, o.region, o.status.as_str()];
+                s.app_responses
+                    .get_or_init(|| self.app_responses.with_label_values(&labels))
+                    .inc();
             }
         };
         match self.series.get(&key) {
@@ -428,7 +433,7 @@ impl EdgeMetrics {
                 let series = Series {
                     responses: self.responses.with_label_values(&labels),
                     response_time: self.response_time.with_label_values(&labels),
-                    app_responses: self.app_responses.with_label_values(&labels),
+                    app_responses: std::sync::OnceLock::new(),
                 };
                 count(&series);
                 // Bounded: past it, new series are looked up every time.
