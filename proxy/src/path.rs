@@ -1187,9 +1187,7 @@ async fn send(
         == Some(true);
     let sent = async {
         if upgrade {
-            let response = edge
-                .upstreams
-                .send_unpooled(ex.conn.worker, &machine, req, true);
+            let response = edge.upstreams.send_unpooled(&machine, req, true);
             Box::pin(response).await
         } else if h2 {
             let req = for_h2(req, machine.addr);

@@ -185,7 +185,7 @@ impl Upstreams {
     ) -> Result<Response<MachineBody>, SendError> {
         if matches!(req.body(), UpBody::Streaming { .. }) {
             // Boxed: hyper's client futures are large, and this is rare.
-            return Box::pin(self.send_unpooled(worker, machine, req, false)).await;
+            return Box::pin(self.send_unpooled(machine, req, false)).await;
         }
         let pool = self.pool(worker, machine);
         while let Some(conn) = self.checkout(&pool) {
@@ -230,12 +230,10 @@ impl Upstreams {
     /// `hyper::upgrade::on` the response); never pooled.
     pub(crate) async fn send_unpooled(
         &self,
-        worker: usize,
         machine: &Machine,
         req: Request<UpBody>,
         upgrade: bool,
     ) -> Result<Response<MachineBody>, SendError> {
-        let _ = worker;
         let tcp = match self.dial(machine.addr).await {
             Ok(tcp) => tcp,
             Err(cause) => return Err(SendError::refused(cause, req)),
