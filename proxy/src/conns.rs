@@ -62,6 +62,11 @@ impl Conns {
         };
     }
 
+    /// Connections running (or finished and not yet collected).
+    pub(crate) fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
     /// Collects one finished connection task; pending while there is none,
     /// so it can sit in a `select!` beside `accept`.
     pub(crate) async fn reap(&mut self) {

@@ -29,6 +29,7 @@ use crate::steer::{Hop, Steer};
 use crate::sticky::{self, Pins};
 use crate::tcp;
 use crate::upstream::{self, MachineBody, SendError, Upstreams};
+use crate::workers::{self, Loads};
 use crate::{H2Server, Listener, Proxy};
 use compact_str::CompactString;
 use hangar_api::machine::HttpResponseOptions;
@@ -139,6 +140,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
     } = proxy;
     let graceful = conns::graceful();
     let (stop, stopping) = watch::channel(false);
+    let loads = Loads::new(workers.count());
     let accepting = match (http.into_std(), https.into_std()) {
         (Ok(http), Ok(https)) => workers
             .handles()
@@ -146,7 +148,8 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
                 let listeners = (http.try_clone().ok()?, https.try_clone().ok()?);
                 let conns = Conns::new(graceful.clone());
                 let (edge, server, stop) = (edge.clone(), server.clone(), stopping.clone());
-                Some(runtime.spawn(accept(edge, server, worker, listeners, conns, stop)))
+                let me = (worker, loads.clone());
+                Some(runtime.spawn(accept(edge, server, me, listeners, conns, stop)))
             })
             .collect(),
         (http, https) => {
@@ -197,7 +200,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
 async fn accept(
     edge: Arc<Edge>,
     server: H2Server,
-    worker: usize,
+    (worker, loads): (usize, Loads),
     (http, https): (std::net::TcpListener, std::net::TcpListener),
     mut conns: Conns,
     mut stop: watch::Receiver<bool>,
@@ -210,6 +213,15 @@ async fn accept(
         }
     };
     loop {
+        loads.set(worker, conns.len());
+        if loads.ahead(worker) {
+            // Let a worker with fewer connections take the next one.
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => break,
+                () = conns.reap() => continue,
+                () = tokio::time::sleep(workers::STEP_BACK) => {}
+            }
+        }
         // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
         let (accepted, listener) = tokio::select! {
             _ = stop.wait_for(|stop| *stop) => break,
