@@ -1360,3 +1360,101 @@ async fn sticky_sessions_pin_a_client_to_its_machine_while_it_is_up() {
         "unpinned sessions spread"
     );
 }
+
+/// Reads one response from `tcp` (bytes already read first, in `buf`):
+/// its head, then as many body bytes as its `content-length` says, none
+/// for `HEAD`. Leaves what follows in `buf`.
+async fn read_response(
+    tcp: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    head_request: bool,
+) -> (String, String) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |n| n.parse().unwrap());
+            let length = if head_request { 0 } else { length };
+            if buf.len() >= end + 4 + length {
+                let body = String::from_utf8(buf[end + 4..end + 4 + length].to_vec()).unwrap();
+                buf.drain(..end + 4 + length);
+                return (head, body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, tcp.read(&mut chunk))
+            .await
+            .expect("a whole response in time")
+            .unwrap();
+        assert!(n > 0, "closed with {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn http1_framing_holds_across_requests_on_one_connection() {
+    let (_tmp, h) = start().await;
+    create_app(&h, "frame").await;
+    machine(&h, "frame", web(8080, 20, 25)).await;
+    assert_eq!(get(&h, "frame", "/").await.status, 200);
+    let mut tcp = tokio::net::TcpStream::connect(h.addrs.http).await.unwrap();
+    let mut buf = Vec::new();
+
+    // HEAD: the length of the body it would have, and no body.
+    tcp.write_all(b"HEAD /?bytes=100 HTTP/1.1\r\nHost: frame.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut tcp, &mut buf, true).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.contains("content-length: 100"), "{head}");
+    assert!(body.is_empty() && buf.is_empty(), "{buf:?}");
+
+    // Expect: 100-continue gets the go-ahead, then the answer.
+    tcp.write_all(
+        b"POST / HTTP/1.1\r\nHost: frame.localhost\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, _) = read_response(&mut tcp, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 100 Continue"), "{head}");
+    tcp.write_all(b"hello").await.unwrap();
+    let (head, body) = read_response(&mut tcp, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let echoed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echoed["method"], "POST");
+    assert_eq!(echoed["headers"]["content-length"], "5");
+
+    // A chunked body reaches the machine decoded, with its length.
+    tcp.write_all(
+        b"POST / HTTP/1.1\r\nHost: frame.localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+          3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (head, body) = read_response(&mut tcp, &mut buf, false).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let echoed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echoed["headers"]["content-length"], "7", "{echoed}");
+    assert!(
+        echoed["headers"].get("transfer-encoding").is_none(),
+        "{echoed}"
+    );
+
+    // HTTP/1.0 without keep-alive: answered, then closed.
+    tcp.write_all(b"GET /?bytes=10 HTTP/1.0\r\nHost: frame.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(&mut tcp, &mut buf, false).await;
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(body, "x".repeat(10));
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut rest))
+        .await
+        .expect("closed after an HTTP/1.0 answer")
+        .unwrap();
+    assert!(rest.is_empty() && buf.is_empty(), "{rest:?}");
+}
