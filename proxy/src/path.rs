@@ -631,13 +631,6 @@ struct Answer {
 }
 
 impl Answer {
-    /// Drops a response the client will not see. An empty body has left
-    /// its connection ready for the next request already; otherwise the
-    /// connection closes with it.
-    fn discard(self) {
-        drop(self.response);
-    }
-
     /// The machine's `fly-replay`, if it asks for one (a switch of
     /// protocols cannot be replayed).
     fn replay(&self) -> Option<HeaderValue> {
@@ -788,7 +781,9 @@ fn replay(
     let next = hop.replay(&replay, &answer.target, Want::http(ex.conn.listener));
     tracing::debug!(request_id = ?ex.id, %machine, replay = ?asked, "replaying");
     edge.metrics.replays.replayed.inc();
-    answer.discard();
+    // The answer the client will not see: its slot ends, and its connection
+    // (pooled again already when the body was empty) closes otherwise.
+    drop(answer);
     Ok((next, copy))
 }
 

@@ -3,14 +3,13 @@
 //! [`crate::upstream`].
 
 use super::body::Decoder;
+use super::head;
 use crate::body::UpBody;
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
 use std::io::Write as _;
 
-/// Most header fields in a response head.
-const MAX_HEADERS: usize = 100;
 /// Largest response head accepted from a machine.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
@@ -34,7 +33,7 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, req: &Request<UpBody>) -> Option
             declared = true;
             continue;
         }
-        line(out, name.as_str().as_bytes(), value.as_bytes());
+        head::line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let len = body.as_ref().map_or(0, Bytes::len);
     // A body, a declared empty one, or a method whose requests have one.
@@ -50,13 +49,6 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, req: &Request<UpBody>) -> Option
         }
         body => body,
     }
-}
-
-fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// A machine's response head: the response (its body to come), how its
@@ -75,7 +67,7 @@ pub(crate) fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, &'static str> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut slots = [httparse::EMPTY_HEADER; head::MAX_HEADERS];
     let mut res = httparse::Response::new(&mut slots);
     let len = match res.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
@@ -87,47 +79,20 @@ pub(crate) fn parse_response(
     };
     let status = StatusCode::from_u16(res.code.unwrap_or_default())
         .map_err(|_| "the machine's response status is invalid")?;
-    let version = match res.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
-    let count = res.headers.len();
-    for (field, h) in fields.iter_mut().zip(res.headers.iter()) {
-        *field = (at(h.name.as_bytes()), at(h.value));
-    }
+    let version = head::version(res.version);
+    let fields = head::Fields::of(buf, res.headers);
     let head = buf.split_to(len).freeze();
     // Room for the headers the proxy adds on the way to the client.
-    let mut headers = HeaderMap::with_capacity(count + 4);
-    for &((name, name_len), (value, value_len)) in &fields[..count] {
-        let name = HeaderName::from_bytes(&head[name..name + name_len])
-            .map_err(|_| "the machine sent a malformed header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
-            .map_err(|_| "the machine sent a malformed header value")?;
-        headers.append(name, value);
-    }
-    let close = super::head::has_token(&headers, header::CONNECTION, "close")
+    let headers = fields
+        .map(&head, 4)
+        .map_err(|_| "the machine sent a malformed header")?;
+    let close = head::has_token(&headers, header::CONNECTION, "close")
         || version == Version::HTTP_10
-            && !super::head::has_token(&headers, header::CONNECTION, "keep-alive");
-    let no_body = head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let body = if no_body {
+            && !head::has_token(&headers, header::CONNECTION, "keep-alive");
+    let body = if head::bodiless(status, head_request) {
         None
-    } else if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let chunked = te
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-        Some(if chunked {
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        Some(if head::ends_chunked(&headers) {
             Decoder::chunked()
         } else {
             Decoder::UntilClose
@@ -157,6 +122,7 @@ pub(crate) fn parse_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     #[test]
     fn requests_carry_their_whole_body_and_its_length() {

@@ -8,10 +8,11 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 use std::cell::RefCell;
+use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Most header fields in a request head, as hyper allows.
-const MAX_HEADERS: usize = 100;
+/// Most header fields in a head, as hyper allows.
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// A parsed request head.
 #[derive(Debug)]
@@ -72,36 +73,16 @@ pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
         }
         Err(_) => return Err(HeadError::Malformed("malformed request head")),
     };
-    let version = match req.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
+    let version = version(req.version);
     let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
         .map_err(|_| HeadError::Malformed("malformed method"))?;
-    // Where each part lies in `buf`, so they can share its bytes once it is
-    // split off (httparse borrows it until then).
-    let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    let path = at(req.path.unwrap_or_default().as_bytes());
-    let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
-    let count = req.headers.len();
-    for (field, h) in fields.iter_mut().zip(req.headers.iter()) {
-        *field = (at(h.name.as_bytes()), at(h.value));
-    }
+    let path = span(buf, req.path.unwrap_or_default().as_bytes());
+    let fields = Fields::of(buf, req.headers);
     let head = buf.split_to(len).freeze();
-    let slice = |(start, len): (usize, usize)| head.slice(start..start + len);
-
-    let uri = Uri::from_maybe_shared(slice(path))
+    let uri = Uri::from_maybe_shared(head.slice(path))
         .map_err(|_| HeadError::Malformed("malformed request target"))?;
     // Room for the headers the proxy adds on the way to the machine.
-    let mut headers = HeaderMap::with_capacity(count + 12);
-    for &(name, value) in &fields[..count] {
-        let name = HeaderName::from_bytes(&head[name.0..name.0 + name.1])
-            .map_err(|_| HeadError::Malformed("malformed header name"))?;
-        let value = HeaderValue::from_maybe_shared(slice(value))
-            .map_err(|_| HeadError::Malformed("malformed header value"))?;
-        headers.append(name, value);
-    }
+    let headers = fields.map(&head, 12).map_err(HeadError::Malformed)?;
     let body = framing(&headers, version)?;
     let connection = |token: &str| has_token(&headers, header::CONNECTION, token);
     let keep_alive = match version {
@@ -143,16 +124,9 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Option<Framing>, Hea
                 "both transfer-encoding and content-length",
             ));
         }
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        return match last {
-            Some(coding) if coding.eq_ignore_ascii_case("chunked") => Ok(Some(Framing::Chunked)),
-            _ => Err(HeadError::Malformed(
+        return match ends_chunked(headers) {
+            true => Ok(Some(Framing::Chunked)),
+            false => Err(HeadError::Malformed(
                 "transfer-encoding does not end in chunked",
             )),
         };
@@ -176,6 +150,77 @@ fn parse_length(digits: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// The HTTP version httparse read.
+pub(crate) fn version(minor: Option<u8>) -> Version {
+    match minor {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    }
+}
+
+/// Where a part of a head lies in the buffer it was parsed from.
+type Span = std::ops::Range<usize>;
+
+fn span(buf: &[u8], part: &[u8]) -> Span {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Where a head's header fields lie in the buffer httparse read, so they
+/// can share its bytes once it is split off (httparse borrows it until
+/// then).
+pub(crate) struct Fields {
+    spans: [(Span, Span); MAX_HEADERS],
+    count: usize,
+}
+
+impl Fields {
+    pub(crate) fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Self {
+        let mut spans = std::array::from_fn(|_| (0..0, 0..0));
+        for (span_of, field) in spans.iter_mut().zip(fields) {
+            *span_of = (span(buf, field.name.as_bytes()), span(buf, field.value));
+        }
+        Self {
+            spans,
+            count: fields.len(),
+        }
+    }
+
+    /// The fields as a header map whose values share `head`'s bytes, with
+    /// room for `extra` more.
+    pub(crate) fn map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, &'static str> {
+        let mut headers = HeaderMap::with_capacity(self.count + extra);
+        for (name, value) in &self.spans[..self.count] {
+            let name =
+                HeaderName::from_bytes(&head[name.clone()]).map_err(|_| "malformed header name")?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
+                .map_err(|_| "malformed header value")?;
+            headers.append(name, value);
+        }
+        Ok(headers)
+    }
+}
+
+/// Whether the last transfer coding is `chunked` (false without any).
+pub(crate) fn ends_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"))
+}
+
+/// Whether a response has no body whatever its headers say (RFC 9112
+/// section 6.3): to `HEAD`, `1xx`, `204`, `304`.
+pub(crate) fn bodiless(status: StatusCode, head_request: bool) -> bool {
+    head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }
 
 /// Whether a comma-separated header lists `token`.
@@ -240,16 +285,12 @@ pub(crate) fn encode(
     if !dated {
         date(|d| line(dst, b"date", d));
     }
-    let no_body = head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let delimit = if no_body {
+    let delimit = if bodiless(status, head_request) {
         Delimit::None
     } else if let Some(n) = declared {
         Delimit::Length(n)
     } else if let Some(n) = exact {
-        line(dst, b"content-length", itoa(n).as_bytes());
+        let _ = write!(dst, "content-length: {n}\r\n");
         Delimit::Length(n)
     } else if client == Version::HTTP_11 {
         line(dst, b"transfer-encoding", b"chunked");
@@ -271,15 +312,12 @@ pub(crate) fn encode(
     delimit
 }
 
-fn line(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// One header field line.
+pub(crate) fn line(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     dst.extend_from_slice(name);
     dst.extend_from_slice(b": ");
     dst.extend_from_slice(value);
     dst.extend_from_slice(b"\r\n");
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// The `Date` header's value for now, formatted once a second per thread.

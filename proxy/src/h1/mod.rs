@@ -151,7 +151,6 @@ where
             Read::Failed(e) => return Ended::Failed(e),
         };
         first = false;
-        let exchange = Exchange::new(head, &mut buf);
         let Exchange {
             request,
             pump,
@@ -159,7 +158,7 @@ where
             mut keep_alive,
             head_request,
             client,
-        } = exchange;
+        } = Exchange::new(head, &mut buf);
         let mut pumped = pump.is_none().then_some(Pumped::Complete);
         let response = {
             let mut pump = pump;
