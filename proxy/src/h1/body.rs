@@ -388,7 +388,7 @@ mod tests {
     use super::*;
 
     fn decode_all(input: &[u8], split: usize) -> Result<Vec<u8>, BodyError> {
-        let mut decoder = Decoder::Chunked(Chunked::Size { n: 0, digits: 0 });
+        let mut decoder = Decoder::chunked();
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         let mut rest = input;
