@@ -109,6 +109,8 @@ enum BenchPart {
     Catalog(bench::CatalogArgs),
     /// HTTP requests at a fixed rate: latency percentiles at that load.
     Load(bench::LoadArgs),
+    /// New TLS sessions per second: full handshakes, one request each.
+    Handshakes(bench::HandshakesArgs),
     /// A request to a stopped or suspended app through the proxy, which
     /// starts its machine: time to first byte.
     Coldstart(bench::ColdstartArgs),
@@ -147,8 +149,8 @@ fn init_tracing() {
     // as SNI, by curl and wrk among others): an edge sees them on every
     // handshake and can do nothing about them, and a log line per
     // handshake costs a write. Failed handshakes are counted in metrics.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -190,6 +192,9 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchPart::Catalog(args)) => bench::catalog(args),
         Command::Bench(BenchPart::Load(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::load(args))
+        }
+        Command::Bench(BenchPart::Handshakes(args)) => {
+            tokio::runtime::Runtime::new()?.block_on(bench::handshakes(args))
         }
         Command::Bench(BenchPart::Coldstart(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::coldstart(args))

@@ -128,3 +128,33 @@ async fn cli_manages_apps_and_machines() {
     ok(&hangar(&h, &["apps", "destroy", "cliapp"]));
     assert_eq!(h.get("/v1/apps/cliapp").await.0, 404);
 }
+
+/// `hangar bench handshakes` makes new TLS sessions against the HTTPS
+/// listener, each a full handshake and one request, and counts the ones
+/// not answered 200 as errors.
+#[tokio::test]
+async fn bench_handshakes_counts_new_sessions_and_failures() {
+    let h = Hangar::start().await;
+    h.app_with_machine("tlsapp").await;
+    let run = |host: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .args(["bench", "handshakes", "--addr"])
+            .arg(h.addrs.https.to_string())
+            .args(["--host", host, "--secs", "1", "--conns", "2", "--json"])
+            .output()
+            .expect("run hangar bench");
+        let stdout = ok(&out);
+        let last = stdout.lines().last().expect("a JSON line");
+        serde_json::from_str::<Value>(last).unwrap()
+    };
+    let served = run("tlsapp.localhost");
+    assert_eq!(served["errors"], 0, "{served}");
+    assert!(
+        served["handshakes_per_sec"].as_f64().unwrap() > 0.0,
+        "{served}"
+    );
+    // No such app: the proxy answers 404, and every session is a failure.
+    let refused = run("nosuchapp.localhost");
+    assert!(refused["errors"].as_u64().unwrap() > 0, "{refused}");
+    assert_eq!(refused["handshakes_per_sec"], 0.0, "{refused}");
+}

@@ -80,6 +80,7 @@ pub fn server_config(
                 | CipherSuite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
         )
     });
+    provider.secure_random = &ThreadRandom;
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
@@ -87,6 +88,21 @@ pub fn server_config(
     config.ignore_client_order = true;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
+}
+
+/// rustls's public random values (hello randoms, session ids, ticket
+/// nonces and ids) from the thread's ChaCha generator, seeded and reseeded
+/// by the OS, instead of ring's system call for each: a new TLS 1.3
+/// session made seven. Secrets (key exchange and signing keys) still come
+/// from ring's own source, the OS.
+#[derive(Debug)]
+struct ThreadRandom;
+
+impl rustls::crypto::SecureRandom for ThreadRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+        rand::RngCore::fill_bytes(&mut rand::rng(), buf);
+        Ok(())
+    }
 }
 
 /// A chain and key as rustls signs with them.

@@ -7,16 +7,20 @@
 //!   visible propagation.
 //! - `load`: HTTP requests at a fixed rate and their latency percentiles
 //!   (what `benches/proxy-compare.sh` measures every proxy with).
+//! - `handshakes`: new TLS sessions per second, each a full handshake and
+//!   one request (what `benches/proxy-compare.sh` measures handshakes with).
 //! - `coldstart`: a request to a stopped or suspended app through the
 //!   proxy, which starts the machine, until the first byte.
 
 mod catalog;
 mod coldstart;
+mod handshakes;
 mod lifecycle;
 mod load;
 
 pub use catalog::{CatalogArgs, catalog};
 pub use coldstart::{ColdstartArgs, coldstart};
+pub use handshakes::{HandshakesArgs, handshakes};
 pub use lifecycle::{LifecycleArgs, lifecycle};
 pub use load::{LoadArgs, load};
 

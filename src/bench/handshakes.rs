@@ -1,0 +1,223 @@
+//! `hangar bench handshakes`: new TLS sessions per second.
+//!
+//! Each of `--conns` clients in a loop connects, makes a full handshake,
+//! sends one `Connection: close` request and reads the response to its
+//! end. No session is ever resumed, so every handshake is new: key
+//! exchange, certificate and its signature (what a server pays for a
+//! client it has not seen). wrk cannot measure this: it resumes sessions,
+//! and a resumed TLS 1.2 session skips the key exchange altogether.
+//!
+//! The certificate is not checked against any root (benchmark targets use
+//! self-signed ones), but the handshake's signature is verified, as a real
+//! client would.
+
+use super::percentile;
+use anyhow::Context;
+use rustls::client::Resumption;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+#[derive(clap::Args)]
+pub struct HandshakesArgs {
+    /// The TLS listener (host:port).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// The SNI and Host header (and so the app, through Hangar's proxy).
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    /// The request path and query.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// How long to measure, in seconds (after a one-second warm-up).
+    #[arg(long, default_value_t = 5)]
+    secs: u64,
+    /// Clients making sessions at once.
+    #[arg(long, default_value_t = 32)]
+    conns: usize,
+    /// Print one JSON object on the last line as well.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What one client measured: session latencies in µs (connect to the
+/// response's end), and failures.
+#[derive(Default)]
+struct Tally {
+    micros: Vec<f64>,
+    errors: u64,
+    last_error: Option<String>,
+}
+
+pub async fn handshakes(args: HandshakesArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.conns > 0, "--conns must be positive");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.resumption = Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = TlsConnector::from(Arc::new(config));
+    let name = ServerName::try_from(args.host.clone()).context("--host is not a server name")?;
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        args.path, args.host
+    );
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(1);
+    let end = measure_from + Duration::from_secs(args.secs);
+    let clients: Vec<_> = (0..args.conns)
+        .map(|_| {
+            let (connector, name, request) = (connector.clone(), name.clone(), request.clone());
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                loop {
+                    let began = Instant::now();
+                    if began >= end {
+                        return tally;
+                    }
+                    match session(&connector, args.addr, &name, &request).await {
+                        Ok(()) if began >= measure_from => {
+                            tally.micros.push(began.elapsed().as_secs_f64() * 1e6);
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            tally.errors += 1;
+                            tally.last_error = Some(format!("{e:#}"));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut all = Tally::default();
+    for client in clients {
+        let t = client.await.context("handshake client")?;
+        all.micros.extend(t.micros);
+        all.errors += t.errors;
+        all.last_error = t.last_error.or(all.last_error);
+    }
+    all.micros.sort_by(f64::total_cmp);
+    let ms = |q| percentile(&all.micros, q) / 1000.0;
+    let rate = all.micros.len() as f64 / args.secs as f64;
+    println!(
+        "new TLS sessions (full handshake, one request each) for {}s over {} clients: {rate:.0}/s, {} errors",
+        args.secs, args.conns, all.errors
+    );
+    if let Some(e) = &all.last_error {
+        println!("last error: {e}");
+    }
+    println!(
+        "session ms: p50 {:.3}  p99 {:.3}  max {:.3}",
+        ms(0.5),
+        ms(0.99),
+        ms(1.0)
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "handshakes",
+                "secs": args.secs,
+                "conns": args.conns,
+                "handshakes_per_sec": rate,
+                "errors": all.errors,
+                "p50_ms": ms(0.5),
+                "p99_ms": ms(0.99),
+            })
+        );
+    }
+    Ok(())
+}
+
+/// One new session: connect, full handshake, the request, the response
+/// read to the server's close; fails unless the answer is a 200.
+async fn session(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    name: &ServerName<'static>,
+    request: &str,
+) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let mut tls = connector
+        .connect(name.clone(), tcp)
+        .await
+        .context("handshake")?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut response = Vec::with_capacity(1024);
+    match tls.read_to_end(&mut response).await {
+        Ok(_) => {}
+        // A server that closes without a close_notify after a complete
+        // response (nginx does) has still answered.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e).context("reading the response"),
+    }
+    anyhow::ensure!(
+        response.starts_with(b"HTTP/1.1 200 "),
+        "answered {:?}",
+        String::from_utf8_lossy(&response[..response.len().min(40)])
+    );
+    Ok(())
+}
+
+/// Takes any certificate (benchmark targets are self-signed) but verifies
+/// the handshake's signature with it, as a real client's work.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
