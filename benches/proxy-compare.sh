@@ -103,6 +103,7 @@ http {
   uwsgi_temp_path $tmp/nginx/uwsgi;
   scgi_temp_path $tmp/nginx/scgi;
   upstream machine { server $upstream; keepalive 128; }
+  map \$https \$forwarded_ssl { on on; default off; }
   server {
     listen 127.0.0.1:$nginx_port;
     listen 127.0.0.1:$nginx_tls ssl;
@@ -116,8 +117,20 @@ http {
       proxy_pass http://machine;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      # Hangar's headers to the machine and to the client, so that every
+      # proxy does the same work per request.
       proxy_set_header Host \$host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Port \$server_port;
+      proxy_set_header X-Forwarded-SSL \$forwarded_ssl;
+      proxy_set_header Fly-Client-IP \$remote_addr;
+      proxy_set_header Fly-Forwarded-Port \$server_port;
+      proxy_set_header Fly-Region dev;
+      proxy_set_header Fly-Request-Id \$request_id;
+      proxy_set_header Via "1.1 nginx";
+      add_header Fly-Request-Id \$request_id;
+      add_header Via "1.1 nginx";
     }
   }
 }
@@ -140,6 +153,19 @@ defaults
 frontend edge
   bind 127.0.0.1:$haproxy_port
   bind 127.0.0.1:$haproxy_tls ssl crt $tmp/haproxy.pem alpn http/1.1
+  unique-id-format "%{+X}o%ci:%cp_%fi:%fp_%Ts_%rt:%pid"
+  http-request set-header X-Forwarded-Proto https if { ssl_fc }
+  http-request set-header X-Forwarded-Proto http if !{ ssl_fc }
+  http-request set-header X-Forwarded-SSL on if { ssl_fc }
+  http-request set-header X-Forwarded-SSL off if !{ ssl_fc }
+  http-request set-header X-Forwarded-Port %[dst_port]
+  http-request set-header Fly-Client-IP %[src]
+  http-request set-header Fly-Forwarded-Port %[dst_port]
+  http-request set-header Fly-Region dev
+  http-request set-header Fly-Request-Id %[unique-id]
+  http-request add-header Via "1.1 haproxy"
+  http-response set-header Fly-Request-Id %[unique-id]
+  http-response add-header Via "1.1 haproxy"
   default_backend machine
 backend machine
   server m1 $upstream
