@@ -7,9 +7,11 @@
 # Starts `hangar dev` (port 0, temp dir) with one hangar/echo machine, then
 # nginx and HAProxy from Debian (installed when missing, with wrk and
 # openssl) proxying to that machine: keep-alive upstream connections, 2
-# workers/threads each like Hangar's 2 workers, X-Forwarded-For added by
-# all three, and TLS with the same kind of key (ECDSA P-256: Hangar's dev
-# certificate, a fresh openssl one for the others). Measured in interleaved
+# workers/threads each like Hangar's 2 workers, the same headers added by
+# all three (Hangar's: Fly-*, X-Forwarded-*, Via to the machine, a request
+# id and Via to the client), and TLS 1.2 and 1.3 with the same kind of key
+# (ECDSA P-256: Hangar's dev certificate, a fresh openssl one for the
+# others). Measured in interleaved
 # rounds (every path once per round, so drift on this shared machine hits
 # them all):
 #
