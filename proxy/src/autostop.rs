@@ -33,6 +33,7 @@
 //! (at most [`MAX_KEEP_ALIVE`] ahead). The proxy takes the header out of
 //! the response.
 
+use crate::FastHash;
 use crate::autostart::HostDirectory;
 use crate::metrics::EdgeMetrics;
 use compact_str::CompactString;
@@ -60,17 +61,17 @@ pub const MAX_KEEP_ALIVE: Duration = Duration::from_secs(24 * 3600);
 pub struct Activity {
     epoch: Instant,
     /// Milliseconds since `epoch`.
-    last: DashMap<CompactString, AtomicU64>,
+    last: DashMap<CompactString, AtomicU64, FastHash>,
     /// Milliseconds since `epoch`, from `fly-keep-alive-until`.
-    kept_until: DashMap<CompactString, AtomicU64>,
+    kept_until: DashMap<CompactString, AtomicU64, FastHash>,
 }
 
 impl Activity {
     pub(crate) fn new() -> Self {
         Self {
             epoch: Instant::now(),
-            last: DashMap::new(),
-            kept_until: DashMap::new(),
+            last: DashMap::default(),
+            kept_until: DashMap::default(),
         }
     }
 

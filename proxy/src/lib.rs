@@ -250,6 +250,12 @@ impl Proxy {
 /// answering pings are closed. (HTTP/1 has the same limits in [`h1`].)
 pub(crate) type H2Server = hyper::server::conn::http2::Builder<TokioExecutor>;
 
+/// The hasher of the maps a request looks up on its way (upstream pools,
+/// machine activity, metric series): their keys come from the catalog and
+/// the proxy, not from clients, so a fast keyed hash does, where the
+/// default SipHash costs more than the lookup it serves.
+pub(crate) type FastHash = foldhash::fast::RandomState;
+
 fn client_server(cfg: &ProxyConfig) -> H2Server {
     let mut server = H2Server::new(TokioExecutor::new());
     server

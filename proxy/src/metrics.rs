@@ -47,6 +47,7 @@
 //! writer lock's holder, last holder and waits per call site, and the RIB's
 //! connection locks.
 
+use crate::FastHash;
 use crate::Listener;
 use crate::conns::Conns;
 use bytes::Bytes;
@@ -111,7 +112,7 @@ pub(crate) struct EdgeMetrics {
     /// The three series above for each (app, region, status) seen, looked
     /// up in their vectors once: a vector lookup hashes every label value
     /// and takes the vector's lock, three times a response.
-    series: Arc<DashMap<SeriesKey, Series>>,
+    series: Arc<DashMap<SeriesKey, Series, FastHash>>,
     errors: IntCounterVec,
     pub(crate) retries: IntCounter,
     pub(crate) replays: Replays,

@@ -574,10 +574,10 @@ async fn deliver(
     pinned: Option<&str>,
 ) -> Result<Response<ProxyBody>, PathError> {
     loop {
-        // Kept in case the machine asks for a replay (only a body read
-        // whole can be sent twice).
-        let copy = body::copy(&req);
-        let sent = forward(edge, ex, &hop, (req, copy.as_ref()), upgrade.is_some()).await;
+        // The request comes back when it can go again (a replay, a fall
+        // back, another region): when its body was read whole.
+        let (sent, copy) = forward(edge, ex, &hop, req, upgrade.is_some()).await;
+        let copy = copy.filter(|req| matches!(req.body(), UpBody::Buffered(_)));
         let (error, copy) = match sent {
             Ok(Reply::Local(response)) => return Ok(response),
             Ok(Reply::Machine(answer)) => {
@@ -643,22 +643,29 @@ impl Answer {
 
 /// Sends the request to a machine of the hop's choice; a machine that
 /// refused the connection never saw the request, which goes to another
-/// one, a bounded number of times. `copy` (the request, when its body was
-/// read whole) is sent again when the connection broke before any answer.
+/// one, a bounded number of times. A request whose body was read whole is
+/// sent again when the connection broke before any answer. The request
+/// comes back with the reply when it can go again.
 async fn forward(
     edge: &Edge,
     ex: &mut Exchange,
     hop: &Hop,
-    (mut req, copy): (Request<UpBody>, Option<&Request<UpBody>>),
+    mut req: Request<UpBody>,
     upgrade: bool,
-) -> Result<Reply, PathError> {
-    let mut app = hop.app.routes(&edge.fib)?;
+) -> (Result<Reply, PathError>, Option<Request<UpBody>>) {
+    let mut app = match hop.app.routes(&edge.fib) {
+        Ok(app) => app,
+        Err(error) => return (Err(error), Some(req)),
+    };
     let mut skip: Vec<CompactString> = hop.exclude.iter().cloned().collect();
     let mut last_refusal = None;
     for attempt in 1.. {
         if attempt > 1 {
             // Fresh routes: the machine tried last may be going down.
-            app = Box::pin(after_refusal(edge, &app.name, &skip)).await?;
+            app = match Box::pin(after_refusal(edge, &app.name, &skip)).await {
+                Ok(app) => app,
+                Err(error) => return (Err(error), Some(req)),
+            };
         }
         let slot = slot(edge, &app, hop, &skip);
         let slot = match hop.timeout {
@@ -670,42 +677,44 @@ async fn forward(
         let (target, lease) = match slot {
             Ok(slot) => slot,
             // No machine left to try: the refusal is the answer.
-            Err(error) => return Err(last_refusal.unwrap_or(error)),
+            Err(error) => return (Err(last_refusal.unwrap_or(error)), Some(req)),
         };
         ex.machine = Some(target.machine().id.clone());
         if let Some(redirect) = force_https(&target, ex.conn.listener, &req) {
-            return Ok(Reply::Local(redirect));
+            return (Ok(Reply::Local(redirect)), None);
         }
-        match send(edge, ex, &target, req, upgrade).await {
+        let (sent, back) = send(edge, ex, &target, req, upgrade).await;
+        let failure = match sent {
             Ok(response) => {
-                return Ok(Reply::Machine(Answer {
+                let answer = Answer {
                     target,
                     lease,
                     response,
-                }));
+                };
+                return (Ok(Reply::Machine(answer)), back);
             }
-            Err(Failure::Refused(error, back)) if attempt < edge.max_attempts => {
+            Err(failure) => failure,
+        };
+        req = match (failure, back) {
+            (Failure::Refused(error), Some(back)) if attempt < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, detail = ?error.detail(), "trying another machine");
                 edge.metrics.retries.inc();
                 skip.push(target.machine().id.clone());
                 last_refusal = Some(error);
-                req = *back;
+                back
             }
             // The machine may be gone (its connections all closed): a new
             // connection tells, and a refusal is handled as above. Sent
             // again at most `max_attempts` times in all, like refusals.
-            Err(Failure::Broken(error)) if attempt < edge.max_attempts => {
-                let Some(again) = copy.and_then(body::copy) else {
-                    return Err(error);
-                };
+            (Failure::Broken(error), Some(again)) if attempt < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, "the connection broke before an answer; sending again on a new one");
                 edge.metrics.retries.inc();
-                req = again;
+                again
             }
-            Err(Failure::Refused(error, _) | Failure::Failed(error) | Failure::Broken(error)) => {
-                return Err(error);
+            (Failure::Refused(error) | Failure::Failed(error) | Failure::Broken(error), back) => {
+                return (Err(error), back);
             }
-        }
+        };
     }
     unreachable!("the attempts loop only ends by returning")
 }
@@ -828,21 +837,18 @@ async fn to_peer(
     tracing::debug!(request_id = ?ex.id, region = peer.region, "no machine here; forwarding to the region's proxy");
     edge.metrics.forwarded.inc();
     // A pooled connection the peer closed meanwhile breaks under the
-    // request: it goes once more on a new one, when that is safe.
-    let again = req
-        .method()
-        .is_idempotent()
-        .then(|| body::copy(&req))
-        .flatten();
-    let send = |req| {
+    // request: it goes once more on a new one, when that is safe. (Only a
+    // request whose body was read whole comes here, and the pool only
+    // borrows it.)
+    let send = || {
         tokio::time::timeout(
             edge.response_timeout,
-            edge.upstreams.send(ex.conn.worker, &proxy, req),
+            edge.upstreams.send(ex.conn.worker, &proxy, &req),
         )
     };
-    let mut sent = send(req).await;
-    if let (Ok(Err(SendError::Broken(_))), Some(again)) = (&sent, again) {
-        sent = send(again).await;
+    let mut sent = send().await;
+    if matches!(sent, Ok(Err(SendError::Broken(_)))) && req.method().is_idempotent() {
+        sent = send().await;
     }
     let response = match sent {
         Ok(Ok(response)) => response,
@@ -1169,15 +1175,22 @@ fn force_https(
 }
 
 /// Sends the request to the target and waits for the response head, for at
-/// most the response timeout. An upgrade request goes on a connection of
-/// its own, handed over to the tunnel if the machine switches protocols.
+/// most the response timeout. A request whose body was read whole goes on
+/// a pooled connection, which only borrows it; the rest (an upgrade, which
+/// goes on a connection of its own handed over to the tunnel if the
+/// machine switches protocols, a streamed body, an h2 machine) go through
+/// hyper's client, which takes them. The request comes back when it can
+/// go again.
 async fn send(
     edge: &Edge,
     ex: &Exchange,
     target: &Target,
     req: Request<UpBody>,
     upgrade: bool,
-) -> Result<Response<MachineBody>, Failure> {
+) -> (
+    Result<Response<MachineBody>, Failure>,
+    Option<Request<UpBody>>,
+) {
     let m = target.machine();
     let machine = upstream::Machine {
         addr: SocketAddr::new(m.private_ip, target.internal_port()),
@@ -1192,50 +1205,56 @@ async fn send(
         .port()
         .and_then(|p| p.http_options.as_ref()?.h2_backend)
         == Some(true);
-    let sent = async {
-        if upgrade {
-            let response = edge.upstreams.send_unpooled(&machine, req, true);
-            Box::pin(response).await
-        } else if h2 {
+    let within = edge.response_timeout;
+    let (sent, back) = if buffered && !upgrade && !h2 {
+        let sent = edge.upstreams.send(ex.conn.worker, &machine, &req);
+        (tokio::time::timeout(within, sent).await, Some(req))
+    } else {
+        // hyper takes the request: a copy stays (only a body read whole
+        // can go again). Boxed: hyper's client futures are large, and
+        // these are rare.
+        let copy = body::copy(&req);
+        let sent: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 && !upgrade {
             let req = for_h2(req, machine.addr);
-            let response = edge.upstreams.send_h2(ex.conn.worker, &machine, req);
-            Box::pin(response).await
+            Box::pin(edge.upstreams.send_h2(ex.conn.worker, &machine, req))
         } else {
-            edge.upstreams.send(ex.conn.worker, &machine, req).await
-        }
+            Box::pin(edge.upstreams.send_unpooled(&machine, req, upgrade))
+        };
+        (tokio::time::timeout(within, sent).await, copy)
     };
-    match tokio::time::timeout(edge.response_timeout, sent).await {
-        Ok(Ok(exchange)) => Ok(exchange),
-        Ok(Err(SendError::Connect { cause, request })) => Err(Failure::Refused(
-            upstream_error(&machine, true, cause),
-            request,
-        )),
+    let failure = match sent {
+        Ok(Ok(response)) => return (Ok(response), back),
+        // A request given away and refused comes back whole.
+        Ok(Err(SendError::Connect { cause, request })) => {
+            let error = upstream_error(&machine, true, cause);
+            return (Err(Failure::Refused(error)), request.map(|r| *r).or(back));
+        }
         Ok(Err(SendError::Broken(cause))) if method.is_idempotent() && buffered => {
-            Err(Failure::Broken(upstream_error(&machine, false, cause)))
+            Failure::Broken(upstream_error(&machine, false, cause))
         }
         Ok(Err(SendError::Exchange(cause) | SendError::Broken(cause))) => {
             let mut error = upstream_error(&machine, false, cause);
             if let PathError::Upstream { not_retried, .. } = &mut error {
                 *not_retried = why_not_retried(&method, buffered, edge.retry_body_bytes);
             }
-            Err(Failure::Failed(error))
+            Failure::Failed(error)
         }
-        Err(_) => Err(Failure::Failed(PathError::UpstreamTimeout {
+        Err(_) => Failure::Failed(PathError::UpstreamTimeout {
             machine: machine.id.to_string(),
             after: edge.response_timeout,
-        })),
-    }
+        }),
+    };
+    (Err(failure), back)
 }
 
 /// How one attempt to forward failed.
 enum Failure {
-    /// The machine could not be connected to; the request comes back.
-    Refused(PathError, Box<Request<UpBody>>),
+    /// The machine could not be connected to: the request never left.
+    Refused(PathError),
     /// The connection broke under a request that is safe to send again
-    /// (idempotent, body read whole) before any answer; the request is
-    /// gone, a copy may go.
+    /// (idempotent, body read whole) before any answer.
     Broken(PathError),
-    /// Anything else: the request is gone.
+    /// Anything else.
     Failed(PathError),
 }
 

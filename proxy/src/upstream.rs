@@ -35,6 +35,7 @@
 //! [`SWEEP_EVERY`] drops expired idle connections and closes the pools of
 //! machines that are no longer routable (stopped, destroyed, cordoned).
 
+use crate::FastHash;
 use crate::body::{BoxError, UpBody};
 use crate::h1;
 use crate::h1::body::{Decoder, Step};
@@ -75,9 +76,9 @@ pub(crate) struct Machine {
 /// Every machine's pool on every worker, and the settings they share.
 pub(crate) struct Upstreams {
     /// One map per worker, indexed by the worker's number.
-    pools: Box<[DashMap<SocketAddr, Arc<Pool>>]>,
+    pools: Box<[DashMap<SocketAddr, Arc<Pool>, FastHash>]>,
     /// `h2_backend` machines' connections, one map per worker.
-    h2: Box<[DashMap<SocketAddr, H2Conn>]>,
+    h2: Box<[DashMap<SocketAddr, H2Conn, FastHash>]>,
     connect_timeout: Duration,
     max_idle: usize,
     idle_timeout: Duration,
@@ -124,10 +125,11 @@ impl std::fmt::Debug for Conn {
 #[derive(Debug)]
 pub(crate) enum SendError {
     /// No connection: refused, unreachable, or the connect timed out. The
-    /// request never left, and comes back for another machine.
+    /// request never left, and comes back for another machine (when it was
+    /// given away; a lent one stayed with the caller).
     Connect {
         cause: String,
-        request: Box<Request<UpBody>>,
+        request: Option<Box<Request<UpBody>>>,
     },
     /// The connection failed after the request was (maybe) written.
     Exchange(String),
@@ -143,7 +145,7 @@ impl SendError {
     fn refused(cause: String, req: Request<UpBody>) -> Self {
         Self::Connect {
             cause,
-            request: Box::new(req),
+            request: Some(Box::new(req)),
         }
     }
 }
@@ -157,8 +159,8 @@ impl Upstreams {
         counters: UpstreamCounters,
     ) -> Self {
         Self {
-            pools: (0..workers.max(1)).map(|_| DashMap::new()).collect(),
-            h2: (0..workers.max(1)).map(|_| DashMap::new()).collect(),
+            pools: (0..workers.max(1)).map(|_| DashMap::default()).collect(),
+            h2: (0..workers.max(1)).map(|_| DashMap::default()).collect(),
             connect_timeout,
             max_idle,
             idle_timeout,
@@ -174,19 +176,21 @@ impl Upstreams {
         self
     }
 
-    /// Sends `req` to `machine` on an idle connection of `worker`'s, or a
-    /// new one, and returns the response, whose body reads the rest from the
-    /// connection and returns it to the pool at its end.
+    /// Sends `req` (its body read whole) to `machine` on an idle connection
+    /// of `worker`'s, or a new one, and returns the response, whose body
+    /// reads the rest from the connection and returns it to the pool at its
+    /// end. The request is only lent: it stays the caller's, to send again
+    /// (a retry, a replay, another region) without a copy.
     pub(crate) async fn send(
         &self,
         worker: usize,
         machine: &Machine,
-        mut req: Request<UpBody>,
+        req: &Request<UpBody>,
     ) -> Result<Response<MachineBody>, SendError> {
-        if matches!(req.body(), UpBody::Streaming { .. }) {
-            // Boxed: hyper's client futures are large, and this is rare.
-            return Box::pin(self.send_unpooled(machine, req, false)).await;
-        }
+        debug_assert!(
+            matches!(req.body(), UpBody::Buffered(_)),
+            "a streamed body goes on a connection of its own (send_unpooled)"
+        );
         let pool = self.pool(worker, machine);
         while let Some(conn) = self.checkout(&pool) {
             match conn.exchange(req).await {
@@ -196,7 +200,7 @@ impl Upstreams {
                 }
                 // Closed by the machine while idle, before our request went
                 // out: try the next one.
-                Err(Failed::Unsent(back)) => req = *back,
+                Err(Failed::Unsent) => {}
                 Err(Failed::Lost(cause)) => {
                     // Its siblings likely share its fate (a machine closing
                     // idle connections, or one that died, closes them all).
@@ -208,12 +212,17 @@ impl Upstreams {
         }
         let conn = match self.connect(&pool).await {
             Ok(conn) => conn,
-            Err(cause) => return Err(SendError::refused(cause, req)),
+            Err(cause) => {
+                return Err(SendError::Connect {
+                    cause,
+                    request: None,
+                });
+            }
         };
         self.counters.new.inc();
         match conn.exchange(req).await {
             Ok(response) => Ok(response),
-            Err(Failed::Unsent(_)) => Err(SendError::Exchange(
+            Err(Failed::Unsent) => Err(SendError::Exchange(
                 "the machine closed a new connection before the request was sent".into(),
             )),
             Err(Failed::Lost(cause)) => {
@@ -404,7 +413,7 @@ struct H2Conn {
 /// How an exchange failed.
 enum Failed {
     /// The connection was closed before any of the request was written.
-    Unsent(Box<Request<UpBody>>),
+    Unsent,
     /// The connection closed or broke after the request went out, before
     /// any answer; the cause, as text.
     Lost(String),
@@ -421,12 +430,12 @@ impl Conn {
     /// head; the response's body takes the connection from there.
     async fn exchange(
         mut self: Box<Self>,
-        req: Request<UpBody>,
+        req: &Request<UpBody>,
     ) -> Result<Response<MachineBody>, Failed> {
         let head_request = req.method() == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        let rest = h1::client::encode_request(&mut out, &req);
+        let rest = h1::client::encode_request(&mut out, req);
         let mut slices = [
             IoSlice::new(&out),
             IoSlice::new(rest.as_deref().unwrap_or_default()),
@@ -444,12 +453,11 @@ impl Conn {
                     written += n;
                     IoSlice::advance_slices(&mut slices, n);
                 }
-                Err(_) if written == 0 => return Err(Failed::Unsent(Box::new(req))),
+                Err(_) if written == 0 => return Err(Failed::Unsent),
                 Err(e) => return Err(Failed::Lost(e.to_string())),
             }
         }
         self.out = out;
-        drop(req);
         let head = loop {
             if !self.buf.is_empty() {
                 match h1::client::parse_response(&mut self.buf, head_request) {

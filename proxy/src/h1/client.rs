@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
 use std::io::Write as _;
+use std::mem::MaybeUninit;
 
 /// Largest response head accepted from a machine.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
@@ -67,9 +68,11 @@ pub(crate) fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Option<ResponseHead>, &'static str> {
-    let mut slots = [httparse::EMPTY_HEADER; head::MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut slots);
-    let len = match res.parse(buf) {
+    let mut slots = [const { MaybeUninit::uninit() }; head::MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err("the machine's response head is too large");

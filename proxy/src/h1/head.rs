@@ -9,6 +9,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 use std::cell::RefCell;
 use std::io::Write as _;
+use std::mem::MaybeUninit;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Most header fields in a head, as hyper allows.
@@ -59,9 +60,9 @@ impl HeadError {
 /// Parses a request head from the front of `buf`, taking it out of `buf`
 /// when whole; `Ok(None)` while more bytes are needed.
 pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, HeadError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut slots);
-    let len = match req.parse(buf) {
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) if len <= max_head => len,
         Ok(httparse::Status::Complete(_)) | Err(httparse::Error::TooManyHeaders) => {
             return Err(HeadError::TooLarge);
@@ -171,28 +172,25 @@ fn span(buf: &[u8], part: &[u8]) -> Span {
 /// Where a head's header fields lie in the buffer httparse read, so they
 /// can share its bytes once it is split off (httparse borrows it until
 /// then).
-pub(crate) struct Fields {
-    spans: [(Span, Span); MAX_HEADERS],
-    count: usize,
-}
+/// (As many as the head has: a fixed array of [`MAX_HEADERS`] would be
+/// kilobytes to initialise for every head.)
+pub(crate) struct Fields(Vec<(Span, Span)>);
 
 impl Fields {
     pub(crate) fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Self {
-        let mut spans = std::array::from_fn(|_| (0..0, 0..0));
-        for (span_of, field) in spans.iter_mut().zip(fields) {
-            *span_of = (span(buf, field.name.as_bytes()), span(buf, field.value));
-        }
-        Self {
-            spans,
-            count: fields.len(),
-        }
+        Self(
+            fields
+                .iter()
+                .map(|field| (span(buf, field.name.as_bytes()), span(buf, field.value)))
+                .collect(),
+        )
     }
 
     /// The fields as a header map whose values share `head`'s bytes, with
     /// room for `extra` more.
     pub(crate) fn map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, &'static str> {
-        let mut headers = HeaderMap::with_capacity(self.count + extra);
-        for (name, value) in &self.spans[..self.count] {
+        let mut headers = HeaderMap::with_capacity(self.0.len() + extra);
+        for (name, value) in &self.0 {
             let name =
                 HeaderName::from_bytes(&head[name.clone()]).map_err(|_| "malformed header name")?;
             let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
