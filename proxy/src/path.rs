@@ -519,7 +519,7 @@ async fn route(
     let host = match &ex.conn.app {
         // An app's own address: the Host is the client's business.
         Some(app) => Host {
-            app: app.to_string(),
+            app: app.as_ref().into(),
             raw: req
                 .headers()
                 .get(HOST)
@@ -918,7 +918,7 @@ fn respond(
 /// The host a request is for, and the app it names.
 #[derive(Debug)]
 struct Host {
-    app: String,
+    app: CompactString,
     /// The client's Host as received, port included, passed on to the machine.
     raw: HeaderValue,
     /// `<app>.flycast[:port]`: the port (80 by default).
@@ -941,23 +941,37 @@ fn host(fib: &Fib, req: &Request<ClientBody>) -> Result<Host, PathError> {
     let text = raw
         .to_str()
         .map_err(|_| PathError::BadHost(HostError::NotText))?;
-    // An app's custom hostname first, then `<app>.flycast`, then
-    // `<app>.localhost`.
-    let (app, flycast) = match custom_hostname_app(fib, text) {
-        Some(app) => (app, None),
-        None => match parse_flycast(text) {
-            Some((app, port)) => (app, Some(port)),
-            None => (parse_host(text).map_err(PathError::BadHost)?, None),
-        },
-    };
+    let (app, flycast) = app_of_host(fib, text).map_err(PathError::BadHost)?;
     Ok(Host { app, raw, flycast })
 }
 
-/// The app a custom hostname (one with an uploaded certificate) belongs to.
-fn custom_hostname_app(fib: &Fib, raw: &str) -> Option<String> {
-    let name = strip_port(raw).ok()?.to_ascii_lowercase();
-    let name = name.strip_suffix('.').unwrap_or(&name);
-    fib.snapshot().hostname(name).map(|c| c.app.clone())
+/// The app a Host names, with the port of `<app>.flycast[:port]`: an
+/// app's custom hostname (one with an uploaded certificate) first, then
+/// `<app>.flycast`, then `<app>.localhost`.
+fn app_of_host(fib: &Fib, raw: &str) -> Result<(CompactString, Option<u16>), HostError> {
+    let name = host_name(raw)?;
+    if let Some(custom) = fib.snapshot().hostname(&name) {
+        return Ok((custom.app.as_str().into(), None));
+    }
+    if let Some((app, port)) = flycast(raw, &name) {
+        return Ok((app.into(), Some(port)));
+    }
+    localhost_app(raw, &name).map(|app| (app.into(), None))
+}
+
+/// A Host's name as the catalog spells names: without its port or a
+/// trailing dot (the fully qualified spelling of the same name), in lower
+/// case; inline, without an allocation, up to 24 bytes.
+fn host_name(raw: &str) -> Result<CompactString, HostError> {
+    if raw.is_empty() {
+        return Err(HostError::Missing);
+    }
+    let mut name = CompactString::from(strip_port(raw)?);
+    name.as_mut_str().make_ascii_lowercase();
+    if name.ends_with('.') {
+        name.pop();
+    }
+    Ok(name)
 }
 
 /// The app's routes from the current FIB snapshot.
@@ -1503,17 +1517,16 @@ const MAX_APP_NAME: usize = 63;
 /// Parses a Host value (`hello.localhost`, `Hello.LocalHost:8080`,
 /// `hello.localhost.`) into the app name it routes to.
 pub fn parse_host(raw: &str) -> Result<String, HostError> {
-    if raw.is_empty() {
-        return Err(HostError::Missing);
-    }
-    let name = strip_port(raw)?.to_ascii_lowercase();
-    // A trailing dot is the fully qualified spelling of the same name.
-    let name = name.strip_suffix('.').unwrap_or(&name);
+    localhost_app(raw, &host_name(raw)?).map(str::to_string)
+}
+
+/// The app of `<app>.localhost`, `name` being `raw`'s [`host_name`].
+fn localhost_app<'a>(raw: &str, name: &'a str) -> Result<&'a str, HostError> {
     let app = name
         .strip_suffix(".localhost")
         .ok_or_else(|| HostError::NotAnApp(raw.to_string()))?;
     if app_name(app) {
-        Ok(app.to_string())
+        Ok(app)
     } else {
         Err(HostError::BadAppName(app.to_string()))
     }
@@ -1522,14 +1535,19 @@ pub fn parse_host(raw: &str) -> Result<String, HostError> {
 /// `<app>.flycast[:port]` → the app and the port (80 when none): the name
 /// an app's private services go by. Anything else is `None`.
 pub fn parse_flycast(raw: &str) -> Option<(String, u16)> {
-    let name = strip_port(raw).ok()?.to_ascii_lowercase();
-    let name = name.strip_suffix('.').unwrap_or(&name);
+    let name = host_name(raw).ok()?;
+    flycast(raw, &name).map(|(app, port)| (app.to_string(), port))
+}
+
+/// The app and port of `<app>.flycast[:port]`, `name` being `raw`'s
+/// [`host_name`].
+fn flycast<'a>(raw: &str, name: &'a str) -> Option<(&'a str, u16)> {
     let app = name.strip_suffix(".flycast").filter(|app| app_name(app))?;
     let port = match raw.rsplit_once(':') {
         Some((_, port)) if !port.is_empty() => port.parse().ok()?,
         _ => 80,
     };
-    Some((app.to_string(), port))
+    Some((app, port))
 }
 
 /// Whether `label` is a valid app name: 1-63 of a-z, 0-9 and `-`.

@@ -7,6 +7,7 @@ use super::body::Framing;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
+use smallvec::SmallVec;
 use std::cell::RefCell;
 use std::io::Write as _;
 use std::mem::MaybeUninit;
@@ -172,9 +173,10 @@ fn span(buf: &[u8], part: &[u8]) -> Span {
 /// Where a head's header fields lie in the buffer httparse read, so they
 /// can share its bytes once it is split off (httparse borrows it until
 /// then).
-/// (As many as the head has: a fixed array of [`MAX_HEADERS`] would be
-/// kilobytes to initialise for every head.)
-pub(crate) struct Fields(Vec<(Span, Span)>);
+/// (Inline up to a typical head's count: a fixed array of [`MAX_HEADERS`]
+/// would be kilobytes to initialise for every head, a vector one more
+/// allocation.)
+pub(crate) struct Fields(SmallVec<[(Span, Span); 24]>);
 
 impl Fields {
     pub(crate) fn of(buf: &[u8], fields: &[httparse::Header<'_>]) -> Self {
