@@ -21,8 +21,11 @@
 //! that sent nothing is closed without a word, as nginx does), refusals of
 //! malformed (`400`, `PE06`) and oversized heads (`431`, `PE07`), h2 with
 //! prior knowledge (handed back to the caller), upgrades (the connection
-//! goes to whoever takes [`io::OnUpgrade`] from the request), and graceful
-//! shutdown (idle connections close, busy ones after their response).
+//! goes to whoever takes [`io::OnUpgrade`] from the request), graceful
+//! shutdown (idle connections close, busy ones after their response), and
+//! lingering close (a connection closed while its client may still be
+//! sending reads on until it is done, so the client is not reset before it
+//! reads its answer).
 
 pub(crate) mod body;
 pub(crate) mod client;
@@ -123,7 +126,7 @@ where
     loop {
         let head = match read_head(&io, &mut buf, settings, &mut waiting, first && h2c).await {
             Read::Head(head) => head,
-            Read::Closed => return close(io).await,
+            Read::Closed => return close(io, None).await,
             Read::H2 => return Ended::H2(Upgraded::new(Box::new(io.into_inner()), buf.freeze())),
             Read::TimedOut(how) => {
                 if how == TimedOut::Answered {
@@ -134,7 +137,7 @@ where
                     );
                     let _ = Shared(&io).write_all(&answer).await;
                 }
-                close(io).await;
+                close(io, None).await;
                 return Ended::TimedOut(how);
             }
             Read::Refused(e) => {
@@ -145,7 +148,9 @@ where
                 let _ = Shared(&io)
                     .write_all(&head::local(e.status(), code, e.reason()))
                     .await;
-                close(io).await;
+                // The client may still be sending the rest of the head, or
+                // a body.
+                close(io, Some(waiting)).await;
                 return Ended::Refused(e);
             }
             Read::Failed(e) => return Ended::Failed(e),
@@ -219,7 +224,7 @@ where
                         let _ = give.send(io);
                         Ended::Upgraded
                     }
-                    None => close(io).await,
+                    None => close(io, None).await,
                 };
             }
             (Ok(()), false) => {}
@@ -227,7 +232,10 @@ where
         // A request body not read to its end leaves the connection
         // somewhere in the middle of it: not reusable.
         if !keep_alive || pumped != Some(Pumped::Complete) {
-            return close(io).await;
+            // Unless it sent all it meant to, the client may still be
+            // sending: a body not read to its end, pipelined requests.
+            let more = pumped != Some(Pumped::Complete) || !buf.is_empty();
+            return close(io, more.then_some(waiting)).await;
         }
     }
 }
@@ -464,10 +472,46 @@ async fn send<IO: ClientIo>(
 
 /// Closes the connection cleanly (TLS sends its close_notify), giving a
 /// client that does not read a bounded time.
-async fn close<IO: ClientIo>(io: Mutex<IO>) -> Ended {
+/// How long a closing connection keeps reading what its client still
+/// sends, in all and for each read (nginx's `lingering_time` and
+/// `lingering_timeout`).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+const LINGER_READ: Duration = Duration::from_secs(5);
+
+/// Closes the connection, our side first: the client reads the end of the
+/// response, then the end of the stream. `linger` (when the client may
+/// still be sending, with what the connection waits with): what it sends
+/// is read and dropped until it closes too, within [`LINGER_TIME`] and
+/// unless a shutdown comes, as nginx's lingering close does. Closing on
+/// unread bytes resets the connection, and a client still writing a body
+/// fails on the reset instead of reading the answer it was sent.
+async fn close<IO: ClientIo>(io: Mutex<IO>, linger: Option<Waiting>) -> Ended {
     let mut io = io.into_inner();
     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+    if let Some(Waiting { stopping, .. }) = linger {
+        // In a task of its own: for the proxy (its counts, its logs) the
+        // connection has ended; this only drains it.
+        tokio::spawn(drain(io, stopping));
+    }
     Ended::Closed
+}
+
+/// Reads and drops what a closed connection's client still sends; see
+/// [`close`].
+async fn drain<IO: ClientIo>(mut io: IO, mut stopping: Pin<Box<dyn Future<Output = ()> + Send>>) {
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut sink = vec![0; 4096];
+    loop {
+        let read = tokio::time::timeout(LINGER_READ, io.read(&mut sink));
+        tokio::select! {
+            biased;
+            () = stopping.as_mut() => return,
+            read = tokio::time::timeout_at(deadline, read) => match read {
+                Ok(Ok(Ok(n))) if n > 0 => {}
+                _ => return,
+            },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -489,9 +533,11 @@ mod tests {
             header_timeout,
             max_head: 8192,
         };
-        let (_stop, shutdown) = watch::channel(false);
+        let (stop, shutdown) = watch::channel(false);
+        // No shutdown comes: the sender stays while any part of the
+        // connection (a lingering close among them) listens.
+        tokio::spawn(async move { stop.closed().await });
         let server = tokio::spawn(async move {
-            let _stop = _stop;
             serve(
                 tcp,
                 &settings,
@@ -616,5 +662,31 @@ mod tests {
             assert!(answer.contains("fly-proxy-error: PE06\r\n"), "{answer}");
             assert!(matches!(server.await.unwrap(), Ended::Refused(_)));
         }
+    }
+
+    /// A client still sending a body when its connection is closed (here
+    /// answered without reading the body, with `Connection: close`) is not
+    /// reset mid-write: what it sends is read and dropped until it is done,
+    /// and it reads its answer.
+    #[tokio::test]
+    async fn a_client_still_sending_when_its_connection_closes_gets_its_answer() {
+        let (mut client, _server) = served(Duration::from_secs(5)).await;
+        const LEN: usize = 16 << 20;
+        let head = format!(
+            "POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: {LEN}\r\nConnection: close\r\n\r\n"
+        );
+        client.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..LEN / chunk.len() {
+            client
+                .write_all(&chunk)
+                .await
+                .expect("the server reads what the client still sends");
+        }
+        client.shutdown().await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("POST /early 0"), "{answer}");
     }
 }
