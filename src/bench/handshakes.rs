@@ -11,7 +11,7 @@
 //! self-signed ones), but the handshake's signature is verified, as a real
 //! client would.
 
-use super::percentile;
+use super::{Tally, Target, percentile};
 use anyhow::Context;
 use rustls::client::Resumption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -27,36 +27,11 @@ use tokio_rustls::TlsConnector;
 
 #[derive(clap::Args)]
 pub struct HandshakesArgs {
-    /// The TLS listener (host:port).
-    #[arg(long)]
-    addr: SocketAddr,
-    /// The SNI and Host header (and so the app, through Hangar's proxy).
-    #[arg(long, default_value = "localhost")]
-    host: String,
-    /// The request path and query.
-    #[arg(long, default_value = "/")]
-    path: String,
-    /// How long to measure, in seconds (after a one-second warm-up).
-    #[arg(long, default_value_t = 5)]
-    secs: u64,
-    /// Clients making sessions at once.
-    #[arg(long, default_value_t = 32)]
-    conns: usize,
-    /// Print one JSON object on the last line as well.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    target: Target,
 }
 
-/// What one client measured: session latencies in µs (connect to the
-/// response's end), and failures.
-#[derive(Default)]
-struct Tally {
-    micros: Vec<f64>,
-    errors: u64,
-    last_error: Option<String>,
-}
-
-pub async fn handshakes(args: HandshakesArgs) -> anyhow::Result<()> {
+pub async fn handshakes(HandshakesArgs { target: args }: HandshakesArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.conns > 0, "--conns must be positive");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
@@ -99,14 +74,11 @@ pub async fn handshakes(args: HandshakesArgs) -> anyhow::Result<()> {
             })
         })
         .collect();
-    let mut all = Tally::default();
+    let mut tallies = Vec::new();
     for client in clients {
-        let t = client.await.context("handshake client")?;
-        all.micros.extend(t.micros);
-        all.errors += t.errors;
-        all.last_error = t.last_error.or(all.last_error);
+        tallies.push(client.await.context("handshake client")?);
     }
-    all.micros.sort_by(f64::total_cmp);
+    let all = Tally::merge(tallies);
     let ms = |q| percentile(&all.micros, q) / 1000.0;
     let rate = all.micros.len() as f64 / args.secs as f64;
     println!(

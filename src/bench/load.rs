@@ -7,7 +7,7 @@
 //! stall shows up in the percentiles instead of silently lowering the rate
 //! (no coordinated omission, as wrk2 measures).
 
-use super::percentile;
+use super::{Tally, Target, percentile};
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -21,53 +21,34 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 #[derive(clap::Args)]
 pub struct LoadArgs {
-    /// Where to send requests (host:port, plain HTTP).
-    #[arg(long)]
-    addr: SocketAddr,
-    /// The Host header (and so the app, through Hangar's proxy).
-    #[arg(long, default_value = "localhost")]
-    host: String,
-    /// The request path and query.
-    #[arg(long, default_value = "/")]
-    path: String,
+    #[command(flatten)]
+    target: Target,
     /// Requests per second.
     #[arg(long, default_value_t = 5000)]
     rate: u32,
-    /// How long to send, in seconds (after a one-second warm-up).
-    #[arg(long, default_value_t = 5)]
-    secs: u64,
-    /// Keep-alive connections.
-    #[arg(long, default_value_t = 32)]
-    conns: usize,
-    /// Print one JSON object on the last line as well.
-    #[arg(long)]
-    json: bool,
-}
-
-/// What one connection measured: latencies in µs, and failures.
-#[derive(Default)]
-struct Tally {
-    micros: Vec<f64>,
-    errors: u64,
 }
 
 pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.rate > 0 && args.conns > 0,
+        args.rate > 0 && args.target.conns > 0,
         "--rate and --conns must be positive"
     );
     let warmup = Duration::from_secs(1);
-    let measured = Duration::from_secs(args.secs);
+    let measured = Duration::from_secs(args.target.secs);
     // Each entry is a request's scheduled time; a bounded channel, so a
     // target that falls far behind makes the ticker wait (and the latency
     // from the scheduled times grow) rather than queue without limit.
-    let (tx, rx) = mpsc::channel::<Instant>(args.conns * 64);
+    let (tx, rx) = mpsc::channel::<Instant>(args.target.conns * 64);
     let rx = Arc::new(Mutex::new(rx));
     let start = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..args.conns {
+    for _ in 0..args.target.conns {
         let rx = rx.clone();
-        let (addr, host, path) = (args.addr, args.host.clone(), args.path.clone());
+        let (addr, host, path) = (
+            args.target.addr,
+            args.target.host.clone(),
+            args.target.path.clone(),
+        );
         workers.push(tokio::spawn(async move {
             connection(addr, &host, &path, rx, start + warmup).await
         }));
@@ -82,18 +63,16 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
         }
     }
     drop(tx);
-    let mut all = Tally::default();
+    let mut tallies = Vec::new();
     for w in workers {
-        let t = w.await.context("load worker")??;
-        all.micros.extend(t.micros);
-        all.errors += t.errors;
+        tallies.push(w.await.context("load worker")??);
     }
-    all.micros.sort_by(f64::total_cmp);
+    let all = Tally::merge(tallies);
     let ms = |q| percentile(&all.micros, q) / 1000.0;
     let done = all.micros.len() as f64 / measured.as_secs_f64();
     println!(
         "fixed rate {} req/s for {}s over {} connections: achieved {done:.0} req/s, {} errors",
-        args.rate, args.secs, args.conns, all.errors
+        args.rate, args.target.secs, args.target.conns, all.errors
     );
     println!(
         "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
@@ -103,14 +82,14 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
         ms(0.999),
         ms(1.0)
     );
-    if args.json {
+    if args.target.json {
         println!(
             "{}",
             serde_json::json!({
                 "bench": "load",
                 "rate": args.rate,
-                "secs": args.secs,
-                "conns": args.conns,
+                "secs": args.target.secs,
+                "conns": args.target.conns,
                 "achieved_rps": done,
                 "errors": all.errors,
                 "p50_ms": ms(0.5),
