@@ -25,6 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+/// How long past the end of the run a session may still take.
+const GRACE: Duration = Duration::from_secs(10);
+
 #[derive(clap::Args)]
 pub struct HandshakesArgs {
     #[command(flatten)]
@@ -60,7 +63,10 @@ pub async fn handshakes(HandshakesArgs { target: args }: HandshakesArgs) -> anyh
                     if began >= end {
                         return tally;
                     }
-                    match session(&connector, args.addr, &name, &request).await {
+                    // Bounded: a server that never answers ends the run.
+                    let session = session(&connector, args.addr, &name, &request);
+                    let done = tokio::time::timeout_at(end + GRACE, session).await;
+                    match done.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in time"))) {
                         Ok(()) if began >= measure_from => {
                             tally.micros.push(began.elapsed().as_secs_f64() * 1e6);
                         }

@@ -470,16 +470,15 @@ async fn send<IO: ClientIo>(
     Ok(())
 }
 
-/// Closes the connection cleanly (TLS sends its close_notify), giving a
-/// client that does not read a bounded time.
 /// How long a closing connection keeps reading what its client still
 /// sends, in all and for each read (nginx's `lingering_time` and
 /// `lingering_timeout`).
 const LINGER_TIME: Duration = Duration::from_secs(30);
 const LINGER_READ: Duration = Duration::from_secs(5);
 
-/// Closes the connection, our side first: the client reads the end of the
-/// response, then the end of the stream. `linger` (when the client may
+/// Closes the connection, our side first (TLS sends its close_notify; a
+/// client that does not read gets a second): the client reads the end of
+/// the response, then the end of the stream. `linger` (when the client may
 /// still be sending, with what the connection waits with): what it sends
 /// is read and dropped until it closes too, within [`LINGER_TIME`] and
 /// unless a shutdown comes, as nginx's lingering close does. Closing on
