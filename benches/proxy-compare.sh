@@ -2,7 +2,7 @@
 # Hangar's proxy against nginx and HAProxy, in front of the same machine.
 #
 #   benches/proxy-compare.sh [--rounds N] [--secs S] [--conns C] [--rate R]
-#                            [--idle N] [--json]
+#                            [--idle N] [--json] [--flamegraph FILE]
 #
 # Starts `hangar dev` (port 0, temp dir) with one hangar/echo machine, then
 # nginx and HAProxy from Debian (installed when missing, with wrk and
@@ -28,10 +28,16 @@
 # upstream requests that went on a reused keep-alive connection. The table shows each
 # figure's median and its ratios to direct, nginx and HAProxy; --json adds
 # one JSON object on the last line.
+#
+# --flamegraph FILE profiles instead of comparing: Hangar's process under
+# the keep-alive load (wrk, --secs, --conns) with `perf record` (call
+# graphs from DWARF), drawn as an SVG flamegraph with inferno (perf from
+# Debian and inferno from crates.io are installed when missing).
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "$0")/.."
 
-rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false
+rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false flamegraph=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -40,7 +46,8 @@ while [ $# -gt 0 ]; do
     --rate) rate=$2; shift 2 ;;
     --idle) idle=$2; shift 2 ;;
     --json) json=true; shift ;;
-    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json]" >&2; exit 2 ;;
+    --flamegraph) flamegraph=$2; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json] [--flamegraph FILE]" >&2; exit 2 ;;
   esac
 done
 
@@ -49,6 +56,11 @@ command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v openssl >/dev/null || need+=(openssl)
+if [ -n "$flamegraph" ]; then
+  command -v perf >/dev/null || need+=(linux-perf)
+  command -v inferno-flamegraph >/dev/null || cargo install --locked --quiet inferno
+  case "$flamegraph" in /*) ;; *) flamegraph="$caller/$flamegraph" ;; esac
+fi
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -232,6 +244,17 @@ for path in direct hangar nginx haproxy; do
   [ $path = direct ] || curl -sfk -o /dev/null -H "Host: bench.localhost" "https://$(tls $path)/" \
     || { echo "no TLS answer from $path" >&2; exit 1; }
 done
+
+if [ -n "$flamegraph" ]; then
+  perf record -F 499 -g --call-graph dwarf,16384 -p "$hangar_pid" -o "$tmp/perf.data" \
+    -- sleep "$secs" 2>/dev/null &
+  perf_pid=$!
+  wrk -t2 -c"$conns" -d"${secs}s" -H "Host: bench.localhost" "http://$hangar/?bytes=128" | grep Requests/sec
+  wait "$perf_pid"
+  perf script -i "$tmp/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph >"$flamegraph"
+  echo "flamegraph of Hangar's process under keep-alive load: $flamegraph"
+  exit 0
+fi
 
 results="$tmp/results"
 : >"$results"
