@@ -16,43 +16,9 @@ use std::task::{Context, Poll};
 /// An error of a body's stream, whichever kind of body.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request body from a client: read by the proxy's HTTP/1 server, or by
-/// hyper's h2 one.
-#[derive(Debug)]
-pub(crate) enum ClientBody {
-    H1(RequestBody),
-    H2(Incoming),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        // Both variants are Unpin.
-        match self.get_mut() {
-            Self::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            Self::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::H1(body) => body.is_end_stream(),
-            Self::H2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::H1(body) => body.size_hint(),
-            Self::H2(body) => body.size_hint(),
-        }
-    }
-}
+/// A request body from a client: read by the proxy's HTTP/1 server
+/// (`Left`), or by hyper's h2 one (`Right`).
+pub(crate) type ClientBody = http_body_util::Either<RequestBody, Incoming>;
 
 /// A response body. Not boxed: the proxy has exactly two kinds.
 #[derive(Debug)]

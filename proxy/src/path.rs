@@ -375,7 +375,7 @@ async fn connection(
     };
     let ended = match listener {
         Listener::Http => {
-            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::H1));
+            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::Left));
             h1::serve(tcp, &edge.h1, true, watcher.clone(), h1).await
         }
         Listener::Https => {
@@ -385,7 +385,7 @@ async fn connection(
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                 return h2(&edge, &server, tls, service, watcher, peer).await;
             }
-            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::H1));
+            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::Left));
             h1::serve(tls, &edge.h1, false, watcher.clone(), h1).await
         }
     };
@@ -419,7 +419,7 @@ async fn h2<IO, S, F>(
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let response = service(req.map(ClientBody::H2));
+        let response = service(req.map(ClientBody::Right));
         async move { Ok::<_, Infallible>(response.await) }
     });
     let served = server.serve_connection(TokioIo::new(io), service);
