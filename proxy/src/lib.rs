@@ -52,6 +52,7 @@ mod peers;
 mod ports;
 pub mod queue;
 mod replay;
+mod spare;
 mod steer;
 mod sticky;
 mod tcp;

@@ -36,19 +36,34 @@ enum By {
 
 impl Steer {
     pub(crate) fn from_headers(headers: &http::HeaderMap) -> Self {
-        let get = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(str::to_string)
-        };
+        let (mut force_instance, mut prefer_instance) = (None, None);
+        let (mut force_region, mut prefer_region) = (None, None);
+        // One pass over the names the client sent: looking each of the four
+        // up would parse and hash four names for every request, and nearly
+        // none carries any.
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                "fly-force-instance-id" => &mut force_instance,
+                "fly-prefer-instance-id" => &mut prefer_instance,
+                "fly-force-region" => &mut force_region,
+                "fly-prefer-region" => &mut prefer_region,
+                _ => continue,
+            };
+            // The first of repeated headers with a value counts.
+            if slot.is_none() {
+                *slot = value
+                    .to_str()
+                    .ok()
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string);
+            }
+        }
         Self {
-            force_instance: get("fly-force-instance-id"),
-            prefer_instance: get("fly-prefer-instance-id"),
-            force_regions: get("fly-force-region").into_iter().collect(),
-            prefer_region: get("fly-prefer-region"),
+            force_instance,
+            prefer_instance,
+            force_regions: force_region.into_iter().collect(),
+            prefer_region,
             by: By::Headers,
         }
     }

@@ -40,6 +40,7 @@ use crate::body::{BoxError, UpBody};
 use crate::h1;
 use crate::h1::body::{Decoder, Step};
 use crate::metrics::UpstreamCounters;
+use crate::spare;
 use bytes::{Bytes, BytesMut};
 use compact_str::CompactString;
 use dashmap::DashMap;
@@ -421,9 +422,8 @@ enum Failed {
     Bad(String),
 }
 
-/// Bytes read from a machine at a time (jemalloc's largest small size
-/// class is 14 KiB: larger buffers cost more to get).
-const READ_CHUNK: usize = 8 * 1024;
+/// Bytes read from a machine at a time.
+const READ_CHUNK: usize = spare::CHUNK;
 
 impl Conn {
     /// Sends one request (its body read whole) and reads the response
@@ -476,6 +476,9 @@ impl Conn {
                 }
             }
             let started = !self.buf.is_empty();
+            if self.buf.capacity() == 0 {
+                self.buf = spare::take();
+            }
             self.buf.reserve(READ_CHUNK);
             match self.io.read_buf(&mut self.buf).await {
                 Ok(0) if started => return Err(Failed::Bad("the machine closed mid-head".into())),
@@ -524,9 +527,9 @@ impl Conn {
         if !self.still_open() {
             return;
         }
-        // The last response's head keeps its bytes; the idle connection
-        // lets go of its share.
-        self.buf = BytesMut::new();
+        // An idle connection holds no buffer (the last response's head may
+        // still share this one).
+        spare::give(std::mem::take(&mut self.buf));
         let mut idle = pool.idle.lock();
         if idle.len() < pool.max_idle {
             idle.push(Idle {

@@ -33,6 +33,7 @@ pub(crate) mod head;
 pub(crate) mod io;
 
 use crate::ProxyBody;
+use crate::spare;
 use body::{Framing, Pumped, RequestBody};
 use bytes::BytesMut;
 use head::{Delimit, Head, HeadError};
@@ -48,9 +49,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-/// Bytes read at a time while waiting for a request head: hyper's size, so
-/// a small body usually comes along with its head.
-const HEAD_CHUNK: usize = 8192;
 /// Body frames up to this size are copied next to the head (or the chunk
 /// framing) to go out in one write; larger ones are written in place.
 const COPY_MAX: usize = 4096;
@@ -290,52 +288,6 @@ impl Exchange {
     }
 }
 
-/// Head buffers that connections let go of while they wait (an idle
-/// connection holds none), kept for the next head read on this worker:
-/// a new 8 KiB buffer for every request, and freeing it once the head's
-/// header values are gone, is the allocator's slow path.
-mod spare {
-    use super::HEAD_CHUNK;
-    use bytes::BytesMut;
-    use std::cell::RefCell;
-
-    /// Spare buffers kept per worker, at most.
-    const MAX: usize = 64;
-
-    thread_local! {
-        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// An empty buffer for a head.
-    pub(super) fn take() -> BytesMut {
-        SPARE
-            .with(|spare| spare.borrow_mut().pop())
-            .unwrap_or_else(|| BytesMut::with_capacity(HEAD_CHUNK))
-    }
-
-    /// How many are kept on this thread.
-    #[cfg(test)]
-    pub(super) fn kept() -> usize {
-        SPARE.with(|spare| spare.borrow().len())
-    }
-
-    /// Keeps `buf` for another head, when nothing else holds its bytes any
-    /// more (a head's header values share them while its request lives).
-    pub(super) fn give(mut buf: BytesMut) {
-        buf.clear();
-        // (One grown for a large head is not worth keeping.)
-        if !buf.try_reclaim(HEAD_CHUNK) || buf.capacity() > 2 * HEAD_CHUNK {
-            return;
-        }
-        SPARE.with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if spare.len() < MAX {
-                spare.push(buf);
-            }
-        });
-    }
-}
-
 /// What a connection waits with between requests: the header timeout, and
 /// the shutdown signal.
 struct Waiting {
@@ -391,7 +343,7 @@ async fn read_head<IO: ClientIo>(
                 poll_fn(|cx| io.lock().poll_readable(cx)).await?;
                 *buf = spare::take();
             }
-            buf.reserve(HEAD_CHUNK);
+            buf.reserve(spare::CHUNK);
             Shared(io).read_buf(buf).await
         };
         tokio::select! {
@@ -707,28 +659,6 @@ mod tests {
             assert!(answer.contains("fly-proxy-error: PE06\r\n"), "{answer}");
             assert!(matches!(server.await.unwrap(), Ended::Refused(_)));
         }
-    }
-
-    /// A head buffer goes back to the worker's spares once nothing shares
-    /// its bytes, and not before.
-    #[test]
-    fn head_buffers_are_reused_once_their_head_is_gone() {
-        let mut buf = spare::take();
-        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
-        let head = buf.split().freeze();
-        spare::give(std::mem::take(&mut buf));
-        assert_eq!(spare::kept(), 0, "kept while its head lives");
-        drop(head);
-
-        let mut buf = spare::take();
-        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
-        let head = buf.split().freeze();
-        let at = head.as_ptr();
-        drop(head);
-        spare::give(buf);
-        assert_eq!(spare::kept(), 1);
-        assert_eq!(spare::take().as_ptr(), at, "the same bytes, from the start");
-        assert_eq!(spare::kept(), 0);
     }
 
     /// A client still sending a body when its connection is closed (here
