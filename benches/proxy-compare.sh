@@ -3,6 +3,7 @@
 #
 #   benches/proxy-compare.sh [--rounds N] [--secs S] [--conns C] [--rate R]
 #                            [--idle N] [--json] [--flamegraph FILE]
+#                            [--instructions]
 #
 # Starts `hangar dev` (port 0, temp dir) with one hangar/echo machine, then
 # nginx and HAProxy from Debian (installed when missing, with wrk and
@@ -33,11 +34,19 @@
 # the keep-alive load (wrk, --secs, --conns) with `perf record` (call
 # graphs from DWARF), drawn as an SVG flamegraph with inferno (perf from
 # Debian and inferno from crates.io are installed when missing).
+#
+# --instructions counts instead of timing: the user-space instructions each
+# proxy runs per request (plain and HTTPS keep-alive, wrk with one thread
+# and 8 connections for --secs), every proxy under valgrind's callgrind
+# (from Debian, installed when missing) with counting on only while the
+# load runs. Unlike req/s on this shared machine, the count does not move
+# with what else runs, so a change to the request path can be judged by it;
+# it does not count the kernel's share, nor cache misses.
 set -euo pipefail
 caller=$PWD
 cd "$(dirname "$0")/.."
 
-rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false flamegraph=
+rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false flamegraph= instructions=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -47,7 +56,8 @@ while [ $# -gt 0 ]; do
     --idle) idle=$2; shift 2 ;;
     --json) json=true; shift ;;
     --flamegraph) flamegraph=$2; shift 2 ;;
-    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json] [--flamegraph FILE]" >&2; exit 2 ;;
+    --instructions) instructions=true; shift ;;
+    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json] [--flamegraph FILE] [--instructions]" >&2; exit 2 ;;
   esac
 done
 
@@ -61,6 +71,7 @@ if [ -n "$flamegraph" ]; then
   command -v inferno-flamegraph >/dev/null || cargo install --locked --quiet inferno
   case "$flamegraph" in /*) ;; *) flamegraph="$caller/$flamegraph" ;; esac
 fi
+$instructions && { command -v callgrind_control >/dev/null || need+=(valgrind); }
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -77,7 +88,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin" dev --data-dir "$tmp/data" --flaps-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+# Each proxy's command prefix: nothing, or callgrind with counting off
+# until the load starts (one output file per process, by pid).
+counted() {
+  if $instructions; then
+    echo "valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$tmp/cg.$1.%p"
+  fi
+}
+
+$(counted hangar) "$bin" dev --data-dir "$tmp/data" --flaps-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
   --https-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --flyd-addr 127.0.0.1:0 \
   >"$tmp/hangar.out" 2>"$tmp/hangar.err" &
 pids+=($!); hangar_pid=$!
@@ -105,6 +124,7 @@ nginx_port=$(free_port); nginx_tls=$(free_port)
 mkdir -p "$tmp/nginx"
 cat >"$tmp/nginx/nginx.conf" <<EOF
 worker_processes 2;
+$($instructions && echo "master_process off;  # callgrind cannot reach forked workers" || true)
 daemon off;
 pid $tmp/nginx/nginx.pid;
 error_log $tmp/nginx/error.log warn;
@@ -149,8 +169,8 @@ http {
   }
 }
 EOF
-nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" &
-pids+=($!)
+$(counted nginx) nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" &
+pids+=($!); nginx_pid=$!
 
 haproxy_port=$(free_port); haproxy_tls=$(free_port)
 cat >"$tmp/haproxy.cfg" <<EOF
@@ -184,7 +204,7 @@ frontend edge
 backend machine
   server m1 $upstream
 EOF
-haproxy -f "$tmp/haproxy.cfg" -db >"$tmp/haproxy.log" 2>&1 &
+$(counted haproxy) haproxy -f "$tmp/haproxy.cfg" -db >"$tmp/haproxy.log" 2>&1 &
 pids+=($!); haproxy_pid=$!
 
 # One wrk run: "req/s p50_ms p99_ms". Extra arguments go to wrk.
@@ -253,6 +273,53 @@ if [ -n "$flamegraph" ]; then
   wait "$perf_pid"
   perf script -i "$tmp/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph >"$flamegraph"
   echo "flamegraph of Hangar's process under keep-alive load: $flamegraph"
+  exit 0
+fi
+
+if $instructions; then
+  # The process that serves requests (nginx's without workers here).
+  served_by() { case $1 in hangar) echo "$hangar_pid" ;;
+    nginx) echo "$nginx_pid" ;; haproxy) echo "$haproxy_pid" ;; esac; }
+  # Instructions per request of `wrk` on URL against the processes PIDS.
+  count() {
+    local url=$1; shift
+    for p in "$@"; do callgrind_control -i on "$p" >/dev/null 2>&1; done
+    wrk -t1 -c8 -d2s -H "Host: bench.localhost" "$url" >/dev/null
+    for p in "$@"; do callgrind_control -z "$p" >/dev/null 2>&1; done
+    local n
+    n=$(wrk -t1 -c8 -d"${secs}s" -H "Host: bench.localhost" "$url" | awk '/requests in/ {print $1}')
+    for p in "$@"; do
+      callgrind_control -d "$p" >/dev/null 2>&1
+      callgrind_control -i off "$p" >/dev/null 2>&1
+    done
+    # The dump's "summary:" line is its instruction count.
+    local total=0
+    for p in "$@"; do
+      for f in "$tmp"/cg.*."$p".*; do
+        total=$((total + $(awk '/^summary:/ {print $2}' "$f")))
+        rm -f "$f"
+      done
+    done
+    echo $((total / n))
+  }
+  declare -A ir
+  for path in hangar nginx haproxy; do
+    # shellcheck disable=SC2046
+    ir[plain_$path]=$(count "http://$(plain $path)/?bytes=128" $(served_by $path))
+    # shellcheck disable=SC2046
+    ir[https_$path]=$(count "https://$(tls $path)/?bytes=128" $(served_by $path))
+    echo "$path counted" >&2
+  done
+  echo "user-space instructions per request (callgrind; wrk -t1 -c8, ${secs}s each)"
+  printf '%-22s%10s%10s%10s%10s%11s\n' measure hangar nginx haproxy h/nginx h/haproxy
+  for kind in plain https; do
+    h=${ir[${kind}_hangar]} n=${ir[${kind}_nginx]} x=${ir[${kind}_haproxy]}
+    printf '%-22s%10s%10s%10s%10s%11s\n' "$kind keep-alive" "$h" "$n" "$x" \
+      "$(python3 -c "print(f'{$h/$n:.2f}')")" "$(python3 -c "print(f'{$h/$x:.2f}')")"
+  done
+  if $json; then
+    echo "{\"bench\":\"proxy-compare-instructions\",\"secs\":$secs,\"plain\":{\"hangar\":${ir[plain_hangar]},\"nginx\":${ir[plain_nginx]},\"haproxy\":${ir[plain_haproxy]}},\"https\":{\"hangar\":${ir[https_hangar]},\"nginx\":${ir[https_nginx]},\"haproxy\":${ir[https_haproxy]}}}"
+  fi
   exit 0
 fi
 
