@@ -6,7 +6,7 @@ use http::header::{
     CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE, VIA,
 };
-use http::header::{SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY};
+use http::header::{Entry, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY};
 
 /// Headers that describe one connection, not the message, so they never
 /// cross the proxy (RFC 9110 section 7.6.1).
@@ -221,12 +221,15 @@ pub(crate) fn append_to_list(
     name: HeaderName,
     value: &HeaderValue,
 ) -> Result<(), InvalidHeaderValue> {
-    if !headers.contains_key(&name) {
-        headers.insert(name, value.clone());
-        return Ok(());
+    match headers.entry(name) {
+        Entry::Vacant(entry) => {
+            entry.insert(value.clone());
+        }
+        Entry::Occupied(mut entry) => {
+            let merged = join(entry.iter().chain([value]), b", ");
+            entry.insert(HeaderValue::from_bytes(&merged)?);
+        }
     }
-    let merged = join(headers.get_all(&name).iter().chain([value]), b", ");
-    headers.insert(name, HeaderValue::from_bytes(&merged)?);
     Ok(())
 }
 

@@ -86,24 +86,25 @@ pub(crate) fn parse_response(
     let fields = head::Fields::of(buf, res.headers);
     let head = buf.split_to(len).freeze();
     // Room for the headers the proxy adds on the way to the client.
-    let headers = fields
+    let (headers, present) = fields
         .map(&head, 4)
         .map_err(|_| "the machine sent a malformed header")?;
-    let close = head::has_token(&headers, header::CONNECTION, "close")
-        || version == Version::HTTP_10
-            && !head::has_token(&headers, header::CONNECTION, "keep-alive");
+    let connection = |token: &str| {
+        present.has(&header::CONNECTION) && head::has_token(&headers, header::CONNECTION, token)
+    };
+    let close = connection("close") || version == Version::HTTP_10 && !connection("keep-alive");
     let body = if head::bodiless(status, head_request) {
         None
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if present.has(&header::TRANSFER_ENCODING) {
         Some(if head::ends_chunked(&headers) {
             Decoder::chunked()
         } else {
             Decoder::UntilClose
         })
-    } else if let Some(length) = headers.get(header::CONTENT_LENGTH) {
-        let n = length
-            .to_str()
-            .ok()
+    } else if present.has(&header::CONTENT_LENGTH) {
+        let n = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .ok_or("the machine sent a malformed content-length")?;
         Some(Decoder::Length(n))

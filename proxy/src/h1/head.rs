@@ -84,20 +84,22 @@ pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
     let uri = Uri::from_maybe_shared(head.slice(path))
         .map_err(|_| HeadError::Malformed("malformed request target"))?;
     // Room for the headers the proxy adds on the way to the machine.
-    let headers = fields.map(&head, 12).map_err(HeadError::Malformed)?;
-    let body = framing(&headers, version)?;
-    let connection = |token: &str| has_token(&headers, header::CONNECTION, token);
+    let (headers, present) = fields.map(&head, 12).map_err(HeadError::Malformed)?;
+    let body = framing(&headers, present, version)?;
+    let connection = |token: &str| {
+        present.has(&header::CONNECTION) && has_token(&headers, header::CONNECTION, token)
+    };
     let keep_alive = match version {
         Version::HTTP_10 => connection("keep-alive"),
         _ => !connection("close"),
     };
     let expect_continue = version == Version::HTTP_11
+        && present.has(&header::EXPECT)
         && headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
-        && connection("upgrade");
+    let upgrade =
+        version == Version::HTTP_11 && present.has(&header::UPGRADE) && connection("upgrade");
     Ok(Some(Head {
         method,
         uri,
@@ -114,14 +116,18 @@ pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
 /// `Transfer-Encoding` and `Content-Length`, or with lengths that differ,
 /// is refused: proxies that disagree on where a body ends are how requests
 /// get smuggled.
-fn framing(headers: &HeaderMap, version: Version) -> Result<Option<Framing>, HeadError> {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+fn framing(
+    headers: &HeaderMap,
+    present: Present,
+    version: Version,
+) -> Result<Option<Framing>, HeadError> {
+    if present.has(&header::TRANSFER_ENCODING) {
         if version == Version::HTTP_10 {
             return Err(HeadError::Malformed(
                 "transfer-encoding in an HTTP/1.0 request",
             ));
         }
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if present.has(&header::CONTENT_LENGTH) {
             return Err(HeadError::Malformed(
                 "both transfer-encoding and content-length",
             ));
@@ -132,6 +138,9 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Option<Framing>, Hea
                 "transfer-encoding does not end in chunked",
             )),
         };
+    }
+    if !present.has(&header::CONTENT_LENGTH) {
+        return Ok(None);
     }
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
@@ -189,17 +198,54 @@ impl Fields {
     }
 
     /// The fields as a header map whose values share `head`'s bytes, with
-    /// room for `extra` more.
-    pub(crate) fn map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, &'static str> {
+    /// room for `extra` more, and which framing headers it has.
+    pub(crate) fn map(
+        &self,
+        head: &Bytes,
+        extra: usize,
+    ) -> Result<(HeaderMap, Present), &'static str> {
         let mut headers = HeaderMap::with_capacity(self.0.len() + extra);
+        let mut present = Present::default();
         for (name, value) in &self.0 {
             let name =
                 HeaderName::from_bytes(&head[name.clone()]).map_err(|_| "malformed header name")?;
             let value = HeaderValue::from_maybe_shared(head.slice(value.clone()))
                 .map_err(|_| "malformed header value")?;
+            present.note(&name);
             headers.append(name, value);
         }
-        Ok(headers)
+        Ok((headers, present))
+    }
+}
+
+/// Which of the headers that frame a message or its connection a head has,
+/// noted while its map is built: most heads have few of them, and looking
+/// up each one that is absent costs a hash.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Present(u8);
+
+impl Present {
+    const NAMES: [HeaderName; 5] = [
+        header::CONNECTION,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::EXPECT,
+        header::UPGRADE,
+    ];
+
+    fn note(&mut self, name: &HeaderName) {
+        if let Some(i) = Self::NAMES.iter().position(|n| n == name) {
+            self.0 |= 1 << i;
+        }
+    }
+
+    /// Whether the head has `name`; a name not in [`Self::NAMES`] may be
+    /// there (it is not noted), so it counts as present.
+    pub(crate) fn has(self, name: &HeaderName) -> bool {
+        Self::NAMES
+            .iter()
+            .position(|n| n == name)
+            .is_none_or(|i| self.0 & (1 << i) != 0)
     }
 }
 
