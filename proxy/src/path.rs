@@ -520,11 +520,7 @@ async fn route(
         // An app's own address: the Host is the client's business.
         Some(app) => Host {
             app: app.as_ref().into(),
-            raw: req
-                .headers()
-                .get(HOST)
-                .cloned()
-                .unwrap_or_else(|| HeaderValue::from_static("")),
+            replace: (!req.headers().contains_key(HOST)).then(|| HeaderValue::from_static("")),
             flycast: None,
         },
         None => host(&edge.fib, &req)?,
@@ -919,8 +915,10 @@ fn respond(
 #[derive(Debug)]
 struct Host {
     app: CompactString,
-    /// The client's Host as received, port included, passed on to the machine.
-    raw: HeaderValue,
+    /// What the machine gets as Host in place of the client's `Host`
+    /// header: the URI's authority (h2, an absolute-form target), or an
+    /// empty one when there is none. `None`: the client's header, as is.
+    replace: Option<HeaderValue>,
     /// `<app>.flycast[:port]`: the port (80 by default).
     flycast: Option<u16>,
 }
@@ -929,20 +927,29 @@ struct Host {
 /// target, which takes precedence over `Host` per RFC 9112 section 3.2.2),
 /// else from the `Host` header.
 fn host(fib: &Fib, req: &Request<ClientBody>) -> Result<Host, PathError> {
-    let raw = match req.uri().authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str())
-            .map_err(|_| PathError::BadHost(HostError::NotText))?,
-        None => req
-            .headers()
-            .get(HOST)
-            .cloned()
-            .ok_or(PathError::BadHost(HostError::Missing))?,
+    let (replace, parsed) = match req.uri().authority() {
+        Some(authority) => {
+            let raw = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| PathError::BadHost(HostError::NotText))?;
+            (Some(raw), app_of_host(fib, authority.as_str()))
+        }
+        None => {
+            let raw = req
+                .headers()
+                .get(HOST)
+                .ok_or(PathError::BadHost(HostError::Missing))?;
+            let text = raw
+                .to_str()
+                .map_err(|_| PathError::BadHost(HostError::NotText))?;
+            (None, app_of_host(fib, text))
+        }
     };
-    let text = raw
-        .to_str()
-        .map_err(|_| PathError::BadHost(HostError::NotText))?;
-    let (app, flycast) = app_of_host(fib, text).map_err(PathError::BadHost)?;
-    Ok(Host { app, raw, flycast })
+    let (app, flycast) = parsed.map_err(PathError::BadHost)?;
+    Ok(Host {
+        app,
+        replace,
+        flycast,
+    })
 }
 
 /// The app a Host names, with the port of `<app>.flycast[:port]`: an
@@ -1023,7 +1030,9 @@ fn upstream_request(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     headers::strip_hop_by_hop(headers);
-    headers.insert(HOST, host.raw);
+    if let Some(raw) = host.replace {
+        headers.insert(HOST, raw);
+    }
     let forwarded = Forwarded {
         client_ip: &ex.conn.client_ip,
         proto: ex.conn.listener.as_str(),
