@@ -536,12 +536,12 @@ async fn route(
         None => ex.conn.want,
     };
     count_connection(edge, &ex.conn, &app.name)?;
-    let upgrade = headers::Upgrade::take(&mut req);
+    let mut upgrade = headers::Upgrade::take(&mut req);
     // A sticky session's machine first, unless the client asks otherwise.
     let pinned = sticky::of(&app, want)
         .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
     let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
-    let hop = Hop::first(app, want, steer);
+    let mut hop = Hop::first(app, want, steer);
     let req = upstream_request(req, ex, &edge.region_value, host)?;
     let (parts, body) = req.into_parts();
     let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
@@ -550,12 +550,19 @@ async fn route(
             ReadBody::TooLarge { limit } => PathError::BodyTooLarge { limit },
             ReadBody::Failed(cause) => PathError::BodyRead(cause),
         })?;
-    let mut req = Request::from_parts(parts, body);
+    let mut req = Box::new(Request::from_parts(parts, body));
     if let Some(upgrade) = &upgrade {
         upgrade.ask(req.headers_mut());
     }
-    deliver(edge, ex, hop, req, upgrade, pinned.as_deref()).await
+    deliver(edge, ex, &mut hop, req, &mut upgrade, pinned.as_deref()).await
 }
+
+/// A request on its way to a machine. Boxed: it goes through every step
+/// of the path (and comes back from them when it can go again), and an
+/// async step keeps room for what it is given for as long as it runs, so
+/// a request by value (300 bytes) would take that room at every level of
+/// the request's future, which is moved whole into a box per request.
+type Outgoing = Box<Request<UpBody>>;
 
 /// Sends the request on its first hop and on every hop after: where each
 /// `fly-replay` sends it, back to the machine that asked when a replay
@@ -564,15 +571,15 @@ async fn route(
 async fn deliver(
     edge: &Edge,
     ex: &mut Exchange,
-    mut hop: Hop,
-    mut req: Request<UpBody>,
-    mut upgrade: Option<headers::Upgrade>,
+    hop: &mut Hop,
+    mut req: Outgoing,
+    upgrade: &mut Option<headers::Upgrade>,
     pinned: Option<&str>,
 ) -> Result<Response<ProxyBody>, PathError> {
     loop {
         // The request comes back when it can go again (a replay, a fall
         // back, another region): when its body was read whole.
-        let (sent, copy) = forward(edge, ex, &hop, req, upgrade.is_some()).await;
+        let (sent, copy) = forward(edge, ex, hop, req, upgrade.is_some()).await;
         let copy = copy.filter(|req| matches!(req.body(), UpBody::Buffered(_)));
         let (error, copy) = match sent {
             Ok(Reply::Local(response)) => return Ok(response),
@@ -580,8 +587,8 @@ async fn deliver(
                 let Some(asked) = answer.replay() else {
                     return respond(edge, ex, answer, upgrade.take(), pinned);
                 };
-                let (next, copy) = replay(edge, ex, &hop, answer, asked, copy)?;
-                hop = next;
+                let (next, copy) = replay(edge, ex, hop, answer, asked, copy)?;
+                *hop = next;
                 req = copy;
                 continue;
             }
@@ -591,7 +598,7 @@ async fn deliver(
         // asked for it, when that one said so.
         let Some(back) = hop.fall_back(&error) else {
             // Nothing here for it: maybe in another region.
-            return match (elsewhere(edge, ex, &hop, &error), copy) {
+            return match (elsewhere(edge, ex, hop, &error), copy) {
                 // Boxed, as every rare branch below: a request's future is
                 // as large as its largest state, and is moved whole.
                 (Some(peer), Some(copy)) => Box::pin(to_peer(edge, ex, peer, copy)).await,
@@ -605,7 +612,7 @@ async fn deliver(
         edge.metrics.replays.fell_back.inc();
         let failed = replay::failed(error.code(), &error.to_string());
         copy.headers_mut().insert(FLY_REPLAY_FAILED, failed);
-        hop = back;
+        *hop = back;
         req = copy;
     }
 }
@@ -646,9 +653,9 @@ async fn forward(
     edge: &Edge,
     ex: &mut Exchange,
     hop: &Hop,
-    mut req: Request<UpBody>,
+    mut req: Outgoing,
     upgrade: bool,
-) -> (Result<Reply, PathError>, Option<Request<UpBody>>) {
+) -> (Result<Reply, PathError>, Option<Outgoing>) {
     let mut app = match hop.app.routes(&edge.fib) {
         Ok(app) => app,
         Err(error) => return (Err(error), Some(req)),
@@ -755,8 +762,8 @@ fn replay(
     hop: &Hop,
     answer: Answer,
     asked: HeaderValue,
-    copy: Option<Request<UpBody>>,
-) -> Result<(Hop, Request<UpBody>), PathError> {
+    copy: Option<Outgoing>,
+) -> Result<(Hop, Outgoing), PathError> {
     let from = answer.target.machine();
     let machine = from.id.to_string();
     let replay = Replay::parse(&asked).map_err(|reason| PathError::BadReplay {
@@ -819,7 +826,7 @@ async fn to_peer(
     edge: &Edge,
     ex: &mut Exchange,
     peer: &crate::config::Peer,
-    mut req: Request<UpBody>,
+    mut req: Outgoing,
 ) -> Result<Response<ProxyBody>, PathError> {
     let region = HeaderValue::from_str(&edge.region)
         .map_err(|e| PathError::Internal(format!("region header: {e}")))?;
@@ -1208,12 +1215,9 @@ async fn send(
     edge: &Edge,
     ex: &Exchange,
     target: &Target,
-    req: Request<UpBody>,
+    req: Outgoing,
     upgrade: bool,
-) -> (
-    Result<Response<MachineBody>, Failure>,
-    Option<Request<UpBody>>,
-) {
+) -> (Result<Response<MachineBody>, Failure>, Option<Outgoing>) {
     let m = target.machine();
     let machine = upstream::Machine {
         addr: SocketAddr::new(m.private_ip, target.internal_port()),
@@ -1236,12 +1240,12 @@ async fn send(
         // hyper takes the request: a copy stays (only a body read whole
         // can go again). Boxed: hyper's client futures are large, and
         // these are rare.
-        let copy = body::copy(&req);
+        let copy = body::copy(&req).map(Box::new);
         let sent: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 && !upgrade {
-            let req = for_h2(req, machine.addr);
+            let req = for_h2(*req, machine.addr);
             Box::pin(edge.upstreams.send_h2(ex.conn.worker, &machine, req))
         } else {
-            Box::pin(edge.upstreams.send_unpooled(&machine, req, upgrade))
+            Box::pin(edge.upstreams.send_unpooled(&machine, *req, upgrade))
         };
         (tokio::time::timeout(within, sent).await, copy)
     };
@@ -1250,7 +1254,7 @@ async fn send(
         // A request given away and refused comes back whole.
         Ok(Err(SendError::Connect { cause, request })) => {
             let error = upstream_error(&machine, true, cause);
-            return (Err(Failure::Refused(error)), request.map(|r| *r).or(back));
+            return (Err(Failure::Refused(error)), request.or(back));
         }
         Ok(Err(SendError::Broken(cause))) if method.is_idempotent() && buffered => {
             Failure::Broken(upstream_error(&machine, false, cause))
