@@ -507,8 +507,46 @@ async fn handle(edge: Arc<Edge>, conn: Conn, req: Request<ClientBody>) -> Respon
 async fn route(
     edge: &Edge,
     ex: &mut Exchange,
-    mut req: Request<ClientBody>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ProxyBody>, PathError> {
+    let Decided {
+        req,
+        mut hop,
+        mut upgrade,
+        pinned,
+    } = decide(edge, ex, req)?;
+    let (parts, body) = req.into_parts();
+    let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
+        .await
+        .map_err(|e| match e {
+            ReadBody::TooLarge { limit } => PathError::BodyTooLarge { limit },
+            ReadBody::Failed(cause) => PathError::BodyRead(cause),
+        })?;
+    let mut req = Box::new(Request::from_parts(parts, body));
+    if let Some(upgrade) = &upgrade {
+        upgrade.ask(req.headers_mut());
+    }
+    deliver(edge, ex, &mut hop, req, &mut upgrade, pinned.as_deref()).await
+}
+
+/// Where a request goes, decided before anything is awaited.
+struct Decided {
+    /// The request as the machine gets it, its body still to be read.
+    req: Request<ClientBody>,
+    hop: Hop,
+    upgrade: Option<headers::Upgrade>,
+    /// The machine a sticky session pins the client to.
+    pinned: Option<CompactString>,
+}
+
+/// The app, the first hop and the request for the machine. (Not part of
+/// [`route`]'s future: what an async step borrows keeps its room there for
+/// as long as the step runs.)
+fn decide(
+    edge: &Edge,
+    ex: &mut Exchange,
+    mut req: Request<ClientBody>,
+) -> Result<Decided, PathError> {
     ex.from_region = edge.peers.forwarded(ex.conn.peer.ip(), req.headers_mut());
     if ex.from_region.is_some()
         && let Some(id) = req.headers().get(FLY_REQUEST_ID)
@@ -536,25 +574,19 @@ async fn route(
         None => ex.conn.want,
     };
     count_connection(edge, &ex.conn, &app.name)?;
-    let mut upgrade = headers::Upgrade::take(&mut req);
+    let upgrade = headers::Upgrade::take(&mut req);
     // A sticky session's machine first, unless the client asks otherwise.
     let pinned = sticky::of(&app, want)
         .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
     let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
-    let mut hop = Hop::first(app, want, steer);
+    let hop = Hop::first(app, want, steer);
     let req = upstream_request(req, ex, &edge.region_value, host)?;
-    let (parts, body) = req.into_parts();
-    let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
-        .await
-        .map_err(|e| match e {
-            ReadBody::TooLarge { limit } => PathError::BodyTooLarge { limit },
-            ReadBody::Failed(cause) => PathError::BodyRead(cause),
-        })?;
-    let mut req = Box::new(Request::from_parts(parts, body));
-    if let Some(upgrade) = &upgrade {
-        upgrade.ask(req.headers_mut());
-    }
-    deliver(edge, ex, &mut hop, req, &mut upgrade, pinned.as_deref()).await
+    Ok(Decided {
+        req,
+        hop,
+        upgrade,
+        pinned,
+    })
 }
 
 /// A request on its way to a machine. Boxed: it goes through every step
