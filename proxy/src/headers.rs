@@ -50,6 +50,14 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is among the headers. One pass over the few names a
+/// message has is cheaper than hashing a name that is not there, as most
+/// of those the proxy looks for on every message are not (`fly-replay`,
+/// ...).
+pub(crate) fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers.keys().any(|n| n == name)
+}
+
 /// An upgrade the client asked for: HTTP/1.1 `Connection: upgrade` and
 /// `Upgrade: websocket` (say), or h2's extended CONNECT with `:protocol`
 /// (RFC 8441). The protocol, and the client's side of the connection once
@@ -70,7 +78,7 @@ impl Upgrade {
         if req.version() == http::Version::HTTP_2 {
             return Self::extended_connect(req);
         }
-        if req.version() != http::Version::HTTP_11 {
+        if req.version() != http::Version::HTTP_11 || !has(req.headers(), &UPGRADE) {
             return None;
         }
         let asked = req
@@ -140,7 +148,7 @@ impl Upgrade {
 /// per cookie, but an HTTP/1.1 server expects a single line
 /// (RFC 9113 section 8.2.3).
 pub(crate) fn join_cookies(headers: &mut HeaderMap) -> Result<(), InvalidHeaderValue> {
-    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+    if !has(headers, &COOKIE) || headers.get_all(COOKIE).iter().nth(1).is_none() {
         return Ok(());
     }
     let joined = join(headers.get_all(COOKIE).iter(), b"; ");

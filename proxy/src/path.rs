@@ -669,10 +669,13 @@ impl Answer {
     /// The machine's `fly-replay`, if it asks for one (a switch of
     /// protocols cannot be replayed).
     fn replay(&self) -> Option<HeaderValue> {
-        if self.response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let headers = self.response.headers();
+        if self.response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || !headers::has(headers, &FLY_REPLAY)
+        {
             return None;
         }
-        self.response.headers().get(FLY_REPLAY).cloned()
+        headers.get(FLY_REPLAY).cloned()
     }
 }
 
@@ -926,7 +929,9 @@ fn respond(
         mut response,
     } = answer;
     let machine = &target.machine().id;
-    if let Some(until) = response.headers_mut().remove(FLY_KEEP_ALIVE_UNTIL) {
+    if headers::has(response.headers(), &FLY_KEEP_ALIVE_UNTIL)
+        && let Some(until) = response.headers_mut().remove(FLY_KEEP_ALIVE_UNTIL)
+    {
         edge.released.activity.keep_alive(machine, &until);
     }
     if let Some(sticky) = &target.service().sticky {

@@ -62,6 +62,9 @@ impl Peers {
     /// Whether a request from `from` came through a peer: its
     /// `fly-forwarded-region` if so. A header from anyone else is removed.
     pub(crate) fn forwarded(&self, from: IpAddr, headers: &mut HeaderMap) -> Option<HeaderValue> {
+        if !crate::headers::has(headers, &FLY_FORWARDED_REGION) {
+            return None;
+        }
         let region = headers.remove(FLY_FORWARDED_REGION)?;
         let ip = from.to_canonical();
         self.list
