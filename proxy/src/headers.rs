@@ -2,6 +2,7 @@
 //! in (`Fly-*`, `X-Forwarded-*`, `Via`).
 
 use crate::h1::io::{Handover, OnUpgrade};
+use crate::peers::FLY_FORWARDED_REGION;
 use http::header::{
     CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE, VIA,
@@ -158,6 +159,12 @@ pub(crate) fn join_cookies(headers: &mut HeaderMap) -> Result<(), InvalidHeaderV
 
 /// What the proxy tells the machine about the request it forwards. The
 /// values are made once (per connection, per proxy) and shared.
+///
+/// The headers go into the request's map ([`add_forwarded`]) only for
+/// hyper's client (h2 to the machine, upgrades, streamed bodies); the
+/// pooled HTTP/1.1 client writes them as it writes the head
+/// ([`crate::h1::client::encode_request`]), which saves a hash and an
+/// insert per header on every request.
 #[derive(Debug)]
 pub(crate) struct Forwarded<'a> {
     /// The client's address, as text.
@@ -170,6 +177,60 @@ pub(crate) struct Forwarded<'a> {
     pub request_id: &'a HeaderValue,
     /// This hop's `Via` entry, such as `1.1 hangar`.
     pub via: &'static str,
+    /// The region whose proxy sent the request here, when one did: its
+    /// view of the client stands, and the machine learns where the
+    /// request came in (`Fly-Forwarded-Region`).
+    pub from_region: Option<&'a HeaderValue>,
+}
+
+impl Forwarded<'_> {
+    /// Names whose values a client could forge: this hop's replace them.
+    const SET: [HeaderName; 7] = [
+        FLY_CLIENT_IP,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_SSL,
+        X_FORWARDED_PORT,
+        FLY_FORWARDED_PORT,
+        FLY_REGION,
+        FLY_REQUEST_ID,
+    ];
+
+    /// Calls `f` with each header this hop sets, replacing the client's.
+    pub(crate) fn each_set(&self, mut f: impl FnMut(HeaderName, &HeaderValue)) {
+        if let Some(region) = self.from_region {
+            return f(FLY_FORWARDED_REGION, region);
+        }
+        let ssl = if self.proto == "https" { "on" } else { "off" };
+        f(FLY_CLIENT_IP, self.client_ip);
+        f(X_FORWARDED_PROTO, &HeaderValue::from_static(self.proto));
+        f(X_FORWARDED_SSL, &HeaderValue::from_static(ssl));
+        f(X_FORWARDED_PORT, self.port);
+        f(FLY_FORWARDED_PORT, self.port);
+        f(FLY_REGION, self.region);
+        f(FLY_REQUEST_ID, self.request_id);
+    }
+
+    /// Calls `f` with each list header this hop appends an entry to, and
+    /// the entry.
+    pub(crate) fn each_appended(&self, mut f: impl FnMut(HeaderName, &HeaderValue)) {
+        if self.from_region.is_none() {
+            f(X_FORWARDED_FOR, self.client_ip);
+        }
+        f(VIA, &HeaderValue::from_static(self.via));
+    }
+
+    /// Whether this hop sets `name` (a client's own is dropped).
+    pub(crate) fn sets(&self, name: &HeaderName) -> bool {
+        match self.from_region {
+            Some(_) => name == FLY_FORWARDED_REGION,
+            None => Self::SET.contains(name),
+        }
+    }
+
+    /// Whether this hop appends to `name`.
+    pub(crate) fn appends(&self, name: &HeaderName) -> bool {
+        name == VIA || self.from_region.is_none() && name == X_FORWARDED_FOR
+    }
 }
 
 /// Sets the proxy headers on a request going to a machine. Values a client
@@ -179,16 +240,16 @@ pub(crate) fn add_forwarded(
     headers: &mut HeaderMap,
     f: &Forwarded<'_>,
 ) -> Result<(), InvalidHeaderValue> {
-    append_to_list(headers, X_FORWARDED_FOR, f.client_ip)?;
-    headers.insert(FLY_CLIENT_IP, f.client_ip.clone());
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
-    let ssl = if f.proto == "https" { "on" } else { "off" };
-    headers.insert(X_FORWARDED_SSL, HeaderValue::from_static(ssl));
-    headers.insert(X_FORWARDED_PORT, f.port.clone());
-    headers.insert(FLY_FORWARDED_PORT, f.port.clone());
-    headers.insert(FLY_REGION, f.region.clone());
-    headers.insert(FLY_REQUEST_ID, f.request_id.clone());
-    append_to_list(headers, VIA, &HeaderValue::from_static(f.via))
+    f.each_set(|name, value| {
+        headers.insert(name, value.clone());
+    });
+    let mut added = Ok(());
+    f.each_appended(|name, value| {
+        if added.is_ok() {
+            added = append_to_list(headers, name, value);
+        }
+    });
+    added
 }
 
 /// Applies a port's configured response headers
@@ -303,6 +364,7 @@ mod tests {
                 region: &HeaderValue::from_static("dev"),
                 request_id: &id,
                 via: "1.1 hangar",
+                from_region: None,
             },
         )
         .unwrap();

@@ -122,6 +122,8 @@ struct Exchange {
     from_machine: bool,
     /// The request came through another region's proxy, this one.
     from_region: Option<HeaderValue>,
+    /// This hop's `Via` entry, by the client's HTTP version.
+    via: &'static str,
 }
 
 // ---- accept ----
@@ -489,6 +491,7 @@ async fn handle(edge: Arc<Edge>, conn: Conn, req: Request<ClientBody>) -> Respon
         in_flight: Some(edge.metrics.in_flight()),
         from_machine: false,
         from_region: None,
+        via: "1.1 hangar",
     };
     match route(&edge, &mut ex, req).await {
         Ok(response) => {
@@ -580,7 +583,7 @@ fn decide(
         .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
     let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
     let hop = Hop::first(app, want, steer);
-    let req = upstream_request(req, ex, &edge.region_value, host)?;
+    let req = upstream_request(req, ex, host)?;
     Ok(Decided {
         req,
         hop,
@@ -878,10 +881,11 @@ async fn to_peer(
     // request: it goes once more on a new one, when that is safe. (Only a
     // request whose body was read whole comes here, and the pool only
     // borrows it.)
+    let fwd = forwarded(edge, ex);
     let send = || {
         tokio::time::timeout(
             edge.response_timeout,
-            edge.upstreams.send(ex.conn.worker, &proxy, &req),
+            edge.upstreams.send(ex.conn.worker, &proxy, &req, &fwd),
         )
     };
     let mut sent = send().await;
@@ -1055,11 +1059,10 @@ fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError
 /// headers added.
 fn upstream_request(
     mut req: Request<ClientBody>,
-    ex: &Exchange,
-    region: &HeaderValue,
+    ex: &mut Exchange,
     host: Host,
 ) -> Result<Request<ClientBody>, PathError> {
-    let via = match req.version() {
+    ex.via = match req.version() {
         Version::HTTP_2 => "2 hangar",
         Version::HTTP_10 => "1.0 hangar",
         _ => "1.1 hangar",
@@ -1077,27 +1080,24 @@ fn upstream_request(
     if let Some(raw) = host.replace {
         headers.insert(HOST, raw);
     }
-    let forwarded = Forwarded {
+    headers::join_cookies(headers)
+        .map_err(|e| PathError::Internal(format!("cookie header: {e}")))?;
+    Ok(req)
+}
+
+/// What this hop tells the machine about the request (`Fly-*`,
+/// `X-Forwarded-*`, `Via`), added as the request goes out
+/// ([`headers::Forwarded`]).
+fn forwarded<'a>(edge: &'a Edge, ex: &'a Exchange) -> Forwarded<'a> {
+    Forwarded {
         client_ip: &ex.conn.client_ip,
         proto: ex.conn.listener.as_str(),
         port: &ex.conn.local_port,
-        region,
+        region: &edge.region_value,
         request_id: &ex.id,
-        via,
-    };
-    // Through a peer, the first proxy's view of the client stands, and the
-    // machine learns where the request came in.
-    let added = match &ex.from_region {
-        Some(region) => {
-            headers.insert(FLY_FORWARDED_REGION, region.clone());
-            headers::append_to_list(headers, VIA, &HeaderValue::from_static(via))
-        }
-        None => headers::add_forwarded(headers, &forwarded),
-    };
-    headers::join_cookies(headers)
-        .and(added)
-        .map_err(|e| PathError::Internal(format!("proxy headers: {e}")))?;
-    Ok(req)
+        via: ex.via,
+        from_region: ex.from_region.as_ref(),
+    }
 }
 
 /// Picks the machine and takes a slot on it; see [`balance`]. When every
@@ -1270,19 +1270,27 @@ async fn send(
         .and_then(|p| p.http_options.as_ref()?.h2_backend)
         == Some(true);
     let within = edge.response_timeout;
+    let forwarded = forwarded(edge, ex);
     let (sent, back) = if buffered && !upgrade && !h2 {
-        let sent = edge.upstreams.send(ex.conn.worker, &machine, &req);
+        let sent = edge
+            .upstreams
+            .send(ex.conn.worker, &machine, &req, &forwarded);
         (tokio::time::timeout(within, sent).await, Some(req))
     } else {
         // hyper takes the request: a copy stays (only a body read whole
         // can go again). Boxed: hyper's client futures are large, and
         // these are rare.
         let copy = body::copy(&req).map(Box::new);
+        let mut req = *req;
+        if let Err(e) = headers::add_forwarded(req.headers_mut(), &forwarded) {
+            let error = PathError::Internal(format!("proxy headers: {e}"));
+            return (Err(Failure::Failed(error)), copy);
+        }
         let sent: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 && !upgrade {
-            let req = for_h2(*req, machine.addr);
+            let req = for_h2(req, machine.addr);
             Box::pin(edge.upstreams.send_h2(ex.conn.worker, &machine, req))
         } else {
-            Box::pin(edge.upstreams.send_unpooled(&machine, *req, upgrade))
+            Box::pin(edge.upstreams.send_unpooled(&machine, req, upgrade))
         };
         (tokio::time::timeout(within, sent).await, copy)
     };

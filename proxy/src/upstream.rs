@@ -39,6 +39,7 @@ use crate::FastHash;
 use crate::body::{BoxError, UpBody};
 use crate::h1;
 use crate::h1::body::{Decoder, Step};
+use crate::headers::Forwarded;
 use crate::metrics::UpstreamCounters;
 use crate::spare;
 use bytes::{Bytes, BytesMut};
@@ -177,7 +178,8 @@ impl Upstreams {
         self
     }
 
-    /// Sends `req` (its body read whole) to `machine` on an idle connection
+    /// Sends `req` (its body read whole) with this hop's headers
+    /// (`forwarded`) to `machine` on an idle connection
     /// of `worker`'s, or a new one, and returns the response, whose body
     /// reads the rest from the connection and returns it to the pool at its
     /// end. The request is only lent: it stays the caller's, to send again
@@ -187,6 +189,7 @@ impl Upstreams {
         worker: usize,
         machine: &Machine,
         req: &Request<UpBody>,
+        forwarded: &Forwarded<'_>,
     ) -> Result<Response<MachineBody>, SendError> {
         debug_assert!(
             matches!(req.body(), UpBody::Buffered(_)),
@@ -194,7 +197,7 @@ impl Upstreams {
         );
         let pool = self.pool(worker, machine);
         while let Some(conn) = self.checkout(&pool) {
-            match conn.exchange(req).await {
+            match conn.exchange(req, forwarded).await {
                 Ok(response) => {
                     self.counters.reused.inc();
                     return Ok(response);
@@ -221,7 +224,7 @@ impl Upstreams {
             }
         };
         self.counters.new.inc();
-        match conn.exchange(req).await {
+        match conn.exchange(req, forwarded).await {
             Ok(response) => Ok(response),
             Err(Failed::Unsent) => Err(SendError::Exchange(
                 "the machine closed a new connection before the request was sent".into(),
@@ -431,11 +434,12 @@ impl Conn {
     async fn exchange(
         mut self: Box<Self>,
         req: &Request<UpBody>,
+        forwarded: &Forwarded<'_>,
     ) -> Result<Response<MachineBody>, Failed> {
         let head_request = req.method() == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        let rest = h1::client::encode_request(&mut out, req);
+        let rest = h1::client::encode_request(&mut out, req, forwarded);
         let mut slices = [
             IoSlice::new(&out),
             IoSlice::new(rest.as_deref().unwrap_or_default()),

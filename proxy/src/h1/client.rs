@@ -5,6 +5,7 @@
 use super::body::Decoder;
 use super::head;
 use crate::body::UpBody;
+use crate::headers::Forwarded;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -14,11 +15,17 @@ use std::mem::MaybeUninit;
 /// Largest response head accepted from a machine.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
-/// Writes `req`'s head into `out`, with its body when it is small, and
+/// Writes `req`'s head into `out`, with this hop's headers (`forwarded`:
+/// a client's copies of the ones it sets are dropped, the lists it appends
+/// to are merged into one line each) and the body when it is small;
 /// returns the body when it is not (to be written after, in place). The
 /// body must be read whole (`UpBody::Buffered`): its length is the one
 /// sent. The URI is origin-form already.
-pub(crate) fn encode_request(out: &mut Vec<u8>, req: &Request<UpBody>) -> Option<Bytes> {
+pub(crate) fn encode_request(
+    out: &mut Vec<u8>,
+    req: &Request<UpBody>,
+    forwarded: &Forwarded<'_>,
+) -> Option<Bytes> {
     let body = match req.body() {
         UpBody::Buffered(body) => body.clone(),
         UpBody::Streaming { .. } => None,
@@ -29,13 +36,33 @@ pub(crate) fn encode_request(out: &mut Vec<u8>, req: &Request<UpBody>) -> Option
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut declared = false;
+    let mut lists = false;
     for (name, value) in req.headers() {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             declared = true;
             continue;
         }
-        head::line(out, name.as_str().as_bytes(), value.as_bytes());
+        if forwarded.appends(name) {
+            lists = true;
+            continue;
+        }
+        if !forwarded.sets(name) {
+            head::line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
     }
+    forwarded.each_set(|name, value| head::line(out, name.as_str().as_bytes(), value.as_bytes()));
+    forwarded.each_appended(|name, entry| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        if lists {
+            for value in req.headers().get_all(&name) {
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b", ");
+            }
+        }
+        out.extend_from_slice(entry.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
     let len = body.as_ref().map_or(0, Bytes::len);
     // A body, a declared empty one, or a method whose requests have one.
     let with_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
@@ -128,8 +155,31 @@ mod tests {
     use super::*;
     use http::header::HeaderValue;
 
+    /// This hop's headers for tests: through a peer when `from_region`.
+    fn forwarded<'a>(values: &'a [HeaderValue; 5], from_region: bool) -> Forwarded<'a> {
+        let [client_ip, port, region, request_id, peer] = values;
+        Forwarded {
+            client_ip,
+            proto: "https",
+            port,
+            region,
+            request_id,
+            via: "2 hangar",
+            from_region: from_region.then_some(peer),
+        }
+    }
+
+    const VALUES: [HeaderValue; 5] = [
+        HeaderValue::from_static("127.0.0.1"),
+        HeaderValue::from_static("443"),
+        HeaderValue::from_static("dev"),
+        HeaderValue::from_static("01J0-dev"),
+        HeaderValue::from_static("ams"),
+    ];
+
     #[test]
     fn requests_carry_their_whole_body_and_its_length() {
+        let values = VALUES;
         let mut req = Request::new(UpBody::Buffered(Some(Bytes::from_static(b"hello"))));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = "/a?b=1".parse().unwrap();
@@ -138,15 +188,90 @@ mod tests {
         req.headers_mut()
             .insert("content-length", HeaderValue::from_static("999"));
         let mut out = Vec::new();
-        assert!(encode_request(&mut out, &req).is_none());
+        assert!(encode_request(&mut out, &req, &forwarded(&values, true)).is_none());
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /a?b=1 HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nhello"
+            "POST /a?b=1 HTTP/1.1\r\nhost: x\r\nfly-forwarded-region: ams\r\n\
+             via: 2 hangar\r\ncontent-length: 5\r\n\r\nhello"
         );
         let get = Request::new(UpBody::Buffered(None));
         let mut out = Vec::new();
-        encode_request(&mut out, &get);
-        assert_eq!(String::from_utf8(out).unwrap(), "GET / HTTP/1.1\r\n\r\n");
+        encode_request(&mut out, &get, &forwarded(&values, true));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nfly-forwarded-region: ams\r\nvia: 2 hangar\r\n\r\n"
+        );
+    }
+
+    /// The head written with this hop's headers says what the request's
+    /// map says once they are added to it (as for hyper's client): the
+    /// client's copies of the values the proxy sets are gone, the lists it
+    /// appends to are one line each, in order.
+    #[test]
+    fn proxy_headers_are_written_as_the_map_would_have_them() {
+        let values = VALUES;
+        let clients: [&[(&str, &str)]; 4] = [
+            &[("host", "app.localhost")],
+            &[
+                ("host", "app.localhost"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("fly-client-ip", "6.6.6.6"),
+                ("accept", "*/*"),
+                ("x-forwarded-for", "10.0.0.2"),
+                ("x-forwarded-proto", "http"),
+                ("via", "1.1 cdn"),
+            ],
+            &[
+                ("fly-region", "forged"),
+                ("fly-request-id", "forged"),
+                ("via", "1.0 a"),
+            ],
+            &[
+                ("x-forwarded-ssl", "on"),
+                ("x-forwarded-port", "1"),
+                ("fly-forwarded-port", "1"),
+            ],
+        ];
+        for client in clients {
+            for from_region in [false, true] {
+                let fwd = forwarded(&values, from_region);
+                let mut req = Request::new(UpBody::Buffered(None));
+                for (name, value) in client {
+                    req.headers_mut().append(
+                        http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        HeaderValue::from_static(value),
+                    );
+                }
+                let mut expected = req.headers().clone();
+                crate::headers::add_forwarded(&mut expected, &fwd).unwrap();
+                let mut expected: Vec<(String, String)> = expected
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+                    .collect();
+                expected.sort();
+
+                let mut out = Vec::new();
+                encode_request(&mut out, &req, &fwd);
+                let mut slots = [httparse::EMPTY_HEADER; 32];
+                let mut parsed = httparse::Request::new(&mut slots);
+                assert!(parsed.parse(&out).unwrap().is_complete());
+                let mut written: Vec<(String, String)> = parsed
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8(h.value.to_vec()).unwrap(),
+                        )
+                    })
+                    .collect();
+                written.sort();
+                assert_eq!(
+                    written, expected,
+                    "{client:?}, through a peer: {from_region}"
+                );
+            }
+        }
     }
 
     #[test]
