@@ -290,6 +290,9 @@ async fn refused_connects_go_to_another_machine_and_every_error_has_its_code() {
             let body: Value = resp.json().await.unwrap();
             assert_eq!(body["version"], "HTTP/2.0", "{body}");
             assert_eq!(body["path"], "/grpc");
+            // hyper's client gets this hop's headers in the request's map.
+            assert_eq!(body["headers"]["x-forwarded-for"], "127.0.0.1", "{body}");
+            assert_eq!(body["headers"]["fly-region"], "dev", "{body}");
         }
     }
 

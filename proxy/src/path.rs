@@ -1281,16 +1281,17 @@ async fn send(
         // can go again). Boxed: hyper's client futures are large, and
         // these are rare.
         let copy = body::copy(&req).map(Box::new);
-        let mut req = *req;
-        if let Err(e) = headers::add_forwarded(req.headers_mut(), &forwarded) {
-            let error = PathError::Internal(format!("proxy headers: {e}"));
-            return (Err(Failure::Failed(error)), copy);
-        }
         let sent: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 && !upgrade {
-            let req = for_h2(req, machine.addr);
-            Box::pin(edge.upstreams.send_h2(ex.conn.worker, &machine, req))
+            let req = for_h2(*req, machine.addr);
+            Box::pin(
+                edge.upstreams
+                    .send_h2(ex.conn.worker, &machine, req, &forwarded),
+            )
         } else {
-            Box::pin(edge.upstreams.send_unpooled(&machine, req, upgrade))
+            Box::pin(
+                edge.upstreams
+                    .send_unpooled(&machine, *req, upgrade, &forwarded),
+            )
         };
         (tokio::time::timeout(within, sent).await, copy)
     };

@@ -39,7 +39,7 @@ use crate::FastHash;
 use crate::body::{BoxError, UpBody};
 use crate::h1;
 use crate::h1::body::{Decoder, Step};
-use crate::headers::Forwarded;
+use crate::headers::{Forwarded, add_forwarded};
 use crate::metrics::UpstreamCounters;
 use crate::spare;
 use bytes::{Bytes, BytesMut};
@@ -246,11 +246,13 @@ impl Upstreams {
         machine: &Machine,
         req: Request<UpBody>,
         upgrade: bool,
+        forwarded: &Forwarded<'_>,
     ) -> Result<Response<MachineBody>, SendError> {
         let tcp = match self.dial(machine.addr).await {
             Ok(tcp) => tcp,
             Err(cause) => return Err(SendError::refused(cause, req)),
         };
+        let req = with_forwarded(req, forwarded)?;
         let (mut sender, driver) = http1::Builder::new()
             .handshake(TokioIo::new(tcp))
             .await
@@ -347,6 +349,7 @@ impl Upstreams {
         worker: usize,
         machine: &Machine,
         req: Request<UpBody>,
+        forwarded: &Forwarded<'_>,
     ) -> Result<Response<MachineBody>, SendError> {
         let conns = &self.h2[worker % self.h2.len()];
         let existing = conns
@@ -374,6 +377,7 @@ impl Upstreams {
                 sender
             }
         };
+        let req = with_forwarded(req, forwarded)?;
         if let Err(e) = sender.ready().await {
             conns.remove(&machine.addr);
             return Err(SendError::Exchange(error_chain(&e)));
@@ -397,6 +401,18 @@ impl Upstreams {
         });
         Ok(sender)
     }
+}
+
+/// `req` with this hop's headers in its map, for hyper's client. (Added
+/// once a connection is there: a refused request goes back to the caller
+/// as it came, to go elsewhere.)
+fn with_forwarded(
+    mut req: Request<UpBody>,
+    forwarded: &Forwarded<'_>,
+) -> Result<Request<UpBody>, SendError> {
+    add_forwarded(req.headers_mut(), forwarded)
+        .map_err(|e| SendError::Exchange(format!("proxy headers: {e}")))?;
+    Ok(req)
 }
 
 /// Whether `machine` is still one the FIB would send requests to.
