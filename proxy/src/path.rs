@@ -1055,8 +1055,9 @@ fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError
 }
 
 /// Rewrites the client's request for the machine: origin-form
-/// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, proxy
-/// headers added.
+/// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, split
+/// cookies joined. (This hop's own headers are added as it goes out:
+/// [`forwarded`].)
 fn upstream_request(
     mut req: Request<ClientBody>,
     ex: &mut Exchange,
