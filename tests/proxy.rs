@@ -223,6 +223,26 @@ async fn refused_connects_go_to_another_machine_and_every_error_has_its_code() {
         "two choices among equals pick the bad one about half the time:\n{text}"
     );
 
+    // The same over h2 to the machine (hyper's client, which takes the
+    // request): a request refused by one machine reaches the next with
+    // this hop's headers once.
+    create_app(&h, "retry-h2").await;
+    let h2 = serde_json::json!({"h2_backend": true});
+    let mut good = web(8080, 20, 25);
+    good["services"][0]["ports"][0]["http_options"] = h2.clone();
+    let good = machine(&h, "retry-h2", good).await;
+    let mut bad_h2 = bad.clone();
+    bad_h2["services"][0]["ports"][0]["http_options"] = h2;
+    machine(&h, "retry-h2", bad_h2).await;
+    for _ in 0..20 {
+        let got = get(&h, "retry-h2", "/").await;
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.machine.as_deref(), Some(good.as_str()));
+        let echo: Value = serde_json::from_str(&got.body).unwrap();
+        assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1", "{echo}");
+        assert_eq!(echo["headers"]["via"], "1.1 hangar", "{echo}");
+    }
+
     // The proxy's own errors: status, code, one line of text.
     create_app(&h, "refusing").await;
     machine(&h, "refusing", bad).await;
