@@ -13,8 +13,9 @@
 # id and Via to the client), and TLS 1.2 and 1.3 with the same kind of key
 # (ECDSA P-256: Hangar's dev certificate, a fresh openssl one for the
 # others). Measured in interleaved
-# rounds (every path once per round, so drift on this shared machine hits
-# them all):
+# rounds (every measure on every path once per round, paths in an order
+# rotated every round, so drift on this shared machine hits them all and
+# no path always runs after the same one):
 #
 #   - HTTP/1.1 keep-alive req/s and p50/p99 at saturation (wrk, C
 #     connections), also directly to the machine;
@@ -325,16 +326,28 @@ fi
 
 results="$tmp/results"
 : >"$results"
+paths=(direct hangar nginx haproxy)
 for round in $(seq 1 "$rounds"); do
-  for path in direct hangar nginx haproxy; do
+  # Each measure runs on every path in turn, in an order rotated every
+  # round: a run follows a run of the same kind, and no path always
+  # follows the same one (what ran just before moves a path's figure here).
+  by=$(( (round - 1) % ${#paths[@]} ))
+  order=("${paths[@]:by}" "${paths[@]:0:by}")
+  for path in "${order[@]}"; do
     echo "keepalive $path $(wrk_run "http://$(plain $path)/?bytes=128")" >>"$results"
-    echo "fixed $path $(fixed_run "$(plain $path)")" >>"$results"
-    if [ $path != direct ]; then
-      echo "https $path $(wrk_run "https://$(tls $path)/?bytes=128")" >>"$results"
-      echo "handshakes $path $(handshakes_run "$(tls $path)")" >>"$results"
-    fi
-    echo "round $round: $path done" >&2
   done
+  for path in "${order[@]}"; do
+    echo "fixed $path $(fixed_run "$(plain $path)")" >>"$results"
+  done
+  for path in "${order[@]}"; do
+    [ "$path" = direct ] && continue
+    echo "https $path $(wrk_run "https://$(tls $path)/?bytes=128")" >>"$results"
+  done
+  for path in "${order[@]}"; do
+    [ "$path" = direct ] && continue
+    echo "handshakes $path $(handshakes_run "$(tls $path)")" >>"$results"
+  done
+  echo "round $round done" >&2
 done
 
 # Upstream keep-alive reuse over everything Hangar forwarded above.
