@@ -63,8 +63,9 @@ pub(crate) fn take() -> BytesMut {
 /// Gives `buf` back for another head; what it holds is dropped.
 pub(crate) fn give(mut buf: BytesMut) {
     buf.clear();
-    // (One grown for a large head is not worth keeping.)
-    if buf.capacity() > 2 * CHUNK {
+    // (None yet: nothing to keep. One grown for a large head: not worth
+    // keeping.)
+    if buf.capacity() == 0 || buf.capacity() > 2 * CHUNK {
         return;
     }
     SPARE.with(|spare| {
@@ -116,6 +117,8 @@ mod tests {
         give(buf);
         give(other);
         assert_eq!(kept(), (2, 0), "nothing shares them: ready");
+        give(BytesMut::new());
+        assert_eq!(kept(), (2, 0), "an empty handle is not kept");
     }
 
     #[test]

@@ -317,9 +317,10 @@ async fn read_head<IO: ClientIo>(
     h2c: bool,
 ) -> Read {
     let Waiting { timer, stopping } = waiting;
-    timer
-        .as_mut()
-        .reset(tokio::time::Instant::now() + settings.header_timeout);
+    // The timer is moved to this head's deadline only when it goes off
+    // before it (it was set for an earlier head): moving a timer in the
+    // runtime's wheel for every request costs more than a clock read.
+    let deadline = tokio::time::Instant::now() + settings.header_timeout;
     loop {
         let started = !buf.is_empty();
         if started {
@@ -358,6 +359,10 @@ async fn read_head<IO: ClientIo>(
                 Err(e) => return Read::Failed(e.to_string()),
             },
             () = timer.as_mut() => {
+                if tokio::time::Instant::now() < deadline {
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
                 return Read::TimedOut(if started { TimedOut::Answered } else { TimedOut::Idle });
             }
         }
@@ -633,6 +638,36 @@ mod tests {
         ));
 
         let (mut client, server) = served(Duration::from_millis(100)).await;
+        let mut nothing = Vec::new();
+        client.read_to_end(&mut nothing).await.unwrap();
+        assert!(nothing.is_empty());
+        assert!(matches!(
+            server.await.unwrap(),
+            Ended::TimedOut(TimedOut::Idle)
+        ));
+    }
+
+    /// Each head gets the whole header timeout from when the connection
+    /// starts waiting for it, not from when it waited for the one before
+    /// (the timer is moved only when it goes off early).
+    #[tokio::test]
+    async fn every_head_gets_the_whole_header_timeout() {
+        let timeout = Duration::from_millis(1000);
+        let (mut client, server) = served(timeout).await;
+        let mut answer = [0u8; 512];
+        // The first head at 60% of the timeout, the second 70% after the
+        // first answer: past the first head's deadline, within its own.
+        for wait in [600, 700] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            client
+                .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let n = client.read(&mut answer).await.unwrap();
+            let text = String::from_utf8_lossy(&answer[..n]);
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        }
+        // Then nothing: closed once a whole timeout has passed.
         let mut nothing = Vec::new();
         client.read_to_end(&mut nothing).await.unwrap();
         assert!(nothing.is_empty());
