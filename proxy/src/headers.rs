@@ -200,14 +200,21 @@ impl Forwarded<'_> {
         if let Some(region) = self.from_region {
             return f(FLY_FORWARDED_REGION, region);
         }
-        let ssl = if self.proto == "https" { "on" } else { "off" };
-        f(FLY_CLIENT_IP, self.client_ip);
-        f(X_FORWARDED_PROTO, &HeaderValue::from_static(self.proto));
-        f(X_FORWARDED_SSL, &HeaderValue::from_static(ssl));
-        f(X_FORWARDED_PORT, self.port);
-        f(FLY_FORWARDED_PORT, self.port);
-        f(FLY_REGION, self.region);
-        f(FLY_REQUEST_ID, self.request_id);
+        let proto = HeaderValue::from_static(self.proto);
+        let ssl = HeaderValue::from_static(if self.proto == "https" { "on" } else { "off" });
+        // In the order of [`Self::SET`].
+        let values = [
+            self.client_ip,
+            &proto,
+            &ssl,
+            self.port,
+            self.port,
+            self.region,
+            self.request_id,
+        ];
+        for (name, value) in Self::SET.into_iter().zip(values) {
+            f(name, value);
+        }
     }
 
     /// Calls `f` with each list header this hop appends an entry to, and

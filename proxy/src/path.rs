@@ -122,7 +122,8 @@ struct Exchange {
     from_machine: bool,
     /// The request came through another region's proxy, this one.
     from_region: Option<HeaderValue>,
-    /// This hop's `Via` entry, by the client's HTTP version.
+    /// This hop's `Via` entry, by the client's HTTP version (the request
+    /// goes on in HTTP/1.1 whatever it was).
     via: &'static str,
 }
 
@@ -491,7 +492,11 @@ async fn handle(edge: Arc<Edge>, conn: Conn, req: Request<ClientBody>) -> Respon
         in_flight: Some(edge.metrics.in_flight()),
         from_machine: false,
         from_region: None,
-        via: "1.1 hangar",
+        via: match req.version() {
+            Version::HTTP_2 => "2 hangar",
+            Version::HTTP_10 => "1.0 hangar",
+            _ => "1.1 hangar",
+        },
     };
     match route(&edge, &mut ex, req).await {
         Ok(response) => {
@@ -583,7 +588,7 @@ fn decide(
         .and_then(|sticky| edge.pins.pinned(&app.name, sticky, req.headers()));
     let steer = Steer::from_headers(req.headers()).or_pinned(pinned.as_deref());
     let hop = Hop::first(app, want, steer);
-    let req = upstream_request(req, ex, host)?;
+    let req = upstream_request(req, host)?;
     Ok(Decided {
         req,
         hop,
@@ -1060,14 +1065,8 @@ fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError
 /// [`forwarded`].)
 fn upstream_request(
     mut req: Request<ClientBody>,
-    ex: &mut Exchange,
     host: Host,
 ) -> Result<Request<ClientBody>, PathError> {
-    ex.via = match req.version() {
-        Version::HTTP_2 => "2 hangar",
-        Version::HTTP_10 => "1.0 hangar",
-        _ => "1.1 hangar",
-    };
     let path = req
         .uri()
         .path_and_query()

@@ -28,32 +28,28 @@ pub struct LoadArgs {
     rate: u32,
 }
 
-pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
+pub async fn load(LoadArgs { target: args, rate }: LoadArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.rate > 0 && args.target.conns > 0,
+        rate > 0 && args.conns > 0,
         "--rate and --conns must be positive"
     );
     let warmup = Duration::from_secs(1);
-    let measured = Duration::from_secs(args.target.secs);
+    let measured = Duration::from_secs(args.secs);
     // Each entry is a request's scheduled time; a bounded channel, so a
     // target that falls far behind makes the ticker wait (and the latency
     // from the scheduled times grow) rather than queue without limit.
-    let (tx, rx) = mpsc::channel::<Instant>(args.target.conns * 64);
+    let (tx, rx) = mpsc::channel::<Instant>(args.conns * 64);
     let rx = Arc::new(Mutex::new(rx));
     let start = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..args.target.conns {
+    for _ in 0..args.conns {
         let rx = rx.clone();
-        let (addr, host, path) = (
-            args.target.addr,
-            args.target.host.clone(),
-            args.target.path.clone(),
-        );
+        let (addr, host, path) = (args.addr, args.host.clone(), args.path.clone());
         workers.push(tokio::spawn(async move {
             connection(addr, &host, &path, rx, start + warmup).await
         }));
     }
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(args.rate)));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let end = start + warmup + measured;
     loop {
@@ -72,7 +68,7 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let done = all.micros.len() as f64 / measured.as_secs_f64();
     println!(
         "fixed rate {} req/s for {}s over {} connections: achieved {done:.0} req/s, {} errors",
-        args.rate, args.target.secs, args.target.conns, all.errors
+        rate, args.secs, args.conns, all.errors
     );
     println!(
         "latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
@@ -82,14 +78,14 @@ pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
         ms(0.999),
         ms(1.0)
     );
-    if args.target.json {
+    if args.json {
         println!(
             "{}",
             serde_json::json!({
                 "bench": "load",
-                "rate": args.rate,
-                "secs": args.target.secs,
-                "conns": args.target.conns,
+                "rate": rate,
+                "secs": args.secs,
+                "conns": args.conns,
                 "achieved_rps": done,
                 "errors": all.errors,
                 "p50_ms": ms(0.5),

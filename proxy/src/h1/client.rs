@@ -116,9 +116,7 @@ pub(crate) fn parse_response(
     let (headers, present) = fields
         .map(&head, 4)
         .map_err(|_| "the machine sent a malformed header")?;
-    let connection = |token: &str| {
-        present.has(&header::CONNECTION) && head::has_token(&headers, header::CONNECTION, token)
-    };
+    let connection = |token: &str| head::connection_has(&headers, present, token);
     let close = connection("close") || version == Version::HTTP_10 && !connection("keep-alive");
     let body = if head::bodiless(status, head_request) {
         None

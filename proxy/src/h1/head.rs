@@ -86,9 +86,7 @@ pub(crate) fn parse(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>,
     // Room for the headers the proxy adds on the way to the machine.
     let (headers, present) = fields.map(&head, 12).map_err(HeadError::Malformed)?;
     let body = framing(&headers, present, version)?;
-    let connection = |token: &str| {
-        present.has(&header::CONNECTION) && has_token(&headers, header::CONNECTION, token)
-    };
+    let connection = |token: &str| connection_has(&headers, present, token);
     let keep_alive = match version {
         Version::HTTP_10 => connection("keep-alive"),
         _ => !connection("close"),
@@ -269,14 +267,16 @@ pub(crate) fn bodiless(status: StatusCode, head_request: bool) -> bool {
         || status == StatusCode::NOT_MODIFIED
 }
 
-/// Whether a comma-separated header lists `token`.
-pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// Whether the head's `Connection` header lists `token` (looked up only
+/// when the head has one).
+pub(crate) fn connection_has(headers: &HeaderMap, present: Present, token: &str) -> bool {
+    present.has(&header::CONNECTION)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// How a response body is delimited on the wire.
