@@ -243,6 +243,29 @@ async fn refused_connects_go_to_another_machine_and_every_error_has_its_code() {
         assert_eq!(echo["headers"]["via"], "1.1 hangar", "{echo}");
     }
 
+    // A machine that takes connections and drops them unanswered is
+    // skipped like one that refuses them: preferred, it gets each request
+    // once, then the other machine does.
+    create_app(&h, "dropping").await;
+    let dropping = machine(&h, "dropping", web(8080, 20, 25)).await;
+    let other = machine(&h, "dropping", web(8080, 20, 25)).await;
+    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+    for _ in 0..5 {
+        let resp = client
+            .get(format!("http://{}/?drop={dropping}", h.addrs.http))
+            .header("host", "dropping.localhost")
+            .header("fly-prefer-instance-id", &dropping)
+            .send()
+            .await
+            .unwrap();
+        let got = Answered::of(resp).await;
+        assert_eq!(
+            (got.status, got.machine.as_deref()),
+            (200, Some(other.as_str())),
+            "{got:?}"
+        );
+    }
+
     // The proxy's own errors: status, code, one line of text.
     create_app(&h, "refusing").await;
     machine(&h, "refusing", bad).await;

@@ -8,8 +8,9 @@
 //! JSON; `?header=name:value` (repeatable, URL-encoded) adds a response
 //! header; `?replay=V` answers with `fly-replay: V` unless the request is
 //! itself a replay or a fallback (it has `fly-replay-src` or
-//! `fly-replay-failed`), `?replay_always=V` even then; `/healthz` answers
-//! `ok`. An HTTP/1.1 upgrade request (WebSocket
+//! `fly-replay-failed`), `?replay_always=V` even then; `?drop=ID` closes
+//! the connection without an answer when this is machine ID (a machine
+//! that drops what it takes); `/healthz` answers `ok`. An HTTP/1.1 upgrade request (WebSocket
 //! or any other protocol) gets `101 Switching Protocols` and then every
 //! byte echoed back, which is enough to test a proxy's tunnel. A connection
 //! that starts with a PROXY protocol header (v1 or v2) has the client
@@ -169,15 +170,31 @@ async fn proxy_header(stream: &mut tokio::net::TcpStream) -> std::io::Result<Opt
     Ok(None)
 }
 
+/// Why a connection ends without an answer (`?drop=`): hyper closes a
+/// connection whose service fails.
+#[derive(Debug)]
+struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dropped as asked")
+    }
+}
+
+impl std::error::Error for Dropped {}
+
 async fn answer(
     id: Arc<Identity>,
     proxied_for: Option<Arc<str>>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+) -> Result<Response<Full<Bytes>>, Dropped> {
     if let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() {
         return Ok(switch(req, protocol));
     }
     let query = req.uri().query().unwrap_or("").to_string();
+    if query_param::<String>(&query, "drop").is_some_and(|m| m == id.machine_id) {
+        return Err(Dropped);
+    }
     if let Some(ms) = query_param::<u64>(&query, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
     }

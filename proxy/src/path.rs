@@ -742,22 +742,31 @@ async fn forward(
             Err(failure) => failure,
         };
         req = match (failure, back) {
-            (Failure::Refused(error), Some(back)) if attempt < edge.max_attempts => {
+            // Refused, or a new connection broke too (the machine is going
+            // away, or drops what it takes): another machine gets it, or
+            // this one once the catalog has it down (see `after_refusal`).
+            (Failure::Refused(error) | Failure::Broken { error, fresh: true }, Some(back))
+                if attempt < edge.max_attempts =>
+            {
                 tracing::debug!(request_id = ?ex.id, %error, detail = ?error.detail(), "trying another machine");
                 edge.metrics.retries.inc();
                 skip.push(target.machine().id.clone());
                 last_refusal = Some(error);
                 back
             }
-            // The machine may be gone (its connections all closed): a new
-            // connection tells, and a refusal is handled as above. Sent
-            // again at most `max_attempts` times in all, like refusals.
-            (Failure::Broken(error), Some(again)) if attempt < edge.max_attempts => {
+            // A pooled connection broke: the machine may have closed its
+            // idle connections, or be gone (they were all dropped); a new
+            // connection tells. Sent again at most `max_attempts` times in
+            // all, like refusals.
+            (Failure::Broken { error, .. }, Some(again)) if attempt < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, "the connection broke before an answer; sending again on a new one");
                 edge.metrics.retries.inc();
                 again
             }
-            (Failure::Refused(error) | Failure::Failed(error) | Failure::Broken(error), back) => {
+            (
+                Failure::Refused(error) | Failure::Failed(error) | Failure::Broken { error, .. },
+                back,
+            ) => {
                 return (Err(error), back);
             }
         };
@@ -770,11 +779,12 @@ async fn forward(
 const REFUSED_SETTLE: Duration = Duration::from_millis(500);
 
 /// Fresh routes after a machine (the last of `skip`) refused the
-/// connection. The refusal may be a machine going down: flyd marks it
-/// stopping before it signals it, or stopped once its process is gone, and
-/// the FIB follows within milliseconds. When no other machine could take
-/// the request, this waits up to [`REFUSED_SETTLE`] for the catalog to stop
-/// routing to the refused one, so the request starts it instead of failing.
+/// connection, or broke a new one. Either may be a machine going down:
+/// flyd marks it stopping before it signals it, or stopped once its
+/// process is gone, and the FIB follows within milliseconds. When no other
+/// machine could take the request, this waits up to [`REFUSED_SETTLE`] for
+/// the catalog to stop routing to the refused one, so the request starts it
+/// instead of failing.
 async fn after_refusal(
     edge: &Edge,
     app: &str,
@@ -894,7 +904,7 @@ async fn to_peer(
         )
     };
     let mut sent = send().await;
-    if matches!(sent, Ok(Err(SendError::Broken(_)))) && req.method().is_idempotent() {
+    if matches!(sent, Ok(Err(SendError::Broken { .. }))) && req.method().is_idempotent() {
         sent = send().await;
     }
     let response = match sent {
@@ -902,7 +912,7 @@ async fn to_peer(
         Ok(Err(SendError::Connect { cause, .. })) => {
             return Err(upstream_error(&proxy, true, cause));
         }
-        Ok(Err(SendError::Exchange(cause) | SendError::Broken(cause))) => {
+        Ok(Err(SendError::Exchange(cause) | SendError::Broken { cause, .. })) => {
             return Err(upstream_error(&proxy, false, cause));
         }
         Err(_) => {
@@ -1302,10 +1312,13 @@ async fn send(
             let error = upstream_error(&machine, true, cause);
             return (Err(Failure::Refused(error)), request.or(back));
         }
-        Ok(Err(SendError::Broken(cause))) if method.is_idempotent() && buffered => {
-            Failure::Broken(upstream_error(&machine, false, cause))
+        Ok(Err(SendError::Broken { cause, fresh })) if method.is_idempotent() && buffered => {
+            Failure::Broken {
+                error: upstream_error(&machine, false, cause),
+                fresh,
+            }
         }
-        Ok(Err(SendError::Exchange(cause) | SendError::Broken(cause))) => {
+        Ok(Err(SendError::Exchange(cause) | SendError::Broken { cause, .. })) => {
             let mut error = upstream_error(&machine, false, cause);
             if let PathError::Upstream { not_retried, .. } = &mut error {
                 *not_retried = why_not_retried(&method, buffered, edge.retry_body_bytes);
@@ -1325,8 +1338,9 @@ enum Failure {
     /// The machine could not be connected to: the request never left.
     Refused(PathError),
     /// The connection broke under a request that is safe to send again
-    /// (idempotent, body read whole) before any answer.
-    Broken(PathError),
+    /// (idempotent, body read whole) before any answer; `fresh` when it
+    /// was a new connection (see [`SendError::Broken`]).
+    Broken { error: PathError, fresh: bool },
     /// Anything else.
     Failed(PathError),
 }

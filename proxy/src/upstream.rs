@@ -138,8 +138,10 @@ pub(crate) enum SendError {
     /// The connection broke under the request with nothing answered: the
     /// machine closed it, or went away. Its other idle connections are
     /// dropped too; the request may go again on a new connection when
-    /// that is safe (the caller decides).
-    Broken(String),
+    /// that is safe (the caller decides). `fresh`: the connection was new,
+    /// so the machine is not merely closing idle connections: it is going
+    /// away, or drops what it takes.
+    Broken { cause: String, fresh: bool },
 }
 
 impl SendError {
@@ -209,7 +211,10 @@ impl Upstreams {
                     // Its siblings likely share its fate (a machine closing
                     // idle connections, or one that died, closes them all).
                     pool.idle.lock().clear();
-                    return Err(SendError::Broken(cause));
+                    return Err(SendError::Broken {
+                        cause,
+                        fresh: false,
+                    });
                 }
                 Err(Failed::Bad(cause)) => return Err(SendError::Exchange(cause)),
             }
@@ -231,7 +236,7 @@ impl Upstreams {
             )),
             Err(Failed::Lost(cause)) => {
                 pool.idle.lock().clear();
-                Err(SendError::Broken(cause))
+                Err(SendError::Broken { cause, fresh: true })
             }
             Err(Failed::Bad(cause)) => Err(SendError::Exchange(cause)),
         }

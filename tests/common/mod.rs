@@ -271,6 +271,7 @@ impl Hangar {
 /// What a response (through the proxy, usually) carried: the status, the
 /// answering machine, the proxy's error code, and the body as JSON (the
 /// echo's) or else as a JSON string.
+#[derive(Debug)]
 pub struct Answered {
     pub status: u16,
     pub machine: Option<String>,
