@@ -10,12 +10,12 @@
 //! itself a replay or a fallback (it has `fly-replay-src` or
 //! `fly-replay-failed`), `?replay_always=V` even then; `?drop=ID` closes
 //! the connection without an answer when this is machine ID (a machine
-//! that drops what it takes); `/healthz` answers `ok`. An HTTP/1.1 upgrade request (WebSocket
-//! or any other protocol) gets `101 Switching Protocols` and then every
-//! byte echoed back, which is enough to test a proxy's tunnel. A connection
-//! that starts with a PROXY protocol header (v1 or v2) has the client
-//! address it names reported as `proxy_protocol_source`. SIGINT or SIGTERM
-//! ends it gracefully.
+//! that drops what it takes); `/healthz` answers `ok`. An HTTP/1.1 upgrade
+//! request (WebSocket or any other protocol) gets `101 Switching Protocols`
+//! and then every byte echoed back, which is enough to test a proxy's
+//! tunnel. A connection that starts with a PROXY protocol header (v1 or v2)
+//! has the client address it names reported as `proxy_protocol_source`.
+//! SIGINT or SIGTERM ends it gracefully.
 
 use bytes::Bytes;
 use http_body_util::Full;
