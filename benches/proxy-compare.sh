@@ -40,9 +40,11 @@
 # proxy runs per request (plain and HTTPS keep-alive, wrk with one thread
 # and 8 connections for --secs), every proxy under valgrind's callgrind
 # (from Debian, installed when missing) with counting on only while the
-# load runs. Unlike req/s on this shared machine, the count does not move
-# with what else runs, so a change to the request path can be judged by it;
-# it does not count the kernel's share, nor cache misses.
+# load runs, and with them the first-level cache misses (instruction and
+# data) and branch mispredictions callgrind's simulation of this machine's
+# caches sees. Unlike req/s on this shared machine, these do not move with
+# what else runs, so a change to the request path can be judged by them;
+# the kernel's share is not in them.
 set -euo pipefail
 caller=$PWD
 cd "$(dirname "$0")/.."
@@ -93,7 +95,7 @@ trap cleanup EXIT
 # until the load starts (one output file per process, by pid).
 counted() {
   if $instructions; then
-    echo "valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$tmp/cg.$1.%p"
+    echo "valgrind --tool=callgrind --cache-sim=yes --branch-sim=yes --instr-atstart=no --callgrind-out-file=$tmp/cg.$1.%p"
   fi
 }
 
@@ -281,7 +283,8 @@ if $instructions; then
   # The process that serves requests (nginx's without workers here).
   served_by() { case $1 in hangar) echo "$hangar_pid" ;;
     nginx) echo "$nginx_pid" ;; haproxy) echo "$haproxy_pid" ;; esac; }
-  # Instructions per request of `wrk` on URL against the processes PIDS.
+  # Per request of `wrk` on URL against the processes PIDS: instructions,
+  # I1 misses, D1 misses, branch mispredictions.
   count() {
     local url=$1; shift
     for p in "$@"; do callgrind_control -i on "$p" >/dev/null 2>&1; done
@@ -293,15 +296,20 @@ if $instructions; then
       callgrind_control -d "$p" >/dev/null 2>&1
       callgrind_control -i off "$p" >/dev/null 2>&1
     done
-    # The dump's "summary:" line is its instruction count.
-    local total=0
-    for p in "$@"; do
-      for f in "$tmp"/cg.*."$p".*; do
-        total=$((total + $(awk '/^summary:/ {print $2}' "$f")))
-        rm -f "$f"
-      done
-    done
-    echo $((total / n))
+    # Each dump's "events:" line names the columns of its "summary:" line.
+    local files=()
+    for p in "$@"; do files+=("$tmp"/cg.*."$p".*); done
+    python3 - "$n" "${files[@]}" <<'PY'
+import sys
+n, total = int(sys.argv[1]), {}
+for path in sys.argv[2:]:
+    lines = dict(l.split(":", 1) for l in open(path) if l.startswith(("events:", "summary:")))
+    for event, v in zip(lines["events"].split(), lines["summary"].split()):
+        total[event] = total.get(event, 0) + int(v)
+per = lambda *events: round(sum(total[e] for e in events) / n)
+print(per("Ir"), per("I1mr"), per("D1mr", "D1mw"), per("Bcm", "Bim"))
+PY
+    rm -f "${files[@]}"
   }
   declare -A ir
   for path in hangar nginx haproxy; do
@@ -311,16 +319,24 @@ if $instructions; then
     ir[https_$path]=$(count "https://$(tls $path)/?bytes=128" $(served_by $path))
     echo "$path counted" >&2
   done
-  echo "user-space instructions per request (callgrind; wrk -t1 -c8, ${secs}s each)"
-  printf '%-22s%10s%10s%10s%10s%11s\n' measure hangar nginx haproxy h/nginx h/haproxy
-  for kind in plain https; do
-    h=${ir[${kind}_hangar]} n=${ir[${kind}_nginx]} x=${ir[${kind}_haproxy]}
-    printf '%-22s%10s%10s%10s%10s%11s\n' "$kind keep-alive" "$h" "$n" "$x" \
-      "$(python3 -c "print(f'{$h/$n:.2f}')")" "$(python3 -c "print(f'{$h/$x:.2f}')")"
-  done
-  if $json; then
-    echo "{\"bench\":\"proxy-compare-instructions\",\"secs\":$secs,\"plain\":{\"hangar\":${ir[plain_hangar]},\"nginx\":${ir[plain_nginx]},\"haproxy\":${ir[plain_haproxy]}},\"https\":{\"hangar\":${ir[https_hangar]},\"nginx\":${ir[https_nginx]},\"haproxy\":${ir[https_haproxy]}}}"
-  fi
+  python3 - "$secs" "$json" "${ir[plain_hangar]}" "${ir[plain_nginx]}" "${ir[plain_haproxy]}" \
+    "${ir[https_hangar]}" "${ir[https_nginx]}" "${ir[https_haproxy]}" <<'PY'
+import json, sys
+secs, as_json, *counts = sys.argv[1:]
+names = ["hangar", "nginx", "haproxy"]
+events = ["instructions", "I1 misses", "D1 misses", "mispredicts"]
+per = {kind: {name: dict(zip(events, map(int, counts[3 * k + i].split())))
+              for i, name in enumerate(names)}
+       for k, kind in enumerate(["plain", "https"])}
+print(f"per request, user space (callgrind with simulated caches; wrk -t1 -c8, {secs}s each)")
+print(f"{'measure':<30}" + "".join(f"{n:>10}" for n in names) + f"{'h/nginx':>10}{'h/haproxy':>11}")
+for kind, by in per.items():
+    for event in events:
+        h, n, x = (by[name][event] for name in names)
+        print(f"{kind + ' keep-alive ' + event:<30}{h:>10}{n:>10}{x:>10}{h / n:>10.2f}{h / x:>11.2f}")
+if as_json == "true":
+    print(json.dumps({"bench": "proxy-compare-instructions", "secs": float(secs), **per}))
+PY
   exit 0
 fi
 
