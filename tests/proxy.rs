@@ -911,6 +911,37 @@ async fn machines_past_their_soft_limit_get_a_stopped_one_started_beside_them() 
 }
 
 #[tokio::test]
+async fn a_machine_that_answers_before_reading_an_upload_is_heard() {
+    // No body limit of the proxy's own: 8 MB is read whole (under
+    // retry_body_bytes) and sent on a pooled connection.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = CONFIG.replace("max_body_bytes = 65536\n", "");
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(&config)).await;
+    create_app(&h, "early").await;
+    let id = machine(&h, "early", web(8080, 20, 25)).await;
+    // The echo never reads a body; asked to close, it answers and closes
+    // while most of the upload is still coming, which breaks the proxy's
+    // write. Its answer reaches the client all the same, each time.
+    for _ in 0..3 {
+        let resp = h
+            .http
+            .post(format!("http://{}/?header=connection:close", h.addrs.http))
+            .header("host", "early.localhost")
+            .body(vec![b'x'; 8 << 20])
+            .send()
+            .await
+            .unwrap();
+        let got = Answered::of(resp).await;
+        assert_eq!(
+            (got.status, got.machine.as_deref()),
+            (200, Some(id.as_str())),
+            "{got:?}\n{}",
+            h.log()
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_machine_whose_process_died_is_started_for_the_next_request() {
     let (_tmp, h) = start().await;
     create_app(&h, "fragile").await;

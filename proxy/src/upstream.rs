@@ -13,11 +13,14 @@
 //! An idle connection is polled by nobody. A machine closing it is noticed
 //! at the next checkout (readiness, then a read). A request that finds a
 //! connection closed before anything of it was written goes on the next
-//! connection. A connection that breaks after taking the request, before an
-//! answer, is [`SendError::Broken`]: the machine's idle connections are
-//! dropped (a machine closing idle connections, or one that went away,
-//! closed them all) and the caller sends a copy again when that is safe
-//! (idempotent, body read whole).
+//! connection. A machine that answers before reading the whole request
+//! and closes (an early `413`) breaks the write; its answer is read and
+//! passed on all the same, and the connection ends with it. A connection
+//! that breaks after taking the request, before an answer, is
+//! [`SendError::Broken`]: the machine's idle connections are dropped (a
+//! machine closing idle connections, or one that went away, closed them
+//! all) and the caller sends a copy again when that is safe (idempotent,
+//! body read whole).
 //!
 //! Requests whose body streams (over `retry_body_bytes`) and upgrades go on
 //! a new connection of their own through hyper's client, never pooled: the
@@ -467,23 +470,50 @@ impl Conn {
         ];
         let mut slices = &mut slices[..];
         let mut written = 0;
+        // A machine may answer before it has read the whole request (a
+        // `413` or `401` to a large upload) and close: the write fails,
+        // and the answer is read all the same.
+        let mut cut_short = None;
         while !slices.is_empty() && slices.iter().any(|s| !s.is_empty()) {
             match self.io.write_vectored(slices).await {
                 Ok(0) => {
-                    return Err(Failed::Lost(
-                        "the machine stopped reading the request".into(),
-                    ));
+                    cut_short = Some("the machine stopped reading the request".to_string());
+                    break;
                 }
                 Ok(n) => {
                     written += n;
                     IoSlice::advance_slices(&mut slices, n);
                 }
                 Err(_) if written == 0 => return Err(Failed::Unsent),
-                Err(e) => return Err(Failed::Lost(e.to_string())),
+                Err(e) => {
+                    cut_short = Some(e.to_string());
+                    break;
+                }
             }
         }
         self.out = out;
-        let head = loop {
+        let head = match (self.read_head(head_request).await, cut_short) {
+            (Ok(head), None) => head,
+            // The rest of the request is not coming: the connection ends
+            // with this response.
+            (Ok(head), Some(_)) => h1::client::ResponseHead {
+                reusable: false,
+                ..head
+            },
+            (Err(e), None) => return Err(e),
+            (Err(_), Some(cause)) => return Err(Failed::Lost(cause)),
+        };
+        let h1::client::ResponseHead {
+            response,
+            body,
+            reusable,
+        } = head;
+        Ok(response.map(|()| MachineBody::Pooled(Pooled::new(self, body, reusable))))
+    }
+
+    /// Reads the machine's response head, past any interim answers.
+    async fn read_head(&mut self, head_request: bool) -> Result<h1::client::ResponseHead, Failed> {
+        loop {
             if !self.buf.is_empty() {
                 match h1::client::parse_response(&mut self.buf, head_request) {
                     Err(e) => return Err(Failed::Bad(e.into())),
@@ -496,7 +526,7 @@ impl Conn {
                         }
                         continue;
                     }
-                    Ok(Some(head)) => break head,
+                    Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}
                 }
             }
@@ -516,13 +546,7 @@ impl Conn {
                 Err(e) if started => return Err(Failed::Bad(e.to_string())),
                 Err(e) => return Err(Failed::Lost(e.to_string())),
             }
-        };
-        let h1::client::ResponseHead {
-            response,
-            body,
-            reusable,
-        } = head;
-        Ok(response.map(|()| MachineBody::Pooled(Pooled::new(self, body, reusable))))
+        }
     }
 
     /// Whether an idle connection is still usable: nothing arrived since
