@@ -680,9 +680,15 @@ async fn an_app_address_serves_each_port_with_its_handlers() {
     )
     .await;
     let at = |port| std::net::SocketAddr::new(ip, port);
-    // The listeners follow the catalog within moments.
-    eventually("a listener on the app's address", || async {
-        tokio::net::TcpStream::connect(at(7080)).await.is_ok()
+    // The listeners follow the catalog within moments, one port after
+    // another (in no set order).
+    eventually("a listener on each of the app's ports", || async {
+        for port in [7000, 7001, 7002, 7003, 7080] {
+            if tokio::net::TcpStream::connect(at(port)).await.is_err() {
+                return false;
+            }
+        }
+        true
     })
     .await;
 
