@@ -311,16 +311,16 @@ print(per("Ir"), per("I1mr"), per("D1mr", "D1mw"), per("Bcm", "Bim"))
 PY
     rm -f "${files[@]}"
   }
-  declare -A ir
+  declare -A counts
   for path in hangar nginx haproxy; do
     # shellcheck disable=SC2046
-    ir[plain_$path]=$(count "http://$(plain $path)/?bytes=128" $(served_by $path))
+    counts[plain_$path]=$(count "http://$(plain $path)/?bytes=128" $(served_by $path))
     # shellcheck disable=SC2046
-    ir[https_$path]=$(count "https://$(tls $path)/?bytes=128" $(served_by $path))
+    counts[https_$path]=$(count "https://$(tls $path)/?bytes=128" $(served_by $path))
     echo "$path counted" >&2
   done
-  python3 - "$secs" "$json" "${ir[plain_hangar]}" "${ir[plain_nginx]}" "${ir[plain_haproxy]}" \
-    "${ir[https_hangar]}" "${ir[https_nginx]}" "${ir[https_haproxy]}" <<'PY'
+  python3 - "$secs" "$json" "${counts[plain_hangar]}" "${counts[plain_nginx]}" "${counts[plain_haproxy]}" \
+    "${counts[https_hangar]}" "${counts[https_nginx]}" "${counts[https_haproxy]}" <<'PY'
 import json, sys
 secs, as_json, *counts = sys.argv[1:]
 names = ["hangar", "nginx", "haproxy"]
