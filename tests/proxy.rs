@@ -249,9 +249,9 @@ async fn refused_connects_go_to_another_machine_and_every_error_has_its_code() {
     create_app(&h, "dropping").await;
     let dropping = machine(&h, "dropping", web(8080, 20, 25)).await;
     let other = machine(&h, "dropping", web(8080, 20, 25)).await;
-    let client = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     for _ in 0..5 {
-        let resp = client
+        let resp = h
+            .http
             .get(format!("http://{}/?drop={dropping}", h.addrs.http))
             .header("host", "dropping.localhost")
             .header("fly-prefer-instance-id", &dropping)

@@ -170,30 +170,18 @@ async fn proxy_header(stream: &mut tokio::net::TcpStream) -> std::io::Result<Opt
     Ok(None)
 }
 
-/// Why a connection ends without an answer (`?drop=`): hyper closes a
-/// connection whose service fails.
-#[derive(Debug)]
-struct Dropped;
-
-impl std::fmt::Display for Dropped {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("dropped as asked")
-    }
-}
-
-impl std::error::Error for Dropped {}
-
 async fn answer(
     id: Arc<Identity>,
     proxied_for: Option<Arc<str>>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Dropped> {
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
     if let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() {
         return Ok(switch(req, protocol));
     }
     let query = req.uri().query().unwrap_or("").to_string();
     if query_param::<String>(&query, "drop").is_some_and(|m| m == id.machine_id) {
-        return Err(Dropped);
+        // hyper closes a connection whose service fails, unanswered.
+        return Err(std::io::Error::other("dropped as asked"));
     }
     if let Some(ms) = query_param::<u64>(&query, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
