@@ -5,10 +5,13 @@
 
 use crate::config::{CatalogMode, Config};
 use anyhow::Context;
-use hangar_catalog::{Fib, FibOptions, Follower, FollowerOptions, Mode, Rib, SecretBox};
+use hangar_catalog::{
+    ClusterKey, Fib, FibOptions, Follower, FollowerOptions, Mode, Rib, SecretBox,
+};
 use hangar_flyd::Flyd;
 use hangar_proxy::{Metrics, Proxy};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,19 +50,25 @@ fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
-/// What every part shares: the RIB and the secrets key in the data dir.
+/// What every part shares: the RIB, the secrets key and the cluster
+/// credential in the data dir.
 struct Shared {
     rib: Arc<Rib>,
     secrets: Arc<SecretBox>,
+    cluster: Arc<ClusterKey>,
 }
 
 impl Shared {
     fn open(data_dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
+        // A data dir made before (or by hand) may be open to others.
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private", data_dir.display()))?;
         Ok(Self {
             rib: Rib::open(&data_dir.join("rib.sqlite"))?,
             secrets: Arc::new(SecretBox::load_or_create(&data_dir.join("secrets.key"))?),
+            cluster: Arc::new(ClusterKey::load_or_create(&data_dir.join("cluster.key"))?),
         })
     }
 }
@@ -90,9 +99,12 @@ async fn start_flyd(
     let addr = listener.local_addr()?;
     flyd.register(addr)?;
     let server = tokio::spawn(
-        axum::serve(listener, hangar_flyd::rpc::router(flyd.clone()))
-            .with_graceful_shutdown(stopping(stop.clone()))
-            .into_future(),
+        axum::serve(
+            listener,
+            hangar_flyd::rpc::router(flyd.clone(), shared.cluster.clone()),
+        )
+        .with_graceful_shutdown(stopping(stop.clone()))
+        .into_future(),
     );
     Ok(FlydPart { flyd, addr, server })
 }
@@ -134,6 +146,7 @@ async fn start_edge(
         &metrics,
         shared.secrets.clone(),
         hosts,
+        shared.cluster.clone(),
     )
     .await?;
     let (http, https) = (proxy.http_addr(), proxy.https_addr());
@@ -203,7 +216,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         stopping(stop_rx.clone()),
     ));
 
-    let flaps = hangar_flaps::Flaps::new(cfg.flaps.clone(), rib.clone(), shared.secrets.clone());
+    let flaps = hangar_flaps::Flaps::new(
+        cfg.flaps.clone(),
+        rib.clone(),
+        shared.secrets.clone(),
+        &shared.cluster,
+    );
     let flaps_listener = bind(cfg.flaps.listen, "Machines API").await?;
     let flaps_addr = flaps_listener.local_addr()?;
     let flaps_server = tokio::spawn(

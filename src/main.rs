@@ -76,7 +76,8 @@ enum Command {
     /// Supervise one machine (started by flyd).
     #[command(hide = true)]
     Pilot {
-        /// The machine's directory, holding spec.json.
+        /// The machine's directory (its log, socket and exit status); the
+        /// spec comes on stdin.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -162,6 +163,9 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
+    // Everything Hangar writes (the RIB, flyd's store, keys, tokens, logs,
+    // machine directories) is its own alone. Workloads inherit it too.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     match cli.command {
         Command::Dev(args) => tokio::runtime::Runtime::new()?.block_on(dev::run(args.config()?)),
         Command::Flyd(args) => {

@@ -133,18 +133,7 @@ async fn orgs_are_isolated() {
     let h = Hangar::start().await;
     let machine = h.app_with_machine("mine").await;
     let id = machine["id"].as_str().unwrap();
-    // A second org's token, made by the CLI beside the running instance.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
-        .args(["tokens", "create", "--org", "rival", "--data-dir"])
-        .arg(&h.data_dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rival = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let rival = h.token_for("rival");
     let as_rival = |method: reqwest::Method, path: &str| {
         h.http
             .request(method, h.api(path))

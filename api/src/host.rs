@@ -1,18 +1,22 @@
 //! flyd's host RPC: the HTTP API each flyd serves for its own machines, and
 //! [`HostClient`], the client flaps (and later the proxy) uses to call it.
 //!
-//! Paths mirror the public API without the app prefix, because a machine id
-//! is unique on its host: `POST /v1/machines`, `GET /v1/machines?app=`,
-//! `GET|DELETE /v1/machines/{id}`, `POST /v1/machines/{id}/{start,stop}`,
-//! `GET /v1/machines/{id}/wait`. Answers and errors use the public shapes,
-//! so a gateway relays them unchanged.
+//! Paths are the public API's own (`POST /v1/apps/{app}/machines`,
+//! `GET /v1/apps/{app}/machines/{id}/wait`, ...): the host answers 404 for
+//! a machine that is not the named app's, so a caller that authorized the
+//! app cannot reach another app's machine through a wrong id. Answers and
+//! errors use the public shapes, so a gateway relays them unchanged.
+//!
+//! Every call carries the cluster credential (`Authorization: Bearer`):
+//! a host answers no one else.
 
 use crate::error::ErrorBody;
 use crate::machine::{CreateMachineRequest, Machine};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// `POST /v1/machines` on a host: flaps has validated and placed the machine.
+/// A machine creation as the host runs it: flaps has validated and placed
+/// the machine (the app comes from the call's path).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostCreateRequest {
     pub app: String,
@@ -22,6 +26,27 @@ pub struct HostCreateRequest {
 
 /// The header that carries a machine lease's nonce, as in Fly's API.
 pub const LEASE_NONCE_HEADER: &str = "fly-machine-lease-nonce";
+
+/// The host path of machine `id` of `app` followed by `rest` (empty, or
+/// `/start`, `/metadata/{key}`, ... already encoded), each name
+/// percent-encoded so that neither can name another path.
+pub fn machine_path(app: &str, id: &str, rest: &str) -> String {
+    format!("{}/{}{rest}", machines_path(app), segment(id))
+}
+
+/// The host path of `app`'s machines.
+pub fn machines_path(app: &str) -> String {
+    format!("/v1/apps/{}/machines", segment(app))
+}
+
+/// `text` as one path segment: every byte outside RFC 3986's unreserved set
+/// percent-encoded. `.` and `..` are never valid segments here and come
+/// out encoded too, so no segment can climb out of its place.
+pub fn segment(text: &str) -> String {
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+    const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
+    utf8_percent_encode(text, SEGMENT).to_string()
+}
 
 /// One call to a host: `method path` with an optional JSON body.
 #[derive(Debug, Clone)]
@@ -76,27 +101,43 @@ pub struct HostReply {
 }
 
 /// HTTP client for one or many flyd hosts (connections are pooled per host).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HostClient {
     http: reqwest::Client,
+    /// The cluster credential every call carries.
+    credential: std::sync::Arc<str>,
+}
+
+impl std::fmt::Debug for HostClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credential.
+        f.debug_struct("HostClient").finish_non_exhaustive()
+    }
 }
 
 impl HostClient {
-    /// `timeout` bounds each call that is not a `wait`; waits carry their own.
-    pub fn new(timeout: Duration) -> Self {
+    /// `timeout` bounds each call that is not a `wait`; waits carry their
+    /// own. `credential` is the cluster's, which hosts check on every call.
+    pub fn new(timeout: Duration, credential: &str) -> Self {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
             .build()
             .expect("reqwest client with default TLS config builds");
-        Self { http }
+        Self {
+            http,
+            credential: credential.into(),
+        }
     }
 
     /// Makes `call` on the host at `addr` and returns its answer, whatever
     /// the status.
     pub async fn call(&self, addr: &str, call: HostCall<'_>) -> Result<HostReply, HostError> {
         let url = format!("http://{addr}{}", call.path);
-        let mut req = self.http.request(call.method, url);
+        let mut req = self
+            .http
+            .request(call.method, url)
+            .bearer_auth(&self.credential);
         if let Some(body) = call.body {
             req = req.json(body);
         }
@@ -131,7 +172,7 @@ impl HostClient {
         app: &str,
         include_deleted: bool,
     ) -> Result<Vec<Machine>, HostError> {
-        let path = format!("/v1/machines?app={app}&include_deleted={include_deleted}");
+        let path = format!("{}?include_deleted={include_deleted}", machines_path(app));
         let reply = self
             .call(addr, HostCall::new(reqwest::Method::GET, &path))
             .await?;

@@ -14,6 +14,12 @@ use std::str::FromStr;
 /// The image that runs Hangar's built-in echo server.
 pub const ECHO_IMAGE: &str = "hangar/echo";
 
+/// Whether `id` has the shape of a machine id: 14 lowercase hex digits,
+/// as Fly's are and as flyd makes them.
+pub fn valid_machine_id(id: &str) -> bool {
+    id.len() == 14 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// A machine's lifecycle state, as Fly names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

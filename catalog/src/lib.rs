@@ -9,7 +9,8 @@
 //!   under a watchdog. Readers take an immutable snapshot and never wait for
 //!   a writer. Global (every machine) or regional (own region in detail,
 //!   per-region summaries for the rest).
-//! - [`secrets`]: app secrets sealed at rest, with a key beside the RIB.
+//! - [`secrets`]: app secrets sealed at rest, with a key beside the RIB, and
+//!   the cluster credential its parts present to each other.
 //! - [`lock`]: [`lock::Guarded`], the only way shared mutable state is touched:
 //!   through closures, with bounded, labelled waits.
 
@@ -26,4 +27,4 @@ pub use rib::{
     AppRow, CertificateRow, Change, CommitHook, HostCapacity, HostRow, IpRow, MachineRow,
     RegionSummaryRow, Rib, RibError, RibView, SealedSecret, SecretRow,
 };
-pub use secrets::SecretBox;
+pub use secrets::{ClusterKey, SecretBox};

@@ -4,6 +4,9 @@
 //! fresh random nonce, stored in front of the ciphertext, and bound to its
 //! app and name (as associated data), so a sealed value copied to another
 //! row does not open.
+//!
+//! [`ClusterKey`], the credential the parts of one cluster present to each
+//! other, lives here too: it is kept the same way.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -27,6 +30,8 @@ pub enum SecretError {
     },
     #[error("secrets key {0}: must be exactly 32 bytes")]
     BadKey(String),
+    #[error("cluster key {0}: must be at least 32 printable characters")]
+    BadCredential(String),
     #[error("secret {0} does not open with this key (wrong key or tampered row)")]
     Open(String),
 }
@@ -96,6 +101,70 @@ impl SecretBox {
     }
 }
 
+/// The cluster credential: the secret every part of one cluster presents
+/// to the others (flaps and proxies to flyd, a proxy to its peers), kept in
+/// `cluster.key` (32 random bytes as hex, mode 0600) in the data dir. Copy
+/// the file to a host to let it into the cluster.
+pub struct ClusterKey {
+    token: String,
+}
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(..)")
+    }
+}
+
+impl ClusterKey {
+    /// Loads the credential at `path`, creating it (mode 0600) if missing.
+    pub fn load_or_create(path: &Path) -> Result<Self, SecretError> {
+        let io = |source| SecretError::Key {
+            path: path.display().to_string(),
+            source,
+        };
+        let token = match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                rand::rng().fill_bytes(&mut key);
+                let token: String = key.iter().map(|b| format!("{b:02x}")).collect();
+                write_private(path, token.as_bytes()).map_err(io)?;
+                token
+            }
+            Err(e) => return Err(io(e)),
+        };
+        if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(SecretError::BadCredential(path.display().to_string()));
+        }
+        Ok(Self { token })
+    }
+
+    /// The credential, to present.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Whether `presented` is the credential, compared in time that does
+    /// not depend on where they differ.
+    pub fn admits(&self, presented: &[u8]) -> bool {
+        let ours = self.token.as_bytes();
+        presented.len() == ours.len()
+            && presented
+                .iter()
+                .zip(ours)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+
+    /// Whether an `Authorization` header's value carries the credential
+    /// (`Bearer <credential>`).
+    pub fn admits_bearer(&self, header: Option<&[u8]>) -> bool {
+        header
+            .and_then(|h| h.strip_prefix(b"Bearer "))
+            .is_some_and(|t| self.admits(t))
+    }
+}
+
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -140,5 +209,29 @@ mod tests {
         // Another key does not open it.
         let other = SecretBox::load_or_create(&dir.path().join("other.key")).unwrap();
         assert!(other.open("app", "DB_URL", &sealed).is_err());
+    }
+
+    #[test]
+    fn the_cluster_key_is_created_private_and_admits_only_itself() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.key");
+        let key = ClusterKey::load_or_create(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let again = ClusterKey::load_or_create(&path).unwrap();
+        assert_eq!(key.token(), again.token());
+        let bearer = format!("Bearer {}", key.token());
+        assert!(key.admits_bearer(Some(bearer.as_bytes())));
+        assert!(!key.admits_bearer(None));
+        assert!(!key.admits_bearer(Some(key.token().as_bytes())));
+        assert!(!key.admits_bearer(Some(&bearer.as_bytes()[..bearer.len() - 1])));
+        let mut wrong = bearer.into_bytes();
+        *wrong.last_mut().unwrap() ^= 1;
+        assert!(!key.admits_bearer(Some(&wrong)));
+        std::fs::write(&path, "short").unwrap();
+        assert!(ClusterKey::load_or_create(&path).is_err());
     }
 }

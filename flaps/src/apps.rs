@@ -12,7 +12,7 @@ use axum::{Extension, Json, Router};
 use hangar_api::app::{
     App, AppOrganization, CreateAppRequest, CreateAppResponse, ListAppsResponse,
 };
-use hangar_api::host::HostCall;
+use hangar_api::host::{self, HostCall};
 use hangar_api::machine::MachineState;
 use hangar_catalog::{AppRow, RibError};
 use serde::Deserialize;
@@ -198,7 +198,7 @@ async fn delete(
                 &host.address,
                 HostCall::new(
                     reqwest::Method::DELETE,
-                    &format!("/v1/machines/{}?force=true", m.id),
+                    &format!("{}?force=true", host::machine_path(&name, &m.id, "")),
                 ),
             )
             .await?;

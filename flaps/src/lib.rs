@@ -36,7 +36,7 @@ pub mod secrets;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use hangar_api::host::HostClient;
-use hangar_catalog::{Rib, SecretBox};
+use hangar_catalog::{ClusterKey, Rib, SecretBox};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,9 +54,15 @@ pub struct Flaps {
 }
 
 impl Flaps {
-    /// A gateway over `rib` that reaches hosts with a pooled HTTP client.
-    pub fn new(cfg: FlapsConfig, rib: Arc<Rib>, secrets: Arc<SecretBox>) -> Arc<Self> {
-        let hosts = HostClient::new(Duration::from_millis(cfg.host_timeout_ms));
+    /// A gateway over `rib` that reaches hosts with a pooled HTTP client,
+    /// presenting `cluster`'s credential.
+    pub fn new(
+        cfg: FlapsConfig,
+        rib: Arc<Rib>,
+        secrets: Arc<SecretBox>,
+        cluster: &ClusterKey,
+    ) -> Arc<Self> {
+        let hosts = HostClient::new(Duration::from_millis(cfg.host_timeout_ms), cluster.token());
         let limits = cfg
             .rate_limits
             .enabled

@@ -1,10 +1,16 @@
 //! `/v1/apps/{app}/machines`: machine operations.
 //!
 //! flaps checks the caller owns the app, validates and places new machines
-//! on a host of the requested region, and forwards every operation on an
-//! existing machine to the host that owns it (found through the RIB): same
-//! method, sub-path, query, JSON body and lease nonce, with the host's
-//! status and body relayed unchanged. flyd validates the operation itself.
+//! on a host of the requested region, and forwards each of the spec's
+//! operations on an existing machine to the host that owns it (found
+//! through the RIB): same method, operation, query, JSON body and lease
+//! nonce, with the host's status and body relayed unchanged. flyd validates
+//! the operation itself.
+//!
+//! Only what was authorized is forwarded: each operation has a route of its
+//! own (nothing of the client's path is copied into the host's), the id
+//! must be a machine id, the metadata key is one encoded segment, and the
+//! host finds the machine only under the app flaps authorized.
 
 use crate::Flaps;
 use crate::apps::owned_app;
@@ -12,23 +18,49 @@ use crate::auth::Caller;
 use crate::error::{ApiError, json_body, non_blank, parse_json};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{MatchedPath, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use hangar_api::host::{HostCall, HostCreateRequest, HostReply, LEASE_NONCE_HEADER};
-use hangar_api::machine::{CreateMachineRequest, Machine};
+use hangar_api::host::{self, HostCall, HostReply, LEASE_NONCE_HEADER};
+use hangar_api::machine::{CreateMachineRequest, Machine, valid_machine_id};
 use hangar_catalog::HostRow;
 use reqwest::Method;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The machine operations, as the spec's Machines paths name them.
+const MACHINE: &str = "/v1/apps/{app}/machines/{id}";
+
 pub(crate) fn routes() -> Router<Arc<Flaps>> {
+    let op = |rest: &str| format!("{MACHINE}{rest}");
     Router::new()
         .route("/v1/apps/{app}/machines", get(list).post(create))
-        .route("/v1/apps/{app}/machines/{id}", any(forward))
-        .route("/v1/apps/{app}/machines/{id}/{*rest}", any(forward))
+        .route(
+            MACHINE,
+            get(forward).post(forward).put(forward).delete(forward),
+        )
+        .route(&op("/start"), post(forward))
+        .route(&op("/stop"), post(forward))
+        .route(&op("/suspend"), post(forward))
+        .route(&op("/restart"), post(forward))
+        .route(&op("/cordon"), post(forward))
+        .route(&op("/uncordon"), post(forward))
+        .route(&op("/wait"), get(forward))
+        .route(&op("/events"), get(forward))
+        .route(&op("/versions"), get(forward))
+        .route(&op("/lease"), get(forward).post(forward).delete(forward))
+        .route(&op("/metadata"), get(forward).put(forward).patch(forward))
+        .route(
+            &op("/metadata/{key}"),
+            get(forward).post(forward).delete(forward),
+        )
+        .route(&op("/signal"), post(forward))
+        .route(&op("/exec"), post(forward))
+        .route(&op("/ps"), get(forward))
+        .route(&op("/memory"), get(forward).put(forward))
+        .route(&op("/memory/reclaim"), post(forward))
 }
 
 /// A host's answer, relayed as it is (no body when the host sent none).
@@ -144,14 +176,11 @@ async fn create(
         Some(region) => place(&flaps, region, guest)?,
         None => place_anywhere(&flaps, guest)?,
     };
-    let host_req = HostCreateRequest {
-        app: app.clone(),
-        machine: req,
-    };
-    let body = serde_json::to_value(&host_req).expect("requests serialize");
+    let body = serde_json::to_value(&req).expect("requests serialize");
+    let path = host::machines_path(&app);
     let call = HostCall {
         body: Some(&body),
-        ..HostCall::new(Method::POST, "/v1/machines")
+        ..HostCall::new(Method::POST, &path)
     };
     let reply = flaps.hosts.call(&host.address, call).await?;
     if reply.status == 200 {
@@ -300,14 +329,14 @@ async fn list(
     Ok(resp)
 }
 
-/// The path parameters of a machine operation: `{id}` alone, or with the
-/// sub-path after it (`start`, `lease`, `metadata/{key}`, ...).
+/// The path parameters of a machine operation: the app, the machine, and
+/// for `metadata/{key}` the key.
 #[derive(serde::Deserialize)]
 struct MachinePath {
     app: String,
     id: String,
     #[serde(default)]
-    rest: Option<String>,
+    key: Option<String>,
 }
 
 /// How long a `wait` may take at the host (its longest timeout), plus a margin.
@@ -318,6 +347,7 @@ async fn forward(
     State(flaps): State<Arc<Flaps>>,
     Extension(caller): Extension<Caller>,
     method: Method,
+    route: MatchedPath,
     Path(p): Path<MachinePath>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -331,13 +361,18 @@ async fn forward(
             e
         }
     })?;
+    if !valid_machine_id(&p.id) {
+        return Err(ApiError::not_found(format!("machine {:?} not found", p.id)));
+    }
     let host = locate(&flaps, &p.app, &p.id)?;
     let body = json_value(body)?;
-    let mut path = format!("/v1/machines/{}", p.id);
-    if let Some(rest) = &p.rest {
-        path.push('/');
-        path.push_str(rest);
-    }
+    // The operation is the route's own text after `{id}`, never the client's.
+    let op = route.as_str().strip_prefix(MACHINE).unwrap_or_default();
+    let rest = match (op.strip_suffix("{key}"), &p.key) {
+        (Some(prefix), Some(key)) => format!("{prefix}{}", metadata_key(key)?),
+        _ => op.to_string(),
+    };
+    let mut path = host::machine_path(&p.app, &p.id, &rest);
     if let Some(q) = &query {
         path.push('?');
         path.push_str(q);
@@ -347,11 +382,22 @@ async fn forward(
         .and_then(|v| v.to_str().ok());
     let call = HostCall {
         body: body.as_ref(),
-        timeout: (p.rest.as_deref() == Some("wait")).then_some(WAIT_CALL),
+        timeout: (op == "/wait").then_some(WAIT_CALL),
         lease_nonce: nonce,
         ..HostCall::new(method, &path)
     };
     Ok(relay(flaps.hosts.call(&host.address, call).await?))
+}
+
+/// A metadata key as one path segment of the host's path: `.` and `..`
+/// are refused (they name no key, only other paths).
+fn metadata_key(key: &str) -> Result<String, ApiError> {
+    if key.is_empty() || key == "." || key == ".." {
+        return Err(ApiError::bad_request(format!(
+            "metadata key {key:?} is not a key"
+        )));
+    }
+    Ok(host::segment(key))
 }
 
 /// The request body as JSON, or none when it is empty.
@@ -401,7 +447,8 @@ mod tests {
         rib.upsert_host(&host("a2", "ams", 512)).unwrap();
         let secrets =
             std::sync::Arc::new(SecretBox::load_or_create(&dir.path().join("k")).unwrap());
-        let flaps = Flaps::new(crate::FlapsConfig::default(), rib, secrets);
+        let cluster = hangar_catalog::ClusterKey::load_or_create(&dir.path().join("c")).unwrap();
+        let flaps = Flaps::new(crate::FlapsConfig::default(), rib, secrets, &cluster);
         assert_eq!(place_anywhere(&flaps, (1, 256)).unwrap().id, "d1");
         // The default region is full for 512 MB: the roomiest host elsewhere.
         assert_eq!(place_anywhere(&flaps, (1, 512)).unwrap().id, "a1");

@@ -36,7 +36,9 @@ async fn a_host_that_is_down_answers_503_fast_and_changes_nothing() {
     })
     .unwrap();
     let secrets = Arc::new(SecretBox::load_or_create(&dir.path().join("secrets.key")).unwrap());
-    let flaps = Flaps::new(FlapsConfig::default(), rib.clone(), secrets);
+    let cluster =
+        hangar_catalog::ClusterKey::load_or_create(&dir.path().join("cluster.key")).unwrap();
+    let flaps = Flaps::new(FlapsConfig::default(), rib.clone(), secrets, &cluster);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router(flaps)).await });

@@ -2,10 +2,15 @@
 //!
 //! flyd launches `hangar pilot --dir <machine dir>` per running machine.
 //! pilot starts a new session (so it outlives flyd and never receives the
-//! terminal's Ctrl-C), runs the workload described by `spec.json` as its
-//! child in a process group of its own, appends the workload's stdout and
-//! stderr to `machine.log`, and serves a control API on `pilot.sock`:
-//! one JSON request per line, one JSON answer per line.
+//! terminal's Ctrl-C), reads the [`PilotSpec`] flyd writes to its stdin,
+//! runs the workload it describes as its child in a process group of its
+//! own, appends the workload's stdout and stderr to `machine.log`, and
+//! serves a control API on `pilot.sock` (mode 0600): one JSON request per
+//! line, one JSON answer per line.
+//!
+//! The spec holds the app's opened secrets, so it never touches the disk:
+//! it lives in flyd's and pilot's memory only, and the workload's
+//! environment.
 //!
 //! | request | answer |
 //! |---|---|
@@ -34,7 +39,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-/// What pilot runs: written by flyd to `spec.json` in the machine directory.
+/// What pilot runs: written by flyd to pilot's stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PilotSpec {
     pub machine_id: String,
@@ -84,9 +89,6 @@ enum Request {
 const MAX_EXEC_OUTPUT: usize = 1 << 20;
 
 /// Files of a machine directory.
-pub fn spec_path(dir: &Path) -> PathBuf {
-    dir.join("spec.json")
-}
 fn socket_path(dir: &Path) -> PathBuf {
     dir.join("pilot.sock")
 }
@@ -107,13 +109,11 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     use anyhow::Context;
     // A session of our own: flyd's exit or a terminal's signals do not reach us.
     nix::unistd::setsid().context("setsid")?;
-    let spec: PilotSpec = serde_json::from_slice(
-        &std::fs::read(spec_path(dir))
-            .with_context(|| format!("reading {}", spec_path(dir).display()))?,
-    )
-    .context("decoding spec.json")?;
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut text).context("reading the spec")?;
+    let spec: PilotSpec = serde_json::from_slice(&text).context("decoding the spec")?;
     let spec = Arc::new(spec);
-    let program = spec.argv.first().context("spec.json: argv is empty")?;
+    let program = spec.argv.first().context("the spec's argv is empty")?;
     let _ = std::fs::remove_file(exit_path(dir));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -144,6 +144,12 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&sock);
     let listener =
         UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    {
+        // Whoever connects can signal and exec in the machine: owner only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private", sock.display()))?;
+    }
     let our_socket = socket_inode(&sock);
     let (exit_tx, exit_rx) = watch::channel(None::<ExitInfo>);
     println!("ready {pid}");
@@ -377,9 +383,14 @@ pub enum PilotError {
     Timeout { dir: String, reason: String },
 }
 
-/// Launches pilot for the machine directory `dir` (whose `spec.json` is
-/// written) and waits for its ready line. Returns the pilot's pid.
-pub async fn launch(exe: &Path, dir: &Path, timeout: Duration) -> Result<u32, PilotError> {
+/// Launches pilot for the machine directory `dir`, hands it `spec` on its
+/// stdin, and waits for its ready line. Returns the pilot's pid.
+pub async fn launch(
+    exe: &Path,
+    dir: &Path,
+    spec: &PilotSpec,
+    timeout: Duration,
+) -> Result<u32, PilotError> {
     let io = |source| PilotError::Io {
         dir: dir.display().to_string(),
         source,
@@ -393,12 +404,18 @@ pub async fn launch(exe: &Path, dir: &Path, timeout: Duration) -> Result<u32, Pi
         .arg("pilot")
         .arg("--dir")
         .arg(dir)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(pilot_log)
         .spawn()
         .map_err(io)?;
     let pilot_pid = child.id().unwrap_or_default();
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let text = serde_json::to_vec(spec).expect("specs serialize");
+    // Closed once written: pilot reads to its end. A pilot that died
+    // before reading shows below as one that never got ready.
+    let _ = tokio::time::timeout(timeout, stdin.write_all(&text)).await;
+    drop(stdin);
     let stdout = child.stdout.take().expect("stdout is piped");
     let mut first = String::new();
     let read = tokio::time::timeout(timeout, BufReader::new(stdout).read_line(&mut first)).await;

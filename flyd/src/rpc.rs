@@ -2,12 +2,18 @@
 //! in [`hangar_api::host`]. Answers and errors use the public API's shapes,
 //! so flaps relays them unchanged. Bodies are read as JSON whatever their
 //! Content-Type, and an empty body is an empty request.
+//!
+//! Every call must carry the cluster credential, and a machine is found
+//! only under its own app's path: a caller that authorized one app cannot
+//! act on another's machine by naming its id.
 
 use crate::flyd::{Flyd, FlydError};
 use crate::ops::WaitFor;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,9 +21,10 @@ use hangar_api::ErrorBody;
 use hangar_api::duration::GoDuration;
 use hangar_api::host::{HostCreateRequest, LEASE_NONCE_HEADER};
 use hangar_api::machine::{
-    CreateLeaseRequest, ExecRequest, MachineState, MetadataValue, OkResponse, SignalRequest,
-    StopRequest, UpdateMachineRequest, UpdateMetadataRequest,
+    CreateLeaseRequest, CreateMachineRequest, ExecRequest, MachineState, MetadataValue, OkResponse,
+    SignalRequest, StopRequest, UpdateMachineRequest, UpdateMetadataRequest,
 };
+use hangar_catalog::ClusterKey;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -63,42 +70,112 @@ fn bad_request(msg: impl Into<String>) -> RpcError {
 type Result<T> = std::result::Result<T, RpcError>;
 type FlydState = State<Arc<Flyd>>;
 
-/// The router for flyd's RPC API.
-pub fn router(flyd: Arc<Flyd>) -> Router {
+/// The router for flyd's RPC API, answering only callers that present
+/// `cluster`'s credential.
+pub fn router(flyd: Arc<Flyd>, cluster: Arc<ClusterKey>) -> Router {
     Router::new()
-        .route("/v1/machines", post(create).get(list))
+        .route("/v1/apps/{app}/machines", post(create).get(list))
         .route(
-            "/v1/machines/{id}",
+            "/v1/apps/{app}/machines/{id}",
             get(show).post(update).put(update).delete(destroy),
         )
-        .route("/v1/machines/{id}/start", post(start))
-        .route("/v1/machines/{id}/stop", post(stop))
-        .route("/v1/machines/{id}/suspend", post(suspend))
-        .route("/v1/machines/{id}/restart", post(restart))
-        .route("/v1/machines/{id}/cordon", post(cordon))
-        .route("/v1/machines/{id}/uncordon", post(uncordon))
-        .route("/v1/machines/{id}/wait", get(wait))
-        .route("/v1/machines/{id}/events", get(events))
-        .route("/v1/machines/{id}/versions", get(versions))
+        .route("/v1/apps/{app}/machines/{id}/start", post(start))
+        .route("/v1/apps/{app}/machines/{id}/stop", post(stop))
+        .route("/v1/apps/{app}/machines/{id}/suspend", post(suspend))
+        .route("/v1/apps/{app}/machines/{id}/restart", post(restart))
+        .route("/v1/apps/{app}/machines/{id}/cordon", post(cordon))
+        .route("/v1/apps/{app}/machines/{id}/uncordon", post(uncordon))
+        .route("/v1/apps/{app}/machines/{id}/wait", get(wait))
+        .route("/v1/apps/{app}/machines/{id}/events", get(events))
+        .route("/v1/apps/{app}/machines/{id}/versions", get(versions))
         .route(
-            "/v1/machines/{id}/lease",
+            "/v1/apps/{app}/machines/{id}/lease",
             get(lease_get).post(lease_acquire).delete(lease_release),
         )
         .route(
-            "/v1/machines/{id}/metadata",
+            "/v1/apps/{app}/machines/{id}/metadata",
             get(metadata).put(metadata_replace).patch(metadata_merge),
         )
         .route(
-            "/v1/machines/{id}/metadata/{key}",
+            "/v1/apps/{app}/machines/{id}/metadata/{key}",
             get(metadata_key).post(metadata_set).delete(metadata_delete),
         )
-        .route("/v1/machines/{id}/signal", post(signal))
-        .route("/v1/machines/{id}/exec", post(exec))
-        .route("/v1/machines/{id}/ps", get(ps))
-        .route("/v1/machines/{id}/memory", get(memory).put(memory))
-        .route("/v1/machines/{id}/memory/reclaim", post(memory))
+        .route("/v1/apps/{app}/machines/{id}/signal", post(signal))
+        .route("/v1/apps/{app}/machines/{id}/exec", post(exec))
+        .route("/v1/apps/{app}/machines/{id}/ps", get(ps))
+        .route(
+            "/v1/apps/{app}/machines/{id}/memory",
+            get(memory).put(memory),
+        )
+        .route("/v1/apps/{app}/machines/{id}/memory/reclaim", post(memory))
         .fallback(not_found)
         .with_state(flyd)
+        // Outermost, so that even an unknown path answers 401 to a stranger.
+        .layer(axum::middleware::from_fn_with_state(cluster, authenticate))
+}
+
+/// Refuses (401) a call without the cluster credential.
+async fn authenticate(
+    State(cluster): State<Arc<ClusterKey>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if cluster.admits_bearer(presented) {
+        return next.run(req).await;
+    }
+    tracing::warn!(path = %req.uri().path(), "flyd: refused a call without the cluster credential");
+    error(
+        401,
+        "flyd answers only its cluster: missing or wrong credential",
+    )
+    .into_response()
+}
+
+/// The path parameters that name a machine.
+#[derive(Deserialize)]
+struct MachineParams {
+    app: String,
+    id: String,
+    key: Option<String>,
+}
+
+/// The machine a call names, found under its own app: another app's
+/// machine answers 404 as a missing one does.
+struct Target(String);
+
+/// The same, with the metadata key after it.
+struct TargetKey(String, String);
+
+async fn machine_params(parts: &mut Parts, flyd: &Arc<Flyd>) -> Result<MachineParams> {
+    let Path(p) = Path::<MachineParams>::from_request_parts(parts, flyd)
+        .await
+        .map_err(|e| bad_request(e.body_text()))?;
+    if flyd.record(&p.id)?.app != p.app {
+        return Err(FlydError::NotFound(p.id).into());
+    }
+    Ok(p)
+}
+
+impl FromRequestParts<Arc<Flyd>> for Target {
+    type Rejection = RpcError;
+
+    async fn from_request_parts(parts: &mut Parts, flyd: &Arc<Flyd>) -> Result<Self> {
+        Ok(Self(machine_params(parts, flyd).await?.id))
+    }
+}
+
+impl FromRequestParts<Arc<Flyd>> for TargetKey {
+    type Rejection = RpcError;
+
+    async fn from_request_parts(parts: &mut Parts, flyd: &Arc<Flyd>) -> Result<Self> {
+        let p = machine_params(parts, flyd).await?;
+        let key = p.key.ok_or_else(|| bad_request("missing metadata key"))?;
+        Ok(Self(p.id, key))
+    }
 }
 
 async fn not_found(method: Method, uri: Uri) -> RpcError {
@@ -142,30 +219,37 @@ fn duration(name: &str, text: &str) -> Result<Duration> {
     }
 }
 
-async fn create(State(flyd): FlydState, bytes: Bytes) -> Result<impl IntoResponse> {
-    let req: HostCreateRequest = serde_json::from_slice(&bytes)
+async fn create(
+    State(flyd): FlydState,
+    Path(app): Path<String>,
+    bytes: Bytes,
+) -> Result<impl IntoResponse> {
+    let machine: CreateMachineRequest = serde_json::from_slice(&bytes)
         .map_err(|e| bad_request(format!("invalid request body: {e}")))?;
-    Ok(Json(flyd.create(req).await?))
+    Ok(Json(flyd.create(HostCreateRequest { app, machine }).await?))
 }
 
 #[derive(Deserialize)]
 struct ListQuery {
-    app: String,
     include_deleted: Option<String>,
 }
 
-async fn list(State(flyd): FlydState, Query(q): Query<ListQuery>) -> Result<impl IntoResponse> {
+async fn list(
+    State(flyd): FlydState,
+    Path(app): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Result<impl IntoResponse> {
     let include = flag("include_deleted", q.include_deleted.as_deref())?;
-    Ok(Json(flyd.list(&q.app, include)?))
+    Ok(Json(flyd.list(&app, include)?))
 }
 
-async fn show(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+async fn show(State(flyd): FlydState, Target(id): Target) -> Result<impl IntoResponse> {
     Ok(Json(flyd.get(&id)?))
 }
 
 async fn update(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<impl IntoResponse> {
@@ -175,7 +259,7 @@ async fn update(
 
 async fn start(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
     Ok(Json(flyd.start(&id, nonce(&headers)).await?))
@@ -185,7 +269,7 @@ const OK: Json<OkResponse> = Json(OkResponse { ok: true });
 
 async fn stop(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<impl IntoResponse> {
@@ -196,7 +280,7 @@ async fn stop(
 
 async fn suspend(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
     flyd.suspend(&id, nonce(&headers)).await?;
@@ -211,7 +295,7 @@ struct RestartQuery {
 
 async fn restart(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     Query(q): Query<RestartQuery>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
@@ -230,7 +314,7 @@ async fn restart(
 
 async fn cordon(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
     flyd.cordon(&id, true, nonce(&headers)).await?;
@@ -239,7 +323,7 @@ async fn cordon(
 
 async fn uncordon(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
     flyd.cordon(&id, false, nonce(&headers)).await?;
@@ -255,7 +339,7 @@ struct DestroyQuery {
 
 async fn destroy(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     Query(q): Query<DestroyQuery>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
@@ -302,7 +386,7 @@ fn wait_states(text: Option<&str>) -> Result<Vec<MachineState>> {
 
 async fn wait(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     Query(q): Query<WaitQuery>,
 ) -> Result<impl IntoResponse> {
     let timeout = wait_timeout(q.timeout.as_deref())?;
@@ -321,14 +405,14 @@ struct EventsQuery {
 
 async fn events(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     Query(q): Query<EventsQuery>,
 ) -> Result<impl IntoResponse> {
     let limit = q.limit.unwrap_or(DEFAULT_EVENTS).clamp(1, MAX_EVENTS);
     Ok(Json(flyd.events(&id, limit)?))
 }
 
-async fn versions(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+async fn versions(State(flyd): FlydState, Target(id): Target) -> Result<impl IntoResponse> {
     Ok(Json(flyd.versions(&id)?))
 }
 
@@ -337,7 +421,7 @@ fn lease_answer(data: serde_json::Value) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "success", "data": data }))
 }
 
-async fn lease_get(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+async fn lease_get(State(flyd): FlydState, Target(id): Target) -> Result<impl IntoResponse> {
     let lease = flyd.lease_get(&id)?;
     Ok(lease_answer(
         serde_json::to_value(lease).expect("serializes"),
@@ -346,7 +430,7 @@ async fn lease_get(State(flyd): FlydState, Path(id): Path<String>) -> Result<imp
 
 async fn lease_acquire(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<impl IntoResponse> {
@@ -360,20 +444,20 @@ async fn lease_acquire(
 
 async fn lease_release(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse> {
     flyd.lease_release(&id, nonce(&headers)).await?;
     Ok(lease_answer(serde_json::json!({})))
 }
 
-async fn metadata(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+async fn metadata(State(flyd): FlydState, Target(id): Target) -> Result<impl IntoResponse> {
     Ok(Json(flyd.metadata(&id)?))
 }
 
 async fn metadata_key(
     State(flyd): FlydState,
-    Path((id, key)): Path<(String, String)>,
+    TargetKey(id, key): TargetKey,
 ) -> Result<impl IntoResponse> {
     let value = flyd
         .metadata(&id)?
@@ -384,7 +468,7 @@ async fn metadata_key(
 
 async fn metadata_replace(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<StatusCode> {
@@ -399,7 +483,7 @@ async fn metadata_replace(
 
 async fn metadata_merge(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<StatusCode> {
@@ -414,7 +498,7 @@ async fn metadata_merge(
 
 async fn metadata_set(
     State(flyd): FlydState,
-    Path((id, key)): Path<(String, String)>,
+    TargetKey(id, key): TargetKey,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<StatusCode> {
@@ -429,7 +513,7 @@ async fn metadata_set(
 
 async fn metadata_delete(
     State(flyd): FlydState,
-    Path((id, key)): Path<(String, String)>,
+    TargetKey(id, key): TargetKey,
     headers: HeaderMap,
 ) -> Result<StatusCode> {
     flyd.metadata_update(&id, nonce(&headers), |m| {
@@ -443,7 +527,7 @@ async fn metadata_delete(
 
 async fn signal(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     bytes: Bytes,
 ) -> Result<impl IntoResponse> {
@@ -457,18 +541,18 @@ async fn signal(
 
 async fn exec(
     State(flyd): FlydState,
-    Path(id): Path<String>,
+    Target(id): Target,
     bytes: Bytes,
 ) -> Result<impl IntoResponse> {
     let req: ExecRequest = body(&bytes)?;
     Ok(Json(flyd.exec(&id, req).await?))
 }
 
-async fn ps(State(flyd): FlydState, Path(id): Path<String>) -> Result<impl IntoResponse> {
+async fn ps(State(flyd): FlydState, Target(id): Target) -> Result<impl IntoResponse> {
     Ok(Json(flyd.ps(&id).await?))
 }
 
-async fn memory(State(flyd): FlydState, Path(id): Path<String>) -> Result<RpcError> {
+async fn memory(State(flyd): FlydState, Target(id): Target) -> Result<RpcError> {
     flyd.get(&id)?;
     Ok(error(
         501,

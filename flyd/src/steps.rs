@@ -76,15 +76,12 @@ impl Flyd {
         };
         std::fs::create_dir_all(&dir)
             .map_err(|e| runtime(format!("creating {}: {e}", dir.display())))?;
-        std::fs::write(
-            pilot::spec_path(&dir),
-            serde_json::to_vec_pretty(&spec).expect("serializes"),
-        )
-        .map_err(|e| runtime(format!("writing spec.json: {e}")))?;
+        // Earlier versions left the spec, secrets and all, on disk.
+        let _ = std::fs::remove_file(dir.join("spec.json"));
         rec.state = MachineState::Starting;
         rec.updated_at = now_rfc3339();
         self.save(&mut rec)?;
-        let pid = pilot::launch(&self.exe, &dir, Duration::from_secs(10))
+        let pid = pilot::launch(&self.exe, &dir, &spec, Duration::from_secs(10))
             .await
             .map_err(|e| runtime(e.to_string()))?;
         rec.pilot_pid = Some(pid);

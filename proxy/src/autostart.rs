@@ -110,6 +110,7 @@ impl Autostart {
         fib: Arc<Fib>,
         hosts: Arc<dyn HostDirectory>,
         (hold, max_waiting): (Duration, usize),
+        credential: &str,
         metrics: crate::metrics::EdgeMetrics,
     ) -> Self {
         Self {
@@ -118,7 +119,7 @@ impl Autostart {
             hosts,
             // flyd answers a start once the machine is ready; the hold
             // bounds it.
-            client: HostClient::new(hold),
+            client: HostClient::new(hold, credential),
             hold,
             max_waiting,
             metrics,
@@ -205,7 +206,7 @@ impl Autostart {
             .hosts
             .address(host)
             .ok_or_else(|| format!("host {host} of machine {id} is unknown"))?;
-        let path = format!("/v1/machines/{id}/start");
+        let path = hangar_api::host::machine_path(app, id, "/start");
         let routable = || {
             self.fib
                 .lookup(app)

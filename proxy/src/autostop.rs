@@ -253,7 +253,7 @@ impl Autostopper {
             return;
         };
         let call = |action: &'static str| {
-            let path = format!("/v1/machines/{}/{action}", pick.id);
+            let path = hangar_api::host::machine_path(&pick.app, &pick.id, &format!("/{action}"));
             let (client, addr) = (self.client.clone(), addr.clone());
             async move {
                 let reply = client

@@ -65,7 +65,7 @@ pub use config::ProxyConfig;
 pub use error::{PathError, ProxyError};
 pub use metrics::{Metrics, serve_metrics};
 
-use hangar_catalog::{Fib, SecretBox};
+use hangar_catalog::{ClusterKey, Fib, SecretBox};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use path::Edge;
 use queue::Queues;
@@ -152,6 +152,7 @@ impl Proxy {
         metrics: &Metrics,
         secrets: Arc<SecretBox>,
         hosts: Arc<dyn autostart::HostDirectory>,
+        cluster: Arc<ClusterKey>,
     ) -> Result<Proxy, ProxyError> {
         cfg.validate().map_err(ProxyError::Config)?;
         // Blocking file IO and key generation, but once at start-up and
@@ -172,7 +173,7 @@ impl Proxy {
             fib: fib.clone(),
             activity: activity.clone(),
             hosts: hosts.clone(),
-            client: hangar_api::host::HostClient::new(cfg.autostop_drain() * 2),
+            client: hangar_api::host::HostClient::new(cfg.autostop_drain() * 2, cluster.token()),
             interval: Duration::from_millis(cfg.autostop_interval_ms),
             idle: Duration::from_millis(cfg.autostop_idle_ms),
             drain: cfg.autostop_drain(),
@@ -215,6 +216,7 @@ impl Proxy {
                 fib,
                 hosts,
                 (cfg.autostart_hold(), cfg.autostart_max_waiting),
+                cluster.token(),
                 metrics.edge(),
             )),
         });
@@ -509,6 +511,7 @@ mod tests {
             &metrics,
             secrets,
             Arc::new(NoHosts),
+            Arc::new(ClusterKey::load_or_create(&dir.path().join("cluster.key")).unwrap()),
         )
         .await
         .unwrap();

@@ -161,6 +161,30 @@ impl Hangar {
         read_log(&self.data_dir)
     }
 
+    /// A new API token of `org` (the org made if new), by the CLI beside
+    /// the running instance.
+    pub fn token_for(&self, org: &str) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .args(["tokens", "create", "--org", org, "--data-dir"])
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// The cluster credential, as a host of the cluster holds it.
+    pub fn cluster_key(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("cluster.key"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
     pub fn api(&self, path: &str) -> String {
         format!("http://{}{path}", self.addrs.flaps)
     }
@@ -432,6 +456,46 @@ pub const ECHO_MACHINE: &str = r#"{"config":{"image":"hangar/echo","services":[{
 pub const ECHO_MACHINE_MANUAL: &str = r#"{"config":{"image":"hangar/echo","services":[{"protocol":"tcp","internal_port":8080,
   "autostart":false,
   "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}"#;
+
+/// Sends one HTTP/1.1 request to `addr` exactly as written (no client
+/// normalizes its path, as an attacker's would not) and returns the
+/// status and body.
+pub async fn raw_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
 
 /// Waits until `check` holds, checking every 10 ms for at most [`WAIT`];
 /// panics naming `what` otherwise.
