@@ -267,3 +267,122 @@ async fn secrets_and_state_stay_private_on_disk() {
     }
     assert!(files > 5, "walked {files} files");
 }
+
+/// A request through the proxy's HTTP listener for `app`, with `headers`:
+/// the status, the proxy's error code, and the echo's JSON.
+async fn through_proxy(
+    h: &Hangar,
+    app: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, Value) {
+    let mut req = h
+        .http
+        .get(format!("http://{}{path}", h.addrs.http))
+        .header("host", format!("{app}.localhost"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let (status, _, code, body) = common::Answered::of(req.send().await.unwrap())
+        .await
+        .parts();
+    (status, code, body)
+}
+
+/// Item 6: a machine could `fly-replay` a request to any org's app (and
+/// so start its stopped machines), and a client's own `fly-replay-src` /
+/// `fly-replay-failed` reached the machine as if the proxy had set them.
+#[tokio::test]
+async fn fly_replay_stays_inside_the_org() {
+    let h = Hangar::start().await;
+    app_of(&h, &h.token, "personal", "asker", "asker-mark").await;
+    app_of(&h, &h.token, "personal", "sibling", "sibling-mark").await;
+    let rival = h.token_for("rival");
+    let victim = app_of(&h, &rival, "rival", "victim", "victim-mark").await;
+    let stop = format!("/v1/apps/victim/machines/{victim}/stop");
+    let (status, answer) = raw_request(h.addrs.flaps, "POST", &stop, &bearer(&rival), "").await;
+    assert_eq!(status, 200, "{answer}");
+    let wait = format!("/v1/apps/victim/machines/{victim}/wait?state=stopped&timeout=30");
+    let (status, answer) = raw_request(h.addrs.flaps, "GET", &wait, &bearer(&rival), "").await;
+    assert_eq!(status, 200, "{answer}");
+
+    // Within the org, a replay goes where it asks.
+    let (status, _, body) = through_proxy(&h, "asker", "/?replay=app%3Dsibling", &[]).await;
+    assert_eq!(
+        (status, body["app"].as_str()),
+        (200, Some("sibling")),
+        "{body}"
+    );
+    // To another org's app: the proxy's own answer for an app it does not
+    // know, and the victim's stopped machine stays stopped.
+    let (status, code, body) = through_proxy(&h, "asker", "/?replay=app%3Dvictim", &[]).await;
+    assert_eq!((status, code.as_deref()), (404, Some("PA01")), "{body}");
+    assert!(!body.to_string().contains("victim-mark"), "{body}");
+    let show = format!("/v1/apps/victim/machines/{victim}");
+    let (_, machine) = raw_request(h.addrs.flaps, "GET", &show, &bearer(&rival), "").await;
+    let machine: Value = serde_json::from_str(&machine).unwrap();
+    assert_eq!(machine["state"], "stopped", "{machine}");
+
+    // What only the proxy may say about a replay never comes from a client.
+    let forged = [
+        (
+            "fly-replay-src",
+            "instance=0123456789abcd;region=dev;t=1;state=admin",
+        ),
+        ("fly-replay-failed", "code=PR01;reason=forged"),
+    ];
+    let (status, _, body) = through_proxy(&h, "asker", "/", &forged).await;
+    assert_eq!(status, 200, "{body}");
+    let headers = &body["headers"];
+    assert!(headers.get("fly-replay-src").is_none(), "{headers}");
+    assert!(headers.get("fly-replay-failed").is_none(), "{headers}");
+}
+
+/// Item 7: with peers configured (on loopback, as `config/regions/` has
+/// them), any local client or workload that sent `fly-forwarded-region`
+/// was taken for a peer proxy, and its `Fly-Client-IP` passed unchanged.
+/// Now a peer proves itself with the cluster credential.
+#[tokio::test]
+async fn peers_are_authenticated_not_trusted_by_address() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = "[[proxy.peers]]\nregion = \"ord\"\naddr = \"127.0.0.1:1\"\n";
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
+    app_of(&h, &h.token, "personal", "web", "web-mark").await;
+    for credential in [None, Some("guess"), Some("")] {
+        let mut forged = vec![
+            ("fly-forwarded-region", "ord"),
+            ("fly-client-ip", "203.0.113.9"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("fly-region", "ord"),
+        ];
+        if let Some(c) = credential {
+            forged.push(("hangar-peer-credential", c));
+        }
+        let (status, _, body) = through_proxy(&h, "web", "/", &forged).await;
+        assert_eq!(status, 200, "{body}");
+        let headers = &body["headers"];
+        assert_eq!(headers["fly-client-ip"], "127.0.0.1", "{headers}");
+        assert_eq!(headers["fly-region"], "dev", "{headers}");
+        // The list keeps the client's claim, and this hop's entry last.
+        assert_eq!(
+            headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1",
+            "{headers}"
+        );
+        assert!(headers.get("fly-forwarded-region").is_none(), "{headers}");
+        assert!(headers.get("hangar-peer-credential").is_none(), "{headers}");
+    }
+    // The cluster's own credential is what a peer sends, and it never
+    // reaches the machine.
+    let key = h.cluster_key();
+    let peer = [
+        ("fly-forwarded-region", "ord"),
+        ("fly-client-ip", "203.0.113.9"),
+        ("hangar-peer-credential", key.as_str()),
+    ];
+    let (status, _, body) = through_proxy(&h, "web", "/", &peer).await;
+    assert_eq!(status, 200, "{body}");
+    let headers = &body["headers"];
+    assert_eq!(headers["fly-client-ip"], "203.0.113.9", "{headers}");
+    assert_eq!(headers["fly-forwarded-region"], "ord", "{headers}");
+    assert!(!body.to_string().contains(&key), "{body}");
+}

@@ -206,7 +206,7 @@ impl Proxy {
                 header_timeout: cfg.header_timeout(),
                 max_head: cfg.max_header_bytes,
             },
-            peers: peers::Peers::new(cfg.peers.clone()),
+            peers: peers::Peers::new(cfg.peers.clone(), cluster.clone()),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
             retry_body_bytes: cfg.retry_body_bytes,

@@ -21,7 +21,7 @@ use crate::error::{PathError, Side};
 use crate::h1::{self, Ended, TimedOut};
 use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
 use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
-use crate::peers::{FLY_FORWARDED_REGION, Peers};
+use crate::peers::Peers;
 use crate::ports::{Accepted, PortListeners, Spec};
 use crate::queue::{QueueError, Queues};
 use crate::replay::{self, FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC, MAX_REPLAYS, Replay};
@@ -555,7 +555,7 @@ fn decide(
     ex: &mut Exchange,
     mut req: Request<ClientBody>,
 ) -> Result<Decided, PathError> {
-    ex.from_region = edge.peers.forwarded(ex.conn.peer.ip(), req.headers_mut());
+    ex.from_region = edge.peers.forwarded(req.headers_mut());
     if ex.from_region.is_some()
         && let Some(id) = req.headers().get(FLY_REQUEST_ID)
     {
@@ -883,7 +883,7 @@ async fn to_peer(
 ) -> Result<Response<ProxyBody>, PathError> {
     let region = HeaderValue::from_str(&edge.region)
         .map_err(|e| PathError::Internal(format!("region header: {e}")))?;
-    req.headers_mut().insert(FLY_FORWARDED_REGION, region);
+    edge.peers.mark(req.headers_mut(), region);
     let proxy = upstream::Machine {
         addr: peer.addr,
         app: ex.app.as_deref().unwrap_or_default().into(),
@@ -1087,6 +1087,14 @@ fn upstream_request(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     headers::strip_hop_by_hop(headers);
+    // Only this proxy tells a machine that a request was replayed.
+    if headers
+        .keys()
+        .any(|n| n == FLY_REPLAY_SRC || n == FLY_REPLAY_FAILED)
+    {
+        headers.remove(FLY_REPLAY_SRC);
+        headers.remove(FLY_REPLAY_FAILED);
+    }
     if let Some(raw) = host.replace {
         headers.insert(HOST, raw);
     }

@@ -6,33 +6,40 @@
 //! closest peer whose region has machines taking requests, else to the
 //! closest whose region has machines that can be started (its proxy starts
 //! one). With `fly-force-region` naming a peer's region, to that peer. The
-//! request carries `fly-forwarded-region: <this region>`; a proxy never
-//! forwards a request that came from a peer, so there are no loops. The
-//! receiving proxy trusts that header (and the `Fly-Client-IP`,
-//! `X-Forwarded-*`, `Fly-Region` and `Fly-Request-Id` the first proxy set)
-//! only from a peer's address; from anyone else it is removed.
+//! request carries `fly-forwarded-region: <this region>` and the cluster
+//! credential (`hangar-peer-credential`); a proxy never forwards a request
+//! that came from a peer, so there are no loops. The receiving proxy
+//! trusts that header (and the `Fly-Client-IP`, `X-Forwarded-*`,
+//! `Fly-Region` and `Fly-Request-Id` the first proxy set) only with the
+//! credential, wherever the request comes from: from anyone else the
+//! proxy's own values replace them. The credential never reaches a machine.
 //!
 //! With a global catalog a proxy knows every region's machines and sends
 //! requests to other regions' machines itself.
 
 use crate::config::Peer;
-use hangar_catalog::AppRoutes;
+use hangar_catalog::{AppRoutes, ClusterKey};
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
-use std::net::IpAddr;
+use std::sync::Arc;
 
 /// The region of the proxy that forwarded a request.
 pub(crate) const FLY_FORWARDED_REGION: HeaderName = HeaderName::from_static("fly-forwarded-region");
 
-/// This proxy's peers.
+/// The cluster credential a peer presents with a request it forwards.
+pub(crate) const PEER_CREDENTIAL: HeaderName = HeaderName::from_static("hangar-peer-credential");
+
+/// This proxy's peers, and the credential that proves a request came from
+/// one.
 #[derive(Debug)]
 pub(crate) struct Peers {
     list: Vec<Peer>,
+    cluster: Arc<ClusterKey>,
 }
 
 impl Peers {
-    pub(crate) fn new(list: Vec<Peer>) -> Self {
-        Self { list }
+    pub(crate) fn new(list: Vec<Peer>, cluster: Arc<ClusterKey>) -> Self {
+        Self { list, cluster }
     }
 
     /// The peers, closest first (the order of `proxy.peers`): also the
@@ -59,18 +66,31 @@ impl Peers {
             })
     }
 
-    /// Whether a request from `from` came through a peer: its
-    /// `fly-forwarded-region` if so. A header from anyone else is removed.
-    pub(crate) fn forwarded(&self, from: IpAddr, headers: &mut HeaderMap) -> Option<HeaderValue> {
-        if !crate::headers::has(headers, &FLY_FORWARDED_REGION) {
+    /// Whether a request came through a peer, which presented the
+    /// cluster credential: its `fly-forwarded-region` if so. Both headers
+    /// are removed, whoever sent them.
+    pub(crate) fn forwarded(&self, headers: &mut HeaderMap) -> Option<HeaderValue> {
+        if !headers
+            .keys()
+            .any(|n| n == FLY_FORWARDED_REGION || n == PEER_CREDENTIAL)
+        {
             return None;
         }
+        let credential = headers.remove(PEER_CREDENTIAL);
         let region = headers.remove(FLY_FORWARDED_REGION)?;
-        let ip = from.to_canonical();
-        self.list
-            .iter()
-            .any(|p| p.addr.ip() == ip)
+        credential
+            .is_some_and(|c| self.cluster.admits(c.as_bytes()))
             .then_some(region)
+    }
+
+    /// Marks a request this proxy forwards to a peer: its region and the
+    /// cluster credential.
+    pub(crate) fn mark(&self, headers: &mut HeaderMap, region: HeaderValue) {
+        headers.insert(FLY_FORWARDED_REGION, region);
+        if let Ok(mut credential) = HeaderValue::from_str(self.cluster.token()) {
+            credential.set_sensitive(true);
+            headers.insert(PEER_CREDENTIAL, credential);
+        }
     }
 }
 
@@ -90,12 +110,15 @@ mod tests {
         }
     }
 
-    fn peers() -> Peers {
+    fn peers() -> (tempfile::TempDir, Peers) {
         let peer = |region: &str, port| Peer {
             region: region.into(),
             addr: ([127, 0, 0, 1], port).into(),
         };
-        Peers::new(vec![peer("ord", 1), peer("ams", 2), peer("syd", 3)])
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = ClusterKey::load_or_create(&dir.path().join("cluster.key")).unwrap();
+        let list = vec![peer("ord", 1), peer("ams", 2), peer("syd", 3)];
+        (dir, Peers::new(list, Arc::new(cluster)))
     }
 
     #[test]
@@ -104,7 +127,7 @@ mod tests {
             regions: regions.into(),
             ..AppRoutes::empty("hello")
         };
-        let peers = peers();
+        let (_dir, peers) = peers();
         let pick = |app: &AppRoutes, forced| peers.choose(app, forced).map(|p| p.region.clone());
         let up = app(vec![
             summary("ord", 0, 1),
@@ -120,16 +143,25 @@ mod tests {
     }
 
     #[test]
-    fn only_a_peer_may_say_it_forwarded() {
-        let peers = peers();
-        let mut headers = HeaderMap::new();
-        headers.insert(FLY_FORWARDED_REGION, HeaderValue::from_static("ord"));
-        let mut forged = headers.clone();
-        assert_eq!(
-            peers.forwarded([127, 0, 0, 1].into(), &mut headers),
-            Some(HeaderValue::from_static("ord"))
-        );
-        assert_eq!(peers.forwarded([10, 0, 0, 1].into(), &mut forged), None);
-        assert!(forged.is_empty(), "removed");
+    fn only_a_peer_with_the_credential_may_say_it_forwarded() {
+        let (_dir, peers) = peers();
+        let ord = HeaderValue::from_static("ord");
+        let mut marked = HeaderMap::new();
+        peers.mark(&mut marked, ord.clone());
+        assert_eq!(peers.forwarded(&mut marked), Some(ord.clone()));
+        assert!(marked.is_empty(), "both removed: {marked:?}");
+
+        let mut forged = HeaderMap::new();
+        forged.insert(FLY_FORWARDED_REGION, ord.clone());
+        assert_eq!(peers.forwarded(&mut forged), None);
+        forged.insert(FLY_FORWARDED_REGION, ord.clone());
+        forged.insert(PEER_CREDENTIAL, HeaderValue::from_static("guess"));
+        assert_eq!(peers.forwarded(&mut forged), None);
+        assert!(forged.is_empty(), "removed: {forged:?}");
+        // A credential alone is removed too: it never reaches a machine.
+        peers.mark(&mut forged, ord);
+        forged.remove(FLY_FORWARDED_REGION);
+        assert_eq!(peers.forwarded(&mut forged), None);
+        assert!(forged.is_empty(), "removed: {forged:?}");
     }
 }

@@ -12,7 +12,7 @@
 //! | `region` | the first of these regions (comma-separated, quoted) where the target app has machines; `any` matches every region |
 //! | `instance` | that machine only (started if stopped) |
 //! | `prefer_instance` | that machine when it can take the request, else as usual |
-//! | `app` | another app (default: the same one) |
+//! | `app` | another app of the same org (default: the same one); another org's app is unknown to it |
 //! | `elsewhere` | `true`: not the machine that asked for the replay |
 //! | `state` | passed on in `fly-replay-src` |
 //! | `timeout` | how long finding and reaching the target may take (`800ms`, `2s`) |

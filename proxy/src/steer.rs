@@ -186,15 +186,21 @@ pub(crate) struct Hop {
 /// failure, which may fall back).
 pub(crate) enum AppRef {
     Found(Arc<AppRoutes>),
-    Named(String),
+    /// An app a machine named, which must belong to `org`, the asking
+    /// app's: another org's app is unknown to it.
+    Named {
+        name: String,
+        org: CompactString,
+    },
 }
 
 impl AppRef {
     pub(crate) fn routes(&self, fib: &Fib) -> Result<Arc<AppRoutes>, PathError> {
         match self {
             Self::Found(routes) => Ok(routes.clone()),
-            Self::Named(name) => fib
+            Self::Named { name, org } => fib
                 .lookup(name)
+                .filter(|app| app.org == *org)
                 .ok_or_else(|| PathError::UnknownApp(name.clone())),
         }
     }
@@ -230,7 +236,10 @@ impl Hop {
         let same = replay.app.as_deref().is_none_or(|a| a == &*app.name);
         Self {
             app: match &replay.app {
-                Some(name) if !same => AppRef::Named(name.clone()),
+                Some(name) if !same => AppRef::Named {
+                    name: name.clone(),
+                    org: app.org.clone(),
+                },
                 _ => AppRef::Found(app.clone()),
             },
             want: if same { want } else { other_app },

@@ -145,6 +145,8 @@ impl RegionSummary {
 #[repr(C)]
 pub struct AppRoutes {
     pub name: CompactString,
+    /// The org that owns the app: what flycast and replays are scoped to.
+    pub org: CompactString,
     pub machines: Arc<[RouteMachine]>,
     /// How many of `machines` (the first ones) are routable.
     pub routable: usize,
@@ -166,6 +168,7 @@ impl AppRoutes {
     pub fn empty(name: &str) -> Self {
         Self {
             name: name.into(),
+            org: CompactString::default(),
             machines: Arc::new([]),
             routable: 0,
             regions: Arc::new([]),
@@ -578,16 +581,16 @@ fn full(
     // replayed by the follower, and replaying is idempotent.
     let seq = rib.last_seq()?;
     let apps = rib.apps(None)?;
-    let mut builds: HashMap<&str, AppBuild<'_>> = apps
+    let mut builds: HashMap<&str, (AppBuild<'_>, &str)> = apps
         .iter()
         .map(|a| {
             let old = previous.and_then(|p| p.app(&a.name)).map(|a| &**a);
-            (a.name.as_str(), AppBuild::new(old))
+            (a.name.as_str(), (AppBuild::new(old), a.org_slug.as_str()))
         })
         .collect();
     rib.for_each_route(Routes::All, |row| {
         // Machines of a deleted app wait for their rows to be forgotten.
-        if let Some(build) = builds.get_mut(row.app) {
+        if let Some((build, _)) = builds.get_mut(row.app) {
             build.add(&row, mode, interner);
         }
     })?;
@@ -600,8 +603,9 @@ fn full(
     }
     let mut flycast = flycast_of(rib, None)?;
     let mut snapshot = FibSnapshot::empty(seq, apps.len());
-    for (name, build) in builds {
+    for (name, (build, org)) in builds {
         let mut app = build.finish(name);
+        app.org = org.into();
         app.certificates = certificates.remove(name).unwrap_or_default().into();
         app.flycast = flycast.remove(name).unwrap_or_default().into();
         snapshot.put(Arc::new(app));
@@ -687,15 +691,15 @@ fn apply(
     next.seq = changes.last().map_or(current.seq, |c| c.seq);
     for (name, t) in touched {
         let old = current.app(name).map(|a| &**a);
-        let exists = if t.app {
-            rib.app(name)?.is_some()
+        let org: Option<CompactString> = if t.app {
+            rib.app(name)?.map(|row| row.org_slug.into())
         } else {
-            old.is_some()
+            old.map(|old| old.org.clone())
         };
-        if !exists {
+        let Some(org) = org else {
             next.remove(name);
             continue;
-        }
+        };
         let mut app = match (old, t.machines) {
             // A new (or re-created) app is read whole.
             (None, _) => read_app(interner, rib, mode, name, None)?,
@@ -719,6 +723,7 @@ fn apply(
                 .unwrap_or_default()
                 .into();
         }
+        app.org = org;
         next.put(Arc::new(app));
     }
     Ok(next)
@@ -860,6 +865,12 @@ pub(crate) mod tests {
         fib.catch_up(&rib).unwrap();
         let m = fib.lookup("hello").unwrap().machines[0].clone();
         assert!(!m.routable());
+        // The owner is known however the app was read: followed or loaded.
+        assert_eq!(fib.lookup("hello").unwrap().org, "personal");
+        assert_eq!(
+            Fib::load(&rib).unwrap().lookup("hello").unwrap().org,
+            "personal"
+        );
         assert_eq!(
             m.inflight.load(Ordering::Relaxed),
             3,
