@@ -386,3 +386,136 @@ async fn peers_are_authenticated_not_trusted_by_address() {
     assert_eq!(headers["fly-forwarded-region"], "ord", "{headers}");
     assert!(!body.to_string().contains(&key), "{body}");
 }
+
+/// A certificate for `names`, signed by `issuer` (self-signed without
+/// one): its chain's PEM and its key's.
+fn certificate(
+    names: &[&str],
+    issuer: Option<(&rcgen::Certificate, &rcgen::KeyPair)>,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let cert = match issuer {
+        Some((ca, ca_key)) => params.signed_by(&key, ca, ca_key).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    (cert.pem(), key.serialize_pem())
+}
+
+async fn upload(
+    h: &Hangar,
+    token: &str,
+    app: &str,
+    hostname: &str,
+    (chain, key): &(String, String),
+) -> (u16, String) {
+    let body = serde_json::json!({ "hostname": hostname, "fullchain": chain, "private_key": key });
+    let path = format!("/v1/apps/{app}/certificates/custom");
+    raw_request(
+        h.addrs.flaps,
+        "POST",
+        &path,
+        &bearer(token),
+        &body.to_string(),
+    )
+    .await
+}
+
+/// Item 4: any org could upload a certificate for `victim.flycast`, an IP
+/// literal, or a name under the platform's domains, and take its traffic;
+/// and any self-signed certificate was taken outside dev.
+#[tokio::test]
+async fn hostnames_belong_to_one_app_and_some_to_none() {
+    let h = Hangar::start().await;
+    app_of(&h, &h.token, "personal", "victim", "victim-mark").await;
+    let (status, ip) = h
+        .post("/v1/apps/victim/ip_assignments", r#"{"type":"private_v6"}"#)
+        .await;
+    assert!(status < 300, "{ip}");
+    let rival = h.token_for("rival");
+    app_of(&h, &rival, "rival", "thief", "thief-mark").await;
+    let owned = certificate(&["www.victim.test"], None);
+    assert_eq!(
+        upload(&h, &h.token, "victim", "www.victim.test", &owned)
+            .await
+            .0,
+        201
+    );
+
+    for name in [
+        "victim.flycast",
+        "victim.flycast.",
+        "Victim.Flycast",
+        "top1.nearest.of.victim.internal",
+        "victim.localhost",
+        "127.0.0.1",
+        "127.20.0.1",
+    ] {
+        let lower = name.trim_end_matches('.').to_ascii_lowercase();
+        let pair = certificate(&[&lower], None);
+        let (status, answer) = upload(&h, &rival, "thief", name, &pair).await;
+        assert_eq!(status, 400, "{name}: {answer}");
+    }
+    let stolen = certificate(&["www.victim.test"], None);
+    let (status, answer) = upload(&h, &rival, "thief", "www.victim.test", &stolen).await;
+    assert_eq!(status, 409, "{answer}");
+    // The victim's hostname still reaches the victim.
+    let (status, _, body) = through_proxy_host(&h, "www.victim.test").await;
+    assert_eq!(
+        (status, body["app"].as_str()),
+        (200, Some("victim")),
+        "{body}"
+    );
+
+    // Outside dev a certificate must chain to the configured roots.
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let roots = tmp.path().join("roots.pem");
+    std::fs::write(&roots, ca.pem()).unwrap();
+    let config = format!(
+        "[flaps]\nallow_self_signed_certificates = false\ncertificate_roots = {:?}\nplatform_domains = [\"apps.example.net\"]\n",
+        roots.display().to_string()
+    );
+    let strict = Hangar::start_with(&tmp.path().join("data"), Some(&config)).await;
+    strict.create_app("site").await;
+    let (status, answer) = upload(
+        &strict,
+        &strict.token,
+        "site",
+        "www.site.test",
+        &certificate(&["www.site.test"], None),
+    )
+    .await;
+    assert_eq!(status, 400, "a self-signed certificate: {answer}");
+    assert!(answer.contains("not trusted"), "{answer}");
+    let signed = certificate(&["www.site.test"], Some((&ca, &ca_key)));
+    let (status, answer) = upload(&strict, &strict.token, "site", "www.site.test", &signed).await;
+    assert_eq!(status, 201, "{answer}");
+    let platform = certificate(&["site.apps.example.net"], Some((&ca, &ca_key)));
+    let (status, answer) = upload(
+        &strict,
+        &strict.token,
+        "site",
+        "site.apps.example.net",
+        &platform,
+    )
+    .await;
+    assert_eq!(status, 400, "a platform domain: {answer}");
+}
+
+/// A plain HTTP request through the proxy with `Host: host`.
+async fn through_proxy_host(h: &Hangar, host: &str) -> (u16, Option<String>, Value) {
+    let req = h
+        .http
+        .get(format!("http://{}/", h.addrs.http))
+        .header("host", host);
+    let (status, _, code, body) = common::Answered::of(req.send().await.unwrap())
+        .await
+        .parts();
+    (status, code, body)
+}

@@ -2,6 +2,12 @@
 //! certificate and key (PEM) for a hostname make the proxy serve that
 //! certificate for the hostname (by SNI) and route the hostname to the app.
 //! The key is sealed at rest like a secret. ACME is not offered (501).
+//!
+//! A hostname belongs to one app at most, and some belong to none: names
+//! under the platform's own domains (`localhost`, `flycast`, `internal`
+//! and `flaps.platform_domains`) and IP addresses. A certificate must chain
+//! to the configured roots (Mozilla's by default), unless the config
+//! allows self-signed ones, as dev's does.
 
 use crate::Flaps;
 use crate::apps::owned_app;
@@ -15,8 +21,9 @@ use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use hangar_catalog::secrets::CERTIFICATE_KEYS;
 use hangar_catalog::{CertificateRow, RibError};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -44,12 +51,13 @@ pub(crate) fn routes() -> Router<Arc<Flaps>> {
         )
 }
 
-/// Whether `name` is a hostname the proxy can serve: a DNS name, not under
-/// `.localhost` (those name apps already).
-fn valid_hostname(name: &str) -> bool {
+/// Domains no app may claim a name in, whatever the config says.
+const RESERVED_DOMAINS: [&str; 3] = ["localhost", "flycast", "internal"];
+
+/// Whether `name` is a DNS name: lowercase labels of letters, digits and
+/// inner hyphens.
+pub(crate) fn dns_name(name: &str) -> bool {
     (1..=253).contains(&name.len())
-        && !name.ends_with(".localhost")
-        && name.split('.').count() >= 2
         && name.split('.').all(|l| {
             (1..=63).contains(&l.len())
                 && l.bytes()
@@ -59,10 +67,99 @@ fn valid_hostname(name: &str) -> bool {
         })
 }
 
+/// Whether `name` is a hostname the proxy can serve: a DNS name of at
+/// least two labels whose last is not a number (so no IP address).
+pub(crate) fn valid_hostname(name: &str) -> bool {
+    dns_name(name)
+        && name.contains('.')
+        && !name
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Why no app may claim `name`, if none may: it is, or is under, one of
+/// the platform's domains.
+fn reserved(name: &str, platform: &[String]) -> Option<String> {
+    RESERVED_DOMAINS
+        .iter()
+        .copied()
+        .chain(platform.iter().map(String::as_str))
+        .find(|domain| {
+            name == *domain
+                || name
+                    .strip_suffix(domain)
+                    .is_some_and(|rest| rest.ends_with('.'))
+        })
+        .map(|domain| {
+            format!("hostname: {name:?} is under {domain:?}, which the platform keeps for itself")
+        })
+}
+
+/// The CA certificates in the PEM file at `path`, as trust roots.
+pub(crate) fn load_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!(
+            "{}: no usable CA certificate in it",
+            path.display()
+        ));
+    }
+    Ok(roots)
+}
+
+/// The roots custom certificates must chain to.
+fn trust_roots(flaps: &Flaps) -> Result<rustls::RootCertStore, ApiError> {
+    match &flaps.cfg.certificate_roots {
+        Some(path) => load_roots(path).map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the certificate roots cannot be read: {e}"),
+            )
+        }),
+        None => Ok(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        }),
+    }
+}
+
+/// Checks that `chain` is a server certificate for `hostname` that chains
+/// to `roots` and is valid now.
+fn check_trust(
+    roots: rustls::RootCertStore,
+    hostname: &str,
+    chain: &[CertificateDer<'static>],
+) -> Result<(), ApiError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| ApiError::bad_request(format!("fullchain: cannot be verified: {e}")))?;
+    let name = ServerName::try_from(hostname.to_string())
+        .map_err(|e| ApiError::bad_request(format!("hostname: {e}")))?;
+    verifier
+        .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+        .map(drop)
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "fullchain: not trusted for {hostname:?}: {e} (it must chain to the configured certificate roots)"
+            ))
+        })
+}
+
 /// Checks that the chain and key parse, belong together, and that the
-/// certificate is valid for `hostname` (its names, not its trust chain:
-/// a self-signed certificate is the uploader's choice).
-fn check_pair(hostname: &str, fullchain: &str, private_key: &str) -> Result<(), ApiError> {
+/// certificate is valid for `hostname` (its names; its trust chain is
+/// [`check_trust`]'s).
+fn check_pair(
+    hostname: &str,
+    fullchain: &str,
+    private_key: &str,
+) -> Result<Vec<CertificateDer<'static>>, ApiError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(fullchain.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| ApiError::bad_request(format!("fullchain: not PEM certificates: {e}")))?;
@@ -71,7 +168,7 @@ fn check_pair(hostname: &str, fullchain: &str, private_key: &str) -> Result<(), 
     }
     let key = PrivateKeyDer::from_pem_slice(private_key.as_bytes())
         .map_err(|e| ApiError::bad_request(format!("private_key: not a PEM private key: {e}")))?;
-    let name = rustls::pki_types::ServerName::try_from(hostname)
+    let name = ServerName::try_from(hostname)
         .map_err(|e| ApiError::bad_request(format!("hostname: {e}")))?;
     webpki::EndEntityCert::try_from(&chain[0])
         .map_err(|e| {
@@ -85,9 +182,10 @@ fn check_pair(hostname: &str, fullchain: &str, private_key: &str) -> Result<(), 
         })?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| ApiError::bad_request(format!("private_key: unsupported key: {e}")))?;
-    rustls::sign::CertifiedKey::new(chain, signing)
+    rustls::sign::CertifiedKey::new(chain.clone(), signing)
         .keys_match()
-        .map_err(|_| ApiError::bad_request("private_key: does not match the certificate"))
+        .map_err(|_| ApiError::bad_request("private_key: does not match the certificate"))?;
+    Ok(chain)
 }
 
 fn summary(row: &CertificateRow) -> Value {
@@ -136,8 +234,11 @@ async fn upload(
         .ok_or_else(|| ApiError::bad_request("hostname: required"))?;
     if !valid_hostname(&hostname) {
         return Err(ApiError::bad_request(format!(
-            "hostname: {hostname:?} is not a DNS name the proxy can serve (and .localhost names are apps')"
+            "hostname: {hostname:?} is not a DNS name the proxy can serve"
         )));
+    }
+    if let Some(why) = reserved(&hostname, &flaps.cfg.platform_domains) {
+        return Err(ApiError::bad_request(why));
     }
     let fullchain = req
         .fullchain
@@ -145,7 +246,10 @@ async fn upload(
     let private_key = req
         .private_key
         .ok_or_else(|| ApiError::bad_request("private_key: required"))?;
-    check_pair(&hostname, &fullchain, &private_key)?;
+    let chain = check_pair(&hostname, &fullchain, &private_key)?;
+    if !flaps.cfg.allow_self_signed_certificates {
+        check_trust(trust_roots(&flaps)?, &hostname, &chain)?;
+    }
     let row = CertificateRow {
         sealed_key: flaps
             .secrets
@@ -243,21 +347,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hostnames_are_dns_names_outside_localhost() {
-        for good in ["www.example.com", "a.b", "x-1.example.org"] {
-            assert!(valid_hostname(good), "{good}");
+    fn hostnames_are_dns_names_outside_the_platforms_domains() {
+        let platform = ["apps.example.net".to_string()];
+        let claimable = |name: &str| valid_hostname(name) && reserved(name, &platform).is_none();
+        for good in [
+            "www.example.com",
+            "a.b",
+            "x-1.example.org",
+            "example.net",
+            "notflycast.com",
+            "flycast.example.com",
+            "1.2.3.example.com",
+        ] {
+            assert!(claimable(good), "{good}");
         }
         for bad in [
             "",
             "localhost",
             "app.localhost",
+            "victim.flycast",
+            "flycast",
+            "a.b.flycast",
+            "db.internal",
+            "top1.nearest.of.app.internal",
+            "x.apps.example.net",
+            "apps.example.net",
+            "127.0.0.1",
+            "10.0.0.1",
+            "1.2.3",
             "Example.com",
             "-a.com",
             "a..b",
             "*.example.com",
             "example",
+            "::1",
+            "[::1]",
         ] {
-            assert!(!valid_hostname(bad), "{bad}");
+            assert!(!claimable(bad), "{bad}");
         }
     }
 }

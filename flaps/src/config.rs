@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// How the Machines API gateway runs.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,6 +24,16 @@ pub struct FlapsConfig {
     pub public_range: String,
     /// Per token and action; Fly's published limits by default.
     pub rate_limits: crate::limits::RateLimitConfig,
+    /// The domains the platform names apps under (`<app>.<domain>`): no
+    /// app can claim a hostname in them. `localhost`, `flycast` and
+    /// `internal` are always reserved.
+    pub platform_domains: Vec<String>,
+    /// A PEM file of the CA certificates a custom certificate must chain
+    /// to; Mozilla's root program (webpki-roots) when unset.
+    pub certificate_roots: Option<PathBuf>,
+    /// Accept custom certificates that chain to no trusted root (self-signed
+    /// ones): for development only.
+    pub allow_self_signed_certificates: bool,
 }
 
 impl Default for FlapsConfig {
@@ -36,6 +47,9 @@ impl Default for FlapsConfig {
             flycast_range: "127.20.0.0/16".into(),
             public_range: "127.30.0.0/16".into(),
             rate_limits: Default::default(),
+            platform_domains: Vec::new(),
+            certificate_roots: None,
+            allow_self_signed_certificates: false,
         }
     }
 }
@@ -54,6 +68,18 @@ impl FlapsConfig {
             problems.push("flaps.max_body_bytes: must be at least 1024".to_string());
         }
         problems.extend(self.rate_limits.problems());
+        for domain in &self.platform_domains {
+            if !crate::certificates::dns_name(domain) {
+                problems.push(format!(
+                    "flaps.platform_domains: {domain:?} is not a DNS name"
+                ));
+            }
+        }
+        if let Some(path) = &self.certificate_roots {
+            if let Err(e) = crate::certificates::load_roots(path) {
+                problems.push(format!("flaps.certificate_roots: {e}"));
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
