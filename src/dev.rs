@@ -325,15 +325,26 @@ pub async fn run_proxy(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The proxy finds each host's flyd (to start machines) in the RIB.
+/// The proxy finds each host's flyd (to start machines), and the org of
+/// a token it is shown, in the RIB.
 struct RibHosts(Arc<Rib>);
 
-impl hangar_proxy::autostart::HostDirectory for RibHosts {
+impl hangar_proxy::autostart::Directory for RibHosts {
     fn address(&self, host: &str) -> Option<String> {
         match self.0.host(host) {
             Ok(row) => row.map(|h| h.address),
             Err(e) => {
                 tracing::warn!(host, error = %e, "reading a host's address");
+                None
+            }
+        }
+    }
+
+    fn token_org(&self, token: &str) -> Option<String> {
+        match self.0.token_org(&hangar_flaps::auth::hash_token(token)) {
+            Ok(org) => org,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a token's org");
                 None
             }
         }

@@ -1153,10 +1153,16 @@ async fn a_flycast_address_routes_only_to_its_app_and_starts_it() {
         assert_eq!(ask(host).await, (200, mine.clone()), "{host}");
     }
     // `<app>.flycast` through the shared listener used as an HTTP proxy
-    // (`curl -x`, `http_proxy`): the app's flycast port; an app without a
-    // flycast address has none.
+    // (`curl -x`, `http_proxy`) with a token of the org: the app's flycast
+    // port; an app without a flycast address has none.
+    let proxy_auth =
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {}", h.token)).unwrap();
     let via_proxy = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::http(format!("http://{}", h.addrs.http)).unwrap())
+        .proxy(
+            reqwest::Proxy::http(format!("http://{}", h.addrs.http))
+                .unwrap()
+                .custom_http_auth(proxy_auth),
+        )
         .timeout(WAIT)
         .build()
         .unwrap();

@@ -519,3 +519,64 @@ async fn through_proxy_host(h: &Hangar, host: &str) -> (u16, Option<String>, Val
         .parts();
     (status, code, body)
 }
+
+/// Item 5: the shared listener served `Host: <app>.flycast:<port>` to
+/// anyone, and sent HTTP to a port whose service is raw TCP. Now only a
+/// token of the app's org opens it (as to an HTTP proxy), and only a port
+/// that handles `http` takes HTTP.
+#[tokio::test]
+async fn flycast_is_private_to_its_org() {
+    let h = Hangar::start().await;
+    h.create_app("inner").await;
+    let machine = r#"{"config":{"image":"hangar/echo","services":[
+        {"protocol":"tcp","internal_port":8080,"ports":[{"port":8080,"handlers":["http"]}]},
+        {"protocol":"tcp","internal_port":8080,"ports":[{"port":5432}]}]}}"#;
+    h.started_machine("inner", machine).await;
+    let (status, ip) = h
+        .post("/v1/apps/inner/ip_assignments", r#"{"type":"private_v6"}"#)
+        .await;
+    assert_eq!(status, 200, "{ip}");
+    let rival = h.token_for("rival");
+
+    let http = h.addrs.http;
+    let ask = |host: &'static str, token: Option<String>| async move {
+        let mut headers = Vec::new();
+        if let Some(token) = token {
+            headers.push(("Proxy-Authorization", format!("Bearer {token}")));
+        }
+        raw_request(http, "GET", &format!("http://{host}/"), &headers, "").await
+    };
+    for (token, who) in [
+        (None, "anyone"),
+        (Some(rival.clone()), "another org"),
+        (Some("hgr_guess".into()), "a guess"),
+    ] {
+        for host in ["inner.flycast:8080", "inner.flycast"] {
+            let (status, answer) = ask(host, token.clone()).await;
+            assert_eq!(status, 407, "{who}, {host}: {answer}");
+            assert!(!answer.contains("machine_id"), "{answer}");
+        }
+    }
+    // A plain request naming the flycast host is no different.
+    let (status, answer) = raw_request(
+        http,
+        "GET",
+        "/",
+        &[("Host", "inner.flycast:8080".into())],
+        "",
+    )
+    .await;
+    assert_eq!(status, 407, "{answer}");
+
+    // The org's own token opens it; the token is not passed on.
+    let (status, answer) = ask("inner.flycast:8080", Some(h.token.clone())).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains(r#""app":"inner""#), "{answer}");
+    assert!(
+        !answer.contains(&h.token),
+        "the machine saw the token: {answer}"
+    );
+    // HTTP never goes to a raw TCP port.
+    let (status, answer) = ask("inner.flycast:5432", Some(h.token.clone())).await;
+    assert_eq!(status, 503, "{answer}");
+}

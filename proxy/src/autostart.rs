@@ -36,10 +36,14 @@ pub(crate) const POLL: Duration = Duration::from_millis(2);
 /// cannot start yet (it is still stopping or suspending).
 const SETTLE: Duration = Duration::from_millis(5);
 
-/// Where each host's flyd listens (host id → `ip:port`); the RIB knows.
-pub trait HostDirectory: Send + Sync {
+/// What the proxy looks up in the RIB beyond the FIB: where each host's
+/// flyd listens, and whose an API token is.
+pub trait Directory: Send + Sync {
     /// The flyd RPC address of `host`, if the host is known.
     fn address(&self, host: &str) -> Option<String>;
+    /// The org an API token belongs to, if it is one (a read of the RIB:
+    /// only for the rare request that presents a token to the proxy).
+    fn token_org(&self, token: &str) -> Option<String>;
 }
 
 /// How a start ended, shared by everyone waiting on it.
@@ -49,7 +53,7 @@ pub(crate) type Outcome = Result<(), String>;
 pub(crate) struct Autostart {
     flights: DashMap<CompactString, Flight>,
     fib: Arc<Fib>,
-    hosts: Arc<dyn HostDirectory>,
+    hosts: Arc<dyn Directory>,
     client: HostClient,
     hold: Duration,
     max_waiting: usize,
@@ -108,7 +112,7 @@ pub(crate) fn pick<'a>(
 impl Autostart {
     pub(crate) fn new(
         fib: Arc<Fib>,
-        hosts: Arc<dyn HostDirectory>,
+        hosts: Arc<dyn Directory>,
         (hold, max_waiting): (Duration, usize),
         credential: &str,
         metrics: crate::metrics::EdgeMetrics,
@@ -124,6 +128,11 @@ impl Autostart {
             max_waiting,
             metrics,
         }
+    }
+
+    /// Where hosts and tokens are looked up.
+    pub(crate) fn directory(&self) -> &dyn Directory {
+        &*self.hosts
     }
 
     /// Starts `machine` of `app`, or joins the app's start in flight, and

@@ -34,7 +34,7 @@
 //! the response.
 
 use crate::FastHash;
-use crate::autostart::HostDirectory;
+use crate::autostart::Directory;
 use crate::metrics::EdgeMetrics;
 use compact_str::CompactString;
 use dashmap::DashMap;
@@ -133,7 +133,7 @@ impl Activity {
 pub(crate) struct Autostopper {
     pub fib: Arc<Fib>,
     pub activity: Arc<Activity>,
-    pub hosts: Arc<dyn HostDirectory>,
+    pub hosts: Arc<dyn Directory>,
     pub client: HostClient,
     pub interval: Duration,
     pub idle: Duration,

@@ -56,6 +56,10 @@ pub enum Want {
     /// The service that declares public port `port`, whatever its
     /// handlers: a connection to one of the app's own addresses.
     Port(u16),
+    /// HTTP for public port `port` of the app's flycast address, asked of
+    /// a shared listener (`<app>.flycast:port`): only a service whose
+    /// `port` handles `http`, never a raw TCP one.
+    HttpPort(u16),
 }
 
 impl Want {
@@ -73,6 +77,7 @@ impl Want {
                 port.port == Some(p) && has(port, "http") && (!tls || has(port, "tls"))
             }
             Self::Port(p) => port.port == Some(p),
+            Self::HttpPort(p) => port.port == Some(p) && has(port, "http"),
         }
     }
 }
@@ -320,7 +325,7 @@ pub fn service_for(services: &[MachineService], want: Want) -> Option<usize> {
         Want::Http { .. } => {
             exact.or_else(|| tcp().find(|(_, s)| s.ports.iter().any(|p| has(p, "http"))))
         }
-        Want::Port(_) => exact,
+        Want::Port(_) | Want::HttpPort(_) => exact,
     }
     .map(|(i, _)| i)
 }
@@ -564,6 +569,9 @@ mod tests {
         assert_eq!(service_for(&services, Want::http(Listener::Https)), Some(1));
         assert_eq!(service_for(&services, Want::http(Listener::Http)), Some(2));
         assert_eq!(service_for(&services, Want::Port(5432)), Some(0));
+        // HTTP for a flycast port goes only to a port that handles it.
+        assert_eq!(service_for(&services, Want::HttpPort(5432)), None);
+        assert_eq!(service_for(&services, Want::HttpPort(443)), Some(1));
 
         let mut udp = service(53, &[(80, &["http"])]);
         udp.protocol = "udp".into();

@@ -81,6 +81,12 @@ pub enum PathError {
         "app {0:?} has no flycast address (POST /v1/apps/{0}/ip_assignments {{\"type\":\"private_v6\"}})"
     )]
     NoFlycast(String),
+    /// `<app>.flycast` on a shared listener without a token of the app's
+    /// org: flycast is private to the org.
+    #[error(
+        "app {0:?} is reachable through flycast only by its own org: send Proxy-Authorization: Bearer <a token of the org>"
+    )]
+    FlycastPrivate(String),
     /// The app has no machine the proxy may send requests to.
     #[error("app {0:?} has no started machine")]
     NoStartedMachine(String),
@@ -256,6 +262,7 @@ impl PathError {
             Self::UnknownApp(_) | Self::NoFlycast(_) | Self::NoSuchMachine { .. } => {
                 StatusCode::NOT_FOUND
             }
+            Self::FlycastPrivate(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
             Self::NotInRegion { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoStartedMachine(_)
             | Self::NoHealthyMachine(_)
@@ -290,6 +297,7 @@ impl PathError {
             Self::StartFailed { .. } => "PM01",
             Self::UnknownApp(_) => "PA01",
             Self::NoFlycast(_) => "PA02",
+            Self::FlycastPrivate(_) => "PA03",
             Self::NoStartedMachine(_) => "PR01",
             Self::NoHealthyMachine(_) => "PR02",
             Self::NoHttpService(_) => "PR03",
@@ -325,6 +333,7 @@ impl PathError {
             Self::BadHost(_)
             | Self::UnknownApp(_)
             | Self::NoFlycast(_)
+            | Self::FlycastPrivate(_)
             | Self::NoSuchMachine { .. }
             | Self::NotInRegion { .. }
             | Self::BodyTooLarge { .. }

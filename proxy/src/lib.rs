@@ -151,7 +151,7 @@ impl Proxy {
         data_dir: &Path,
         metrics: &Metrics,
         secrets: Arc<SecretBox>,
-        hosts: Arc<dyn autostart::HostDirectory>,
+        hosts: Arc<dyn autostart::Directory>,
         cluster: Arc<ClusterKey>,
     ) -> Result<Proxy, ProxyError> {
         cfg.validate().map_err(ProxyError::Config)?;
@@ -466,8 +466,11 @@ mod tests {
     /// No flyd anywhere: these tests start no machines.
     struct NoHosts;
 
-    impl autostart::HostDirectory for NoHosts {
+    impl autostart::Directory for NoHosts {
         fn address(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn token_org(&self, _: &str) -> Option<String> {
             None
         }
     }

@@ -34,9 +34,12 @@ use crate::{H2Server, Listener, Proxy};
 use compact_str::CompactString;
 use hangar_api::machine::HttpResponseOptions;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
-use http::header::{CONTENT_TYPE, HOST, HeaderValue, LOCATION, RETRY_AFTER, SERVER, VIA};
+use http::header::{
+    CONTENT_TYPE, HOST, HeaderName, HeaderValue, LOCATION, PROXY_AUTHORIZATION, RETRY_AFTER,
+    SERVER, VIA,
+};
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
@@ -574,11 +577,15 @@ fn decide(
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.clone());
     let want = match host.flycast {
-        // `<app>.flycast`: what the app's flycast address serves on that port.
-        Some(_) if app.flycast.is_empty() => {
-            return Err(PathError::NoFlycast(app.name.to_string()));
+        // `<app>.flycast`: what the app's flycast address serves on that
+        // port over HTTP, to the app's org only.
+        Some(port) => {
+            org_token(edge, &app, req.headers())?;
+            if app.flycast.is_empty() {
+                return Err(PathError::NoFlycast(app.name.to_string()));
+            }
+            Want::HttpPort(port)
         }
-        Some(port) => Want::Port(port),
         None => ex.conn.want,
     };
     count_connection(edge, &ex.conn, &app.name)?;
@@ -595,6 +602,24 @@ fn decide(
         upgrade,
         pinned,
     })
+}
+
+/// Checks that a request for `<app>.flycast` on a shared listener shows a
+/// token of the app's org (`Proxy-Authorization: Bearer`, as to an HTTP
+/// proxy): flycast is the org's private way in.
+fn org_token(edge: &Edge, app: &AppRoutes, headers: &HeaderMap) -> Result<(), PathError> {
+    let org = headers
+        .get(PROXY_AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("FlyV1 "))
+        })
+        .and_then(|token| edge.autostart.directory().token_org(token.trim()));
+    match org {
+        Some(org) if org == app.org => Ok(()),
+        _ => Err(PathError::FlycastPrivate(app.name.to_string())),
+    }
 }
 
 /// A request on its way to a machine. Boxed: it goes through every step
@@ -1087,13 +1112,12 @@ fn upstream_request(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     headers::strip_hop_by_hop(headers);
-    // Only this proxy tells a machine that a request was replayed.
-    if headers
-        .keys()
-        .any(|n| n == FLY_REPLAY_SRC || n == FLY_REPLAY_FAILED)
-    {
-        headers.remove(FLY_REPLAY_SRC);
-        headers.remove(FLY_REPLAY_FAILED);
+    // Addressed to this proxy, or only this proxy's to say: never passed on.
+    const NOT_PASSED: [HeaderName; 3] = [PROXY_AUTHORIZATION, FLY_REPLAY_SRC, FLY_REPLAY_FAILED];
+    if headers.keys().any(|n| NOT_PASSED.contains(n)) {
+        for name in NOT_PASSED {
+            headers.remove(name);
+        }
     }
     if let Some(raw) = host.replace {
         headers.insert(HOST, raw);
