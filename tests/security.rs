@@ -580,3 +580,37 @@ async fn flycast_is_private_to_its_org() {
     let (status, answer) = ask("inner.flycast:5432", Some(h.token.clone())).await;
     assert_eq!(status, 503, "{answer}");
 }
+
+/// Item 8: a deleted app's name, made again (by any org), showed the old
+/// app's machines with their config and env (`?include_deleted=true`):
+/// flyd kept the destroyed records under the name.
+#[tokio::test]
+async fn a_deleted_app_leaves_nothing_behind() {
+    let h = Hangar::start().await;
+    let old = app_of(&h, &h.token, "personal", "reused", "old-owner-secret").await;
+    let (status, body) = h.delete("/v1/apps/reused").await;
+    assert_eq!(status, 202, "{body}");
+
+    let rival = h.token_for("rival");
+    let body = r#"{"app_name":"reused","org_slug":"rival"}"#;
+    let (status, answer) =
+        raw_request(h.addrs.flaps, "POST", "/v1/apps", &bearer(&rival), body).await;
+    assert_eq!(status, 201, "{answer}");
+    for path in [
+        "/v1/apps/reused/machines?include_deleted=true".to_string(),
+        format!("/v1/apps/reused/machines/{old}"),
+        format!("/v1/apps/reused/machines/{old}/events"),
+    ] {
+        let (status, answer) = raw_request(h.addrs.flaps, "GET", &path, &bearer(&rival), "").await;
+        assert!(
+            status == 404 || answer.trim() == "[]",
+            "{path}: {status} {answer}"
+        );
+        assert!(!answer.contains("old-owner-secret"), "{path}: {answer}");
+    }
+    // Nor does the host itself keep them.
+    let member = [("Authorization", format!("Bearer {}", h.cluster_key()))];
+    let path = "/v1/apps/reused/machines?include_deleted=true";
+    let (status, answer) = raw_request(h.addrs.flyd, "GET", path, &member, "").await;
+    assert_eq!((status, answer.trim()), (200, "[]"));
+}

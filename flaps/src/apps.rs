@@ -207,6 +207,18 @@ async fn delete(
             return Err(crate::machines::relay_error(reply));
         }
     }
+    // Every host forgets the app's machines before its name is free: a new
+    // app of that name (anyone's) must find none of them.
+    for host in flaps.rib.hosts(None)? {
+        let path = host::machines_path(&name);
+        let reply = flaps
+            .hosts
+            .call(&host.address, HostCall::new(reqwest::Method::DELETE, &path))
+            .await?;
+        if reply.status != 200 {
+            return Err(crate::machines::relay_error(reply));
+        }
+    }
     flaps.rib.delete_app(&name)?;
     flaps.rib.forget_machines_of_app(&name)?;
     flaps.rib.forget_app_data(&name)?;

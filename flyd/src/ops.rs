@@ -154,6 +154,31 @@ impl Flyd {
             .collect())
     }
 
+    /// Forgets every machine of `app`, once all are destroyed (412 while
+    /// one is not): a deleted app's name, made again by anyone, must not
+    /// show its machines, config or env. Returns how many were forgotten.
+    pub fn purge_app(&self, app: &str) -> Result<usize, FlydError> {
+        let records: Vec<MachineRecord> = self
+            .store
+            .machines()?
+            .into_iter()
+            .filter(|m| m.app == app)
+            .collect();
+        if let Some(live) = records.iter().find(|m| m.state != MachineState::Destroyed) {
+            return Err(precondition(&live.id, "forget", live.state));
+        }
+        let ids: Vec<String> = records.into_iter().map(|m| m.id).collect();
+        self.store.delete_machines(&ids)?;
+        if !ids.is_empty() {
+            tracing::info!(
+                app,
+                machines = ids.len(),
+                "forgot the machines of a deleted app"
+            );
+        }
+        Ok(ids.len())
+    }
+
     /// Starts a created or stopped machine, or resumes a suspended one.
     pub async fn start(
         self: &Arc<Self>,

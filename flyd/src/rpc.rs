@@ -74,7 +74,10 @@ type FlydState = State<Arc<Flyd>>;
 /// `cluster`'s credential.
 pub fn router(flyd: Arc<Flyd>, cluster: Arc<ClusterKey>) -> Router {
     Router::new()
-        .route("/v1/apps/{app}/machines", post(create).get(list))
+        .route(
+            "/v1/apps/{app}/machines",
+            post(create).get(list).delete(purge),
+        )
         .route(
             "/v1/apps/{app}/machines/{id}",
             get(show).post(update).put(update).delete(destroy),
@@ -241,6 +244,12 @@ async fn list(
 ) -> Result<impl IntoResponse> {
     let include = flag("include_deleted", q.include_deleted.as_deref())?;
     Ok(Json(flyd.list(&app, include)?))
+}
+
+/// Host only (flaps, when it deletes the app): forgets the app's
+/// destroyed machines.
+async fn purge(State(flyd): FlydState, Path(app): Path<String>) -> Result<impl IntoResponse> {
+    Ok(Json(serde_json::json!({ "purged": flyd.purge_app(&app)? })))
 }
 
 async fn show(State(flyd): FlydState, Target(id): Target) -> Result<impl IntoResponse> {

@@ -104,6 +104,18 @@ impl Store {
             })
     }
 
+    /// Removes the records of `ids`, in one transaction.
+    pub fn delete_machines(&self, ids: &[String]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(MACHINES).map_err(db_err)?;
+            for id in ids {
+                t.remove(id.as_str()).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
     /// Every machine record, by id.
     pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
         self.all(MACHINES)
