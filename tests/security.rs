@@ -614,3 +614,34 @@ async fn a_deleted_app_leaves_nothing_behind() {
     let (status, answer) = raw_request(h.addrs.flyd, "GET", path, &member, "").await;
     assert_eq!((status, answer.trim()), (200, "[]"));
 }
+
+/// Item 11: a RIB write that failed after flyd's store had changed left
+/// the RIB routing to a machine that was stopped, for good. Here another
+/// process holds the RIB's write lock while a machine stops; once it lets
+/// go, the row is made good without anyone touching the machine again.
+#[tokio::test]
+async fn the_rib_catches_up_with_flyd_after_a_failed_write() {
+    let h = Hangar::start().await;
+    let machine = h.app_with_machine("drift").await;
+    let id = machine["id"].as_str().unwrap().to_string();
+    let path = h.data_dir.join("rib.sqlite");
+    let rib = hangar_catalog::Rib::open(&path).unwrap();
+    let state = |rib: &hangar_catalog::Rib| rib.machine(&id).unwrap().unwrap().state.to_string();
+    assert_eq!(state(&rib), "started");
+
+    let blocker = rusqlite::Connection::open(&path).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let (status, body) = h
+        .post(&format!("/v1/apps/drift/machines/{id}/stop"), "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.wait_state("drift", &id, "stopped").await;
+    assert_eq!(state(&rib), "started", "the RIB missed the stop");
+    blocker.execute_batch("ROLLBACK").unwrap();
+
+    common::eventually("the RIB shows the machine stopped", || async {
+        state(&rib) == "stopped"
+    })
+    .await;
+    assert!(h.log().contains("republished"), "{}", h.log());
+}

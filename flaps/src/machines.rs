@@ -18,8 +18,9 @@ use crate::auth::Caller;
 use crate::error::{ApiError, json_body, non_blank, parse_json};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, Query, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{MatchedPath, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -346,11 +347,9 @@ const WAIT_CALL: Duration = Duration::from_secs(310);
 async fn forward(
     State(flaps): State<Arc<Flaps>>,
     Extension(caller): Extension<Caller>,
-    method: Method,
     route: MatchedPath,
     Path(p): Path<MachinePath>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    request: Parts,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     // Another org's machine answers as a missing one: nothing about it leaks.
@@ -373,18 +372,19 @@ async fn forward(
         _ => op.to_string(),
     };
     let mut path = host::machine_path(&p.app, &p.id, &rest);
-    if let Some(q) = &query {
+    if let Some(q) = request.uri.query() {
         path.push('?');
         path.push_str(q);
     }
-    let nonce = headers
+    let nonce = request
+        .headers
         .get(LEASE_NONCE_HEADER)
         .and_then(|v| v.to_str().ok());
     let call = HostCall {
         body: body.as_ref(),
         timeout: (op == "/wait").then_some(WAIT_CALL),
         lease_nonce: nonce,
-        ..HostCall::new(method, &path)
+        ..HostCall::new(request.method.clone(), &path)
     };
     Ok(relay(flaps.hosts.call(&host.address, call).await?))
 }

@@ -108,7 +108,7 @@ pub struct Flyd {
     range: PrivateRange,
     pub(crate) store: Store,
     rib: Arc<Rib>,
-    /// `<data dir>/machines`: one directory per machine (spec, socket, logs).
+    /// `<data dir>/machines`: one directory per machine (socket, logs).
     machines_dir: PathBuf,
     /// The `hangar` executable that runs pilot and the built-in images.
     pub(crate) exe: PathBuf,
@@ -125,6 +125,11 @@ pub struct Flyd {
     pub(crate) cgroups: Option<Cgroups>,
     /// The RPC address, once [`Flyd::register`] knows it.
     rpc_addr: OnceLock<SocketAddr>,
+    /// Woken when a RIB write failed after the store changed: the
+    /// republisher then writes every machine's row again until one pass
+    /// succeeds, so the RIB cannot stay behind (and route to a machine
+    /// that is stopped or gone).
+    rib_behind: Arc<tokio::sync::Notify>,
 }
 
 impl Flyd {
@@ -173,15 +178,33 @@ impl Flyd {
             cgroups,
             secrets,
             rpc_addr: OnceLock::new(),
+            rib_behind: Arc::new(tokio::sync::Notify::new()),
         });
         flyd.recover().await?;
+        tokio::spawn(republisher(Arc::downgrade(&flyd), flyd.rib_behind.clone()));
         Ok(flyd)
     }
 
-    /// Publishes this host to the RIB with its RPC address and capacity.
+    /// Publishes this host to the RIB with its RPC address and capacity,
+    /// and every machine's row again: a previous run may have stopped
+    /// between a change to its store and the RIB write that followed.
     pub fn register(&self, rpc_addr: SocketAddr) -> Result<(), FlydError> {
         let _ = self.rpc_addr.set(rpc_addr);
-        self.publish_host()
+        self.publish_host()?;
+        self.republish()?;
+        Ok(())
+    }
+
+    /// Writes every machine's row to the RIB at its current version (rows
+    /// the RIB already has are left alone). Returns how many were behind.
+    pub(crate) fn republish(&self) -> Result<usize, FlydError> {
+        let rows: Vec<_> = self
+            .store
+            .machines()?
+            .iter()
+            .map(MachineRecord::rib_row)
+            .collect();
+        Ok(self.rib.upsert_machines(&rows)?)
     }
 
     /// Writes the host row (once registered): address and capacity.
@@ -241,11 +264,17 @@ impl Flyd {
             .ok_or_else(|| FlydError::NotFound(id.to_string()))
     }
 
-    /// Saves a record to redb, publishes its row to the RIB, and wakes waiters.
+    /// Saves a record to redb, publishes its row to the RIB, and wakes
+    /// waiters. The store is the truth: once it has the change, a failed RIB
+    /// write does not fail the operation but is made good by the
+    /// republisher.
     pub(crate) fn save(&self, rec: &mut MachineRecord) -> Result<(), FlydError> {
         let row = rec.next_rib_row();
         self.store.put_machine(rec)?;
-        self.rib.upsert_machine(&row)?;
+        if let Err(e) = self.rib.upsert_machine(&row) {
+            tracing::warn!(machine = %rec.id, error = %e, "the RIB missed a machine's change; republishing");
+            self.rib_behind.notify_one();
+        }
         self.changed.send_modify(|n| *n += 1);
         Ok(())
     }
@@ -512,6 +541,34 @@ impl Flyd {
             }
         }
         Ok(())
+    }
+}
+
+/// Republishes every machine's row each time a RIB write failed, until a
+/// pass succeeds (retrying after 100 ms, doubling up to 5 s); ends with
+/// flyd.
+async fn republisher(flyd: std::sync::Weak<Flyd>, behind: Arc<tokio::sync::Notify>) {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MOST: Duration = Duration::from_secs(5);
+    loop {
+        behind.notified().await;
+        let mut pause = FIRST;
+        loop {
+            let Some(flyd) = flyd.upgrade() else {
+                return;
+            };
+            // Blocking (redb, SQLite), like every other write of flyd's.
+            match flyd.republish() {
+                Ok(n) => {
+                    tracing::info!(behind = n, "republished every machine's row to the RIB");
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?pause, "republishing to the RIB"),
+            }
+            drop(flyd);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MOST);
+        }
     }
 }
 

@@ -135,6 +135,12 @@ impl MachineRecord {
     /// The row the RIB keeps for routing, with the next row version.
     pub fn next_rib_row(&mut self) -> hangar_catalog::MachineRow {
         self.rib_version += 1;
+        self.rib_row()
+    }
+
+    /// The row the RIB keeps for routing, at the current row version: what
+    /// the RIB holds once every write reached it.
+    pub fn rib_row(&self) -> hangar_catalog::MachineRow {
         hangar_catalog::MachineRow {
             id: self.id.clone(),
             app: self.app.clone(),
