@@ -645,3 +645,149 @@ async fn the_rib_catches_up_with_flyd_after_a_failed_write() {
     .await;
     assert!(h.log().contains("republished"), "{}", h.log());
 }
+
+/// The events of a machine, oldest first: (kind, status, timestamp ms).
+async fn events(h: &Hangar, app: &str, id: &str) -> Vec<(String, String, i64)> {
+    let (status, list) = h
+        .get(&format!("/v1/apps/{app}/machines/{id}/events?limit=50"))
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let mut out: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_string(),
+                e["status"].as_str().unwrap_or_default().to_string(),
+                e["timestamp"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+/// Item 10: a workload that crashed at once under `restart.policy =
+/// "always"` was started again at once, forever: a crash loop took a core.
+/// Now each restart in a row waits twice as long as the one before (from
+/// `restart_backoff_ms`, capped).
+#[tokio::test]
+async fn a_crash_loop_backs_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = "[flaps.rate_limits]\nenabled = false\n[flyd]\nrestart_backoff_ms = 100\nrestart_backoff_max_ms = 400\n";
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
+    h.create_app("crashy").await;
+    let (status, machine) = h
+        .post(
+            "/v1/apps/crashy/machines",
+            r#"{"config":{"image":"crash","init":{"exec":["sh","-c","exit 3"]},"restart":{"policy":"always"}}}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{machine}");
+    let id = machine["id"].as_str().unwrap().to_string();
+    let exits = |evs: &[(String, String, i64)]| evs.iter().filter(|e| e.0 == "exit").count();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let evs = loop {
+        let evs = events(&h, "crashy", &id).await;
+        if exits(&evs) >= 6 {
+            break evs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no six exits: {evs:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    // The pause after the k-th exit of the run (k from 0): none, then 100,
+    // 200, 400 ms, and 400 from then on.
+    let pause = |k: u32| {
+        if k == 0 {
+            0
+        } else {
+            (100i64 << (k - 1)).min(400)
+        }
+    };
+    let mut k = 0;
+    for (i, (kind, _, at)) in evs.iter().enumerate() {
+        if kind != "exit" {
+            continue;
+        }
+        if let Some((_, _, next)) = evs[i + 1..].iter().find(|e| e.0 == "start") {
+            assert!(
+                next - at >= pause(k),
+                "restart {k} came {} ms after its exit: {evs:?}",
+                next - at
+            );
+        }
+        k += 1;
+    }
+    let (status, body) = h
+        .delete(&format!("/v1/apps/crashy/machines/{id}?force=true"))
+        .await;
+    assert!(status == 200 || status == 412, "{body}");
+}
+
+/// Item 10: a process the workload detached (`setsid`) kept running after
+/// its machine stopped, and so did what an `exec` left behind when its
+/// timeout killed it.
+#[tokio::test]
+async fn nothing_a_workload_starts_outlives_its_machine() {
+    let h = Hangar::start().await;
+    h.create_app("leaky").await;
+    let machine = h
+        .started_machine(
+            "leaky",
+            r#"{"config":{"image":"leaky","init":{"exec":["sh","-c","setsid sleep 31337 & exec sleep 31338"]}}}"#,
+        )
+        .await;
+    let id = machine["id"].as_str().unwrap();
+    common::eventually("the detached process runs", || async {
+        !common::processes_mentioning("31337").is_empty()
+    })
+    .await;
+    let (status, answer) = h
+        .post(
+            &format!("/v1/apps/leaky/machines/{id}/exec"),
+            r#"{"command":["sh","-c","sleep 31339; echo never"],"timeout":1}"#,
+        )
+        .await;
+    assert_eq!(status, 408, "{answer}");
+    common::assert_no_process_mentions("31339").await;
+
+    let (status, body) = h
+        .post(&format!("/v1/apps/leaky/machines/{id}/stop"), "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.wait_state("leaky", id, "stopped").await;
+    common::assert_no_process_mentions("31337").await;
+    common::assert_no_process_mentions("31338").await;
+}
+
+/// Item 10: `machine.log` grew without bound. Now it is rotated by size,
+/// keeping a few files.
+#[tokio::test]
+async fn machine_logs_are_rotated_by_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = "[flaps.rate_limits]\nenabled = false\n[flyd]\nlog_max_bytes = 4096\nlog_files = 2\n";
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
+    h.create_app("chatty").await;
+    let script = "i=0; while [ $i -lt 3000 ]; do echo line-$i-padding-padding-padding; i=$((i+1)); done; echo done-talking; exec sleep 1000";
+    let request =
+        serde_json::json!({"config": {"image": "chatty", "init": {"exec": ["sh", "-c", script]}}});
+    let machine = h.started_machine("chatty", &request.to_string()).await;
+    let dir = h
+        .data_dir
+        .join("machines")
+        .join(machine["id"].as_str().unwrap());
+    let log = dir.join("machine.log");
+    common::eventually("the last line in the log", || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("done-talking"))
+    })
+    .await;
+    for name in ["machine.log", "machine.log.1", "machine.log.2"] {
+        let size = std::fs::metadata(dir.join(name)).unwrap().len();
+        assert!(size <= 4096, "{name}: {size} bytes");
+    }
+    assert!(!dir.join("machine.log.3").exists());
+}

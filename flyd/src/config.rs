@@ -19,6 +19,19 @@ pub struct FlydConfig {
     /// Grace period between the stop signal and SIGKILL, when neither the
     /// request nor `config.stop_config` sets one.
     pub stop_timeout_ms: u64,
+    /// The longest grace period a stop may ask for (a request's or
+    /// `stop_config`'s is cut to it), so no machine holds its host's
+    /// operations or shutdown for long.
+    pub max_stop_timeout_ms: u64,
+    /// The restart policy's pause before the second restart in a row; it
+    /// doubles with each further one, up to `restart_backoff_max_ms`. A run
+    /// that lasted that long starts the count again.
+    pub restart_backoff_ms: u64,
+    pub restart_backoff_max_ms: u64,
+    /// A machine's `machine.log` is rotated past `log_max_bytes`, keeping
+    /// `log_files` rotated files (`machine.log.1`, ...).
+    pub log_max_bytes: u64,
+    pub log_files: u32,
     /// How long a start waits for the services' ports to accept connections
     /// before it reports the machine started anyway.
     pub ready_timeout_ms: u64,
@@ -52,6 +65,11 @@ impl Default for FlydConfig {
             region: "dev".into(),
             private_range: "127.10.0.0/16".into(),
             stop_timeout_ms: 5_000,
+            max_stop_timeout_ms: 300_000,
+            restart_backoff_ms: 1_000,
+            restart_backoff_max_ms: 60_000,
+            log_max_bytes: 10 << 20,
+            log_files: 3,
             ready_timeout_ms: 10_000,
             op_wait_ms: 30_000,
             exe: None,
@@ -113,6 +131,12 @@ impl FlydConfig {
         }
         if self.region.trim().is_empty() {
             problems.push("flyd.region: must not be empty".into());
+        }
+        if self.stop_timeout_ms > self.max_stop_timeout_ms {
+            problems.push("flyd.stop_timeout_ms: must be at most max_stop_timeout_ms".into());
+        }
+        if self.restart_backoff_ms > self.restart_backoff_max_ms {
+            problems.push("flyd.restart_backoff_ms: must be at most restart_backoff_max_ms".into());
         }
         if self.cpu_overcommit == 0 {
             problems.push("flyd.cpu_overcommit: must be at least 1".into());

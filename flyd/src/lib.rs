@@ -19,6 +19,7 @@
 //! - [`lease`]: leases and metadata.
 //! - [`workload`]: what a machine runs, and signal, exec, ps.
 //! - [`pilot`]: the pilot process and flyd's client for it.
+//! - `logfile`: the machine's log, rotated by size.
 //! - [`echo`]: the built-in image `hangar/echo`.
 //! - [`rpc`]: the host RPC HTTP API.
 
@@ -30,6 +31,7 @@ pub mod echo;
 pub mod flyd;
 pub mod fsm;
 pub mod lease;
+mod logfile;
 pub mod ops;
 pub mod pilot;
 pub mod record;

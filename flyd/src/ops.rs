@@ -321,7 +321,8 @@ impl Flyd {
     }
 
     /// Resolves stop parameters: the request, then the machine's
-    /// `stop_config`, then flyd's default (SIGINT, `stop_timeout_ms`).
+    /// `stop_config`, then flyd's default (SIGINT, `stop_timeout_ms`); the
+    /// grace period at most `max_stop_timeout_ms`.
     pub(crate) fn stop_input(
         &self,
         rec: &MachineRecord,
@@ -339,7 +340,8 @@ impl Flyd {
             .timeout
             .or_else(|| stop_config.and_then(|s| s.timeout))
             .map(|d: GoDuration| d.0)
-            .unwrap_or(Duration::from_millis(self.cfg.stop_timeout_ms));
+            .unwrap_or(Duration::from_millis(self.cfg.stop_timeout_ms))
+            .min(Duration::from_millis(self.cfg.max_stop_timeout_ms));
         Ok(StopInput {
             signal,
             timeout_ms: timeout.as_millis() as u64,

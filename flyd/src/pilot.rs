@@ -4,9 +4,15 @@
 //! pilot starts a new session (so it outlives flyd and never receives the
 //! terminal's Ctrl-C), reads the [`PilotSpec`] flyd writes to its stdin,
 //! runs the workload it describes as its child in a process group of its
-//! own, appends the workload's stdout and stderr to `machine.log`, and
-//! serves a control API on `pilot.sock` (mode 0600): one JSON request per
-//! line, one JSON answer per line.
+//! own, appends the workload's stdout and stderr to `machine.log` (rotated
+//! by size), and serves a control API on `pilot.sock` (mode 0600): one JSON
+//! request per line, one JSON answer per line.
+//!
+//! pilot is its workload's child subreaper: whatever the workload leaves
+//! running when it exits, detached with `setsid` or not, is reparented to
+//! pilot and killed before the exit is reported, so nothing outlives its
+//! machine. Commands run by `exec` get a process group of their own, killed
+//! whole at their timeout, and their output is capped while it is read.
 //!
 //! The spec holds the app's opened secrets, so it never touches the disk:
 //! it lives in flyd's and pilot's memory only, and the workload's
@@ -28,6 +34,7 @@
 //! It prints `ready <workload pid>` on stdout once the socket is bound: flyd's
 //! readiness signal.
 
+use crate::logfile::RotatingLog;
 use hangar_api::machine::{ExecResponse, ProcessStat};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -50,6 +57,10 @@ pub struct PilotSpec {
     /// The cgroup to run in (memory limit), where flyd has one.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// `machine.log` is rotated past this size...
+    pub log_max_bytes: u64,
+    /// ...keeping this many rotated files.
+    pub log_files: u32,
 }
 
 /// How the workload ended.
@@ -115,11 +126,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let spec = Arc::new(spec);
     let program = spec.argv.first().context("the spec's argv is empty")?;
     let _ = std::fs::remove_file(exit_path(dir));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path(dir))
+    let log = RotatingLog::open(&log_path(dir), spec.log_max_bytes, spec.log_files)
         .context("opening machine.log")?;
+    // What the workload leaves behind comes back to us, to be killed.
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     if let Some(cgroup) = &spec.cgroup {
         // Before the workload starts, so it and its children inherit it.
         crate::cgroup::enter(cgroup).context("entering the machine's cgroup")?;
@@ -130,8 +140,8 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(&spec.env)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         // Its own group, so a signal reaches everything the workload spawned.
         .process_group(0)
         .spawn()
@@ -139,6 +149,11 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     let pid = child
         .id()
         .context("workload exited before it was watched")?;
+    let output = tokio::spawn(crate::logfile::copy_output(
+        child.stdout.take().expect("stdout is piped"),
+        child.stderr.take().expect("stderr is piped"),
+        log,
+    ));
 
     let sock = socket_path(dir);
     let _ = std::fs::remove_file(&sock);
@@ -175,6 +190,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             signal: exit.signal(),
         }
     };
+    sweep_descendants().await;
+    // Its output ends with it (what kept the pipes open is gone); the log
+    // gets what is left of it.
+    let _ = tokio::time::timeout(LINGER, output).await;
     std::fs::write(exit_path(dir), serde_json::to_vec(&info)?).context("writing exit.json")?;
     exit_tx.send_replace(Some(info));
     tracing::info!(machine = %spec.machine_id, ?info, "workload exited");
@@ -199,6 +218,53 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Kills every process left under pilot: the workload's descendants,
+/// reparented to pilot (a child subreaper) as their parents die, and
+/// commands of `exec`. Rounds of SIGKILL until none is left (zombies are
+/// reaped), at most a second.
+async fn sweep_descendants() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    use nix::unistd::Pid;
+    let me = std::process::id();
+    for _ in 0..100 {
+        let mut live = 0;
+        for (pid, zombie) in children_of(me) {
+            let pid = Pid::from_raw(pid as i32);
+            if zombie {
+                let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+            } else {
+                live += 1;
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+        if live == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::warn!("processes left by the workload survived SIGKILL for a second");
+}
+
+/// The children of `parent` (from /proc), each with whether it is a zombie.
+fn children_of(parent: u32) -> Vec<(u32, bool)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid ...`: comm may hold spaces and parens.
+            let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = rest.next()?;
+            let ppid: u32 = rest.next()?.parse().ok()?;
+            (ppid == parent).then_some((pid, state == "Z"))
+        })
+        .collect()
+}
+
 fn socket_inode(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| m.ino())
@@ -207,6 +273,7 @@ fn socket_inode(path: &Path) -> Option<u64> {
 /// Signal numbers pilot sends on its own.
 mod libc_sig {
     pub const SIGTERM: i32 = 15;
+    pub const SIGKILL: i32 = 9;
 }
 
 fn signal_group(pid: u32, signal: i32) {
@@ -283,29 +350,60 @@ async fn exec_beside(spec: &PilotSpec, call: &ExecCall) -> Result<ExecResponse, 
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A group of its own, killed whole at the timeout.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| (format!("starting {program:?}: {e}"), false))?;
+    let group = child.id();
     if let (Some(input), Some(mut stdin)) = (&call.stdin, child.stdin.take()) {
         let input = input.clone();
         tokio::spawn(async move {
             let _ = stdin.write_all(input.as_bytes()).await;
         });
     }
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let run = async {
+        let (out, err, status) = tokio::join!(
+            read_capped(stdout.expect("stdout is piped")),
+            read_capped(stderr.expect("stderr is piped")),
+            child.wait()
+        );
+        status.map(|status| (out, err, status))
+    };
     let limit = Duration::from_millis(call.timeout_ms);
-    let output = tokio::time::timeout(limit, child.wait_with_output())
-        .await
+    let finished = tokio::time::timeout(limit, run).await;
+    if let Some(group) = group {
+        // Whatever it started in its group goes with it, finished or not.
+        signal_group(group, libc_sig::SIGKILL);
+    }
+    let (out, err, status) = finished
         .map_err(|_| (format!("command did not finish within {limit:?}"), true))?
         .map_err(|e| (format!("waiting for {program:?}: {e}"), false))?;
-    let text = |bytes: &[u8]| {
-        String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_EXEC_OUTPUT)]).into_owned()
-    };
     Ok(ExecResponse {
-        exit_code: output.status.code().unwrap_or(-1),
-        exit_signal: output.status.signal(),
-        stdout: text(&output.stdout),
-        stderr: text(&output.stderr),
+        exit_code: status.code().unwrap_or(-1),
+        exit_signal: status.signal(),
+        stdout: String::from_utf8_lossy(&out).into_owned(),
+        stderr: String::from_utf8_lossy(&err).into_owned(),
     })
+}
+
+/// Reads `from` to its end, keeping the first [`MAX_EXEC_OUTPUT`] bytes
+/// (the rest is read and dropped, so a command never blocks on a full pipe
+/// and never fills pilot's memory).
+async fn read_capped(mut from: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = MAX_EXEC_OUTPUT - kept.len();
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
 }
 
 /// The processes of the workload's process group, read from /proc.

@@ -93,6 +93,15 @@ impl MachineRecord {
         self.events.truncate(MAX_EVENTS);
     }
 
+    /// How long the current run has been up: since the newest `started`
+    /// event, if there is one.
+    pub fn up_for(&self) -> Option<std::time::Duration> {
+        let started = self.events.iter().find(|e| e.status == "started")?;
+        u64::try_from(now_ms() - started.timestamp)
+            .ok()
+            .map(std::time::Duration::from_millis)
+    }
+
     /// The lease, if one is held now.
     pub fn active_lease(&self) -> Option<&Lease> {
         let now = now_ms() / 1000;

@@ -73,6 +73,8 @@ impl Flyd {
             argv: workload_argv(&self.exe, &rec.config)?,
             env: workload_env(&rec, self.app_secrets(&rec.app)?),
             cgroup,
+            log_max_bytes: self.cfg.log_max_bytes,
+            log_files: self.cfg.log_files,
         };
         std::fs::create_dir_all(&dir)
             .map_err(|e| runtime(format!("creating {}: {e}", dir.display())))?;
@@ -312,16 +314,31 @@ impl Flyd {
             return Ok(()); // an operation already dealt with this exit
         }
         tracing::info!(machine = %id, exit = %describe_exit(exit), "workload exited");
+        let most = Duration::from_millis(self.cfg.restart_backoff_max_ms);
+        if rec.up_for().is_some_and(|up| up >= most) {
+            // It ran well for a while: a new run of restarts begins.
+            rec.restarts = 0;
+        }
         rec.pilot_pid = None;
         let event = serde_json::json!({ "exit_event": exit });
         rec.transition(MachineState::Stopped, "exit", "flyd", Some(event));
         match after_exit(&rec.config, exit, rec.restarts) {
             AfterExit::Restart => {
+                let pause = restart_pause(
+                    rec.restarts,
+                    Duration::from_millis(self.cfg.restart_backoff_ms),
+                    most,
+                );
                 rec.restarts += 1;
                 self.save(&mut rec)?;
-                tracing::info!(machine = %id, restarts = rec.restarts, "restarting under the restart policy");
-                self.run(FsmRun::new(FsmKind::Start, id, serde_json::Value::Null))
-                    .await
+                tracing::info!(machine = %id, restarts = rec.restarts, ?pause, "restarting under the restart policy");
+                if pause.is_zero() {
+                    return self
+                        .run(FsmRun::new(FsmKind::Start, id, serde_json::Value::Null))
+                        .await;
+                }
+                self.restart_after(id.to_string(), pause, rec.restarts, rec.version.clone());
+                Ok(())
             }
             AfterExit::Destroy => {
                 self.save(&mut rec)?;
@@ -331,6 +348,49 @@ impl Flyd {
             }
             AfterExit::Stay => self.save(&mut rec),
         }
+    }
+}
+
+impl Flyd {
+    /// Starts the machine again after `pause`, unless meanwhile someone
+    /// else acted on it (it is no longer stopped, was started by a user,
+    /// or updated). The machine's lock is not held while waiting.
+    fn restart_after(
+        self: &Arc<Self>,
+        id: String,
+        pause: Duration,
+        restarts: u32,
+        version: String,
+    ) {
+        let flyd = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(pause).await;
+            let Ok(_guard) = flyd.lock_machine(&id).await else {
+                tracing::warn!(machine = %id, "restart skipped: machine stayed busy");
+                return;
+            };
+            let due = flyd.record(&id).is_ok_and(|rec| {
+                rec.state == MachineState::Stopped
+                    && rec.restarts == restarts
+                    && rec.version == version
+            });
+            if !due {
+                return;
+            }
+            let run = FsmRun::new(FsmKind::Start, &id, serde_json::Value::Null);
+            if let Err(e) = flyd.run(run).await {
+                tracing::error!(machine = %id, error = %e, "restarting under the restart policy");
+            }
+        });
+    }
+}
+
+/// The pause before a restart, `restarts` restarts into a run of them: none
+/// for the first, then `first`, doubling up to `most`.
+pub(crate) fn restart_pause(restarts: u32, first: Duration, most: Duration) -> Duration {
+    match restarts {
+        0 => Duration::ZERO,
+        n => first.saturating_mul(1 << (n - 1).min(20)).min(most),
     }
 }
 
