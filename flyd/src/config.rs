@@ -23,6 +23,10 @@ pub struct FlydConfig {
     /// `stop_config`'s is cut to it), so no machine holds its host's
     /// operations or shutdown for long.
     pub max_stop_timeout_ms: u64,
+    /// How long stopping every machine at shutdown may take in all; past
+    /// it flyd exits and leaves the rest running under their pilots (the
+    /// next start finds them again).
+    pub shutdown_timeout_ms: u64,
     /// The restart policy's pause before the second restart in a row; it
     /// doubles with each further one, up to `restart_backoff_max_ms`. A run
     /// that lasted that long starts the count again.
@@ -66,6 +70,7 @@ impl Default for FlydConfig {
             private_range: "127.10.0.0/16".into(),
             stop_timeout_ms: 5_000,
             max_stop_timeout_ms: 300_000,
+            shutdown_timeout_ms: 60_000,
             restart_backoff_ms: 1_000,
             restart_backoff_max_ms: 60_000,
             log_max_bytes: 10 << 20,

@@ -297,9 +297,24 @@ impl Flyd {
 
     // ---- operations ----
 
-    /// Stops every running machine (flyd is shutting down). Machines are
-    /// recorded as stopped, so a later start begins from a clean state.
+    /// Stops every running machine (flyd is shutting down), within
+    /// `shutdown_timeout_ms` in all. Machines are recorded as stopped, so a
+    /// later start begins from a clean state; any still running at the
+    /// deadline are left to their pilots, and found again at the next start.
     pub async fn shutdown(self: &Arc<Self>) {
+        let deadline = Duration::from_millis(self.cfg.shutdown_timeout_ms);
+        if tokio::time::timeout(deadline, self.stop_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?deadline,
+                "shutdown: machines still stopping at the deadline are left running"
+            );
+        }
+    }
+
+    async fn stop_all(self: &Arc<Self>) {
         // Shutdown is the operator's: it acts with each machine's lease.
         let running: Vec<(String, Option<String>)> = match self.store.machines() {
             Ok(all) => all

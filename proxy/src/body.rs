@@ -153,15 +153,70 @@ pub(crate) enum ReadBody {
     Failed(String),
 }
 
+/// The request body bytes every request together may hold in memory while
+/// read whole (`proxy.max_buffered_body_bytes`), so slow or large uploads
+/// cannot take the proxy's memory: past it, bodies are streamed.
+#[derive(Debug)]
+pub(crate) struct BodyBudget {
+    left: std::sync::atomic::AtomicU64,
+}
+
+/// What one request holds of the [`BodyBudget`]; given back on drop.
+#[derive(Debug)]
+pub(crate) struct BodyShare<'a> {
+    budget: &'a BodyBudget,
+    held: u64,
+}
+
+impl BodyBudget {
+    pub(crate) fn new(bytes: u64) -> Self {
+        Self { left: bytes.into() }
+    }
+
+    /// An empty share, to grow as a body is read.
+    pub(crate) fn share(&self) -> BodyShare<'_> {
+        BodyShare {
+            budget: self,
+            held: 0,
+        }
+    }
+}
+
+impl BodyShare<'_> {
+    /// Takes `n` more bytes of the budget, if it has them.
+    fn grow(&mut self, n: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let taken = self
+            .budget
+            .left
+            .fetch_update(Relaxed, Relaxed, |left| left.checked_sub(n))
+            .is_ok();
+        if taken {
+            self.held += n;
+        }
+        taken
+    }
+}
+
+impl Drop for BodyShare<'_> {
+    fn drop(&mut self) {
+        self.budget
+            .left
+            .fetch_add(self.held, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Reads a request body for the machine: whole when it is at most `keep`
-/// bytes (so the request can be retried or replayed), else the first
-/// `keep` bytes and the rest streamed. A body over `max` bytes (0: no
-/// limit) is refused before anything is sent when its length is declared
-/// or it ends within `keep`; a longer undeclared one is cut mid-stream.
+/// bytes and `share` can grow to hold it (so the request can be retried or
+/// replayed), else what was read and the rest streamed. A body over `max`
+/// bytes (0: no limit) is refused before anything is sent when its length
+/// is declared or it ends within `keep`; a longer undeclared one is cut
+/// mid-stream.
 pub(crate) async fn read_body(
     mut body: ClientBody,
     keep: u64,
     max: u64,
+    share: &mut BodyShare<'_>,
 ) -> Result<UpBody, ReadBody> {
     use http_body_util::BodyExt;
     let over = |n: u64| max > 0 && n > max;
@@ -184,14 +239,16 @@ pub(crate) async fn read_body(
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ReadBody::Failed(e.to_string()))?;
         // Trailers are dropped: HTTP/1.1 machines rarely take them.
+        let mut kept = true;
         if let Ok(data) = frame.into_data() {
+            kept = share.grow(data.len() as u64);
             read.extend_from_slice(&data);
         }
         let n = read.len() as u64;
         if over(n) {
             return Err(ReadBody::TooLarge { limit: max });
         }
-        if n > keep {
+        if n > keep || !kept {
             return Ok(UpBody::Streaming {
                 prefix: Some(read.freeze()),
                 rest: body,
@@ -256,5 +313,31 @@ mod tests {
         assert!(!body.is_end_stream());
         let bytes = body.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"app \"x\" not found\n");
+    }
+
+    #[tokio::test]
+    async fn bodies_are_read_whole_only_within_the_shared_budget() {
+        use crate::h1::body::RequestBody;
+        let body =
+            || ClientBody::Left(RequestBody::full(Some(Bytes::from_static(b"hello world!"))));
+        let budget = BodyBudget::new(20);
+        let mut first = budget.share();
+        let read = read_body(body(), 1024, 0, &mut first).await.unwrap();
+        assert!(matches!(read, UpBody::Buffered(Some(_))));
+        // 8 bytes left: the next body is streamed, and holds nothing.
+        let mut second = budget.share();
+        let read = read_body(body(), 1024, 0, &mut second).await.unwrap();
+        assert!(matches!(
+            read,
+            UpBody::Streaming {
+                prefix: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(second.held, 0);
+        drop((first, second));
+        let mut third = budget.share();
+        let read = read_body(body(), 1024, 0, &mut third).await.unwrap();
+        assert!(matches!(read, UpBody::Buffered(Some(_))), "given back");
     }
 }

@@ -60,6 +60,17 @@ pub struct ProxyConfig {
     /// Client connections one app may have open at once; past it requests
     /// get 503 (0: no limit).
     pub max_conns_per_app: usize,
+    /// Client connections one client address may hold open at once; more
+    /// are closed as they come (0: no limit).
+    pub max_conns_per_ip: usize,
+    /// Longest wait for the next bytes of a request body (as nginx's
+    /// `client_body_timeout`); past it the request fails and its connection
+    /// closes.
+    pub body_timeout_ms: u64,
+    /// Request body bytes all requests together may hold in memory while
+    /// they are read whole (see `retry_body_bytes`); past it, bodies are
+    /// streamed (and not retried) instead of buffered.
+    pub max_buffered_body_bytes: u64,
     /// How long a request may wait for a machine the proxy starts for it
     /// (autostart) before 503 with `Retry-After`.
     pub autostart_hold_ms: u64,
@@ -110,6 +121,9 @@ impl Default for ProxyConfig {
             retry_body_bytes: 10 * 1024 * 1024,
             max_body_bytes: 0,
             max_conns_per_app: 10_000,
+            max_conns_per_ip: 1_000,
+            body_timeout_ms: 60_000,
+            max_buffered_body_bytes: 256 << 20,
             autostart_hold_ms: 30_000,
             autostart_max_waiting: 1024,
             autostop_interval_ms: 30_000,
@@ -150,6 +164,7 @@ impl ProxyConfig {
             ("response_timeout_ms", self.response_timeout_ms),
             ("queue_timeout_ms", self.queue_timeout_ms),
             ("header_timeout_ms", self.header_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
             ("drain_ms", self.drain_ms),
             ("autostart_hold_ms", self.autostart_hold_ms),
             ("autostop_drain_ms", self.autostop_drain_ms),
@@ -211,6 +226,11 @@ impl ProxyConfig {
     /// [`Self::queue_timeout_ms`] as a duration.
     pub fn queue_timeout(&self) -> Duration {
         Duration::from_millis(self.queue_timeout_ms)
+    }
+
+    /// [`Self::body_timeout_ms`] as a duration.
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
     }
 
     /// [`Self::header_timeout_ms`] as a duration.

@@ -205,13 +205,16 @@ impl Proxy {
             h1: h1::Settings {
                 header_timeout: cfg.header_timeout(),
                 max_head: cfg.max_header_bytes,
+                body_timeout: cfg.body_timeout(),
             },
             peers: peers::Peers::new(cfg.peers.clone(), cluster.clone()),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
             retry_body_bytes: cfg.retry_body_bytes,
             max_body_bytes: cfg.max_body_bytes,
+            body_budget: body::BodyBudget::new(cfg.max_buffered_body_bytes),
             app_conns: conn_limit::AppConns::new(cfg.max_conns_per_app),
+            client_conns: conn_limit::ClientConns::new(cfg.max_conns_per_ip),
             autostart: Arc::new(autostart::Autostart::new(
                 fib,
                 hosts,

@@ -336,7 +336,7 @@ impl Metrics {
             autostarts,
             autostops,
         };
-        for reason in ["header_timeout", "bad_request"] {
+        for reason in ["header_timeout", "bad_request", "too_many_from_client"] {
             connection_errors.with_label_values(&[reason]);
         }
         Self {

@@ -15,7 +15,7 @@ use crate::autostart::{self, Autostart};
 use crate::autostop::FLY_KEEP_ALIVE_UNTIL;
 use crate::balance::{self, Lease, Near, NoTarget, Released, Target, Want};
 use crate::body::{self, ClientBody, Held, ProxyBody, ReadBody, UpBody};
-use crate::conn_limit::{AppConns, Counted};
+use crate::conn_limit::{AppConns, ClientConns, Counted};
 use crate::conns::{self, Conns, Watcher};
 use crate::error::{PathError, Side};
 use crate::h1::{self, Ended, TimedOut};
@@ -73,8 +73,12 @@ pub(crate) struct Edge {
     pub retry_body_bytes: u64,
     /// Largest request body accepted (0: no limit).
     pub max_body_bytes: u64,
+    /// What bodies read whole may hold in memory, all requests together.
+    pub body_budget: body::BodyBudget,
     /// Client connections per app.
     pub app_conns: Arc<AppConns>,
+    /// Open connections per client address (`proxy.max_conns_per_ip`).
+    pub client_conns: Arc<ClientConns>,
     /// Starts of stopped machines for requests.
     pub autostart: Arc<Autostart>,
     /// What a lease's end tells: the queues (shared with `queues`) and
@@ -108,7 +112,7 @@ struct Conn {
     want: Want,
     /// The connection's place in its app's connection count, taken by its
     /// first request; see [`crate::conn_limit`].
-    counted: Arc<OnceLock<Counted>>,
+    counted: Arc<OnceLock<Counted<CompactString>>>,
 }
 
 /// One request as it moves down the path: what the log line reports.
@@ -319,6 +323,12 @@ async fn serve_conn(
     watcher: Watcher,
 ) {
     let Ok(local) = tcp.local_addr() else { return };
+    // One client's share: past it, its new connections are closed at once.
+    let Some(_client) = edge.client_conns.enter(peer.ip().to_canonical()) else {
+        edge.metrics.connection_error("too_many_from_client");
+        tracing::debug!(%peer, limit = edge.client_conns.limit(), "too many connections from the client; closing");
+        return;
+    };
     let (app, want) = match spec {
         None => (None, Want::http(listener)),
         Some(spec) if spec.has("http") => (Some(spec.app), Want::Port(local.port())),
@@ -346,7 +356,7 @@ async fn serve_conn(
 /// A connection to an app's port without `http`: counted against the app,
 /// past TLS with `tls`, then relayed to a machine ([`crate::tcp`]).
 async fn relay(edge: &Edge, tcp: TcpStream, peer: SocketAddr, local: SocketAddr, spec: &Spec) {
-    let Some(_counted) = edge.app_conns.enter(&spec.app) else {
+    let Some(_counted) = edge.app_conns.enter(CompactString::from(&*spec.app)) else {
         tracing::info!(app = %spec.app, %peer, "too many connections for the app; closing");
         return;
     };
@@ -527,7 +537,9 @@ async fn route(
         pinned,
     } = decide(edge, ex, req)?;
     let (parts, body) = req.into_parts();
-    let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes)
+    // Held until the exchange is over: the body read whole lives as long.
+    let mut share = edge.body_budget.share();
+    let body = body::read_body(body, edge.retry_body_bytes, edge.max_body_bytes, &mut share)
         .await
         .map_err(|e| match e {
             ReadBody::TooLarge { limit } => PathError::BodyTooLarge { limit },
@@ -1081,13 +1093,13 @@ fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError
     if edge.app_conns.limit() == 0 || conn.counted.get().is_some() {
         return Ok(());
     }
-    let counted = edge
-        .app_conns
-        .enter(app)
-        .ok_or_else(|| PathError::TooManyConnections {
-            app: app.to_string(),
-            limit: edge.app_conns.limit(),
-        })?;
+    let counted =
+        edge.app_conns
+            .enter(app.into())
+            .ok_or_else(|| PathError::TooManyConnections {
+                app: app.to_string(),
+                limit: edge.app_conns.limit(),
+            })?;
     // A concurrent request on the same (h2) connection may have set it
     // first; this one's count is then dropped again.
     let _ = conn.counted.set(counted);

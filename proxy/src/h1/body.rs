@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
@@ -71,7 +72,8 @@ impl RequestBody {
 
     /// A body to be read from the connection by the returned pump;
     /// `expect` when the client waits for `100 Continue` before sending it.
-    pub(crate) fn streaming(framing: Framing, expect: bool) -> (Self, Pump) {
+    /// A client that sends nothing of it for `timeout` loses the request.
+    pub(crate) fn streaming(framing: Framing, expect: bool, timeout: Duration) -> (Self, Pump) {
         let (tx, frames) = mpsc::channel(1);
         let (want, wanted) = if expect {
             let (want, wanted) = oneshot::channel();
@@ -98,6 +100,7 @@ impl RequestBody {
             tx: Some(tx),
             wanted,
             discarded: None,
+            timeout,
         };
         (body, pump)
     }
@@ -183,6 +186,8 @@ pub(crate) struct Pump {
     wanted: Option<oneshot::Receiver<()>>,
     /// Bytes read past since the body was dropped.
     discarded: Option<u64>,
+    /// Longest wait for the body's next bytes.
+    timeout: Duration,
 }
 
 impl Pump {
@@ -239,14 +244,20 @@ impl Pump {
                 Ok(Step::NeedMore) => {
                     drop(permit);
                     buf.reserve(READ_CHUNK);
-                    match Shared(io).read_buf(buf).await {
-                        Ok(0) | Err(_) => {
+                    match tokio::time::timeout(self.timeout, Shared(io).read_buf(buf)).await {
+                        Ok(Ok(0) | Err(_)) => {
                             let _ = tx.try_send(Err(BodyError(
                                 "the client closed the connection mid-body",
                             )));
                             return Pumped::Cut;
                         }
-                        Ok(_) => {}
+                        Err(_) => {
+                            let _ = tx.try_send(Err(BodyError(
+                                "the client sent nothing more of the body in time",
+                            )));
+                            return Pumped::Cut;
+                        }
+                        Ok(Ok(_)) => {}
                     }
                 }
                 Err(e) => {

@@ -62,6 +62,8 @@ pub(crate) struct Settings {
     pub header_timeout: Duration,
     /// Largest request head accepted.
     pub max_head: usize,
+    /// Longest wait for the next bytes of a request body.
+    pub body_timeout: Duration,
 }
 
 /// How a connection ended.
@@ -161,7 +163,7 @@ where
             mut keep_alive,
             head_request,
             client,
-        } = Exchange::new(head, &mut buf);
+        } = Exchange::new(head, &mut buf, settings.body_timeout);
         let mut pumped = pump.is_none().then_some(Pumped::Complete);
         let response = {
             let mut pump = pump;
@@ -250,7 +252,7 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn new(head: Head, buf: &mut BytesMut) -> Self {
+    fn new(head: Head, buf: &mut BytesMut, body_timeout: Duration) -> Self {
         let (body, pump) = match head.body {
             None => (RequestBody::full(None), None),
             // Most bodies arrive with their head: no pump.
@@ -259,7 +261,8 @@ impl Exchange {
                 None,
             ),
             Some(framing) => {
-                let (body, pump) = RequestBody::streaming(framing, head.expect_continue);
+                let (body, pump) =
+                    RequestBody::streaming(framing, head.expect_continue, body_timeout);
                 (body, Some(pump))
             }
         };
@@ -534,6 +537,7 @@ mod tests {
         let settings = Settings {
             header_timeout,
             max_head: 8192,
+            body_timeout: Duration::from_secs(60),
         };
         let (stop, shutdown) = watch::channel(false);
         // No shutdown comes: the sender stays while any part of the
