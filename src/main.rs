@@ -160,12 +160,37 @@ fn init_tracing() {
         .init();
 }
 
+/// Raises the open-files limit to the most the system allows: every
+/// client connection, machine connection and listener takes a descriptor,
+/// and the usual soft limit (1024) would cap the proxy far below its
+/// connection limits. Logs the limit in force.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+        }
+    }
+    if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        tracing::info!(open_files = soft, "open-files limit");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
     // Everything Hangar writes (the RIB, flyd's store, keys, tokens, logs,
     // machine directories) is its own alone. Workloads inherit it too.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    if matches!(
+        cli.command,
+        Command::Dev(_) | Command::Flyd(_) | Command::Proxy(_)
+    ) {
+        raise_open_files();
+    }
     match cli.command {
         Command::Dev(args) => tokio::runtime::Runtime::new()?.block_on(dev::run(args.config()?)),
         Command::Flyd(args) => {

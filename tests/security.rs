@@ -884,3 +884,74 @@ async fn a_stalled_body_times_out() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("fly-proxy-error: PE03"), "{answer}");
 }
+
+/// A machine config whose one service declares `ports` (raw TCP).
+fn with_ports(ports: impl Iterator<Item = u16>) -> String {
+    let ports: Vec<Value> = ports.map(|p| serde_json::json!({"port": p})).collect();
+    serde_json::json!({"config": {"image": "hangar/echo", "services": [
+        {"protocol": "tcp", "internal_port": 8080, "ports": ports}
+    ]}})
+    .to_string()
+}
+
+/// Item 9: a machine config could declare any number of services, ports
+/// and checks, and an app's address listened on every port any of its
+/// machines declared.
+#[tokio::test]
+async fn configs_and_app_addresses_have_bounds() {
+    let h = Hangar::start().await;
+    h.create_app("wide").await;
+    let services: Vec<Value> = (0..17)
+        .map(|i| serde_json::json!({"protocol": "tcp", "internal_port": 8080 + i}))
+        .collect();
+    let checks: serde_json::Map<String, Value> = (0..33)
+        .map(|i| {
+            (
+                format!("c{i}"),
+                serde_json::json!({"type": "tcp", "port": 8080}),
+            )
+        })
+        .collect();
+    for (config, field) in [
+        (
+            serde_json::json!({"image": "hangar/echo", "services": services}),
+            "config.services",
+        ),
+        (
+            serde_json::json!({"image": "hangar/echo", "checks": checks}),
+            "config.checks",
+        ),
+    ] {
+        let body = serde_json::json!({ "config": config }).to_string();
+        let (status, answer) = h.post("/v1/apps/wide/machines", &body).await;
+        assert_eq!(status, 400, "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().starts_with(field),
+            "{answer}"
+        );
+    }
+    let (status, answer) = h
+        .post("/v1/apps/wide/machines", &with_ports(20000..20033))
+        .await;
+    assert_eq!(status, 400, "{answer}");
+
+    // Two machines of 20 ports each: the address listens on 32 of them.
+    h.started_machine("wide", &with_ports(20000..20020)).await;
+    h.started_machine("wide", &with_ports(20020..20040)).await;
+    let (status, ip) = h
+        .post("/v1/apps/wide/ip_assignments", r#"{"type":"private_v6"}"#)
+        .await;
+    assert_eq!(status, 200, "{ip}");
+    let ip: std::net::IpAddr = ip["ip"].as_str().unwrap().parse().unwrap();
+    let listening = || async move {
+        let mut n = 0;
+        for port in 20000..20040 {
+            if tokio::net::TcpStream::connect((ip, port)).await.is_ok() {
+                n += 1;
+            }
+        }
+        n
+    };
+    common::eventually("32 listeners", || async { listening().await == 32 }).await;
+    assert_eq!(listening().await, 32);
+}

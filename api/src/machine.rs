@@ -14,6 +14,13 @@ use std::str::FromStr;
 /// The image that runs Hangar's built-in echo server.
 pub const ECHO_IMAGE: &str = "hangar/echo";
 
+/// Most services one machine config may declare.
+pub const MAX_SERVICES: usize = 16;
+/// Most public ports, over all of a config's services.
+pub const MAX_PORTS: usize = 32;
+/// Most health checks, top-level and per service together.
+pub const MAX_CHECKS: usize = 32;
+
 /// Whether `id` has the shape of a machine id: 14 lowercase hex digits,
 /// as Fly's are and as flyd makes them.
 pub fn valid_machine_id(id: &str) -> bool {
@@ -616,6 +623,24 @@ impl MachineConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.image.trim().is_empty() {
             return Err("config.image: required".into());
+        }
+        // Each service, port and check costs the proxy and flyd listeners,
+        // connections or timers: a config cannot ask for without bound.
+        let ports: usize = self.services.iter().map(|s| s.ports.len()).sum();
+        let checks =
+            self.checks.len() + self.services.iter().map(|s| s.checks.len()).sum::<usize>();
+        for (what, n, most) in [
+            ("config.services", self.services.len(), MAX_SERVICES),
+            ("config.services[].ports", ports, MAX_PORTS),
+            (
+                "config.checks and config.services[].checks",
+                checks,
+                MAX_CHECKS,
+            ),
+        ] {
+            if n > most {
+                return Err(format!("{what}: at most {most} in all, got {n}"));
+            }
         }
         for (name, check) in &self.checks {
             check.validate(&format!("config.checks.{name}"))?;

@@ -100,22 +100,35 @@ impl PortListeners {
     }
 }
 
-/// Every (address, port) the FIB's apps want a listener on.
+/// Most ports one app address listens on, whatever its machines declare
+/// (each machine's config is capped, but an app's machines may differ).
+const MAX_PORTS_PER_ADDRESS: usize = hangar_api::machine::MAX_PORTS;
+
+/// Every (address, port) the FIB's apps want a listener on: on each
+/// address, the first [`MAX_PORTS_PER_ADDRESS`] ports its machines declare
+/// (machines in the FIB's order, ports in theirs).
 fn wanted(fib: &FibSnapshot) -> HashMap<SocketAddr, Spec> {
     let mut wanted = HashMap::new();
     for (ip, app) in fib.addresses() {
         let Some(routes) = fib.app(app) else { continue };
         let app: Arc<str> = Arc::from(app);
+        let mut ports = 0;
         for m in routes.machines.iter() {
             for service in m.services.iter().filter(|s| s.protocol == "tcp") {
                 for port in &service.ports {
                     let Some(number) = port.port else { continue };
-                    wanted
-                        .entry(SocketAddr::new(ip, number))
-                        .or_insert_with(|| Spec {
-                            app: app.clone(),
-                            handlers: port.handlers.clone(),
-                        });
+                    let addr = SocketAddr::new(ip, number);
+                    if !wanted.contains_key(&addr) {
+                        if ports == MAX_PORTS_PER_ADDRESS {
+                            tracing::debug!(%addr, %app, "an app address has all the ports it may have");
+                            continue;
+                        }
+                        ports += 1;
+                    }
+                    wanted.entry(addr).or_insert_with(|| Spec {
+                        app: app.clone(),
+                        handlers: port.handlers.clone(),
+                    });
                 }
             }
         }
