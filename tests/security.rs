@@ -955,3 +955,23 @@ async fn configs_and_app_addresses_have_bounds() {
     common::eventually("32 listeners", || async { listening().await == 32 }).await;
     assert_eq!(listening().await, 32);
 }
+
+/// Item 9: the rate limiter keyed on the raw path, so spelling a path
+/// another way (`/v1/apps/hell%6f/...`) started a fresh bucket.
+#[tokio::test]
+async fn the_rate_limiter_keys_on_the_route() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = "[flaps.rate_limits]\nenabled = true\nget_per_sec = 1\nget_burst = 3\n";
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
+    h.create_app("hello").await;
+    let auth = bearer(&h.token);
+    let get = |path: &'static str| raw_request(h.addrs.flaps, "GET", path, &auth, "");
+    for _ in 0..3 {
+        assert_eq!(get("/v1/apps/hello/machines").await.0, 200);
+    }
+    for spelling in ["/v1/apps/hell%6f/machines", "/v1/apps/%68ello/machines"] {
+        let (status, answer) = get(spelling).await;
+        assert_eq!(status, 429, "{spelling}: {answer}");
+        assert!(answer.contains("GET /v1/apps/hello/machines"), "{answer}");
+    }
+}

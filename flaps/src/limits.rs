@@ -1,13 +1,16 @@
 //! Rate limits per token and action, as Fly publishes them: reads (`GET`)
 //! 5 per second with bursts of 10, everything else 1 per second with bursts
-//! of 3. The action is the method and path, so limits apply per machine and
-//! per operation (`POST .../{id}/start` and `.../{id}/stop` count apart).
-//! Over the limit answers 429 with `Retry-After`.
+//! of 3. The action is the method and the route with its parameters
+//! decoded, so limits apply per machine and per operation (`POST
+//! .../{id}/start` and `.../{id}/stop` count apart), and one action has one
+//! key however its path is spelled (`/v1/apps/hell%6f` is `hello`'s).
+//! Paths that match no route share one key per token and method. Over the
+//! limit answers 429 with `Retry-After`.
 
 use crate::Flaps;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{Method, StatusCode, header::RETRY_AFTER};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -94,12 +97,33 @@ impl Limits {
     }
 }
 
-/// Middleware (after auth): 429 with `Retry-After` over the limit.
-pub async fn limit(State(flaps): State<Arc<Flaps>>, req: Request, next: Next) -> Response {
+/// The action a request is counted as: its method and route, each
+/// parameter in the route's text replaced by its decoded value.
+fn action(method: &Method, route: Option<&MatchedPath>, params: &[(String, String)]) -> String {
+    let Some(route) = route else {
+        return format!("{method} (no such route)");
+    };
+    let mut path = route.as_str().to_string();
+    for (name, value) in params {
+        path = path.replace(&format!("{{{name}}}"), value);
+    }
+    format!("{method} {path}")
+}
+
+/// Middleware (after auth and routing): 429 with `Retry-After` over the
+/// limit.
+pub async fn limit(
+    State(flaps): State<Arc<Flaps>>,
+    route: Option<MatchedPath>,
+    params: Option<Path<Vec<(String, String)>>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let (Some(limits), Some(caller)) = (&flaps.limits, req.extensions().get::<Caller>()) else {
         return next.run(req).await;
     };
-    let action = format!("{} {}", req.method(), req.uri().path());
+    let params = params.map(|Path(p)| p).unwrap_or_default();
+    let action = action(req.method(), route.as_ref(), &params);
     let key = format!("{} {action}", caller.token_id);
     match limits.check(req.method(), key) {
         Ok(()) => next.run(req).await,
