@@ -975,3 +975,61 @@ async fn the_rate_limiter_keys_on_the_route() {
         assert!(answer.contains("GET /v1/apps/hello/machines"), "{answer}");
     }
 }
+
+/// Item 9: an org could create apps, machines, addresses, certificates and
+/// secrets without bound, taking the platform's room from every other.
+#[tokio::test]
+async fn orgs_hold_at_most_their_quotas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = "[flaps]\nallow_self_signed_certificates = true\n[flaps.rate_limits]\nenabled = false\n\
+                  [flaps.quotas]\napps = 2\nmachines = 1\nips = 1\ncertificates = 1\nsecrets = 2\n";
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
+    let over = |(status, answer): (u16, Value)| {
+        assert_eq!(status, 403, "{answer}");
+        assert_eq!(answer["status"], "quota_exceeded", "{answer}");
+    };
+    h.create_app("q1").await;
+    h.create_app("q2").await;
+    over(h.post("/v1/apps", r#"{"app_name":"q3"}"#).await);
+    h.started_machine("q1", ECHO_MACHINE).await;
+    over(h.post("/v1/apps/q2/machines", ECHO_MACHINE).await);
+    let ip = r#"{"type":"private_v6"}"#;
+    assert_eq!(h.post("/v1/apps/q1/ip_assignments", ip).await.0, 200);
+    over(h.post("/v1/apps/q2/ip_assignments", ip).await);
+    let first = certificate(&["a.quota.test"], None);
+    assert_eq!(
+        upload(&h, &h.token, "q1", "a.quota.test", &first).await.0,
+        201
+    );
+    let second = certificate(&["b.quota.test"], None);
+    let (status, answer) = upload(&h, &h.token, "q2", "b.quota.test", &second).await;
+    assert_eq!(status, 403, "{answer}");
+    // Renewing a certificate the org holds takes nothing more.
+    let renewed = certificate(&["a.quota.test"], None);
+    assert_eq!(
+        upload(&h, &h.token, "q1", "a.quota.test", &renewed).await.0,
+        201
+    );
+    let (status, answer) = h
+        .post("/v1/apps/q1/secrets", r#"{"values":{"A":"1","B":"2"}}"#)
+        .await;
+    assert!(status < 300, "{answer}");
+    over(
+        h.post("/v1/apps/q2/secrets", r#"{"values":{"C":"3"}}"#)
+            .await,
+    );
+    let (status, answer) = h
+        .post("/v1/apps/q1/secrets", r#"{"values":{"A":"new"}}"#)
+        .await;
+    assert!(status < 300, "changing a secret: {answer}");
+
+    // Another org has its own.
+    let rival = h.token_for("rival");
+    let body = r#"{"app_name":"r1","org_slug":"rival"}"#;
+    assert_eq!(
+        raw_request(h.addrs.flaps, "POST", "/v1/apps", &bearer(&rival), body)
+            .await
+            .0,
+        201
+    );
+}

@@ -3,6 +3,7 @@
 use crate::Flaps;
 use crate::auth::Caller;
 use crate::error::{ApiError, json_body};
+use crate::quotas::Counted;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -103,6 +104,7 @@ async fn create(
             ));
         }
     };
+    crate::quotas::check(&flaps, &org, Counted::Apps, 1)?;
     let row = AppRow {
         id: format!("app_{}", hex_id()),
         name: name.clone(),

@@ -226,7 +226,7 @@ async fn upload(
     Path(app): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    owned_app(&flaps, &caller, &app)?;
+    let owner = owned_app(&flaps, &caller, &app)?;
     let req: UploadRequest = json_body(body)?;
     let hostname = req
         .hostname
@@ -247,6 +247,19 @@ async fn upload(
         .private_key
         .ok_or_else(|| ApiError::bad_request("private_key: required"))?;
     let chain = check_pair(&hostname, &fullchain, &private_key)?;
+    let renewal = flaps
+        .rib
+        .certificates_of_app(&app)?
+        .iter()
+        .any(|c| c.hostname == hostname);
+    if !renewal {
+        crate::quotas::check(
+            &flaps,
+            &owner.org_slug,
+            crate::quotas::Counted::Certificates,
+            1,
+        )?;
+    }
     if !flaps.cfg.allow_self_signed_certificates {
         check_trust(trust_roots(&flaps)?, &hostname, &chain)?;
     }

@@ -24,6 +24,8 @@ pub struct FlapsConfig {
     pub public_range: String,
     /// Per token and action; Fly's published limits by default.
     pub rate_limits: crate::limits::RateLimitConfig,
+    /// What one org may hold.
+    pub quotas: crate::quotas::QuotaConfig,
     /// The domains the platform names apps under (`<app>.<domain>`): no
     /// app can claim a hostname in them. `localhost`, `flycast` and
     /// `internal` are always reserved.
@@ -47,6 +49,7 @@ impl Default for FlapsConfig {
             flycast_range: "127.20.0.0/16".into(),
             public_range: "127.30.0.0/16".into(),
             rate_limits: Default::default(),
+            quotas: Default::default(),
             platform_domains: Vec::new(),
             certificate_roots: None,
             allow_self_signed_certificates: false,

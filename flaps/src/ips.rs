@@ -86,6 +86,7 @@ async fn assign(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let owner = owned_app(&flaps, &caller, &app)?;
+    crate::quotas::check(&flaps, &owner.org_slug, crate::quotas::Counted::Ips, 1)?;
     let req: AssignRequest = json_body(body)?;
     let (kind, block) = match req.kind.as_deref() {
         Some("private_v6") => ("private_v6", &flaps.cfg.flycast_range),

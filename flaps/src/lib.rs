@@ -11,6 +11,7 @@
 //! - [`ips`]: apps' flycast (private) addresses.
 //! - [`openapi`]: `/openapi.json`, the operations Hangar implements.
 //! - [`limits`]: rate limits per token and action (429 with `Retry-After`).
+//! - [`quotas`]: what one org may hold (403 `quota_exceeded` past it).
 //! - [`error`]: [`error::ApiError`], the one place failures become responses.
 //! - [`apps`]: `/v1/apps` endpoints.
 //! - [`machines`]: `/v1/apps/{app}/machines` endpoints and placement.
@@ -31,6 +32,7 @@ pub mod limits;
 pub mod machines;
 pub mod openapi;
 pub mod platform;
+pub mod quotas;
 pub mod secrets;
 
 use axum::Router;

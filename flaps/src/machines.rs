@@ -169,8 +169,9 @@ async fn create(
     Path(app): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    owned_app(&flaps, &caller, &app)?;
+    let owner = owned_app(&flaps, &caller, &app)?;
     let req: CreateMachineRequest = json_body(body)?;
+    crate::quotas::check(&flaps, &owner.org_slug, crate::quotas::Counted::Machines, 1)?;
     req.config.validate().map_err(ApiError::bad_request)?;
     let guest = req.config.reservation();
     let host = match req.region.as_deref().filter(|r| !r.is_empty()) {

@@ -138,6 +138,15 @@ fn apply(
     for (name, value) in &changes {
         check(name, value.as_deref())?;
     }
+    let held = flaps.rib.secrets(app)?;
+    let new = changes
+        .iter()
+        .filter(|(name, value)| value.is_some() && !held.iter().any(|s| &s.name == *name))
+        .count();
+    if new > 0 {
+        let org = flaps.rib.app(app)?.map(|a| a.org_slug).unwrap_or_default();
+        crate::quotas::check(flaps, &org, crate::quotas::Counted::Secrets, new)?;
+    }
     let sealed: Vec<(String, Option<SealedSecret>)> = changes
         .into_iter()
         .map(|(name, value)| {
