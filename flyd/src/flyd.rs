@@ -99,6 +99,9 @@ pub(crate) struct StopInput {
     pub timeout_ms: u64,
 }
 
+/// Per-machine operation locks kept before idle ones are pruned.
+const OP_LOCKS_KEPT: usize = 1024;
+
 /// Finished FSM runs kept in the store (older ones are pruned at start).
 const RUNS_KEPT: usize = 10_000;
 
@@ -283,6 +286,12 @@ impl Flyd {
         let lock = self
             .op_locks
             .with("lock_machine", |m| {
+                if m.len() >= OP_LOCKS_KEPT {
+                    // Locks nobody holds or waits for (only the map has
+                    // them: clones are made under this lock) go, so the map
+                    // does not grow with every machine that ever was.
+                    m.retain(|_, lock| Arc::strong_count(lock) > 1);
+                }
                 m.entry(id.to_string()).or_default().clone()
             })
             .map_err(|e| FlydError::Runtime {

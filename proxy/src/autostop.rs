@@ -117,6 +117,19 @@ impl Activity {
             .insert(CompactString::from(machine), AtomicU64::new(now));
     }
 
+    /// Forgets machines idle for longer than [`MAX_KEEP_ALIVE`] and keep-
+    /// alives that ran out, so destroyed machines leave the maps within a
+    /// day. (Forgetting a machine's last request changes nothing: it is
+    /// then idle since the proxy started, longer than any idle limit.)
+    pub(crate) fn prune(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let day = MAX_KEEP_ALIVE.as_millis() as u64;
+        self.last
+            .retain(|_, last| now.saturating_sub(last.load(Ordering::Relaxed)) <= day);
+        self.kept_until
+            .retain(|_, until| until.load(Ordering::Relaxed) > now);
+    }
+
     /// How long `machine` has been idle, as far as this proxy knows.
     fn idle_for(&self, machine: &str) -> Duration {
         let last = self

@@ -182,6 +182,7 @@ pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drai
             _ = sweep.tick() => {
                 edge.upstreams.sweep(&edge.fib.snapshot());
                 edge.pins.sweep();
+                edge.released.activity.prune();
             }
             _ = follow.tick() => ports.reconcile(&edge.fib.snapshot()).await,
             Some(Accepted { tcp, peer, spec }) = from_ports.recv() => {

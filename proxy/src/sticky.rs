@@ -29,6 +29,10 @@ use std::time::Instant;
 /// sessions are not pinned (and a warning is logged once per sweep).
 pub(crate) const MAX_PINS: usize = 100_000;
 
+/// Header values remembered at most for one app, so one app's clients
+/// cannot take every pin.
+pub(crate) const MAX_PINS_PER_APP: usize = 10_000;
+
 /// The sticky service of the app's first machine with a service for the
 /// request, if it is sticky.
 pub(crate) fn of(app: &AppRoutes, want: Want) -> Option<&Sticky> {
@@ -39,6 +43,8 @@ pub(crate) fn of(app: &AppRoutes, want: Want) -> Option<&Sticky> {
 /// Header-keyed pins, per app and value.
 pub(crate) struct Pins {
     map: DashMap<(CompactString, Box<str>), Pinned>,
+    /// How many of `map`'s pins each app has (recounted at each sweep).
+    per_app: DashMap<CompactString, usize>,
     epoch: Instant,
 }
 
@@ -53,6 +59,7 @@ impl Pins {
     pub(crate) fn new() -> Self {
         Self {
             map: DashMap::new(),
+            per_app: DashMap::new(),
             epoch: Instant::now(),
         }
     }
@@ -114,15 +121,27 @@ impl Pins {
         if self.map.len() >= MAX_PINS {
             return;
         }
-        let key = (CompactString::from(app), Box::<str>::from(value));
-        self.map.insert(
-            key,
-            Pinned {
-                machine: machine.into(),
-                used: AtomicU64::new(self.now()),
-                ttl_ms: ttl.saturating_mul(1000),
-            },
-        );
+        let app = CompactString::from(app);
+        if self
+            .per_app
+            .get(&app)
+            .is_some_and(|n| *n >= MAX_PINS_PER_APP)
+        {
+            return;
+        }
+        let pinned = Pinned {
+            machine: machine.into(),
+            used: AtomicU64::new(self.now()),
+            ttl_ms: ttl.saturating_mul(1000),
+        };
+        // One map's lock at a time: never `per_app`'s while `map`'s is held.
+        if self
+            .map
+            .insert((app.clone(), value.into()), pinned)
+            .is_none()
+        {
+            *self.per_app.entry(app).or_insert(0) += 1;
+        }
     }
 
     /// Forgets pins unused for longer than their ttl.
@@ -131,6 +150,14 @@ impl Pins {
         let full = self.map.len() >= MAX_PINS;
         self.map
             .retain(|_, p| now.saturating_sub(p.used.load(Ordering::Relaxed)) <= p.ttl_ms);
+        let mut counts: std::collections::HashMap<CompactString, usize> = Default::default();
+        for pin in self.map.iter() {
+            *counts.entry(pin.key().0.clone()).or_insert(0) += 1;
+        }
+        self.per_app.clear();
+        for (app, n) in counts {
+            self.per_app.insert(app, n);
+        }
         if full {
             tracing::warn!(
                 max = MAX_PINS,
@@ -221,5 +248,25 @@ mod tests {
         assert_eq!(old.pinned("a", &by_header(1), &request), None);
         old.sweep();
         assert!(old.map.is_empty());
+        assert!(old.per_app.is_empty());
+    }
+
+    #[test]
+    fn one_app_cannot_take_every_pin() {
+        let pins = Pins::new();
+        let mut response = HeaderMap::new();
+        for i in 0..MAX_PINS_PER_APP + 5 {
+            response.insert("mcp-session-id", i.to_string().parse().unwrap());
+            pins.learn("greedy", &by_header(60), "m1", None, &mut response);
+        }
+        assert_eq!(pins.map.len(), MAX_PINS_PER_APP);
+        pins.learn("other", &by_header(60), "m2", None, &mut response);
+        assert_eq!(
+            pins.map.len(),
+            MAX_PINS_PER_APP + 1,
+            "another app still pins"
+        );
+        pins.sweep();
+        assert_eq!(*pins.per_app.get("greedy").unwrap(), MAX_PINS_PER_APP);
     }
 }
