@@ -50,6 +50,8 @@ pub mod metrics;
 pub mod path;
 mod peers;
 mod ports;
+#[cfg(test)]
+mod proptests;
 pub mod queue;
 mod replay;
 mod spare;
