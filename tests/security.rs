@@ -1033,3 +1033,56 @@ async fn orgs_hold_at_most_their_quotas() {
         201
     );
 }
+
+/// Item 9: flaps asked every host for its whole listing of an app and cut
+/// the page itself, so one list call could move a host's every machine.
+/// Now a host sends one filtered page, and flaps merges the hosts' pages.
+#[tokio::test]
+async fn hosts_send_machine_lists_a_page_at_a_time() {
+    let h = Hangar::start().await;
+    h.create_app("many").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (status, m) = h
+            .post(
+                "/v1/apps/many/machines",
+                r#"{"config":{"image":"hangar/echo"},"skip_launch":true}"#,
+            )
+            .await;
+        assert_eq!(status, 200, "{m}");
+        ids.push(m["id"].as_str().unwrap().to_string());
+    }
+    ids.sort();
+    let member = [("Authorization", format!("Bearer {}", h.cluster_key()))];
+    let (status, page) = raw_request(
+        h.addrs.flyd,
+        "GET",
+        "/v1/apps/many/machines?limit=2",
+        &member,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let page: Vec<Value> = serde_json::from_str(&page).unwrap();
+    let got: Vec<&str> = page.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(got, [ids[0].as_str(), ids[1].as_str()]);
+
+    let resp = h
+        .http
+        .get(h.api("/v1/apps/many/machines?limit=2"))
+        .bearer_auth(&h.token)
+        .send()
+        .await
+        .unwrap();
+    let cursor = resp.headers()["fly-next-cursor"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(cursor, ids[1]);
+    let (status, rest) = h
+        .get(&format!("/v1/apps/many/machines?limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(status, 200, "{rest}");
+    assert_eq!(rest.as_array().unwrap().len(), 1);
+    assert_eq!(rest[0]["id"], ids[2].as_str());
+}

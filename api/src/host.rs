@@ -11,6 +11,7 @@
 //! a host answers no one else.
 
 use crate::error::ErrorBody;
+use crate::list::ListQuery;
 use crate::machine::{CreateMachineRequest, Machine};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -164,15 +165,16 @@ impl HostClient {
         Ok(HostReply { status, body })
     }
 
-    /// Lists the machines of `app` on the host at `addr`, destroyed ones
-    /// too when `include_deleted`.
+    /// One page of the machines of `app` on the host at `addr`: at most
+    /// `limit` that `q`'s filters keep, after `cursor`, ordered by id.
     pub async fn list(
         &self,
         addr: &str,
         app: &str,
-        include_deleted: bool,
+        q: &ListQuery,
+        (cursor, limit): (Option<&str>, usize),
     ) -> Result<Vec<Machine>, HostError> {
-        let path = format!("{}?include_deleted={include_deleted}", machines_path(app));
+        let path = format!("{}?{}", machines_path(app), q.host_query(cursor, limit));
         let reply = self
             .call(addr, HostCall::new(reqwest::Method::GET, &path))
             .await?;

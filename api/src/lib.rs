@@ -14,6 +14,7 @@ pub mod app;
 pub mod duration;
 pub mod error;
 pub mod host;
+pub mod list;
 pub mod machine;
 
 pub use app::{App, AppOrganization, CreateAppRequest, CreateAppResponse, ListAppsResponse};

@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use hangar_api::host::{self, HostCall, HostReply, LEASE_NONCE_HEADER};
+use hangar_api::list::{ListQuery, MAX_PAGE};
 use hangar_api::machine::{CreateMachineRequest, Machine, valid_machine_id};
 use hangar_catalog::HostRow;
 use reqwest::Method;
@@ -191,110 +192,57 @@ async fn create(
     Ok(relay(reply))
 }
 
-/// Filters and paging of a machine list, from its query string
-/// (`metadata.{key}` parameters cannot be a fixed struct).
-#[derive(Debug, Default)]
-pub(crate) struct ListQuery {
-    pub include_deleted: bool,
-    pub region: Option<String>,
-    pub states: Vec<String>,
-    pub metadata: Vec<(String, String)>,
-    pub summary: bool,
-    pub limit: Option<usize>,
-    pub cursor: Option<String>,
-}
-
-/// Most machines one page holds.
-const MAX_PAGE: usize = 1000;
-
-impl ListQuery {
-    pub(crate) fn parse(pairs: Vec<(String, String)>) -> Result<Self, ApiError> {
-        let flag = |name: &str, v: &str| match v {
-            "" | "true" | "1" => Ok(true),
-            "false" | "0" => Ok(false),
-            other => Err(ApiError::bad_request(format!(
-                "{name}: expected true or false, got {other:?}"
-            ))),
-        };
-        let mut q = Self::default();
-        for (k, v) in pairs {
-            match k.as_str() {
-                "include_deleted" => q.include_deleted = flag(&k, &v)?,
-                "summary" => q.summary = flag(&k, &v)?,
-                "region" if !v.is_empty() => q.region = Some(v),
-                "state" => q
-                    .states
-                    .extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string)),
-                "limit" => {
-                    let n: usize = v
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_PAGE).contains(n))
-                        .ok_or_else(|| {
-                            ApiError::bad_request(format!(
-                                "limit: must be between 1 and {MAX_PAGE}"
-                            ))
-                        })?;
-                    q.limit = Some(n);
-                }
-                "cursor" if !v.is_empty() => q.cursor = Some(v),
-                key => {
-                    if let Some(meta) = key.strip_prefix("metadata.") {
-                        q.metadata.push((meta.to_string(), v));
-                    }
-                }
-            }
-        }
-        if q.cursor.is_some() && q.limit.is_none() {
-            return Err(ApiError::bad_request("cursor: requires limit"));
-        }
-        Ok(q)
-    }
-
-    fn keeps(&self, m: &Machine) -> bool {
-        self.region.as_deref().is_none_or(|r| m.region == r)
-            && (self.states.is_empty() || self.states.iter().any(|s| s == m.state.as_str()))
-            && self
-                .metadata
-                .iter()
-                .all(|(k, v)| m.config.metadata.get(k) == Some(v))
-    }
-
-    /// Filters, orders by id, and cuts one page: the page and the cursor
-    /// of the next one (the last id returned), if more remain.
-    pub(crate) fn page(&self, mut all: Vec<Machine>) -> (Vec<Machine>, Option<String>) {
-        all.retain(|m| self.keeps(m));
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        if let Some(after) = &self.cursor {
-            all.retain(|m| m.id.as_str() > after.as_str());
-        }
-        match self.limit {
-            Some(limit) if all.len() > limit => {
-                all.truncate(limit);
-                let next = all.last().map(|m| m.id.clone());
-                (all, next)
-            }
-            _ => (all, None),
-        }
-    }
-}
-
-/// The machines of `app` on every host (destroyed ones when asked).
+/// One page of `app`'s machines that `q` keeps, over every host, and the
+/// cursor of the next page when more may remain. Each host sends at most a
+/// page (filtered, ordered by id, after the cursor), never its whole
+/// listing; the pages are merged by id. Without a `limit`, each host is
+/// paged through to its end.
 pub(crate) async fn machines_of(
     flaps: &Flaps,
     app: &str,
-    include_deleted: bool,
-) -> Result<Vec<Machine>, ApiError> {
+    q: &ListQuery,
+) -> Result<(Vec<Machine>, Option<String>), ApiError> {
     let mut all = Vec::new();
+    let mut more = false;
     for host in flaps.rib.hosts(None)? {
-        all.extend(
-            flaps
+        let limit = q.limit.unwrap_or(MAX_PAGE);
+        let mut cursor = q.cursor.clone();
+        loop {
+            let page = flaps
                 .hosts
-                .list(&host.address, app, include_deleted)
-                .await?,
-        );
+                .list(&host.address, app, q, (cursor.as_deref(), limit))
+                .await?;
+            let full = page.len() == limit;
+            cursor = page.last().map(|m| m.id.clone());
+            all.extend(page);
+            if q.limit.is_some() {
+                // A full page may have more behind it.
+                more |= full;
+                break;
+            }
+            if !full {
+                break;
+            }
+        }
     }
-    Ok(all)
+    Ok(cut(all, more, q.limit))
+}
+
+/// Pages merged into one: ordered by id, cut to `limit`, with the cursor
+/// of the next page when `more` remain (or were cut off).
+pub(crate) fn cut(
+    mut all: Vec<Machine>,
+    more: bool,
+    limit: Option<usize>,
+) -> (Vec<Machine>, Option<String>) {
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let Some(limit) = limit else {
+        return (all, None);
+    };
+    let more = more || all.len() > limit;
+    all.truncate(limit);
+    let next = more.then(|| all.last().map(|m| m.id.clone())).flatten();
+    (all, next)
 }
 
 /// A machine as `summary=true` shows it: without config, checks, events.
@@ -315,8 +263,8 @@ async fn list(
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, ApiError> {
     owned_app(&flaps, &caller, &app)?;
-    let q = ListQuery::parse(pairs)?;
-    let (page, next) = q.page(machines_of(&flaps, &app, q.include_deleted).await?);
+    let q = ListQuery::parse(pairs).map_err(ApiError::bad_request)?;
+    let (page, next) = machines_of(&flaps, &app, &q).await?;
     let body: Vec<serde_json::Value> = if q.summary {
         page.iter().map(summarize).collect()
     } else {
@@ -410,22 +358,6 @@ fn json_value(body: Result<Bytes, BytesRejection>) -> Result<Option<serde_json::
 mod tests {
     use super::*;
 
-    fn machine(id: &str, region: &str, state: &str, meta: &[(&str, &str)]) -> Machine {
-        let config = hangar_api::MachineConfig {
-            metadata: meta
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        };
-        serde_json::from_value(serde_json::json!({
-            "id": id, "name": id, "state": state, "region": region, "instance_id": "v",
-            "version": "v", "private_ip": "127.10.0.2", "config": config,
-            "created_at": "", "updated_at": ""
-        }))
-        .unwrap()
-    }
-
     #[test]
     fn placement_prefers_the_default_region_then_any_with_room() {
         use hangar_catalog::{HostCapacity, Rib, SecretBox};
@@ -458,52 +390,5 @@ mod tests {
         let err = place(&flaps, "mars", (1, 256)).unwrap_err();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
         assert!(err.body.error.contains("ams, dev"), "{}", err.body.error);
-    }
-
-    fn q(pairs: &[(&str, &str)]) -> Result<ListQuery, ApiError> {
-        ListQuery::parse(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
-
-    #[test]
-    fn filters_and_pages_by_id() {
-        let all = || {
-            vec![
-                machine("c", "dev", "started", &[("role", "web")]),
-                machine("a", "dev", "stopped", &[]),
-                machine("b", "ams", "started", &[("role", "web")]),
-                machine("d", "dev", "started", &[("role", "db")]),
-            ]
-        };
-        let ids = |(page, next): (Vec<Machine>, Option<String>)| {
-            (page.into_iter().map(|m| m.id).collect::<Vec<_>>(), next)
-        };
-        assert_eq!(ids(q(&[]).unwrap().page(all())).0, ["a", "b", "c", "d"]);
-        assert_eq!(
-            ids(q(&[("region", "dev"), ("state", "started")])
-                .unwrap()
-                .page(all()))
-            .0,
-            ["c", "d"]
-        );
-        assert_eq!(
-            ids(q(&[("metadata.role", "web")]).unwrap().page(all())).0,
-            ["b", "c"]
-        );
-        assert_eq!(
-            ids(q(&[("limit", "2")]).unwrap().page(all())),
-            (vec!["a".into(), "b".into()], Some("b".into()))
-        );
-        assert_eq!(
-            ids(q(&[("limit", "2"), ("cursor", "b")]).unwrap().page(all())),
-            (vec!["c".into(), "d".into()], None)
-        );
-        assert!(q(&[("cursor", "b")]).is_err());
-        assert!(q(&[("limit", "0")]).is_err());
-        assert!(q(&[("summary", "maybe")]).is_err());
     }
 }

@@ -4,13 +4,14 @@
 use crate::Flaps;
 use crate::auth::Caller;
 use crate::error::{ApiError, json_body};
-use crate::machines::{ListQuery, machines_of};
+use crate::machines::{cut, machines_of};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use hangar_api::list::ListQuery;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -132,16 +133,19 @@ async fn org_machines(
             format!("not authorized for org {org:?}"),
         ));
     }
-    let q = ListQuery::parse(pairs)?;
+    let q = ListQuery::parse(pairs).map_err(ApiError::bad_request)?;
     let mut all = Vec::new();
+    let mut more = false;
     let mut app_of = BTreeMap::new();
     for app in flaps.rib.apps(Some(&org))? {
-        for m in machines_of(&flaps, &app.name, q.include_deleted).await? {
+        let (machines, next) = machines_of(&flaps, &app.name, &q).await?;
+        more |= next.is_some();
+        for m in machines {
             app_of.insert(m.id.clone(), app.name.clone());
             all.push(m);
         }
     }
-    let (page, next) = q.page(all);
+    let (page, next) = cut(all, more, q.limit);
     let machines: Vec<Value> = page
         .iter()
         .map(|m| {

@@ -20,6 +20,7 @@ use axum::{Json, Router};
 use hangar_api::ErrorBody;
 use hangar_api::duration::GoDuration;
 use hangar_api::host::{HostCreateRequest, LEASE_NONCE_HEADER};
+use hangar_api::list::ListQuery;
 use hangar_api::machine::{
     CreateLeaseRequest, CreateMachineRequest, ExecRequest, MachineState, MetadataValue, OkResponse,
     SignalRequest, StopRequest, UpdateMachineRequest, UpdateMetadataRequest,
@@ -232,18 +233,16 @@ async fn create(
     Ok(Json(flyd.create(HostCreateRequest { app, machine }).await?))
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    include_deleted: Option<String>,
-}
-
+/// One page of the app's machines, filtered and ordered by id: what the
+/// query asks (flaps always asks for a bounded page).
 async fn list(
     State(flyd): FlydState,
     Path(app): Path<String>,
-    Query(q): Query<ListQuery>,
+    Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<impl IntoResponse> {
-    let include = flag("include_deleted", q.include_deleted.as_deref())?;
-    Ok(Json(flyd.list(&app, include)?))
+    let q = ListQuery::parse(pairs).map_err(bad_request)?;
+    let (page, _) = q.page(flyd.list(&app, q.include_deleted)?);
+    Ok(Json(page))
 }
 
 /// Host only (flaps, when it deletes the app): forgets the app's
