@@ -8,7 +8,7 @@ use anyhow::Context;
 use hangar_catalog::{
     ClusterKey, Fib, FibOptions, Follower, FollowerOptions, Mode, Rib, SecretBox,
 };
-use hangar_flyd::Flyd;
+use hangar_flyd::{Flyd, Listen};
 use hangar_proxy::{Metrics, Proxy};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -39,7 +39,8 @@ struct Addrs {
     http: SocketAddr,
     https: SocketAddr,
     metrics: SocketAddr,
-    flyd: SocketAddr,
+    /// `ip:port`, or `unix:<path>`.
+    flyd: String,
 }
 
 /// Writes `text` to `path` through a temporary file, so a reader never sees
@@ -76,7 +77,8 @@ impl Shared {
 /// A running flyd: its RPC server, registered in the RIB as its host.
 struct FlydPart {
     flyd: Arc<Flyd>,
-    addr: SocketAddr,
+    /// `ip:port`, or `unix:<path>`.
+    addr: String,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -95,17 +97,31 @@ async fn start_flyd(
         shared.secrets.clone(),
     )
     .await?;
-    let listener = bind(cfg.flyd.listen, "flyd").await?;
-    let addr = listener.local_addr()?;
-    flyd.register(addr)?;
-    let server = tokio::spawn(
-        axum::serve(
-            listener,
-            hangar_flyd::rpc::router(flyd.clone(), shared.cluster.clone()),
-        )
-        .with_graceful_shutdown(stopping(stop.clone()))
-        .into_future(),
-    );
+    let router = hangar_flyd::rpc::router(flyd.clone(), shared.cluster.clone());
+    let stopped = stopping(stop.clone());
+    let (addr, server) = match &cfg.flyd.listen {
+        Listen::Tcp(at) => {
+            let listener = bind(*at, "flyd").await?;
+            let addr = listener.local_addr()?.to_string();
+            let server = axum::serve(listener, router).with_graceful_shutdown(stopped);
+            (addr, tokio::spawn(server.into_future()))
+        }
+        Listen::Unix(path) => {
+            let path = dir.join(path);
+            // A socket left by a run that did not stop cleanly.
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("binding the flyd socket {}", path.display()))?;
+            // Owner only, whatever the umask: the credential is not all.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            let server = axum::serve(listener, router).with_graceful_shutdown(stopped);
+            (
+                format!("unix:{}", path.display()),
+                tokio::spawn(server.into_future()),
+            )
+        }
+    };
+    flyd.register(addr.clone())?;
     Ok(FlydPart { flyd, addr, server })
 }
 
@@ -235,7 +251,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         http: edge.http,
         https: edge.https,
         metrics: edge.metrics,
-        flyd: flyd.addr,
+        flyd: flyd.addr.clone(),
     };
     write_atomic(&addrs_path, &serde_json::to_string(&addrs)?)?;
     println!(
@@ -244,7 +260,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
          \x20 proxy HTTP    http://{http_addr}   (apps answer at http://<app>.localhost:{http_port})\n\
          \x20 proxy HTTPS   https://{https_addr}  (self-signed certificate for *.localhost)\n\
          \x20 metrics       http://{metrics_addr}/metrics\n\
-         \x20 flyd RPC      http://{flyd_addr}\n\
+         \x20 flyd RPC      {flyd_addr} (cluster credential in cluster.key)\n\
          \x20 dev token     {token}\n\n\
          export TOKEN={token}\n\
          Press Ctrl-C to stop.",
@@ -286,7 +302,7 @@ pub async fn run_flyd(cfg: Config) -> anyhow::Result<()> {
     let addrs = serde_json::json!({ "flyd": flyd.addr });
     write_atomic(&addrs_path, &addrs.to_string())?;
     println!(
-        "flyd {} (region {}) is running: http://{}",
+        "flyd {} (region {}) is running: {}",
         cfg.flyd.host_id, cfg.flyd.region, flyd.addr
     );
     wait_for_signal().await?;

@@ -139,9 +139,9 @@ pub struct DevArgs {
     /// Metrics listen address.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
-    /// flyd host RPC listen address.
+    /// flyd host RPC listen address: `ip:port`, or `unix:<path>`.
     #[arg(long)]
-    flyd_addr: Option<SocketAddr>,
+    flyd_addr: Option<hangar_flyd::Listen>,
 }
 
 fn init_tracing() {
@@ -273,8 +273,8 @@ impl DevArgs {
         if let Some(a) = self.metrics_addr {
             cfg.metrics.listen = a;
         }
-        if let Some(a) = self.flyd_addr {
-            cfg.flyd.listen = a;
+        if let Some(a) = &self.flyd_addr {
+            cfg.flyd.listen = a.clone();
         }
     }
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::{ECHO_MACHINE, Hangar, raw_request};
 use serde_json::Value;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
 /// An app of `org` (by its token) with a started echo machine whose
 /// environment holds `mark`; returns the machine's id.
@@ -149,7 +149,6 @@ async fn flaps_forwards_only_what_it_authorized() {
 async fn flyd_answers_only_its_cluster() {
     let h = Hangar::start().await;
     let victim = app_of(&h, &h.token, "personal", "victim", "victim-secret-mark").await;
-    let flyd = h.addrs.flyd;
     let create = r#"{"config":{"image":"hangar/echo"}}"#;
     let strangers = [
         vec![],
@@ -170,7 +169,7 @@ async fn flyd_answers_only_its_cluster() {
             ),
             ("GET", "/no/such/path".to_string(), ""),
         ] {
-            let (status, answer) = raw_request(flyd, method, &path, headers, body).await;
+            let (status, answer) = h.flyd_request(method, &path, headers, body).await;
             assert_eq!(status, 401, "{method} {path} with {headers:?}: {answer}");
             assert!(!answer.contains("victim-secret-mark"), "{answer}");
         }
@@ -180,24 +179,30 @@ async fn flyd_answers_only_its_cluster() {
 
     // A cluster member still finds a machine only under its own app.
     let member = [("Authorization", format!("Bearer {}", h.cluster_key()))];
-    let (status, _) = raw_request(
-        flyd,
-        "GET",
-        &format!("/v1/apps/victim/machines/{victim}"),
-        &member,
-        "",
-    )
-    .await;
+    let (status, _) = h
+        .flyd_request(
+            "GET",
+            &format!("/v1/apps/victim/machines/{victim}"),
+            &member,
+            "",
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, answer) = raw_request(
-        flyd,
-        "GET",
-        &format!("/v1/apps/other/machines/{victim}"),
-        &member,
-        "",
-    )
-    .await;
+    let (status, answer) = h
+        .flyd_request(
+            "GET",
+            &format!("/v1/apps/other/machines/{victim}"),
+            &member,
+            "",
+        )
+        .await;
     assert_eq!(status, 404, "{answer}");
+
+    // As in dev, flyd has no network listener at all, and its socket is
+    // its owner's alone.
+    let socket = h.addrs.flyd.strip_prefix("unix:").expect("a unix socket");
+    let mode = std::fs::metadata(socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{socket}: {mode:o}");
 
     // pilot's control socket takes signals and execs: its owner's alone.
     let dirs = std::fs::read_dir(h.data_dir.join("machines")).unwrap();
@@ -205,7 +210,6 @@ async fn flyd_answers_only_its_cluster() {
     for dir in dirs.flatten() {
         let sock = dir.path().join("pilot.sock");
         if let Ok(meta) = std::fs::metadata(&sock) {
-            use std::os::unix::fs::PermissionsExt;
             assert_eq!(meta.permissions().mode() & 0o077, 0, "{}", sock.display());
             sockets += 1;
         }
@@ -243,7 +247,6 @@ async fn secrets_and_state_stay_private_on_disk() {
     let mut files = 0;
     let mut stack = vec![h.data_dir.clone()];
     while let Some(path) = stack.pop() {
-        use std::os::unix::fs::PermissionsExt;
         let meta = std::fs::symlink_metadata(&path).unwrap();
         if !meta.file_type().is_socket() {
             assert_eq!(
@@ -611,7 +614,7 @@ async fn a_deleted_app_leaves_nothing_behind() {
     // Nor does the host itself keep them.
     let member = [("Authorization", format!("Bearer {}", h.cluster_key()))];
     let path = "/v1/apps/reused/machines?include_deleted=true";
-    let (status, answer) = raw_request(h.addrs.flyd, "GET", path, &member, "").await;
+    let (status, answer) = h.flyd_request("GET", path, &member, "").await;
     assert_eq!((status, answer.trim()), (200, "[]"));
 }
 
@@ -735,33 +738,34 @@ async fn a_crash_loop_backs_off() {
 async fn nothing_a_workload_starts_outlives_its_machine() {
     let h = Hangar::start().await;
     h.create_app("leaky").await;
-    let machine = h
-        .started_machine(
-            "leaky",
-            r#"{"config":{"image":"leaky","init":{"exec":["sh","-c","setsid sleep 31337 & exec sleep 31338"]}}}"#,
-        )
-        .await;
+    // Sleeps no other run of this test has (a failed run may leave its own).
+    let n = 40_000 + std::process::id() % 20_000;
+    let (detached, workload, execd) = (n.to_string(), (n + 1).to_string(), (n + 2).to_string());
+    let init = serde_json::json!({"config": {"image": "leaky", "init": {"exec":
+        ["sh", "-c", format!("setsid sleep {detached} & exec sleep {workload}")]}}});
+    let machine = h.started_machine("leaky", &init.to_string()).await;
     let id = machine["id"].as_str().unwrap();
     common::eventually("the detached process runs", || async {
-        !common::processes_mentioning("31337").is_empty()
+        !common::processes_mentioning(&detached).is_empty()
     })
     .await;
     let (status, answer) = h
         .post(
             &format!("/v1/apps/leaky/machines/{id}/exec"),
-            r#"{"command":["sh","-c","sleep 31339; echo never"],"timeout":1}"#,
+            &serde_json::json!({"command": ["sh", "-c", format!("sleep {execd}; echo never")], "timeout": 1})
+                .to_string(),
         )
         .await;
     assert_eq!(status, 408, "{answer}");
-    common::assert_no_process_mentions("31339").await;
+    common::assert_no_process_mentions(&execd).await;
 
     let (status, body) = h
         .post(&format!("/v1/apps/leaky/machines/{id}/stop"), "")
         .await;
     assert_eq!(status, 200, "{body}");
     h.wait_state("leaky", id, "stopped").await;
-    common::assert_no_process_mentions("31337").await;
-    common::assert_no_process_mentions("31338").await;
+    common::assert_no_process_mentions(&detached).await;
+    common::assert_no_process_mentions(&workload).await;
 }
 
 /// Item 10: `machine.log` grew without bound. Now it is rotated by size,
@@ -1054,14 +1058,9 @@ async fn hosts_send_machine_lists_a_page_at_a_time() {
     }
     ids.sort();
     let member = [("Authorization", format!("Bearer {}", h.cluster_key()))];
-    let (status, page) = raw_request(
-        h.addrs.flyd,
-        "GET",
-        "/v1/apps/many/machines?limit=2",
-        &member,
-        "",
-    )
-    .await;
+    let (status, page) = h
+        .flyd_request("GET", "/v1/apps/many/machines?limit=2", &member, "")
+        .await;
     assert_eq!(status, 200, "{page}");
     let page: Vec<Value> = serde_json::from_str(&page).unwrap();
     let got: Vec<&str> = page.iter().map(|m| m["id"].as_str().unwrap()).collect();

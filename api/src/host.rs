@@ -14,6 +14,9 @@ use crate::error::ErrorBody;
 use crate::list::ListQuery;
 use crate::machine::{CreateMachineRequest, Machine};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A machine creation as the host runs it: flaps has validated and placed
@@ -101,12 +104,17 @@ pub struct HostReply {
     pub body: serde_json::Value,
 }
 
-/// HTTP client for one or many flyd hosts (connections are pooled per host).
+/// HTTP client for one or many flyd hosts (connections are pooled per
+/// host). A host's address is `ip:port`, or `unix:<path>` for a flyd on a
+/// unix socket.
 #[derive(Clone)]
 pub struct HostClient {
     http: reqwest::Client,
+    /// One client per unix socket (a reqwest client speaks to one).
+    unix: Arc<Mutex<HashMap<PathBuf, reqwest::Client>>>,
+    timeout: Duration,
     /// The cluster credential every call carries.
-    credential: std::sync::Arc<str>,
+    credential: Arc<str>,
 }
 
 impl std::fmt::Debug for HostClient {
@@ -120,23 +128,46 @@ impl HostClient {
     /// `timeout` bounds each call that is not a `wait`; waits carry their
     /// own. `credential` is the cluster's, which hosts check on every call.
     pub fn new(timeout: Duration, credential: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .expect("reqwest client with default TLS config builds");
         Self {
-            http,
+            http: Self::client(timeout, None),
+            unix: Arc::default(),
+            timeout,
             credential: credential.into(),
         }
+    }
+
+    fn client(timeout: Duration, socket: Option<&Path>) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(2));
+        if let Some(path) = socket {
+            builder = builder.unix_socket(path);
+        }
+        builder
+            .build()
+            .expect("reqwest client with default TLS config builds")
+    }
+
+    /// The client for `addr`, and the URL of `path` there.
+    fn route(&self, addr: &str, path: &str) -> (reqwest::Client, String) {
+        let Some(socket) = addr.strip_prefix("unix:") else {
+            return (self.http.clone(), format!("http://{addr}{path}"));
+        };
+        let socket = PathBuf::from(socket);
+        // Held only to find or add a client: no await under it.
+        let mut clients = self.unix.lock().unwrap_or_else(|e| e.into_inner());
+        let client = clients
+            .entry(socket.clone())
+            .or_insert_with(|| Self::client(self.timeout, Some(&socket)))
+            .clone();
+        (client, format!("http://flyd{path}"))
     }
 
     /// Makes `call` on the host at `addr` and returns its answer, whatever
     /// the status.
     pub async fn call(&self, addr: &str, call: HostCall<'_>) -> Result<HostReply, HostError> {
-        let url = format!("http://{addr}{}", call.path);
-        let mut req = self
-            .http
+        let (client, url) = self.route(addr, call.path);
+        let mut req = client
             .request(call.method, url)
             .bearer_auth(&self.credential);
         if let Some(body) = call.body {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 #[serde(default, deny_unknown_fields)]
 pub struct FlydConfig {
     /// Where the host RPC API listens (flaps and the proxy call it).
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// This host's id in the RIB; unique across hosts.
     pub host_id: String,
     /// The region this host is in.
@@ -61,10 +61,43 @@ pub struct FlydConfig {
     pub crash_at: Option<String>,
 }
 
+/// Where flyd's host API listens: a TCP address (`127.0.0.1:4281`), or a
+/// unix socket (`unix:flyd.sock`, a relative path being under the host's
+/// data dir) for a host whose callers all run on it, so it needs no network
+/// listener at all.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.strip_prefix("unix:") {
+            Some("") => Err("flyd.listen: unix: needs a socket path".into()),
+            Some(path) => Ok(Self::Unix(PathBuf::from(path))),
+            None => text.parse().map(Self::Tcp).map_err(|e| {
+                format!("flyd.listen: {text:?} is neither ip:port nor unix:<path>: {e}")
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse()
+    }
+}
+
 impl Default for FlydConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 4281)),
+            listen: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 4281))),
             host_id: "dev-host-1".into(),
             region: "dev".into(),
             private_range: "127.10.0.0/16".into(),

@@ -20,7 +20,7 @@ use hangar_catalog::lock::Guarded;
 use hangar_catalog::{HostRow, Rib, RibError, SecretBox};
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -126,8 +126,9 @@ pub struct Flyd {
     secrets: Arc<SecretBox>,
     /// Memory limits, where cgroup v2 is writable.
     pub(crate) cgroups: Option<Cgroups>,
-    /// The RPC address, once [`Flyd::register`] knows it.
-    rpc_addr: OnceLock<SocketAddr>,
+    /// The RPC address (`ip:port` or `unix:<path>`), once
+    /// [`Flyd::register`] knows it.
+    rpc_addr: OnceLock<String>,
     /// Woken when a RIB write failed after the store changed: the
     /// republisher then writes every machine's row again until one pass
     /// succeeds, so the RIB cannot stay behind (and route to a machine
@@ -191,7 +192,7 @@ impl Flyd {
     /// Publishes this host to the RIB with its RPC address and capacity,
     /// and every machine's row again: a previous run may have stopped
     /// between a change to its store and the RIB write that followed.
-    pub fn register(&self, rpc_addr: SocketAddr) -> Result<(), FlydError> {
+    pub fn register(&self, rpc_addr: String) -> Result<(), FlydError> {
         let _ = self.rpc_addr.set(rpc_addr);
         self.publish_host()?;
         self.republish()?;
@@ -218,7 +219,7 @@ impl Flyd {
         self.rib.upsert_host(&HostRow {
             id: self.cfg.host_id.clone(),
             region: self.cfg.region.clone(),
-            address: addr.to_string(),
+            address: addr.clone(),
             updated_at: now_ms(),
             capacity: self.capacity.snapshot(),
         })?;

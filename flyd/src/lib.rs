@@ -40,5 +40,5 @@ pub mod steps;
 pub mod store;
 pub mod workload;
 
-pub use config::FlydConfig;
+pub use config::{FlydConfig, Listen};
 pub use flyd::{Flyd, FlydError};

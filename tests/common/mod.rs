@@ -19,7 +19,8 @@ pub struct Addrs {
     pub http: SocketAddr,
     pub https: SocketAddr,
     pub metrics: SocketAddr,
-    pub flyd: SocketAddr,
+    /// `ip:port`, or `unix:<path>`.
+    pub flyd: String,
 }
 
 pub struct Hangar {
@@ -78,8 +79,9 @@ impl Hangar {
             .args([
                 "--metrics-addr",
                 "127.0.0.1:0",
+                // As dev's config has it: nothing outside calls this host.
                 "--flyd-addr",
-                "127.0.0.1:0",
+                "unix:flyd.sock",
             ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -183,6 +185,27 @@ impl Hangar {
             .unwrap()
             .trim()
             .to_string()
+    }
+
+    /// Sends one HTTP/1.1 request to flyd (on its unix socket or TCP
+    /// address) exactly as written; returns the status and body.
+    pub async fn flyd_request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, String)],
+        body: &str,
+    ) -> (u16, String) {
+        match self.addrs.flyd.strip_prefix("unix:") {
+            Some(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+                exchange(stream, "flyd", method, target, headers, body).await
+            }
+            None => {
+                let addr: SocketAddr = self.addrs.flyd.parse().unwrap();
+                raw_request(addr, method, target, headers, body).await
+            }
+        }
     }
 
     pub fn api(&self, path: &str) -> String {
@@ -467,14 +490,26 @@ pub async fn raw_request(
     headers: &[(&str, String)],
     body: &str,
 ) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange(stream, &addr.to_string(), method, target, headers, body).await
+}
+
+/// One request written as given on `stream`, and its answer.
+async fn exchange(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    host: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut head = format!(
         "{method} {target} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
-        head.push_str(&format!("Host: {addr}\r\n"));
+        head.push_str(&format!("Host: {host}\r\n"));
     }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
