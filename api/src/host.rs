@@ -13,10 +13,11 @@
 use crate::error::ErrorBody;
 use crate::list::ListQuery;
 use crate::machine::{CreateMachineRequest, Machine};
+use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A machine creation as the host runs it: flaps has validated and placed
@@ -110,8 +111,9 @@ pub struct HostReply {
 #[derive(Clone)]
 pub struct HostClient {
     http: reqwest::Client,
-    /// One client per unix socket (a reqwest client speaks to one).
-    unix: Arc<Mutex<HashMap<PathBuf, reqwest::Client>>>,
+    /// One client per unix socket (a reqwest client speaks to one); copied
+    /// on the rare write, so a call never waits for another.
+    unix: Arc<ArcSwap<HashMap<PathBuf, reqwest::Client>>>,
     timeout: Duration,
     /// The cluster credential every call carries.
     credential: Arc<str>,
@@ -154,13 +156,19 @@ impl HostClient {
             return (self.http.clone(), format!("http://{addr}{path}"));
         };
         let socket = PathBuf::from(socket);
-        // Held only to find or add a client: no await under it.
-        let mut clients = self.unix.lock().unwrap_or_else(|e| e.into_inner());
-        let client = clients
-            .entry(socket.clone())
-            .or_insert_with(|| Self::client(self.timeout, Some(&socket)))
-            .clone();
-        (client, format!("http://flyd{path}"))
+        let url = format!("http://flyd{path}");
+        if let Some(client) = self.unix.load().get(&socket) {
+            return (client.clone(), url);
+        }
+        let client = Self::client(self.timeout, Some(&socket));
+        self.unix.rcu(|clients| {
+            let mut clients = HashMap::clone(clients);
+            clients
+                .entry(socket.clone())
+                .or_insert_with(|| client.clone());
+            clients
+        });
+        (client, url)
     }
 
     /// Makes `call` on the host at `addr` and returns its answer, whatever
