@@ -14,6 +14,8 @@ use rand::RngCore;
 use std::path::Path;
 
 const NONCE_LEN: usize = 24;
+/// Keys' and the cluster credential's length, in bytes.
+const KEY_LEN: usize = 32;
 
 /// The "app" under which custom certificates' private keys are sealed,
 /// with the hostname as the name.
@@ -22,16 +24,14 @@ pub const CERTIFICATE_KEYS: &str = "certificates";
 /// Why a secret could not be sealed or opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("secrets key {path}: {source}")]
+    #[error("key {path}: {source}")]
     Key {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("secrets key {0}: must be exactly 32 bytes")]
+    #[error("key {0}: must be exactly 32 bytes")]
     BadKey(String),
-    #[error("cluster key {0}: must be at least 32 printable characters")]
-    BadCredential(String),
     #[error("secret {0} does not open with this key (wrong key or tampered row)")]
     Open(String),
 }
@@ -44,21 +44,7 @@ pub struct SecretBox {
 impl SecretBox {
     /// Loads the key at `path`, creating it (mode 0600) if missing.
     pub fn load_or_create(path: &Path) -> Result<Self, SecretError> {
-        let io = |source| SecretError::Key {
-            path: path.display().to_string(),
-            source,
-        };
-        let key = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = vec![0u8; 32];
-                rand::rng().fill_bytes(&mut key);
-                write_private(path, &key).map_err(io)?;
-                key
-            }
-            Err(e) => return Err(io(e)),
-        };
-        let cipher = XChaCha20Poly1305::new_from_slice(&key)
+        let cipher = XChaCha20Poly1305::new_from_slice(&key_file(path)?)
             .map_err(|_| SecretError::BadKey(path.display().to_string()))?;
         Ok(Self { cipher })
     }
@@ -103,8 +89,8 @@ impl SecretBox {
 
 /// The cluster credential: the secret every part of one cluster presents
 /// to the others (flaps and proxies to flyd, a proxy to its peers), kept in
-/// `cluster.key` (32 random bytes as hex, mode 0600) in the data dir. Copy
-/// the file to a host to let it into the cluster.
+/// `cluster.key` (32 random bytes, mode 0600) in the data dir and presented
+/// as hex. Copy the file to a host to let it into the cluster.
 pub struct ClusterKey {
     token: String,
 }
@@ -116,27 +102,16 @@ impl std::fmt::Debug for ClusterKey {
 }
 
 impl ClusterKey {
-    /// Loads the credential at `path`, creating it (mode 0600) if missing.
+    /// Loads the credential at `path` (32 random bytes, presented as hex),
+    /// creating it (mode 0600) if missing.
     pub fn load_or_create(path: &Path) -> Result<Self, SecretError> {
-        let io = |source| SecretError::Key {
-            path: path.display().to_string(),
-            source,
-        };
-        let token = match std::fs::read_to_string(path) {
-            Ok(text) => text.trim().to_string(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                rand::rng().fill_bytes(&mut key);
-                let token: String = key.iter().map(|b| format!("{b:02x}")).collect();
-                write_private(path, token.as_bytes()).map_err(io)?;
-                token
-            }
-            Err(e) => return Err(io(e)),
-        };
-        if token.len() < 32 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(SecretError::BadCredential(path.display().to_string()));
+        let key = key_file(path)?;
+        if key.len() != KEY_LEN {
+            return Err(SecretError::BadKey(path.display().to_string()));
         }
-        Ok(Self { token })
+        Ok(Self {
+            token: key.iter().map(|b| format!("{b:02x}")).collect(),
+        })
     }
 
     /// The credential, to present.
@@ -162,6 +137,25 @@ impl ClusterKey {
         header
             .and_then(|h| h.strip_prefix(b"Bearer "))
             .is_some_and(|t| self.admits(t))
+    }
+}
+
+/// The key kept at `path`, or a new one of [`KEY_LEN`] random bytes written
+/// there (mode 0600) when there is none.
+fn key_file(path: &Path) -> Result<Vec<u8>, SecretError> {
+    let io = |source| SecretError::Key {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; KEY_LEN];
+            rand::rng().fill_bytes(&mut key);
+            write_private(path, &key).map_err(io)?;
+            Ok(key)
+        }
+        Err(e) => Err(io(e)),
     }
 }
 
