@@ -273,7 +273,6 @@ fn socket_inode(path: &Path) -> Option<u64> {
 /// Signal numbers pilot sends on its own.
 mod libc_sig {
     pub const SIGTERM: i32 = 15;
-    pub const SIGKILL: i32 = 9;
 }
 
 fn signal_group(pid: u32, signal: i32) {
@@ -374,8 +373,10 @@ async fn exec_beside(spec: &PilotSpec, call: &ExecCall) -> Result<ExecResponse, 
     let limit = Duration::from_millis(call.timeout_ms);
     let finished = tokio::time::timeout(limit, run).await;
     if let Some(group) = group {
-        // Whatever it started in its group goes with it, finished or not.
-        signal_group(group, libc_sig::SIGKILL);
+        // Whatever it started in its group goes with it, finished or not
+        // (usually nothing is left: the group is gone, which is no error).
+        let group = nix::unistd::Pid::from_raw(group as i32);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     }
     let (out, err, status) = finished
         .map_err(|_| (format!("command did not finish within {limit:?}"), true))?
