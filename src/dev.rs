@@ -107,7 +107,8 @@ async fn start_flyd(
             (addr, tokio::spawn(server.into_future()))
         }
         Listen::Unix(path) => {
-            let path = dir.join(path);
+            // Absolute: the RIB gives it to processes in other directories.
+            let path = std::path::absolute(dir.join(path))?;
             // A socket left by a run that did not stop cleanly.
             let _ = std::fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path)
