@@ -179,12 +179,12 @@ impl Hangar {
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
 
-    /// The cluster credential, as a host of the cluster holds it.
+    /// The cluster credential, as a member of the cluster presents it (the
+    /// hex of the 32 bytes in `cluster.key`).
     pub fn cluster_key(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("cluster.key"))
-            .unwrap()
-            .trim()
-            .to_string()
+        let key = std::fs::read(self.data_dir.join("cluster.key")).unwrap();
+        assert_eq!(key.len(), 32);
+        key.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Sends one HTTP/1.1 request to flyd (on its unix socket or TCP
