@@ -4,7 +4,7 @@
 //! [`UpBody`] for every request it sends to a machine.
 
 use crate::balance::Lease;
-use crate::h1::body::RequestBody;
+use crate::h1::body::{BodyError, RequestBody};
 use crate::metrics::InFlight;
 use crate::upstream::MachineBody;
 use bytes::Bytes;
@@ -151,6 +151,8 @@ pub(crate) enum ReadBody {
     TooLarge { limit: u64 },
     /// The client's stream failed.
     Failed(String),
+    /// The client sent nothing more of it within the body timeout.
+    Stalled,
 }
 
 /// The request body bytes every request together may hold in memory while
@@ -237,7 +239,10 @@ pub(crate) async fn read_body(
     }
     let mut read = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadBody::Failed(e.to_string()))?;
+        let frame = frame.map_err(|e| match e.downcast_ref::<BodyError>() {
+            Some(stalled) if *stalled == BodyError::STALLED => ReadBody::Stalled,
+            _ => ReadBody::Failed(e.to_string()),
+        })?;
         // Trailers are dropped: HTTP/1.1 machines rarely take them.
         let mut kept = true;
         if let Ok(data) = frame.into_data() {

@@ -210,6 +210,12 @@ pub enum PathError {
     /// The client's request body could not be read.
     #[error("could not read the request body")]
     BodyRead(String),
+    /// The client stopped sending its request body (`body_timeout_ms`).
+    #[error("no more of the request body came within {after:?}")]
+    BodyStalled {
+        /// `proxy.body_timeout_ms`.
+        after: std::time::Duration,
+    },
     /// Every machine of the app is at its hard limit, and no slot came free
     /// in time (or the app's queue is full).
     #[error("{}", at_capacity_message(.app, .reason))]
@@ -256,6 +262,7 @@ impl PathError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadHost(_) | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::BodyTooLarge { .. } | Self::ReplayTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -293,6 +300,7 @@ impl PathError {
             Self::BadHost(_) => "PE01",
             Self::BodyTooLarge { .. } => "PE02",
             Self::BodyRead(_) => "PE03",
+            Self::BodyStalled { .. } => "PE08",
             Self::TooManyConnections { .. } => "PE04",
             Self::StartFailed { .. } => "PM01",
             Self::UnknownApp(_) => "PA01",
@@ -338,6 +346,7 @@ impl PathError {
             | Self::NotInRegion { .. }
             | Self::BodyTooLarge { .. }
             | Self::BodyRead(_)
+            | Self::BodyStalled { .. }
             | Self::TooManyConnections { .. } => Side::Client,
             // No capacity is an operator concern, like an unreachable machine.
             Self::NoStartedMachine(_)

@@ -545,6 +545,9 @@ async fn route(
         .map_err(|e| match e {
             ReadBody::TooLarge { limit } => PathError::BodyTooLarge { limit },
             ReadBody::Failed(cause) => PathError::BodyRead(cause),
+            ReadBody::Stalled => PathError::BodyStalled {
+                after: edge.h1.body_timeout,
+            },
         })?;
     let mut req = Box::new(Request::from_parts(parts, body));
     if let Some(upgrade) = &upgrade {

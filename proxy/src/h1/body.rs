@@ -31,6 +31,11 @@ const DISCARD_MAX: u64 = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BodyError(pub(crate) &'static str);
 
+impl BodyError {
+    /// The client sent nothing more of the body within the body timeout.
+    pub(crate) const STALLED: Self = Self("the client sent nothing more of the body in time");
+}
+
 impl fmt::Display for BodyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.0)
@@ -252,9 +257,7 @@ impl Pump {
                             return Pumped::Cut;
                         }
                         Err(_) => {
-                            let _ = tx.try_send(Err(BodyError(
-                                "the client sent nothing more of the body in time",
-                            )));
+                            let _ = tx.try_send(Err(BodyError::STALLED));
                             return Pumped::Cut;
                         }
                         Ok(Ok(_)) => {}
