@@ -10,6 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
+use hangar_api::app::valid_app_name;
 use hangar_api::app::{
     App, AppOrganization, CreateAppRequest, CreateAppResponse, ListAppsResponse,
 };
@@ -23,16 +24,6 @@ pub(crate) fn routes() -> Router<Arc<Flaps>> {
     Router::new()
         .route("/v1/apps", get(list).post(create))
         .route("/v1/apps/{app}", get(show).delete(delete))
-}
-
-/// Whether `name` is a valid app name: 1–63 lowercase letters, digits and
-/// dashes, starting and ending with a letter or digit (it is a DNS label).
-pub fn valid_app_name(name: &str) -> bool {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
-    (1..=63).contains(&name.len())
-        && name.chars().all(ok_char)
-        && !name.starts_with('-')
-        && !name.ends_with('-')
 }
 
 /// The app `name` if the caller's org owns it: 404 when it does not exist,
@@ -247,19 +238,4 @@ fn hex_id() -> String {
     let mut b = [0u8; 8];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn app_names_are_dns_labels() {
-        for good in ["hello", "a", "my-app-2", &"x".repeat(63)] {
-            assert!(valid_app_name(good), "{good}");
-        }
-        for bad in ["", "Hello", "-a", "a-", "a_b", "a.b", &"x".repeat(64), "ä"] {
-            assert!(!valid_app_name(bad), "{bad}");
-        }
-    }
 }

@@ -32,6 +32,7 @@ use crate::upstream::{self, MachineBody, SendError, Upstreams};
 use crate::workers::{self, Loads};
 use crate::{H2Server, Listener, Proxy};
 use compact_str::CompactString;
+use hangar_api::app::valid_app_name;
 use hangar_api::machine::HttpResponseOptions;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
 use http::header::{
@@ -1624,16 +1625,13 @@ impl fmt::Display for HostError {
             }
             Self::BadAppName(name) => write!(
                 f,
-                "{name:?} is not an app name (1-63 characters of a-z, 0-9 and -)"
+                "{name:?} is not an app name (1-63 characters of a-z, 0-9 and -, not starting or ending with -)"
             ),
         }
     }
 }
 
 impl std::error::Error for HostError {}
-
-/// The longest app name, as a DNS label.
-const MAX_APP_NAME: usize = 63;
 
 /// Parses a Host value (`hello.localhost`, `Hello.LocalHost:8080`,
 /// `hello.localhost.`) into the app name it routes to.
@@ -1646,7 +1644,7 @@ fn localhost_app<'a>(raw: &str, name: &'a str) -> Result<&'a str, HostError> {
     let app = name
         .strip_suffix(".localhost")
         .ok_or_else(|| HostError::NotAnApp(raw.to_string()))?;
-    if app_name(app) {
+    if valid_app_name(app) {
         Ok(app)
     } else {
         Err(HostError::BadAppName(app.to_string()))
@@ -1663,20 +1661,14 @@ pub fn parse_flycast(raw: &str) -> Option<(String, u16)> {
 /// The app and port of `<app>.flycast[:port]`, `name` being `raw`'s
 /// [`host_name`].
 fn flycast<'a>(raw: &str, name: &'a str) -> Option<(&'a str, u16)> {
-    let app = name.strip_suffix(".flycast").filter(|app| app_name(app))?;
+    let app = name
+        .strip_suffix(".flycast")
+        .filter(|app| valid_app_name(app))?;
     let port = match raw.rsplit_once(':') {
         Some((_, port)) if !port.is_empty() => port.parse().ok()?,
         _ => 80,
     };
     Some((app, port))
-}
-
-/// Whether `label` is a valid app name: 1-63 of a-z, 0-9 and `-`.
-fn app_name(label: &str) -> bool {
-    (1..=MAX_APP_NAME).contains(&label.len())
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// `name[:port]` → `name`. The port may be empty (RFC 3986 allows it) but
@@ -1790,6 +1782,9 @@ mod tests {
             (".localhost", BadAppName("".into())),
             ("a.b.localhost", BadAppName("a.b".into())),
             ("my_app.localhost", BadAppName("my_app".into())),
+            // flaps never makes such a name, so none routes.
+            ("-foo.localhost", BadAppName("-foo".into())),
+            ("foo-.localhost", BadAppName("foo-".into())),
             (
                 &format!("{}.localhost", "a".repeat(64)),
                 BadAppName("a".repeat(64)),

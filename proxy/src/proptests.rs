@@ -128,7 +128,7 @@ proptest! {
 
     #[test]
     fn an_apps_host_names_it_in_any_case_and_with_any_port(
-        app in "[a-z0-9][a-z0-9-]{0,30}",
+        app in "[a-z0-9]([a-z0-9-]{0,29}[a-z0-9])?",
         upper in any::<bool>(),
         port in proptest::option::of(any::<u16>()),
         dot in any::<bool>(),
