@@ -349,9 +349,7 @@ impl Flyd {
             AfterExit::Stay => self.save(&mut rec),
         }
     }
-}
 
-impl Flyd {
     /// Starts the machine again after `pause`, unless meanwhile someone
     /// else acted on it (it is no longer stopped, was started by a user,
     /// or updated). The machine's lock is not held while waiting.
