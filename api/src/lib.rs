@@ -5,12 +5,15 @@
 //! flyd (the per-host RPC API, which speaks the same shapes) and clients.
 //!
 //! - [`machine`]: `Machine`, `MachineConfig` and its parts, states and events.
-//! - [`app`]: apps and organizations.
+//! - [`app`]: apps and organizations, and the rule app names follow.
+//! - [`auth`]: how a caller presents an API token.
 //! - [`error`]: the `{"error": "..."}` body every failure answers with.
 //! - [`duration`]: durations as Go strings (`"10s"`) or nanosecond numbers.
 //! - [`host`]: the flyd host RPC requests and [`host::HostClient`], its HTTP client.
+//! - [`list`]: a machine list's filters and paging.
 
 pub mod app;
+pub mod auth;
 pub mod duration;
 pub mod error;
 pub mod host;

@@ -71,22 +71,28 @@ impl ListQuery {
                 .all(|(k, v)| m.config.metadata.get(k) == Some(v))
     }
 
-    /// Filters, orders by id, and cuts one page: the page and the cursor
-    /// of the next one (the last id returned), if more remain.
+    /// Filters and cuts one page out of a whole listing: the page and the
+    /// cursor of the next one (the last id returned), if more remain.
     pub fn page(&self, mut all: Vec<Machine>) -> (Vec<Machine>, Option<String>) {
         all.retain(|m| self.keeps(m));
-        all.sort_by(|a, b| a.id.cmp(&b.id));
         if let Some(after) = &self.cursor {
             all.retain(|m| m.id.as_str() > after.as_str());
         }
-        match self.limit {
-            Some(limit) if all.len() > limit => {
-                all.truncate(limit);
-                let next = all.last().map(|m| m.id.clone());
-                (all, next)
-            }
-            _ => (all, None),
-        }
+        self.cut(all, false)
+    }
+
+    /// Machines already filtered (pages merged from several hosts, say)
+    /// as one page: ordered by id, cut to `limit`, with the cursor of the
+    /// next page when `more` remain elsewhere or some were cut off.
+    pub fn cut(&self, mut all: Vec<Machine>, more: bool) -> (Vec<Machine>, Option<String>) {
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        let Some(limit) = self.limit else {
+            return (all, None);
+        };
+        let more = more || all.len() > limit;
+        all.truncate(limit);
+        let next = more.then(|| all.last().map(|m| m.id.clone())).flatten();
+        (all, next)
     }
 
     /// The query string that asks a host for the page of at most `limit`

@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::Response;
+use hangar_api::auth::bearer;
 use hangar_catalog::Rib;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -75,14 +76,6 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-/// Extracts the token from an `Authorization` value.
-fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (["bearer", "flyv1"].contains(&scheme.to_ascii_lowercase().as_str()) && !token.is_empty())
-        .then_some(token)
-}
-
 /// Middleware: resolves the caller's token to a [`Caller`], or answers 401.
 pub async fn require_token(
     State(flaps): State<Arc<Flaps>>,
@@ -111,16 +104,6 @@ pub async fn require_token(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_and_flyv1_schemes_are_accepted() {
-        assert_eq!(bearer("Bearer abc"), Some("abc"));
-        assert_eq!(bearer("FlyV1 abc"), Some("abc"));
-        assert_eq!(bearer("bearer  abc "), Some("abc"));
-        assert_eq!(bearer("Basic abc"), None);
-        assert_eq!(bearer("Bearer "), None);
-        assert_eq!(bearer("Bearer"), None);
-    }
 
     #[test]
     fn tokens_are_random_and_hashed() {

@@ -225,24 +225,7 @@ pub(crate) async fn machines_of(
             }
         }
     }
-    Ok(cut(all, more, q.limit))
-}
-
-/// Pages merged into one: ordered by id, cut to `limit`, with the cursor
-/// of the next page when `more` remain (or were cut off).
-pub(crate) fn cut(
-    mut all: Vec<Machine>,
-    more: bool,
-    limit: Option<usize>,
-) -> (Vec<Machine>, Option<String>) {
-    all.sort_by(|a, b| a.id.cmp(&b.id));
-    let Some(limit) = limit else {
-        return (all, None);
-    };
-    let more = more || all.len() > limit;
-    all.truncate(limit);
-    let next = more.then(|| all.last().map(|m| m.id.clone())).flatten();
-    (all, next)
+    Ok(q.cut(all, more))
 }
 
 /// A machine as `summary=true` shows it: without config, checks, events.

@@ -4,7 +4,7 @@
 use crate::Flaps;
 use crate::auth::Caller;
 use crate::error::{ApiError, json_body};
-use crate::machines::{cut, machines_of};
+use crate::machines::machines_of;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
@@ -145,7 +145,7 @@ async fn org_machines(
             all.push(m);
         }
     }
-    let (page, next) = cut(all, more, q.limit);
+    let (page, next) = q.cut(all, more);
     let machines: Vec<Value> = page
         .iter()
         .map(|m| {

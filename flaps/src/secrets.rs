@@ -14,7 +14,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use hangar_catalog::{SealedSecret, SecretRow};
+use hangar_catalog::{AppRow, SealedSecret, SecretRow};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -129,12 +129,14 @@ async fn show(
     Ok(Json(shown(&flaps, &app, &row, q.show())?))
 }
 
-/// Applies changes (`Some` sets, `None` unsets); returns the new version.
+/// Applies changes (`Some` sets, `None` unsets) to `owner`'s secrets;
+/// returns the new version.
 fn apply(
     flaps: &Flaps,
-    app: &str,
+    owner: &AppRow,
     changes: BTreeMap<String, Option<String>>,
 ) -> Result<u64, ApiError> {
+    let app = owner.name.as_str();
     for (name, value) in &changes {
         check(name, value.as_deref())?;
     }
@@ -144,8 +146,7 @@ fn apply(
         .filter(|(name, value)| value.is_some() && !held.iter().any(|s| &s.name == *name))
         .count();
     if new > 0 {
-        let org = flaps.rib.app(app)?.map(|a| a.org_slug).unwrap_or_default();
-        crate::quotas::check(flaps, &org, crate::quotas::Counted::Secrets, new)?;
+        crate::quotas::check(flaps, &owner.org_slug, crate::quotas::Counted::Secrets, new)?;
     }
     let sealed: Vec<(String, Option<SealedSecret>)> = changes
         .into_iter()
@@ -173,14 +174,14 @@ async fn update(
     Path(app): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    owned_app(&flaps, &caller, &app)?;
+    let owner = owned_app(&flaps, &caller, &app)?;
     let req: UpdateRequest = json_body(body)?;
     if req.values.is_empty() {
         return Err(ApiError::bad_request(
             "values: give at least one secret to set or unset",
         ));
     }
-    let version = apply(&flaps, &app, req.values)?;
+    let version = apply(&flaps, &owner, req.values)?;
     let secrets = flaps
         .rib
         .secrets(&app)?
@@ -201,12 +202,16 @@ async fn set(
     Path((app, name)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    owned_app(&flaps, &caller, &app)?;
+    let owner = owned_app(&flaps, &caller, &app)?;
     let req: SetRequest = json_body(body)?;
     let value = req
         .value
         .ok_or_else(|| ApiError::bad_request("value: required"))?;
-    let version = apply(&flaps, &app, BTreeMap::from([(name.clone(), Some(value))]))?;
+    let version = apply(
+        &flaps,
+        &owner,
+        BTreeMap::from([(name.clone(), Some(value))]),
+    )?;
     let row = flaps
         .rib
         .secrets(&app)?
@@ -225,11 +230,11 @@ async fn unset(
     Extension(caller): Extension<Caller>,
     Path((app, name)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    owned_app(&flaps, &caller, &app)?;
+    let owner = owned_app(&flaps, &caller, &app)?;
     if !flaps.rib.secrets(&app)?.iter().any(|r| r.name == name) {
         return Err(ApiError::not_found(format!("secret {name:?} not found")));
     }
-    let version = apply(&flaps, &app, BTreeMap::from([(name, None)]))?;
+    let version = apply(&flaps, &owner, BTreeMap::from([(name, None)]))?;
     Ok(Json(json!({ "version": version })))
 }
 

@@ -130,11 +130,6 @@ impl Autostart {
         }
     }
 
-    /// Where hosts and tokens are looked up.
-    pub(crate) fn directory(&self) -> &dyn Directory {
-        &*self.hosts
-    }
-
     /// Starts `machine` of `app`, or joins the app's start in flight, and
     /// waits for the outcome.
     pub(crate) async fn start(self: &Arc<Self>, app: &str, machine: &RouteMachine) -> Outcome {

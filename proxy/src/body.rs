@@ -246,6 +246,9 @@ pub(crate) async fn read_body(
         // Trailers are dropped: HTTP/1.1 machines rarely take them.
         let mut kept = true;
         if let Ok(data) = frame.into_data() {
+            // A frame the budget cannot hold is kept all the same, as the
+            // streamed body's first bytes: the budget is passed by one
+            // frame (16 KiB from HTTP/1) at most per request.
             kept = share.grow(data.len() as u64);
             read.extend_from_slice(&data);
         }

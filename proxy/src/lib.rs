@@ -217,6 +217,7 @@ impl Proxy {
             body_budget: body::BodyBudget::new(cfg.max_buffered_body_bytes),
             app_conns: conn_limit::AppConns::new(cfg.max_conns_per_app),
             client_conns: conn_limit::ClientConns::new(cfg.max_conns_per_ip),
+            directory: hosts.clone(),
             autostart: Arc::new(autostart::Autostart::new(
                 fib,
                 hosts,

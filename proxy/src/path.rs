@@ -82,6 +82,9 @@ pub(crate) struct Edge {
     pub client_conns: Arc<ClientConns>,
     /// Starts of stopped machines for requests.
     pub autostart: Arc<Autostart>,
+    /// Hosts' and tokens' entries in the RIB (tokens: for flycast on the
+    /// shared listeners).
+    pub directory: Arc<dyn crate::autostart::Directory>,
     /// What a lease's end tells: the queues (shared with `queues`) and
     /// the machines' idle clocks.
     pub released: Arc<Released>,
@@ -628,11 +631,8 @@ fn org_token(edge: &Edge, app: &AppRoutes, headers: &HeaderMap) -> Result<(), Pa
     let org = headers
         .get(PROXY_AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("FlyV1 "))
-        })
-        .and_then(|token| edge.autostart.directory().token_org(token.trim()));
+        .and_then(hangar_api::auth::bearer)
+        .and_then(|token| edge.directory.token_org(token));
     match org {
         Some(org) if org == app.org => Ok(()),
         _ => Err(PathError::FlycastPrivate(app.name.to_string())),
