@@ -70,7 +70,7 @@ fn routing(c: &mut Criterion) {
     let want = Want::http(Listener::Http);
     // This proxy is in dev; ams is closer than ord.
     let peer = |region: &str| Peer {
-        region: region.into(),
+        region: region.parse().unwrap(),
         addr: ([127, 0, 0, 1], 1).into(),
     };
     let closer = [peer("ams"), peer("ord")];

@@ -6,7 +6,7 @@
 use crate::config::{CatalogMode, Config};
 use anyhow::Context;
 use hangar_catalog::{
-    ClusterKey, Fib, FibOptions, Follower, FollowerOptions, Mode, Rib, SecretBox,
+    ClusterKey, Fib, FibOptions, Follower, FollowerOptions, Mode, Rib, SecretBox, files,
 };
 use hangar_flyd::{Flyd, Listen};
 use hangar_proxy::{Metrics, Proxy};
@@ -43,12 +43,10 @@ struct Addrs {
     flyd: String,
 }
 
-/// Writes `text` to `path` through a temporary file, so a reader never sees
-/// a partial file.
+/// Writes `text` to `path` whole (see [`files::write_atomically`]).
 fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    files::write_atomically(path, text.as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// What every part shares: the RIB, the secrets key and the cluster

@@ -21,12 +21,6 @@ pub const MAX_PORTS: usize = 32;
 /// Most health checks, top-level and per service together.
 pub const MAX_CHECKS: usize = 32;
 
-/// Whether `id` has the shape of a machine id: 14 lowercase hex digits,
-/// as Fly's are and as flyd makes them.
-pub fn valid_machine_id(id: &str) -> bool {
-    id.len() == 14 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// A machine's lifecycle state, as Fly names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -11,10 +11,12 @@
 //!   per-region summaries for the rest).
 //! - [`secrets`]: app secrets sealed at rest, with a key beside the RIB, and
 //!   the cluster credential its parts present to each other.
+//! - [`files`]: files in the data dir, written whole or not at all.
 //! - [`lock`]: [`lock::Guarded`], the only way shared mutable state is touched:
 //!   through closures, with bounded, labelled waits.
 
 pub mod fib;
+pub mod files;
 pub mod lock;
 pub mod rib;
 pub mod secrets;

@@ -15,6 +15,7 @@
 use crate::lock::{Guarded, LockTimeout};
 use arc_swap::ArcSwap;
 use hangar_api::machine::{MachineService, MachineState};
+use hangar_api::time::now_ms;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use std::sync::Arc;
@@ -374,13 +375,6 @@ pub struct Rib {
 /// How long a caller waits for a RIB connection before giving up. SQLite
 /// statements here take microseconds; waiting longer means something is stuck.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 fn open_conn(path: &Path) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;

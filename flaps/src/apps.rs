@@ -10,13 +10,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use hangar_api::app::valid_app_name;
+use hangar_api::AppName;
 use hangar_api::app::{
     App, AppOrganization, CreateAppRequest, CreateAppResponse, ListAppsResponse,
 };
-use hangar_api::host::{self, HostCall};
+use hangar_api::host;
 use hangar_api::machine::MachineState;
 use hangar_catalog::{AppRow, RibError};
+use hangar_host_client::HostCall;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -80,11 +81,10 @@ async fn create(
     let name = req
         .app_name
         .ok_or_else(|| ApiError::bad_request("app_name: required"))?;
-    if !valid_app_name(&name) {
-        return Err(ApiError::bad_request(format!(
-            "app_name: {name:?} is invalid: use 1-63 lowercase letters, digits and dashes, starting and ending with a letter or digit"
-        )));
-    }
+    let name: String = name
+        .parse::<AppName>()
+        .map_err(|e| ApiError::bad_request(format!("app_name: {e}")))?
+        .into();
     let org = match req.org_slug.as_deref() {
         None | Some("") => caller.org.clone(),
         Some(slug) if slug == caller.org => caller.org.clone(),
@@ -104,7 +104,7 @@ async fn create(
             .network
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "default".into()),
-        created_at: now_ms(),
+        created_at: hangar_api::time::now_ms(),
     };
     match flaps.rib.create_app(&row) {
         Ok(()) => {}
@@ -217,14 +217,6 @@ async fn delete(
     flaps.rib.forget_app_data(&name)?;
     tracing::info!(app = %name, "app deleted");
     Ok(StatusCode::ACCEPTED)
-}
-
-/// Now, in milliseconds since the Unix epoch (how the RIB stores times).
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// A RIB time (milliseconds) as RFC 3339, as the API writes times.

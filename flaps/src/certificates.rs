@@ -54,23 +54,10 @@ pub(crate) fn routes() -> Router<Arc<Flaps>> {
 /// Domains no app may claim a name in, whatever the config says.
 const RESERVED_DOMAINS: [&str; 3] = ["localhost", "flycast", "internal"];
 
-/// Whether `name` is a DNS name: lowercase labels of letters, digits and
-/// inner hyphens.
-pub(crate) fn dns_name(name: &str) -> bool {
-    (1..=253).contains(&name.len())
-        && name.split('.').all(|l| {
-            (1..=63).contains(&l.len())
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
-}
-
 /// Whether `name` is a hostname the proxy can serve: a DNS name of at
 /// least two labels whose last is not a number (so no IP address).
 pub(crate) fn valid_hostname(name: &str) -> bool {
-    dns_name(name)
+    hangar_api::names::dns_name(name)
         && name.contains('.')
         && !name
             .rsplit('.')
@@ -270,7 +257,7 @@ async fn upload(
         hostname: hostname.clone(),
         app,
         fullchain,
-        created_at: crate::apps::now_ms(),
+        created_at: hangar_api::time::now_ms(),
     };
     match flaps.rib.put_certificate(&row) {
         Ok(()) => {}

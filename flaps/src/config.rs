@@ -1,5 +1,6 @@
 //! flaps's configuration: the `[flaps]` table of the config file.
 
+use hangar_api::{AddrBlock, Region};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ pub struct FlapsConfig {
     /// Where the Machines API listens.
     pub listen: SocketAddr,
     /// The region machines go to when a create names none.
-    pub default_region: String,
+    pub default_region: Region,
     /// The org that `hangar dev` creates and gives its dev token to.
     pub dev_org: String,
     /// Largest request body accepted (413 beyond).
@@ -19,9 +20,9 @@ pub struct FlapsConfig {
     /// How long a call to a flyd host may take (waits carry their own).
     pub host_timeout_ms: u64,
     /// Loopback block flycast addresses come from, as CIDR.
-    pub flycast_range: String,
+    pub flycast_range: AddrBlock,
     /// Loopback block dedicated public addresses (type `v4`) come from.
-    pub public_range: String,
+    pub public_range: AddrBlock,
     /// Per token and action; Fly's published limits by default.
     pub rate_limits: crate::limits::RateLimitConfig,
     /// What one org may hold.
@@ -42,12 +43,12 @@ impl Default for FlapsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 4280)),
-            default_region: "dev".into(),
+            default_region: "dev".parse().expect("a region name"),
             dev_org: "personal".into(),
             max_body_bytes: 1 << 20,
             host_timeout_ms: 60_000,
-            flycast_range: "127.20.0.0/16".into(),
-            public_range: "127.30.0.0/16".into(),
+            flycast_range: "127.20.0.0/16".parse().expect("an address block"),
+            public_range: "127.30.0.0/16".parse().expect("an address block"),
             rate_limits: Default::default(),
             quotas: Default::default(),
             platform_domains: Vec::new(),
@@ -61,9 +62,6 @@ impl FlapsConfig {
     /// Every problem with this config, one line each.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        if self.default_region.trim().is_empty() {
-            problems.push("flaps.default_region: must not be empty".to_string());
-        }
         if self.dev_org.trim().is_empty() {
             problems.push("flaps.dev_org: must not be empty".to_string());
         }
@@ -72,7 +70,7 @@ impl FlapsConfig {
         }
         problems.extend(self.rate_limits.problems());
         for domain in &self.platform_domains {
-            if !crate::certificates::dns_name(domain) {
+            if !hangar_api::names::dns_name(domain) {
                 problems.push(format!(
                     "flaps.platform_domains: {domain:?} is not a DNS name"
                 ));

@@ -6,8 +6,8 @@ use axum::Json;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hangar_api::ErrorBody;
-use hangar_api::host::HostError;
 use hangar_catalog::RibError;
+use hangar_host_client::HostError;
 
 /// A failed API call.
 #[derive(Debug)]

@@ -36,25 +36,6 @@ pub(crate) fn routes() -> Router<Arc<Flaps>> {
         .route("/v1/apps/{app}/ip_assignments/{ip}", delete(release))
 }
 
-/// An address block as (first, last) usable address.
-fn range(cidr: &str) -> Result<(u32, u32), ApiError> {
-    let bad = || {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("flaps address block {cidr:?} is invalid"),
-        )
-    };
-    let (ip, prefix) = cidr.split_once('/').ok_or_else(bad)?;
-    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
-    let prefix: u32 = prefix
-        .parse()
-        .ok()
-        .filter(|p| (8..=30).contains(p))
-        .ok_or_else(bad)?;
-    let base = u32::from(ip) & (u32::MAX << (32 - prefix));
-    Ok((base + 1, base + (1u32 << (32 - prefix)) - 2))
-}
-
 fn shown(row: &IpRow) -> Value {
     json!({
         "ip": row.ip,
@@ -102,7 +83,7 @@ async fn assign(
             ));
         }
     };
-    let (first, last) = range(block)?;
+    let hosts = block.hosts();
     let used: HashSet<String> = flaps.rib.ips(None)?.into_iter().map(|r| r.ip).collect();
     let mut row = IpRow {
         ip: String::new(),
@@ -111,12 +92,12 @@ async fn assign(
         network: req.network.unwrap_or_else(|| owner.network.clone()),
         region: req.region.unwrap_or_default(),
         service_name: req.service_name.unwrap_or_default(),
-        created_at: crate::apps::now_ms(),
+        created_at: hangar_api::time::now_ms(),
     };
     // Random picks keep concurrent assignments apart; the RIB's primary key
     // settles the rare race.
     for _ in 0..100 {
-        let ip = Ipv4Addr::from(rand::rng().random_range(first..=last)).to_string();
+        let ip = Ipv4Addr::from(rand::rng().random_range(hosts.clone())).to_string();
         if used.contains(&ip) {
             continue;
         }
@@ -155,19 +136,5 @@ async fn release(
         Err(ApiError::not_found(format!(
             "app {app:?} has no address {ip:?}"
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flycast_ranges_parse() {
-        let (first, last) = range("127.20.0.0/16").unwrap();
-        assert_eq!(Ipv4Addr::from(first), Ipv4Addr::new(127, 20, 0, 1));
-        assert_eq!(Ipv4Addr::from(last), Ipv4Addr::new(127, 20, 255, 254));
-        assert!(range("127.20.0.0").is_err());
-        assert!(range("127.20.0.0/31").is_err());
     }
 }

@@ -37,8 +37,8 @@ pub mod secrets;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use hangar_api::host::HostClient;
 use hangar_catalog::{ClusterKey, Rib, SecretBox};
+use hangar_host_client::HostClient;
 use std::sync::Arc;
 use std::time::Duration;
 

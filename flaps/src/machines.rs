@@ -24,10 +24,12 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use hangar_api::host::{self, HostCall, HostReply, LEASE_NONCE_HEADER};
+use hangar_api::MachineId;
+use hangar_api::host::{self, LEASE_NONCE_HEADER};
 use hangar_api::list::{ListQuery, MAX_PAGE};
-use hangar_api::machine::{CreateMachineRequest, Machine, valid_machine_id};
+use hangar_api::machine::{CreateMachineRequest, Machine};
 use hangar_catalog::HostRow;
+use hangar_host_client::{HostCall, HostReply};
 use reqwest::Method;
 use std::sync::Arc;
 use std::time::Duration;
@@ -292,7 +294,7 @@ async fn forward(
             e
         }
     })?;
-    if !valid_machine_id(&p.id) {
+    if !MachineId::valid(&p.id) {
         return Err(ApiError::not_found(format!("machine {:?} not found", p.id)));
     }
     let host = locate(&flaps, &p.app, &p.id)?;

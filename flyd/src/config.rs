@@ -1,7 +1,8 @@
 //! flyd's configuration: the `[flyd]` table of the config file.
 
+use hangar_api::{AddrBlock, Region};
 use serde::Deserialize;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// How one flyd host runs.
@@ -13,9 +14,9 @@ pub struct FlydConfig {
     /// This host's id in the RIB; unique across hosts.
     pub host_id: String,
     /// The region this host is in.
-    pub region: String,
+    pub region: Region,
     /// Loopback block machines' private addresses come from, as CIDR.
-    pub private_range: String,
+    pub private_range: AddrBlock,
     /// Grace period between the stop signal and SIGKILL, when neither the
     /// request nor `config.stop_config` sets one.
     pub stop_timeout_ms: u64,
@@ -99,8 +100,8 @@ impl Default for FlydConfig {
         Self {
             listen: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 4281))),
             host_id: "dev-host-1".into(),
-            region: "dev".into(),
-            private_range: "127.10.0.0/16".into(),
+            region: "dev".parse().expect("a region name"),
+            private_range: "127.10.0.0/16".parse().expect("an address block"),
             stop_timeout_ms: 5_000,
             max_stop_timeout_ms: 300_000,
             shutdown_timeout_ms: 60_000,
@@ -121,54 +122,18 @@ impl Default for FlydConfig {
     }
 }
 
-/// A block of loopback addresses, parsed from `private_range`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrivateRange {
-    pub base: u32,
-    pub prefix: u8,
-}
-
-impl PrivateRange {
-    /// The usable addresses: all but the block's first and last.
-    pub fn hosts(&self) -> std::ops::RangeInclusive<u32> {
-        let size = 1u64 << (32 - self.prefix as u32);
-        self.base + 1..=(self.base as u64 + size - 2) as u32
-    }
-}
-
 impl FlydConfig {
-    /// Parses `private_range`.
-    pub fn private_range(&self) -> Result<PrivateRange, String> {
-        let err = || {
-            format!(
-                "flyd.private_range: {:?} is not a loopback CIDR block between /8 and /30 (such as \"127.10.0.0/16\")",
-                self.private_range
-            )
-        };
-        let (ip, prefix) = self.private_range.split_once('/').ok_or_else(err)?;
-        let ip: Ipv4Addr = ip.parse().map_err(|_| err())?;
-        let prefix: u8 = prefix.parse().map_err(|_| err())?;
-        if !ip.is_loopback() || !(8..=30).contains(&prefix) {
-            return Err(err());
-        }
-        let mask = u32::MAX << (32 - prefix as u32);
-        Ok(PrivateRange {
-            base: u32::from(ip) & mask,
-            prefix,
-        })
-    }
-
     /// Every problem with this config, one line each.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        if let Err(e) = self.private_range() {
-            problems.push(e);
+        if !self.private_range.base().is_loopback() {
+            problems.push(format!(
+                "flyd.private_range: {} is not a loopback block (such as \"127.10.0.0/16\")",
+                self.private_range
+            ));
         }
         if self.host_id.trim().is_empty() {
             problems.push("flyd.host_id: must not be empty".into());
-        }
-        if self.region.trim().is_empty() {
-            problems.push("flyd.region: must not be empty".into());
         }
         if self.stop_timeout_ms > self.max_stop_timeout_ms {
             problems.push("flyd.stop_timeout_ms: must be at most max_stop_timeout_ms".into());
@@ -195,23 +160,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn private_range_parses_and_rejects() {
-        let cfg = FlydConfig::default();
-        let r = cfg.private_range().unwrap();
-        assert_eq!(
-            Ipv4Addr::from(*r.hosts().start()),
-            Ipv4Addr::new(127, 10, 0, 1)
-        );
-        assert_eq!(
-            Ipv4Addr::from(*r.hosts().end()),
-            Ipv4Addr::new(127, 10, 255, 254)
-        );
-        for bad in ["10.0.0.0/16", "127.0.0.0", "127.0.0.0/31", "x/16"] {
-            let cfg = FlydConfig {
-                private_range: bad.into(),
-                ..FlydConfig::default()
-            };
-            assert!(cfg.validate().is_err(), "{bad} accepted");
+    fn private_range_must_be_a_loopback_block() {
+        assert!(FlydConfig::default().validate().is_ok());
+        let outside = FlydConfig {
+            private_range: "10.0.0.0/16".parse().unwrap(),
+            ..FlydConfig::default()
+        };
+        assert!(outside.validate().is_err());
+        for bad in ["127.0.0.0", "127.0.0.0/31", "x/16"] {
+            let json = serde_json::json!({ "private_range": bad });
+            let e = serde_json::from_value::<FlydConfig>(json).unwrap_err();
+            assert!(
+                e.to_string().contains("is not an IPv4 CIDR block"),
+                "{bad}: {e}"
+            );
         }
     }
 }

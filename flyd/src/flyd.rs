@@ -9,13 +9,15 @@
 
 use crate::capacity::{Capacity, Guest};
 use crate::cgroup::Cgroups;
-use crate::config::{FlydConfig, PrivateRange};
+use crate::config::FlydConfig;
 use crate::fsm::{FsmRun, RunStatus, Step};
 use crate::pilot;
-use crate::record::{MachineRecord, now_ms};
+use crate::record::MachineRecord;
 use crate::steps::{kill_workload, stop_input};
 use crate::store::{Store, StoreError};
+use hangar_api::AddrBlock;
 use hangar_api::machine::{MachineState, StopRequest};
+use hangar_api::time::now_ms;
 use hangar_catalog::lock::Guarded;
 use hangar_catalog::{HostRow, Rib, RibError, SecretBox};
 use rand::Rng;
@@ -108,7 +110,7 @@ const RUNS_KEPT: usize = 10_000;
 /// One flyd host.
 pub struct Flyd {
     pub(crate) cfg: FlydConfig,
-    range: PrivateRange,
+    range: AddrBlock,
     pub(crate) store: Store,
     rib: Arc<Rib>,
     /// `<data dir>/machines`: one directory per machine (socket, logs).
@@ -148,7 +150,7 @@ impl Flyd {
     ) -> Result<Arc<Self>, anyhow::Error> {
         use anyhow::Context;
         cfg.validate().map_err(|p| anyhow::anyhow!(p.join("; ")))?;
-        let range = cfg.private_range().map_err(anyhow::Error::msg)?;
+        let range = cfg.private_range;
         let machines_dir = data_dir.join("machines");
         std::fs::create_dir_all(&machines_dir)
             .with_context(|| format!("creating {}", machines_dir.display()))?;
@@ -218,7 +220,7 @@ impl Flyd {
         };
         self.rib.upsert_host(&HostRow {
             id: self.cfg.host_id.clone(),
-            region: self.cfg.region.clone(),
+            region: self.cfg.region.to_string(),
             address: addr.clone(),
             updated_at: now_ms(),
             capacity: self.capacity.snapshot(),

@@ -156,7 +156,7 @@ impl FsmRun {
             input,
             output: serde_json::Value::Null,
             error: None,
-            updated_at: crate::record::now_ms(),
+            updated_at: hangar_api::time::now_ms(),
         }
     }
 

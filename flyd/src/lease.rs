@@ -6,8 +6,9 @@
 //! survive a flyd restart, and expire on their own.
 
 use crate::flyd::{Flyd, FlydError};
-use crate::record::{MachineRecord, now_ms, now_rfc3339};
+use crate::record::{MachineRecord, now_rfc3339};
 use hangar_api::machine::{CreateLeaseRequest, Lease};
+use hangar_api::time::now_ms;
 use std::collections::BTreeMap;
 
 /// Lease length when the request gives none.

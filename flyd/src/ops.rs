@@ -97,7 +97,7 @@ impl Flyd {
                 .unwrap_or_else(|| format!("{}-{id}", req.app)),
             id: id.clone(),
             app: req.app,
-            region: self.cfg.region.clone(),
+            region: self.cfg.region.to_string(),
             host: self.cfg.host_id.clone(),
             state: MachineState::Created,
             private_ip: self.allocate_ip()?.to_string(),

@@ -3,6 +3,7 @@
 use hangar_api::machine::{
     CheckStatus, Lease, Machine, MachineConfig, MachineEvent, MachineState, MachineVersion,
 };
+use hangar_api::time::now_ms;
 use serde::{Deserialize, Serialize};
 use std::time::SystemTime;
 
@@ -58,14 +59,6 @@ const MAX_EVENTS: usize = 50;
 /// Now, as RFC 3339 (`2026-01-02T03:04:05Z`), as Fly writes timestamps.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-/// Now, in milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl MachineRecord {

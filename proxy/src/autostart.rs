@@ -21,9 +21,9 @@
 use crate::balance::{Near, Want, service_for};
 use compact_str::CompactString;
 use dashmap::DashMap;
-use hangar_api::host::{HostCall, HostClient};
 use hangar_api::machine::MachineState;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
+use hangar_host_client::{HostCall, HostClient};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

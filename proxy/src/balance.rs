@@ -663,7 +663,7 @@ mod tests {
             loaded("home", "dev", 20, 25, 20),
         ]);
         let peer = |region: &str| Peer {
-            region: region.into(),
+            region: region.parse().unwrap(),
             addr: ([127, 0, 0, 1], 1).into(),
         };
         let closer = [peer("ams"), peer("ord")];

@@ -1,6 +1,7 @@
 //! The proxy's configuration: where it listens, which region it reports, and
 //! the timeouts and pool sizes of its upstream client.
 
+use hangar_api::Region;
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -18,7 +19,7 @@ pub struct ProxyConfig {
     pub https_addr: SocketAddr,
     /// The region this proxy runs in, sent upstream as `Fly-Region` and used
     /// as the suffix of request ids.
-    pub region: String,
+    pub region: Region,
     /// How long a TCP connect to a machine may take before the request fails
     /// with 502.
     pub connect_timeout_ms: u64,
@@ -95,7 +96,7 @@ pub struct ProxyConfig {
 #[serde(deny_unknown_fields)]
 pub struct Peer {
     /// The region it serves.
-    pub region: String,
+    pub region: Region,
     /// Its HTTP listener.
     pub addr: SocketAddr,
 }
@@ -105,7 +106,7 @@ impl Default for ProxyConfig {
         Self {
             http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             https_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 8443)),
-            region: "dev".to_string(),
+            region: "dev".parse().expect("a region name"),
             connect_timeout_ms: 2_000,
             max_idle_per_machine: 64,
             idle_timeout_ms: 90_000,
@@ -143,18 +144,6 @@ impl ProxyConfig {
             problems.push(format!(
                 "proxy.http_addr and proxy.https_addr: both are {}",
                 self.http_addr
-            ));
-        }
-        // The region ends up in header values and metric labels.
-        if self.region.is_empty()
-            || !self
-                .region
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            problems.push(format!(
-                "proxy.region: must be non-empty and use only a-z, 0-9 and -, got {:?}",
-                self.region
             ));
         }
         for (field, ms) in [
@@ -269,7 +258,7 @@ mod tests {
         assert_eq!(cfg, ProxyConfig::default());
         assert_eq!(cfg.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(cfg.https_addr.to_string(), "127.0.0.1:8443");
-        assert_eq!(cfg.region, "dev");
+        assert_eq!(cfg.region.as_str(), "dev");
         assert_eq!(cfg.connect_timeout(), Duration::from_secs(2));
         assert_eq!(cfg.max_idle_per_machine, 64);
         assert_eq!(cfg.validate(), Ok(()));
@@ -279,15 +268,20 @@ mod tests {
     fn validate_lists_every_problem() {
         let cfg = ProxyConfig {
             https_addr: "127.0.0.1:8080".parse().unwrap(),
-            region: "Dev Region".into(),
             connect_timeout_ms: 0,
             ..ProxyConfig::default()
         };
         let problems = cfg.validate().unwrap_err();
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("proxy.http_addr and proxy.https_addr"));
-        assert!(problems[1].starts_with("proxy.region"));
-        assert!(problems[2].starts_with("proxy.connect_timeout_ms"));
+        assert!(problems[1].starts_with("proxy.connect_timeout_ms"));
+    }
+
+    #[test]
+    fn a_region_is_a_region_name() {
+        // It ends up in header values and metric labels.
+        let err = serde_json::from_str::<ProxyConfig>(r#"{"region":"Dev Region"}"#).unwrap_err();
+        assert!(err.to_string().contains("is not a region name"), "{err}");
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl Proxy {
             fib: fib.clone(),
             activity: activity.clone(),
             hosts: hosts.clone(),
-            client: hangar_api::host::HostClient::new(cfg.autostop_drain() * 2, cluster.token()),
+            client: hangar_host_client::HostClient::new(cfg.autostop_drain() * 2, cluster.token()),
             interval: Duration::from_millis(cfg.autostop_interval_ms),
             idle: Duration::from_millis(cfg.autostop_idle_ms),
             drain: cfg.autostop_drain(),
@@ -191,7 +191,7 @@ impl Proxy {
                 metrics.edge().upstream,
             )
             .keeping(cfg.peers.iter().map(|p| p.addr)),
-            region: cfg.region.clone(),
+            region: cfg.region.to_string(),
             // `validate` keeps the region to [a-z0-9-].
             region_value: http::HeaderValue::from_str(&cfg.region)
                 .map_err(|e| ProxyError::Config(vec![format!("proxy.region: {e}")]))?,

@@ -32,7 +32,7 @@ use crate::upstream::{self, MachineBody, SendError, Upstreams};
 use crate::workers::{self, Loads};
 use crate::{H2Server, Listener, Proxy};
 use compact_str::CompactString;
-use hangar_api::app::valid_app_name;
+use hangar_api::AppName;
 use hangar_api::machine::HttpResponseOptions;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
 use http::header::{
@@ -932,7 +932,7 @@ async fn to_peer(
         id: format!("proxy-{}", peer.region).into(),
     };
     ex.machine = Some(proxy.id.clone());
-    tracing::debug!(request_id = ?ex.id, region = peer.region, "no machine here; forwarding to the region's proxy");
+    tracing::debug!(request_id = ?ex.id, region = %peer.region, "no machine here; forwarding to the region's proxy");
     edge.metrics.forwarded.inc();
     // A pooled connection the peer closed meanwhile breaks under the
     // request: it goes once more on a new one, when that is safe. (Only a
@@ -1644,7 +1644,7 @@ fn localhost_app<'a>(raw: &str, name: &'a str) -> Result<&'a str, HostError> {
     let app = name
         .strip_suffix(".localhost")
         .ok_or_else(|| HostError::NotAnApp(raw.to_string()))?;
-    if valid_app_name(app) {
+    if AppName::valid(app) {
         Ok(app)
     } else {
         Err(HostError::BadAppName(app.to_string()))
@@ -1663,7 +1663,7 @@ pub fn parse_flycast(raw: &str) -> Option<(String, u16)> {
 fn flycast<'a>(raw: &str, name: &'a str) -> Option<(&'a str, u16)> {
     let app = name
         .strip_suffix(".flycast")
-        .filter(|app| valid_app_name(app))?;
+        .filter(|app| AppName::valid(app))?;
     let port = match raw.rsplit_once(':') {
         Some((_, port)) if !port.is_empty() => port.parse().ok()?,
         _ => 80,

@@ -112,7 +112,7 @@ mod tests {
 
     fn peers() -> (tempfile::TempDir, Peers) {
         let peer = |region: &str, port| Peer {
-            region: region.into(),
+            region: region.parse().unwrap(),
             addr: ([127, 0, 0, 1], port).into(),
         };
         let dir = tempfile::tempdir().unwrap();

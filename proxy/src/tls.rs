@@ -8,6 +8,7 @@
 
 use crate::error::ProxyError;
 use arc_swap::ArcSwap;
+use hangar_catalog::files::write_atomically;
 use hangar_catalog::secrets::CERTIFICATE_KEYS;
 use hangar_catalog::{CertificateRow, Fib, SecretBox};
 use rustls::pki_types::pem::PemObject;
@@ -16,7 +17,6 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign;
 use rustls::{CipherSuite, ServerConfig};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -207,8 +207,14 @@ fn create_dev_cert(cert_path: &Path, key_path: &Path) -> Result<(), ProxyError> 
     }
     // Key first: a crash between the two writes leaves no cert, which the
     // next start treats as "generate again".
-    write_atomically(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_atomically(cert_path, cert.pem().as_bytes(), 0o644)?;
+    let write = |path: &Path, pem: &str, mode| {
+        write_atomically(path, pem.as_bytes(), mode).map_err(|source| ProxyError::CertFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    write(key_path, &key.serialize_pem(), 0o600)?;
+    write(cert_path, &cert.pem(), 0o644)?;
     Ok(())
 }
 
@@ -239,34 +245,6 @@ fn create_private_dir(dir: &Path) -> Result<(), ProxyError> {
         path: dir.to_path_buf(),
         source,
     })
-}
-
-/// Writes `contents` to a temporary file created with `mode`, then renames it
-/// over `path`, so a reader never sees a half-written file and the key is
-/// never readable by others, not even briefly.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), ProxyError> {
-    let tmp = path.with_extension("pem.tmp");
-    let io_error = |source| ProxyError::CertFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    // A leftover temp file may carry other permissions; `mode` only applies
-    // to files this call creates.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(e)),
-        _ => {}
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(&tmp).map_err(io_error)?;
-    file.write_all(contents).map_err(io_error)?;
-    file.sync_all().map_err(io_error)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io_error)
 }
 
 #[cfg(test)]
