@@ -10,7 +10,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use hangar_api::machine::{Concurrency, MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
 use hangar_proxy::Listener;
-use hangar_proxy::balance::{Lease, Near, Want, choose};
+use hangar_proxy::routing::balance::{Lease, Near, Want, choose};
 use hangar_proxy::config::Peer;
 use rand::SeedableRng;
 use rand::rngs::StdRng;

@@ -344,7 +344,7 @@ pub async fn run_proxy(cfg: Config) -> anyhow::Result<()> {
 /// a token it is shown, in the RIB.
 struct RibHosts(Arc<Rib>);
 
-impl hangar_proxy::autostart::Directory for RibHosts {
+impl hangar_proxy::scaling::autostart::Directory for RibHosts {
     fn address(&self, host: &str) -> Option<String> {
         match self.0.host(host) {
             Ok(row) => row.map(|h| h.address),

@@ -1,9 +1,9 @@
 //! The proxy's errors: [`ProxyError`] for setting it up, [`PathError`] for
 //! one request that could not be served.
 
-use crate::path::HostError;
-use crate::queue::QueueError;
 use http::StatusCode;
+use http::header::HeaderName;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -398,6 +398,52 @@ impl PathError {
             _ => None,
         }
     }
+}
+
+/// On the proxy's own error responses: the error's code (`PR04`, ...).
+pub(crate) const FLY_PROXY_ERROR: HeaderName = HeaderName::from_static("fly-proxy-error");
+
+/// Why a request's host names no app. Its `Display` is the client's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostError {
+    /// No `Host` header and no URI authority.
+    Missing,
+    /// The host is not visible ASCII.
+    NotText,
+    /// The host is not `name[:port]`.
+    Malformed(String),
+    /// The host is well-formed but not `<app>.localhost`.
+    NotAnApp(String),
+    /// The label before `.localhost` is not a valid app name.
+    BadAppName(String),
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing => f.write_str("missing Host header"),
+            Self::NotText => f.write_str("Host header is not valid text"),
+            Self::Malformed(host) => write!(f, "malformed Host {host:?}"),
+            Self::NotAnApp(host) => {
+                write!(f, "Host {host:?} is not <app>.localhost or <app>.flycast")
+            }
+            Self::BadAppName(name) => write!(
+                f,
+                "{name:?} is not an app name (1-63 characters of a-z, 0-9 and -, not starting or ending with -)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// Why a request stopped waiting in its app's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueError {
+    /// The app already has `max_per_app` requests waiting.
+    Full,
+    /// No slot came free within the timeout.
+    TimedOut(Duration),
 }
 
 #[cfg(test)]

@@ -1,76 +1,54 @@
 //! Hangar's edge proxy: the HTTP and HTTPS listeners every app shares
 //! (routing by Host and SNI), listeners on apps' own addresses (routing by
 //! address, with each port's handlers), and the path from a client to one of
-//! the app's machines. proxy/DESIGN.md describes the whole; in short:
+//! the app's machines. proxy/DESIGN.md describes the whole.
 //!
-//! - [`config`]: [`ProxyConfig`], listen addresses, region, limits, timeouts.
-//! - [`tls`]: the dev certificate, certificates by SNI, the rustls config.
-//! - [`path`]: the request path, top to bottom (host → app → body →
-//!   deliver: slot → send → replay, fallback or another region → respond →
-//!   log), with every failure answered by one `fail()`.
-//! - [`balance`]: which machine takes a request (limits, nearest region,
-//!   two choices on exact in-flight counts) and the lease that counts it.
-//! - [`queue`]: requests waiting for a slot while an app is at its limits.
-//! - [`autostart`]: starting a stopped machine for a request, single flight.
-//! - [`autostop`]: stopping idle machines, one per app and region per round.
-//! - [`metrics`]: Prometheus metrics (Fly's `fly_edge_*` and `fly_app_*`
-//!   names) and the `/metrics` endpoint.
-//! - [`error`]: [`ProxyError`] for setup, [`PathError`] (with its code) for
-//!   one request.
-//! - `workers`: the worker threads, one single-threaded runtime each; every
-//!   connection lives on one of them.
-//! - `upstream`: keep-alive connections to machines, pooled per worker and
-//!   machine, driven by the request that uses them; h2 for `h2_backend`.
-//! - `ports`: listeners on apps' own addresses (flycast and dedicated), one
-//!   per service port, following the FIB; `tcp`: what arrives on a port
-//!   without the `http` handler (raw TCP, `tls`, `proxy_proto`).
-//! - `steer` and `replay`: Fly's routing request headers, and `fly-replay`
-//!   answers sending a request on to another region, machine or app;
-//!   `sticky`: sessions pinned to a machine by cookie or header; `peers`:
-//!   other regions' proxies, for requests this region has no machine for.
-//! - `h1`: the HTTP/1.1 server for client connections (no buffers while
-//!   idle, the header timeout with its 408, request bodies, upgrades); h2
-//!   clients get hyper's server.
-//! - `headers`, `body`, `conns`, `conn_limit`: header rewriting at the hop,
-//!   the bodies at both hops, draining at shutdown, connections per app.
+//! The code is in rooms by stage, imports running one way, from the top:
+//!
+//! - [`listening`]: accept, TLS, the HTTP/1 server, app-address ports,
+//!   workers: sockets and connections up to their requests.
+//! - `path`: one request, top to bottom in call order (host → app → body
+//!   → deliver: slot → send → replay, fallback or another region → respond
+//!   → log), every failure answered by one `fail()`; it reads what every
+//!   request shares from `edge` ([`Edge::new`](edge::Edge::new) builds it
+//!   from the config).
+//! - `forwarding`: the upstream pool, the HTTP/1 client, bodies, headers,
+//!   the TCP relay.
+//! - [`scaling`]: autostart, autostop, queues, and taking a slot.
+//! - [`routing`]: Host and SNI, steering headers, balancing, sticky pins,
+//!   replay, peers.
+//! - the base every room may use: [`config`], [`error`] ([`ProxyError`],
+//!   [`PathError`] with its code and what it allows next), [`metrics`],
+//!   `h1` (HTTP/1.1 on the wire, both hops), `conns` (draining at
+//!   shutdown), `conn_limit` (connections per app and per client).
 
 #![warn(missing_docs)]
 
-pub mod autostart;
-pub mod autostop;
-pub mod balance;
-mod body;
 pub mod config;
 mod conn_limit;
 mod conns;
+mod edge;
 pub mod error;
+mod forwarding;
 mod h1;
-mod headers;
+pub mod listening;
 pub mod metrics;
-pub mod path;
-mod peers;
-mod ports;
+mod path;
 #[cfg(test)]
 mod proptests;
-pub mod queue;
-mod replay;
-mod spare;
-mod steer;
-mod sticky;
-mod tcp;
-pub mod tls;
-mod upstream;
-mod workers;
+pub mod routing;
+pub mod scaling;
 
-pub use body::ProxyBody;
 pub use config::ProxyConfig;
 pub use error::{PathError, ProxyError};
+pub use forwarding::body::ProxyBody;
 pub use metrics::{Metrics, serve_metrics};
 
+use edge::Edge;
 use hangar_catalog::{ClusterKey, Fib, SecretBox};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use path::Edge;
-use queue::Queues;
+use listening::{tls, workers};
+use scaling::{autostart, autostop};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -125,7 +103,8 @@ pub struct Proxy {
     https: TcpListener,
     edge: Arc<Edge>,
     workers: workers::Workers,
-    /// The h2 server for clients that speak it; HTTP/1 is [`h1`]'s.
+    /// The h2 server for clients that speak it; HTTP/1 is
+    /// [`listening::server`]'s.
     server: H2Server,
     /// The autostop loop, unless turned off.
     autostop: Option<autostop::Autostopper>,
@@ -165,67 +144,25 @@ impl Proxy {
         let http = bind_listener("http", cfg.http_addr).await?;
         let https = bind_listener("https", cfg.https_addr).await?;
         let workers = workers::Workers::start(cfg.workers()).map_err(ProxyError::Workers)?;
-        let queues = Arc::new(Queues::new(
-            cfg.queue_max_per_app,
-            cfg.queue_timeout(),
-            metrics.edge().queued,
-        ));
-        let activity = Arc::new(autostop::Activity::new());
+        let edge = Edge::new(
+            &cfg,
+            (fib.clone(), hosts.clone()),
+            metrics,
+            cluster.clone(),
+            tls,
+            workers.count(),
+        )?;
         let autostop = (cfg.autostop_interval_ms > 0).then(|| autostop::Autostopper {
-            fib: fib.clone(),
-            activity: activity.clone(),
-            hosts: hosts.clone(),
+            fib,
+            activity: edge.activity.clone(),
+            hosts,
             client: hangar_host_client::HostClient::new(cfg.autostop_drain() * 2, cluster.token()),
             interval: Duration::from_millis(cfg.autostop_interval_ms),
             idle: Duration::from_millis(cfg.autostop_idle_ms),
             drain: cfg.autostop_drain(),
             metrics: metrics.edge(),
         });
-        let edge = Arc::new(Edge {
-            fib: fib.clone(),
-            upstreams: upstream::Upstreams::new(
-                workers.count(),
-                cfg.connect_timeout(),
-                cfg.max_idle_per_machine,
-                cfg.idle_timeout(),
-                metrics.edge().upstream,
-            )
-            .keeping(cfg.peers.iter().map(|p| p.addr)),
-            region: cfg.region.to_string(),
-            // `validate` keeps the region to [a-z0-9-].
-            region_value: http::HeaderValue::from_str(&cfg.region)
-                .map_err(|e| ProxyError::Config(vec![format!("proxy.region: {e}")]))?,
-            metrics: metrics.edge(),
-            tls,
-            handshake_timeout: cfg.handshake_timeout(),
-            released: Arc::new(balance::Released {
-                queues: queues.clone(),
-                activity,
-            }),
-            queues,
-            pins: sticky::Pins::new(),
-            h1: h1::Settings {
-                header_timeout: cfg.header_timeout(),
-                max_head: cfg.max_header_bytes,
-                body_timeout: cfg.body_timeout(),
-            },
-            peers: peers::Peers::new(cfg.peers.clone(), cluster.clone()),
-            max_attempts: cfg.max_attempts.max(1),
-            response_timeout: cfg.response_timeout(),
-            retry_body_bytes: cfg.retry_body_bytes,
-            max_body_bytes: cfg.max_body_bytes,
-            body_budget: body::BodyBudget::new(cfg.max_buffered_body_bytes),
-            app_conns: conn_limit::AppConns::new(cfg.max_conns_per_app),
-            client_conns: conn_limit::ClientConns::new(cfg.max_conns_per_ip),
-            directory: hosts.clone(),
-            autostart: Arc::new(autostart::Autostart::new(
-                fib,
-                hosts,
-                (cfg.autostart_hold(), cfg.autostart_max_waiting),
-                cluster.token(),
-                metrics.edge(),
-            )),
-        });
+        let edge = Arc::new(edge);
         Ok(Proxy {
             http,
             https,
@@ -250,7 +187,7 @@ impl Proxy {
     /// connections to finish their in-flight requests, and waits at most
     /// `drain` for them before closing the rest and returning.
     pub async fn serve(self, shutdown: impl Future<Output = ()>, drain: Duration) {
-        path::serve(self, shutdown, drain).await;
+        listening::serve(self, shutdown, drain).await;
     }
 }
 

@@ -1,122 +1,68 @@
-//! The request path, top to bottom:
+//! The request path, top to bottom, in call order:
 //!
-//! accept → tls → connection →
-//!   [handle: host → app → read body → deliver:
-//!      (slot (queue, autostart) → force_https → send (retry)
-//!       → a `fly-replay`? next hop; no machine? fallback or another region)
-//!    → respond] → log
+//! handle → route: decide (host → app → steering) → read body → deliver,
+//! per hop: forward (slot → force_https → send, again on another machine
+//! when the failure allows) → a `fly-replay`? the next hop; no machine?
+//! fallback or another region → respond (or tunnel) → log; every failure
+//! answered by `fail`.
 //!
 //! One short function per step; a step that cannot go on returns a
-//! [`PathError`], and `fail()` alone turns errors into responses. Nothing
-//! here takes a lock: the FIB is read through an immutable snapshot and the
-//! load counters are atomics.
+//! [`PathError`], which says what it allows next ([`Again`]), and `fail()`
+//! alone turns errors into responses. Nothing here takes a lock: the FIB is
+//! read through an immutable snapshot and the load counters are atomics.
 
-use crate::autostart::{self, Autostart};
-use crate::autostop::FLY_KEEP_ALIVE_UNTIL;
-use crate::balance::{self, Lease, Near, NoTarget, Released, Target, Want};
-use crate::body::{self, ClientBody, Held, ProxyBody, ReadBody, UpBody};
-use crate::conn_limit::{AppConns, ClientConns, Counted};
-use crate::conns::{self, Conns, Watcher};
-use crate::error::{PathError, Side};
-use crate::h1::{self, Ended, TimedOut};
-use crate::headers::{self, FLY_PROXY_ERROR, FLY_REQUEST_ID, Forwarded};
-use crate::metrics::{EdgeMetrics, Handshake, InFlight, Observed};
-use crate::peers::Peers;
-use crate::ports::{Accepted, PortListeners, Spec};
-use crate::queue::{QueueError, Queues};
-use crate::replay::{self, FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC, MAX_REPLAYS, Replay};
-use crate::steer::{Hop, Steer};
-use crate::sticky::{self, Pins};
-use crate::tcp;
-use crate::upstream::{self, MachineBody, SendError, Upstreams};
-use crate::workers::{self, Loads};
-use crate::{H2Server, Listener, Proxy};
+use crate::Listener;
+use crate::conn_limit::Counted;
+use crate::edge::Edge;
+use crate::error::{FLY_PROXY_ERROR, PathError, Side};
+use crate::forwarding::body::{self, ClientBody, Held, ProxyBody, ReadBody, UpBody};
+use crate::forwarding::headers::{self, FLY_REQUEST_ID, Forwarded};
+use crate::forwarding::upstream::{self, MachineBody, SendError};
+use crate::metrics::{InFlight, Observed};
+use crate::routing::balance::{Lease, Target, Want};
+use crate::routing::host::{self, Host, strip_port};
+use crate::routing::replay::{
+    self, FLY_REPLAY, FLY_REPLAY_FAILED, FLY_REPLAY_SRC, MAX_REPLAYS, Replay,
+};
+use crate::routing::steer::{Hop, Steer};
+use crate::routing::sticky;
+use crate::scaling::autostart;
+use crate::scaling::autostop::FLY_KEEP_ALIVE_UNTIL;
 use compact_str::CompactString;
-use hangar_api::AppName;
 use hangar_api::machine::HttpResponseOptions;
-use hangar_catalog::{AppRoutes, Fib, RouteMachine};
+use hangar_catalog::{AppRoutes, Fib};
 use http::header::{
     CONTENT_TYPE, HOST, HeaderName, HeaderValue, LOCATION, PROXY_AUTHORIZATION, RETRY_AFTER,
     SERVER, VIA,
 };
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use std::convert::Infallible;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
-use tokio_rustls::TlsAcceptor;
-
-/// What every request on every connection shares.
-pub(crate) struct Edge {
-    pub fib: Arc<Fib>,
-    /// Keep-alive connections to machines, pooled per `private_ip:port`.
-    pub upstreams: Upstreams,
-    pub region: String,
-    /// `region` as a header value (`Fly-Region`).
-    pub region_value: HeaderValue,
-    pub metrics: EdgeMetrics,
-    pub tls: TlsAcceptor,
-    pub handshake_timeout: Duration,
-    /// Requests waiting for a slot, per app.
-    pub queues: Arc<Queues>,
-    /// Machines tried per request when connects fail.
-    pub max_attempts: usize,
-    /// How long a machine may take to send its response head.
-    pub response_timeout: Duration,
-    /// Request bodies up to this size are read whole, so the request can
-    /// be sent again.
-    pub retry_body_bytes: u64,
-    /// Largest request body accepted (0: no limit).
-    pub max_body_bytes: u64,
-    /// What bodies read whole may hold in memory, all requests together.
-    pub body_budget: body::BodyBudget,
-    /// Client connections per app.
-    pub app_conns: Arc<AppConns>,
-    /// Open connections per client address (`proxy.max_conns_per_ip`).
-    pub client_conns: Arc<ClientConns>,
-    /// Starts of stopped machines for requests.
-    pub autostart: Arc<Autostart>,
-    /// Hosts' and tokens' entries in the RIB (tokens: for flycast on the
-    /// shared listeners).
-    pub directory: Arc<dyn crate::autostart::Directory>,
-    /// What a lease's end tells: the queues (shared with `queues`) and
-    /// the machines' idle clocks.
-    pub released: Arc<Released>,
-    /// Sticky sessions pinned by a header value.
-    pub pins: Pins,
-    /// The limits of HTTP/1 connections (h2's are the server's).
-    pub h1: h1::Settings,
-    /// Other regions' proxies.
-    pub peers: Peers,
-}
 
 /// The connection a request arrived on.
 #[derive(Debug, Clone)]
-struct Conn {
+pub(crate) struct Conn {
     /// `Http` or `Https`: the scheme, on a shared listener or an app's
     /// address.
-    listener: Listener,
-    peer: SocketAddr,
+    pub(crate) listener: Listener,
+    pub(crate) peer: SocketAddr,
     /// The client's address as the machine is told it (`Fly-Client-IP`,
     /// `X-Forwarded-For`), made once per connection.
-    client_ip: HeaderValue,
+    pub(crate) client_ip: HeaderValue,
     /// The port the client connected to, for `X-Forwarded-Port`.
-    local_port: HeaderValue,
-    /// The worker thread serving the connection; see [`crate::workers`].
-    worker: usize,
+    pub(crate) local_port: HeaderValue,
+    /// The worker thread serving the connection; see [`crate::listening::workers`].
+    pub(crate) worker: usize,
     /// On an app's own address: that app, whatever the Host says.
-    app: Option<Arc<str>>,
+    pub(crate) app: Option<Arc<str>>,
     /// What to ask of the machines' services.
-    want: Want,
+    pub(crate) want: Want,
     /// The connection's place in its app's connection count, taken by its
     /// first request; see [`crate::conn_limit`].
-    counted: Arc<OnceLock<Counted<CompactString>>>,
+    pub(crate) counted: Arc<OnceLock<Counted<CompactString>>>,
 }
 
 /// One request as it moves down the path: what the log line reports.
@@ -138,369 +84,15 @@ struct Exchange {
     via: &'static str,
 }
 
-// ---- accept ----
-
-/// Serves until `shutdown`, then drains for at most `drain`. Each worker
-/// accepts on the shared listeners itself (see [`accept`]); this loop runs
-/// the app-address listeners, the upstream sweep and autostop.
-pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drain: Duration) {
-    let Proxy {
-        http,
-        https,
-        edge,
-        mut workers,
-        server,
-        autostop,
-    } = proxy;
-    let graceful = conns::graceful();
-    let (stop, stopping) = watch::channel(false);
-    let loads = Loads::new(workers.count());
-    let accepting = match (http.into_std(), https.into_std()) {
-        (Ok(http), Ok(https)) => workers
-            .handles()
-            .filter_map(|(worker, runtime)| {
-                let listeners = (http.try_clone().ok()?, https.try_clone().ok()?);
-                let conns = Conns::new(graceful.clone());
-                let (edge, server, stop) = (edge.clone(), server.clone(), stopping.clone());
-                let me = (worker, loads.clone());
-                Some(runtime.spawn(accept(edge, server, me, listeners, conns, stop)))
-            })
-            .collect(),
-        (http, https) => {
-            tracing::error!(http = ?http.err(), https = ?https.err(), "proxy: the listeners cannot be shared with the workers");
-            Vec::new()
-        }
-    };
-    let mut conns = Conns::new(graceful.clone());
-    let mut sweep = tokio::time::interval(upstream::SWEEP_EVERY);
-    let mut follow = tokio::time::interval(FOLLOW_PORTS);
-    let (to_ports, mut from_ports) = mpsc::channel(1024);
-    let mut ports = PortListeners::new(to_ports);
-    // Ends with serve: dropping the handle's abort guard stops the loop.
-    let _autostop = autostop.map(|a| AbortOnDrop(tokio::spawn(a.run())));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            () = conns.reap() => {}
-            _ = sweep.tick() => {
-                edge.upstreams.sweep(&edge.fib.snapshot());
-                edge.pins.sweep();
-                edge.released.activity.prune();
-            }
-            _ = follow.tick() => ports.reconcile(&edge.fib.snapshot()).await,
-            Some(Accepted { tcp, peer, spec }) = from_ports.recv() => {
-                hand_off(&edge, &server, (&mut workers, &mut conns), tcp, peer, spec);
-            }
-        }
-    }
-    // Closing the listeners first makes new clients fail fast instead of
-    // queueing on a socket nobody accepts from.
-    let _ = stop.send(true);
-    drop((ports, from_ports));
-    let mut all = vec![conns];
-    for worker in accepting {
-        if let Ok(conns) = worker.await {
-            all.push(conns);
-        }
-    }
-    conns::drain(&graceful, all, "proxy", drain).await;
-}
-
-/// One worker's accept loop on the shared listeners (every worker accepts
-/// on the same sockets): a connection is served on the thread that
-/// accepted it, with no hand-off, like nginx's workers. Ends, closing its
-/// copies of the listeners, when `stop` turns true; returns the
-/// connections still open, for the drain.
-async fn accept(
-    edge: Arc<Edge>,
-    server: H2Server,
-    (worker, loads): (usize, Loads),
-    (http, https): (std::net::TcpListener, std::net::TcpListener),
-    mut conns: Conns,
-    mut stop: watch::Receiver<bool>,
-) -> Conns {
-    let (http, https) = match (TcpListener::from_std(http), TcpListener::from_std(https)) {
-        (Ok(http), Ok(https)) => (http, https),
-        (http, https) => {
-            tracing::error!(worker, http = ?http.err(), https = ?https.err(), "proxy: a worker cannot accept");
-            return conns;
-        }
-    };
-    loop {
-        loads.set(worker, conns.len());
-        if loads.ahead(worker) {
-            // Let a worker with fewer connections take the next one.
-            tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => break,
-                () = conns.reap() => continue,
-                () = tokio::time::sleep(workers::STEP_BACK) => {}
-            }
-        }
-        // Not `biased`: a busy HTTP listener must not starve the HTTPS one.
-        let (accepted, listener) = tokio::select! {
-            _ = stop.wait_for(|stop| *stop) => break,
-            () = conns.reap() => continue,
-            accepted = http.accept() => (accepted, Listener::Http),
-            accepted = https.accept() => (accepted, Listener::Https),
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                edge.metrics.connected(listener);
-                let (edge, server) = (edge.clone(), server.clone());
-                conns.spawn(None, move |watcher| {
-                    serve_conn(edge, server, (tcp, peer), listener, None, worker, watcher)
-                });
-            }
-            Err(e) => conns::accept_failed(listener.as_str(), &e).await,
-        }
-    }
-    conns
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// How often the app-address listeners are checked against the FIB (a
-/// comparison of sequence numbers unless something changed).
-const FOLLOW_PORTS: Duration = Duration::from_millis(100);
-
-/// Hands a connection accepted on an app's address to the next worker.
-fn hand_off(
-    edge: &Arc<Edge>,
-    server: &H2Server,
-    (workers, conns): (&mut crate::workers::Workers, &mut Conns),
-    tcp: TcpStream,
-    peer: SocketAddr,
-    spec: Spec,
-) {
-    let listener = if spec.has("tls") {
-        Listener::Https
-    } else {
-        Listener::Http
-    };
-    // The socket moves to the worker's reactor: registered here, it
-    // would be driven by this thread.
-    let tcp = match tcp.into_std() {
-        Ok(tcp) => tcp,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "accepted connection unusable");
-            return;
-        }
-    };
-    edge.metrics.connected(listener);
-    let (edge, server) = (edge.clone(), server.clone());
-    let (worker, runtime) = workers.next();
-    conns.spawn(Some(runtime), move |watcher| async move {
-        let Ok(tcp) = TcpStream::from_std(tcp) else {
-            return;
-        };
-        serve_conn(
-            edge,
-            server,
-            (tcp, peer),
-            listener,
-            Some(spec),
-            worker,
-            watcher,
-        )
-        .await;
-    });
-}
-
-/// One accepted connection, on its worker. On the shared listeners, and on
-/// an app's port with `http`, it serves HTTP (over TLS on HTTPS or with
-/// `tls`); on an app's port without `http` its bytes go to a machine
-/// ([`relay`]).
-async fn serve_conn(
-    edge: Arc<Edge>,
-    server: H2Server,
-    (tcp, peer): (TcpStream, SocketAddr),
-    listener: Listener,
-    spec: Option<Spec>,
-    worker: usize,
-    watcher: Watcher,
-) {
-    let Ok(local) = tcp.local_addr() else { return };
-    // One client's share: past it, its new connections are closed at once.
-    let Some(_client) = edge.client_conns.enter(peer.ip().to_canonical()) else {
-        edge.metrics.connection_error("too_many_from_client");
-        tracing::debug!(%peer, limit = edge.client_conns.limit(), "too many connections from the client; closing");
-        return;
-    };
-    let (app, want) = match spec {
-        None => (None, Want::http(listener)),
-        Some(spec) if spec.has("http") => (Some(spec.app), Want::Port(local.port())),
-        Some(spec) => {
-            // Raw bytes are not HTTP: a shutdown cuts them once the HTTP
-            // connections have drained.
-            drop(watcher);
-            return relay(&edge, tcp, peer, local, &spec).await;
-        }
-    };
-    let conn = Conn {
-        listener,
-        peer,
-        client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-        local_port: HeaderValue::from(local.port()),
-        worker,
-        app,
-        want,
-        counted: Arc::default(),
-    };
-    connection(edge, server, tcp, conn, watcher).await;
-}
-
-/// A connection to an app's port without `http`: counted against the app,
-/// past TLS with `tls`, then relayed to a machine ([`crate::tcp`]).
-async fn relay(edge: &Edge, tcp: TcpStream, peer: SocketAddr, local: SocketAddr, spec: &Spec) {
-    let Some(_counted) = edge.app_conns.enter(CompactString::from(&*spec.app)) else {
-        tracing::info!(app = %spec.app, %peer, "too many connections for the app; closing");
-        return;
-    };
-    if !spec.has("tls") {
-        return tcp::relay(edge, tcp, peer, local, &spec.app).await;
-    }
-    if let Some(stream) = tls(edge, tcp, peer).await {
-        tcp::relay(edge, stream, peer, local, &spec.app).await;
-    }
-}
-
-// ---- tls → connection ----
-
-/// Serves one client connection: TLS first on the HTTPS listener, then
-/// HTTP/1.1 ([`h1`]) or h2 (prior knowledge, or by ALPN; hyper's) until the
-/// client or a shutdown closes it.
-async fn connection(
-    edge: Arc<Edge>,
-    server: H2Server,
-    tcp: TcpStream,
-    conn: Conn,
-    watcher: Watcher,
-) {
-    // Small request and response heads should not wait on Nagle.
-    let _ = tcp.set_nodelay(true);
-    let (listener, peer) = (conn.listener, conn.peer);
-    let service = {
-        let edge = edge.clone();
-        // Boxed: a request's future is several KiB, and an idle connection
-        // should not carry room for one.
-        move |req: Request<ClientBody>| Box::pin(handle(edge.clone(), conn.clone(), req))
-    };
-    let ended = match listener {
-        Listener::Http => {
-            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::Left));
-            h1::serve(tcp, &edge.h1, true, watcher.clone(), h1).await
-        }
-        Listener::Https => {
-            let Some(tls) = tls(&edge, tcp, peer).await else {
-                return;
-            };
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                return h2(&edge, &server, tls, service, watcher, peer).await;
-            }
-            let h1 = |req: Request<h1::body::RequestBody>| service(req.map(ClientBody::Left));
-            h1::serve(tls, &edge.h1, false, watcher.clone(), h1).await
-        }
-    };
-    match ended {
-        Ended::H2(io) => h2(&edge, &server, io, service, watcher, peer).await,
-        Ended::TimedOut(how) => header_timeout(&edge, how, peer, listener),
-        Ended::Refused(e) => {
-            edge.metrics.connection_error("bad_request");
-            tracing::debug!(%peer, listener = listener.as_str(), reason = e.reason(), "request head refused");
-        }
-        // Clients resetting connections is ordinary, hence debug.
-        Ended::Failed(e) => {
-            tracing::debug!(%peer, listener = listener.as_str(), error = %e, "connection ended with an error");
-        }
-        Ended::Closed | Ended::Upgraded => {}
-    }
-}
-
-/// Serves h2 on a connection until the client closes it, or a shutdown
-/// has let its open streams finish.
-async fn h2<IO, S, F>(
-    edge: &Edge,
-    server: &H2Server,
-    io: IO,
-    service: S,
-    watcher: Watcher,
-    peer: SocketAddr,
-) where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: Fn(Request<ClientBody>) -> F + Send + Clone + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let response = service(req.map(ClientBody::Right));
-        async move { Ok::<_, Infallible>(response.await) }
-    });
-    let served = server.serve_connection(TokioIo::new(io), service);
-    let result = conns::serve_until_drained(served, watcher).await;
-    if let Err(e) = result {
-        if e.is_parse() {
-            edge.metrics.connection_error("bad_request");
-        }
-        tracing::debug!(%peer, error = %e, "h2 connection ended with an error");
-    }
-}
-
-/// A connection closed at the header timeout, counted: with its `408`
-/// as a response of the proxy's own when it got one.
-fn header_timeout(edge: &Edge, how: TimedOut, peer: SocketAddr, listener: Listener) {
-    edge.metrics.connection_error("header_timeout");
-    if how == TimedOut::Answered {
-        edge.metrics.observe(&Observed {
-            app: "",
-            region: &edge.region,
-            status: StatusCode::REQUEST_TIMEOUT,
-            elapsed: edge.h1.header_timeout,
-            error: Some("PE05"),
-            from_machine: false,
-        });
-    }
-    tracing::debug!(%peer, listener = listener.as_str(), ?how, "no whole request head within the header timeout");
-}
-
-/// The TLS handshake, bounded so a silent client cannot hold a task (or the
-/// shutdown drain) forever.
-async fn tls(
-    edge: &Edge,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let started = Instant::now();
-    match tokio::time::timeout(edge.handshake_timeout, edge.tls.accept(tcp)).await {
-        Ok(Ok(stream)) => {
-            edge.metrics.handshake(Handshake::Ok(started.elapsed()));
-            Some(stream)
-        }
-        Ok(Err(e)) => {
-            edge.metrics.handshake(Handshake::Error);
-            tracing::debug!(%peer, error = %e, "tls handshake failed");
-            None
-        }
-        Err(_) => {
-            edge.metrics.handshake(Handshake::Timeout);
-            tracing::debug!(%peer, "tls handshake timed out");
-            None
-        }
-    }
-}
-
 // ---- handle: host → app → body → slot → send → respond ----
 
 /// Serves one request. Never fails: every error becomes a response in
 /// [`fail`], and every request is logged and counted once in [`log`].
-async fn handle(edge: Arc<Edge>, conn: Conn, req: Request<ClientBody>) -> Response<ProxyBody> {
+pub(crate) async fn handle(
+    edge: Arc<Edge>,
+    conn: Conn,
+    req: Request<ClientBody>,
+) -> Response<ProxyBody> {
     let mut ex = Exchange {
         conn,
         id: request_id(&edge.region),
@@ -592,7 +184,7 @@ fn decide(
             replace: (!req.headers().contains_key(HOST)).then(|| HeaderValue::from_static("")),
             flycast: None,
         },
-        None => host(&edge.fib, &req)?,
+        None => host::host(&edge.fib, &req)?,
     };
     let app = app(&edge.fib, &host.app)?;
     ex.app = Some(app.name.clone());
@@ -755,7 +347,7 @@ async fn forward(
                 Err(error) => return (Err(error), Some(req)),
             };
         }
-        let slot = slot(edge, &app, hop, &skip);
+        let slot = edge.slots.take(&app, hop.want, &hop.steer, &skip);
         let slot = match hop.timeout {
             Some(after) => tokio::time::timeout(after, slot)
                 .await
@@ -974,8 +566,8 @@ async fn to_peer(
 
 /// The machine's response for the client: a tunnel after `101`, else the
 /// response with the port's header rules applied. A `fly-keep-alive-until`
-/// is the proxy's to read ([`crate::autostop`]), not the client's; a
-/// sticky service pins the client ([`crate::sticky`]; `pinned`: the
+/// is the proxy's to read ([`crate::scaling::autostop`]), not the client's; a
+/// sticky service pins the client ([`crate::routing::sticky`]; `pinned`: the
 /// machine the request was pinned to).
 fn respond(
     edge: &Edge,
@@ -993,7 +585,7 @@ fn respond(
     if headers::has(response.headers(), &FLY_KEEP_ALIVE_UNTIL)
         && let Some(until) = response.headers_mut().remove(FLY_KEEP_ALIVE_UNTIL)
     {
-        edge.released.activity.keep_alive(machine, &until);
+        edge.activity.keep_alive(machine, &until);
     }
     if let Some(sticky) = &target.service().sticky {
         let headers = response.headers_mut();
@@ -1014,76 +606,6 @@ fn respond(
         .port()
         .and_then(|p| p.http_options.as_ref()?.response.as_ref());
     downstream_response(response, ex, held, options)
-}
-
-/// The host a request is for, and the app it names.
-#[derive(Debug)]
-struct Host {
-    app: CompactString,
-    /// What the machine gets as Host in place of the client's `Host`
-    /// header: the URI's authority (h2, an absolute-form target), or an
-    /// empty one when there is none. `None`: the client's header, as is.
-    replace: Option<HeaderValue>,
-    /// `<app>.flycast[:port]`: the port (80 by default).
-    flycast: Option<u16>,
-}
-
-/// Reads the host from the URI authority (h2, or an HTTP/1 absolute-form
-/// target, which takes precedence over `Host` per RFC 9112 section 3.2.2),
-/// else from the `Host` header.
-fn host(fib: &Fib, req: &Request<ClientBody>) -> Result<Host, PathError> {
-    let (replace, parsed) = match req.uri().authority() {
-        Some(authority) => {
-            let raw = HeaderValue::from_str(authority.as_str())
-                .map_err(|_| PathError::BadHost(HostError::NotText))?;
-            (Some(raw), app_of_host(fib, authority.as_str()))
-        }
-        None => {
-            let raw = req
-                .headers()
-                .get(HOST)
-                .ok_or(PathError::BadHost(HostError::Missing))?;
-            let text = raw
-                .to_str()
-                .map_err(|_| PathError::BadHost(HostError::NotText))?;
-            (None, app_of_host(fib, text))
-        }
-    };
-    let (app, flycast) = parsed.map_err(PathError::BadHost)?;
-    Ok(Host {
-        app,
-        replace,
-        flycast,
-    })
-}
-
-/// The app a Host names, with the port of `<app>.flycast[:port]`: an
-/// app's custom hostname (one with an uploaded certificate) first, then
-/// `<app>.flycast`, then `<app>.localhost`.
-fn app_of_host(fib: &Fib, raw: &str) -> Result<(CompactString, Option<u16>), HostError> {
-    let name = host_name(raw)?;
-    if let Some(custom) = fib.snapshot().hostname(&name) {
-        return Ok((custom.app.as_str().into(), None));
-    }
-    if let Some((app, port)) = flycast(raw, &name) {
-        return Ok((app.into(), Some(port)));
-    }
-    localhost_app(raw, &name).map(|app| (app.into(), None))
-}
-
-/// A Host's name as the catalog spells names: without its port or a
-/// trailing dot (the fully qualified spelling of the same name), in lower
-/// case; inline, without an allocation, up to 24 bytes.
-fn host_name(raw: &str) -> Result<CompactString, HostError> {
-    if raw.is_empty() {
-        return Err(HostError::Missing);
-    }
-    let mut name = CompactString::from(strip_port(raw)?);
-    name.as_mut_str().make_ascii_lowercase();
-    if name.ends_with('.') {
-        name.pop();
-    }
-    Ok(name)
 }
 
 /// The app's routes from the current FIB snapshot.
@@ -1156,123 +678,6 @@ fn forwarded<'a>(edge: &'a Edge, ex: &'a Exchange) -> Forwarded<'a> {
         request_id: &ex.id,
         via: ex.via,
         from_region: ex.from_region.as_ref(),
-    }
-}
-
-/// Picks the machine and takes a slot on it; see [`balance`]. When every
-/// machine is at its hard limit the request waits in the app's queue
-/// ([`crate::queue`]), reading the app's routes afresh on every try. When
-/// the app has no machine up, one is started ([`crate::autostart`]) and the
-/// request routed again once it is. The hop's [`Steer`] narrows or orders
-/// the choice; machines in `skip` are not chosen.
-async fn slot(
-    edge: &Edge,
-    app: &Arc<AppRoutes>,
-    hop: &Hop,
-    skip: &[CompactString],
-) -> Result<(Target, Lease), PathError> {
-    let steer = hop.steer.resolve(app, &edge.region)?;
-    let want = hop.want;
-    let near = Near {
-        region: steer.near,
-        closer: edge.peers.order(),
-    };
-    // A machine that refused the request is skipped, unless it has been
-    // started for it since.
-    let restarted = OnceLock::new();
-    let allowed = |m: &RouteMachine| {
-        steer.allows(m) && (!skip.contains(&m.id) || restarted.get() == Some(&m.id))
-    };
-    // A machine that refused the request and is down now may be started
-    // for it: autostart only picks machines the catalog shows down.
-    let startable = |m: &RouteMachine| steer.allows(m);
-    let attempt = |app: &Arc<AppRoutes>| {
-        // A preferred machine that can take the request gets it.
-        if let Some(id) = steer.prefer_instance {
-            let only = |m: &RouteMachine| !allowed(m) || m.id != id;
-            if let Ok(target) = balance::choose(app, want, near, only, &mut rand::rng())
-                && let Some(lease) = Lease::acquire(&target, Some(&edge.released))
-            {
-                return Some(Ok((target, lease)));
-            }
-        }
-        let skip = |m: &RouteMachine| !allowed(m);
-        match balance::choose(app, want, near, skip, &mut rand::rng()) {
-            // A slot taken between choosing and leasing counts as full.
-            Ok(target) => Lease::acquire(&target, Some(&edge.released)).map(|l| Ok((target, l))),
-            Err(NoTarget::AtCapacity) => None,
-            Err(no) => Some(Err(no)),
-        }
-    };
-    let mut app = app.clone();
-    let mut started = false;
-    loop {
-        let found = match attempt(&app) {
-            Some(found) => found,
-            None => Box::pin(
-                edge.queues
-                    .wait(&app.name, || attempt(&edge.fib.lookup(&app.name)?)),
-            )
-            .await
-            .map_err(|reason| PathError::AtCapacity {
-                app: app.name.to_string(),
-                reason,
-            })?,
-        };
-        let no = match found {
-            Ok(slot) => {
-                if slot.0.past_soft()
-                    && let Some(machine) = autostart::pick(&app, want, near, startable)
-                {
-                    edge.autostart.start_in_background(&app.name, machine);
-                }
-                return Ok(slot);
-            }
-            Err(no @ (NoTarget::NoStartedMachine | NoTarget::NoHealthyMachine)) if !started => no,
-            // A forced machine or region with nothing up there: start one.
-            Err(no @ NoTarget::NoHttpService) if !started && hop.steer.forces() => no,
-            Err(no) => return Err(no_target(&app, no, &edge.region)),
-        };
-        let Some(machine) = autostart::pick(&app, want, near, startable) else {
-            return Err(no_target(&app, no, &edge.region));
-        };
-        Box::pin(edge.autostart.start(&app.name, machine))
-            .await
-            .map_err(|reason| PathError::StartFailed {
-                app: app.name.to_string(),
-                machine: machine.id.to_string(),
-                reason,
-            })?;
-        let _ = restarted.set(machine.id.clone());
-        started = true;
-        app = edge
-            .fib
-            .lookup(&app.name)
-            .ok_or_else(|| PathError::UnknownApp(app.name.to_string()))?;
-    }
-}
-
-/// The error for an app without a machine for this request. With none here
-/// but some in other regions (a regional catalog keeps only this region's
-/// machines), the error names those regions, from the catalog's summaries.
-fn no_target(app: &AppRoutes, no: NoTarget, region: &str) -> PathError {
-    let name = app.name.to_string();
-    let elsewhere = app.regions_elsewhere(region);
-    if app.candidates().is_empty() && !elsewhere.is_empty() {
-        return PathError::OnlyElsewhere {
-            app: name,
-            region: region.to_string(),
-            elsewhere: elsewhere.iter().map(|r| r.region.to_string()).collect(),
-        };
-    }
-    match no {
-        NoTarget::NoStartedMachine => PathError::NoStartedMachine(name),
-        NoTarget::NoHealthyMachine => PathError::NoHealthyMachine(name),
-        NoTarget::NoHttpService => PathError::NoHttpService(name),
-        NoTarget::AtCapacity => PathError::AtCapacity {
-            app: name,
-            reason: QueueError::Full,
-        },
     }
 }
 
@@ -1595,232 +1000,4 @@ fn request_id(region: &str) -> HeaderValue {
     // [a-z0-9-], so this cannot fail; the fallback keeps it panic-free anyway.
     HeaderValue::from_maybe_shared(id.freeze())
         .unwrap_or_else(|_| HeaderValue::from_static("invalid-request-id"))
-}
-
-// ---- host parsing ----
-
-/// Why a request's host names no app. Its `Display` is the client's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostError {
-    /// No `Host` header and no URI authority.
-    Missing,
-    /// The host is not visible ASCII.
-    NotText,
-    /// The host is not `name[:port]`.
-    Malformed(String),
-    /// The host is well-formed but not `<app>.localhost`.
-    NotAnApp(String),
-    /// The label before `.localhost` is not a valid app name.
-    BadAppName(String),
-}
-
-impl fmt::Display for HostError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Missing => f.write_str("missing Host header"),
-            Self::NotText => f.write_str("Host header is not valid text"),
-            Self::Malformed(host) => write!(f, "malformed Host {host:?}"),
-            Self::NotAnApp(host) => {
-                write!(f, "Host {host:?} is not <app>.localhost or <app>.flycast")
-            }
-            Self::BadAppName(name) => write!(
-                f,
-                "{name:?} is not an app name (1-63 characters of a-z, 0-9 and -, not starting or ending with -)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for HostError {}
-
-/// Parses a Host value (`hello.localhost`, `Hello.LocalHost:8080`,
-/// `hello.localhost.`) into the app name it routes to.
-pub fn parse_host(raw: &str) -> Result<String, HostError> {
-    localhost_app(raw, &host_name(raw)?).map(str::to_string)
-}
-
-/// The app of `<app>.localhost`, `name` being `raw`'s [`host_name`].
-fn localhost_app<'a>(raw: &str, name: &'a str) -> Result<&'a str, HostError> {
-    let app = name
-        .strip_suffix(".localhost")
-        .ok_or_else(|| HostError::NotAnApp(raw.to_string()))?;
-    if AppName::valid(app) {
-        Ok(app)
-    } else {
-        Err(HostError::BadAppName(app.to_string()))
-    }
-}
-
-/// `<app>.flycast[:port]` → the app and the port (80 when none): the name
-/// an app's private services go by. Anything else is `None`.
-pub fn parse_flycast(raw: &str) -> Option<(String, u16)> {
-    let name = host_name(raw).ok()?;
-    flycast(raw, &name).map(|(app, port)| (app.to_string(), port))
-}
-
-/// The app and port of `<app>.flycast[:port]`, `name` being `raw`'s
-/// [`host_name`].
-fn flycast<'a>(raw: &str, name: &'a str) -> Option<(&'a str, u16)> {
-    let app = name
-        .strip_suffix(".flycast")
-        .filter(|app| AppName::valid(app))?;
-    let port = match raw.rsplit_once(':') {
-        Some((_, port)) if !port.is_empty() => port.parse().ok()?,
-        _ => 80,
-    };
-    Some((app, port))
-}
-
-/// `name[:port]` → `name`. The port may be empty (RFC 3986 allows it) but
-/// otherwise must be a number. An IPv6 literal is well-formed but no app.
-fn strip_port(raw: &str) -> Result<&str, HostError> {
-    if raw.starts_with('[') {
-        return Err(HostError::NotAnApp(raw.to_string()));
-    }
-    let (name, port) = match raw.split_once(':') {
-        Some((name, port)) => (name, port),
-        None => (raw, ""),
-    };
-    // `u16::from_str` alone would accept a leading `+`.
-    let port_ok = port.is_empty()
-        || (port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok());
-    let name_ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
-    if port_ok && name_ok {
-        Ok(name)
-    } else {
-        Err(HostError::Malformed(raw.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn with_nothing_here_the_error_names_the_regions_that_have_machines() {
-        use hangar_catalog::RegionSummary;
-        let summary = |region: &str, routable, capacity| RegionSummary {
-            region: region.into(),
-            started: routable,
-            stopped: 1,
-            suspended: 0,
-            routable,
-            capacity,
-        };
-        let app = Arc::new(AppRoutes {
-            regions: Arc::new([
-                summary("ams", 0, 0),
-                summary("ord", 1, 20),
-                summary("syd", 2, 40),
-            ]),
-            ..AppRoutes::empty("hello")
-        });
-        let err = no_target(&app, NoTarget::NoStartedMachine, "ams");
-        assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            err.to_string(),
-            "app \"hello\" has no machine taking traffic in region ams; it has in syd, ord"
-        );
-        let nowhere = Arc::new(AppRoutes::empty("hello"));
-        assert!(matches!(
-            no_target(&nowhere, NoTarget::NoStartedMachine, "ams"),
-            PathError::NoStartedMachine(_)
-        ));
-    }
-
-    #[test]
-    fn good_hosts_name_their_app() {
-        for (raw, app) in [
-            ("hello.localhost", "hello"),
-            ("hello.localhost:8080", "hello"),
-            ("Hello.LocalHost:8443", "hello"),
-            ("hello.localhost.", "hello"),
-            ("hello.localhost:", "hello"),
-            ("my-app-2.localhost", "my-app-2"),
-            (&format!("{}.localhost", "a".repeat(63)), &"a".repeat(63)),
-        ] {
-            assert_eq!(parse_host(raw).as_deref(), Ok(app), "{raw}");
-        }
-    }
-
-    #[test]
-    fn malformed_hosts_are_rejected_with_a_reason() {
-        use HostError::*;
-        let cases: &[(&str, HostError)] = &[
-            ("", Missing),
-            (
-                "hello.localhost:80:80",
-                Malformed("hello.localhost:80:80".into()),
-            ),
-            (
-                "hello.localhost:http",
-                Malformed("hello.localhost:http".into()),
-            ),
-            (
-                "hello.localhost:99999",
-                Malformed("hello.localhost:99999".into()),
-            ),
-            (
-                "hello.localhost:+80",
-                Malformed("hello.localhost:+80".into()),
-            ),
-            (":8080", Malformed(":8080".into())),
-            ("hel lo.localhost", Malformed("hel lo.localhost".into())),
-            ("hello.localhost/x", Malformed("hello.localhost/x".into())),
-            (
-                "user@hello.localhost",
-                Malformed("user@hello.localhost".into()),
-            ),
-            ("localhost", NotAnApp("localhost".into())),
-            ("localhost:8080", NotAnApp("localhost:8080".into())),
-            ("hello.example.com", NotAnApp("hello.example.com".into())),
-            ("127.0.0.1:8080", NotAnApp("127.0.0.1:8080".into())),
-            ("[::1]:8080", NotAnApp("[::1]:8080".into())),
-            (".localhost", BadAppName("".into())),
-            ("a.b.localhost", BadAppName("a.b".into())),
-            ("my_app.localhost", BadAppName("my_app".into())),
-            // flaps never makes such a name, so none routes.
-            ("-foo.localhost", BadAppName("-foo".into())),
-            ("foo-.localhost", BadAppName("foo-".into())),
-            (
-                &format!("{}.localhost", "a".repeat(64)),
-                BadAppName("a".repeat(64)),
-            ),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(parse_host(raw).as_ref(), Err(want), "{raw:?}");
-        }
-    }
-
-    #[test]
-    fn flycast_names_name_their_app_and_port() {
-        assert_eq!(parse_flycast("hello.flycast"), Some(("hello".into(), 80)));
-        assert_eq!(
-            parse_flycast("Hello.Flycast.:8080"),
-            Some(("hello".into(), 8080))
-        );
-        assert_eq!(parse_flycast("hello.flycast:"), Some(("hello".into(), 80)));
-        for other in [
-            "hello.localhost",
-            "a.b.flycast",
-            ".flycast",
-            "hello.flycast:x",
-            "flycast",
-        ] {
-            assert_eq!(parse_flycast(other), None, "{other}");
-        }
-    }
-
-    #[test]
-    fn host_errors_read_as_one_line() {
-        let e = parse_host("evil\u{7f}.localhost").unwrap_err();
-        assert!(!e.to_string().contains('\n'));
-        assert_eq!(
-            parse_host("example.com").unwrap_err().to_string(),
-            r#"Host "example.com" is not <app>.localhost or <app>.flycast"#
-        );
-    }
 }

@@ -5,8 +5,8 @@
 
 use crate::h1::body::{Decoder, Framing, Step};
 use crate::h1::head;
-use crate::path::{parse_flycast, parse_host};
-use crate::replay::Replay;
+use crate::routing::host::{parse_flycast, parse_host};
+use crate::routing::replay::Replay;
 use bytes::BytesMut;
 use http::HeaderValue;
 use proptest::collection::vec;

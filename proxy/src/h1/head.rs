@@ -392,7 +392,7 @@ pub(crate) fn local(status: StatusCode, code: &str, text: &str) -> Bytes {
     );
     headers.insert(header::SERVER, HeaderValue::from_static("hangar"));
     if let Ok(code) = HeaderValue::from_str(code) {
-        headers.insert(crate::headers::FLY_PROXY_ERROR, code);
+        headers.insert(crate::error::FLY_PROXY_ERROR, code);
     }
     let mut keep_alive = false;
     let body = format!("{text}\n");

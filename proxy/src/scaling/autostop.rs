@@ -34,8 +34,8 @@
 //! the response.
 
 use crate::FastHash;
-use crate::autostart::Directory;
 use crate::metrics::EdgeMetrics;
+use crate::scaling::autostart::Directory;
 use compact_str::CompactString;
 use dashmap::DashMap;
 use hangar_api::machine::{Autostop, MachineService};
@@ -228,7 +228,7 @@ impl Autostopper {
         let past_soft = machines
             .iter()
             .zip(&loads)
-            .filter(|((_, s), load)| **load > crate::balance::Limits::of(s).soft)
+            .filter(|((_, s), load)| **load > crate::routing::balance::Limits::of(s).soft)
             .count();
         // The most idle machine with nothing in flight that its app has
         // not asked to keep.

@@ -3,10 +3,10 @@
 //! streamed through, or a short text the proxy wrote itself), and
 //! [`UpBody`] for every request it sends to a machine.
 
-use crate::balance::Lease;
+use crate::forwarding::upstream::MachineBody;
 use crate::h1::body::{BodyError, RequestBody};
 use crate::metrics::InFlight;
-use crate::upstream::MachineBody;
+use crate::routing::balance::Lease;
 use bytes::Bytes;
 use http::Request;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -29,7 +29,7 @@ enum Kind {
     /// Text from the proxy; `None` once sent.
     Local(Option<Bytes>),
     /// A machine's body (which holds its connection, see
-    /// [`crate::upstream`]). `held` keeps the request counted as in flight
+    /// [`crate::forwarding::upstream`]). `held` keeps the request counted as in flight
     /// (its machine lease and the in-flight gauge) until the body ends or
     /// the client goes away, whichever comes first.
     Upstream {

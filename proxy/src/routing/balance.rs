@@ -26,9 +26,7 @@
 //! requests racing for the last slot cannot both get it.
 
 use crate::Listener;
-use crate::autostop::Activity;
 use crate::config::Peer;
-use crate::queue::Queues;
 use hangar_api::machine::{MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, RouteMachine};
 use rand::Rng;
@@ -357,24 +355,21 @@ fn two_distinct(n: usize, rng: &mut impl Rng) -> (Option<usize>, Option<usize>) 
 #[derive(Debug)]
 pub struct Lease {
     load: Arc<AtomicUsize>,
-    /// Told of the release: the app's waiting requests and the machine's
-    /// idle clock.
-    hooks: Option<(Arc<Released>, Arc<AppRoutes>, usize)>,
+    /// Told of the release, with the machine's app and index.
+    hooks: Option<(Arc<dyn Released>, Arc<AppRoutes>, usize)>,
 }
 
-/// Who hears that a lease ended.
-#[derive(Debug)]
-pub struct Released {
-    /// Requests waiting for a slot.
-    pub queues: Arc<Queues>,
-    /// When each machine was last busy, for autostop.
-    pub activity: Arc<Activity>,
+/// Who hears that a lease ended: the scaling room (the app's waiting
+/// requests, the machine's idle clock), which routing does not know.
+pub trait Released: Send + Sync + std::fmt::Debug {
+    /// `machine` of `app` has one request fewer in flight.
+    fn released(&self, app: &AppRoutes, machine: &RouteMachine);
 }
 
 impl Lease {
     /// Counts one more request in flight on the target's machine, unless it
     /// is already at its hard limit. `released` hears of the release.
-    pub fn acquire(target: &Target, released: Option<&Arc<Released>>) -> Option<Self> {
+    pub fn acquire(target: &Target, released: Option<&Arc<dyn Released>>) -> Option<Self> {
         let hard = target.limits().hard;
         let load = &target.machine().inflight;
         load.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
@@ -401,8 +396,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.load.fetch_sub(1, Ordering::AcqRel);
         if let Some((released, app, index)) = &self.hooks {
-            released.activity.touch(&app.machines[*index].id);
-            released.queues.released(&app.name);
+            released.released(app, &app.machines[*index]);
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Where a request may go beyond "the best machine of its app": Fly's
 //! routing request headers ([`Steer::from_headers`]), and the next hop a
-//! machine's `fly-replay` asks for ([`Hop::replay`], see [`crate::replay`]).
+//! machine's `fly-replay` asks for ([`Hop::replay`], see [`crate::routing::replay`]).
 
-use crate::balance::{Target, Want};
 use crate::error::PathError;
-use crate::replay::{Fallback, Replay};
+use crate::routing::balance::{Target, Want};
+use crate::routing::replay::{Fallback, Replay};
 use compact_str::CompactString;
 use hangar_catalog::{AppRoutes, Fib, RouteMachine};
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! everything a connection does (TLS, HTTP, the upstream connection it
 //! borrows, its timers) stays on that worker's thread. Nothing is stolen
 //! or woken across threads on the request path, and the upstream pools are
-//! per worker ([`crate::upstream`]), so a pooled connection is always driven
+//! per worker ([`crate::forwarding::upstream`]), so a pooled connection is always driven
 //! by the reactor it is registered with.
 
 use std::io;

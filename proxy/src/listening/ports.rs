@@ -5,7 +5,7 @@
 //! Each listener belongs to one app, so no Host or SNI is needed to route
 //! what arrives on it. The port's handlers say what the proxy does with a
 //! connection: `http` (with or without `tls`) serves HTTP requests as the
-//! shared listeners do; anything else carries bytes ([`crate::tcp`]).
+//! shared listeners do; anything else carries bytes ([`crate::forwarding::tcp`]).
 //!
 //! [`PortListeners::reconcile`] runs whenever the FIB's sequence moves: it
 //! binds listeners that should exist and closes those that should not. A

@@ -2,7 +2,7 @@
 //! in (`Fly-*`, `X-Forwarded-*`, `Via`).
 
 use crate::h1::io::{Handover, OnUpgrade};
-use crate::peers::FLY_FORWARDED_REGION;
+use crate::routing::peers::FLY_FORWARDED_REGION;
 use http::header::{
     CONNECTION, COOKIE, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue, TE, TRAILER,
     TRANSFER_ENCODING, UPGRADE, VIA,
@@ -25,8 +25,6 @@ pub(crate) const FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client
 pub(crate) const FLY_FORWARDED_PORT: HeaderName = HeaderName::from_static("fly-forwarded-port");
 pub(crate) const FLY_REGION: HeaderName = HeaderName::from_static("fly-region");
 pub(crate) const FLY_REQUEST_ID: HeaderName = HeaderName::from_static("fly-request-id");
-/// On the proxy's own error responses: the error's code (`PR04`, ...).
-pub(crate) const FLY_PROXY_ERROR: HeaderName = HeaderName::from_static("fly-proxy-error");
 pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
@@ -163,7 +161,7 @@ pub(crate) fn join_cookies(headers: &mut HeaderMap) -> Result<(), InvalidHeaderV
 /// The headers go into the request's map ([`add_forwarded`]) only for
 /// hyper's client (h2 to the machine, upgrades, streamed bodies); the
 /// pooled HTTP/1.1 client writes them as it writes the head
-/// ([`crate::h1::client::encode_request`]), which saves a hash and an
+/// ([`crate::forwarding::client::encode_request`]), which saves a hash and an
 /// insert per header on every request.
 #[derive(Debug)]
 pub(crate) struct Forwarded<'a> {

@@ -11,6 +11,7 @@
 //! it sees one, as a waiter woken at the same instant would. Releases cost
 //! one atomic load while nobody waits anywhere.
 
+use crate::error::QueueError;
 use compact_str::CompactString;
 use dashmap::DashMap;
 use prometheus::IntGauge;
@@ -36,15 +37,6 @@ pub struct Queues {
 struct AppQueue {
     waiting: AtomicUsize,
     notify: Notify,
-}
-
-/// Why a queued request gave up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueError {
-    /// The app already has `max_per_app` requests waiting.
-    Full,
-    /// No slot came free within the timeout.
-    TimedOut(Duration),
 }
 
 impl Queues {

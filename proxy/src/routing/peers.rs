@@ -42,12 +42,6 @@ impl Peers {
         Self { list, cluster }
     }
 
-    /// The peers, closest first (the order of `proxy.peers`): also the
-    /// order in which this proxy prefers other regions' machines.
-    pub(crate) fn order(&self) -> &[Peer] {
-        &self.list
-    }
-
     /// The peer to send a request for `app` to: `forced`'s when the client
     /// forced a region, else the closest with machines taking requests,
     /// else the closest with machines at all.

@@ -16,7 +16,7 @@
 //! (machines of an app normally share one config); a pin applies only to
 //! a machine whose own service is sticky.
 
-use crate::balance::{Want, service_for};
+use crate::routing::balance::{Want, service_for};
 use compact_str::CompactString;
 use dashmap::DashMap;
 use hangar_api::machine::Sticky;

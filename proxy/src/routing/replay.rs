@@ -1,6 +1,6 @@
 //! `fly-replay`: a machine answers a request with a `fly-replay` response
 //! header instead of a response, and the proxy sends the same request
-//! (buffered, see [`crate::body`]) elsewhere: another region, machine or
+//! (buffered, see [`crate::forwarding::body`]) elsewhere: another region, machine or
 //! app. The client only ever sees the last machine's response.
 //!
 //! ```text

@@ -2,18 +2,20 @@
 //! handler: bytes go to a machine as they are, after TLS termination with
 //! `tls` and a PROXY protocol header with `proxy_proto`.
 //!
-//! accept → [tls] → slot (queue) → connect (retry) → [PROXY header] → copy
+//! accept → [tls] → slot (queue, autostart) → connect (retry) → [PROXY
+//! header] → copy
 //!
-//! The machine is chosen as for HTTP ([`crate::balance`]): a connection
-//! holds one unit of the machine's load for as long as it is open.
+//! The slot is taken as for HTTP ([`Slots::take`]): a connection holds one
+//! unit of the machine's load for as long as it is open.
 
-use crate::balance::{self, Lease, NoTarget, Target, Want};
-use crate::path::Edge;
+use super::upstream::Upstreams;
+use crate::metrics::EdgeMetrics;
+use crate::routing::balance::{Target, Want};
+use crate::routing::steer::Steer;
+use crate::scaling::slot::Slots;
 use compact_str::CompactString;
 use hangar_api::machine::MachinePort;
-use hangar_catalog::RouteMachine;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -97,87 +99,75 @@ fn v6(ip: std::net::IpAddr) -> std::net::Ipv6Addr {
     }
 }
 
-/// Carries one client connection (already past TLS when the port says so)
-/// to a machine of `app` serving public port `port`, until either side
-/// closes.
-pub(crate) async fn relay<C>(
-    edge: &Edge,
-    mut client: C,
-    peer: SocketAddr,
-    local: SocketAddr,
-    app: &str,
-) where
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let want = Want::Port(local.port());
-    let mut refused: Vec<CompactString> = Vec::new();
-    let (target, _lease, mut machine) = loop {
-        let Some(routes) = edge.fib.lookup(app) else {
-            tracing::debug!(app, %local, "tcp: the app is gone");
-            return;
-        };
-        let skip = |m: &RouteMachine| refused.contains(&m.id);
-        let near = balance::Near {
-            region: &edge.region,
-            closer: edge.peers.order(),
-        };
-        let attempt =
-            |routes: &Arc<_>| match balance::choose(routes, want, near, skip, &mut rand::rng()) {
-                Ok(t) => Lease::acquire(&t, Some(&edge.released)).map(|l| Ok((t, l))),
-                Err(NoTarget::AtCapacity) => None,
-                Err(no) => Some(Err(no)),
-            };
-        let slot = match attempt(&routes) {
-            Some(found) => found,
-            None => match edge
-                .queues
-                .wait(app, || attempt(&edge.fib.lookup(app)?))
-                .await
-            {
-                Ok(found) => found,
-                Err(reason) => {
-                    tracing::info!(app, %local, ?reason, "tcp: no machine slot; closing");
-                    return;
-                }
-            },
-        };
-        let (target, lease) = match slot {
-            Ok(slot) => slot,
-            Err(no) => {
-                tracing::info!(app, %local, ?no, "tcp: no machine for the connection; closing");
-                return;
-            }
-        };
-        match connect(edge, &target).await {
-            Ok(machine) => break (target, lease, machine),
-            Err(e) if refused.len() + 1 < edge.max_attempts => {
-                tracing::debug!(app, machine = %target.machine().id, error = %e, "tcp: trying another machine");
-                edge.metrics.retries.inc();
-                refused.push(target.machine().id.clone());
-            }
-            Err(e) => {
-                tracing::warn!(app, machine = %target.machine().id, error = %e, "tcp: machine unreachable; closing");
-                return;
-            }
-        }
-    };
-    if let Some(proto) = target.port().and_then(ProxyProto::of)
-        && let Err(e) = machine.write_all(&proto.header(peer, local)).await
-    {
-        tracing::debug!(app, error = %e, "tcp: writing the PROXY header");
-        return;
-    }
-    match tokio::io::copy_bidirectional(&mut client, &mut machine).await {
-        Ok((up, down)) => {
-            tracing::debug!(app, machine = %target.machine().id, up, down, "tcp: closed")
-        }
-        Err(e) => tracing::debug!(app, error = %e, "tcp: ended with an error"),
-    }
+/// What relaying a connection needs of the edge.
+pub(crate) struct Relay<'a> {
+    pub slots: &'a Slots,
+    pub upstreams: &'a Upstreams,
+    /// Machines tried per connection when connects fail.
+    pub max_attempts: usize,
+    pub metrics: &'a EdgeMetrics,
 }
 
-async fn connect(edge: &Edge, target: &Target) -> Result<TcpStream, String> {
-    let addr = SocketAddr::new(target.machine().private_ip, target.internal_port());
-    edge.upstreams.dial(addr).await
+impl Relay<'_> {
+    /// Carries one client connection (already past TLS when the port says
+    /// so) to a machine of `app` serving the public port it came in on
+    /// (`local`'s), until either side closes. The slot is taken as a
+    /// request's ([`Slots::take`]: the queue, autostart); a machine that
+    /// refuses the connection is replaced by another, at most
+    /// `max_attempts` machines in all.
+    pub(crate) async fn run<C>(&self, mut client: C, peer: SocketAddr, local: SocketAddr, app: &str)
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        let want = Want::Port(local.port());
+        let mut refused: Vec<CompactString> = Vec::new();
+        let (target, _lease, mut machine) = loop {
+            let Some(routes) = self.slots.fib.lookup(app) else {
+                tracing::debug!(app, %local, "tcp: the app is gone");
+                return;
+            };
+            let (target, lease) = match self
+                .slots
+                .take(&routes, want, &Steer::default(), &refused)
+                .await
+            {
+                Ok(slot) => slot,
+                Err(error) => {
+                    tracing::info!(app, %local, %error, "tcp: no machine for the connection; closing");
+                    return;
+                }
+            };
+            match self.connect(&target).await {
+                Ok(machine) => break (target, lease, machine),
+                Err(e) if refused.len() + 1 < self.max_attempts => {
+                    tracing::debug!(app, machine = %target.machine().id, error = %e, "tcp: trying another machine");
+                    self.metrics.retries.inc();
+                    refused.push(target.machine().id.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(app, machine = %target.machine().id, error = %e, "tcp: machine unreachable; closing");
+                    return;
+                }
+            }
+        };
+        if let Some(proto) = target.port().and_then(ProxyProto::of)
+            && let Err(e) = machine.write_all(&proto.header(peer, local)).await
+        {
+            tracing::debug!(app, error = %e, "tcp: writing the PROXY header");
+            return;
+        }
+        match tokio::io::copy_bidirectional(&mut client, &mut machine).await {
+            Ok((up, down)) => {
+                tracing::debug!(app, machine = %target.machine().id, up, down, "tcp: closed")
+            }
+            Err(e) => tracing::debug!(app, error = %e, "tcp: ended with an error"),
+        }
+    }
+
+    async fn connect(&self, target: &Target) -> Result<TcpStream, String> {
+        let addr = SocketAddr::new(target.machine().private_ip, target.internal_port());
+        self.upstreams.dial(addr).await
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! and used by the task of the request that holds them.
 //!
 //! A pooled connection is a socket and the proxy's own HTTP/1.1 client
-//! ([`crate::h1::client`]): the request head (and its body, read whole) is
+//! ([`crate::forwarding::client`]): the request head (and its body, read whole) is
 //! written straight from the request in one write, the response head read
 //! and parsed in the request's task, and the response body
 //! ([`MachineBody::Pooled`]) reads the rest from the socket itself as the
@@ -29,7 +29,7 @@
 //! one multiplexed connection per machine and worker, driven by a task of
 //! its own.
 //!
-//! Pools are per worker thread ([`crate::workers`]): a connection is only
+//! Pools are per worker thread ([`crate::listening::workers`]): a connection is only
 //! ever used on the thread whose reactor it is registered with.
 //!
 //! Bounds: at most `max_idle` idle connections per machine and worker, each
@@ -38,13 +38,13 @@
 //! [`SWEEP_EVERY`] drops expired idle connections and closes the pools of
 //! machines that are no longer routable (stopped, destroyed, cordoned).
 
+use super::client;
 use crate::FastHash;
-use crate::body::{BoxError, UpBody};
-use crate::h1;
+use crate::forwarding::body::{BoxError, UpBody};
+use crate::forwarding::headers::{Forwarded, add_forwarded};
 use crate::h1::body::{Decoder, Step};
-use crate::headers::{Forwarded, add_forwarded};
+use crate::h1::spare;
 use crate::metrics::UpstreamCounters;
-use crate::spare;
 use bytes::{Bytes, BytesMut};
 use compact_str::CompactString;
 use dashmap::DashMap;
@@ -463,7 +463,7 @@ impl Conn {
         let head_request = req.method() == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        let rest = h1::client::encode_request(&mut out, req, forwarded);
+        let rest = client::encode_request(&mut out, req, forwarded);
         let mut slices = [
             IoSlice::new(&out),
             IoSlice::new(rest.as_deref().unwrap_or_default()),
@@ -496,14 +496,14 @@ impl Conn {
             (Ok(head), None) => head,
             // The rest of the request is not coming: the connection ends
             // with this response.
-            (Ok(head), Some(_)) => h1::client::ResponseHead {
+            (Ok(head), Some(_)) => client::ResponseHead {
                 reusable: false,
                 ..head
             },
             (Err(e), None) => return Err(e),
             (Err(_), Some(cause)) => return Err(Failed::Lost(cause)),
         };
-        let h1::client::ResponseHead {
+        let client::ResponseHead {
             response,
             body,
             reusable,
@@ -512,10 +512,10 @@ impl Conn {
     }
 
     /// Reads the machine's response head, past any interim answers.
-    async fn read_head(&mut self, head_request: bool) -> Result<h1::client::ResponseHead, Failed> {
+    async fn read_head(&mut self, head_request: bool) -> Result<client::ResponseHead, Failed> {
         loop {
             if !self.buf.is_empty() {
-                match h1::client::parse_response(&mut self.buf, head_request) {
+                match client::parse_response(&mut self.buf, head_request) {
                     Err(e) => return Err(Failed::Bad(e.into())),
                     // Interim answers (100, 103) are not passed on.
                     Ok(Some(head)) if head.response.status().is_informational() => {

@@ -1,6 +1,6 @@
 //! Read buffers kept per worker thread for the next head: a client's
 //! request heads ([`crate::h1`]) and machines' response heads
-//! ([`crate::upstream`]).
+//! ([`crate::forwarding::upstream`]).
 //!
 //! A head is parsed in place: its header values share the buffer it was
 //! read into, so that buffer is only free again once the head is gone. A

@@ -1,11 +1,11 @@
 //! The machine side of HTTP/1.1: request heads out ([`encode_request`]),
 //! response heads in ([`parse_response`]), for the pooled connections of
-//! [`crate::upstream`].
+//! [`crate::forwarding::upstream`].
 
-use super::body::Decoder;
-use super::head;
-use crate::body::UpBody;
-use crate::headers::Forwarded;
+use crate::forwarding::body::UpBody;
+use crate::forwarding::headers::Forwarded;
+use crate::h1::body::Decoder;
+use crate::h1::head;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -241,7 +241,7 @@ mod tests {
                     );
                 }
                 let mut expected = req.headers().clone();
-                crate::headers::add_forwarded(&mut expected, &fwd).unwrap();
+                crate::forwarding::headers::add_forwarded(&mut expected, &fwd).unwrap();
                 let mut expected: Vec<(String, String)> = expected
                     .iter()
                     .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))

@@ -18,7 +18,7 @@
 //!   running machine of the app is), a stopped one is started in the
 //!   background for the requests that follow; this one does not wait.
 
-use crate::balance::{Near, Want, service_for};
+use crate::routing::balance::{Near, Want, service_for};
 use compact_str::CompactString;
 use dashmap::DashMap;
 use hangar_api::machine::MachineState;
