@@ -738,6 +738,13 @@ async fn an_app_address_serves_each_port_with_its_handlers() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["machine_id"], id.as_str());
 
+    // Stopped, the machine is started for a raw TCP connection, as it is
+    // for a request: the connection waits, then reaches it.
+    put_down(&h, "db", &id, "stop", "stopped").await;
+    let (status, body) = raw_get(tokio::net::TcpStream::connect(at(7000)).await.unwrap()).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body["machine_id"], id.as_str());
+
     // Released, the address stops being listened on.
     let (status, _) = h.delete(&format!("/v1/apps/db/ip_assignments/{ip}")).await;
     assert_eq!(status, 204);

@@ -1,7 +1,7 @@
 //! The RIB: Hangar's routing information base in SQLite.
 //!
 //! One writer connection, one reader connection for everyone, and one for
-//! the FIB follower ([`Rib::follow_read`]), each behind a [`Guarded`] lock;
+//! the FIB follower (`Rib::follow_read`), each behind a [`Guarded`] lock;
 //! in WAL mode readers never block the writer. Every
 //! write appends to `changes` in the same transaction and then calls the
 //! in-process followers' commit hooks; followers in other processes poll
@@ -286,7 +286,7 @@ pub struct Change {
     pub key: String,
     pub app: Option<String>,
     /// For a machine change, the machine as the FIB routes on it after the
-    /// change (JSON of [`RouteImage`]).
+    /// change (JSON of `RouteImage`).
     pub image: Option<String>,
 }
 
@@ -1013,7 +1013,7 @@ impl Rib {
 
 /// Reads on one connection. [`Rib`]'s read methods run these on the shared
 /// reader; the FIB runs them on its own connection inside one read
-/// transaction per catch-up (see [`Rib::follow_read`]), which both saves a
+/// transaction per catch-up (see `Rib::follow_read`), which both saves a
 /// lock round per query and gives it one consistent view of the RIB.
 pub struct RibView<'c>(&'c Connection);
 

@@ -113,19 +113,18 @@ pub enum PathError {
     #[error("app {0:?} has no started machine with an http service")]
     NoHttpService(String),
     /// The chosen machine could not be reached, or failed mid-exchange.
-    #[error("{}", upstream_message(.machine, .connect, .not_retried))]
+    #[error("{}", upstream_message(.machine, .failed, .again))]
     Upstream {
         /// The machine's id (shown to the client).
         machine: String,
         /// The machine's private address (logged only).
         addr: SocketAddr,
-        /// True when the connection was never made, so the request did not
-        /// reach the machine and may be sent elsewhere.
-        connect: bool,
+        /// How the attempt failed.
+        failed: Failed,
         /// The underlying error chain, for the log.
         cause: String,
-        /// Why the request was not sent again, when it could not be.
-        not_retried: Option<String>,
+        /// What the failure allows next.
+        again: Again,
     },
     /// The request body is larger than the proxy accepts.
     #[error("request body larger than {limit} bytes")]
@@ -249,11 +248,82 @@ fn at_capacity_message(app: &str, reason: &QueueError) -> String {
     }
 }
 
-fn upstream_message(machine: &str, connect: &bool, not_retried: &Option<String>) -> String {
-    match (connect, not_retried) {
-        (true, _) => format!("could not connect to machine {machine}"),
-        (false, None) => format!("machine {machine} did not answer"),
-        (false, Some(why)) => format!("machine {machine} did not answer ({why})"),
+fn upstream_message(machine: &str, failed: &Failed, again: &Again) -> String {
+    match (failed, again) {
+        (Failed::Connect, _) => format!("could not connect to machine {machine}"),
+        (_, Again::No(Some(why))) => {
+            format!("machine {machine} did not answer (not retried: {why})")
+        }
+        _ => format!("machine {machine} did not answer"),
+    }
+}
+
+/// How an attempt to deliver a request (or a connection) to a machine or
+/// a peer failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// No connection (refused, unreachable, timed out): nothing left.
+    Connect,
+    /// The connection broke under the request before any answer. `fresh`:
+    /// it was a new connection, so the other side is not merely closing
+    /// idle connections; it is going away, or drops what it takes.
+    Broken {
+        /// The connection was new.
+        fresh: bool,
+    },
+    /// The exchange failed after the request was (maybe) taken.
+    Exchange,
+}
+
+/// What a failure allows next: where the request (or connection) may go
+/// again, if anywhere. Decided once, where the failure is seen
+/// ([`Again::after`]), and obeyed alike by every hop: requests to
+/// machines, raw TCP connections, requests to another region's proxy
+/// (pingora's `Error::retry` is the model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Again {
+    /// Nowhere: it may have been acted on, or cannot be sent as it was;
+    /// why, when the client should be told.
+    No(Option<String>),
+    /// To another machine: this one never saw it (the connection was
+    /// refused), or a new connection to it broke before any answer (a
+    /// machine going away). Once the catalog shows this one down, it may
+    /// be started for the request.
+    OtherMachine,
+    /// To the same machine on a new connection: a pooled connection the
+    /// machine had closed broke under it before any answer.
+    NewConnection,
+    /// To another region's proxy: this region has no machine for it.
+    OtherRegion,
+}
+
+impl Again {
+    /// What an attempt that `failed` allows, `resend` saying whether the
+    /// request can be sent again as it was ([`Again::resend`]).
+    pub fn after(failed: Failed, resend: Result<(), String>) -> Self {
+        match (failed, resend) {
+            // Nothing left: whatever the request, it can go elsewhere.
+            (Failed::Connect, _) => Self::OtherMachine,
+            (Failed::Broken { fresh: true }, Ok(())) => Self::OtherMachine,
+            (Failed::Broken { fresh: false }, Ok(())) => Self::NewConnection,
+            (Failed::Exchange, Ok(())) => Self::No(None),
+            (_, Err(why)) => Self::No(Some(why)),
+        }
+    }
+
+    /// Whether an HTTP request can be sent again once it may have reached
+    /// a machine: only when it is idempotent and its body was read whole
+    /// (`buffered`; bodies over `keep` bytes stream), else why not.
+    pub fn resend(method: &http::Method, buffered: bool, keep: u64) -> Result<(), String> {
+        if !buffered {
+            Err(format!(
+                "the request body was larger than {keep} bytes and was streamed"
+            ))
+        } else if !method.is_idempotent() {
+            Err(format!("{method} is not idempotent"))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -317,8 +387,11 @@ impl PathError {
             Self::TooManyReplays { .. } => "PR09",
             Self::ReplayTooLarge { .. } => "PR10",
             Self::ReplayTimedOut { .. } => "PR11",
-            Self::Upstream { connect: true, .. } => "PC01",
-            Self::Upstream { connect: false, .. } => "PU02",
+            Self::Upstream {
+                failed: Failed::Connect,
+                ..
+            } => "PC01",
+            Self::Upstream { .. } => "PU02",
             Self::UpstreamTimeout { .. } => "PU05",
             Self::Internal(_) => "PU04",
         }
@@ -365,10 +438,34 @@ impl PathError {
         }
     }
 
-    /// Whether sending the same request to another machine is safe: only when
-    /// this one never saw it.
-    pub fn retryable(&self) -> bool {
-        matches!(self, Self::Upstream { connect: true, .. })
+    /// A machine or peer failed the request: `failed` how, `again` what
+    /// that allows (see [`Again::after`]).
+    pub fn upstream(
+        (machine, addr): (&str, SocketAddr),
+        failed: Failed,
+        cause: String,
+        again: Again,
+    ) -> Self {
+        Self::Upstream {
+            machine: machine.to_string(),
+            addr,
+            failed,
+            cause,
+            again,
+        }
+    }
+
+    /// What the failure allows next: another machine or a new connection
+    /// for what a machine failed, another region for an app with nothing
+    /// here, nothing for the rest.
+    pub fn again(&self) -> Again {
+        match self {
+            Self::Upstream { again, .. } => again.clone(),
+            Self::OnlyElsewhere { .. } | Self::NoStartedMachine(_) | Self::NoHealthyMachine(_) => {
+                Again::OtherRegion
+            }
+            _ => Again::No(None),
+        }
     }
 
     /// Whether the request failed before reaching any machine: the errors
@@ -386,7 +483,10 @@ impl PathError {
                 | Self::NotInRegion { .. }
                 | Self::AtCapacity { .. }
                 | Self::ReplayTimedOut { .. }
-                | Self::Upstream { connect: true, .. }
+                | Self::Upstream {
+                    failed: Failed::Connect,
+                    ..
+                }
         )
     }
 
@@ -460,16 +560,47 @@ mod tests {
 
     #[test]
     fn upstream_errors_hide_the_address_from_the_client() {
-        let e = PathError::Upstream {
-            machine: "m1".into(),
-            addr: "127.10.0.2:8080".parse().unwrap(),
-            connect: true,
-            cause: "Connection refused".into(),
-            not_retried: None,
-        };
+        let e = PathError::upstream(
+            ("m1", "127.10.0.2:8080".parse().unwrap()),
+            Failed::Connect,
+            "Connection refused".into(),
+            Again::after(Failed::Connect, Ok(())),
+        );
         assert_eq!(e.to_string(), "could not connect to machine m1");
         assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
-        assert!(e.retryable());
+        assert_eq!(e.again(), Again::OtherMachine);
         assert_eq!(e.detail().unwrap(), "127.10.0.2:8080: Connection refused");
+    }
+
+    #[test]
+    fn what_a_failure_allows_next() {
+        use http::Method;
+        let safe = Again::resend(&Method::GET, true, 10);
+        assert_eq!(safe, Ok(()));
+        let streamed = Again::resend(&Method::GET, false, 10).unwrap_err();
+        let post = Again::resend(&Method::POST, true, 10).unwrap_err();
+        assert_eq!(post, "POST is not idempotent");
+        // Refused: nothing left, so anything may go elsewhere.
+        let refused = Again::after(Failed::Connect, Err(post.clone()));
+        assert_eq!(refused, Again::OtherMachine);
+        // A pooled connection the machine closed: the same machine again.
+        let closed = Again::after(Failed::Broken { fresh: false }, safe.clone());
+        assert_eq!(closed, Again::NewConnection);
+        // A new connection broke: the machine is going away.
+        let going = Again::after(Failed::Broken { fresh: true }, safe.clone());
+        assert_eq!(going, Again::OtherMachine);
+        // What may have been acted on goes nowhere, and says why.
+        let broken_post = Again::after(Failed::Broken { fresh: false }, Err(post.clone()));
+        assert_eq!(broken_post, Again::No(Some(post)));
+        assert_eq!(
+            Again::after(Failed::Exchange, Err(streamed.clone())),
+            Again::No(Some(streamed))
+        );
+        assert_eq!(Again::after(Failed::Exchange, safe), Again::No(None));
+        assert_eq!(
+            PathError::NoStartedMachine("a".into()).again(),
+            Again::OtherRegion
+        );
+        assert_eq!(PathError::UnknownApp("a".into()).again(), Again::No(None));
     }
 }

@@ -10,7 +10,7 @@
 //! - `path`: one request, top to bottom in call order (host → app → body
 //!   → deliver: slot → send → replay, fallback or another region → respond
 //!   → log), every failure answered by one `fail()`; it reads what every
-//!   request shares from `edge` ([`Edge::new`](edge::Edge::new) builds it
+//!   request shares from `edge` (`Edge::new` builds it
 //!   from the config).
 //! - `forwarding`: the upstream pool, the HTTP/1 client, bodies, headers,
 //!   the TCP relay.

@@ -14,7 +14,7 @@
 use crate::Listener;
 use crate::conn_limit::Counted;
 use crate::edge::Edge;
-use crate::error::{FLY_PROXY_ERROR, PathError, Side};
+use crate::error::{Again, FLY_PROXY_ERROR, PathError, Side};
 use crate::forwarding::body::{self, ClientBody, Held, ProxyBody, ReadBody, UpBody};
 use crate::forwarding::headers::{self, FLY_REQUEST_ID, Forwarded};
 use crate::forwarding::upstream::{self, MachineBody, SendError};
@@ -84,8 +84,6 @@ struct Exchange {
     via: &'static str,
 }
 
-// ---- handle: host → app → body → slot → send → respond ----
-
 /// Serves one request. Never fails: every error becomes a response in
 /// [`fail`], and every request is logged and counted once in [`log`].
 pub(crate) async fn handle(
@@ -119,6 +117,20 @@ pub(crate) async fn handle(
             response
         }
     }
+}
+
+/// A new request id: a ULID (time-ordered, so logs sort) and the region.
+fn request_id(region: &str) -> HeaderValue {
+    let mut ulid = [0u8; ulid::ULID_LEN];
+    let ulid = ulid::Ulid::new().array_to_str(&mut ulid);
+    let mut id = bytes::BytesMut::with_capacity(ulid.len() + 1 + region.len());
+    id.extend_from_slice(ulid.as_bytes());
+    id.extend_from_slice(b"-");
+    id.extend_from_slice(region.as_bytes());
+    // A ULID is base32 and a region name is a DNS label, so this cannot
+    // fail; the fallback keeps it panic-free anyway.
+    HeaderValue::from_maybe_shared(id.freeze())
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid-request-id"))
 }
 
 /// The steps that pick a machine and forward to it, in order.
@@ -216,6 +228,12 @@ fn decide(
     })
 }
 
+/// The app's routes from the current FIB snapshot.
+fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
+    fib.lookup(name)
+        .ok_or_else(|| PathError::UnknownApp(name.to_string()))
+}
+
 /// Checks that a request for `<app>.flycast` on a shared listener shows a
 /// token of the app's org (`Proxy-Authorization: Bearer`, as to an HTTP
 /// proxy): flycast is the org's private way in.
@@ -229,6 +247,58 @@ fn org_token(edge: &Edge, app: &AppRoutes, headers: &HeaderMap) -> Result<(), Pa
         Some(org) if org == app.org => Ok(()),
         _ => Err(PathError::FlycastPrivate(app.name.to_string())),
     }
+}
+
+/// Counts the request's connection against its app, once per connection;
+/// past `max_conns_per_app` the request is refused.
+fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError> {
+    if edge.app_conns.limit() == 0 || conn.counted.get().is_some() {
+        return Ok(());
+    }
+    let counted =
+        edge.app_conns
+            .enter(app.into())
+            .ok_or_else(|| PathError::TooManyConnections {
+                app: app.to_string(),
+                limit: edge.app_conns.limit(),
+            })?;
+    // A concurrent request on the same (h2) connection may have set it
+    // first; this one's count is then dropped again.
+    let _ = conn.counted.set(counted);
+    Ok(())
+}
+
+/// Rewrites the client's request for the machine: origin-form
+/// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, split
+/// cookies joined. (This hop's own headers are added as it goes out:
+/// [`forwarded`].)
+fn upstream_request(
+    mut req: Request<ClientBody>,
+    host: Host,
+) -> Result<Request<ClientBody>, PathError> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(path);
+    // Machines are spoken to in HTTP/1.1 whatever the client used.
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    headers::strip_hop_by_hop(headers);
+    // Addressed to this proxy, or only this proxy's to say: never passed on.
+    const NOT_PASSED: [HeaderName; 3] = [PROXY_AUTHORIZATION, FLY_REPLAY_SRC, FLY_REPLAY_FAILED];
+    if headers.keys().any(|n| NOT_PASSED.contains(n)) {
+        for name in NOT_PASSED {
+            headers.remove(name);
+        }
+    }
+    if let Some(raw) = host.replace {
+        headers.insert(HOST, raw);
+    }
+    headers::join_cookies(headers)
+        .map_err(|e| PathError::Internal(format!("cookie header: {e}")))?;
+    Ok(req)
 }
 
 /// A request on its way to a machine. Boxed: it goes through every step
@@ -364,7 +434,7 @@ async fn forward(
             return (Ok(Reply::Local(redirect)), None);
         }
         let (sent, back) = send(edge, ex, &target, req, upgrade).await;
-        let failure = match sent {
+        let error = match sent {
             Ok(response) => {
                 let answer = Answer {
                     target,
@@ -373,15 +443,15 @@ async fn forward(
                 };
                 return (Ok(Reply::Machine(answer)), back);
             }
-            Err(failure) => failure,
+            Err(error) => error,
         };
-        req = match (failure, back) {
+        // What the failure allows, while attempts are left (`max_attempts`
+        // in all, whatever the reason).
+        req = match (error.again(), back) {
             // Refused, or a new connection broke too (the machine is going
             // away, or drops what it takes): another machine gets it, or
             // this one once the catalog has it down (see `after_refusal`).
-            (Failure::Refused(error) | Failure::Broken { error, fresh: true }, Some(back))
-                if attempt < edge.max_attempts =>
-            {
+            (Again::OtherMachine, Some(back)) if attempt < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, detail = ?error.detail(), "trying another machine");
                 edge.metrics.retries.inc();
                 skip.push(target.machine().id.clone());
@@ -390,19 +460,13 @@ async fn forward(
             }
             // A pooled connection broke: the machine may have closed its
             // idle connections, or be gone (they were all dropped); a new
-            // connection tells. Sent again at most `max_attempts` times in
-            // all, like refusals.
-            (Failure::Broken { error, .. }, Some(again)) if attempt < edge.max_attempts => {
+            // connection tells.
+            (Again::NewConnection, Some(again)) if attempt < edge.max_attempts => {
                 tracing::debug!(request_id = ?ex.id, %error, "the connection broke before an answer; sending again on a new one");
                 edge.metrics.retries.inc();
                 again
             }
-            (
-                Failure::Refused(error) | Failure::Failed(error) | Failure::Broken { error, .. },
-                back,
-            ) => {
-                return (Err(error), back);
-            }
+            (_, back) => return (Err(error), back),
         };
     }
     unreachable!("the attempts loop only ends by returning")
@@ -438,6 +502,156 @@ async fn after_refusal(
         }
         tokio::time::sleep(autostart::POLL).await;
     }
+}
+
+/// `301` to the same URL over https, when the service's port for this
+/// listener says `force_https`.
+fn force_https(
+    target: &Target,
+    listener: Listener,
+    req: &Request<UpBody>,
+) -> Option<Response<ProxyBody>> {
+    if listener != Listener::Http || target.port()?.force_https != Some(true) {
+        return None;
+    }
+    // The Host as the client sent it, without the plain-text port.
+    let host = req.headers().get(HOST)?.to_str().ok()?;
+    let host = strip_port(host).unwrap_or(host);
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = HeaderValue::from_str(&format!("https://{host}{path}")).ok()?;
+    let mut response = Response::new(ProxyBody::local(""));
+    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+    response.headers_mut().insert(LOCATION, location);
+    response
+        .headers_mut()
+        .insert(SERVER, HeaderValue::from_static("hangar"));
+    Some(response)
+}
+
+/// Sends the request to the target and waits for the response head, for at
+/// most the response timeout. A request whose body was read whole goes on
+/// a pooled connection, which only borrows it; the rest (an upgrade, which
+/// goes on a connection of its own handed over to the tunnel if the
+/// machine switches protocols, a streamed body, an h2 machine) go through
+/// hyper's client, which takes them. The request comes back when it can
+/// go again.
+async fn send(
+    edge: &Edge,
+    ex: &Exchange,
+    target: &Target,
+    req: Outgoing,
+    upgrade: bool,
+) -> (Result<Response<MachineBody>, PathError>, Option<Outgoing>) {
+    let m = target.machine();
+    let machine = upstream::Machine {
+        addr: SocketAddr::new(m.private_ip, target.internal_port()),
+        app: target.app().name.clone(),
+        id: m.id.clone(),
+    };
+    let buffered = matches!(req.body(), UpBody::Buffered(_));
+    let resend = Again::resend(req.method(), buffered, edge.retry_body_bytes);
+    let h2 = target
+        .port()
+        .and_then(|p| p.http_options.as_ref()?.h2_backend)
+        == Some(true);
+    let within = edge.response_timeout;
+    let forwarded = forwarded(edge, ex);
+    let (sent, back) = if buffered && !upgrade && !h2 {
+        let sent = edge
+            .upstreams
+            .send(ex.conn.worker, &machine, &req, &forwarded);
+        (tokio::time::timeout(within, sent).await, Some(req))
+    } else {
+        // hyper takes the request: a copy stays (only a body read whole
+        // can go again). Boxed: hyper's client futures are large, and
+        // these are rare.
+        let copy = body::copy(&req).map(Box::new);
+        let sent: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 && !upgrade {
+            let req = for_h2(*req, machine.addr);
+            Box::pin(
+                edge.upstreams
+                    .send_h2(ex.conn.worker, &machine, req, &forwarded),
+            )
+        } else {
+            Box::pin(
+                edge.upstreams
+                    .send_unpooled(&machine, *req, upgrade, &forwarded),
+            )
+        };
+        (tokio::time::timeout(within, sent).await, copy)
+    };
+    match outcome(edge, &machine, sent, resend) {
+        Ok(response) => (Ok(response), back),
+        // A request given away and refused comes back whole.
+        Err((error, request)) => (Err(error), request.or(back)),
+    }
+}
+
+/// What this hop tells the machine about the request (`Fly-*`,
+/// `X-Forwarded-*`, `Via`), added as the request goes out
+/// ([`headers::Forwarded`]).
+fn forwarded<'a>(edge: &'a Edge, ex: &'a Exchange) -> Forwarded<'a> {
+    Forwarded {
+        client_ip: &ex.conn.client_ip,
+        proto: ex.conn.listener.as_str(),
+        port: &ex.conn.local_port,
+        region: &edge.region_value,
+        request_id: &ex.id,
+        via: ex.via,
+        from_region: ex.from_region.as_ref(),
+    }
+}
+
+/// An HTTP/1.1-shaped request made ready for h2: the Host moves into the
+/// URI's authority (h2's `:authority`), the machine's address standing in
+/// when the client sent none usable.
+fn for_h2(mut req: Request<UpBody>, addr: SocketAddr) -> Request<UpBody> {
+    let host = req.headers_mut().remove(HOST);
+    let authority = host
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            http::uri::Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is an authority")
+        });
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    req
+}
+
+/// What a send to `machine` (or a peer) came back with: the response, or
+/// the error with what it allows next ([`Again::after`]; `resend`: whether
+/// the request could go again as it was) and the request, when a failure
+/// gave back a request it had taken.
+fn outcome<R>(
+    edge: &Edge,
+    machine: &upstream::Machine,
+    sent: Result<Result<R, SendError>, tokio::time::error::Elapsed>,
+    resend: Result<(), String>,
+) -> Result<R, (PathError, Option<Outgoing>)> {
+    let error = match sent {
+        Ok(Ok(response)) => return Ok(response),
+        Ok(Err(error)) => error,
+        Err(_) => {
+            let after = edge.response_timeout;
+            let machine = machine.id.to_string();
+            return Err((PathError::UpstreamTimeout { machine, after }, None));
+        }
+    };
+    let (failed, cause, request) = error.failed();
+    let again = Again::after(failed, resend);
+    let error = PathError::upstream((&machine.id, machine.addr), failed, cause, again);
+    Err((error, request))
 }
 
 /// A machine answered with `fly-replay` (`asked`): its response is
@@ -495,13 +709,11 @@ fn elsewhere<'a>(
     hop: &Hop,
     error: &PathError,
 ) -> Option<&'a crate::config::Peer> {
-    let nothing_here = matches!(
-        error,
-        PathError::OnlyElsewhere { .. }
-            | PathError::NoStartedMachine(_)
-            | PathError::NoHealthyMachine(_)
-    );
-    if !nothing_here || ex.from_region.is_some() || ex.conn.app.is_some() || hop.replays > 0 {
+    if error.again() != Again::OtherRegion
+        || ex.from_region.is_some()
+        || ex.conn.app.is_some()
+        || hop.replays > 0
+    {
         return None;
     }
     let app = hop.app.routes(&edge.fib).ok()?;
@@ -527,35 +739,28 @@ async fn to_peer(
     tracing::debug!(request_id = ?ex.id, region = %peer.region, "no machine here; forwarding to the region's proxy");
     edge.metrics.forwarded.inc();
     // A pooled connection the peer closed meanwhile breaks under the
-    // request: it goes once more on a new one, when that is safe. (Only a
-    // request whose body was read whole comes here, and the pool only
-    // borrows it.)
+    // request: as for a machine, it goes once more on a new one when the
+    // failure allows it. (Only a request whose body was read whole comes
+    // here, and the pool only borrows it.) A peer is the region's one way
+    // in: there is no other to try.
     let fwd = forwarded(edge, ex);
-    let send = || {
-        tokio::time::timeout(
-            edge.response_timeout,
-            edge.upstreams.send(ex.conn.worker, &proxy, &req, &fwd),
+    let resend = Again::resend(req.method(), true, edge.retry_body_bytes);
+    let send = || async {
+        let sent = edge.upstreams.send(ex.conn.worker, &proxy, &req, &fwd);
+        outcome(
+            edge,
+            &proxy,
+            tokio::time::timeout(edge.response_timeout, sent).await,
+            resend.clone(),
         )
     };
     let mut sent = send().await;
-    if matches!(sent, Ok(Err(SendError::Broken { .. }))) && req.method().is_idempotent() {
+    if let Err((error, _)) = &sent
+        && error.again() == Again::NewConnection
+    {
         sent = send().await;
     }
-    let response = match sent {
-        Ok(Ok(response)) => response,
-        Ok(Err(SendError::Connect { cause, .. })) => {
-            return Err(upstream_error(&proxy, true, cause));
-        }
-        Ok(Err(SendError::Exchange(cause) | SendError::Broken { cause, .. })) => {
-            return Err(upstream_error(&proxy, false, cause));
-        }
-        Err(_) => {
-            return Err(PathError::UpstreamTimeout {
-                machine: proxy.id.to_string(),
-                after: edge.response_timeout,
-            });
-        }
-    };
+    let response = sent.map_err(|(error, _)| error)?;
     let held = Held {
         _lease: None,
         _in_flight: ex.in_flight.take(),
@@ -606,239 +811,6 @@ fn respond(
         .port()
         .and_then(|p| p.http_options.as_ref()?.response.as_ref());
     downstream_response(response, ex, held, options)
-}
-
-/// The app's routes from the current FIB snapshot.
-fn app(fib: &Fib, name: &str) -> Result<Arc<AppRoutes>, PathError> {
-    fib.lookup(name)
-        .ok_or_else(|| PathError::UnknownApp(name.to_string()))
-}
-
-/// Counts the request's connection against its app, once per connection;
-/// past `max_conns_per_app` the request is refused.
-fn count_connection(edge: &Edge, conn: &Conn, app: &str) -> Result<(), PathError> {
-    if edge.app_conns.limit() == 0 || conn.counted.get().is_some() {
-        return Ok(());
-    }
-    let counted =
-        edge.app_conns
-            .enter(app.into())
-            .ok_or_else(|| PathError::TooManyConnections {
-                app: app.to_string(),
-                limit: edge.app_conns.limit(),
-            })?;
-    // A concurrent request on the same (h2) connection may have set it
-    // first; this one's count is then dropped again.
-    let _ = conn.counted.set(counted);
-    Ok(())
-}
-
-/// Rewrites the client's request for the machine: origin-form
-/// `path?query`, HTTP/1.1, the client's Host, no hop-by-hop headers, split
-/// cookies joined. (This hop's own headers are added as it goes out:
-/// [`forwarded`].)
-fn upstream_request(
-    mut req: Request<ClientBody>,
-    host: Host,
-) -> Result<Request<ClientBody>, PathError> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(path);
-    // Machines are spoken to in HTTP/1.1 whatever the client used.
-    *req.version_mut() = Version::HTTP_11;
-    let headers = req.headers_mut();
-    headers::strip_hop_by_hop(headers);
-    // Addressed to this proxy, or only this proxy's to say: never passed on.
-    const NOT_PASSED: [HeaderName; 3] = [PROXY_AUTHORIZATION, FLY_REPLAY_SRC, FLY_REPLAY_FAILED];
-    if headers.keys().any(|n| NOT_PASSED.contains(n)) {
-        for name in NOT_PASSED {
-            headers.remove(name);
-        }
-    }
-    if let Some(raw) = host.replace {
-        headers.insert(HOST, raw);
-    }
-    headers::join_cookies(headers)
-        .map_err(|e| PathError::Internal(format!("cookie header: {e}")))?;
-    Ok(req)
-}
-
-/// What this hop tells the machine about the request (`Fly-*`,
-/// `X-Forwarded-*`, `Via`), added as the request goes out
-/// ([`headers::Forwarded`]).
-fn forwarded<'a>(edge: &'a Edge, ex: &'a Exchange) -> Forwarded<'a> {
-    Forwarded {
-        client_ip: &ex.conn.client_ip,
-        proto: ex.conn.listener.as_str(),
-        port: &ex.conn.local_port,
-        region: &edge.region_value,
-        request_id: &ex.id,
-        via: ex.via,
-        from_region: ex.from_region.as_ref(),
-    }
-}
-
-/// `301` to the same URL over https, when the service's port for this
-/// listener says `force_https`.
-fn force_https(
-    target: &Target,
-    listener: Listener,
-    req: &Request<UpBody>,
-) -> Option<Response<ProxyBody>> {
-    if listener != Listener::Http || target.port()?.force_https != Some(true) {
-        return None;
-    }
-    // The Host as the client sent it, without the plain-text port.
-    let host = req.headers().get(HOST)?.to_str().ok()?;
-    let host = strip_port(host).unwrap_or(host);
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let location = HeaderValue::from_str(&format!("https://{host}{path}")).ok()?;
-    let mut response = Response::new(ProxyBody::local(""));
-    *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
-    response.headers_mut().insert(LOCATION, location);
-    response
-        .headers_mut()
-        .insert(SERVER, HeaderValue::from_static("hangar"));
-    Some(response)
-}
-
-/// Sends the request to the target and waits for the response head, for at
-/// most the response timeout. A request whose body was read whole goes on
-/// a pooled connection, which only borrows it; the rest (an upgrade, which
-/// goes on a connection of its own handed over to the tunnel if the
-/// machine switches protocols, a streamed body, an h2 machine) go through
-/// hyper's client, which takes them. The request comes back when it can
-/// go again.
-async fn send(
-    edge: &Edge,
-    ex: &Exchange,
-    target: &Target,
-    req: Outgoing,
-    upgrade: bool,
-) -> (Result<Response<MachineBody>, Failure>, Option<Outgoing>) {
-    let m = target.machine();
-    let machine = upstream::Machine {
-        addr: SocketAddr::new(m.private_ip, target.internal_port()),
-        app: target.app().name.clone(),
-        id: m.id.clone(),
-    };
-    let (method, buffered) = (
-        req.method().clone(),
-        matches!(req.body(), UpBody::Buffered(_)),
-    );
-    let h2 = target
-        .port()
-        .and_then(|p| p.http_options.as_ref()?.h2_backend)
-        == Some(true);
-    let within = edge.response_timeout;
-    let forwarded = forwarded(edge, ex);
-    let (sent, back) = if buffered && !upgrade && !h2 {
-        let sent = edge
-            .upstreams
-            .send(ex.conn.worker, &machine, &req, &forwarded);
-        (tokio::time::timeout(within, sent).await, Some(req))
-    } else {
-        // hyper takes the request: a copy stays (only a body read whole
-        // can go again). Boxed: hyper's client futures are large, and
-        // these are rare.
-        let copy = body::copy(&req).map(Box::new);
-        let sent: std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 && !upgrade {
-            let req = for_h2(*req, machine.addr);
-            Box::pin(
-                edge.upstreams
-                    .send_h2(ex.conn.worker, &machine, req, &forwarded),
-            )
-        } else {
-            Box::pin(
-                edge.upstreams
-                    .send_unpooled(&machine, *req, upgrade, &forwarded),
-            )
-        };
-        (tokio::time::timeout(within, sent).await, copy)
-    };
-    let failure = match sent {
-        Ok(Ok(response)) => return (Ok(response), back),
-        // A request given away and refused comes back whole.
-        Ok(Err(SendError::Connect { cause, request })) => {
-            let error = upstream_error(&machine, true, cause);
-            return (Err(Failure::Refused(error)), request.or(back));
-        }
-        Ok(Err(SendError::Broken { cause, fresh })) if method.is_idempotent() && buffered => {
-            Failure::Broken {
-                error: upstream_error(&machine, false, cause),
-                fresh,
-            }
-        }
-        Ok(Err(SendError::Exchange(cause) | SendError::Broken { cause, .. })) => {
-            let mut error = upstream_error(&machine, false, cause);
-            if let PathError::Upstream { not_retried, .. } = &mut error {
-                *not_retried = why_not_retried(&method, buffered, edge.retry_body_bytes);
-            }
-            Failure::Failed(error)
-        }
-        Err(_) => Failure::Failed(PathError::UpstreamTimeout {
-            machine: machine.id.to_string(),
-            after: edge.response_timeout,
-        }),
-    };
-    (Err(failure), back)
-}
-
-/// How one attempt to forward failed.
-enum Failure {
-    /// The machine could not be connected to: the request never left.
-    Refused(PathError),
-    /// The connection broke under a request that is safe to send again
-    /// (idempotent, body read whole) before any answer; `fresh` when it
-    /// was a new connection (see [`SendError::Broken`]).
-    Broken { error: PathError, fresh: bool },
-    /// Anything else.
-    Failed(PathError),
-}
-
-/// An HTTP/1.1-shaped request made ready for h2: the Host moves into the
-/// URI's authority (h2's `:authority`), the machine's address standing in
-/// when the client sent none usable.
-fn for_h2(mut req: Request<UpBody>, addr: SocketAddr) -> Request<UpBody> {
-    let host = req.headers_mut().remove(HOST);
-    let authority = host
-        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-        .unwrap_or_else(|| {
-            http::uri::Authority::try_from(addr.to_string().as_str())
-                .expect("a socket address is an authority")
-        });
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(http::uri::Scheme::HTTP);
-    parts.authority = Some(authority);
-    parts.path_and_query = Some(path);
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
-    }
-    *req.version_mut() = Version::HTTP_2;
-    req
-}
-
-/// Why a request that failed at the machine was not sent again (it is
-/// only when it went out on a reused connection that turned out closed,
-/// and could be repeated safely).
-fn why_not_retried(method: &http::Method, buffered: bool, keep: u64) -> Option<String> {
-    if !buffered {
-        Some(format!(
-            "not retried: the request body was larger than {keep} bytes and was streamed"
-        ))
-    } else if !method.is_idempotent() {
-        Some(format!("not retried: {method} is not idempotent"))
-    } else {
-        None
-    }
 }
 
 /// The machine's response for the client: hop-by-hop headers out, request
@@ -909,18 +881,6 @@ fn tunnel(
     switched
 }
 
-fn upstream_error(machine: &upstream::Machine, connect: bool, cause: String) -> PathError {
-    PathError::Upstream {
-        machine: machine.id.to_string(),
-        addr: machine.addr,
-        connect,
-        cause,
-        not_retried: None,
-    }
-}
-
-// ---- log ----
-
 /// Counts the response and logs the request: at debug when it went fine or
 /// the client was at fault, at warn when the proxy or a machine was.
 fn log(edge: &Edge, ex: &Exchange, response: &Response<ProxyBody>, error: Option<&PathError>) {
@@ -947,7 +907,7 @@ fn log(edge: &Edge, ex: &Exchange, response: &Response<ProxyBody>, error: Option
             ?elapsed,
             listener = listener.as_str(),
             side = ?e.side(),
-            retryable = e.retryable(),
+            again = ?e.again(),
             error = %e,
             detail = e.detail().as_deref().unwrap_or("-"),
             "request failed"
@@ -964,8 +924,6 @@ fn log(edge: &Edge, ex: &Exchange, response: &Response<ProxyBody>, error: Option
         ),
     }
 }
-
-// ---- fail ----
 
 /// The proxy's own answer to a request it could not forward: the status of
 /// the error and its one-line message as text.
@@ -986,18 +944,4 @@ fn fail(ex: &Exchange, error: &PathError) -> Response<ProxyBody> {
         headers.insert(RETRY_AFTER, HeaderValue::from(after));
     }
     response
-}
-
-/// A new request id: a ULID (time-ordered, so logs sort) and the region.
-fn request_id(region: &str) -> HeaderValue {
-    let mut ulid = [0u8; ulid::ULID_LEN];
-    let ulid = ulid::Ulid::new().array_to_str(&mut ulid);
-    let mut id = bytes::BytesMut::with_capacity(ulid.len() + 1 + region.len());
-    id.extend_from_slice(ulid.as_bytes());
-    id.extend_from_slice(b"-");
-    id.extend_from_slice(region.as_bytes());
-    // A ULID is base32 and `ProxyConfig::validate` keeps the region to
-    // [a-z0-9-], so this cannot fail; the fallback keeps it panic-free anyway.
-    HeaderValue::from_maybe_shared(id.freeze())
-        .unwrap_or_else(|_| HeaderValue::from_static("invalid-request-id"))
 }

@@ -4,7 +4,7 @@
 //! is one atomic load and a hash probe, never a lock a writer could hold.
 //! The writer is the [`Follower`]: it reads the RIB's change feed, rebuilds
 //! only the apps a batch touches (and copies only the table shards holding
-//! them, see [`table`]), and swaps in the new snapshot. Per-machine in-flight
+//! them, see `table`), and swaps in the new snapshot. Per-machine in-flight
 //! counters are atomics shared between snapshots, so a rebuild never resets
 //! the load the proxy balances on.
 //!

@@ -9,6 +9,7 @@
 //! unit of the machine's load for as long as it is open.
 
 use super::upstream::Upstreams;
+use crate::error::{Again, Failed, PathError};
 use crate::metrics::EdgeMetrics;
 use crate::routing::balance::{Target, Want};
 use crate::routing::steer::Steer;
@@ -137,15 +138,19 @@ impl Relay<'_> {
                     return;
                 }
             };
-            match self.connect(&target).await {
+            let error = match self.connect(&target).await {
                 Ok(machine) => break (target, lease, machine),
-                Err(e) if refused.len() + 1 < self.max_attempts => {
-                    tracing::debug!(app, machine = %target.machine().id, error = %e, "tcp: trying another machine");
+                Err(error) => error,
+            };
+            // What the failure allows, as for a request.
+            match error.again() {
+                Again::OtherMachine if refused.len() + 1 < self.max_attempts => {
+                    tracing::debug!(app, %error, detail = ?error.detail(), "tcp: trying another machine");
                     self.metrics.retries.inc();
                     refused.push(target.machine().id.clone());
                 }
-                Err(e) => {
-                    tracing::warn!(app, machine = %target.machine().id, error = %e, "tcp: machine unreachable; closing");
+                _ => {
+                    tracing::warn!(app, %error, detail = ?error.detail(), "tcp: machine unreachable; closing");
                     return;
                 }
             }
@@ -164,9 +169,12 @@ impl Relay<'_> {
         }
     }
 
-    async fn connect(&self, target: &Target) -> Result<TcpStream, String> {
+    async fn connect(&self, target: &Target) -> Result<TcpStream, PathError> {
         let addr = SocketAddr::new(target.machine().private_ip, target.internal_port());
-        self.upstreams.dial(addr).await
+        self.upstreams.dial(addr).await.map_err(|cause| {
+            let again = Again::after(Failed::Connect, Ok(()));
+            PathError::upstream((&target.machine().id, addr), Failed::Connect, cause, again)
+        })
     }
 }
 

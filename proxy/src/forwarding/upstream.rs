@@ -40,6 +40,7 @@
 
 use super::client;
 use crate::FastHash;
+use crate::error::Failed as SendFailed;
 use crate::forwarding::body::{BoxError, UpBody};
 use crate::forwarding::headers::{Forwarded, add_forwarded};
 use crate::h1::body::{Decoder, Step};
@@ -148,6 +149,16 @@ pub(crate) enum SendError {
 }
 
 impl SendError {
+    /// How the send failed, its cause, and the request when the failure
+    /// gives back one it had taken.
+    pub(crate) fn failed(self) -> (SendFailed, String, Option<Box<Request<UpBody>>>) {
+        match self {
+            Self::Connect { cause, request } => (SendFailed::Connect, cause, request),
+            Self::Broken { cause, fresh } => (SendFailed::Broken { fresh }, cause, None),
+            Self::Exchange(cause) => (SendFailed::Exchange, cause, None),
+        }
+    }
+
     /// The machine could not be connected to; `req` never left.
     fn refused(cause: String, req: Request<UpBody>) -> Self {
         Self::Connect {

@@ -4,16 +4,16 @@
 //! - this module: the accept loops (each worker accepts on the shared
 //!   listeners itself; app-address connections are handed to the next
 //!   worker), the TLS handshake, and each connection's protocol: HTTP/1.1
-//!   ([`server`]), h2 (hyper's), or raw TCP to a machine.
-//! - [`server`]: the HTTP/1.1 server for client connections (no buffers
+//!   (`server`), h2 (hyper's), or raw TCP to a machine.
+//! - `server`: the HTTP/1.1 server for client connections (no buffers
 //!   while idle, the header timeout with its 408, request bodies, upgrades,
 //!   lingering close).
 //! - [`tls`]: the dev certificate, certificates by SNI, the rustls config.
-//! - [`workers`]: the worker threads, one single-threaded runtime each.
-//! - [`ports`]: listeners on apps' own addresses (flycast and dedicated),
+//! - `workers`: the worker threads, one single-threaded runtime each.
+//! - `ports`: listeners on apps' own addresses (flycast and dedicated),
 //!   one per service port, following the FIB.
 //!
-//! Imports: the request path ([`path::handle`], which every request goes
+//! Imports: the request path (`path::handle`, which every request goes
 //! to), the edge it shares, forwarding's TCP relay, and the crate's base.
 
 pub(crate) mod ports;
