@@ -125,6 +125,7 @@ async fn crash_and_recover(kind: &str, step: &str, when: &str) {
     }
     drop(h); // SIGTERM: stops what runs, then exits.
 
+    use hangar_flyd::store::FsmStore;
     let store = hangar_flyd::store::Store::open(&dir.join("flyd.redb")).unwrap();
     let unfinished = store.unfinished_runs().unwrap();
     assert!(

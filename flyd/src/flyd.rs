@@ -11,10 +11,10 @@ use crate::capacity::{Capacity, Guest};
 use crate::cgroup::Cgroups;
 use crate::config::FlydConfig;
 use crate::fsm::{FsmRun, RunStatus, Step};
-use crate::pilot;
 use crate::record::MachineRecord;
-use crate::steps::{kill_workload, stop_input};
-use crate::store::{Store, StoreError};
+use crate::runtime::{self, Runtime, RuntimeError, process::Processes};
+use crate::steps::stop_input;
+use crate::store::{FsmStore, Store, StoreError};
 use hangar_api::AddrBlock;
 use hangar_api::machine::{MachineState, StopRequest};
 use hangar_api::time::now_ms;
@@ -111,11 +111,12 @@ const RUNS_KEPT: usize = 10_000;
 pub struct Flyd {
     pub(crate) cfg: FlydConfig,
     range: AddrBlock,
-    pub(crate) store: Store,
+    /// Machine records and FSM runs, durably.
+    pub(crate) store: Arc<dyn FsmStore>,
+    /// How the machines' workloads run.
+    pub(crate) runtime: Arc<dyn Runtime>,
     rib: Arc<Rib>,
-    /// `<data dir>/machines`: one directory per machine (socket, logs).
-    machines_dir: PathBuf,
-    /// The `hangar` executable that runs pilot and the built-in images.
+    /// The `hangar` executable, which runs the built-in images.
     pub(crate) exe: PathBuf,
     /// Per-machine operation locks. The map's own lock is held only to
     /// fetch or insert an entry, never across an await.
@@ -126,8 +127,6 @@ pub struct Flyd {
     pub(crate) capacity: Capacity,
     /// Opens app secrets for machines' environments.
     secrets: Arc<SecretBox>,
-    /// Memory limits, where cgroup v2 is writable.
-    pub(crate) cgroups: Option<Cgroups>,
     /// The RPC address (`ip:port` or `unix:<path>`), once
     /// [`Flyd::register`] knows it.
     rpc_addr: OnceLock<String>,
@@ -139,9 +138,10 @@ pub struct Flyd {
 }
 
 impl Flyd {
-    /// Opens flyd's store under `data_dir`, and resumes what a previous run
-    /// left: unfinished FSM runs continue at their step, and running machines
-    /// are watched again. Call [`Flyd::register`] once the RPC address is known.
+    /// Opens flyd's store under `data_dir` (redb) with machines as host
+    /// processes under their pilots, and resumes what a previous run left
+    /// (see [`Flyd::open_with`]). Call [`Flyd::register`] once the RPC address
+    /// is known.
     pub async fn open(
         cfg: FlydConfig,
         data_dir: &Path,
@@ -149,21 +149,10 @@ impl Flyd {
         secrets: Arc<SecretBox>,
     ) -> Result<Arc<Self>, anyhow::Error> {
         use anyhow::Context;
-        cfg.validate().map_err(|p| anyhow::anyhow!(p.join("; ")))?;
-        let range = cfg.private_range;
-        let machines_dir = data_dir.join("machines");
+        let machines_dir = runtime::process::machines_dir(data_dir);
         std::fs::create_dir_all(&machines_dir)
             .with_context(|| format!("creating {}", machines_dir.display()))?;
         let store = Store::open(&data_dir.join("flyd.redb"))?;
-        let pruned = store.prune_runs(RUNS_KEPT)?;
-        if pruned > 0 {
-            tracing::info!(pruned, "deleted old finished fsm runs");
-        }
-        let exe = match &cfg.exe {
-            Some(p) => p.clone(),
-            None => std::env::current_exe().context("locating the hangar executable")?,
-        };
-        let capacity = Capacity::new(&cfg, reserved_by(&store)?);
         let cgroups = match Cgroups::setup(&cfg.cgroup_root, &cfg.host_id) {
             Ok(cg) => Some(cg),
             Err(why) => {
@@ -171,17 +160,37 @@ impl Flyd {
                 None
             }
         };
+        let exe = executable(&cfg)?;
+        let logs = (cfg.log_max_bytes, cfg.log_files);
+        let processes = Processes::new(exe, machines_dir, cgroups, logs);
+        Self::open_with(cfg, (Arc::new(store), Arc::new(processes)), rib, secrets).await
+    }
+
+    /// flyd over `store` and `runtime`: resumes what a previous run left
+    /// (unfinished FSM runs continue at their step, running machines are
+    /// watched again, workloads of machines it does not know are removed).
+    pub async fn open_with(
+        cfg: FlydConfig,
+        (store, runtime): (Arc<dyn FsmStore>, Arc<dyn Runtime>),
+        rib: Arc<Rib>,
+        secrets: Arc<SecretBox>,
+    ) -> Result<Arc<Self>, anyhow::Error> {
+        cfg.validate().map_err(|p| anyhow::anyhow!(p.join("; ")))?;
+        let pruned = store.prune_runs(RUNS_KEPT)?;
+        if pruned > 0 {
+            tracing::info!(pruned, "deleted old finished fsm runs");
+        }
+        let capacity = Capacity::new(&cfg, reserved_by(&*store)?);
         let flyd = Arc::new(Self {
+            range: cfg.private_range,
+            exe: executable(&cfg)?,
             cfg,
-            range,
             store,
+            runtime,
             rib,
-            machines_dir,
-            exe,
             op_locks: Guarded::new("flyd.op_locks", Duration::from_secs(1), HashMap::new()),
             changed: watch::channel(0).0,
             capacity,
-            cgroups,
             secrets,
             rpc_addr: OnceLock::new(),
             rib_behind: Arc::new(tokio::sync::Notify::new()),
@@ -258,10 +267,6 @@ impl Flyd {
         if let Err(e) = self.publish_host() {
             tracing::warn!(error = %e, "publishing host capacity");
         }
-    }
-
-    pub(crate) fn machine_dir(&self, id: &str) -> PathBuf {
-        self.machines_dir.join(id)
     }
 
     pub(crate) fn record(&self, id: &str) -> Result<MachineRecord, FlydError> {
@@ -378,7 +383,7 @@ impl Flyd {
                 run.updated_at = now_ms();
                 self.store.put_run(&run)?;
                 tracing::warn!(run = %run.id, machine = %run.machine_id, ?step, error = %e, "fsm step failed");
-                self.after_failure(&run);
+                self.after_failure(&run).await;
                 return Err(e);
             }
             run.step += 1;
@@ -432,9 +437,9 @@ impl Flyd {
         }
     }
 
-    /// A start that failed leaves the machine stopped (its pilot killed), so
-    /// it can be started again or destroyed.
-    fn after_failure(self: &Arc<Self>, run: &FsmRun) {
+    /// A start that failed leaves the machine stopped (its workload
+    /// killed), so it can be started again or destroyed.
+    async fn after_failure(self: &Arc<Self>, run: &FsmRun) {
         // Only a failure while launching leaves a half-started workload.
         if !matches!(
             run.current(),
@@ -442,16 +447,16 @@ impl Flyd {
         ) {
             return;
         }
-        let dir = self.machine_dir(&run.machine_id);
-        if let Ok(Some(mut rec)) = self.store.machine(&run.machine_id) {
-            if let Some(pid) = rec.pilot_pid.take() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
+        let id = run.machine_id.as_str();
+        if let Ok(Some(mut rec)) = self.store.machine(id) {
+            if self.runtime.alive(id).await {
+                if let Err(e) = runtime::kill(&*self.runtime, id).await {
+                    tracing::error!(machine = %id, error = %e, "killing a workload that failed to start");
+                }
             }
-            let reason =
-                serde_json::json!({ "error": run.error, "exit": pilot::recorded_exit(&dir) });
+            rec.pilot_pid = None;
+            let exit = self.runtime.exited(id).await;
+            let reason = serde_json::json!({ "error": run.error, "exit": exit });
             rec.transition(MachineState::Stopped, "exit", "flyd", Some(reason));
             if let Err(e) = self.save(&mut rec) {
                 tracing::error!(machine = %rec.id, error = %e, "recording a failed start");
@@ -507,8 +512,18 @@ impl Flyd {
             let flyd = self.clone();
             tokio::spawn(async move {
                 let _guard = guard;
+                let (id, watches) = (
+                    run.machine_id.clone(),
+                    run.kind.steps().contains(&Step::Started),
+                );
                 if let Err(e) = flyd.run(run).await {
                     tracing::warn!(error = %e, "resumed run failed");
+                }
+                // A run that does not start the machine (cordon, suspend)
+                // leaves it running unwatched: no one else re-attaches to
+                // a machine whose run was resumed.
+                if !watches {
+                    flyd.reattach(&id).await;
                 }
             });
         }
@@ -516,8 +531,7 @@ impl Flyd {
             if resumed.contains(&rec.id) || !rec.has_process() {
                 continue;
             }
-            let dir = self.machine_dir(&rec.id);
-            let alive = pilot::alive(&dir).await;
+            let alive = self.runtime.alive(&rec.id).await;
             if alive && matches!(rec.state, MachineState::Started | MachineState::Suspended) {
                 tracing::info!(machine = %rec.id, "re-attached to running machine");
                 self.watch_exit(rec.id.clone(), rec.pilot_pid);
@@ -527,9 +541,9 @@ impl Flyd {
             // Half-way through a start or stop with no run to finish it:
             // settle on stopped, killing what still runs.
             if alive {
-                kill_workload(&rec.id, &dir).await?;
+                self.kill(&rec.id).await?;
             }
-            let exit = pilot::recorded_exit(&dir);
+            let exit = self.runtime.exited(&rec.id).await;
             rec.pilot_pid = None;
             rec.transition(
                 MachineState::Stopped,
@@ -542,15 +556,23 @@ impl Flyd {
         self.kill_unknown_pilots().await
     }
 
-    /// Kills the workloads of machine directories with no live record (a
-    /// destroyed machine, or one from a store that was reset) and removes
-    /// the directories.
+    /// Watches a running machine's workload again (its exit, its checks).
+    async fn reattach(self: &Arc<Self>, id: &str) {
+        let Ok(rec) = self.record(id) else { return };
+        let running = matches!(rec.state, MachineState::Started | MachineState::Suspended);
+        if running && self.runtime.alive(id).await {
+            self.watch_exit(rec.id.clone(), rec.pilot_pid);
+            if let Err(e) = self.watch_checks(id, rec.pilot_pid) {
+                tracing::warn!(machine = %id, error = %e, "watching a machine's checks again");
+            }
+        }
+    }
+
+    /// Kills the workloads of machines with no live record (a destroyed
+    /// machine, or one from a store that was reset) and removes what they
+    /// left.
     async fn kill_unknown_pilots(&self) -> Result<(), FlydError> {
-        let Ok(entries) = std::fs::read_dir(&self.machines_dir) else {
-            return Ok(());
-        };
-        for entry in entries.flatten() {
-            let id = entry.file_name().to_string_lossy().into_owned();
+        for id in self.runtime.machines() {
             let known = self
                 .store
                 .machine(&id)?
@@ -558,16 +580,33 @@ impl Flyd {
             if known {
                 continue;
             }
-            let dir = entry.path();
-            if pilot::alive(&dir).await {
+            if self.runtime.alive(&id).await {
                 tracing::warn!(machine = %id, "killing the workload of a machine this host does not know");
-                kill_workload(&id, &dir).await?;
+                self.kill(&id).await?;
             }
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(machine = %id, error = %e, "removing an unknown machine's directory");
+            if let Err(e) = self.runtime.remove(&id).await {
+                tracing::warn!(machine = %id, error = %e, "removing an unknown machine's files");
             }
         }
         Ok(())
+    }
+
+    /// SIGKILLs the workload of `id` and waits for its exit.
+    pub(crate) async fn kill(&self, id: &str) -> Result<crate::pilot::ExitInfo, FlydError> {
+        runtime::kill(&*self.runtime, id)
+            .await
+            .map_err(|e| self.runtime_error(id, e))
+    }
+
+    /// A runtime failure, as an operation's error on machine `id`.
+    pub(crate) fn runtime_error(&self, id: &str, e: RuntimeError) -> FlydError {
+        match e {
+            RuntimeError::Timeout(reason) => FlydError::Timeout(reason),
+            RuntimeError::Failed(reason) => FlydError::Runtime {
+                id: id.to_string(),
+                reason,
+            },
+        }
     }
 }
 
@@ -608,9 +647,18 @@ async fn futures_join_all<F: Future<Output = ()> + Send + 'static>(futs: impl It
     while set.join_next().await.is_some() {}
 }
 
+/// The `hangar` executable: the configured one, else this one.
+fn executable(cfg: &FlydConfig) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    match &cfg.exe {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe().context("locating the hangar executable"),
+    }
+}
+
 /// What the machines in `store` reserve: every live machine, and the
 /// machine of any create that had not recorded it yet (it will resume).
-fn reserved_by(store: &Store) -> Result<Guest, StoreError> {
+fn reserved_by(store: &dyn FsmStore) -> Result<Guest, StoreError> {
     let mut total = Guest::default();
     let mut add = |g: Guest| {
         total.cpus += g.cpus;

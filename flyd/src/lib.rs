@@ -18,7 +18,9 @@
 //! - [`steps`]: the step bodies and the restart policy.
 //! - [`lease`]: leases and metadata.
 //! - [`workload`]: what a machine runs, and signal, exec, ps.
-//! - [`pilot`]: the pilot process and flyd's client for it.
+//! - [`runtime`]: [`runtime::Runtime`], how workloads run, and today's
+//!   runtime of host processes under their pilots.
+//! - [`pilot`]: the pilot process and the client for it.
 //! - `logfile`: the machine's log, rotated by size.
 //! - [`echo`]: the built-in image `hangar/echo`.
 //! - [`rpc`]: the host RPC HTTP API.
@@ -32,10 +34,13 @@ pub mod flyd;
 pub mod fsm;
 pub mod lease;
 mod logfile;
+#[cfg(test)]
+mod model;
 pub mod ops;
 pub mod pilot;
 pub mod record;
 pub mod rpc;
+pub mod runtime;
 pub mod steps;
 pub mod store;
 pub mod workload;

@@ -6,21 +6,17 @@ use crate::capacity::Guest;
 use crate::checks::initial_statuses;
 use crate::flyd::{Flyd, FlydError, StopInput};
 use crate::fsm::{FsmKind, FsmRun};
-use crate::pilot::{self, ExitInfo, PilotSpec};
+use crate::pilot::ExitInfo;
 use crate::record::{MAX_VERSIONS, MachineRecord, now_rfc3339};
+use crate::runtime::Launch;
 use crate::workload::{workload_argv, workload_env};
 use hangar_api::machine::{MachineConfig, MachineState, MachineVersion};
-use std::net::Ipv4Addr;
-use std::path::Path;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long to wait for a workload to die after SIGKILL before giving up.
-const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How often the ready step probes a service port.
 const READY_POLL: Duration = Duration::from_millis(5);
-const SIGCONT: i32 = 18;
-const SIGSTOP: i32 = 19;
 /// `on-failure` restarts in a row when `max_retries` is unset (Fly's default).
 const DEFAULT_MAX_RETRIES: u32 = 10;
 
@@ -49,43 +45,31 @@ impl Flyd {
     }
 
     pub(crate) async fn step_spawn(&self, id: &str) -> Result<(), FlydError> {
-        let dir = self.machine_dir(id);
         let mut rec = self.record(id)?;
-        if pilot::alive(&dir).await {
+        if self.runtime.alive(id).await {
             // Running already: launched before a crash, or suspended (then
-            // SIGCONT resumes it; to a running workload it is harmless).
-            let _ = pilot::signal(&dir, SIGCONT).await;
-            return Ok(());
+            // thawing resumes it; to a running workload it is nothing). A
+            // workload that cannot be thawed fails the start, which then
+            // kills it: it must not be reported started while frozen.
+            return self
+                .runtime
+                .thaw(id)
+                .await
+                .map_err(|e| self.runtime_error(id, e));
         }
-        let runtime = |reason: String| FlydError::Runtime {
-            id: id.to_string(),
-            reason,
-        };
-        let cgroup = match &self.cgroups {
-            Some(cg) => Some(
-                cg.machine(id, Guest::of(&rec.config).memory_mb)
-                    .map_err(|e| runtime(format!("setting up the memory limit: {e}")))?,
-            ),
-            None => None,
-        };
-        let spec = PilotSpec {
-            machine_id: id.to_string(),
+        let launch = Launch {
             argv: workload_argv(&self.exe, &rec.config)?,
             env: workload_env(&rec, self.app_secrets(&rec.app)?),
-            cgroup,
-            log_max_bytes: self.cfg.log_max_bytes,
-            log_files: self.cfg.log_files,
+            memory_mb: u32::try_from(Guest::of(&rec.config).memory_mb).unwrap_or(u32::MAX),
         };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| runtime(format!("creating {}: {e}", dir.display())))?;
-        // Earlier versions left the spec, secrets and all, on disk.
-        let _ = std::fs::remove_file(dir.join("spec.json"));
         rec.state = MachineState::Starting;
         rec.updated_at = now_rfc3339();
         self.save(&mut rec)?;
-        let pid = pilot::launch(&self.exe, &dir, &spec, Duration::from_secs(10))
+        let pid = self
+            .runtime
+            .spawn(id, &launch)
             .await
-            .map_err(|e| runtime(e.to_string()))?;
+            .map_err(|e| self.runtime_error(id, e))?;
         rec.pilot_pid = Some(pid);
         self.store.put_machine(&rec)?;
         Ok(())
@@ -97,7 +81,6 @@ impl Flyd {
     /// once its process runs.
     pub(crate) async fn step_ready(&self, id: &str) -> Result<(), FlydError> {
         let rec = self.record(id)?;
-        let dir = self.machine_dir(id);
         let ports: Vec<u16> = rec
             .config
             .services
@@ -114,7 +97,7 @@ impl Flyd {
         while !pending.is_empty() {
             let mut still = Vec::new();
             for port in pending {
-                if tokio::net::TcpStream::connect((ip, port)).await.is_err() {
+                if !self.runtime.accepts(id, SocketAddr::from((ip, port))).await {
                     still.push(port);
                 }
             }
@@ -122,11 +105,7 @@ impl Flyd {
             if pending.is_empty() {
                 break;
             }
-            if let Some(exit) = pilot::status(&dir)
-                .await
-                .and_then(|s| s.exit)
-                .or_else(|| pilot::recorded_exit(&dir))
-            {
+            if let Some(exit) = self.runtime.exited(id).await {
                 return Err(FlydError::Runtime {
                     id: id.to_string(),
                     reason: format!("workload exited while starting ({})", describe_exit(exit)),
@@ -168,12 +147,11 @@ impl Flyd {
             rec.updated_at = now_rfc3339();
             self.save(&mut rec)?;
         }
-        // A pilot that is gone has nothing left to signal; the next step
-        // reads the exit it recorded. A suspended workload must run to
-        // handle its stop signal.
-        let dir = self.machine_dir(id);
-        let _ = pilot::signal(&dir, SIGCONT).await;
-        if let Err(e) = pilot::signal(&dir, input.signal).await {
+        // A workload that is gone has nothing left to signal; the next
+        // step reads how it ended. A suspended workload must run to handle
+        // its stop signal.
+        let _ = self.runtime.thaw(id).await;
+        if let Err(e) = self.runtime.signal(id, input.signal).await {
             tracing::debug!(machine = id, error = %e, "stop signal not delivered");
         }
         Ok(())
@@ -184,13 +162,12 @@ impl Flyd {
         if rec.state != MachineState::Stopping {
             return Ok(());
         }
-        let dir = self.machine_dir(id);
         let grace = Duration::from_millis(input.timeout_ms);
-        let exit = match tokio::time::timeout(grace, pilot::wait_exit(&dir)).await {
+        let exit = match tokio::time::timeout(grace, self.runtime.wait_exit(id)).await {
             Ok(exit) => exit,
             Err(_) => {
                 tracing::info!(machine = id, ?grace, "stop timeout passed; sending SIGKILL");
-                kill_workload(id, &dir).await?
+                self.kill(id).await?
             }
         };
         rec.pilot_pid = None;
@@ -200,31 +177,22 @@ impl Flyd {
     }
 
     pub(crate) async fn step_teardown(&self, id: &str) -> Result<(), FlydError> {
-        let dir = self.machine_dir(id);
-        if pilot::alive(&dir).await {
-            kill_workload(id, &dir).await?;
+        if self.runtime.alive(id).await {
+            self.kill(id).await?;
         }
-        if let Some(cg) = &self.cgroups {
-            cg.remove_when_empty(id).await;
-        }
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(FlydError::Runtime {
-                id: id.to_string(),
-                reason: format!("removing {}: {e}", dir.display()),
-            }),
-        }
+        self.runtime
+            .remove(id)
+            .await
+            .map_err(|e| self.runtime_error(id, e))
     }
 
-    /// SIGSTOPs the workload's process group: memory stays, the CPU is freed.
+    /// Freezes the workload: memory stays, the CPU is freed.
     pub(crate) async fn step_freeze(&self, id: &str) -> Result<(), FlydError> {
         let mut rec = self.record(id)?;
         if rec.state == MachineState::Suspended {
             return Ok(());
         }
-        let dir = self.machine_dir(id);
-        if !pilot::alive(&dir).await {
+        if !self.runtime.alive(id).await {
             return Err(FlydError::Runtime {
                 id: id.to_string(),
                 reason: "workload is not running; nothing to suspend".into(),
@@ -233,12 +201,13 @@ impl Flyd {
         rec.state = MachineState::Suspending;
         rec.updated_at = now_rfc3339();
         self.save(&mut rec)?;
-        pilot::signal(&dir, SIGSTOP)
-            .await
-            .map_err(|e| FlydError::Runtime {
-                id: id.to_string(),
-                reason: e.to_string(),
-            })?;
+        if let Err(e) = self.runtime.freeze(id).await {
+            // Not frozen: it is still started.
+            rec.state = MachineState::Started;
+            rec.updated_at = now_rfc3339();
+            self.save(&mut rec)?;
+            return Err(self.runtime_error(id, e));
+        }
         rec.transition(MachineState::Suspended, "suspend", "user", None);
         self.save(&mut rec)
     }
@@ -290,7 +259,7 @@ impl Flyd {
     pub(crate) fn watch_exit(self: &Arc<Self>, id: String, pilot_pid: Option<u32>) {
         let flyd = self.clone();
         tokio::spawn(async move {
-            let exit = pilot::wait_exit(&flyd.machine_dir(&id)).await;
+            let exit = flyd.runtime.wait_exit(&id).await;
             // Queue behind any operation: a stop in progress records the exit itself.
             let Ok(_guard) = flyd.lock_machine(&id).await else {
                 tracing::warn!(machine = %id, "exit not recorded: machine stayed busy");
@@ -418,17 +387,6 @@ pub(crate) fn after_exit(config: &MachineConfig, exit: ExitInfo, restarts: u32) 
     } else {
         AfterExit::Stay
     }
-}
-
-/// SIGKILLs a machine's workload through its pilot and waits for the exit.
-pub(crate) async fn kill_workload(id: &str, dir: &Path) -> Result<ExitInfo, FlydError> {
-    let _ = pilot::signal(dir, 9).await;
-    tokio::time::timeout(KILL_WAIT, pilot::wait_exit(dir))
-        .await
-        .map_err(|_| FlydError::Runtime {
-            id: id.to_string(),
-            reason: format!("workload still running {KILL_WAIT:?} after SIGKILL"),
-        })
 }
 
 pub(crate) fn stop_input(run: &FsmRun) -> Result<StopInput, FlydError> {

@@ -23,6 +23,9 @@ const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("fsm_runs");
 pub enum StoreError {
     #[error("flyd store: {0}")]
     Db(#[source] Box<redb::Error>),
+    /// The store cannot be used any more (a test's crashed store).
+    #[error("flyd store: {0}")]
+    Unavailable(String),
     #[error("flyd store: record {key:?} does not decode: {source}")]
     Decode {
         key: String,
@@ -65,6 +68,21 @@ impl Store {
         tx.commit().map_err(db_err)
     }
 
+    fn delete(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        ids: &[String],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(table).map_err(db_err)?;
+            for id in ids {
+                t.remove(id.as_str()).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
     fn all<T: serde::de::DeserializeOwned>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -82,15 +100,69 @@ impl Store {
         }
         Ok(out)
     }
+}
 
+/// What the FSM engine keeps: machine records and FSM runs. Every write is
+/// durable when it returns: that is what lets a step run again after a
+/// crash. [`Store`] (redb) is the one flyd runs on; the engine's model test
+/// uses one that keeps only what was written before a chosen write, as a
+/// crash at that write would.
+pub trait FsmStore: Send + Sync + 'static {
     /// Writes a machine record.
-    pub fn put_machine(&self, m: &MachineRecord) -> Result<(), StoreError> {
+    fn put_machine(&self, m: &MachineRecord) -> Result<(), StoreError>;
+
+    /// One machine record.
+    fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError>;
+
+    /// Every machine record, by id.
+    fn machines(&self) -> Result<Vec<MachineRecord>, StoreError>;
+
+    /// Removes the records of `ids`, all or none.
+    fn delete_machines(&self, ids: &[String]) -> Result<(), StoreError>;
+
+    /// Writes an FSM run record.
+    fn put_run(&self, run: &FsmRun) -> Result<(), StoreError>;
+
+    /// Every FSM run, oldest first (run ids are ULIDs).
+    fn runs(&self) -> Result<Vec<FsmRun>, StoreError>;
+
+    /// Removes the runs of `ids`, all or none.
+    fn delete_runs(&self, ids: &[String]) -> Result<(), StoreError>;
+
+    /// The runs that had not finished when flyd last stopped.
+    fn unfinished_runs(&self) -> Result<Vec<FsmRun>, StoreError> {
+        Ok(self
+            .runs()?
+            .into_iter()
+            .filter(|r| r.status == RunStatus::Running)
+            .collect())
+    }
+
+    /// Deletes finished runs beyond the newest `keep`; unfinished runs are
+    /// never deleted. Returns how many were deleted.
+    fn prune_runs(&self, keep: usize) -> Result<usize, StoreError> {
+        let finished: Vec<String> = self
+            .runs()?
+            .into_iter()
+            .filter(|r| r.status != RunStatus::Running)
+            .map(|r| r.id)
+            .collect();
+        // Ids are ULIDs, so the first ones are the oldest.
+        let excess = finished.len().saturating_sub(keep);
+        if excess > 0 {
+            self.delete_runs(&finished[..excess])?;
+        }
+        Ok(excess)
+    }
+}
+
+impl FsmStore for Store {
+    fn put_machine(&self, m: &MachineRecord) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(m).expect("machine records serialize");
         self.put(MACHINES, &m.id, &bytes)
     }
 
-    /// One machine record.
-    pub fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError> {
+    fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let t = tx.open_table(MACHINES).map_err(db_err)?;
         let Some(v) = t.get(id).map_err(db_err)? else {
@@ -104,66 +176,25 @@ impl Store {
             })
     }
 
-    /// Removes the records of `ids`, in one transaction.
-    pub fn delete_machines(&self, ids: &[String]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = tx.open_table(MACHINES).map_err(db_err)?;
-            for id in ids {
-                t.remove(id.as_str()).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)
-    }
-
-    /// Every machine record, by id.
-    pub fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+    fn machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
         self.all(MACHINES)
     }
 
-    /// Writes an FSM run record.
-    pub fn put_run(&self, run: &FsmRun) -> Result<(), StoreError> {
+    fn delete_machines(&self, ids: &[String]) -> Result<(), StoreError> {
+        self.delete(MACHINES, ids)
+    }
+
+    fn put_run(&self, run: &FsmRun) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(run).expect("fsm runs serialize");
         self.put(RUNS, &run.id, &bytes)
     }
 
-    /// Every FSM run, oldest first (run ids are ULIDs).
-    pub fn runs(&self) -> Result<Vec<FsmRun>, StoreError> {
+    fn runs(&self) -> Result<Vec<FsmRun>, StoreError> {
         self.all(RUNS)
     }
 
-    /// Deletes finished runs beyond the newest `keep`; unfinished runs are
-    /// never deleted. Returns how many were deleted.
-    pub fn prune_runs(&self, keep: usize) -> Result<usize, StoreError> {
-        let finished: Vec<String> = self
-            .runs()?
-            .into_iter()
-            .filter(|r| r.status != RunStatus::Running)
-            .map(|r| r.id)
-            .collect();
-        let excess = finished.len().saturating_sub(keep);
-        if excess == 0 {
-            return Ok(0);
-        }
-        let tx = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = tx.open_table(RUNS).map_err(db_err)?;
-            // Ids are ULIDs, so the first ones are the oldest.
-            for id in &finished[..excess] {
-                t.remove(id.as_str()).map_err(db_err)?;
-            }
-        }
-        tx.commit().map_err(db_err)?;
-        Ok(excess)
-    }
-
-    /// The runs that had not finished when flyd last stopped.
-    pub fn unfinished_runs(&self) -> Result<Vec<FsmRun>, StoreError> {
-        Ok(self
-            .runs()?
-            .into_iter()
-            .filter(|r| r.status == RunStatus::Running)
-            .collect())
+    fn delete_runs(&self, ids: &[String]) -> Result<(), StoreError> {
+        self.delete(RUNS, ids)
     }
 }
 

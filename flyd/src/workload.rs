@@ -86,12 +86,10 @@ impl Flyd {
         let _guard = self.lock_machine(id).await?;
         let rec = self.running(id, "signal")?;
         self.check_lease(&rec, nonce)?;
-        pilot::signal(&self.machine_dir(id), signal)
+        self.runtime
+            .signal(id, signal)
             .await
-            .map_err(|e| FlydError::Runtime {
-                id: id.to_string(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| self.runtime_error(id, e))
     }
 
     /// Runs a command beside the workload, with its environment, and
@@ -122,26 +120,19 @@ impl Flyd {
             timeout_ms: timeout.as_millis() as u64,
             stdin: req.stdin,
         };
-        pilot::exec(&self.machine_dir(id), &call)
+        self.runtime
+            .exec(id, &call)
             .await
-            .map_err(|e| match e {
-                pilot::PilotError::Timeout { .. } => FlydError::Timeout(e.to_string()),
-                other => FlydError::Runtime {
-                    id: id.to_string(),
-                    reason: other.to_string(),
-                },
-            })
+            .map_err(|e| self.runtime_error(id, e))
     }
 
     /// The workload's processes.
     pub async fn ps(&self, id: &str) -> Result<Vec<ProcessStat>, FlydError> {
         self.running(id, "list processes of")?;
-        pilot::ps(&self.machine_dir(id))
+        self.runtime
+            .ps(id)
             .await
-            .map_err(|e| FlydError::Runtime {
-                id: id.to_string(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| self.runtime_error(id, e))
     }
 }
 

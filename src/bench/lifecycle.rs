@@ -189,6 +189,7 @@ where
 /// How long one FSM step record takes to commit in redb.
 fn step_commit_latency(count: usize) -> anyhow::Result<Latency> {
     use hangar_flyd::fsm::{FsmKind, FsmRun};
+    use hangar_flyd::store::FsmStore;
     let dir = tempfile::tempdir()?;
     let store = hangar_flyd::store::Store::open(&dir.path().join("flyd.redb"))?;
     let mut run = FsmRun::new(FsmKind::Start, "bench", Value::Null);
