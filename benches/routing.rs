@@ -16,7 +16,6 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use std::hint::black_box;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 fn web() -> Arc<[MachineService]> {
     let port = |port, handlers: &[&str]| MachinePort {
@@ -54,10 +53,9 @@ fn app(n: usize, busy: usize) -> Arc<AppRoutes> {
                 healthy: true,
                 services: services.clone(),
                 primary_region: None,
-                inflight: Arc::default(),
+                load: Default::default(),
             };
-            m.inflight
-                .store(if i < busy { 21 } else { i % 5 }, Ordering::Relaxed);
+            (0..if i < busy { 21 } else { i % 5 }).for_each(|_| m.load.take());
             m
         })
         .collect();

@@ -18,7 +18,7 @@ pub struct Config {
     pub flyd: hangar_flyd::FlydConfig,
     pub proxy: hangar_proxy::ProxyConfig,
     pub metrics: MetricsConfig,
-    pub catalog: CatalogConfig,
+    pub catalog: hangar_catalog::CatalogConfig,
 }
 
 impl Default for Config {
@@ -50,48 +50,6 @@ impl Default for MetricsConfig {
     }
 }
 
-/// The `[catalog]` table.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CatalogConfig {
-    /// How often the FIB polls the RIB for other processes' commits.
-    pub poll_ms: u64,
-    /// Changes the feed keeps when compacted; a follower further behind
-    /// reloads the whole table.
-    pub keep_changes: u64,
-    /// How often the feed is compacted.
-    pub compact_interval_ms: u64,
-    /// `global` (every machine in detail) or `regional` (the detail of
-    /// `proxy.region` only, summaries for the other regions).
-    pub mode: CatalogMode,
-    /// How long a catalog writer waits for the writer lock.
-    pub lock_wait_ms: u64,
-    /// How long the follower may not answer before the watchdog aborts the
-    /// process; 0 turns the watchdog off.
-    pub watchdog_ms: u64,
-}
-
-/// `catalog.mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CatalogMode {
-    Global,
-    Regional,
-}
-
-impl Default for CatalogConfig {
-    fn default() -> Self {
-        Self {
-            poll_ms: 2,
-            keep_changes: 100_000,
-            compact_interval_ms: 60_000,
-            mode: CatalogMode::Global,
-            lock_wait_ms: 1_000,
-            watchdog_ms: 30_000,
-        }
-    }
-}
-
 impl Config {
     /// Reads `path`, or the compiled-in default when `None`.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
@@ -114,19 +72,11 @@ impl Config {
             self.flaps.validate(),
             self.flyd.validate(),
             self.proxy.validate(),
+            self.catalog.validate(),
         ] {
             if let Err(p) = result {
                 problems.extend(p);
             }
-        }
-        if self.catalog.poll_ms == 0 {
-            problems.push("catalog.poll_ms: must be at least 1".into());
-        }
-        if self.catalog.compact_interval_ms == 0 {
-            problems.push("catalog.compact_interval_ms: must be at least 1".into());
-        }
-        if self.catalog.lock_wait_ms == 0 {
-            problems.push("catalog.lock_wait_ms: must be at least 1".into());
         }
         if problems.is_empty() {
             Ok(())
@@ -156,7 +106,7 @@ mod tests {
             let cfg = Config::load(Some(&path)).unwrap();
             cfg.validate().unwrap();
             assert_eq!(cfg.proxy.region, file);
-            assert_eq!(cfg.catalog.mode, CatalogMode::Regional);
+            assert_eq!(cfg.catalog.mode, hangar_catalog::CatalogMode::Regional);
             assert_eq!(cfg.proxy.peers.len(), 1);
         }
     }

@@ -3,11 +3,9 @@
 //! Ctrl-C or SIGTERM: the proxy and flaps stop taking requests and drain,
 //! then flyd stops every machine and records it stopped.
 
-use crate::config::{CatalogMode, Config};
+use crate::config::Config;
 use anyhow::Context;
-use hangar_catalog::{
-    ClusterKey, Fib, FibOptions, Follower, FollowerOptions, Mode, Rib, SecretBox, files,
-};
+use hangar_catalog::{Catalog, ClusterKey, Rib, SecretBox, files};
 use hangar_flyd::{Flyd, Listen};
 use hangar_proxy::{Metrics, Proxy};
 use std::net::SocketAddr;
@@ -133,7 +131,7 @@ struct EdgePart {
     proxy: tokio::task::JoinHandle<()>,
     metrics_server: tokio::task::JoinHandle<()>,
     drain: Duration,
-    _follower: Follower,
+    _catalog: Catalog,
 }
 
 async fn start_edge(
@@ -141,17 +139,8 @@ async fn start_edge(
     shared: &Shared,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<EdgePart> {
-    let fib = Fib::load_with(&shared.rib, fib_options(cfg))?;
-    let follower = Follower::spawn(
-        fib.clone(),
-        shared.rib.clone(),
-        FollowerOptions {
-            poll: Duration::from_millis(cfg.catalog.poll_ms),
-            watchdog: (cfg.catalog.watchdog_ms > 0)
-                .then(|| Duration::from_millis(cfg.catalog.watchdog_ms)),
-            ..FollowerOptions::default()
-        },
-    )?;
+    let catalog = Catalog::start(&cfg.catalog, shared.rib.clone(), &cfg.proxy.region)?;
+    let fib = catalog.fib().clone();
     let metrics = Arc::new(Metrics::new(fib.clone()).with_rib(shared.rib.clone()));
     let hosts = Arc::new(RibHosts(shared.rib.clone()));
     let proxy = Proxy::bind(
@@ -181,7 +170,7 @@ async fn start_edge(
         proxy,
         metrics_server,
         drain,
-        _follower: follower,
+        _catalog: catalog,
     })
 }
 
@@ -224,12 +213,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // flyd first: it resumes what a previous run left before anyone calls it.
     let flyd = start_flyd(&cfg, &data_dir, &shared, &stop_rx).await?;
     let edge = start_edge(&cfg, &shared, &stop_rx).await?;
-    let compactor = tokio::spawn(compact_feed(
-        rib.clone(),
-        cfg.catalog.keep_changes,
-        Duration::from_millis(cfg.catalog.compact_interval_ms),
-        stopping(stop_rx.clone()),
-    ));
 
     let flaps = hangar_flaps::Flaps::new(
         cfg.flaps.clone(),
@@ -278,7 +261,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     join_server("flaps", flaps_server).await;
     join_server("flyd", flyd.server).await;
     flyd.flyd.shutdown().await;
-    let _ = compactor.await;
     let _ = std::fs::remove_file(&addrs_path);
     tracing::info!("stopped");
     Ok(())
@@ -362,32 +344,6 @@ impl hangar_proxy::scaling::autostart::Directory for RibHosts {
                 tracing::warn!(error = %e, "reading a token's org");
                 None
             }
-        }
-    }
-}
-
-fn fib_options(cfg: &Config) -> FibOptions {
-    FibOptions {
-        mode: match cfg.catalog.mode {
-            CatalogMode::Global => Mode::Global,
-            CatalogMode::Regional => Mode::Regional(cfg.proxy.region.as_str().into()),
-        },
-        lock_wait: Duration::from_millis(cfg.catalog.lock_wait_ms),
-    }
-}
-
-/// Compacts the RIB's change feed every `every`, keeping `keep` changes.
-async fn compact_feed(rib: Arc<Rib>, keep: u64, every: Duration, stop: impl Future<Output = ()>) {
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        match rib.compact_feed(keep) {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(deleted = n, "compacted the rib change feed"),
-            Err(e) => tracing::warn!(error = %e, "compacting the rib change feed"),
         }
     }
 }

@@ -1,5 +1,8 @@
 //! Hangar's routing state.
 //!
+//! - [`catalog`]: [`Catalog`], one process's catalog from its config
+//!   (`[catalog]`) to its end: the FIB, its follower, feed compaction, and
+//!   the debug view.
 //! - [`rib`]: the RIB, a SQLite database (WAL) holding orgs, tokens, apps,
 //!   hosts and machines. Every write appends to a change feed in the same
 //!   transaction; each row has one writer and a version, and an older version
@@ -15,15 +18,17 @@
 //! - [`lock`]: [`lock::Guarded`], the only way shared mutable state is touched:
 //!   through closures, with bounded, labelled waits.
 
+pub mod catalog;
 pub mod fib;
 pub mod files;
 pub mod lock;
 pub mod rib;
 pub mod secrets;
 
+pub use catalog::{Catalog, CatalogConfig, CatalogError, CatalogMode};
 pub use fib::{
-    AppRoutes, Fib, FibOptions, FibSnapshot, FibStats, Follower, FollowerOptions, Mode,
-    RegionSummary, RemoteMachine, RouteMachine, Stall,
+    AppRoutes, Changed, Fib, FibOptions, FibSnapshot, FibStats, Follower, FollowerOptions, Load,
+    Mode, RegionSummary, RemoteMachine, RouteMachine, Stall,
 };
 pub use rib::{
     AppRow, CertificateRow, Change, CommitHook, HostCapacity, HostRow, IpRow, MachineRow,

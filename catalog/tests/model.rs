@@ -107,9 +107,13 @@ fn view(fib: &Fib) -> View {
         .map(|app| {
             // The routable ones come first, and are exactly the candidates.
             assert!(app.candidates().iter().all(|m| m.routable()));
-            assert!(!app.machines[app.routable..].iter().any(|m| m.routable()));
+            assert!(
+                !app.machines()[app.candidates().len()..]
+                    .iter()
+                    .any(|m| m.routable())
+            );
             let mut machines: Vec<MachineView> = app
-                .machines
+                .machines()
                 .iter()
                 .map(|m| {
                     (

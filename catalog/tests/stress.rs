@@ -103,11 +103,11 @@ fn readers_only_see_whole_snapshots_in_order() {
                     // The writer always writes all machines of a generation
                     // in one commit: a snapshot has one generation only.
                     let generations: std::collections::BTreeSet<_> =
-                        app.machines.iter().map(|m| m.host.clone()).collect();
+                        app.machines().iter().map(|m| m.host.clone()).collect();
                     assert!(generations.len() <= 1, "torn snapshot: {generations:?}");
-                    assert_eq!(app.routable, app.candidates().len());
-                    let started = app.machines.iter().filter(|m| m.routable()).count();
-                    assert_eq!(started, app.routable);
+                    assert!(app.candidates().iter().all(|m| m.routable()));
+                    let started = app.machines().iter().filter(|m| m.routable()).count();
+                    assert_eq!(started, app.candidates().len());
                     reads += 1;
                 }
                 reads

@@ -247,7 +247,6 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
-    use std::sync::atomic::Ordering;
     use tokio::net::TcpStream;
     use tokio::sync::{mpsc, oneshot};
 
@@ -547,12 +546,8 @@ mod tests {
         assert_eq!(h["fly-request-id"], headers["fly-request-id"]);
         assert!(h["fly-request-id"].to_str().unwrap().ends_with("-dev"));
         assert!(h.get("x-private").is_none() && h.get("connection").is_none());
-        let m1 = fib.lookup("hello").unwrap().machines[0].clone();
-        assert_eq!(
-            m1.inflight.load(Ordering::Relaxed),
-            0,
-            "lease released with the body"
-        );
+        let m1 = fib.lookup("hello").unwrap().machines()[0].clone();
+        assert_eq!(m1.load.get(), 0, "lease released with the body");
 
         // Failures, each one line of text from the proxy itself.
         let port = http_addr.port();
@@ -651,11 +646,11 @@ mod tests {
         {
             tokio::task::yield_now().await;
         }
-        assert!(fib.snapshot().apps().all(|app| {
-            app.machines
-                .iter()
-                .all(|m| m.inflight.load(Ordering::Relaxed) == 0)
-        }));
+        assert!(
+            fib.snapshot()
+                .apps()
+                .all(|app| { app.machines().iter().all(|m| m.load.get() == 0) })
+        );
 
         // Shutdown: idle keep-alive and h2 connections close gracefully, and
         // the listeners are gone.
@@ -688,17 +683,13 @@ mod tests {
             let mut client = http1(h.http_addr).await;
             let request = tokio::spawn(client.send_request(get(Some("stuck.localhost"))));
             arrival.await.unwrap();
-            let m1 = h.fib.lookup("stuck").unwrap().machines[0].clone();
-            assert_eq!(m1.inflight.load(Ordering::Relaxed), 1);
+            let m1 = h.fib.lookup("stuck").unwrap().machines()[0].clone();
+            assert_eq!(m1.load.get(), 1);
 
             h.stop.send(()).unwrap();
             h.served.await.unwrap();
             assert!(request.await.unwrap().is_err(), "the cut request fails");
-            assert_eq!(
-                m1.inflight.load(Ordering::Relaxed),
-                0,
-                "lease released on abort"
-            );
+            assert_eq!(m1.load.get(), 0, "lease released on abort");
             assert!(
                 h.metrics
                     .render()

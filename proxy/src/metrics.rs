@@ -67,7 +67,6 @@ use prometheus::{
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -355,16 +354,7 @@ impl Metrics {
 
     /// The body of `/debug/catalog`.
     pub fn catalog_debug(&self) -> serde_json::Value {
-        let fib = self.fib.stats();
-        let rib = self.rib.as_ref().map(|rib| {
-            let last_seq = rib.last_seq().ok();
-            serde_json::json!({
-                "last_seq": last_seq,
-                "fib_lag_changes": last_seq.map(|last| last.saturating_sub(fib.seq)),
-                "locks": rib.locks(),
-            })
-        });
-        serde_json::json!({ "fib": fib, "rib": rib })
+        hangar_catalog::catalog::debug_view(&self.fib, self.rib.as_deref())
     }
 
     /// The registry holding every proxy metric; other parts of the process
@@ -523,8 +513,8 @@ impl Collector for Concurrency {
         let mut sums: HashMap<(&str, &str), usize> = HashMap::new();
         let snapshot = self.fib.snapshot();
         for app in snapshot.apps() {
-            for m in app.machines.iter() {
-                let n = m.inflight.load(Ordering::Relaxed);
+            for m in app.machines().iter() {
+                let n = m.load.get();
                 if n > 0 {
                     *sums.entry((&app.name, &m.region)).or_default() += n;
                 }

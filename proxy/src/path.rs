@@ -26,7 +26,6 @@ use crate::routing::replay::{
 };
 use crate::routing::steer::{Hop, Steer};
 use crate::routing::sticky;
-use crate::scaling::autostart;
 use crate::scaling::autostop::FLY_KEEP_ALIVE_UNTIL;
 use compact_str::CompactString;
 use hangar_api::machine::HttpResponseOptions;
@@ -488,7 +487,8 @@ async fn after_refusal(
     app: &str,
     skip: &[CompactString],
 ) -> Result<Arc<AppRoutes>, PathError> {
-    let deadline = Instant::now() + REFUSED_SETTLE;
+    let deadline = tokio::time::Instant::now() + REFUSED_SETTLE;
+    let mut changed = edge.fib.changed();
     loop {
         let routes = edge
             .fib
@@ -497,10 +497,15 @@ async fn after_refusal(
         let candidates = routes.candidates();
         let others = candidates.iter().any(|m| !skip.contains(&m.id));
         let refused_up = candidates.iter().any(|m| Some(&m.id) == skip.last());
-        if others || !refused_up || Instant::now() >= deadline {
+        if others || !refused_up {
             return Ok(routes);
         }
-        tokio::time::sleep(autostart::POLL).await;
+        if tokio::time::timeout_at(deadline, changed.next())
+            .await
+            .is_err()
+        {
+            return Ok(routes);
+        }
     }
 }
 

@@ -177,7 +177,7 @@ fn route(fib: &Fib, name: &str, rng: &mut Rng) -> usize {
     if candidates.is_empty() {
         return app.regions.len();
     }
-    let load = |m: &RouteMachine| m.inflight.load(Ordering::Relaxed);
+    let load = |m: &RouteMachine| m.load.get();
     let (a, b) = (
         &candidates[rng.below(candidates.len())],
         &candidates[rng.below(candidates.len())],

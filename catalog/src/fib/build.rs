@@ -5,12 +5,11 @@
 //! host or region repeats are interned, and a services config is decoded
 //! once and shared by every machine whose JSON is the same.
 
-use super::{AppRoutes, Mode, RegionSummary, RemoteMachine, RouteMachine, STATES};
+use super::{AppRoutes, Load, Mode, RegionSummary, RemoteMachine, RouteMachine, STATES};
 use crate::rib::RouteRow;
 use hangar_api::machine::{MachineService, MachineState};
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 
 /// A machine's soft limit when its service sets none (Fly's default).
@@ -60,7 +59,7 @@ pub(crate) struct AppBuild<'p> {
     states: [u32; STATES],
     /// The app's previous routes, whose in-flight counters carry over.
     previous: Option<&'p AppRoutes>,
-    previous_index: Option<HashMap<&'p str, &'p Arc<AtomicUsize>>>,
+    previous_index: Option<HashMap<&'p str, &'p Load>>,
 }
 
 impl<'p> AppBuild<'p> {
@@ -69,7 +68,7 @@ impl<'p> AppBuild<'p> {
         let previous_index = previous.filter(|p| p.machines.len() > 16).map(|p| {
             p.machines
                 .iter()
-                .map(|m| (&*m.id, &m.inflight))
+                .map(|m| (&*m.id, &m.load))
                 .collect::<HashMap<_, _>>()
         });
         Self {
@@ -82,13 +81,13 @@ impl<'p> AppBuild<'p> {
         }
     }
 
-    fn inflight(&self, id: &str) -> Arc<AtomicUsize> {
+    fn load(&self, id: &str) -> Load {
         let found = match &self.previous_index {
             Some(index) => index.get(id).copied(),
             None => self
                 .previous
                 .and_then(|p| p.machines.iter().find(|m| &*m.id == id))
-                .map(|m| &m.inflight),
+                .map(|m| &m.load),
         };
         found.cloned().unwrap_or_default()
     }
@@ -137,7 +136,7 @@ impl<'p> AppBuild<'p> {
             healthy: row.healthy,
             services,
             primary_region: row.primary_region.map(|r| interner.string(r)),
-            inflight: self.inflight(row.id),
+            load: self.load(row.id),
         });
     }
 

@@ -81,9 +81,43 @@ pub struct RouteMachine {
     /// The app's primary region, as the machine's config names it
     /// (`env.PRIMARY_REGION`).
     pub primary_region: Option<Arc<str>>,
-    /// Requests the proxy has in flight to this machine. Shared by every
+    /// What the proxy has in flight to this machine. Shared by every
     /// snapshot that contains the machine.
-    pub inflight: Arc<AtomicUsize>,
+    pub load: Load,
+}
+
+/// Requests (or connections) the proxy has in flight to one machine: one
+/// counter per machine, carried from snapshot to snapshot so rebuilding an
+/// app never resets it. The proxy takes a unit per request and gives it
+/// back when the request ends; the catalog only carries it.
+#[derive(Debug, Clone, Default)]
+pub struct Load(Arc<AtomicUsize>);
+
+impl Load {
+    /// Units taken now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Takes a unit unless `limit` are taken already, and says whether it
+    /// did: racing takers cannot overshoot the limit.
+    pub fn take_below(&self, limit: usize) -> bool {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Takes a unit whatever the load.
+    pub fn take(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Gives back a unit taken before.
+    pub fn give(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl RouteMachine {
@@ -147,9 +181,11 @@ pub struct AppRoutes {
     pub name: CompactString,
     /// The org that owns the app: what flycast and replays are scoped to.
     pub org: CompactString,
-    pub machines: Arc<[RouteMachine]>,
+    /// Routable first, then the rest, each part by id: built only by
+    /// [`AppRoutes::with_machines`] and the FIB, which keep that order.
+    machines: Arc<[RouteMachine]>,
     /// How many of `machines` (the first ones) are routable.
-    pub routable: usize,
+    routable: usize,
     /// Per region, by region code; covers every region in every mode.
     pub regions: Arc<[RegionSummary]>,
     pub certificates: Arc<[Arc<CertificateRow>]>,
@@ -188,6 +224,18 @@ impl AppRoutes {
             machines: machines.into(),
             ..Self::empty(name)
         }
+    }
+
+    /// The app with these region summaries in place of its own (tests and
+    /// benchmarks build apps this way).
+    pub fn with_regions(mut self, regions: impl Into<Arc<[RegionSummary]>>) -> Self {
+        self.regions = regions.into();
+        self
+    }
+
+    /// Every machine of the kept regions, routable ones first.
+    pub fn machines(&self) -> &[RouteMachine] {
+        &self.machines
     }
 
     /// The machines the proxy may send new requests to.
@@ -374,6 +422,9 @@ impl Default for FibOptions {
 pub struct Fib {
     mode: Mode,
     snapshot: ArcSwap<FibSnapshot>,
+    /// The sequence of the snapshot in place, sent at every swap: what
+    /// [`Fib::changed`] waits on.
+    swapped: tokio::sync::watch::Sender<u64>,
     /// Taken by whoever applies changes; holds the string and services
     /// interner that batches share.
     writer: Guarded<Interner>,
@@ -394,6 +445,20 @@ pub struct Fib {
     stall: parking_lot::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
+/// A subscription to a FIB's changes (see [`Fib::changed`]).
+pub struct Changed(tokio::sync::watch::Receiver<u64>);
+
+impl Changed {
+    /// Returns once a snapshot newer than the last one this subscription
+    /// saw (or than the one in place when it was made) is in place.
+    pub async fn next(&mut self) {
+        if self.0.changed().await.is_err() {
+            // The FIB is gone: nothing will change again.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// How many feed entries one batch applies at most.
 const FEED_BATCH: usize = 4096;
 
@@ -412,6 +477,7 @@ impl Fib {
         Ok(Arc::new(Self {
             noticed: AtomicU64::new(snapshot.seq),
             mode: options.mode,
+            swapped: tokio::sync::watch::Sender::new(snapshot.seq),
             snapshot: ArcSwap::from_pointee(snapshot),
             writer: Guarded::new("fib.writer", options.lock_wait, interner),
             born: Instant::now(),
@@ -429,6 +495,20 @@ impl Fib {
 
     pub fn mode(&self) -> &Mode {
         &self.mode
+    }
+
+    /// Puts `next` in place and tells those waiting on [`Fib::changed`].
+    fn swap(&self, next: FibSnapshot) {
+        let seq = next.seq;
+        self.snapshot.store(Arc::new(next));
+        self.swapped.send_replace(seq);
+    }
+
+    /// A subscription to the FIB's changes, for those who wait for one (a
+    /// machine to become routable, or to stop being routed to) instead of
+    /// polling: check the snapshot after subscribing, then wait.
+    pub fn changed(&self) -> Changed {
+        Changed(self.swapped.subscribe())
     }
 
     /// The current snapshot. Cheap; hold it for the duration of one request.
@@ -486,7 +566,7 @@ impl Fib {
                     "fib: behind the compacted feed; reloading"
                 );
                 let fresh = full(interner, rib, &self.mode, Some(&current))?;
-                self.snapshot.store(Arc::new(fresh));
+                self.swap(fresh);
                 self.reloads.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -496,7 +576,7 @@ impl Fib {
             }
             let next = apply(interner, rib, &self.mode, &current, &changes)?;
             // Single writer (this lock), so a plain store loses nothing.
-            self.snapshot.store(Arc::new(next));
+            self.swap(next);
             total += changes.len();
             self.applied
                 .fetch_add(changes.len() as u64, Ordering::Relaxed);
@@ -845,6 +925,21 @@ pub(crate) mod tests {
         (dir, rib)
     }
 
+    #[tokio::test]
+    async fn changed_wakes_its_waiter_at_a_new_snapshot_only() {
+        let (_dir, rib) = rib();
+        let fib = Fib::load(&rib).unwrap();
+        let mut changed = fib.changed();
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(20), changed.next());
+        assert!(quiet.await.is_err(), "nothing changed yet");
+        rib.create_app(&app_row("hello")).unwrap();
+        fib.catch_up(&rib).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), changed.next())
+            .await
+            .expect("woken by the new snapshot");
+        assert!(fib.lookup("hello").is_some());
+    }
+
     #[test]
     fn follows_machine_and_app_changes_keeping_inflight_counters() {
         let (_dir, rib) = rib();
@@ -858,7 +953,7 @@ pub(crate) mod tests {
         let app = fib.lookup("hello").unwrap();
         assert_eq!(app.machines.len(), 1);
         assert!(app.machines[0].routable());
-        app.machines[0].inflight.fetch_add(3, Ordering::Relaxed);
+        (0..3).for_each(|_| app.machines[0].load.take());
 
         rib.upsert_machine(&row("m1", "dev", 2, MachineState::Stopped))
             .unwrap();
@@ -871,11 +966,7 @@ pub(crate) mod tests {
             Fib::load(&rib).unwrap().lookup("hello").unwrap().org,
             "personal"
         );
-        assert_eq!(
-            m.inflight.load(Ordering::Relaxed),
-            3,
-            "counter survives a rebuild"
-        );
+        assert_eq!(m.load.get(), 3, "counter survives a rebuild");
 
         rib.upsert_machine(&row("m1", "dev", 3, MachineState::Destroyed))
             .unwrap();

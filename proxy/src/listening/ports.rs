@@ -113,7 +113,7 @@ fn wanted(fib: &FibSnapshot) -> HashMap<SocketAddr, Spec> {
         let Some(routes) = fib.app(app) else { continue };
         let app: Arc<str> = Arc::from(app);
         let mut ports = 0;
-        for m in routes.machines.iter() {
+        for m in routes.machines().iter() {
             for service in m.services.iter().filter(|s| s.protocol == "tcp") {
                 for port in &service.ports {
                     let Some(number) = port.port else { continue };

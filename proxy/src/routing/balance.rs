@@ -28,11 +28,10 @@
 use crate::Listener;
 use crate::config::Peer;
 use hangar_api::machine::{MachinePort, MachineService, MachineState};
-use hangar_catalog::{AppRoutes, RouteMachine};
+use hangar_catalog::{AppRoutes, Load, RouteMachine};
 use rand::Rng;
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// `soft_limit` when a service sets none (Fly's default).
 pub const DEFAULT_SOFT_LIMIT: u32 = 20;
@@ -95,7 +94,7 @@ pub struct Target {
 impl Target {
     /// The chosen machine.
     pub fn machine(&self) -> &RouteMachine {
-        &self.app.machines[self.index]
+        &self.app.machines()[self.index]
     }
 
     /// The app's routes the machine was chosen from.
@@ -223,7 +222,7 @@ pub fn choose(
 ) -> Result<Target, NoTarget> {
     if app.candidates().is_empty() {
         let started = app
-            .machines
+            .machines()
             .iter()
             .any(|m| m.state == MachineState::Started);
         return Err(if started {
@@ -251,7 +250,7 @@ pub fn choose(
     // the low one), and `None` means at the hard limit.
     let classify = |i: usize, m: &RouteMachine| {
         let (service, limits) = service_of(&m.services)?;
-        let load = m.inflight.load(Ordering::Relaxed);
+        let load = m.load.get();
         let class = if load >= limits.hard {
             None
         } else {
@@ -354,7 +353,7 @@ fn two_distinct(n: usize, rng: &mut impl Rng) -> (Option<usize>, Option<usize>) 
 /// (response finished, client gone, error) releases it exactly once.
 #[derive(Debug)]
 pub struct Lease {
-    load: Arc<AtomicUsize>,
+    load: Load,
     /// Told of the release, with the machine's app and index.
     hooks: Option<(Arc<dyn Released>, Arc<AppRoutes>, usize)>,
 }
@@ -370,12 +369,10 @@ impl Lease {
     /// Counts one more request in flight on the target's machine, unless it
     /// is already at its hard limit. `released` hears of the release.
     pub fn acquire(target: &Target, released: Option<&Arc<dyn Released>>) -> Option<Self> {
-        let hard = target.limits().hard;
-        let load = &target.machine().inflight;
-        load.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-            (n < hard).then_some(n + 1)
-        })
-        .ok()?;
+        let load = &target.machine().load;
+        if !load.take_below(target.limits().hard) {
+            return None;
+        }
         Some(Self {
             load: load.clone(),
             hooks: released.map(|r| (r.clone(), target.app.clone(), target.index)),
@@ -384,9 +381,9 @@ impl Lease {
 
     /// Counts one more request on `machine` whatever its load (tests).
     pub fn force(machine: &RouteMachine) -> Self {
-        machine.inflight.fetch_add(1, Ordering::AcqRel);
+        machine.load.take();
         Self {
-            load: machine.inflight.clone(),
+            load: machine.load.clone(),
             hooks: None,
         }
     }
@@ -394,9 +391,9 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.load.fetch_sub(1, Ordering::AcqRel);
+        self.load.give();
         if let Some((released, app, index)) = &self.hooks {
-            released.released(app, &app.machines[*index]);
+            released.released(app, &app.machines()[*index]);
         }
     }
 }
@@ -436,7 +433,7 @@ mod tests {
             healthy: true,
             services: services.into(),
             primary_region: None,
-            inflight: Arc::default(),
+            load: Load::default(),
         }
     }
 
@@ -451,7 +448,7 @@ mod tests {
         });
         let mut m = machine(id, MachineState::Started, web);
         m.region = region.into();
-        m.inflight.store(load, Ordering::Relaxed);
+        (0..load).for_each(|_| m.load.take());
         m
     }
 
@@ -728,11 +725,11 @@ mod tests {
         let first = Lease::acquire(&target, None).unwrap();
         let second = Lease::acquire(&target, None).unwrap();
         assert!(Lease::acquire(&target, None).is_none(), "at hard limit");
-        assert_eq!(target.machine().inflight.load(Ordering::Relaxed), 2);
+        assert_eq!(target.machine().load.get(), 2);
         drop((first, second));
-        assert_eq!(target.machine().inflight.load(Ordering::Relaxed), 0);
+        assert_eq!(target.machine().load.get(), 0);
         let forced = Lease::force(target.machine());
-        assert_eq!(target.machine().inflight.load(Ordering::Relaxed), 1);
+        assert_eq!(target.machine().load.get(), 1);
         drop(forced);
     }
 }

@@ -117,10 +117,7 @@ mod tests {
 
     #[test]
     fn the_closest_region_taking_requests_wins_then_one_that_can_start() {
-        let app = |regions: Vec<RegionSummary>| AppRoutes {
-            regions: regions.into(),
-            ..AppRoutes::empty("hello")
-        };
+        let app = |regions: Vec<RegionSummary>| AppRoutes::empty("hello").with_regions(regions);
         let (_dir, peers) = peers();
         let pick = |app: &AppRoutes, forced| peers.choose(app, forced).map(|p| p.region.clone());
         let up = app(vec![

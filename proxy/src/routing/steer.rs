@@ -110,7 +110,7 @@ impl Steer {
             By::Replay => ("fly-replay", "fly-replay"),
         };
         if let Some(id) = &self.force_instance
-            && !app.machines.iter().any(|m| m.id == id.as_str())
+            && !app.machines().iter().any(|m| m.id == id.as_str())
         {
             return Err(PathError::NoSuchMachine {
                 app: app.name.to_string(),
@@ -305,10 +305,8 @@ mod tests {
             routable: 1,
             capacity: 20,
         };
-        AppRoutes {
-            regions: regions.iter().map(|r| summary(r)).collect(),
-            ..AppRoutes::empty("hello")
-        }
+        AppRoutes::empty("hello")
+            .with_regions(regions.iter().map(|r| summary(r)).collect::<Vec<_>>())
     }
 
     #[test]

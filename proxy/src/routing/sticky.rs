@@ -36,7 +36,7 @@ pub(crate) const MAX_PINS_PER_APP: usize = 10_000;
 /// The sticky service of the app's first machine with a service for the
 /// request, if it is sticky.
 pub(crate) fn of(app: &AppRoutes, want: Want) -> Option<&Sticky> {
-    let m = app.machines.first()?;
+    let m = app.machines().first()?;
     m.services[service_for(&m.services, want)?].sticky.as_ref()
 }
 

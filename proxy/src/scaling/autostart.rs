@@ -29,9 +29,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// How often a start in flight checks the FIB for its machine.
-pub(crate) const POLL: Duration = Duration::from_millis(2);
-
 /// How long a start waits before asking again when flyd says the machine
 /// cannot start yet (it is still stopping or suspending).
 const SETTLE: Duration = Duration::from_millis(5);
@@ -89,7 +86,7 @@ pub(crate) fn pick<'a>(
     allowed: impl Fn(&RouteMachine) -> bool,
 ) -> Option<&'a RouteMachine> {
     use MachineState::*;
-    app.machines
+    app.machines()
         .iter()
         .filter(|m| allowed(m))
         .filter(|m| {
@@ -211,6 +208,8 @@ impl Autostart {
             .address(host)
             .ok_or_else(|| format!("host {host} of machine {id} is unknown"))?;
         let path = hangar_api::host::machine_path(app, id, "/start");
+        // Subscribed before the start, so no change after it is missed.
+        let mut changed = self.fib.changed();
         let routable = || {
             self.fib
                 .lookup(app)
@@ -241,7 +240,7 @@ impl Autostart {
             }
         }
         while !routable() {
-            tokio::time::sleep(POLL).await;
+            changed.next().await;
         }
         Ok(true)
     }

@@ -39,7 +39,7 @@ use crate::scaling::autostart::Directory;
 use compact_str::CompactString;
 use dashmap::DashMap;
 use hangar_api::machine::{Autostop, MachineService};
-use hangar_catalog::{Fib, RouteMachine};
+use hangar_catalog::{Fib, Load, RouteMachine};
 use hangar_host_client::{HostCall, HostClient};
 use http::HeaderValue;
 use http::header::HeaderName;
@@ -161,7 +161,7 @@ struct Pick {
     app: CompactString,
     how: Autostop,
     reason: String,
-    load: Arc<std::sync::atomic::AtomicUsize>,
+    load: Load,
 }
 
 impl Autostopper {
@@ -192,7 +192,7 @@ impl Autostopper {
                 };
                 regions.entry(&m.region).or_default().push((m, service));
             }
-            let primary = app.machines.iter().find_map(|m| m.primary_region.clone());
+            let primary = app.machines().iter().find_map(|m| m.primary_region.clone());
             for (region, machines) in &regions {
                 let keeps_min = primary.as_deref().is_none_or(|p| p == *region);
                 if let Some(pick) = self.choose(&app.name, machines, keeps_min) {
@@ -221,10 +221,7 @@ impl Autostopper {
         if running <= min {
             return None;
         }
-        let loads: Vec<usize> = machines
-            .iter()
-            .map(|(m, _)| m.inflight.load(Ordering::Relaxed))
-            .collect();
+        let loads: Vec<usize> = machines.iter().map(|(m, _)| m.load.get()).collect();
         let past_soft = machines
             .iter()
             .zip(&loads)
@@ -254,7 +251,7 @@ impl Autostopper {
             app: app.into(),
             how: service.autostop.unwrap_or(Autostop::Stop),
             reason,
-            load: m.inflight.clone(),
+            load: m.load.clone(),
         })
     }
 
@@ -290,10 +287,24 @@ impl Autostopper {
                     .lookup(&pick.app)
                     .is_some_and(|a| a.candidates().iter().any(|m| m.id == pick.id))
             };
-            while !cordoned() || pick.load.load(Ordering::Acquire) > 0 {
+            let mut changed = self.fib.changed();
+            let busy = || async {
+                let _ = call("uncordon").await;
+                Err(format!("still busy after {:?}; left running", self.drain))
+            };
+            while !cordoned() {
+                if tokio::time::timeout_at(deadline.into(), changed.next())
+                    .await
+                    .is_err()
+                {
+                    return busy().await;
+                }
+            }
+            // A lease's end is not announced (it is on every request's
+            // path), so the draining is looked at every 5 ms.
+            while pick.load.get() > 0 {
                 if Instant::now() >= deadline {
-                    let _ = call("uncordon").await;
-                    return Err(format!("still busy after {:?}; left running", self.drain));
+                    return busy().await;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

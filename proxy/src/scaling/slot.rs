@@ -167,14 +167,11 @@ mod tests {
             routable,
             capacity,
         };
-        let app = Arc::new(AppRoutes {
-            regions: Arc::new([
-                summary("ams", 0, 0),
-                summary("ord", 1, 20),
-                summary("syd", 2, 40),
-            ]),
-            ..AppRoutes::empty("hello")
-        });
+        let app = Arc::new(AppRoutes::empty("hello").with_regions([
+            summary("ams", 0, 0),
+            summary("ord", 1, 20),
+            summary("syd", 2, 40),
+        ]));
         let err = no_target(&app, NoTarget::NoStartedMachine, "ams");
         assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
