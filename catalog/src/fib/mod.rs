@@ -16,22 +16,25 @@
 //! there: enough to know where to forward, at a fraction of the memory.
 //! [`Mode::Global`] keeps every machine, for small deployments.
 
+mod apply;
 mod build;
 mod follower;
+mod routes;
 mod table;
 
 pub use follower::{Follower, FollowerOptions, Stall};
+pub use routes::{AppRoutes, Load, RegionSummary, RemoteMachine, RouteMachine};
 
 use crate::lock::{Guarded, LockStats};
-use crate::rib::{CertificateRow, Change, Rib, RibError, RibView, RouteImage, RouteRow, Routes};
+use crate::rib::{CertificateRow, Rib, RibError, RibView};
 use arc_swap::ArcSwap;
-use build::{AppBuild, Interner, state_index};
+use build::Interner;
 use compact_str::CompactString;
-use hangar_api::machine::{MachineService, MachineState};
+use hangar_api::machine::MachineState;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use table::AppTable;
 
@@ -61,209 +64,6 @@ impl Mode {
             Self::Global => None,
             Self::Regional(own) => Some(own),
         }
-    }
-}
-
-/// A machine as the proxy routes to it.
-#[derive(Debug, Clone)]
-pub struct RouteMachine {
-    /// Inline (no allocation) up to 24 bytes; Fly machine ids are 14.
-    pub id: CompactString,
-    pub region: Arc<str>,
-    pub host: Arc<str>,
-    pub state: MachineState,
-    pub private_ip: IpAddr,
-    pub cordoned: bool,
-    /// Whether its service checks pass (true when it has none).
-    pub healthy: bool,
-    /// Shared by every machine with the same services config.
-    pub services: Arc<[MachineService]>,
-    /// The app's primary region, as the machine's config names it
-    /// (`env.PRIMARY_REGION`).
-    pub primary_region: Option<Arc<str>>,
-    /// What the proxy has in flight to this machine. Shared by every
-    /// snapshot that contains the machine.
-    pub load: Load,
-}
-
-/// Requests (or connections) the proxy has in flight to one machine: one
-/// counter per machine, carried from snapshot to snapshot so rebuilding an
-/// app never resets it. The proxy takes a unit per request and gives it
-/// back when the request ends; the catalog only carries it.
-#[derive(Debug, Clone, Default)]
-pub struct Load(Arc<AtomicUsize>);
-
-impl Load {
-    /// Units taken now.
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// Takes a unit unless `limit` are taken already, and says whether it
-    /// did: racing takers cannot overshoot the limit.
-    pub fn take_below(&self, limit: usize) -> bool {
-        self.0
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    /// Takes a unit whatever the load.
-    pub fn take(&self) {
-        self.0.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Gives back a unit taken before.
-    pub fn give(&self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl RouteMachine {
-    /// Whether the proxy may send new requests to this machine: started,
-    /// not cordoned, and passing its service checks.
-    pub fn routable(&self) -> bool {
-        self.state == MachineState::Started && !self.cordoned && self.healthy
-    }
-}
-
-/// A machine of a region a regional FIB keeps no detail for: just what its
-/// region's summary counts, so a change to it is applied without reading
-/// the app's other machines again.
-#[derive(Debug, Clone)]
-pub struct RemoteMachine {
-    pub id: CompactString,
-    pub region: Arc<str>,
-    pub state: MachineState,
-    pub routable: bool,
-    /// Its soft limit, counted in the region's capacity while routable.
-    pub capacity: u32,
-}
-
-/// An app's machines in one region, in every mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegionSummary {
-    pub region: Arc<str>,
-    pub started: u32,
-    pub stopped: u32,
-    pub suspended: u32,
-    /// Started, uncordoned and healthy.
-    pub routable: u32,
-    /// The routable machines' soft limits, summed: the requests (or
-    /// connections) the region takes before any machine is over its limit.
-    pub capacity: u64,
-}
-
-impl RegionSummary {
-    fn empty(region: Arc<str>) -> Self {
-        Self {
-            region,
-            started: 0,
-            stopped: 0,
-            suspended: 0,
-            routable: 0,
-            capacity: 0,
-        }
-    }
-}
-
-/// An app's routes. Machines are those of the kept regions (see [`Mode`]),
-/// destroyed ones left out: the routable ones first, then the rest, each
-/// part by id.
-///
-/// `repr(C)` keeps what a lookup reads (the name it compares, the machine
-/// slice and how many are routable) at the front, in the cache line the
-/// table probe brings in; names of up to 24 bytes are stored inline.
-#[derive(Debug, Clone)]
-#[repr(C)]
-pub struct AppRoutes {
-    pub name: CompactString,
-    /// The org that owns the app: what flycast and replays are scoped to.
-    pub org: CompactString,
-    /// Routable first, then the rest, each part by id: built only by
-    /// [`AppRoutes::with_machines`] and the FIB, which keep that order.
-    machines: Arc<[RouteMachine]>,
-    /// How many of `machines` (the first ones) are routable.
-    routable: usize,
-    /// Per region, by region code; covers every region in every mode.
-    pub regions: Arc<[RegionSummary]>,
-    pub certificates: Arc<[Arc<CertificateRow>]>,
-    /// The app's own addresses: flycast (private) and dedicated public ones.
-    /// The proxy listens on each, on the service ports of the app's machines.
-    pub flycast: Arc<[IpAddr]>,
-    /// The machines of the regions not kept in detail (regional mode).
-    pub remote: Arc<[RemoteMachine]>,
-    /// Machine counts by state (indexed like [`MachineState::ALL`]), over
-    /// every region.
-    pub states: [u32; STATES],
-}
-
-impl AppRoutes {
-    /// An app with no machines, certificates or addresses.
-    pub fn empty(name: &str) -> Self {
-        Self {
-            name: name.into(),
-            org: CompactString::default(),
-            machines: Arc::new([]),
-            routable: 0,
-            regions: Arc::new([]),
-            certificates: Arc::new([]),
-            flycast: Arc::new([]),
-            remote: Arc::new([]),
-            states: [0; STATES],
-        }
-    }
-
-    /// An app with these machines, put in order (routable first, each part
-    /// by id) and counted; no regions, certificates or addresses.
-    pub fn with_machines(name: &str, mut machines: Vec<RouteMachine>) -> Self {
-        machines.sort_unstable_by(|a, b| (!a.routable(), &a.id).cmp(&(!b.routable(), &b.id)));
-        Self {
-            routable: machines.iter().filter(|m| m.routable()).count(),
-            machines: machines.into(),
-            ..Self::empty(name)
-        }
-    }
-
-    /// The app with these region summaries in place of its own (tests and
-    /// benchmarks build apps this way).
-    pub fn with_regions(mut self, regions: impl Into<Arc<[RegionSummary]>>) -> Self {
-        self.regions = regions.into();
-        self
-    }
-
-    /// Every machine of the kept regions, routable ones first.
-    pub fn machines(&self) -> &[RouteMachine] {
-        &self.machines
-    }
-
-    /// The machines the proxy may send new requests to.
-    pub fn candidates(&self) -> &[RouteMachine] {
-        &self.machines[..self.routable]
-    }
-
-    /// How many of the app's machines (in every region) are in `state`.
-    pub fn count(&self, state: MachineState) -> u32 {
-        self.states[state_index(state)]
-    }
-
-    /// The regions other than `own` with machines that can take requests
-    /// now, the most capacity first: where a proxy with no candidate of its
-    /// own would send the request.
-    pub fn regions_elsewhere(&self, own: &str) -> Vec<&RegionSummary> {
-        let mut elsewhere: Vec<_> = self
-            .regions
-            .iter()
-            .filter(|r| r.routable > 0 && &*r.region != own)
-            .collect();
-        elsewhere.sort_by(|a, b| b.capacity.cmp(&a.capacity).then(a.region.cmp(&b.region)));
-        elsewhere
-    }
-
-    /// The app's summary for `region`.
-    pub fn region(&self, region: &str) -> Option<&RegionSummary> {
-        self.regions.iter().find(|r| &*r.region == region)
     }
 }
 
@@ -472,7 +272,7 @@ impl Fib {
     pub fn load_with(rib: &Rib, options: FibOptions) -> Result<Arc<Self>, RibError> {
         let mut interner = Interner::default();
         let snapshot = rib.follow_read("fib.load", |rib| {
-            full(&mut interner, rib, &options.mode, None)
+            apply::full(&mut interner, rib, &options.mode, None)
         })?;
         Ok(Arc::new(Self {
             noticed: AtomicU64::new(snapshot.seq),
@@ -565,7 +365,7 @@ impl Fib {
                     seq = current.seq,
                     "fib: behind the compacted feed; reloading"
                 );
-                let fresh = full(interner, rib, &self.mode, Some(&current))?;
+                let fresh = apply::full(interner, rib, &self.mode, Some(&current))?;
                 self.swap(fresh);
                 self.reloads.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -574,7 +374,7 @@ impl Fib {
             if changes.is_empty() {
                 return Ok(total);
             }
-            let next = apply(interner, rib, &self.mode, &current, &changes)?;
+            let next = apply::apply(interner, rib, &self.mode, &current, &changes)?;
             // Single writer (this lock), so a plain store loses nothing.
             self.swap(next);
             total += changes.len();
@@ -647,242 +447,6 @@ pub struct FibStats {
     pub busy_us: u64,
     pub watchdog_answered_ms_ago: u64,
     pub writer: LockStats,
-}
-
-/// The whole table from the RIB, keeping the in-flight counters of
-/// `previous` for machines it already had.
-fn full(
-    interner: &mut Interner,
-    rib: &RibView<'_>,
-    mode: &Mode,
-    previous: Option<&FibSnapshot>,
-) -> Result<FibSnapshot, RibError> {
-    // Read the feed position first: anything committed after it is
-    // replayed by the follower, and replaying is idempotent.
-    let seq = rib.last_seq()?;
-    let apps = rib.apps(None)?;
-    let mut builds: HashMap<&str, (AppBuild<'_>, &str)> = apps
-        .iter()
-        .map(|a| {
-            let old = previous.and_then(|p| p.app(&a.name)).map(|a| &**a);
-            (a.name.as_str(), (AppBuild::new(old), a.org_slug.as_str()))
-        })
-        .collect();
-    rib.for_each_route(Routes::All, |row| {
-        // Machines of a deleted app wait for their rows to be forgotten.
-        if let Some((build, _)) = builds.get_mut(row.app) {
-            build.add(&row, mode, interner);
-        }
-    })?;
-    let mut certificates: HashMap<String, Vec<Arc<CertificateRow>>> = HashMap::new();
-    for cert in rib.certificates(None)? {
-        certificates
-            .entry(cert.app.clone())
-            .or_default()
-            .push(Arc::new(cert));
-    }
-    let mut flycast = flycast_of(rib, None)?;
-    let mut snapshot = FibSnapshot::empty(seq, apps.len());
-    for (name, (build, org)) in builds {
-        let mut app = build.finish(name);
-        app.org = org.into();
-        app.certificates = certificates.remove(name).unwrap_or_default().into();
-        app.flycast = flycast.remove(name).unwrap_or_default().into();
-        snapshot.put(Arc::new(app));
-    }
-    Ok(snapshot)
-}
-
-/// Flycast addresses by app, of one app or all.
-fn flycast_of(
-    rib: &RibView<'_>,
-    app: Option<&str>,
-) -> Result<HashMap<String, Vec<IpAddr>>, RibError> {
-    let mut by_app: HashMap<String, Vec<IpAddr>> = HashMap::new();
-    for row in rib.ips(app)? {
-        match row.ip.parse() {
-            Ok(ip) => by_app.entry(row.app).or_default().push(ip),
-            Err(_) => tracing::warn!(ip = row.ip, app = row.app, "fib: skipping a bad address"),
-        }
-    }
-    Ok(by_app)
-}
-
-/// Which parts of an app a batch changed.
-#[derive(Default)]
-struct Touched<'c> {
-    app: bool,
-    machines: Machines<'c>,
-    certificates: bool,
-    flycast: bool,
-}
-
-/// Which of an app's machines a batch changed.
-#[derive(Default)]
-enum Machines<'c> {
-    #[default]
-    None,
-    /// These ids (deduplicated), each with the image of its newest change
-    /// when the change carries one.
-    Some(Vec<(&'c str, Option<&'c str>)>),
-    /// All of them (a bulk change, key `*`).
-    All,
-}
-
-impl<'c> Machines<'c> {
-    /// Adds a change; changes come oldest first, so a later image wins.
-    fn add(&mut self, key: &'c str, image: Option<&'c str>) {
-        match self {
-            _ if key == "*" => *self = Self::All,
-            Self::None => *self = Self::Some(vec![(key, image)]),
-            Self::Some(ids) => match ids.iter_mut().find(|(id, _)| *id == key) {
-                Some(seen) => seen.1 = image,
-                None => ids.push((key, image)),
-            },
-            Self::All => {}
-        }
-    }
-}
-
-/// `current` with `changes` applied: every touched app is rebuilt (only
-/// the parts its changes name), everything else is shared.
-fn apply(
-    interner: &mut Interner,
-    rib: &RibView<'_>,
-    mode: &Mode,
-    current: &FibSnapshot,
-    changes: &[Change],
-) -> Result<FibSnapshot, RibError> {
-    let mut touched: HashMap<&str, Touched<'_>> = HashMap::new();
-    for change in changes {
-        let Some(app) = change.app.as_deref() else {
-            continue; // Hosts: not part of the FIB.
-        };
-        let t = touched.entry(app).or_default();
-        match change.table.as_str() {
-            "apps" => t.app = true,
-            "machines" => t.machines.add(&change.key, change.image.as_deref()),
-            "certificates" => t.certificates = true,
-            "ip_assignments" => t.flycast = true,
-            _ => {}
-        }
-    }
-    let mut next = current.clone();
-    next.seq = changes.last().map_or(current.seq, |c| c.seq);
-    for (name, t) in touched {
-        let old = current.app(name).map(|a| &**a);
-        let org: Option<CompactString> = if t.app {
-            rib.app(name)?.map(|row| row.org_slug.into())
-        } else {
-            old.map(|old| old.org.clone())
-        };
-        let Some(org) = org else {
-            next.remove(name);
-            continue;
-        };
-        let mut app = match (old, t.machines) {
-            // A new (or re-created) app is read whole.
-            (None, _) => read_app(interner, rib, mode, name, None)?,
-            (Some(old), _) if t.app => read_app(interner, rib, mode, name, Some(old))?,
-            (Some(old), Machines::None) => old.clone(),
-            (Some(old), Machines::Some(ids)) if patchable(old, &ids) => {
-                patch_app(interner, rib, mode, old, &ids)?
-            }
-            (Some(old), _) => read_app(interner, rib, mode, name, Some(old))?,
-        };
-        if old.is_none() || t.app || t.certificates {
-            app.certificates = rib
-                .certificates(Some(name))?
-                .into_iter()
-                .map(Arc::new)
-                .collect();
-        }
-        if old.is_none() || t.app || t.flycast {
-            app.flycast = flycast_of(rib, Some(name))?
-                .remove(name)
-                .unwrap_or_default()
-                .into();
-        }
-        app.org = org;
-        next.put(Arc::new(app));
-    }
-    Ok(next)
-}
-
-/// An app's machines read whole from the RIB; certificates and addresses
-/// carried over from `old`.
-fn read_app(
-    interner: &mut Interner,
-    rib: &RibView<'_>,
-    mode: &Mode,
-    name: &str,
-    old: Option<&AppRoutes>,
-) -> Result<AppRoutes, RibError> {
-    let mut build = AppBuild::new(old);
-    rib.for_each_route(Routes::App(name), |row| build.add(&row, mode, interner))?;
-    let mut app = build.finish(name);
-    if let Some(old) = old {
-        app.certificates = old.certificates.clone();
-        app.flycast = old.flycast.clone();
-    }
-    Ok(app)
-}
-
-/// Whether patching `old` with `ids` beats reading the app again: always
-/// when every change carries its image (no row to read), else when only a
-/// few of the app's machines changed.
-fn patchable(old: &AppRoutes, ids: &[(&str, Option<&str>)]) -> bool {
-    ids.iter().all(|(_, image)| image.is_some())
-        || ids.len() * 2 <= old.machines.len() + old.remote.len()
-}
-
-/// `old` with the machines of `ids` replaced by their new images (or their
-/// rows, read again, for a change without one): every other machine
-/// (detailed or remote) is kept as it was; counts and summaries are
-/// recounted.
-fn patch_app(
-    interner: &mut Interner,
-    rib: &RibView<'_>,
-    mode: &Mode,
-    old: &AppRoutes,
-    ids: &[(&str, Option<&str>)],
-) -> Result<AppRoutes, RibError> {
-    let changed = |id: &str| ids.iter().any(|(changed, _)| *changed == id);
-    let mut build = AppBuild::new(Some(old));
-    for m in old.machines.iter().filter(|m| !changed(&m.id)) {
-        build.keep(m);
-    }
-    for m in old.remote.iter().filter(|m| !changed(&m.id)) {
-        build.keep_remote(m);
-    }
-    // A machine never changes app; a row that says otherwise is not ours.
-    let ours = |row: &RouteRow<'_>| *row.app == *old.name;
-    for (id, image) in ids {
-        let image = image.and_then(|json| match serde_json::from_str::<RouteImage>(json) {
-            Ok(image) => Some(image),
-            Err(e) => {
-                tracing::warn!(machine = id, error = %e, "fib: unreadable change image; reading the row");
-                None
-            }
-        });
-        match image {
-            Some(image) => {
-                let row = image.row();
-                if row.state != MachineState::Destroyed && ours(&row) {
-                    build.add(&row, mode, interner);
-                }
-            }
-            None => rib.for_each_route(Routes::Machine(id), |row| {
-                if ours(&row) {
-                    build.add(&row, mode, interner);
-                }
-            })?,
-        }
-    }
-    let mut app = build.finish(&old.name);
-    app.certificates = old.certificates.clone();
-    app.flycast = old.flycast.clone();
-    Ok(app)
 }
 
 #[cfg(test)]
