@@ -428,20 +428,14 @@ async fn custom_certificates_are_served_by_sni_and_route_their_hostname() {
         .build()
         .unwrap();
     let url = format!("https://www.custom.test:{}/", h.addrs.https.port());
-    let deadline = std::time::Instant::now() + common::WAIT;
-    let echo: Value = loop {
-        // The FIB follows the RIB asynchronously; retry until it has the hostname.
+    // The FIB follows the RIB asynchronously; retry until it has the hostname.
+    let echo: Value = common::until("the hostname served", || async {
         match https.get(&url).send().await {
-            Ok(resp) if resp.status() == 200 => break resp.json().await.unwrap(),
-            other => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "never served: {other:?}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            Ok(resp) if resp.status() == 200 => Ok(resp.json().await.unwrap()),
+            other => Err(format!("{other:?}")),
         }
-    };
+    })
+    .await;
     assert_eq!(echo["machine_id"], machine["id"]);
     assert_eq!(h.via_proxy("www.custom.test", "/").await.0, 200);
 
@@ -469,19 +463,17 @@ async fn custom_certificates_are_served_by_sni_and_route_their_hostname() {
             .unwrap()
     };
     let url2 = format!("https://api.other.test:{}/", h.addrs.https.port());
-    let deadline = std::time::Instant::now() + common::WAIT;
-    loop {
-        // "other" has no machine: a 503 after a verified handshake.
-        match strict(&cert2.pem()).get(&url2).send().await {
-            Ok(resp) => {
-                assert_eq!(resp.status(), 503);
-                assert_eq!(resp.headers()["fly-proxy-error"], "PR01");
-                break;
-            }
-            Err(e) => assert!(std::time::Instant::now() < deadline, "never served: {e}"),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // "other" has no machine: a 503 after a verified handshake.
+    let resp = common::until("the second hostname served", || async {
+        strict(&cert2.pem())
+            .get(&url2)
+            .send()
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["fly-proxy-error"], "PR01");
     assert!(strict(&cert.pem()).get(&url2).send().await.is_err());
     assert!(strict(&cert2.pem()).get(&url).send().await.is_err());
     assert_eq!(
@@ -503,14 +495,10 @@ async fn custom_certificates_are_served_by_sni_and_route_their_hostname() {
         h.get("/v1/apps/site/certificates/www.custom.test").await.0,
         404
     );
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while h.via_proxy("www.custom.test", "/").await.0 != 400 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "hostname still routed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    common::eventually("the hostname no longer routed", || async {
+        h.via_proxy("www.custom.test", "/").await.0 == 400
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -86,14 +86,10 @@ async fn suspend_restart_cordon_and_wrong_states() {
     // Regression: the old run's pilot, exiting after the new one bound the
     // control socket, used to delete the new socket. Once only the new
     // pilot and its workload remain, the socket must still answer.
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while processes_mentioning(id).len() > 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "old pilot never exited"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    common::eventually("the old pilot exits", || async {
+        processes_mentioning(id).len() <= 2
+    })
+    .await;
     let (status, body) = h.get(&m("/ps")).await;
     assert_eq!(status, 200, "{body}");
 
@@ -344,8 +340,7 @@ async fn restart_policy_and_auto_destroy_for_host_commands() {
     let (status, machine) = h.post("/v1/apps/jobs/machines", failing).await;
     assert_eq!(status, 200, "{machine}");
     let id = machine["id"].as_str().unwrap();
-    let deadline = std::time::Instant::now() + common::WAIT;
-    let exits = loop {
+    let exits = common::until("three exits, then stopped", || async {
         let m = h.get(&format!("/v1/apps/jobs/machines/{id}")).await.1;
         let exits = m["events"]
             .as_array()
@@ -354,11 +349,12 @@ async fn restart_policy_and_auto_destroy_for_host_commands() {
             .filter(|e| e["type"] == "exit")
             .count();
         if m["state"] == "stopped" && exits >= 3 {
-            break exits;
+            Ok(exits)
+        } else {
+            Err(m.to_string())
         }
-        assert!(std::time::Instant::now() < deadline, "{m}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     assert_eq!(exits, 3, "one run and two restarts");
 
     // Succeeds once with auto_destroy: gone afterwards.
@@ -377,19 +373,12 @@ async fn restart_policy_and_auto_destroy_for_host_commands() {
 
 /// Polls the machine until `pred` holds (bounded), returning it.
 async fn machine_until(h: &Hangar, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = std::time::Instant::now() + common::WAIT;
-    loop {
+    common::until("the machine's condition", || async {
         let (status, m) = h.get(path).await;
         assert_eq!(status, 200, "{m}");
-        if pred(&m) {
-            return m;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "condition never held: {m}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        if pred(&m) { Ok(m) } else { Err(m.to_string()) }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -414,14 +403,10 @@ async fn service_checks_are_reported_and_gate_routing() {
     let m = machine_until(&h, &path, |m| m["checks"][0]["status"] == "passing").await;
     assert_eq!(m["checks"][0]["name"], "servicecheck-00-http-8080");
     assert_eq!(m["checks"][0]["output"], "HTTP 200 OK");
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while h.via_proxy("healthy.localhost", "/").await.0 != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "healthy machine never routed"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    common::eventually("the healthy machine routed", || async {
+        h.via_proxy("healthy.localhost", "/").await.0 == 200
+    })
+    .await;
 
     // Nothing listens on port 9: the check fails and the proxy stays away.
     let bad = with_check(r#"{"type":"tcp","port":9,"interval":"100ms","timeout":"200ms"}"#);

@@ -542,9 +542,37 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    until(what, || {
+        let checked = check();
+        async move {
+            if checked.await {
+                Ok(())
+            } else {
+                Err(String::new())
+            }
+        }
+    })
+    .await
+}
+
+/// Asks `check` every 10 ms until it gives a value, and returns it; past
+/// [`WAIT`], fails naming `what` and the last thing `check` saw (its
+/// `Err`).
+pub async fn until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
+    loop {
+        let seen = match check().await {
+            Ok(value) => return value,
+            Err(seen) => seen,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "not within {WAIT:?}: {what}; last seen: {seen}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -581,18 +609,14 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 
 /// Waits (bounded) until no process mentions `needle`.
 pub async fn assert_no_process_mentions(needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let pids = processes_mentioning(needle);
-        if pids.is_empty() {
-            return;
+    let what = format!("no process running for {needle}");
+    until(&what, || async {
+        match processes_mentioning(needle) {
+            pids if pids.is_empty() => Ok(()),
+            pids => Err(format!("{pids:?}")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "processes still running for {needle}: {pids:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// A documented path (`/v1/apps/{app_name}/...`) with its placeholders
