@@ -30,6 +30,10 @@ impl ClientIo for TcpStream {
 
 impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {}
 
+/// In-memory connections, for tests on paused time.
+#[cfg(test)]
+impl ClientIo for tokio::io::DuplexStream {}
+
 /// Any connection, boxed: what an upgrade hands over.
 pub(crate) trait AnyIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AnyIo for T {}

@@ -507,17 +507,32 @@ async fn drain<IO: ClientIo>(mut io: IO, mut stopping: Pin<Box<dyn Future<Output
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncRead, AsyncReadExt, DuplexStream};
     use tokio::net::{TcpListener, TcpStream};
 
-    /// Serves one connection with a service that answers each request with
-    /// its method, path and body length, reading the body unless the path
-    /// is `/early`. Returns the client's side.
+    /// Serves one TCP connection (see [`serve_one`]). Returns the client's
+    /// side.
     async fn served(header_timeout: Duration) -> (TcpStream, tokio::task::JoinHandle<Ended>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
         let (tcp, _) = accepted.unwrap();
+        (client.unwrap(), serve_one(tcp, header_timeout))
+    }
+
+    /// Serves one in-memory connection, for tests of timers that run on
+    /// paused time: no socket, so nothing real has to wait.
+    fn served_in_memory(
+        header_timeout: Duration,
+    ) -> (DuplexStream, tokio::task::JoinHandle<Ended>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        (client, serve_one(server, header_timeout))
+    }
+
+    /// Serves `io` with a service that answers each request with its
+    /// method, path and body length, reading the body unless the path is
+    /// `/early`.
+    fn serve_one(io: impl ClientIo, header_timeout: Duration) -> tokio::task::JoinHandle<Ended> {
         let settings = Settings {
             header_timeout,
             max_head: 8192,
@@ -527,9 +542,9 @@ mod tests {
         // No shutdown comes: the sender stays while any part of the
         // connection (a lingering close among them) listens.
         tokio::spawn(async move { stop.closed().await });
-        let server = tokio::spawn(async move {
+        tokio::spawn(async move {
             serve(
-                tcp,
+                io,
                 &settings,
                 false,
                 shutdown,
@@ -545,13 +560,12 @@ mod tests {
                 },
             )
             .await
-        });
-        (client.unwrap(), server)
+        })
     }
 
     /// Reads until `n` responses have come whole (each ends with its body,
     /// whose length the head gives).
-    async fn responses(client: &mut TcpStream, n: usize) -> Vec<String> {
+    async fn responses(client: &mut (impl AsyncRead + Unpin), n: usize) -> Vec<String> {
         let mut text = String::new();
         let mut buf = [0u8; 4096];
         let mut found = Vec::new();
@@ -609,9 +623,9 @@ mod tests {
         assert_eq!(responses(&mut client, 1).await, ["GET /next 0"]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_head_not_whole_in_time_gets_408_and_silence_just_closes() {
-        let (mut client, server) = served(Duration::from_millis(100)).await;
+        let (mut client, server) = served_in_memory(Duration::from_millis(100));
         client.write_all(b"GET / HTTP/1.1\r\nHost:").await.unwrap();
         let mut answer = String::new();
         client.read_to_string(&mut answer).await.unwrap();
@@ -625,12 +639,15 @@ mod tests {
             Ended::TimedOut(TimedOut::Answered)
         ));
 
-        let (client, server) = served(Duration::from_millis(100)).await;
+        let (client, server) = served_in_memory(Duration::from_millis(100));
         closed_silently(client, server).await;
     }
 
     /// The connection ends at the header timeout with nothing sent.
-    async fn closed_silently(mut client: TcpStream, server: tokio::task::JoinHandle<Ended>) {
+    async fn closed_silently(
+        mut client: impl AsyncRead + Unpin,
+        server: tokio::task::JoinHandle<Ended>,
+    ) {
         let mut nothing = Vec::new();
         client.read_to_end(&mut nothing).await.unwrap();
         assert!(nothing.is_empty());
@@ -642,12 +659,13 @@ mod tests {
 
     /// Each head gets the whole header timeout from when the connection
     /// starts waiting for it, not from when it waited for the one before
-    /// (the timer is moved only when it goes off early).
-    #[tokio::test]
+    /// (the timer is moved only when it goes off early). On paused time the
+    /// margins are exact, so a loaded machine cannot blur them.
+    #[tokio::test(start_paused = true)]
     async fn every_head_gets_the_whole_header_timeout() {
         let timeout = Duration::from_millis(1000);
-        let (mut client, server) = served(timeout).await;
-        let mut answer = [0u8; 512];
+        let (mut client, server) = served_in_memory(timeout);
+        let started = tokio::time::Instant::now();
         // The first head at 60% of the timeout, the second 70% after the
         // first answer: past the first head's deadline, within its own.
         for wait in [600, 700] {
@@ -656,12 +674,12 @@ mod tests {
                 .write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
                 .unwrap();
-            let n = client.read(&mut answer).await.unwrap();
-            let text = String::from_utf8_lossy(&answer[..n]);
-            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert_eq!(responses(&mut client, 1).await, ["GET /a 0"]);
         }
-        // Then nothing: closed once a whole timeout has passed.
+        // Then nothing: closed once a whole timeout has passed since the
+        // second answer, and not before.
         closed_silently(client, server).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(600 + 700 + 1000));
     }
 
     #[tokio::test]
