@@ -4,7 +4,7 @@
 //! that dies mid-operation finds the run `running` at the step it was in and
 //! runs that step again. Steps are written to be idempotent: each checks the
 //! world (is the pilot already up? has the workload already exited?) before
-//! acting. The step bodies live in [`crate::flyd`]; this module owns the
+//! acting. The step bodies live in [`crate::steps`]; this module owns the
 //! shapes and the order.
 
 use serde::{Deserialize, Serialize};
