@@ -315,7 +315,8 @@ pub async fn apps(conn: Conn, cmd: AppsCmd) -> anyhow::Result<i32> {
 
 pub async fn machines(conn: Conn, cmd: MachinesCmd) -> anyhow::Result<i32> {
     if let MachinesCmd::Logs { id } = &cmd {
-        let path = conn.data_dir.join("machines").join(id).join("machine.log");
+        use hangar_flyd::{pilot, runtime::process};
+        let path = pilot::log_path(&process::machines_dir(&conn.data_dir).join(id));
         let log = std::fs::read_to_string(&path).with_context(|| {
             format!(
                 "no log at {} (logs are read from a local dev data dir)",

@@ -43,7 +43,8 @@ struct Addrs {
 
 /// Writes `text` to `path` whole (see [`files::write_atomically`]).
 fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    files::write_atomically(path, text.as_bytes(), 0o600)
+    // Addresses are no secret: readable as any file the user writes.
+    files::write_atomically(path, text.as_bytes(), 0o644)
         .with_context(|| format!("writing {}", path.display()))
 }
 

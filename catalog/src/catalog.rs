@@ -97,7 +97,6 @@ pub enum CatalogError {
 /// stops both.
 pub struct Catalog {
     fib: Arc<Fib>,
-    rib: Arc<Rib>,
     _follower: Follower,
     compactor: tokio::task::JoinHandle<()>,
 }
@@ -122,7 +121,6 @@ impl Catalog {
         let compactor = tokio::spawn(compact_feed(rib.clone(), cfg.keep_changes, every));
         Ok(Self {
             fib,
-            rib,
             _follower: follower,
             compactor,
         })
@@ -131,11 +129,6 @@ impl Catalog {
     /// The FIB, for the proxy.
     pub fn fib(&self) -> &Arc<Fib> {
         &self.fib
-    }
-
-    /// What `/debug/catalog` shows; see [`debug_view`].
-    pub fn debug(&self) -> serde_json::Value {
-        debug_view(&self.fib, Some(&self.rib))
     }
 }
 

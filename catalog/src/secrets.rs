@@ -159,6 +159,10 @@ fn key_file(path: &Path) -> Result<Vec<u8>, SecretError> {
     }
 }
 
+/// Creates `path` with `bytes`, readable by the owner only. Not
+/// [`crate::files::write_atomically`], which replaces: a key, once made,
+/// must never be replaced (what it sealed would be lost), so a second
+/// creator fails instead.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -13,7 +13,7 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::Response;
 use hangar_api::auth::bearer;
-use hangar_catalog::Rib;
+use hangar_catalog::{Rib, files};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -59,21 +59,9 @@ pub fn dev_token(rib: &Rib, org: &str, path: &Path) -> anyhow::Result<String> {
         }
     }
     let token = issue_token(rib, org, "dev")?;
-    write_private(path, &format!("{token}\n"))
+    files::write_atomically(path, format!("{token}\n").as_bytes(), 0o600)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(token)
-}
-
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
 }
 
 /// Middleware: resolves the caller's token to a [`Caller`], or answers 401.

@@ -70,6 +70,17 @@ pub enum FlydError {
 }
 
 impl FlydError {
+    /// A runtime failure, as an operation's error on machine `id`.
+    pub(crate) fn runtime(id: &str, e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::Timeout(reason) => Self::Timeout(reason),
+            RuntimeError::Failed(reason) => Self::Runtime {
+                id: id.to_string(),
+                reason,
+            },
+        }
+    }
+
     /// The HTTP status Fly's API uses for this error.
     pub fn status(&self) -> u16 {
         match self {
@@ -149,6 +160,8 @@ impl Flyd {
         secrets: Arc<SecretBox>,
     ) -> Result<Arc<Self>, anyhow::Error> {
         use anyhow::Context;
+        // Before anything is created on disk or in the cgroup tree.
+        cfg.validate().map_err(|p| anyhow::anyhow!(p.join("; ")))?;
         let machines_dir = runtime::process::machines_dir(data_dir);
         std::fs::create_dir_all(&machines_dir)
             .with_context(|| format!("creating {}", machines_dir.display()))?;
@@ -595,18 +608,7 @@ impl Flyd {
     pub(crate) async fn kill(&self, id: &str) -> Result<crate::pilot::ExitInfo, FlydError> {
         runtime::kill(&*self.runtime, id)
             .await
-            .map_err(|e| self.runtime_error(id, e))
-    }
-
-    /// A runtime failure, as an operation's error on machine `id`.
-    pub(crate) fn runtime_error(&self, id: &str, e: RuntimeError) -> FlydError {
-        match e {
-            RuntimeError::Timeout(reason) => FlydError::Timeout(reason),
-            RuntimeError::Failed(reason) => FlydError::Runtime {
-                id: id.to_string(),
-                reason,
-            },
-        }
+            .map_err(|e| FlydError::runtime(id, e))
     }
 }
 

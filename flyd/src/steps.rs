@@ -55,12 +55,12 @@ impl Flyd {
                 .runtime
                 .thaw(id)
                 .await
-                .map_err(|e| self.runtime_error(id, e));
+                .map_err(|e| FlydError::runtime(id, e));
         }
         let launch = Launch {
             argv: workload_argv(&self.exe, &rec.config)?,
             env: workload_env(&rec, self.app_secrets(&rec.app)?),
-            memory_mb: u32::try_from(Guest::of(&rec.config).memory_mb).unwrap_or(u32::MAX),
+            memory_mb: Guest::of(&rec.config).memory_mb,
         };
         rec.state = MachineState::Starting;
         rec.updated_at = now_rfc3339();
@@ -69,7 +69,7 @@ impl Flyd {
             .runtime
             .spawn(id, &launch)
             .await
-            .map_err(|e| self.runtime_error(id, e))?;
+            .map_err(|e| FlydError::runtime(id, e))?;
         rec.pilot_pid = Some(pid);
         self.store.put_machine(&rec)?;
         Ok(())
@@ -183,7 +183,7 @@ impl Flyd {
         self.runtime
             .remove(id)
             .await
-            .map_err(|e| self.runtime_error(id, e))
+            .map_err(|e| FlydError::runtime(id, e))
     }
 
     /// Freezes the workload: memory stays, the CPU is freed.
@@ -206,7 +206,7 @@ impl Flyd {
             rec.state = MachineState::Started;
             rec.updated_at = now_rfc3339();
             self.save(&mut rec)?;
-            return Err(self.runtime_error(id, e));
+            return Err(FlydError::runtime(id, e));
         }
         rec.transition(MachineState::Suspended, "suspend", "user", None);
         self.save(&mut rec)

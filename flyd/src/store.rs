@@ -23,7 +23,8 @@ const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("fsm_runs");
 pub enum StoreError {
     #[error("flyd store: {0}")]
     Db(#[source] Box<redb::Error>),
-    /// The store cannot be used any more (a test's crashed store).
+    /// The store cannot be reached or used any more: a store over the
+    /// network, or the model test's store after its crash.
     #[error("flyd store: {0}")]
     Unavailable(String),
     #[error("flyd store: record {key:?} does not decode: {source}")]

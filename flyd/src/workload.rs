@@ -89,7 +89,7 @@ impl Flyd {
         self.runtime
             .signal(id, signal)
             .await
-            .map_err(|e| self.runtime_error(id, e))
+            .map_err(|e| FlydError::runtime(id, e))
     }
 
     /// Runs a command beside the workload, with its environment, and
@@ -123,7 +123,7 @@ impl Flyd {
         self.runtime
             .exec(id, &call)
             .await
-            .map_err(|e| self.runtime_error(id, e))
+            .map_err(|e| FlydError::runtime(id, e))
     }
 
     /// The workload's processes.
@@ -132,7 +132,7 @@ impl Flyd {
         self.runtime
             .ps(id)
             .await
-            .map_err(|e| self.runtime_error(id, e))
+            .map_err(|e| FlydError::runtime(id, e))
     }
 }
 

@@ -1,4 +1,5 @@
-//! The proxy's configuration: where it listens, which region it reports, and
+//! The proxy's configuration: where it listens (and which public
+//! [`Listener`] is which), which region it reports, and
 //! the timeouts and pool sizes of its upstream client.
 
 use hangar_api::Region;
@@ -245,6 +246,42 @@ impl ProxyConfig {
     /// [`Self::handshake_timeout_ms`] as a duration.
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+/// Which public listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Listener {
+    /// Plain text: HTTP/1.1 and h2c.
+    Http,
+    /// TLS: HTTP/1.1 and h2 by ALPN.
+    Https,
+}
+
+impl Listener {
+    /// `http` or `https`: the metric label and `X-Forwarded-Proto`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+        }
+    }
+
+    /// The public port a machine's service declares for this listener
+    /// (`services[].ports[].port`), whatever port the proxy really binds.
+    pub fn public_port(self) -> u16 {
+        match self {
+            Self::Http => 80,
+            Self::Https => 443,
+        }
+    }
+
+    /// A dense index for per-listener arrays.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Self::Http => 0,
+            Self::Https => 1,
+        }
     }
 }
 

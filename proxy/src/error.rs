@@ -1,6 +1,7 @@
 //! The proxy's errors: [`ProxyError`] for setting it up, [`PathError`] for
 //! one request that could not be served.
 
+use hangar_api::names::AppName;
 use http::StatusCode;
 use http::header::HeaderName;
 use std::fmt;
@@ -51,8 +52,8 @@ pub enum ProxyError {
     Tls(#[from] rustls::Error),
 }
 
-/// Who caused a request to fail: decides the log level and whether a retry
-/// elsewhere could help.
+/// Who caused a request to fail: decides the log level (what may happen
+/// next is [`Again`]'s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     /// The client sent something the proxy cannot route.
@@ -96,7 +97,8 @@ pub enum PathError {
     )]
     NoHealthyMachine(String),
     /// This proxy's region has no candidate (regional catalog), but other
-    /// regions do; forwarding between regions' proxies is not there yet.
+    /// regions do: the request goes to one of their proxies when a peer
+    /// is configured for them (`proxy.peers`), else this is the answer.
     #[error(
         "app {app:?} has no machine taking traffic in region {region}; it has in {}",
         elsewhere.join(", ")
@@ -364,7 +366,8 @@ impl PathError {
     /// mean what they mean on Fly, the others are Hangar's own numbering.
     /// `PE05` (a request head not whole in time, 408), `PE06` (a malformed
     /// head, 400) and `PE07` (a head too large, 431) are answered by the
-    /// HTTP/1 server (`h1`), before there is a request to route.
+    /// HTTP/1 server (`listening::server`), before there is a request to
+    /// route.
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadHost(_) => "PE01",
@@ -438,20 +441,21 @@ impl PathError {
         }
     }
 
-    /// A machine or peer failed the request: `failed` how, `again` what
-    /// that allows (see [`Again::after`]).
+    /// A machine or peer failed the request: `failed` how; `resend`
+    /// whether the request could go again as it was (see [`Again::after`]
+    /// for what the two allow).
     pub fn upstream(
         (machine, addr): (&str, SocketAddr),
         failed: Failed,
         cause: String,
-        again: Again,
+        resend: Result<(), String>,
     ) -> Self {
         Self::Upstream {
             machine: machine.to_string(),
             addr,
             failed,
             cause,
-            again,
+            again: Again::after(failed, resend),
         }
     }
 
@@ -527,10 +531,7 @@ impl fmt::Display for HostError {
             Self::NotAnApp(host) => {
                 write!(f, "Host {host:?} is not <app>.localhost or <app>.flycast")
             }
-            Self::BadAppName(name) => write!(
-                f,
-                "{name:?} is not an app name (1-63 characters of a-z, 0-9 and -, not starting or ending with -)"
-            ),
+            Self::BadAppName(name) => write!(f, "{name:?} is not {}", AppName::RULE),
         }
     }
 }
@@ -564,7 +565,7 @@ mod tests {
             ("m1", "127.10.0.2:8080".parse().unwrap()),
             Failed::Connect,
             "Connection refused".into(),
-            Again::after(Failed::Connect, Ok(())),
+            Ok(()),
         );
         assert_eq!(e.to_string(), "could not connect to machine m1");
         assert_eq!(e.status(), StatusCode::BAD_GATEWAY);

@@ -1,12 +1,13 @@
 //! Hangar's edge proxy: the HTTP and HTTPS listeners every app shares
-//! (routing by Host and SNI), listeners on apps' own addresses (routing by
+//! (routing by Host, certificates by SNI), listeners on apps' own addresses (routing by
 //! address, with each port's handlers), and the path from a client to one of
 //! the app's machines. proxy/DESIGN.md describes the whole.
 //!
 //! The code is in rooms by stage, imports running one way, from the top:
 //!
-//! - [`listening`]: accept, TLS, the HTTP/1 server, app-address ports,
-//!   workers: sockets and connections up to their requests.
+//! - [`listening`]: binding, accept, TLS (certificates by SNI), the HTTP/1
+//!   and h2 servers, app-address ports, workers: sockets and connections
+//!   up to their requests.
 //! - `path`: one request, top to bottom in call order (host → app → body
 //!   → deliver: slot → send → replay, fallback or another region → respond
 //!   → log), every failure answered by one `fail()`; it reads what every
@@ -15,8 +16,8 @@
 //! - `forwarding`: the upstream pool, the HTTP/1 client, bodies, headers,
 //!   the TCP relay.
 //! - [`scaling`]: autostart, autostop, queues, and taking a slot.
-//! - [`routing`]: Host and SNI, steering headers, balancing, sticky pins,
-//!   replay, peers.
+//! - [`routing`]: Host, steering headers, balancing, sticky pins, replay,
+//!   peers.
 //! - the base every room may use: [`config`], [`error`] ([`ProxyError`],
 //!   [`PathError`] with its code and what it allows next), [`metrics`],
 //!   `h1` (HTTP/1.1 on the wire, both hops), `conns` (draining at
@@ -31,6 +32,7 @@ mod edge;
 pub mod error;
 mod forwarding;
 mod h1;
+mod hash;
 pub mod listening;
 pub mod metrics;
 mod path;
@@ -39,59 +41,21 @@ mod proptests;
 pub mod routing;
 pub mod scaling;
 
-pub use config::ProxyConfig;
+pub use config::{Listener, ProxyConfig};
 pub use error::{PathError, ProxyError};
 pub use forwarding::body::ProxyBody;
 pub use metrics::{Metrics, serve_metrics};
 
 use edge::Edge;
 use hangar_catalog::{ClusterKey, Fib, SecretBox};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use listening::{tls, workers};
+use listening::tls;
 use scaling::{autostart, autostop};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-
-/// Which public listener a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Listener {
-    /// Plain text: HTTP/1.1 and h2c.
-    Http,
-    /// TLS: HTTP/1.1 and h2 by ALPN.
-    Https,
-}
-
-impl Listener {
-    /// `http` or `https`: the metric label and `X-Forwarded-Proto`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Http => "http",
-            Self::Https => "https",
-        }
-    }
-
-    /// The public port a machine's service declares for this listener
-    /// (`services[].ports[].port`), whatever port the proxy really binds.
-    pub fn public_port(self) -> u16 {
-        match self {
-            Self::Http => 80,
-            Self::Https => 443,
-        }
-    }
-
-    /// A dense index for per-listener arrays.
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Self::Http => 0,
-            Self::Https => 1,
-        }
-    }
-}
 
 /// The edge proxy: both listeners bound and ready to serve.
 ///
@@ -99,13 +63,8 @@ impl Listener {
 /// the caller can read the actual addresses (port 0 picks a free port)
 /// before traffic flows.
 pub struct Proxy {
-    http: TcpListener,
-    https: TcpListener,
+    listeners: listening::Listeners,
     edge: Arc<Edge>,
-    workers: workers::Workers,
-    /// The h2 server for clients that speak it; HTTP/1 is
-    /// [`listening::server`]'s.
-    server: H2Server,
     /// The autostop loop, unless turned off.
     autostop: Option<autostop::Autostopper>,
 }
@@ -113,8 +72,8 @@ pub struct Proxy {
 impl fmt::Debug for Proxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Proxy")
-            .field("http", &self.http.local_addr().ok())
-            .field("https", &self.https.local_addr().ok())
+            .field("http", &self.http_addr())
+            .field("https", &self.https_addr())
             .field("region", &self.edge.region)
             .finish_non_exhaustive()
     }
@@ -141,16 +100,14 @@ impl Proxy {
         let dev = tls::load_or_create_dev_cert(data_dir)?;
         let resolver = tls::SniResolver::new(fib.clone(), secrets, dev)?;
         let tls = TlsAcceptor::from(tls::server_config(Arc::new(resolver))?);
-        let http = bind_listener("http", cfg.http_addr).await?;
-        let https = bind_listener("https", cfg.https_addr).await?;
-        let workers = workers::Workers::start(cfg.workers()).map_err(ProxyError::Workers)?;
+        let listeners = listening::Listeners::bind(&cfg).await?;
         let edge = Edge::new(
             &cfg,
             (fib.clone(), hosts.clone()),
             metrics,
             cluster.clone(),
             tls,
-            workers.count(),
+            listeners.workers(),
         )?;
         let autostop = (cfg.autostop_interval_ms > 0).then(|| autostop::Autostopper {
             fib,
@@ -164,75 +121,28 @@ impl Proxy {
         });
         let edge = Arc::new(edge);
         Ok(Proxy {
-            http,
-            https,
+            listeners,
             edge,
-            workers,
-            server: client_server(&cfg),
             autostop,
         })
     }
 
     /// The HTTP listener's bound address.
     pub fn http_addr(&self) -> SocketAddr {
-        local_addr(&self.http)
+        self.listeners.http_addr()
     }
 
     /// The HTTPS listener's bound address.
     pub fn https_addr(&self) -> SocketAddr {
-        local_addr(&self.https)
+        self.listeners.https_addr()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, asks open
     /// connections to finish their in-flight requests, and waits at most
     /// `drain` for them before closing the rest and returning.
     pub async fn serve(self, shutdown: impl Future<Output = ()>, drain: Duration) {
-        listening::serve(self, shutdown, drain).await;
+        listening::serve(self.listeners, self.edge, self.autostop, shutdown, drain).await;
     }
-}
-
-/// The h2 server for clients, with the limits against bad ones: a request
-/// head must fit in `max_header_bytes`, and connections that stop
-/// answering pings are closed. (HTTP/1 has the same limits in [`h1`].)
-pub(crate) type H2Server = hyper::server::conn::http2::Builder<TokioExecutor>;
-
-/// The hasher of the maps a request looks up on its way (upstream pools,
-/// machine activity, metric series): their keys come from the catalog and
-/// the proxy, not from clients, so a fast keyed hash does, where the
-/// default SipHash costs more than the lookup it serves.
-pub(crate) type FastHash = foldhash::fast::RandomState;
-
-fn client_server(cfg: &ProxyConfig) -> H2Server {
-    let mut server = H2Server::new(TokioExecutor::new());
-    server
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(cfg.header_timeout())
-        .keep_alive_timeout(cfg.header_timeout())
-        // WebSockets over h2 (RFC 8441), proxied as HTTP/1.1 upgrades.
-        .enable_connect_protocol();
-    server
-}
-
-async fn bind_listener(
-    listener: &'static str,
-    addr: SocketAddr,
-) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ProxyError::Bind {
-            listener,
-            addr,
-            source,
-        })
-}
-
-fn local_addr(listener: &TcpListener) -> SocketAddr {
-    // A bound TCP listener always has a local address; the fallback only
-    // keeps this accessor infallible.
-    listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 #[cfg(test)]
@@ -244,10 +154,10 @@ mod tests {
     use http::{HeaderMap, Request, Response, StatusCode};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, ServerName};
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::{mpsc, oneshot};
 
     /// Bounds the whole end-to-end test; it takes well under a second.

@@ -47,9 +47,9 @@
 //! writer lock's holder, last holder and waits per call site, and the RIB's
 //! connection locks.
 
-use crate::FastHash;
-use crate::Listener;
+use crate::config::Listener;
 use crate::conns::Conns;
+use crate::hash::FastHash;
 use bytes::Bytes;
 use compact_str::CompactString;
 use dashmap::DashMap;

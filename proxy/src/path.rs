@@ -11,10 +11,10 @@
 //! alone turns errors into responses. Nothing here takes a lock: the FIB is
 //! read through an immutable snapshot and the load counters are atomics.
 
-use crate::Listener;
+use crate::config::Listener;
 use crate::conn_limit::Counted;
 use crate::edge::Edge;
-use crate::error::{Again, FLY_PROXY_ERROR, PathError, Side};
+use crate::error::{Again, FLY_PROXY_ERROR, Failed, PathError, Side};
 use crate::forwarding::body::{self, ClientBody, Held, ProxyBody, ReadBody, UpBody};
 use crate::forwarding::headers::{self, FLY_REQUEST_ID, Forwarded};
 use crate::forwarding::upstream::{self, MachineBody, SendError};
@@ -487,26 +487,22 @@ async fn after_refusal(
     app: &str,
     skip: &[CompactString],
 ) -> Result<Arc<AppRoutes>, PathError> {
-    let deadline = tokio::time::Instant::now() + REFUSED_SETTLE;
-    let mut changed = edge.fib.changed();
-    loop {
-        let routes = edge
-            .fib
-            .lookup(app)
-            .ok_or_else(|| PathError::UnknownApp(app.to_string()))?;
+    let settled = |routes: &AppRoutes| {
         let candidates = routes.candidates();
         let others = candidates.iter().any(|m| !skip.contains(&m.id));
         let refused_up = candidates.iter().any(|m| Some(&m.id) == skip.last());
-        if others || !refused_up {
-            return Ok(routes);
-        }
-        if tokio::time::timeout_at(deadline, changed.next())
-            .await
-            .is_err()
-        {
-            return Ok(routes);
-        }
-    }
+        others || !refused_up
+    };
+    let deadline = tokio::time::Instant::now() + REFUSED_SETTLE;
+    let mut changed = edge.fib.changed();
+    changed
+        .until(deadline, || {
+            edge.fib.lookup(app).is_none_or(|r| settled(&r))
+        })
+        .await;
+    edge.fib
+        .lookup(app)
+        .ok_or_else(|| PathError::UnknownApp(app.to_string()))
 }
 
 /// `301` to the same URL over https, when the service's port for this
@@ -638,12 +634,12 @@ fn for_h2(mut req: Request<UpBody>, addr: SocketAddr) -> Request<UpBody> {
 /// the error with what it allows next ([`Again::after`]; `resend`: whether
 /// the request could go again as it was) and the request, when a failure
 /// gave back a request it had taken.
-fn outcome<R>(
+fn outcome(
     edge: &Edge,
     machine: &upstream::Machine,
-    sent: Result<Result<R, SendError>, tokio::time::error::Elapsed>,
+    sent: Result<Result<Response<MachineBody>, SendError>, tokio::time::error::Elapsed>,
     resend: Result<(), String>,
-) -> Result<R, (PathError, Option<Outgoing>)> {
+) -> Result<Response<MachineBody>, (PathError, Option<Outgoing>)> {
     let error = match sent {
         Ok(Ok(response)) => return Ok(response),
         Ok(Err(error)) => error,
@@ -654,8 +650,7 @@ fn outcome<R>(
         }
     };
     let (failed, cause, request) = error.failed();
-    let again = Again::after(failed, resend);
-    let error = PathError::upstream((&machine.id, machine.addr), failed, cause, again);
+    let error = PathError::upstream((&machine.id, machine.addr), failed, cause, resend);
     Err((error, request))
 }
 
@@ -743,11 +738,11 @@ async fn to_peer(
     ex.machine = Some(proxy.id.clone());
     tracing::debug!(request_id = ?ex.id, region = %peer.region, "no machine here; forwarding to the region's proxy");
     edge.metrics.forwarded.inc();
-    // A pooled connection the peer closed meanwhile breaks under the
-    // request: as for a machine, it goes once more on a new one when the
-    // failure allows it. (Only a request whose body was read whole comes
-    // here, and the pool only borrows it.) A peer is the region's one way
-    // in: there is no other to try.
+    // A peer is the region's one way in, so what would go to another
+    // machine goes once more to the same peer: a request on a connection
+    // that broke under it (a pooled one the peer closed meanwhile, or a new
+    // one), when the request allows it. (Only a request whose body was read
+    // whole comes here.) A refused connect is not tried again at once.
     let fwd = forwarded(edge, ex);
     let resend = Again::resend(req.method(), true, edge.retry_body_bytes);
     let send = || async {
@@ -760,8 +755,14 @@ async fn to_peer(
         )
     };
     let mut sent = send().await;
-    if let Err((error, _)) = &sent
-        && error.again() == Again::NewConnection
+    if let Err((
+        PathError::Upstream {
+            failed: Failed::Broken { .. },
+            again: Again::NewConnection | Again::OtherMachine,
+            ..
+        },
+        _,
+    )) = &sent
     {
         sent = send().await;
     }

@@ -257,6 +257,24 @@ impl Changed {
             std::future::pending::<()>().await;
         }
     }
+
+    /// Returns once `done()` holds, asking again at each new snapshot; or
+    /// once `deadline` has passed, with what `done()` says then.
+    pub async fn until(
+        &mut self,
+        deadline: tokio::time::Instant,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        while !done() {
+            if tokio::time::timeout_at(deadline, self.next())
+                .await
+                .is_err()
+            {
+                return done();
+            }
+        }
+        true
+    }
 }
 
 /// How many feed entries one batch applies at most.
@@ -502,6 +520,31 @@ pub(crate) mod tests {
             .await
             .expect("woken by the new snapshot");
         assert!(fib.lookup("hello").is_some());
+    }
+
+    #[tokio::test]
+    async fn until_waits_for_the_snapshot_that_makes_it_true_or_the_deadline() {
+        use tokio::time::{Duration, Instant};
+        let (_dir, rib) = rib();
+        let fib = Fib::load(&rib).unwrap();
+        let mut changed = fib.changed();
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert!(!changed.until(soon, || fib.lookup("hello").is_some()).await);
+        // The waiter looks first, finds nothing, and waits; then the
+        // writer makes two snapshots, the second with the app.
+        let later = Instant::now() + Duration::from_secs(5);
+        let (found, ()) = tokio::join!(
+            changed.until(later, || fib.lookup("hello").is_some()),
+            async {
+                tokio::task::yield_now().await;
+                for app in ["other", "hello"] {
+                    rib.create_app(&app_row(app)).unwrap();
+                    fib.catch_up(&rib).unwrap();
+                }
+            }
+        );
+        assert!(found, "true at the snapshot with the app");
+        assert!(Instant::now() < later);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct Launch {
     /// The whole environment: the config's, the app's secrets, Fly's.
     pub env: BTreeMap<String, String>,
     /// The memory the machine reserved, its limit where one can be set.
-    pub memory_mb: u32,
+    pub memory_mb: u64,
 }
 
 /// A runtime call that failed.

@@ -62,7 +62,7 @@ impl Runtime for Processes {
         Box::pin(async move {
             let dir = self.dir(id);
             let cgroup = match &self.cgroups {
-                Some(cg) => Some(cg.machine(id, u64::from(launch.memory_mb)).map_err(|e| {
+                Some(cg) => Some(cg.machine(id, launch.memory_mb).map_err(|e| {
                     RuntimeError::Failed(format!("setting up the memory limit: {e}"))
                 })?),
                 None => None,
@@ -105,9 +105,9 @@ impl Runtime for Processes {
     fn exited<'a>(&'a self, id: &'a str) -> RunFuture<'a, Option<ExitInfo>> {
         Box::pin(async move {
             let dir = self.dir(id);
-            match pilot::status(&dir).await {
-                Some(status) => status.exit,
-                // No pilot answers: it wrote the exit before it went.
+            // A pilot that no longer answers wrote the exit before it went.
+            match pilot::status(&dir).await.and_then(|status| status.exit) {
+                Some(exit) => Some(exit),
                 None => pilot::recorded_exit(&dir),
             }
         })

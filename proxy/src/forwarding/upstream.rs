@@ -39,12 +39,12 @@
 //! machines that are no longer routable (stopped, destroyed, cordoned).
 
 use super::client;
-use crate::FastHash;
-use crate::error::Failed as SendFailed;
+use crate::error::Failed;
 use crate::forwarding::body::{BoxError, UpBody};
 use crate::forwarding::headers::{Forwarded, add_forwarded};
 use crate::h1::body::{Decoder, Step};
 use crate::h1::spare;
+use crate::hash::FastHash;
 use crate::metrics::UpstreamCounters;
 use bytes::{Bytes, BytesMut};
 use compact_str::CompactString;
@@ -151,11 +151,11 @@ pub(crate) enum SendError {
 impl SendError {
     /// How the send failed, its cause, and the request when the failure
     /// gives back one it had taken.
-    pub(crate) fn failed(self) -> (SendFailed, String, Option<Box<Request<UpBody>>>) {
+    pub(crate) fn failed(self) -> (Failed, String, Option<Box<Request<UpBody>>>) {
         match self {
-            Self::Connect { cause, request } => (SendFailed::Connect, cause, request),
-            Self::Broken { cause, fresh } => (SendFailed::Broken { fresh }, cause, None),
-            Self::Exchange(cause) => (SendFailed::Exchange, cause, None),
+            Self::Connect { cause, request } => (Failed::Connect, cause, request),
+            Self::Broken { cause, fresh } => (Failed::Broken { fresh }, cause, None),
+            Self::Exchange(cause) => (Failed::Exchange, cause, None),
         }
     }
 
@@ -220,8 +220,8 @@ impl Upstreams {
                 }
                 // Closed by the machine while idle, before our request went
                 // out: try the next one.
-                Err(Failed::Unsent) => {}
-                Err(Failed::Lost(cause)) => {
+                Err(ExchangeError::Unsent) => {}
+                Err(ExchangeError::Lost(cause)) => {
                     // Its siblings likely share its fate (a machine closing
                     // idle connections, or one that died, closes them all).
                     pool.idle.lock().clear();
@@ -230,7 +230,7 @@ impl Upstreams {
                         fresh: false,
                     });
                 }
-                Err(Failed::Bad(cause)) => return Err(SendError::Exchange(cause)),
+                Err(ExchangeError::Bad(cause)) => return Err(SendError::Exchange(cause)),
             }
         }
         let conn = match self.connect(&pool).await {
@@ -245,14 +245,14 @@ impl Upstreams {
         self.counters.new.inc();
         match conn.exchange(req, forwarded).await {
             Ok(response) => Ok(response),
-            Err(Failed::Unsent) => Err(SendError::Exchange(
+            Err(ExchangeError::Unsent) => Err(SendError::Exchange(
                 "the machine closed a new connection before the request was sent".into(),
             )),
-            Err(Failed::Lost(cause)) => {
+            Err(ExchangeError::Lost(cause)) => {
                 pool.idle.lock().clear();
                 Err(SendError::Broken { cause, fresh: true })
             }
-            Err(Failed::Bad(cause)) => Err(SendError::Exchange(cause)),
+            Err(ExchangeError::Bad(cause)) => Err(SendError::Exchange(cause)),
         }
     }
 
@@ -450,7 +450,7 @@ struct H2Conn {
 }
 
 /// How an exchange failed.
-enum Failed {
+enum ExchangeError {
     /// The connection was closed before any of the request was written.
     Unsent,
     /// The connection closed or broke after the request went out, before
@@ -470,7 +470,7 @@ impl Conn {
         mut self: Box<Self>,
         req: &Request<UpBody>,
         forwarded: &Forwarded<'_>,
-    ) -> Result<Response<MachineBody>, Failed> {
+    ) -> Result<Response<MachineBody>, ExchangeError> {
         let head_request = req.method() == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
         out.clear();
@@ -495,7 +495,7 @@ impl Conn {
                     written += n;
                     IoSlice::advance_slices(&mut slices, n);
                 }
-                Err(_) if written == 0 => return Err(Failed::Unsent),
+                Err(_) if written == 0 => return Err(ExchangeError::Unsent),
                 Err(e) => {
                     cut_short = Some(e.to_string());
                     break;
@@ -512,7 +512,7 @@ impl Conn {
                 ..head
             },
             (Err(e), None) => return Err(e),
-            (Err(_), Some(cause)) => return Err(Failed::Lost(cause)),
+            (Err(_), Some(cause)) => return Err(ExchangeError::Lost(cause)),
         };
         let client::ResponseHead {
             response,
@@ -523,15 +523,18 @@ impl Conn {
     }
 
     /// Reads the machine's response head, past any interim answers.
-    async fn read_head(&mut self, head_request: bool) -> Result<client::ResponseHead, Failed> {
+    async fn read_head(
+        &mut self,
+        head_request: bool,
+    ) -> Result<client::ResponseHead, ExchangeError> {
         loop {
             if !self.buf.is_empty() {
                 match client::parse_response(&mut self.buf, head_request) {
-                    Err(e) => return Err(Failed::Bad(e.into())),
+                    Err(e) => return Err(ExchangeError::Bad(e.into())),
                     // Interim answers (100, 103) are not passed on.
                     Ok(Some(head)) if head.response.status().is_informational() => {
                         if head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                            return Err(Failed::Bad(
+                            return Err(ExchangeError::Bad(
                                 "the machine switched protocols unasked".into(),
                             ));
                         }
@@ -547,15 +550,17 @@ impl Conn {
             }
             self.buf.reserve(READ_CHUNK);
             match self.io.read_buf(&mut self.buf).await {
-                Ok(0) if started => return Err(Failed::Bad("the machine closed mid-head".into())),
+                Ok(0) if started => {
+                    return Err(ExchangeError::Bad("the machine closed mid-head".into()));
+                }
                 Ok(0) => {
-                    return Err(Failed::Lost(
+                    return Err(ExchangeError::Lost(
                         "the machine closed the connection before answering".into(),
                     ));
                 }
                 Ok(_) => {}
-                Err(e) if started => return Err(Failed::Bad(e.to_string())),
-                Err(e) => return Err(Failed::Lost(e.to_string())),
+                Err(e) if started => return Err(ExchangeError::Bad(e.to_string())),
+                Err(e) => return Err(ExchangeError::Lost(e.to_string())),
             }
         }
     }

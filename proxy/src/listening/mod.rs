@@ -14,26 +14,32 @@
 //!   one per service port, following the FIB.
 //!
 //! Imports: the request path (`path::handle`, which every request goes
-//! to), the edge it shares, forwarding's TCP relay, and the crate's base.
+//! to), the edge it shares, forwarding (the TCP relay, request bodies, the
+//! upstream sweep), routing's `Want` (what a raw TCP connection asks
+//! for), scaling's autostop loop (run here until shutdown), and the
+//! crate's base.
 
 pub(crate) mod ports;
 pub(crate) mod server;
 pub mod tls;
 pub(crate) mod workers;
 
+use crate::config::Listener;
+use crate::config::ProxyConfig;
 use crate::conns::{self, Conns, Watcher};
 use crate::edge::Edge;
+use crate::error::ProxyError;
 use crate::forwarding::body::{ClientBody, ProxyBody};
 use crate::forwarding::{tcp, upstream};
 use crate::metrics::{Handshake, Observed};
 use crate::path::{self, Conn};
 use crate::routing::balance::Want;
-use crate::{H2Server, Listener, Proxy};
+use crate::scaling::autostop::Autostopper;
 use compact_str::CompactString;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ports::{Accepted, PortListeners, Spec};
 use server::{Ended, TimedOut};
 use std::convert::Infallible;
@@ -44,18 +50,92 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use workers::Loads;
 
+/// The shared public listeners, bound, and the workers that will serve
+/// them.
+pub(crate) struct Listeners {
+    http: TcpListener,
+    https: TcpListener,
+    workers: workers::Workers,
+    /// The h2 server for clients that speak it; HTTP/1 is [`server`]'s.
+    server: H2Server,
+}
+
+impl Listeners {
+    /// Binds both listeners and starts the workers.
+    pub(crate) async fn bind(cfg: &ProxyConfig) -> Result<Self, ProxyError> {
+        Ok(Self {
+            http: bind("http", cfg.http_addr).await?,
+            https: bind("https", cfg.https_addr).await?,
+            workers: workers::Workers::start(cfg.workers()).map_err(ProxyError::Workers)?,
+            server: h2_server(cfg),
+        })
+    }
+
+    /// How many workers serve connections.
+    pub(crate) fn workers(&self) -> usize {
+        self.workers.count()
+    }
+
+    pub(crate) fn http_addr(&self) -> SocketAddr {
+        local_addr(&self.http)
+    }
+
+    pub(crate) fn https_addr(&self) -> SocketAddr {
+        local_addr(&self.https)
+    }
+}
+
+async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            listener,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    // A bound TCP listener always has a local address; the fallback only
+    // keeps this accessor infallible.
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// The h2 server for clients, with the limits against bad ones: a request
+/// head must fit in `max_header_bytes`, and connections that stop
+/// answering pings are closed. (HTTP/1 has the same limits in [`server`].)
+type H2Server = hyper::server::conn::http2::Builder<TokioExecutor>;
+
+fn h2_server(cfg: &ProxyConfig) -> H2Server {
+    let mut server = H2Server::new(TokioExecutor::new());
+    server
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(cfg.header_timeout())
+        .keep_alive_timeout(cfg.header_timeout())
+        // WebSockets over h2 (RFC 8441), proxied as HTTP/1.1 upgrades.
+        .enable_connect_protocol();
+    server
+}
+
 /// Serves until `shutdown`, then drains for at most `drain`. Each worker
 /// accepts on the shared listeners itself (see [`accept`]); this loop runs
 /// the app-address listeners, the upstream sweep and autostop.
-pub(crate) async fn serve(proxy: Proxy, shutdown: impl Future<Output = ()>, drain: Duration) {
-    let Proxy {
+pub(crate) async fn serve(
+    listeners: Listeners,
+    edge: Arc<Edge>,
+    autostop: Option<Autostopper>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let Listeners {
         http,
         https,
-        edge,
         mut workers,
         server,
-        autostop,
-    } = proxy;
+    } = listeners;
     let graceful = conns::graceful();
     let (stop, stopping) = watch::channel(false);
     let loads = Loads::new(workers.count());

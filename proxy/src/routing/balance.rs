@@ -25,7 +25,7 @@
 //! takes a unit only while the machine is under its hard limit, so two
 //! requests racing for the last slot cannot both get it.
 
-use crate::Listener;
+use crate::config::Listener;
 use crate::config::Peer;
 use hangar_api::machine::{MachinePort, MachineService, MachineState};
 use hangar_catalog::{AppRoutes, Load, RouteMachine};
@@ -379,7 +379,8 @@ impl Lease {
         })
     }
 
-    /// Counts one more request on `machine` whatever its load (tests).
+    /// Counts one more request on `machine` whatever its load.
+    #[cfg(test)]
     pub fn force(machine: &RouteMachine) -> Self {
         machine.load.take();
         Self {

@@ -9,7 +9,8 @@
 //! - Single flight per app: every request that finds the app without a
 //!   machine while a start is under way waits for that start instead of
 //!   starting another. The flight ends when flyd has answered and the FIB
-//!   shows the machine routable (checked every 2 ms), or fails; at most
+//!   shows the machine routable (woken at each new snapshot by
+//!   `Fib::changed()`), or fails; at most
 //!   `hold` in all. At most `max_waiting` requests of an app wait for its
 //!   start; more are answered at once (503 with `Retry-After`).
 //! - The caller then routes again as usual; a failed or timed-out start is

@@ -33,7 +33,7 @@
 //! (at most [`MAX_KEEP_ALIVE`] ahead). The proxy takes the header out of
 //! the response.
 
-use crate::FastHash;
+use crate::hash::FastHash;
 use crate::metrics::EdgeMetrics;
 use crate::scaling::autostart::Directory;
 use compact_str::CompactString;
@@ -292,13 +292,8 @@ impl Autostopper {
                 let _ = call("uncordon").await;
                 Err(format!("still busy after {:?}; left running", self.drain))
             };
-            while !cordoned() {
-                if tokio::time::timeout_at(deadline.into(), changed.next())
-                    .await
-                    .is_err()
-                {
-                    return busy().await;
-                }
+            if !changed.until(deadline.into(), cordoned).await {
+                return busy().await;
             }
             // A lease's end is not announced (it is on every request's
             // path), so the draining is looked at every 5 ms.
