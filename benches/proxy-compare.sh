@@ -3,7 +3,7 @@
 #
 #   benches/proxy-compare.sh [--rounds N] [--secs S] [--conns C] [--rate R]
 #                            [--idle N] [--json] [--flamegraph FILE]
-#                            [--instructions]
+#                            [--instructions] [--bin FILE]
 #
 # Starts `hangar dev` (port 0, temp dir) with one hangar/echo machine, then
 # nginx and HAProxy from Debian (installed when missing, with wrk and
@@ -45,11 +45,15 @@
 # caches sees. Unlike req/s on this shared machine, these do not move with
 # what else runs, so a change to the request path can be judged by them;
 # the kernel's share is not in them.
+#
+# --bin FILE measures that hangar binary instead of building this
+# checkout's release build: two builds compared under the same script
+# and at the same hour (copy each target/release/hangar aside).
 set -euo pipefail
 caller=$PWD
 cd "$(dirname "$0")/.."
 
-rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false flamegraph= instructions=false
+rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false flamegraph= instructions=false bin=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -60,7 +64,8 @@ while [ $# -gt 0 ]; do
     --json) json=true; shift ;;
     --flamegraph) flamegraph=$2; shift 2 ;;
     --instructions) instructions=true; shift ;;
-    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json] [--flamegraph FILE] [--instructions]" >&2; exit 2 ;;
+    --bin) bin=$2; shift 2 ;;
+    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json] [--flamegraph FILE] [--instructions] [--bin FILE]" >&2; exit 2 ;;
   esac
 done
 
@@ -79,8 +84,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 export PATH="$PATH:/usr/sbin"
-cargo build --release --quiet
-bin=target/release/hangar
+if [ -z "$bin" ]; then
+  cargo build --release --quiet
+  bin=target/release/hangar
+else
+  case "$bin" in /*) ;; *) bin="$caller/$bin" ;; esac
+fi
 
 tmp=$(mktemp -d)
 pids=()
