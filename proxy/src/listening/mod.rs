@@ -24,8 +24,7 @@ pub(crate) mod server;
 pub mod tls;
 pub(crate) mod workers;
 
-use crate::config::Listener;
-use crate::config::ProxyConfig;
+use crate::config::{Listener, ProxyConfig};
 use crate::conns::{self, Conns, Watcher};
 use crate::edge::Edge;
 use crate::error::ProxyError;
