@@ -3,7 +3,7 @@
 #
 #   benches/proxy-compare.sh [--rounds N] [--secs S] [--conns C] [--rate R]
 #                            [--idle N] [--json] [--flamegraph FILE]
-#                            [--instructions] [--bin FILE]
+#                            [--instructions] [--bin FILE] [--pin]
 #
 # Starts `hangar dev` (port 0, temp dir) with one hangar/echo machine, then
 # nginx and HAProxy from Debian (installed when missing, with wrk and
@@ -23,6 +23,8 @@
 #   - HTTPS keep-alive req/s (wrk over TLS);
 #   - new TLS sessions per second (`hangar bench handshakes`: full TLS 1.3
 #     handshakes, never resumed, one `Connection: close` request each);
+#   - new plain connections per second (wrk with `Connection: close`: a
+#     connection per request);
 #
 # and once: memory per idle keep-alive connection, plain and TLS (N
 # connections, each after one request: growth of the proxy's resident
@@ -46,6 +48,15 @@
 # what else runs, so a change to the request path can be judged by them;
 # the kernel's share is not in them.
 #
+# --pin runs the layout fly-proxy lives in: each proxy with one worker
+# (`proxy.workers = 1`, nginx `worker_processes 1`, HAProxy `nbthread 1`)
+# sharing core 0 with the upstream, at the same priority, and every load
+# generator alone on core 1. The upstream is then a static nginx (one
+# worker, a fixed 128-byte answer) run as the app's machine, so Hangar
+# routes to it as to any machine and the upstream's own cost is small
+# and the same for every proxy. Without --pin every process floats over
+# both cores and the upstream is the hangar/echo machine.
+#
 # --bin FILE measures that hangar binary instead of building this
 # checkout's release build: two builds compared under the same script
 # and at the same hour (copy each target/release/hangar aside).
@@ -53,7 +64,7 @@ set -euo pipefail
 caller=$PWD
 cd "$(dirname "$0")/.."
 
-rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false flamegraph= instructions=false bin=
+rounds=3 secs=5 conns=32 rate=5000 idle=1000 json=false flamegraph= instructions=false bin= pin=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds=$2; shift 2 ;;
@@ -65,7 +76,8 @@ while [ $# -gt 0 ]; do
     --flamegraph) flamegraph=$2; shift 2 ;;
     --instructions) instructions=true; shift ;;
     --bin) bin=$2; shift 2 ;;
-    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json] [--flamegraph FILE] [--instructions] [--bin FILE]" >&2; exit 2 ;;
+    --pin) pin=true; shift ;;
+    *) echo "usage: $0 [--rounds N] [--secs S] [--conns C] [--rate R] [--idle N] [--json] [--flamegraph FILE] [--instructions] [--bin FILE] [--pin]" >&2; exit 2 ;;
   esac
 done
 
@@ -79,11 +91,16 @@ if [ -n "$flamegraph" ]; then
   command -v inferno-flamegraph >/dev/null || cargo install --locked --quiet inferno
   case "$flamegraph" in /*) ;; *) flamegraph="$caller/$flamegraph" ;; esac
 fi
+$pin && { [ "$(nproc)" -ge 2 ] || { echo "--pin needs two cores" >&2; exit 1; }; }
 $instructions && { command -v callgrind_control >/dev/null || need+=(valgrind); }
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 export PATH="$PATH:/usr/sbin"
+# The idle measure holds 2 x --idle connections at once (plain and TLS,
+# so that freed memory of one set does not hide the other's).
+ulimit -n 100000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+fds=$(ulimit -n)
 if [ -z "$bin" ]; then
   cargo build --release --quiet
   bin=target/release/hangar
@@ -100,6 +117,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# With --pin: the prefix that puts a process (and what it starts) on the
+# proxies' core or on the load's; and each proxy's workers.
+on() { if $pin; then case $1 in proxy) echo "taskset -c 0" ;; load) echo "taskset -c 1" ;; esac; fi; }
+if $pin; then workers=1; else workers=2; fi
+
 # Each proxy's command prefix: nothing, or callgrind with counting off
 # until the load starts (one output file per process, by pid).
 counted() {
@@ -111,10 +133,11 @@ counted() {
 # The built-in config with no limit on one client's connections, as
 # nginx and HAProxy have none here: the idle measure opens 2 x --idle
 # connections from one address.
-sed 's/^max_conns_per_ip = .*/max_conns_per_ip = 0/' config/dev.toml >"$tmp/hangar.toml"
+sed -e 's/^max_conns_per_ip = .*/max_conns_per_ip = 0/' \
+  -e "s/^workers = .*/workers = $($pin && echo 1 || echo 0)/" config/dev.toml >"$tmp/hangar.toml"
 grep -q '^max_conns_per_ip = 0$' "$tmp/hangar.toml" || { echo "config/dev.toml has no max_conns_per_ip" >&2; exit 1; }
 
-$(counted hangar) "$bin" dev --config "$tmp/hangar.toml" --data-dir "$tmp/data" --flaps-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
+$(on proxy) $(counted hangar) "$bin" dev --config "$tmp/hangar.toml" --data-dir "$tmp/data" --flaps-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
   --https-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --flyd-addr 127.0.0.1:0 \
   >"$tmp/hangar.out" 2>"$tmp/hangar.err" &
 pids+=($!); hangar_pid=$!
@@ -126,10 +149,39 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 flaps=$(addr flaps); hangar=$(addr http); hangar_tls=$(addr https)
 auth="Authorization: Bearer $(cat "$tmp/data/token")"
 curl -sf -H "$auth" -X POST "http://$flaps/v1/apps" -d '{"app_name":"bench"}' >/dev/null
-ip=$(curl -sf -H "$auth" -X POST "http://$flaps/v1/apps/bench/machines" \
-  -d '{"config":{"image":"hangar/echo","services":[{"internal_port":8080,
-        "concurrency":{"type":"requests","soft_limit":10000,"hard_limit":10000},
-        "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}' \
+services='"services":[{"internal_port":8080,
+    "concurrency":{"type":"requests","soft_limit":10000,"hard_limit":10000},
+    "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]'
+if $pin; then
+  # The static upstream: nginx as the machine's command, listening on the
+  # machine's private address (known to the machine alone, hence the sed).
+  mkdir -p "$tmp/static"
+  cat >"$tmp/static/nginx.conf.in" <<EOF
+worker_processes 1;
+daemon off;
+pid $tmp/static/nginx.pid;
+error_log $tmp/static/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $tmp/static/body;
+  proxy_temp_path $tmp/static/proxy;
+  fastcgi_temp_path $tmp/static/fastcgi;
+  uwsgi_temp_path $tmp/static/uwsgi;
+  scgi_temp_path $tmp/static/scgi;
+  keepalive_requests 1000000;
+  server {
+    listen @IP@:8080;
+    location / { default_type text/plain; return 200 "$(printf 'x%.0s' $(seq 1 128))"; }
+  }
+}
+EOF
+  start="sed s/@IP@/\$FLY_PRIVATE_IP/ $tmp/static/nginx.conf.in >$tmp/static/nginx.conf && exec nginx -p $tmp/static -c $tmp/static/nginx.conf"
+  machine='{"image":"bench/static-nginx","init":{"exec":["/bin/sh","-c","'"$start"'"]},'"$services"'}'
+else
+  machine='{"image":"hangar/echo",'"$services"'}'
+fi
+ip=$(curl -sf -H "$auth" -X POST "http://$flaps/v1/apps/bench/machines" -d '{"config":'"$machine"'}' \
   | python3 -c "import json,sys; print(json.load(sys.stdin)['private_ip'])")
 upstream="$ip:8080"
 
@@ -141,12 +193,12 @@ cat "$tmp/cert.pem" "$tmp/key.pem" >"$tmp/haproxy.pem"
 nginx_port=$(free_port); nginx_tls=$(free_port)
 mkdir -p "$tmp/nginx"
 cat >"$tmp/nginx/nginx.conf" <<EOF
-worker_processes 2;
+worker_processes $workers;
 $($instructions && echo "master_process off;  # callgrind cannot reach forked workers" || true)
 daemon off;
 pid $tmp/nginx/nginx.pid;
 error_log $tmp/nginx/error.log warn;
-events { worker_connections 8192; }
+events { worker_connections $fds; }
 http {
   access_log off;
   client_body_temp_path $tmp/nginx/body;
@@ -187,14 +239,14 @@ http {
   }
 }
 EOF
-$(counted nginx) nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" &
+$(on proxy) $(counted nginx) nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" &
 pids+=($!); nginx_pid=$!
 
 haproxy_port=$(free_port); haproxy_tls=$(free_port)
 cat >"$tmp/haproxy.cfg" <<EOF
 global
-  nbthread 2
-  maxconn 8000
+  nbthread $workers
+  maxconn $(( (fds - 200) / 2 ))
 defaults
   mode http
   timeout connect 5s
@@ -222,13 +274,13 @@ frontend edge
 backend machine
   server m1 $upstream
 EOF
-$(counted haproxy) haproxy -f "$tmp/haproxy.cfg" -db >"$tmp/haproxy.log" 2>&1 &
+$(on proxy) $(counted haproxy) haproxy -f "$tmp/haproxy.cfg" -db >"$tmp/haproxy.log" 2>&1 &
 pids+=($!); haproxy_pid=$!
 
 # One wrk run: "req/s p50_ms p99_ms". Extra arguments go to wrk.
 wrk_run() {
   local url=$1; shift
-  wrk -t2 -c"$conns" -d"${secs}s" --latency -H "Host: bench.localhost" "$@" "$url" | python3 -c '
+  $(on load) wrk -t"$workers" -c"$conns" -d"${secs}s" --latency -H "Host: bench.localhost" "$@" "$url" | python3 -c '
 import re, sys
 text = sys.stdin.read()
 def ms(v):
@@ -245,7 +297,7 @@ print(f"{rps:.0f} {p50:.3f} {p99:.3f}")'
 
 # One fixed-rate run: "p50_ms p99_ms achieved_rps".
 fixed_run() {
-  "$bin" bench load --addr "$1" --host bench.localhost --path '/?bytes=128' \
+  $(on load) "$bin" bench load --addr "$1" --host bench.localhost --path '/?bytes=128' \
     --rate "$rate" --secs "$secs" --conns "$conns" --json | tail -1 | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -257,7 +309,7 @@ print("%.3f %.3f %.0f" % (r["p50_ms"], r["p99_ms"], r["achieved_rps"]))'
 # New TLS sessions per second: "rate p50_ms p99_ms". Full handshakes,
 # never resumed (wrk resumes its sessions).
 handshakes_run() {
-  "$bin" bench handshakes --addr "$1" --host bench.localhost --path '/?bytes=128' \
+  $(on load) "$bin" bench handshakes --addr "$1" --host bench.localhost --path '/?bytes=128' \
     --secs "$secs" --conns "$conns" --json | tail -1 | python3 -c '
 import json, sys
 r = json.load(sys.stdin)
@@ -287,7 +339,7 @@ if [ -n "$flamegraph" ]; then
   perf record -F 499 -g --call-graph dwarf,16384 -p "$hangar_pid" -o "$tmp/perf.data" \
     -- sleep "$secs" 2>/dev/null &
   perf_pid=$!
-  wrk -t2 -c"$conns" -d"${secs}s" -H "Host: bench.localhost" "http://$hangar/?bytes=128" | grep Requests/sec
+  $(on load) wrk -t"$workers" -c"$conns" -d"${secs}s" -H "Host: bench.localhost" "http://$hangar/?bytes=128" | grep Requests/sec
   wait "$perf_pid"
   perf script -i "$tmp/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph >"$flamegraph"
   echo "flamegraph of Hangar's process under keep-alive load: $flamegraph"
@@ -303,10 +355,10 @@ if $instructions; then
   count() {
     local url=$1; shift
     for p in "$@"; do callgrind_control -i on "$p" >/dev/null 2>&1; done
-    wrk -t1 -c8 -d2s -H "Host: bench.localhost" "$url" >/dev/null
+    $(on load) wrk -t1 -c8 -d2s -H "Host: bench.localhost" "$url" >/dev/null
     for p in "$@"; do callgrind_control -z "$p" >/dev/null 2>&1; done
     local n
-    n=$(wrk -t1 -c8 -d"${secs}s" -H "Host: bench.localhost" "$url" | awk '/requests in/ {print $1}')
+    n=$($(on load) wrk -t1 -c8 -d"${secs}s" -H "Host: bench.localhost" "$url" | awk '/requests in/ {print $1}')
     for p in "$@"; do
       callgrind_control -d "$p" >/dev/null 2>&1
       callgrind_control -i off "$p" >/dev/null 2>&1
@@ -375,6 +427,9 @@ for round in $(seq 1 "$rounds"); do
     echo "https $path $(wrk_run "https://$(tls $path)/?bytes=128")" >>"$results"
   done
   for path in "${order[@]}"; do
+    echo "connects $path $(wrk_run "http://$(plain $path)/?bytes=128" -H "Connection: close")" >>"$results"
+  done
+  for path in "${order[@]}"; do
     [ "$path" = direct ] && continue
     echo "handshakes $path $(handshakes_run "$(tls $path)")" >>"$results"
   done
@@ -396,14 +451,22 @@ pids_of() { case $1 in hangar) echo "$hangar_pid" ;;
   haproxy) echo "$haproxy_pid" ;; esac; }
 for path in hangar nginx haproxy; do
   # shellcheck disable=SC2046
-  read -r plain_bytes tls_bytes < <(python3 benches/idle_conns.py "$(plain $path)" "$(tls $path)" "$idle" $(pids_of $path))
-  echo "idle_plain $path $plain_bytes" >>"$results"
-  echo "idle_tls $path $tls_bytes" >>"$results"
+  # A proxy that cannot hold them (HAProxy takes two descriptors a
+  # connection) gets no figure rather than ending the run.
+  # shellcheck disable=SC2046
+  if grown=$($(on load) python3 benches/idle_conns.py "$(plain $path)" "$(tls $path)" "$idle" $(pids_of $path)); then
+    read -r plain_bytes tls_bytes <<<"$grown"
+    echo "idle_plain $path $plain_bytes" >>"$results"
+    echo "idle_tls $path $tls_bytes" >>"$results"
+  else
+    echo "idle: $path could not hold 2 x $idle connections (open files: $fds)" >&2
+  fi
 done
 
-python3 - "$results" "$rounds" "$secs" "$conns" "$rate" "$idle" "$json" <<'PYEOF'
+layout=$($pin && echo "pinned: proxies and a static upstream on core 0, load on core 1, one worker each" || echo "unpinned: every process on both cores, echo upstream, two workers each")
+python3 - "$results" "$rounds" "$secs" "$conns" "$rate" "$idle" "$json" "$layout" <<'PYEOF'
 import json, statistics, sys
-path, rounds, secs, conns, rate, idle, as_json = sys.argv[1:]
+path, rounds, secs, conns, rate, idle, as_json, layout = sys.argv[1:]
 runs = {}
 for line in open(path):
     kind, name, *values = line.split()
@@ -420,6 +483,7 @@ rows = [
     (f"fixed {rate}/s p99 ms", "fixed", 1),
     ("https keep-alive req/s", "https", 0),
     ("https p99 ms", "https", 2),
+    ("new connections/s", "connects", 0),
     ("new TLS handshakes/s", "handshakes", 0),
     ("idle conn bytes, plain", "idle_plain", 0),
     ("idle conn bytes, TLS", "idle_tls", 0),
@@ -429,6 +493,7 @@ names = ["direct", "hangar", "nginx", "haproxy"]
 fmt = lambda v: "-" if v is None else (f"{v:.0f}" if v >= 100 else f"{v:.3f}")
 ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}"
 print(f"{rounds} interleaved rounds of {secs}s, {conns} connections (medians); idle memory over {idle} connections")
+print(layout)
 print(f"{'measure':<24}" + "".join(f"{n:>10}" for n in names) + f"{'h/direct':>10}{'h/nginx':>10}{'h/haproxy':>10}")
 table = {}
 for label, kind, i in rows:
@@ -440,6 +505,7 @@ for label, kind, i in rows:
 if as_json == "true":
     print(json.dumps({
         "bench": "proxy-compare", "rounds": int(rounds), "secs": float(secs), "conns": int(conns),
-        "rate": int(rate), "idle": int(idle), "medians": table, "runs": runs,
+        "rate": int(rate), "idle": int(idle), "pinned": layout.startswith("pinned"),
+        "medians": table, "runs": runs,
     }))
 PYEOF
