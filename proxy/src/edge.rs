@@ -17,6 +17,7 @@ use crate::scaling::queue::Queues;
 use crate::scaling::slot::Slots;
 use hangar_catalog::{ClusterKey, Fib};
 use http::header::HeaderValue;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_rustls::TlsAcceptor;
@@ -57,8 +58,10 @@ pub(crate) struct Edge {
     pub directory: Arc<dyn Directory>,
     /// Sticky sessions pinned by a header value.
     pub pins: Pins,
-    /// The limits of HTTP/1 connections (h2's are the server's).
+    /// The limits of HTTP/1 connections.
     pub h1: h1::Settings,
+    /// The h2 server for clients that speak it, with its limits.
+    pub h2: H2Server,
     /// Other regions' proxies.
     pub peers: Peers,
 }
@@ -122,6 +125,7 @@ impl Edge {
                 max_head: cfg.max_header_bytes,
                 body_timeout: cfg.body_timeout(),
             },
+            h2: h2_server(cfg),
             peers: Peers::new(cfg.peers.clone(), cluster),
             max_attempts: cfg.max_attempts.max(1),
             response_timeout: cfg.response_timeout(),
@@ -134,4 +138,21 @@ impl Edge {
             fib,
         })
     }
+}
+
+/// The h2 server for clients, with the limits against bad ones: a request
+/// head must fit in `max_header_bytes`, and connections that stop
+/// answering pings are closed (HTTP/1 has the same limits, [`h1::Settings`]).
+pub(crate) type H2Server = hyper::server::conn::http2::Builder<TokioExecutor>;
+
+fn h2_server(cfg: &ProxyConfig) -> H2Server {
+    let mut server = H2Server::new(TokioExecutor::new());
+    server
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(cfg.header_timeout())
+        .keep_alive_timeout(cfg.header_timeout())
+        // WebSockets over h2 (RFC 8441), proxied as HTTP/1.1 upgrades.
+        .enable_connect_protocol();
+    server
 }

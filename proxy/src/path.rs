@@ -47,7 +47,6 @@ pub(crate) struct Conn {
     /// `Http` or `Https`: the scheme, on a shared listener or an app's
     /// address.
     pub(crate) listener: Listener,
-    pub(crate) peer: SocketAddr,
     /// The client's address as the machine is told it (`Fly-Client-IP`,
     /// `X-Forwarded-For`), made once per connection.
     pub(crate) client_ip: HeaderValue,

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready once there may be bytes to read, without reading them, so an
     /// idle connection can wait without a read buffer. Connections that
-    /// cannot tell (TLS keeps its own buffers) are always ready.
+    /// cannot tell are always ready.
     fn poll_readable(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
@@ -28,7 +28,19 @@ impl ClientIo for TcpStream {
     }
 }
 
-impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {}
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    /// Ready at once while rustls holds decrypted bytes (or wants to
+    /// write), else once the socket has bytes: an idle TLS connection too
+    /// waits without a buffer of ours.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, tls) = self.get_ref();
+        if tls.wants_read() {
+            tcp.poll_read_ready(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+}
 
 /// In-memory connections, for tests on paused time.
 #[cfg(test)]

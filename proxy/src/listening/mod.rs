@@ -38,7 +38,7 @@ use compact_str::CompactString;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use ports::{Accepted, PortListeners, Spec};
 use server::{Ended, TimedOut};
 use std::convert::Infallible;
@@ -55,8 +55,6 @@ pub(crate) struct Listeners {
     http: TcpListener,
     https: TcpListener,
     workers: workers::Workers,
-    /// The h2 server for clients that speak it; HTTP/1 is [`server`]'s.
-    server: H2Server,
 }
 
 impl Listeners {
@@ -66,7 +64,6 @@ impl Listeners {
             http: bind("http", cfg.http_addr).await?,
             https: bind("https", cfg.https_addr).await?,
             workers: workers::Workers::start(cfg.workers()).map_err(ProxyError::Workers)?,
-            server: h2_server(cfg),
         })
     }
 
@@ -102,23 +99,6 @@ fn local_addr(listener: &TcpListener) -> SocketAddr {
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-/// The h2 server for clients, with the limits against bad ones: a request
-/// head must fit in `max_header_bytes`, and connections that stop
-/// answering pings are closed. (HTTP/1 has the same limits in [`server`].)
-type H2Server = hyper::server::conn::http2::Builder<TokioExecutor>;
-
-fn h2_server(cfg: &ProxyConfig) -> H2Server {
-    let mut server = H2Server::new(TokioExecutor::new());
-    server
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(cfg.header_timeout())
-        .keep_alive_timeout(cfg.header_timeout())
-        // WebSockets over h2 (RFC 8441), proxied as HTTP/1.1 upgrades.
-        .enable_connect_protocol();
-    server
-}
-
 /// Serves until `shutdown`, then drains for at most `drain`. Each worker
 /// accepts on the shared listeners itself (see [`accept`]); this loop runs
 /// the app-address listeners, the upstream sweep and autostop.
@@ -133,7 +113,6 @@ pub(crate) async fn serve(
         http,
         https,
         mut workers,
-        server,
     } = listeners;
     let graceful = conns::graceful();
     let (stop, stopping) = watch::channel(false);
@@ -144,9 +123,9 @@ pub(crate) async fn serve(
             .filter_map(|(worker, runtime)| {
                 let listeners = (http.try_clone().ok()?, https.try_clone().ok()?);
                 let conns = Conns::new(graceful.clone());
-                let (edge, server, stop) = (edge.clone(), server.clone(), stopping.clone());
+                let (edge, stop) = (edge.clone(), stopping.clone());
                 let me = (worker, loads.clone());
-                Some(runtime.spawn(accept(edge, server, me, listeners, conns, stop)))
+                Some(runtime.spawn(accept(edge, me, listeners, conns, stop)))
             })
             .collect(),
         (http, https) => {
@@ -173,7 +152,7 @@ pub(crate) async fn serve(
             }
             _ = follow.tick() => ports.reconcile(&edge.fib.snapshot()).await,
             Some(Accepted { tcp, peer, spec }) = from_ports.recv() => {
-                hand_off(&edge, &server, (&mut workers, &mut conns), tcp, peer, spec);
+                hand_off(&edge, (&mut workers, &mut conns), tcp, peer, spec);
             }
         }
     }
@@ -197,7 +176,6 @@ pub(crate) async fn serve(
 /// connections still open, for the drain.
 async fn accept(
     edge: Arc<Edge>,
-    server: H2Server,
     (worker, loads): (usize, Loads),
     (http, https): (std::net::TcpListener, std::net::TcpListener),
     mut conns: Conns,
@@ -230,9 +208,9 @@ async fn accept(
         match accepted {
             Ok((tcp, peer)) => {
                 edge.metrics.connected(listener);
-                let (edge, server) = (edge.clone(), server.clone());
+                let edge = edge.clone();
                 conns.spawn(None, move |watcher| {
-                    serve_conn(edge, server, (tcp, peer), listener, None, worker, watcher)
+                    serve_conn(edge, (tcp, peer), listener, None, worker, watcher)
                 });
             }
             Err(e) => conns::accept_failed(listener.as_str(), &e).await,
@@ -257,7 +235,6 @@ const FOLLOW_PORTS: Duration = Duration::from_millis(100);
 /// Hands a connection accepted on an app's address to the next worker.
 fn hand_off(
     edge: &Arc<Edge>,
-    server: &H2Server,
     (workers, conns): (&mut workers::Workers, &mut Conns),
     tcp: TcpStream,
     peer: SocketAddr,
@@ -278,22 +255,13 @@ fn hand_off(
         }
     };
     edge.metrics.connected(listener);
-    let (edge, server) = (edge.clone(), server.clone());
+    let edge = edge.clone();
     let (worker, runtime) = workers.next();
     conns.spawn(Some(runtime), move |watcher| async move {
         let Ok(tcp) = TcpStream::from_std(tcp) else {
             return;
         };
-        serve_conn(
-            edge,
-            server,
-            (tcp, peer),
-            listener,
-            Some(spec),
-            worker,
-            watcher,
-        )
-        .await;
+        serve_conn(edge, (tcp, peer), listener, Some(spec), worker, watcher).await;
     });
 }
 
@@ -303,7 +271,6 @@ fn hand_off(
 /// ([`relay`]).
 async fn serve_conn(
     edge: Arc<Edge>,
-    server: H2Server,
     (tcp, peer): (TcpStream, SocketAddr),
     listener: Listener,
     spec: Option<Spec>,
@@ -324,12 +291,12 @@ async fn serve_conn(
             // Raw bytes are not HTTP: a shutdown cuts them once the HTTP
             // connections have drained.
             drop(watcher);
-            return relay(&edge, tcp, peer, local, &spec).await;
+            // Boxed, as every path but plain HTTP/1.1 (see [`connection`]).
+            return Box::pin(relay(&edge, tcp, peer, local, &spec)).await;
         }
     };
     let conn = Conn {
         listener,
-        peer,
         client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         local_port: HeaderValue::from(local.port()),
@@ -338,7 +305,13 @@ async fn serve_conn(
         want,
         counted: Arc::default(),
     };
-    connection(edge, server, tcp, conn, watcher).await;
+    // Boxed: a request's future is several KiB, and an idle connection
+    // should not carry room for one.
+    let service = {
+        let edge = edge.clone();
+        move |req: Request<ClientBody>| Box::pin(path::handle(edge.clone(), conn.clone(), req))
+    };
+    connection(edge, tcp, (listener, peer), service, watcher).await;
 }
 
 /// A connection to an app's port without `http`: counted against the app,
@@ -365,42 +338,34 @@ async fn relay(edge: &Edge, tcp: TcpStream, peer: SocketAddr, local: SocketAddr,
 /// Serves one client connection: TLS first on the HTTPS listener, then
 /// HTTP/1.1 ([`server`]) or h2 (prior knowledge, or by ALPN; hyper's) until the
 /// client or a shutdown closes it.
-async fn connection(
+async fn connection<S, F>(
     edge: Arc<Edge>,
-    server: H2Server,
     tcp: TcpStream,
-    conn: Conn,
+    (listener, peer): (Listener, SocketAddr),
+    service: S,
     watcher: Watcher,
-) {
+) where
+    S: Fn(Request<ClientBody>) -> F + Send + Clone + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
     // Small request and response heads should not wait on Nagle.
     let _ = tcp.set_nodelay(true);
-    let (listener, peer) = (conn.listener, conn.peer);
-    let service = {
-        let edge = edge.clone();
-        // Boxed: a request's future is several KiB, and an idle connection
-        // should not carry room for one.
-        move |req: Request<ClientBody>| Box::pin(path::handle(edge.clone(), conn.clone(), req))
-    };
     let ended = match listener {
         Listener::Http => {
             let h1 =
                 |req: Request<crate::h1::body::RequestBody>| service(req.map(ClientBody::Left));
             server::serve(tcp, &edge.h1, true, watcher.clone(), h1).await
         }
-        Listener::Https => {
-            let Some(tls) = handshake(&edge, tcp, peer).await else {
-                return;
-            };
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                return h2(&edge, &server, tls, service, watcher, peer).await;
-            }
-            let h1 =
-                |req: Request<crate::h1::body::RequestBody>| service(req.map(ClientBody::Left));
-            server::serve(tls, &edge.h1, false, watcher.clone(), h1).await
-        }
+        // Boxed, like every path but plain HTTP/1.1: the state of what is
+        // awaited is part of every connection's future, and a TLS session
+        // alone is larger than a waiting plain connection's whole future.
+        Listener::Https => match Box::pin(over_tls(&edge, tcp, &service, &watcher, peer)).await {
+            Some(ended) => ended,
+            None => return,
+        },
     };
     match ended {
-        Ended::H2(io) => h2(&edge, &server, io, service, watcher, peer).await,
+        Ended::H2(io) => Box::pin(h2(&edge, io, service, watcher, peer)).await,
         Ended::TimedOut(how) => header_timeout(&edge, how, peer, listener),
         Ended::Refused(e) => {
             edge.metrics.connection_error("bad_request");
@@ -414,16 +379,32 @@ async fn connection(
     }
 }
 
+/// A connection on the HTTPS listener: the handshake, then h2 by ALPN
+/// (served here: `None`) or HTTP/1.1, which ends as the caller reads.
+async fn over_tls<S, F>(
+    edge: &Edge,
+    tcp: TcpStream,
+    service: &S,
+    watcher: &Watcher,
+    peer: SocketAddr,
+) -> Option<Ended>
+where
+    S: Fn(Request<ClientBody>) -> F + Send + Clone + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let tls = handshake(edge, tcp, peer).await?;
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        h2(edge, tls, service.clone(), watcher.clone(), peer).await;
+        return None;
+    }
+    let h1 = |req: Request<crate::h1::body::RequestBody>| service(req.map(ClientBody::Left));
+    Some(server::serve(tls, &edge.h1, false, watcher.clone(), h1).await)
+}
+
 /// Serves h2 on a connection until the client closes it, or a shutdown
 /// has let its open streams finish.
-async fn h2<IO, S, F>(
-    edge: &Edge,
-    server: &H2Server,
-    io: IO,
-    service: S,
-    watcher: Watcher,
-    peer: SocketAddr,
-) where
+async fn h2<IO, S, F>(edge: &Edge, io: IO, service: S, watcher: Watcher, peer: SocketAddr)
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Fn(Request<ClientBody>) -> F + Send + Clone + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -432,7 +413,7 @@ async fn h2<IO, S, F>(
         let response = service(req.map(ClientBody::Right));
         async move { Ok::<_, Infallible>(response.await) }
     });
-    let served = server.serve_connection(TokioIo::new(io), service);
+    let served = edge.h2.serve_connection(TokioIo::new(io), service);
     let result = conns::serve_until_drained(served, watcher).await;
     if let Err(e) = result {
         if e.is_parse() {

@@ -140,65 +140,18 @@ where
             Read::Failed(e) => return Ended::Failed(e),
         };
         first = false;
-        let Exchange {
-            request,
-            pump,
-            upgrade,
-            mut keep_alive,
-            head_request,
-            client,
-        } = Exchange::new(head, &mut buf, settings.body_timeout);
-        let mut pumped = pump.is_none().then_some(Pumped::Complete);
-        let response = {
-            let mut pump = pump;
-            let pumping = async {
-                match pump.as_mut() {
-                    Some(pump) => pump.run(&io, &mut buf).await,
-                    None => Pumped::Complete,
-                }
-            };
-            let mut pumping = pin!(pumping);
-            let mut responding = pin!(service(request));
-            // The request path works while the body comes in...
-            let response = loop {
-                tokio::select! {
-                    biased;
-                    response = &mut responding => break response,
-                    p = &mut pumping, if pumped.is_none() => pumped = Some(p),
-                }
-            };
-            keep_alive &= !*shutdown.borrow();
-            let (parts, body) = response.into_parts();
-            let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-            keep_alive &= !switching;
-            out.clear();
-            let delimit = head::encode(
-                &mut out,
-                parts.status,
-                &parts.headers,
-                body.size_hint().exact(),
-                head_request,
-                client,
-                &mut keep_alive,
-            );
-            // ...and the response goes out while the rest of it does.
-            let mut writing = pin!(write_response(&io, &mut out, body, delimit));
-            let written = loop {
-                tokio::select! {
-                    biased;
-                    written = &mut writing => break written,
-                    p = &mut pumping, if pumped.is_none() => pumped = Some(p),
-                }
-            };
-            // The rest of a body nobody reads is read past, briefly, so
-            // the connection can serve the next request.
-            if written.is_ok() && keep_alive && pumped.is_none() {
-                pumped = tokio::time::timeout(settings.header_timeout, pumping)
-                    .await
-                    .ok();
-            }
-            (written, switching)
-        };
+        let (request, exchange, upgrade) = Exchange::new(head, &mut buf, settings.body_timeout);
+        let responding = service(request);
+        // Boxed, once per request: what a request needs while it runs is
+        // most of a connection's state, and an idle connection should not
+        // carry room for it.
+        let Exchanged {
+            written,
+            switching,
+            keep_alive,
+            pumped,
+        } = Box::pin(exchange.run(&io, &mut buf, &mut out, settings, &shutdown, responding)).await;
+        let response = (written, switching);
         match response {
             (Err(e), _) => return Ended::Failed(e),
             (Ok(()), true) => {
@@ -226,17 +179,29 @@ where
 
 /// One request, made from its head, and what its connection keeps about it.
 struct Exchange {
-    request: Request<RequestBody>,
     pump: Option<body::Pump>,
-    /// Where the connection goes if the response switches protocols.
-    upgrade: Option<tokio::sync::oneshot::Sender<Upgraded>>,
     keep_alive: bool,
     head_request: bool,
     client: http::Version,
 }
 
+/// Where the connection goes if the response switches protocols.
+type Upgrade = Option<tokio::sync::oneshot::Sender<Upgraded>>;
+
+/// How an exchange went, for what its connection does next.
+struct Exchanged {
+    written: Result<(), String>,
+    switching: bool,
+    keep_alive: bool,
+    pumped: Option<Pumped>,
+}
+
 impl Exchange {
-    fn new(head: Head, buf: &mut BytesMut, body_timeout: Duration) -> Self {
+    fn new(
+        head: Head,
+        buf: &mut BytesMut,
+        body_timeout: Duration,
+    ) -> (Request<RequestBody>, Self, Upgrade) {
         let (body, pump) = match head.body {
             None => (RequestBody::full(None), None),
             // Most bodies arrive with their head: no pump.
@@ -264,13 +229,89 @@ impl Exchange {
             request.extensions_mut().insert(handover);
             give
         });
-        Self {
-            request,
+        let exchange = Self {
             pump,
-            upgrade,
             keep_alive,
             head_request,
             client: head.version,
+        };
+        (request, exchange, upgrade)
+    }
+
+    /// Runs the exchange: the request path (`responding`) works while the
+    /// request body comes in, and the response goes out while the rest of
+    /// it does.
+    async fn run<IO: ClientIo, F>(
+        self,
+        io: &Mutex<IO>,
+        buf: &mut BytesMut,
+        out: &mut Vec<u8>,
+        settings: &Settings,
+        shutdown: &watch::Receiver<bool>,
+        responding: F,
+    ) -> Exchanged
+    where
+        F: Future<Output = Response<ProxyBody>>,
+    {
+        let Self {
+            pump,
+            mut keep_alive,
+            head_request,
+            client,
+        } = self;
+        let mut pumped = pump.is_none().then_some(Pumped::Complete);
+        let mut pump = pump;
+        let pumping = async {
+            match pump.as_mut() {
+                Some(pump) => pump.run(io, buf).await,
+                None => Pumped::Complete,
+            }
+        };
+        let mut pumping = pin!(pumping);
+        let mut responding = pin!(responding);
+        // The request path works while the body comes in...
+        let response = loop {
+            tokio::select! {
+                biased;
+                response = &mut responding => break response,
+                p = &mut pumping, if pumped.is_none() => pumped = Some(p),
+            }
+        };
+        keep_alive &= !*shutdown.borrow();
+        let (parts, body) = response.into_parts();
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        keep_alive &= !switching;
+        out.clear();
+        let delimit = head::encode(
+            out,
+            parts.status,
+            &parts.headers,
+            body.size_hint().exact(),
+            head_request,
+            client,
+            &mut keep_alive,
+        );
+        // ...and the response goes out while the rest of it does.
+        let mut writing = pin!(write_response(io, out, body, delimit));
+        let written = loop {
+            tokio::select! {
+                biased;
+                written = &mut writing => break written,
+                p = &mut pumping, if pumped.is_none() => pumped = Some(p),
+            }
+        };
+        // The rest of a body nobody reads is read past, briefly, so the
+        // connection can serve the next request.
+        if written.is_ok() && keep_alive && pumped.is_none() {
+            pumped = tokio::time::timeout(settings.header_timeout, pumping)
+                .await
+                .ok();
+        }
+        Exchanged {
+            written,
+            switching,
+            keep_alive,
+            pumped,
         }
     }
 }
