@@ -151,8 +151,7 @@ where
             keep_alive,
             pumped,
         } = Box::pin(exchange.run(&io, &mut buf, &mut out, settings, &shutdown, responding)).await;
-        let response = (written, switching);
-        match response {
+        match (written, switching) {
             (Err(e), _) => return Ended::Failed(e),
             (Ok(()), true) => {
                 return match upgrade {
