@@ -152,6 +152,17 @@ curl -sf -H "$auth" -X POST "http://$flaps/v1/apps" -d '{"app_name":"bench"}' >/
 services='"services":[{"internal_port":8080,
     "concurrency":{"type":"requests","soft_limit":10000,"hard_limit":10000},
     "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]'
+# What every nginx here is told: its pid and error log, and temp paths of
+# its own, all under DIR (`nginx_files DIR` at the top, `nginx_temp DIR`
+# in `http`).
+nginx_files() {
+  echo "pid $1/nginx.pid;"
+  echo "error_log $1/error.log warn;"
+}
+nginx_temp() {
+  for t in client_body proxy fastcgi uwsgi scgi; do echo "  ${t}_temp_path $1/${t#client_};"; done
+}
+
 if $pin; then
   # The static upstream: nginx as the machine's command, listening on the
   # machine's private address (known to the machine alone, hence the sed).
@@ -159,16 +170,11 @@ if $pin; then
   cat >"$tmp/static/nginx.conf.in" <<EOF
 worker_processes 1;
 daemon off;
-pid $tmp/static/nginx.pid;
-error_log $tmp/static/error.log warn;
+$(nginx_files "$tmp/static")
 events { worker_connections 8192; }
 http {
   access_log off;
-  client_body_temp_path $tmp/static/body;
-  proxy_temp_path $tmp/static/proxy;
-  fastcgi_temp_path $tmp/static/fastcgi;
-  uwsgi_temp_path $tmp/static/uwsgi;
-  scgi_temp_path $tmp/static/scgi;
+$(nginx_temp "$tmp/static")
   keepalive_requests 1000000;
   server {
     listen @IP@:8080;
@@ -196,16 +202,11 @@ cat >"$tmp/nginx/nginx.conf" <<EOF
 worker_processes $workers;
 $($instructions && echo "master_process off;  # callgrind cannot reach forked workers" || true)
 daemon off;
-pid $tmp/nginx/nginx.pid;
-error_log $tmp/nginx/error.log warn;
+$(nginx_files "$tmp/nginx")
 events { worker_connections $fds; }
 http {
   access_log off;
-  client_body_temp_path $tmp/nginx/body;
-  proxy_temp_path $tmp/nginx/proxy;
-  fastcgi_temp_path $tmp/nginx/fastcgi;
-  uwsgi_temp_path $tmp/nginx/uwsgi;
-  scgi_temp_path $tmp/nginx/scgi;
+$(nginx_temp "$tmp/nginx")
   upstream machine { server $upstream; keepalive 128; }
   map \$https \$forwarded_ssl { on on; default off; }
   server {
@@ -447,7 +448,7 @@ print("reuse hangar", 100 * n.get("reused", 0) / total if total else 0)' >>"$res
 # Memory per idle connection: the proxy processes only (nginx's workers,
 # HAProxy's one process, Hangar's whole process).
 pids_of() { case $1 in hangar) echo "$hangar_pid" ;;
-  nginx) pgrep -f "nginx: worker process" | tr '\n' ' ' ;;
+  nginx) pgrep -P "$nginx_pid" | tr '\n' ' ' ;;
   haproxy) echo "$haproxy_pid" ;; esac; }
 for path in hangar nginx haproxy; do
   # shellcheck disable=SC2046
