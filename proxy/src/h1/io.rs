@@ -28,7 +28,11 @@ impl ClientIo for TcpStream {
     }
 }
 
-impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+/// A client's TLS session, boxed: over a KiB, and moved from the
+/// handshake to what serves it.
+pub(crate) type Tls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
+
+impl ClientIo for Tls {
     /// Ready at once while rustls holds decrypted bytes (or wants to
     /// write), else once the socket has bytes: an idle TLS connection too
     /// waits without a buffer of ours.

@@ -30,6 +30,7 @@ use crate::edge::Edge;
 use crate::error::ProxyError;
 use crate::forwarding::body::{ClientBody, ProxyBody};
 use crate::forwarding::{tcp, upstream};
+use crate::h1::io::Tls;
 use crate::metrics::{Handshake, Observed};
 use crate::path::{self, Conn};
 use crate::routing::balance::Want;
@@ -269,49 +270,57 @@ fn hand_off(
 /// an app's port with `http`, it serves HTTP (over TLS on HTTPS or with
 /// `tls`); on an app's port without `http` its bytes go to a machine
 /// ([`relay`]).
-async fn serve_conn(
+///
+/// This and [`connection`] return an `async move` block rather than being
+/// `async fn`s: an `async fn` copies its arguments into its future's locals
+/// and keeps room for both, and these futures are what every idle
+/// connection holds.
+#[allow(clippy::manual_async_fn)] // smaller, as said above
+fn serve_conn(
     edge: Arc<Edge>,
     (tcp, peer): (TcpStream, SocketAddr),
     listener: Listener,
     spec: Option<Spec>,
     worker: usize,
     watcher: Watcher,
-) {
-    let Ok(local) = tcp.local_addr() else { return };
-    // One client's share: past it, its new connections are closed at once.
-    let Some(_client) = edge.client_conns.enter(peer.ip().to_canonical()) else {
-        edge.metrics.connection_error("too_many_from_client");
-        tracing::debug!(%peer, limit = edge.client_conns.limit(), "too many connections from the client; closing");
-        return;
-    };
-    let (app, want) = match spec {
-        None => (None, Want::http(listener)),
-        Some(spec) if spec.has("http") => (Some(spec.app), Want::Port(local.port())),
-        Some(spec) => {
-            // Raw bytes are not HTTP: a shutdown cuts them once the HTTP
-            // connections have drained.
-            drop(watcher);
-            // Boxed, as every path but plain HTTP/1.1 (see [`connection`]).
-            return Box::pin(relay(&edge, tcp, peer, local, &spec)).await;
-        }
-    };
-    let conn = Conn {
-        listener,
-        client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-        local_port: HeaderValue::from(local.port()),
-        worker,
-        app,
-        want,
-        counted: Arc::default(),
-    };
-    // Boxed: a request's future is several KiB, and an idle connection
-    // should not carry room for one.
-    let service = {
-        let edge = edge.clone();
-        move |req: Request<ClientBody>| Box::pin(path::handle(edge.clone(), conn.clone(), req))
-    };
-    connection(edge, tcp, (listener, peer), service, watcher).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let Ok(local) = tcp.local_addr() else { return };
+        // One client's share: past it, its new connections are closed at once.
+        let Some(_client) = edge.client_conns.enter(peer.ip().to_canonical()) else {
+            edge.metrics.connection_error("too_many_from_client");
+            tracing::debug!(%peer, limit = edge.client_conns.limit(), "too many connections from the client; closing");
+            return;
+        };
+        let (app, want) = match spec {
+            None => (None, Want::http(listener)),
+            Some(spec) if spec.has("http") => (Some(spec.app), Want::Port(local.port())),
+            Some(spec) => {
+                // Raw bytes are not HTTP: a shutdown cuts them once the HTTP
+                // connections have drained.
+                drop(watcher);
+                // Boxed, as every path but plain HTTP/1.1 (see [`connection`]).
+                return Box::pin(relay(&edge, tcp, peer, local, &spec)).await;
+            }
+        };
+        let conn = Conn {
+            listener,
+            client_ip: HeaderValue::try_from(peer.ip().to_canonical().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            local_port: HeaderValue::from(local.port()),
+            worker,
+            app,
+            want,
+            counted: Arc::default(),
+        };
+        // Boxed: a request's future is several KiB, and an idle connection
+        // should not carry room for one.
+        let service = {
+            let edge = edge.clone();
+            move |req: Request<ClientBody>| Box::pin(path::handle(edge.clone(), conn.clone(), req))
+        };
+        connection(edge, tcp, (listener, peer), service, watcher).await;
+    }
 }
 
 /// A connection to an app's port without `http`: counted against the app,
@@ -338,49 +347,58 @@ async fn relay(edge: &Edge, tcp: TcpStream, peer: SocketAddr, local: SocketAddr,
 /// Serves one client connection: TLS first on the HTTPS listener, then
 /// HTTP/1.1 ([`server`]) or h2 (prior knowledge, or by ALPN; hyper's) until the
 /// client or a shutdown closes it.
-async fn connection<S, F>(
+#[allow(clippy::manual_async_fn)] // as serve_conn
+fn connection<S, F>(
     edge: Arc<Edge>,
     tcp: TcpStream,
     (listener, peer): (Listener, SocketAddr),
     service: S,
     watcher: Watcher,
-) where
+) -> impl Future<Output = ()>
+where
     S: Fn(Request<ClientBody>) -> F + Send + Clone + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    // Small request and response heads should not wait on Nagle.
-    let _ = tcp.set_nodelay(true);
-    let ended = match listener {
-        Listener::Http => {
-            let h1 =
-                |req: Request<crate::h1::body::RequestBody>| service(req.map(ClientBody::Left));
-            server::serve(tcp, &edge.h1, true, watcher.clone(), h1).await
+    async move {
+        // Small request and response heads should not wait on Nagle.
+        let _ = tcp.set_nodelay(true);
+        let ended = match listener {
+            Listener::Http => {
+                let h1 =
+                    |req: Request<crate::h1::body::RequestBody>| service(req.map(ClientBody::Left));
+                server::serve(tcp, &edge.h1, true, watcher.clone(), h1).await
+            }
+            // Boxed, like every path but plain HTTP/1.1: the state of what is
+            // awaited is part of every connection's future, and a TLS session
+            // alone is larger than a waiting plain connection's whole future.
+            Listener::Https => match Box::pin(over_tls(&edge, tcp, &service, &watcher, peer)).await
+            {
+                Some(ended) => ended,
+                None => return,
+            },
+        };
+        match ended {
+            Ended::H2(io) => Box::pin(h2(&edge, io, service, watcher, peer)).await,
+            Ended::TimedOut(how) => header_timeout(&edge, how, peer, listener),
+            Ended::Refused(e) => {
+                edge.metrics.connection_error("bad_request");
+                tracing::debug!(%peer, listener = listener.as_str(), reason = e.reason(), "request head refused");
+            }
+            // Clients resetting connections is ordinary, hence debug.
+            Ended::Failed(e) => {
+                tracing::debug!(%peer, listener = listener.as_str(), error = %e, "connection ended with an error");
+            }
+            Ended::Closed | Ended::Upgraded => {}
         }
-        // Boxed, like every path but plain HTTP/1.1: the state of what is
-        // awaited is part of every connection's future, and a TLS session
-        // alone is larger than a waiting plain connection's whole future.
-        Listener::Https => match Box::pin(over_tls(&edge, tcp, &service, &watcher, peer)).await {
-            Some(ended) => ended,
-            None => return,
-        },
-    };
-    match ended {
-        Ended::H2(io) => Box::pin(h2(&edge, io, service, watcher, peer)).await,
-        Ended::TimedOut(how) => header_timeout(&edge, how, peer, listener),
-        Ended::Refused(e) => {
-            edge.metrics.connection_error("bad_request");
-            tracing::debug!(%peer, listener = listener.as_str(), reason = e.reason(), "request head refused");
-        }
-        // Clients resetting connections is ordinary, hence debug.
-        Ended::Failed(e) => {
-            tracing::debug!(%peer, listener = listener.as_str(), error = %e, "connection ended with an error");
-        }
-        Ended::Closed | Ended::Upgraded => {}
     }
 }
 
 /// A connection on the HTTPS listener: the handshake, then h2 by ALPN
 /// (served here: `None`) or HTTP/1.1, which ends as the caller reads.
+///
+/// The handshake and h2 are boxed, and the session is ([`handshake`]):
+/// what this future holds while a connection waits for its next request is
+/// the HTTP/1.1 server's state.
 async fn over_tls<S, F>(
     edge: &Edge,
     tcp: TcpStream,
@@ -392,9 +410,9 @@ where
     S: Fn(Request<ClientBody>) -> F + Send + Clone + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let tls = handshake(edge, tcp, peer).await?;
+    let tls = Box::pin(handshake(edge, tcp, peer)).await?;
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-        h2(edge, tls, service.clone(), watcher.clone(), peer).await;
+        Box::pin(h2(edge, tls, service.clone(), watcher.clone(), peer)).await;
         return None;
     }
     let h1 = |req: Request<crate::h1::body::RequestBody>| service(req.map(ClientBody::Left));
@@ -441,17 +459,14 @@ fn header_timeout(edge: &Edge, how: TimedOut, peer: SocketAddr, listener: Listen
 }
 
 /// The TLS handshake, bounded so a silent client cannot hold a task (or the
-/// shutdown drain) forever.
-async fn handshake(
-    edge: &Edge,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+/// shutdown drain) forever. The session comes boxed: over a KiB, it would
+/// otherwise be room in every future that moves it on.
+async fn handshake(edge: &Edge, tcp: TcpStream, peer: SocketAddr) -> Option<Tls> {
     let started = Instant::now();
     match tokio::time::timeout(edge.handshake_timeout, edge.tls.accept(tcp)).await {
         Ok(Ok(stream)) => {
             edge.metrics.handshake(Handshake::Ok(started.elapsed()));
-            Some(stream)
+            Some(Box::new(stream))
         }
         Ok(Err(e)) => {
             edge.metrics.handshake(Handshake::Error);

@@ -47,6 +47,10 @@ use tokio::sync::watch;
 /// Body frames up to this size are copied next to the head (or the chunk
 /// framing) to go out in one write; larger ones are written in place.
 const COPY_MAX: usize = 4096;
+
+/// Room for a response head as it is made: most fit, so the head is
+/// written without growing its buffer.
+const HEAD_ROOM: usize = 512;
 /// The connection preface of h2 with prior knowledge (RFC 9113 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -80,39 +84,83 @@ pub(crate) enum TimedOut {
 /// Serves HTTP/1.1 on `io` until either side closes it. `h2c`: a client
 /// may start with h2's preface instead (plain listeners). `shutdown`
 /// turning true closes the connection once it is idle.
-pub(crate) async fn serve<IO, S, F>(
+///
+/// An `async move` block rather than an `async fn`, which would keep room
+/// for its arguments twice in the future every idle connection holds (for
+/// the connection itself, a TLS session is over a KiB).
+pub(crate) fn serve<IO, S, F>(
     io: IO,
     settings: &Settings,
     h2c: bool,
     shutdown: watch::Receiver<bool>,
     mut service: S,
-) -> Ended
+) -> impl Future<Output = Ended>
 where
     IO: ClientIo,
     S: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<ProxyBody>>,
 {
     let io = Mutex::new(io);
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    let mut first = true;
-    // Made once: waiting for a head is the commonest thing a connection
-    // does, and a new timer and a new watch registration each time cost.
-    let mut waiting = Waiting {
-        timer: Box::pin(tokio::time::sleep(settings.header_timeout)),
-        stopping: Box::pin({
-            let mut shutdown = shutdown.clone();
-            async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
+    async move {
+        let mut buf = BytesMut::new();
+        let mut first = true;
+        // Made once: waiting for a head is the commonest thing a connection
+        // does, and a new timer and a new watch registration each time cost.
+        let mut waiting = Waiting {
+            timer: Box::pin(tokio::time::sleep(settings.header_timeout)),
+            stopping: Box::pin({
+                let mut shutdown = shutdown.clone();
+                async move {
+                    let _ = shutdown.wait_for(|stop| *stop).await;
+                }
+            }),
+        };
+        // What ends the loop is a small `Stop`, not the head's room: the
+        // value a match looks at stays in the future while its arms wait.
+        let stop = loop {
+            let head = match read_head(&io, &mut buf, settings, &mut waiting, first && h2c).await {
+                Ok(head) => head,
+                Err(stop) => break stop,
+            };
+            first = false;
+            let (request, exchange, upgrade) = Exchange::new(head, &mut buf, settings.body_timeout);
+            let responding = service(request);
+            // Boxed, once per request: what a request needs while it runs is
+            // most of a connection's state, and an idle connection should not
+            // carry room for it.
+            let Exchanged {
+                written,
+                switching,
+                keep_alive,
+                pumped,
+            } = Box::pin(exchange.run(&io, &mut buf, settings, &shutdown, responding)).await;
+            match (written, switching) {
+                (Err(e), _) => return Ended::Failed(e),
+                (Ok(()), true) => {
+                    return match upgrade {
+                        Some(give) => {
+                            let io = Upgraded::new(Box::new(io.into_inner()), buf.split().freeze());
+                            let _ = give.send(io);
+                            Ended::Upgraded
+                        }
+                        None => close(io, None).await,
+                    };
+                }
+                (Ok(()), false) => {}
             }
-        }),
-    };
-    loop {
-        let head = match read_head(&io, &mut buf, settings, &mut waiting, first && h2c).await {
-            Read::Head(head) => head,
-            Read::Closed => return close(io, None).await,
-            Read::H2 => return Ended::H2(Upgraded::new(Box::new(io.into_inner()), buf.freeze())),
-            Read::TimedOut(how) => {
+            // A request body not read to its end leaves the connection
+            // somewhere in the middle of it: not reusable.
+            if !keep_alive || pumped != Some(Pumped::Complete) {
+                // Unless it sent all it meant to, the client may still be
+                // sending: a body not read to its end, pipelined requests.
+                let more = pumped != Some(Pumped::Complete) || !buf.is_empty();
+                return close(io, more.then_some(waiting)).await;
+            }
+        };
+        match stop {
+            Stop::Closed => close(io, None).await,
+            Stop::H2 => Ended::H2(Upgraded::new(Box::new(io.into_inner()), buf.freeze())),
+            Stop::TimedOut(how) => {
                 if how == TimedOut::Answered {
                     let answer = head::local(
                         StatusCode::REQUEST_TIMEOUT,
@@ -122,9 +170,9 @@ where
                     let _ = Shared(&io).write_all(&answer).await;
                 }
                 close(io, None).await;
-                return Ended::TimedOut(how);
+                Ended::TimedOut(how)
             }
-            Read::Refused(e) => {
+            Stop::Refused(e) => {
                 let code = match e {
                     HeadError::Malformed(_) => "PE06",
                     HeadError::TooLarge => "PE07",
@@ -135,43 +183,9 @@ where
                 // The client may still be sending the rest of the head, or
                 // a body.
                 close(io, Some(waiting)).await;
-                return Ended::Refused(e);
+                Ended::Refused(e)
             }
-            Read::Failed(e) => return Ended::Failed(e),
-        };
-        first = false;
-        let (request, exchange, upgrade) = Exchange::new(head, &mut buf, settings.body_timeout);
-        let responding = service(request);
-        // Boxed, once per request: what a request needs while it runs is
-        // most of a connection's state, and an idle connection should not
-        // carry room for it.
-        let Exchanged {
-            written,
-            switching,
-            keep_alive,
-            pumped,
-        } = Box::pin(exchange.run(&io, &mut buf, &mut out, settings, &shutdown, responding)).await;
-        match (written, switching) {
-            (Err(e), _) => return Ended::Failed(e),
-            (Ok(()), true) => {
-                return match upgrade {
-                    Some(give) => {
-                        let io = Upgraded::new(Box::new(io.into_inner()), buf.split().freeze());
-                        let _ = give.send(io);
-                        Ended::Upgraded
-                    }
-                    None => close(io, None).await,
-                };
-            }
-            (Ok(()), false) => {}
-        }
-        // A request body not read to its end leaves the connection
-        // somewhere in the middle of it: not reusable.
-        if !keep_alive || pumped != Some(Pumped::Complete) {
-            // Unless it sent all it meant to, the client may still be
-            // sending: a body not read to its end, pipelined requests.
-            let more = pumped != Some(Pumped::Complete) || !buf.is_empty();
-            return close(io, more.then_some(waiting)).await;
+            Stop::Failed(e) => Ended::Failed(e),
         }
     }
 }
@@ -244,7 +258,6 @@ impl Exchange {
         self,
         io: &Mutex<IO>,
         buf: &mut BytesMut,
-        out: &mut Vec<u8>,
         settings: &Settings,
         shutdown: &watch::Receiver<bool>,
         responding: F,
@@ -280,9 +293,11 @@ impl Exchange {
         let (parts, body) = response.into_parts();
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         keep_alive &= !switching;
-        out.clear();
+        // Made per response, not kept by the connection: an idle
+        // connection holds no buffer.
+        let mut out = Vec::with_capacity(HEAD_ROOM);
         let delimit = head::encode(
-            out,
+            &mut out,
             parts.status,
             &parts.headers,
             body.size_hint().exact(),
@@ -291,7 +306,7 @@ impl Exchange {
             &mut keep_alive,
         );
         // ...and the response goes out while the rest of it does.
-        let mut writing = pin!(write_response(io, out, body, delimit));
+        let mut writing = pin!(write_response(io, &mut out, body, delimit));
         let written = loop {
             tokio::select! {
                 biased;
@@ -322,11 +337,8 @@ struct Waiting {
     stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
-/// What waiting for a request head came to. Returned once per request and
-/// moved at once: boxing the head would cost an allocation each time.
-#[allow(clippy::large_enum_variant)]
-enum Read {
-    Head(Head),
+/// Why waiting for a request head came to no head.
+enum Stop {
     Closed,
     H2,
     TimedOut(TimedOut),
@@ -342,7 +354,7 @@ async fn read_head<IO: ClientIo>(
     settings: &Settings,
     waiting: &mut Waiting,
     h2c: bool,
-) -> Read {
+) -> Result<Head, Stop> {
     let Waiting { timer, stopping } = waiting;
     // The timer is moved to this head's deadline only when it goes off
     // before it (it was set for an earlier head): moving a timer in the
@@ -353,44 +365,52 @@ async fn read_head<IO: ClientIo>(
         if started {
             if h2c && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
                 if buf.len() >= H2_PREFACE.len() {
-                    return Read::H2;
+                    return Err(Stop::H2);
                 }
             } else {
                 match head::parse(buf, settings.max_head) {
-                    Ok(Some(head)) => return Read::Head(head),
+                    Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}
-                    Err(e) => return Read::Refused(e),
+                    Err(e) => return Err(Stop::Refused(e)),
                 }
             }
         } else {
             // The connection lets go of its buffer while it waits.
             spare::give(std::mem::take(buf));
         }
-        let read = async {
+        let read = poll_fn(|cx| {
             if buf.capacity() == 0 {
-                poll_fn(|cx| io.lock().poll_readable(cx)).await?;
+                std::task::ready!(io.lock().poll_readable(cx))?;
                 *buf = spare::take();
             }
             buf.reserve(spare::CHUNK);
-            Shared(io).read_buf(buf).await
-        };
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut Shared(io)), cx, buf);
+            // Readable was a stale mark (a TLS read stops once it has a
+            // record, before the socket says it is drained): the buffer
+            // goes back until bytes come, or every idle TLS connection
+            // would keep one.
+            if read.is_pending() && buf.is_empty() {
+                spare::give(std::mem::take(buf));
+            }
+            read
+        });
         tokio::select! {
             biased;
             // Shutting down: an idle connection closes (and, once begun,
             // `stopping` is not polled again: the connection ends here).
-            () = stopping.as_mut(), if !started => return Read::Closed,
+            () = stopping.as_mut(), if !started => return Err(Stop::Closed),
             read = read => match read {
-                Ok(0) if started => return Read::Failed("the client closed mid-head".into()),
-                Ok(0) => return Read::Closed,
+                Ok(0) if started => return Err(Stop::Failed("the client closed mid-head".into())),
+                Ok(0) => return Err(Stop::Closed),
                 Ok(_) => {}
-                Err(e) => return Read::Failed(e.to_string()),
+                Err(e) => return Err(Stop::Failed(e.to_string())),
             },
             () = timer.as_mut() => {
                 if tokio::time::Instant::now() < deadline {
                     timer.as_mut().reset(deadline);
                     continue;
                 }
-                return Read::TimedOut(if started { TimedOut::Answered } else { TimedOut::Idle });
+                return Err(Stop::TimedOut(if started { TimedOut::Answered } else { TimedOut::Idle }));
             }
         }
     }
@@ -514,15 +534,22 @@ const LINGER_READ: Duration = Duration::from_secs(5);
 /// unless a shutdown comes, as nginx's lingering close does. Closing on
 /// unread bytes resets the connection, and a client still writing a body
 /// fails on the reset instead of reading the answer it was sent.
-async fn close<IO: ClientIo>(io: Mutex<IO>, linger: Option<Waiting>) -> Ended {
-    let mut io = io.into_inner();
-    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-    if let Some(Waiting { stopping, .. }) = linger {
-        // In a task of its own: for the proxy (its counts, its logs) the
-        // connection has ended; this only drains it.
-        tokio::spawn(drain(io, stopping));
-    }
-    Ended::Closed
+///
+/// Boxed: its timer would otherwise be room in every connection's future.
+fn close<IO: ClientIo>(
+    io: Mutex<IO>,
+    linger: Option<Waiting>,
+) -> Pin<Box<impl Future<Output = Ended>>> {
+    Box::pin(async move {
+        let mut io = io.into_inner();
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        if let Some(Waiting { stopping, .. }) = linger {
+            // In a task of its own: for the proxy (its counts, its logs) the
+            // connection has ended; this only drains it.
+            tokio::spawn(drain(io, stopping));
+        }
+        Ended::Closed
+    })
 }
 
 /// Reads and drops what a closed connection's client still sends; see
