@@ -9,8 +9,11 @@ served a request, and leaves them idle; then the same over TLS to TLS_ADDR,
 keeping the plain ones open (so memory the plain ones freed cannot be
 counted again). Prints two numbers: the growth of the summed resident memory
 (VmRSS) of the PIDs divided by COUNT, in bytes, for each set. Everything
-closes when the script exits.
+closes when the script exits. Fails if the proxy closed any connection
+before the end (an idle timeout shorter than the measure): memory of
+connections it let go would not be counted.
 """
+import select
 import socket
 import ssl
 import sys
@@ -61,6 +64,14 @@ def open_idle(addr, count, tls, ctx, keep):
         keep.append(s)
 
 
+def closed_by_peer(socks):
+    """How many of the sockets the other side has closed (FIN or reset)."""
+    poller = select.poll()
+    for s in socks:
+        poller.register(s.fileno(), select.POLLRDHUP)
+    return sum(1 for _, ev in poller.poll(0) if ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR))
+
+
 def main():
     plain, tls, count, pids = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     ctx = ssl.create_default_context()
@@ -75,6 +86,9 @@ def main():
         # Let the proxy settle (buffers released after the response).
         time.sleep(0.5)
         grown.append(max(rss(pids) - before, 0) // count)
+    closed = closed_by_peer(keep)
+    if closed:
+        sys.exit(f"{closed} of {len(keep)} idle connections were closed by the proxy during the measure")
     print(*grown)
 
 

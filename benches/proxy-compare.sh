@@ -132,10 +132,17 @@ counted() {
 
 # The built-in config with no limit on one client's connections, as
 # nginx and HAProxy have none here: the idle measure opens 2 x --idle
-# connections from one address.
+# connections from one address. Every proxy keeps an idle connection for
+# $idle_secs s here (Hangar's default is 10 s, nginx's 75, HAProxy's 30 as
+# set below): opening the idle sets takes longer than the shortest, and a
+# connection closed during the measure would not be counted.
+idle_secs=300
 sed -e 's/^max_conns_per_ip = .*/max_conns_per_ip = 0/' \
+  -e "s/^header_timeout_ms = .*/header_timeout_ms = ${idle_secs}000/" \
   -e "s/^workers = .*/workers = $($pin && echo 1 || echo 0)/" config/dev.toml >"$tmp/hangar.toml"
-grep -q '^max_conns_per_ip = 0$' "$tmp/hangar.toml" || { echo "config/dev.toml has no max_conns_per_ip" >&2; exit 1; }
+for set in "max_conns_per_ip = 0" "header_timeout_ms = ${idle_secs}000"; do
+  grep -q "^$set\$" "$tmp/hangar.toml" || { echo "config/dev.toml has no ${set%% =*}" >&2; exit 1; }
+done
 
 $(on proxy) $(counted hangar) "$bin" dev --config "$tmp/hangar.toml" --data-dir "$tmp/data" --flaps-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
   --https-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --flyd-addr 127.0.0.1:0 \
@@ -218,6 +225,7 @@ $(nginx_temp "$tmp/nginx")
     # offer 1.3 as well.
     ssl_protocols TLSv1.2 TLSv1.3;
     keepalive_requests 1000000;
+    keepalive_timeout ${idle_secs}s;
     location / {
       proxy_pass http://machine;
       proxy_http_version 1.1;
@@ -251,7 +259,7 @@ global
 defaults
   mode http
   timeout connect 5s
-  timeout client 30s
+  timeout client ${idle_secs}s
   timeout server 30s
   option forwardfor
   http-reuse always
