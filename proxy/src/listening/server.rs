@@ -86,8 +86,7 @@ pub(crate) enum TimedOut {
 /// turning true closes the connection once it is idle.
 ///
 /// An `async move` block rather than an `async fn`, which would keep room
-/// for its arguments twice in the future every idle connection holds (for
-/// the connection itself, a TLS session is over a KiB).
+/// for its arguments twice in the future every idle connection holds.
 pub(crate) fn serve<IO, S, F>(
     io: IO,
     settings: &Settings,
