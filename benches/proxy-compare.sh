@@ -133,9 +133,9 @@ counted() {
 # The built-in config with no limit on one client's connections, as
 # nginx and HAProxy have none here: the idle measure opens 2 x --idle
 # connections from one address. Every proxy keeps an idle connection for
-# $idle_secs s here (Hangar's default is 10 s, nginx's 75, HAProxy's 30 as
-# set below): opening the idle sets takes longer than the shortest, and a
-# connection closed during the measure would not be counted.
+# $idle_secs s here (by default Hangar closes one after 10 s, nginx after
+# 75, HAProxy at its `timeout client`): opening the idle sets takes longer
+# than that, and a connection closed during the measure is not counted.
 idle_secs=300
 sed -e 's/^max_conns_per_ip = .*/max_conns_per_ip = 0/' \
   -e "s/^header_timeout_ms = .*/header_timeout_ms = ${idle_secs}000/" \

@@ -369,8 +369,9 @@ where
                 server::serve(tcp, &edge.h1, true, watcher.clone(), h1).await
             }
             // Boxed, like every path but plain HTTP/1.1: the state of what is
-            // awaited is part of every connection's future, and a TLS session
-            // alone is larger than a waiting plain connection's whole future.
+            // awaited is part of every connection's future, and the TLS
+            // path's (its HTTP/1.1 server over the session) is larger than
+            // the plain one's.
             Listener::Https => match Box::pin(over_tls(&edge, tcp, &service, &watcher, peer)).await
             {
                 Some(ended) => ended,
