@@ -20,7 +20,6 @@ use http::header::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_rustls::TlsAcceptor;
 
 /// What every request on every connection shares.
 pub(crate) struct Edge {
@@ -31,7 +30,7 @@ pub(crate) struct Edge {
     /// `region` as a header value (`Fly-Region`).
     pub region_value: HeaderValue,
     pub metrics: EdgeMetrics,
-    pub tls: TlsAcceptor,
+    pub tls: Arc<rustls::ServerConfig>,
     pub handshake_timeout: Duration,
     /// Taking a slot on a machine: choosing, queueing, autostart.
     pub slots: Slots,
@@ -75,7 +74,7 @@ impl Edge {
         (fib, directory): (Arc<Fib>, Arc<dyn Directory>),
         metrics: &Metrics,
         cluster: Arc<ClusterKey>,
-        tls: TlsAcceptor,
+        tls: Arc<rustls::ServerConfig>,
         workers: usize,
     ) -> Result<Self, ProxyError> {
         let queues = Arc::new(Queues::new(

@@ -40,6 +40,7 @@ mod path;
 mod proptests;
 pub mod routing;
 pub mod scaling;
+mod tls_session;
 
 pub use config::{Listener, ProxyConfig};
 pub use error::{PathError, ProxyError};
@@ -55,7 +56,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_rustls::TlsAcceptor;
 
 /// The edge proxy: both listeners bound and ready to serve.
 ///
@@ -99,7 +99,7 @@ impl Proxy {
         // before any traffic, so the runtime has nothing else to do yet.
         let dev = tls::load_or_create_dev_cert(data_dir)?;
         let resolver = tls::SniResolver::new(fib.clone(), secrets, dev)?;
-        let tls = TlsAcceptor::from(tls::server_config(Arc::new(resolver))?);
+        let tls = tls::server_config(Arc::new(resolver))?;
         let listeners = listening::Listeners::bind(&cfg).await?;
         let edge = Edge::new(
             &cfg,

@@ -30,19 +30,13 @@ impl ClientIo for TcpStream {
 
 /// A client's TLS session, boxed: over a KiB, and moved from the
 /// handshake to what serves it.
-pub(crate) type Tls = Box<tokio_rustls::server::TlsStream<TcpStream>>;
+pub(crate) type Tls = Box<crate::tls_session::TlsSession>;
 
 impl ClientIo for Tls {
-    /// Ready at once while rustls holds decrypted bytes (or wants to
-    /// write), else once the socket has bytes: an idle TLS connection too
-    /// waits without a buffer of ours.
+    /// An idle TLS connection too waits without a buffer of ours (or of
+    /// rustls's: [`crate::tls_session`]).
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let (tcp, tls) = self.get_ref();
-        if tls.wants_read() {
-            tcp.poll_read_ready(cx)
-        } else {
-            Poll::Ready(Ok(()))
-        }
+        (**self).poll_readable(cx)
     }
 }
 

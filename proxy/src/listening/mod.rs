@@ -35,6 +35,7 @@ use crate::metrics::{Handshake, Observed};
 use crate::path::{self, Conn};
 use crate::routing::balance::Want;
 use crate::scaling::autostop::Autostopper;
+use crate::tls_session;
 use compact_str::CompactString;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
@@ -412,7 +413,7 @@ where
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let tls = Box::pin(handshake(edge, tcp, peer)).await?;
-    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+    if tls.alpn_protocol() == Some(b"h2") {
         Box::pin(h2(edge, tls, service.clone(), watcher.clone(), peer)).await;
         return None;
     }
@@ -459,15 +460,16 @@ fn header_timeout(edge: &Edge, how: TimedOut, peer: SocketAddr, listener: Listen
     tracing::debug!(%peer, listener = listener.as_str(), ?how, "no whole request head within the header timeout");
 }
 
-/// The TLS handshake, bounded so a silent client cannot hold a task (or the
+/// The TLS handshake ([`tls_session`]), bounded so a silent client cannot hold a task (or the
 /// shutdown drain) forever. The session comes boxed: over a KiB, it would
 /// otherwise be room in every future that moves it on.
 async fn handshake(edge: &Edge, tcp: TcpStream, peer: SocketAddr) -> Option<Tls> {
     let started = Instant::now();
-    match tokio::time::timeout(edge.handshake_timeout, edge.tls.accept(tcp)).await {
-        Ok(Ok(stream)) => {
+    let accept = tls_session::accept(edge.tls.clone(), tcp);
+    match tokio::time::timeout(edge.handshake_timeout, accept).await {
+        Ok(Ok(session)) => {
             edge.metrics.handshake(Handshake::Ok(started.elapsed()));
-            Some(Box::new(stream))
+            Some(session)
         }
         Ok(Err(e)) => {
             edge.metrics.handshake(Handshake::Error);
