@@ -26,8 +26,8 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// The largest TLS record's plaintext: what one write encrypts at most
-/// per record, and the most gathered from a vectored write into one.
+/// The largest TLS record's plaintext, and the most a vectored write
+/// gathers.
 const RECORD: usize = 16 * 1024;
 
 /// Plaintext taken per write at most, so a large write does not become
@@ -405,25 +405,29 @@ impl AsyncWrite for TlsSession {
         Poll::Ready(Ok(data.len()))
     }
 
-    /// Small slices (a response's head and body) are gathered into one
-    /// record: one encryption and one record's overhead instead of one per
-    /// slice.
+    /// Slices (a response's head and body) are gathered into records:
+    /// one encryption and one record's overhead instead of one per slice.
+    /// A slice of a record or more goes as it is.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let mut slices = bufs.iter().filter(|b| !b.is_empty());
+        let mut slices = bufs.iter().filter(|b| !b.is_empty()).peekable();
         let first = slices.next().map_or(&[][..], |b| &b[..]);
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        if total == first.len() || total > RECORD {
+        if first.len() >= RECORD || slices.peek().is_none() {
             return self.poll_write(cx, first);
         }
         GATHER.with(|gather| {
             let mut gather = gather.borrow_mut();
             gather.clear();
-            for b in bufs {
-                gather.extend_from_slice(b);
+            gather.extend_from_slice(first);
+            for b in slices {
+                let room = RECORD - gather.len();
+                gather.extend_from_slice(&b[..b.len().min(room)]);
+                if gather.len() == RECORD {
+                    break;
+                }
             }
             self.poll_write(cx, &gather)
         })
@@ -548,18 +552,24 @@ mod tests {
 
         // Large writes, and small slices gathered into one record.
         let reply = pattern(150_000);
+        let large = pattern(20_000);
         let reader = tokio::spawn(async move {
-            let mut got = vec![0; 150_000 + 11];
+            let mut got = vec![0; 150_000 + 11 + 5 + 20_000];
             client.read_exact(&mut got).await.unwrap();
             (client, got)
         });
         session.write_all(&reply).await.unwrap();
         let slices = [io::IoSlice::new(b"head "), io::IoSlice::new(b"body!!")];
         assert_eq!(session.write_vectored(&slices).await.unwrap(), 11);
+        // Gathered up to a record; the rest is the caller's to write.
+        let slices = [io::IoSlice::new(b"head "), io::IoSlice::new(&large)];
+        assert_eq!(session.write_vectored(&slices).await.unwrap(), RECORD);
+        session.write_all(&large[RECORD - 5..]).await.unwrap();
         session.flush().await.unwrap();
         let (mut client, got) = reader.await.unwrap();
         assert!(got[..150_000] == reply[..]);
-        assert_eq!(&got[150_000..], b"head body!!");
+        assert_eq!(&got[150_000..150_016], b"head body!!head ");
+        assert!(got[150_016..] == large[..]);
         assert!(
             holds_nothing(&session),
             "everything written: no buffer kept"
