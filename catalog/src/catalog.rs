@@ -13,7 +13,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CatalogConfig {
-    /// How often the FIB polls the RIB for other processes' commits.
+    /// How often the FIB polls the RIB for other processes' commits where
+    /// the RIB's write-ahead log cannot be watched.
     pub poll_ms: u64,
     /// Changes the feed keeps when compacted; a follower further behind
     /// reloads the whole table.

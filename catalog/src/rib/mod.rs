@@ -38,7 +38,7 @@ use crate::lock::{Guarded, LockTimeout};
 use arc_swap::ArcSwap;
 use rusqlite::Connection;
 use schema::{LAST_SEQ, migrate, open_conn};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +61,8 @@ pub type CommitHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// The RIB: see the module docs.
 pub struct Rib {
+    /// The database file.
+    path: PathBuf,
     writer: Guarded<Connection>,
     reader: Guarded<Connection>,
     /// The FIB follower's own connection: see [`Rib::follow_read`].
@@ -82,11 +84,21 @@ impl Rib {
         let reader = open_conn(path)?;
         let follower = open_conn(path)?;
         Ok(Arc::new(Self {
+            path: path.to_path_buf(),
             writer: Guarded::new("rib.writer", LOCK_WAIT, writer),
             reader: Guarded::new("rib.reader", LOCK_WAIT, reader),
             follower: Guarded::new("rib.follower", LOCK_WAIT, follower),
             hooks: ArcSwap::from_pointee(Vec::new()),
         }))
+    }
+
+    /// SQLite's write-ahead log of the RIB: every commit, by any process,
+    /// appends to it. It lasts while a connection is open (this `Rib`
+    /// holds three).
+    pub(crate) fn wal_path(&self) -> PathBuf {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        wal.into()
     }
 
     /// Calls `hook` after every commit of this process that appends changes.
@@ -129,8 +141,7 @@ impl Rib {
 
     /// SQLite's `data_version` on the follower's connection: it changes
     /// whenever another connection (this process's writer, or another
-    /// process) commits. Checking it costs no disk read, so the follower
-    /// polls it every few milliseconds.
+    /// process) commits. Checking it costs no disk read.
     pub(crate) fn follower_data_version(&self) -> Result<u64, RibError> {
         self.follower
             .with("data_version", |c| RibView(c).data_version())?
