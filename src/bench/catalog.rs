@@ -10,7 +10,7 @@
 //!   updates, as a ratio to the same reader with no writer (interleaved
 //!   rounds, so drift on a shared machine hits both);
 //! - commit → visible latency, in-process (woken by the commit hook) and from
-//!   another connection (noticed by polling `data_version`).
+//!   another connection (noticed by the write-ahead log's watch).
 
 use super::percentile;
 use compact_str::CompactString;
@@ -421,7 +421,8 @@ pub fn catalog(args: CatalogArgs) -> anyhow::Result<()> {
     };
     rib.on_commit(hook(&newest));
     let local = propagation(&args, &fib, &rib, &newest, &mut versions, 1000)?;
-    // Another connection, as another process: only polling notices it.
+    // Another connection, as another process: only the log's watch
+    // notices it.
     let other = Rib::open(&path)?;
     other.on_commit(hook(&newest));
     let remote = propagation(&args, &fib, &other, &newest, &mut versions, 1000)?;
