@@ -18,7 +18,9 @@
 # no path always runs after the same one):
 #
 #   - HTTP/1.1 keep-alive req/s and p50/p99 at saturation (wrk, C
-#     connections), also directly to the machine;
+#     connections), also directly to the machine; and the CPU time (user
+#     and system, from /proc) each proxy's processes spent per request
+#     in those runs (with --pin, also the static upstream's, as direct);
 #   - p50/p99 at a fixed rate of R req/s (`hangar bench load`, open loop);
 #   - HTTPS keep-alive req/s (wrk over TLS);
 #   - new TLS sessions per second (`hangar bench handshakes`: full TLS 1.3
@@ -416,6 +418,50 @@ PY
   exit 0
 fi
 
+# A path's processes: the proxy's (nginx's workers, HAProxy's one
+# process, Hangar's whole process); for `direct`, with --pin, the static
+# upstream's.
+pids_of() { case $1 in hangar) echo "$hangar_pid" ;;
+  nginx) pgrep -P "$nginx_pid" | tr '\n' ' ' ;;
+  haproxy) echo "$haproxy_pid" ;;
+  direct) if $pin; then
+      local master; master=$(pgrep -f -- "-c $tmp/static/nginx.conf")
+      echo "$master $(pgrep -P "$master" | tr '\n' ' ')"
+    fi ;; esac; }
+
+# CPU time the processes of a path have used: "user system", in clock
+# ticks.
+ticks() {
+  # shellcheck disable=SC2046
+  python3 - $(pids_of "$1") <<'PY'
+import sys
+user = system = 0
+for pid in sys.argv[1:]:
+    # After the command's closing parenthesis: field 3 on; utime is 14.
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    user += int(fields[11]); system += int(fields[12])
+print(user, system)
+PY
+}
+
+# A keep-alive run, and the CPU its path's processes spent on each
+# request: "keepalive req/s p50 p99", then "cpu user_us system_us".
+keepalive_run() {
+  local path=$1 before after line hz
+  hz=$(getconf CLK_TCK)
+  before=$(ticks "$path")
+  line=$(wrk_run "http://$(plain "$path")/?bytes=128")
+  after=$(ticks "$path")
+  echo "keepalive $path $line"
+  [ -n "$(pids_of "$path")" ] || return 0
+  python3 -c '
+import sys
+before, after, line, secs, hz = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3].split(), float(sys.argv[4]), int(sys.argv[5])
+requests = float(line[0]) * secs
+us = [(int(a) - int(b)) * 1e6 / hz / requests for a, b in zip(after, before)]
+print("cpu", sys.argv[6], "%.2f %.2f" % tuple(us))' "$before" "$after" "$line" "$secs" "$hz" "$path"
+}
+
 results="$tmp/results"
 : >"$results"
 paths=(direct hangar nginx haproxy)
@@ -426,7 +472,7 @@ for round in $(seq 1 "$rounds"); do
   by=$(( (round - 1) % ${#paths[@]} ))
   order=("${paths[@]:by}" "${paths[@]:0:by}")
   for path in "${order[@]}"; do
-    echo "keepalive $path $(wrk_run "http://$(plain $path)/?bytes=128")" >>"$results"
+    keepalive_run "$path" >>"$results"
   done
   for path in "${order[@]}"; do
     echo "fixed $path $(fixed_run "$(plain $path)")" >>"$results"
@@ -453,11 +499,7 @@ n = {k: float(v) for k, v in re.findall(r"fly_edge_upstream_requests_total\{conn
 total = n.get("new", 0) + n.get("reused", 0)
 print("reuse hangar", 100 * n.get("reused", 0) / total if total else 0)' >>"$results"
 
-# Memory per idle connection: the proxy processes only (nginx's workers,
-# HAProxy's one process, Hangar's whole process).
-pids_of() { case $1 in hangar) echo "$hangar_pid" ;;
-  nginx) pgrep -P "$nginx_pid" | tr '\n' ' ' ;;
-  haproxy) echo "$haproxy_pid" ;; esac; }
+# Memory per idle connection: the proxy processes only (see pids_of).
 for path in hangar nginx haproxy; do
   # shellcheck disable=SC2046
   # A proxy that cannot hold them (HAProxy takes two descriptors a
@@ -488,6 +530,8 @@ rows = [
     ("keep-alive req/s", "keepalive", 0),
     ("keep-alive p50 ms", "keepalive", 1),
     ("keep-alive p99 ms", "keepalive", 2),
+    ("keep-alive CPU user us/req", "cpu", 0),
+    ("keep-alive CPU system us/req", "cpu", 1),
     (f"fixed {rate}/s p50 ms", "fixed", 0),
     (f"fixed {rate}/s p99 ms", "fixed", 1),
     ("https keep-alive req/s", "https", 0),

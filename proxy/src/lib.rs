@@ -20,8 +20,9 @@
 //!   peers.
 //! - the base every room may use: [`config`], [`error`] ([`ProxyError`],
 //!   [`PathError`] with its code and what it allows next), [`metrics`],
-//!   `h1` (HTTP/1.1 on the wire, both hops), `conns` (draining at
-//!   shutdown), `conn_limit` (connections per app and per client).
+//!   `h1` (HTTP/1.1 on the wire, both hops), `tls_session` (a client's
+//!   TLS session), `conns` (draining at shutdown), `conn_limit`
+//!   (connections per app and per client).
 
 #![warn(missing_docs)]
 

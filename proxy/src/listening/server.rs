@@ -385,9 +385,9 @@ async fn read_head<IO: ClientIo>(
             buf.reserve(spare::CHUNK);
             let read = tokio_util::io::poll_read_buf(Pin::new(&mut Shared(io)), cx, buf);
             // Readable was a stale mark: tokio clears it after a short
-            // read, but a read that filled rustls's buffer and stopped at
-            // a whole record leaves it set. The buffer goes back until
-            // bytes come, so the connection waits without it all the same.
+            // read, but a read that filled the TLS session's buffer
+            // exactly leaves it set. The buffer goes back until bytes
+            // come, so the connection waits without it all the same.
             if read.is_pending() && buf.is_empty() {
                 spare::give(std::mem::take(buf));
             }
