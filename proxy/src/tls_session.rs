@@ -14,9 +14,7 @@ use crate::h1::spare;
 use bytes::{Buf, BytesMut};
 use rustls::ServerConfig;
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
-};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
@@ -158,12 +156,7 @@ impl TlsSession {
                 }
                 ConnectionState::EncodeTlsData(mut message) => {
                     write_into(&mut self.outgoing, 2 * 1024, |out| {
-                        message.encode(out).map_err(|e| match e {
-                            EncodeError::InsufficientSize(InsufficientSizeError {
-                                required_size,
-                            }) => Some(required_size),
-                            EncodeError::AlreadyEncoded => None,
-                        })
+                        message.encode(out).map_err(encode_room)
                     })?;
                     None
                 }
@@ -184,12 +177,12 @@ impl TlsSession {
                         Encrypt::Data(data) => {
                             let room = data.len() + 64 * data.len().div_ceil(RECORD);
                             write_into(&mut self.outgoing, room, |out| {
-                                traffic.encrypt(data, out).map_err(required)
+                                traffic.encrypt(data, out).map_err(encrypt_room)
                             })?;
                         }
                         Encrypt::CloseNotify => {
                             write_into(&mut self.outgoing, 64, |out| {
-                                traffic.queue_close_notify(out).map_err(required)
+                                traffic.queue_close_notify(out).map_err(encrypt_room)
                             })?;
                         }
                     }
@@ -227,10 +220,7 @@ impl TlsSession {
             self.conn.process_tls_records(&mut []).state
         {
             let encoded = write_into(&mut self.outgoing, 64, |out| {
-                message.encode(out).map_err(|e| match e {
-                    EncodeError::InsufficientSize(size) => Some(size.required_size),
-                    EncodeError::AlreadyEncoded => None,
-                })
+                message.encode(out).map_err(encode_room)
             });
             if encoded.is_err() {
                 break;
@@ -321,8 +311,16 @@ fn write_into(
     }
 }
 
+/// The room an encoding needs (`None`: it was encoded already).
+fn encode_room(e: EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(size) => Some(size.required_size),
+        EncodeError::AlreadyEncoded => None,
+    }
+}
+
 /// The room an encryption needs (`None`: the keys are used up).
-fn required(e: EncryptError) -> Option<usize> {
+fn encrypt_room(e: EncryptError) -> Option<usize> {
     match e {
         EncryptError::InsufficientSize(size) => Some(size.required_size),
         EncryptError::EncryptExhausted => None,
