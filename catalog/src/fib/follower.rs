@@ -420,11 +420,17 @@ mod tests {
         };
         let follower = Follower::spawn(fib.clone(), rib.clone(), options).unwrap();
 
-        // The next catch-up blocks inside the writer lock until released.
-        let (release, stalled) = mpsc::channel::<()>();
-        *fib.stall.lock() = Some(stalled);
+        // The follower's next catch-up blocks inside the writer lock until
+        // released. Waiting for the lock to be held would not do: a
+        // catch-up already past the stall (the follower's first) holds it
+        // too, and this thread's own catch-up below would then stall.
+        let (release, wait) = mpsc::channel::<()>();
+        let (stalled, entered) = mpsc::channel::<()>();
+        *fib.stall.lock() = Some((stalled, wait));
         rib.create_app(&app_row("during")).unwrap();
-        eventually("the follower to stall", || fib.writer.holder().is_some());
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the follower to stall");
 
         // Readers answer from the last snapshot.
         assert!(fib.lookup("before").is_some());

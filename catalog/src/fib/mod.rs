@@ -240,9 +240,10 @@ pub struct Fib {
     noticed: AtomicU64,
     /// When the follower last answered the watchdog, ms after `born`.
     answered_ms: AtomicU64,
-    /// Tests make the writer block here, inside the writer lock.
+    /// Tests make the next writer block here, inside the writer lock: it
+    /// says so on the first channel, then waits on the second.
     #[cfg(test)]
-    stall: parking_lot::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    stall: parking_lot::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 /// A subscription to a FIB's changes (see [`Fib::changed`]).
@@ -364,7 +365,8 @@ impl Fib {
     fn catch_up_as(&self, label: &'static str, rib: &Rib) -> Result<usize, RibError> {
         self.writer.with(label, |interner| {
             #[cfg(test)]
-            if let Some(release) = self.stall.lock().take() {
+            if let Some((stalled, release)) = self.stall.lock().take() {
+                let _ = stalled.send(());
                 let _ = release.recv();
             }
             rib.follow_read(label, |rib| self.catch_up_in(interner, rib))
