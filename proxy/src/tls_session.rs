@@ -101,11 +101,13 @@ impl TlsSession {
         self.conn.alpn_protocol()
     }
 
-    /// Ready once there may be plaintext to read: at once while some is
-    /// kept, else once the socket has bytes. (rustls has taken every whole
-    /// record after each call, so bytes read and kept are never enough.)
+    /// Ready once a read would not wait: at once while plaintext is kept
+    /// or the client has closed (a read then ends the stream, even if the
+    /// client keeps its socket open after close_notify), else once the
+    /// socket has bytes. (rustls has taken every whole record after each
+    /// call, so bytes read and kept are never enough.)
     pub(crate) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.plain.is_empty() {
+        if self.plain.is_empty() && !self.peer_closed && !self.eof {
             self.tcp.poll_read_ready(cx)
         } else {
             Poll::Ready(Ok(()))
@@ -578,6 +580,37 @@ mod tests {
         assert_eq!(session.read(&mut [0; 16]).await.unwrap(), 0);
         session.shutdown().await.unwrap();
         assert_eq!(client.read(&mut [0; 16]).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn close_notify_ends_the_stream_while_the_socket_stays_open() {
+        let (mut session, mut client) = pair(&[]).await;
+        client.write_all(b"last").await.unwrap();
+        client.get_mut().1.send_close_notify();
+        client.flush().await.unwrap();
+        // Both records (26 and 24 bytes in TLS 1.3) wait in the socket, so
+        // one read takes the data and the close_notify.
+        let mut peeked = [0; 64];
+        let arrived = async {
+            while session.tcp.peek(&mut peeked).await.unwrap() < 50 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), arrived)
+            .await
+            .expect("both records");
+        let mut got = [0; 16];
+        let n = session.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"last");
+        // The client's socket is still open: readiness must not wait for
+        // bytes that will not come.
+        let ready = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            poll_fn(|cx| session.poll_readable(cx)),
+        );
+        ready.await.expect("readable after close_notify").unwrap();
+        assert_eq!(session.read(&mut got).await.unwrap(), 0);
+        drop(client);
     }
 
     #[tokio::test]
