@@ -10,6 +10,7 @@
 //! are kept only when the reader had no room for them. An idle session
 //! holds the TCP stream and rustls's state, nothing else.
 
+use crate::h1::io::ClientIo;
 use crate::h1::spare;
 use bytes::{Buf, BytesMut};
 use rustls::ServerConfig;
@@ -74,12 +75,20 @@ pub(crate) struct TlsSession {
     close_notify_sent: bool,
 }
 
-/// Runs the server side of a TLS handshake on `tcp`; the session comes
-/// boxed, as it moves from here to what serves it and is over a KiB.
-pub(crate) async fn accept(
-    config: Arc<ServerConfig>,
-    tcp: TcpStream,
-) -> io::Result<Box<TlsSession>> {
+/// A session as its connection holds it: boxed, as it is over a KiB and
+/// moves from the handshake to what serves it.
+pub(crate) type Tls = Box<TlsSession>;
+
+impl ClientIo for Tls {
+    /// An idle TLS connection too waits without a buffer of ours or of
+    /// rustls's.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_readable(cx)
+    }
+}
+
+/// Runs the server side of a TLS handshake on `tcp`.
+pub(crate) async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Tls> {
     let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
     let mut session = Box::new(TlsSession {
         tcp,

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-/// A client connection: plain TCP or TLS.
+/// A client connection: plain TCP, or TLS ([`crate::tls_session::Tls`]).
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready once there may be bytes to read, without reading them, so an
     /// idle connection can wait without a read buffer. Connections that
@@ -25,18 +25,6 @@ pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 impl ClientIo for TcpStream {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
-    }
-}
-
-/// A client's TLS session, boxed: over a KiB, and moved from the
-/// handshake to what serves it.
-pub(crate) type Tls = Box<crate::tls_session::TlsSession>;
-
-impl ClientIo for Tls {
-    /// An idle TLS connection too waits without a buffer of ours (or of
-    /// rustls's: [`crate::tls_session`]).
-    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        (**self).poll_readable(cx)
     }
 }
 
