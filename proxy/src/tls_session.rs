@@ -80,10 +80,18 @@ pub(crate) struct TlsSession {
 pub(crate) type Tls = Box<TlsSession>;
 
 impl ClientIo for Tls {
-    /// An idle TLS connection too waits without a buffer of ours or of
-    /// rustls's.
+    /// Ready once a read would not wait: at once while plaintext is kept
+    /// or the client has closed (a read then ends the stream, even if the
+    /// client keeps its socket open after close_notify), else once the
+    /// socket has bytes. (rustls has taken every whole record after each
+    /// call, so bytes read and kept are never enough.) An idle TLS
+    /// connection too waits without a buffer of ours or of rustls's.
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        (**self).poll_readable(cx)
+        if self.plain.is_empty() && !self.peer_closed && !self.eof {
+            self.tcp.poll_read_ready(cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
     }
 }
 
@@ -108,19 +116,6 @@ impl TlsSession {
     /// The protocol agreed by ALPN.
     pub(crate) fn alpn_protocol(&self) -> Option<&[u8]> {
         self.conn.alpn_protocol()
-    }
-
-    /// Ready once a read would not wait: at once while plaintext is kept
-    /// or the client has closed (a read then ends the stream, even if the
-    /// client keeps its socket open after close_notify), else once the
-    /// socket has bytes. (rustls has taken every whole record after each
-    /// call, so bytes read and kept are never enough.)
-    pub(crate) fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.plain.is_empty() && !self.peer_closed && !self.eof {
-            self.tcp.poll_read_ready(cx)
-        } else {
-            Poll::Ready(Ok(()))
-        }
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -210,26 +205,34 @@ impl TlsSession {
                 break Ok(open);
             }
         };
+        let open = match result {
+            Ok(open) => open,
+            Err(e) => {
+                self.send_alert();
+                return Err(invalid(e));
+            }
+        };
         if self.incoming.is_empty() {
             spare::give(std::mem::take(&mut self.incoming));
         }
-        match result {
-            // Still handshaking while rustls lets 0.5-RTT data through.
-            Ok(Open::Traffic) if self.conn.is_handshaking() => Ok(Open::Handshaking),
-            Ok(open) => Ok(open),
-            Err(e) => {
-                self.send_alert();
-                Err(invalid(e))
-            }
+        // Still handshaking while rustls lets 0.5-RTT data through.
+        if open == Open::Traffic && self.conn.is_handshaking() {
+            return Ok(Open::Handshaking);
         }
+        Ok(open)
     }
 
-    /// After an error, the alert rustls made for the client, if the socket
-    /// takes it now: the connection is over either way.
+    /// After an error, the alert rustls queued for the client, if the
+    /// socket takes it now: the connection is over either way. Only while
+    /// something is queued: with nothing queued rustls would take the
+    /// bytes it failed on again (and fail again).
     fn send_alert(&mut self) {
-        while let Ok(ConnectionState::EncodeTlsData(mut message)) =
-            self.conn.process_tls_records(&mut []).state
-        {
+        while self.conn.wants_write() {
+            let Ok(ConnectionState::EncodeTlsData(mut message)) =
+                self.conn.process_tls_records(&mut self.incoming).state
+            else {
+                break;
+            };
             let encoded = write_into(&mut self.outgoing, 64, |out| {
                 message.encode(out).map_err(encode_room)
             });
@@ -620,6 +623,35 @@ mod tests {
         ready.await.expect("readable after close_notify").unwrap();
         assert_eq!(session.read(&mut got).await.unwrap(), 0);
         drop(client);
+    }
+
+    /// The session buffers what the client sends until rustls has a whole
+    /// message: a handshake message that never ends must be refused, not
+    /// read forever.
+    #[tokio::test]
+    async fn an_endless_handshake_message_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        // A ClientHello declared 16 MiB long, then full records of it for
+        // as long as the socket takes them.
+        tokio::spawn(async move {
+            let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0xff, 0xff, 0xff];
+            record.resize(5 + RECORD, 0x41);
+            while client.write_all(&record).await.is_ok() {
+                record.splice(5.., vec![0x41; RECORD]);
+            }
+        });
+        let refused = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            accept(configs(&[]).0, tcp),
+        )
+        .await
+        .expect("refused, not read forever");
+        let e = refused.err().expect("no session");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
     }
 
     #[tokio::test]

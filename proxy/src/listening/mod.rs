@@ -397,7 +397,7 @@ where
 /// A connection on the HTTPS listener: the handshake, then h2 by ALPN
 /// (served here: `None`) or HTTP/1.1, which ends as the caller reads.
 ///
-/// The handshake and h2 are boxed, and the session is ([`handshake`]):
+/// The handshake and h2 are boxed, and the session is ([`Tls`]):
 /// what this future holds while a connection waits for its next request is
 /// the HTTP/1.1 server's state.
 async fn over_tls<S, F>(
@@ -459,9 +459,8 @@ fn header_timeout(edge: &Edge, how: TimedOut, peer: SocketAddr, listener: Listen
     tracing::debug!(%peer, listener = listener.as_str(), ?how, "no whole request head within the header timeout");
 }
 
-/// The TLS handshake ([`tls_session`]), bounded so a silent client cannot hold a task (or the
-/// shutdown drain) forever. The session comes boxed: over a KiB, it would
-/// otherwise be room in every future that moves it on.
+/// The TLS handshake ([`tls_session`]), bounded so a silent client cannot
+/// hold a task (or the shutdown drain) forever.
 async fn handshake(edge: &Edge, tcp: TcpStream, peer: SocketAddr) -> Option<Tls> {
     let started = Instant::now();
     let accept = tls_session::accept(edge.tls.clone(), tcp);
