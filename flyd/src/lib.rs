@@ -9,6 +9,7 @@
 //! - [`config`]: the `[flyd]` config table.
 //! - [`capacity`]: what the host can schedule and what machines reserve.
 //! - [`cgroup`]: memory limits through cgroup v2, where it is writable.
+//! - [`images`]: OCI images, pulled or imported, stored and unpacked once.
 //! - [`checks`]: health checks, reported in `machine.checks` and gating routing.
 //! - [`store`]: redb tables of machine records and FSM runs.
 //! - [`record`]: the machine record and its API and RIB views.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod echo;
 pub mod flyd;
 pub mod fsm;
+pub mod images;
 pub mod lease;
 mod logfile;
 #[cfg(test)]
