@@ -479,8 +479,8 @@ fn children(dir: &impl AsFd, path: &Path) -> Result<Vec<std::ffi::OsString>, Unp
 fn remove_all(dir: &impl AsFd, name: &Path, path: &Path) -> Result<(), UnpackError> {
     let fail = |e: Errno| UnpackError::io(format!("removing {}", path.display()), e);
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Err(Errno::NOENT) => return Ok(()),
-        Err(e) => return Err(fail(e)),
+        Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(fail(e)),
         Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
             let inner = rustix::fs::openat(
                 dir,
