@@ -473,3 +473,139 @@ pub async fn status(conn: Conn) -> anyhow::Result<i32> {
     });
     Ok(0)
 }
+
+/// How to reach a host's flyd (images are per host).
+#[derive(clap::Args, Clone)]
+pub struct HostConn {
+    /// flyd's address: `ip:port` or `unix:<path>` (default: the local dev
+    /// instance's, from `addrs.json`).
+    #[arg(long, env = "HANGAR_FLYD", global = true)]
+    host: Option<String>,
+    /// The dev data dir to read the address and cluster credential from.
+    #[arg(long, default_value = ".hangar", global = true)]
+    data_dir: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ImagesCmd {
+    /// List the host's images.
+    Ls,
+    /// Pull an image into the host's store ahead of any machine.
+    Pull { image: String },
+    /// Import the images of an archive: an OCI image layout or a
+    /// `docker save` archive, plain or gzipped.
+    Import { file: PathBuf },
+    /// Remove an image (by name, digest or digest prefix), or one of its
+    /// names; refused while a machine uses it.
+    Rm { image: String },
+    /// Remove every image no machine uses.
+    Prune,
+}
+
+/// `hangar images`: calls the host's flyd with the cluster credential.
+pub async fn images(conn: HostConn, cmd: ImagesCmd) -> anyhow::Result<i32> {
+    let addr = match &conn.host {
+        Some(host) => host.clone(),
+        None => {
+            let text =
+                std::fs::read_to_string(conn.data_dir.join("addrs.json")).with_context(|| {
+                    format!(
+                        "no running dev instance in {} (or use --host)",
+                        conn.data_dir.display()
+                    )
+                })?;
+            let addrs: Value = serde_json::from_str(&text)?;
+            addrs["flyd"]
+                .as_str()
+                .context("addrs.json has no flyd")?
+                .to_string()
+        }
+    };
+    let key = std::fs::read_to_string(conn.data_dir.join("cluster.key"))
+        .with_context(|| format!("no cluster credential in {}", conn.data_dir.display()))?;
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(3600));
+    let base = match addr.strip_prefix("unix:") {
+        Some(path) => {
+            builder = builder.unix_socket(PathBuf::from(path));
+            "http://flyd".to_string()
+        }
+        None => format!("http://{addr}"),
+    };
+    let http = builder.build()?;
+    let request = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{base}{path}"))
+            .bearer_auth(key.trim())
+    };
+    let req = match &cmd {
+        ImagesCmd::Ls => request(reqwest::Method::GET, "/v1/images"),
+        ImagesCmd::Pull { image } => {
+            request(reqwest::Method::POST, "/v1/images/pull").json(&json!({ "image": image }))
+        }
+        ImagesCmd::Import { file } => {
+            let f = tokio::fs::File::open(file)
+                .await
+                .with_context(|| format!("opening {}", file.display()))?;
+            request(reqwest::Method::POST, "/v1/images/import").body(f)
+        }
+        ImagesCmd::Rm { image } => {
+            request(reqwest::Method::DELETE, "/v1/images").query(&[("image", image.as_str())])
+        }
+        ImagesCmd::Prune => request(reqwest::Method::POST, "/v1/images/prune"),
+    };
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach flyd at {addr}"))?;
+    let status = resp.status();
+    let raw = resp.text().await?;
+    let value: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
+    if !status.is_success() {
+        let msg = value["error"].as_str().map(str::to_string).unwrap_or(raw);
+        bail!("{msg} ({status})");
+    }
+    let out = Conn {
+        api_url: None,
+        token: None,
+        data_dir: conn.data_dir.clone(),
+        json: conn.json,
+    };
+    show(&out, &value, |v| {
+        let list = match &cmd {
+            ImagesCmd::Ls | ImagesCmd::Import { .. } => v["images"].as_array().cloned(),
+            ImagesCmd::Prune => v["removed"].as_array().cloned(),
+            ImagesCmd::Pull { .. } | ImagesCmd::Rm { .. } => Some(vec![v.clone()]),
+        };
+        if let ImagesCmd::Rm { image } = &cmd {
+            println!("removed {image}");
+            return;
+        }
+        let rows = list
+            .unwrap_or_default()
+            .iter()
+            .map(|i| {
+                let names: Vec<String> = i["names"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(text)
+                    .collect();
+                let digest = text(&i["digest"]);
+                vec![
+                    if names.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        names.join(", ")
+                    },
+                    digest.chars().take(19).collect(),
+                    format!("{:.1} MB", i["size"].as_f64().unwrap_or(0.0) / 1e6),
+                    text(&i["stored_at"]),
+                ]
+            })
+            .collect();
+        print_table(&["NAME", "DIGEST", "SIZE", "STORED"], rows);
+    });
+    Ok(0)
+}

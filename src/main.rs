@@ -62,6 +62,13 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::MachinesCmd,
     },
+    /// The host's images: list, pull, import, remove, prune.
+    Images {
+        #[command(flatten)]
+        conn: cli::HostConn,
+        #[command(subcommand)]
+        cmd: cli::ImagesCmd,
+    },
     /// Where the API is, who you are, and what runs.
     Status {
         #[command(flatten)]
@@ -218,6 +225,7 @@ fn main() -> anyhow::Result<()> {
         Command::Apps { conn, cmd } => exit_with(cli::apps(conn, cmd)),
         Command::Machines { conn, cmd } => exit_with(cli::machines(conn, cmd)),
         Command::Status { conn } => exit_with(cli::status(conn)),
+        Command::Images { conn, cmd } => exit_with(cli::images(conn, cmd)),
         Command::Bench(BenchPart::Catalog(args)) => bench::catalog(args),
         Command::Bench(BenchPart::Load(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::load(args))

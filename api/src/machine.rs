@@ -101,6 +101,9 @@ pub struct Machine {
     /// The machine's own address; its services listen on it.
     pub private_ip: String,
     pub config: MachineConfig,
+    /// The image the machine runs, resolved to its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<ImageRef>,
     pub created_at: String,
     pub updated_at: String,
     #[serde(default)]
@@ -116,6 +119,18 @@ pub struct Machine {
     /// Newest first.
     #[serde(default)]
     pub events: Vec<MachineEvent>,
+}
+
+/// `ImageRef`: where a machine's image came from, and the digest of the
+/// manifest it runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageRef {
+    pub registry: String,
+    pub repository: String,
+    pub tag: String,
+    pub digest: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One entry of a machine's event log.

@@ -55,6 +55,8 @@ pub struct FlydConfig {
     pub memory_overcommit: f64,
     /// Where the cgroup v2 hierarchy is mounted (memory limits).
     pub cgroup_root: PathBuf,
+    /// Images: the id range machines map to, registry credentials.
+    pub images: crate::images::ImagesConfig,
     /// Testing only: `"<fsm>/<step>/<before|after>"` (for example
     /// `"create/spawn/after"`) makes flyd kill its own process with SIGKILL
     /// at that point of the first run that reaches it, so crash recovery can
@@ -117,6 +119,7 @@ impl Default for FlydConfig {
             cpu_overcommit: 16,
             memory_overcommit: 1.0,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            images: crate::images::ImagesConfig::default(),
             crash_at: None,
         }
     }
@@ -146,6 +149,13 @@ impl FlydConfig {
         }
         if !(self.memory_overcommit > 0.0 && self.memory_overcommit <= 100.0) {
             problems.push("flyd.memory_overcommit: must be above 0 and at most 100".into());
+        }
+        let ids = self.images.id_base;
+        if ids == 0 || ids.checked_add(crate::images::IDS_PER_MACHINE).is_none() {
+            problems.push(format!(
+                "flyd.images.id_base: {ids} must be above 0 and leave room for {} ids",
+                crate::images::IDS_PER_MACHINE
+            ));
         }
         if problems.is_empty() {
             Ok(())

@@ -11,6 +11,7 @@ use crate::capacity::{Capacity, Guest};
 use crate::cgroup::Cgroups;
 use crate::config::FlydConfig;
 use crate::fsm::{FsmRun, RunStatus, Step};
+use crate::images::{ImageError, Images};
 use crate::record::MachineRecord;
 use crate::runtime::{self, Runtime, RuntimeError, process::Processes};
 use crate::steps::stop_input;
@@ -67,6 +68,8 @@ pub enum FlydError {
     Rib(#[from] RibError),
     #[error("machine {id}: {reason}")]
     Runtime { id: String, reason: String },
+    #[error("{0}")]
+    Image(#[from] ImageError),
 }
 
 impl FlydError {
@@ -91,6 +94,7 @@ impl FlydError {
             Self::WaitTimeout { .. } | Self::Timeout(_) => 408,
             Self::Capacity(_) => 503,
             Self::Store(_) | Self::Rib(_) | Self::Runtime { .. } => 500,
+            Self::Image(e) => e.status(),
         }
     }
 
@@ -126,6 +130,8 @@ pub struct Flyd {
     pub(crate) store: Arc<dyn FsmStore>,
     /// How the machines' workloads run.
     pub(crate) runtime: Arc<dyn Runtime>,
+    /// The images machines run.
+    pub(crate) images: Arc<Images>,
     rib: Arc<Rib>,
     /// The `hangar` executable, which runs the built-in images.
     pub(crate) exe: PathBuf,
@@ -176,15 +182,21 @@ impl Flyd {
         let exe = executable(&cfg)?;
         let logs = (cfg.log_max_bytes, cfg.log_files);
         let processes = Processes::new(exe, machines_dir, cgroups, logs);
-        Self::open_with(cfg, (Arc::new(store), Arc::new(processes)), rib, secrets).await
+        let images = Images::open(&data_dir.join("images"), &cfg.images)?;
+        let seams = (
+            Arc::new(store) as Arc<dyn FsmStore>,
+            Arc::new(processes) as Arc<dyn Runtime>,
+            Arc::new(images),
+        );
+        Self::open_with(cfg, seams, rib, secrets).await
     }
 
-    /// flyd over `store` and `runtime`: resumes what a previous run left
+    /// flyd over `store`, `runtime` and `images`: resumes what a previous run left
     /// (unfinished FSM runs continue at their step, running machines are
     /// watched again, workloads of machines it does not know are removed).
     pub async fn open_with(
         cfg: FlydConfig,
-        (store, runtime): (Arc<dyn FsmStore>, Arc<dyn Runtime>),
+        (store, runtime, images): (Arc<dyn FsmStore>, Arc<dyn Runtime>, Arc<Images>),
         rib: Arc<Rib>,
         secrets: Arc<SecretBox>,
     ) -> Result<Arc<Self>, anyhow::Error> {
@@ -200,6 +212,7 @@ impl Flyd {
             cfg,
             store,
             runtime,
+            images,
             rib,
             op_locks: Guarded::new("flyd.op_locks", Duration::from_secs(1), HashMap::new()),
             changed: watch::channel(0).0,

@@ -318,10 +318,24 @@ fn config() -> FlydConfig {
     }
 }
 
+/// One image store for every host of the model: images are not what it
+/// tests, and assembling `hangar/echo` for each of its hundreds of hosts
+/// would be most of its time.
+fn images() -> Arc<crate::images::Images> {
+    static IMAGES: std::sync::OnceLock<(tempfile::TempDir, Arc<crate::images::Images>)> =
+        std::sync::OnceLock::new();
+    let (_, images) = IMAGES.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let images = crate::images::Images::open(dir.path(), &config().images).unwrap();
+        (dir, Arc::new(images))
+    });
+    images.clone()
+}
+
 async fn open(dir: &std::path::Path, fake: Arc<Fake>, store: Arc<Mem>) -> Arc<Flyd> {
     let rib = Rib::open(&dir.join("rib.sqlite")).unwrap();
     let secrets = Arc::new(SecretBox::load_or_create(&dir.join("secrets.key")).unwrap());
-    Flyd::open_with(config(), (store, fake), rib, secrets)
+    Flyd::open_with(config(), (store, fake, images()), rib, secrets)
         .await
         .unwrap()
 }

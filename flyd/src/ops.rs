@@ -5,6 +5,7 @@
 use crate::capacity::Guest;
 use crate::flyd::{Flyd, FlydError, StopInput};
 use crate::fsm::{FsmKind, FsmRun};
+use crate::images::ImageRecord;
 use crate::record::{MachineRecord, now_rfc3339};
 use crate::steps::UpdateInput;
 use crate::workload::workload_argv;
@@ -15,6 +16,8 @@ use hangar_api::machine::{
     StopRequest, UpdateMachineRequest, WaitResponse,
 };
 use rand::Rng;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
@@ -87,6 +90,10 @@ impl Flyd {
         let m = req.machine;
         m.config.validate().map_err(FlydError::BadRequest)?;
         workload_argv(&self.exe, &m.config)?;
+        // Pulled before anything is recorded: an image that cannot be had
+        // fails the create and leaves nothing behind. The pin keeps it
+        // until the record names it.
+        let (image, _pin) = self.images.pull(&m.config.image).await?;
         let id = random_machine_id();
         let now = now_rfc3339();
         let rec = MachineRecord {
@@ -101,6 +108,7 @@ impl Flyd {
             host: self.cfg.host_id.clone(),
             state: MachineState::Created,
             private_ip: self.allocate_ip()?.to_string(),
+            image_ref: Some(image.image_ref(&m.config.image)),
             config: m.config,
             version: ulid::Ulid::new().to_string(),
             created_at: now.clone(),
@@ -273,6 +281,8 @@ impl Flyd {
     ) -> Result<Machine, FlydError> {
         req.config.validate().map_err(FlydError::BadRequest)?;
         workload_argv(&self.exe, &req.config)?;
+        // Before the machine's lock: a pull can take a while.
+        let (image, _pin) = self.images.pull(&req.config.image).await?;
         let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state == MachineState::Destroyed {
             return Err(precondition(id, "update", rec.state));
@@ -302,6 +312,7 @@ impl Flyd {
         let stop = self.stop_input(&rec, &StopRequest::default())?;
         let update = UpdateInput {
             version: ulid::Ulid::new().to_string(),
+            image_ref: Some(image.image_ref(&req.config.image)),
             config: req.config,
             name: req.name,
         };
@@ -472,6 +483,55 @@ fn reached(rec: &MachineRecord, want: &WaitFor) -> Option<Option<String>> {
             .any(|e| e.id.as_str() > from.as_str() && e.status == rec.state.as_str())
             .then_some(newest),
         None => Some(newest),
+    }
+}
+
+impl Flyd {
+    /// The images machines use (destroyed ones aside): digest → machine ids.
+    pub fn images_in_use(&self) -> Result<BTreeMap<String, Vec<String>>, FlydError> {
+        let mut used: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for rec in self.store.machines()? {
+            if rec.state == MachineState::Destroyed {
+                continue;
+            }
+            if let Some(image) = &rec.image_ref {
+                used.entry(image.digest.clone()).or_default().push(rec.id);
+            }
+        }
+        Ok(used)
+    }
+
+    /// Removes an image, or one of its names (409 while a machine uses it).
+    pub async fn image_remove(&self, what: &str) -> Result<ImageRecord, FlydError> {
+        let in_use = self.images_in_use()?;
+        Ok(self.images.remove(what, &in_use).await?)
+    }
+
+    /// Removes every image no machine uses.
+    pub async fn image_prune(&self) -> Result<Vec<ImageRecord>, FlydError> {
+        let in_use = self.images_in_use()?;
+        Ok(self.images.prune(&in_use).await?)
+    }
+
+    /// Pulls an image ahead of any machine (`hangar images pull`).
+    pub async fn image_pull(&self, image: &str) -> Result<ImageRecord, FlydError> {
+        Ok(self.images.pull(image).await?.0)
+    }
+
+    /// Imports the images of an archive at `path` (`hangar images import`).
+    pub async fn image_import(&self, path: &Path) -> Result<Vec<ImageRecord>, FlydError> {
+        Ok(self.images.import(path).await?)
+    }
+
+    /// Every image on this host.
+    pub fn image_list(&self) -> Vec<ImageRecord> {
+        self.images.list()
+    }
+
+    /// Where uploads for `image_import` are staged (the store's `tmp/`,
+    /// on the store's file system, cleared at start).
+    pub fn image_staging(&self) -> PathBuf {
+        self.images.staging()
     }
 }
 

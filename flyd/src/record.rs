@@ -1,7 +1,8 @@
 //! The machine record flyd keeps for each of its machines, and its public view.
 
 use hangar_api::machine::{
-    CheckStatus, Lease, Machine, MachineConfig, MachineEvent, MachineState, MachineVersion,
+    CheckStatus, ImageRef, Lease, Machine, MachineConfig, MachineEvent, MachineState,
+    MachineVersion,
 };
 use hangar_api::time::now_ms;
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,9 @@ pub struct MachineRecord {
     pub state: MachineState,
     pub private_ip: String,
     pub config: MachineConfig,
+    /// The image `config.image` resolved to, when the config was set.
+    #[serde(default)]
+    pub image_ref: Option<ImageRef>,
     /// A ULID, new for every config version.
     pub version: String,
     pub created_at: String,
@@ -124,6 +128,7 @@ impl MachineRecord {
             version: self.version.clone(),
             private_ip: self.private_ip.clone(),
             config: self.config.clone(),
+            image_ref: self.image_ref.clone(),
             created_at: self.created_at.clone(),
             updated_at: self.updated_at.clone(),
             cordoned: self.cordoned,

@@ -112,6 +112,10 @@ pub fn router(flyd: Arc<Flyd>, cluster: Arc<ClusterKey>) -> Router {
             get(memory).put(memory),
         )
         .route("/v1/apps/{app}/machines/{id}/memory/reclaim", post(memory))
+        .route("/v1/images", get(images_list).delete(images_remove))
+        .route("/v1/images/pull", post(images_pull))
+        .route("/v1/images/import", post(images_import))
+        .route("/v1/images/prune", post(images_prune))
         .fallback(not_found)
         .with_state(flyd)
         // Outermost, so that even an unknown path answers 401 to a stranger.
@@ -596,4 +600,67 @@ mod tests {
         assert!(flag("force", Some("")).ok().unwrap());
         assert!(flag("force", Some("maybe")).is_err());
     }
+}
+
+// ---- images (this host's; `hangar images`) ----
+
+async fn images_list(State(flyd): FlydState) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "images": flyd.image_list() }))
+}
+
+#[derive(Default, Deserialize)]
+struct ImageParam {
+    #[serde(default)]
+    image: String,
+}
+
+async fn images_pull(State(flyd): FlydState, bytes: Bytes) -> Result<impl IntoResponse> {
+    let req: ImageParam = body(&bytes)?;
+    if req.image.is_empty() {
+        return Err(bad_request("image: required"));
+    }
+    Ok(Json(flyd.image_pull(&req.image).await?))
+}
+
+async fn images_remove(
+    State(flyd): FlydState,
+    Query(q): Query<ImageParam>,
+) -> Result<impl IntoResponse> {
+    if q.image.is_empty() {
+        return Err(bad_request("image: required (?image=<name or digest>)"));
+    }
+    Ok(Json(flyd.image_remove(&q.image).await?))
+}
+
+async fn images_prune(State(flyd): FlydState) -> Result<impl IntoResponse> {
+    Ok(Json(
+        serde_json::json!({ "removed": flyd.image_prune().await? }),
+    ))
+}
+
+/// The body is the archive: streamed to a file in the store's staging
+/// directory (images can be larger than memory), imported, removed.
+async fn images_import(State(flyd): FlydState, req: Request) -> Result<impl IntoResponse> {
+    use tokio::io::AsyncWriteExt;
+    let path = flyd
+        .image_staging()
+        .join(format!("upload-{}", ulid::Ulid::new()));
+    let staged = async {
+        use http_body_util::BodyExt;
+        let mut file = tokio::fs::File::create_new(&path).await?;
+        let mut body = req.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {
+                file.write_all(&data).await?;
+            }
+        }
+        file.flush().await
+    }
+    .await;
+    let result = match staged {
+        Ok(()) => flyd.image_import(&path).await,
+        Err(e) => Err(crate::images::ImageError::from_io("receiving the archive", e).into()),
+    };
+    let _ = tokio::fs::remove_file(&path).await;
+    Ok(Json(serde_json::json!({ "images": result? })))
 }

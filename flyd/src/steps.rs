@@ -25,6 +25,9 @@ const DEFAULT_MAX_RETRIES: u32 = 10;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct UpdateInput {
     pub version: String,
+    /// The new config's image, resolved when the update was asked for.
+    #[serde(default)]
+    pub image_ref: Option<hangar_api::machine::ImageRef>,
     pub config: MachineConfig,
     #[serde(default)]
     pub name: Option<String>,
@@ -233,6 +236,7 @@ impl Flyd {
         rec.versions.truncate(MAX_VERSIONS);
         rec.version = input.version;
         rec.config = input.config;
+        rec.image_ref = input.image_ref;
         if let Some(name) = input.name.filter(|n| !n.is_empty()) {
             rec.name = name;
         }
