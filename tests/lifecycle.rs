@@ -331,11 +331,12 @@ async fn leases_metadata_signal_exec_and_ps() {
 
 #[tokio::test]
 async fn restart_policy_and_auto_destroy_for_host_commands() {
-    let h = Hangar::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(common::HOST_COMMANDS)).await;
     assert_eq!(h.post("/v1/apps", r#"{"app_name":"jobs"}"#).await.0, 201);
 
     // Fails every time: restarted twice, then left stopped.
-    let failing = r#"{"config":{"image":"job","init":{"exec":["sh","-c","exit 1"]},
+    let failing = r#"{"config":{"image":"hangar/host","init":{"exec":["sh","-c","exit 1"]},
         "restart":{"policy":"on-failure","max_retries":2}}}"#;
     let (status, machine) = h.post("/v1/apps/jobs/machines", failing).await;
     assert_eq!(status, 200, "{machine}");
@@ -358,7 +359,7 @@ async fn restart_policy_and_auto_destroy_for_host_commands() {
     assert_eq!(exits, 3, "one run and two restarts");
 
     // Succeeds once with auto_destroy: gone afterwards.
-    let job = r#"{"config":{"image":"job","init":{"exec":["true"]},"auto_destroy":true,
+    let job = r#"{"config":{"image":"hangar/host","init":{"exec":["true"]},"auto_destroy":true,
         "restart":{"policy":"no"}}}"#;
     let (status, machine) = h.post("/v1/apps/jobs/machines", job).await;
     assert_eq!(status, 200, "{machine}");

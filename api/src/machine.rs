@@ -14,6 +14,11 @@ use std::str::FromStr;
 /// The image that runs Hangar's built-in echo server.
 pub const ECHO_IMAGE: &str = "hangar/echo";
 
+/// The pseudo-image of a host command (`init.exec`) run outside any image
+/// or sandbox, as Hangar's own user: refused unless the host's config turns
+/// `flyd.host_commands` on.
+pub const HOST_IMAGE: &str = "hangar/host";
+
 /// Most services one machine config may declare.
 pub const MAX_SERVICES: usize = 16;
 /// Most public ports, over all of a config's services.

@@ -55,6 +55,9 @@ pub struct FlydConfig {
     pub memory_overcommit: f64,
     /// Where the cgroup v2 hierarchy is mounted (memory limits).
     pub cgroup_root: PathBuf,
+    /// Whether machines may run `hangar/host`: a host command outside any
+    /// image or sandbox, as flyd's own user. Off unless set.
+    pub host_commands: bool,
     /// Images: the id range machines map to, registry credentials.
     pub images: crate::images::ImagesConfig,
     /// Testing only: `"<fsm>/<step>/<before|after>"` (for example
@@ -119,6 +122,7 @@ impl Default for FlydConfig {
             cpu_overcommit: 16,
             memory_overcommit: 1.0,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            host_commands: false,
             images: crate::images::ImagesConfig::default(),
             crash_at: None,
         }

@@ -5,15 +5,15 @@
 use crate::capacity::Guest;
 use crate::flyd::{Flyd, FlydError, StopInput};
 use crate::fsm::{FsmKind, FsmRun};
-use crate::images::ImageRecord;
+use crate::images::{ImagePin, ImageRecord};
 use crate::record::{MachineRecord, now_rfc3339};
 use crate::steps::UpdateInput;
 use crate::workload::workload_argv;
 use hangar_api::duration::GoDuration;
 use hangar_api::host::HostCreateRequest;
 use hangar_api::machine::{
-    CreateLeaseRequest, Machine, MachineEvent, MachineState, MachineVersion, StartResponse,
-    StopRequest, UpdateMachineRequest, WaitResponse,
+    CreateLeaseRequest, HOST_IMAGE, ImageRef, Machine, MachineEvent, MachineState, MachineVersion,
+    StartResponse, StopRequest, UpdateMachineRequest, WaitResponse,
 };
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -89,11 +89,13 @@ impl Flyd {
     pub async fn create(self: &Arc<Self>, req: HostCreateRequest) -> Result<Machine, FlydError> {
         let m = req.machine;
         m.config.validate().map_err(FlydError::BadRequest)?;
-        workload_argv(&self.exe, &m.config)?;
+        if !m.skip_launch || m.config.image == HOST_IMAGE {
+            workload_argv(&self.exe, &m.config, self.cfg.host_commands)?;
+        }
         // Pulled before anything is recorded: an image that cannot be had
         // fails the create and leaves nothing behind. The pin keeps it
         // until the record names it.
-        let (image, _pin) = self.images.pull(&m.config.image).await?;
+        let (image_ref, _pin) = self.resolve_image(&m.config.image).await?;
         let id = random_machine_id();
         let now = now_rfc3339();
         let rec = MachineRecord {
@@ -108,7 +110,7 @@ impl Flyd {
             host: self.cfg.host_id.clone(),
             state: MachineState::Created,
             private_ip: self.allocate_ip()?.to_string(),
-            image_ref: Some(image.image_ref(&m.config.image)),
+            image_ref,
             config: m.config,
             version: ulid::Ulid::new().to_string(),
             created_at: now.clone(),
@@ -280,9 +282,11 @@ impl Flyd {
         nonce: Option<&str>,
     ) -> Result<Machine, FlydError> {
         req.config.validate().map_err(FlydError::BadRequest)?;
-        workload_argv(&self.exe, &req.config)?;
+        if !req.skip_launch || req.config.image == HOST_IMAGE {
+            workload_argv(&self.exe, &req.config, self.cfg.host_commands)?;
+        }
         // Before the machine's lock: a pull can take a while.
-        let (image, _pin) = self.images.pull(&req.config.image).await?;
+        let (image_ref, _pin) = self.resolve_image(&req.config.image).await?;
         let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state == MachineState::Destroyed {
             return Err(precondition(id, "update", rec.state));
@@ -312,7 +316,7 @@ impl Flyd {
         let stop = self.stop_input(&rec, &StopRequest::default())?;
         let update = UpdateInput {
             version: ulid::Ulid::new().to_string(),
-            image_ref: Some(image.image_ref(&req.config.image)),
+            image_ref,
             config: req.config,
             name: req.name,
         };
@@ -513,9 +517,22 @@ impl Flyd {
         Ok(self.images.prune(&in_use).await?)
     }
 
+    /// The image a config names, pulled if need be, held until the pin
+    /// drops; none for a host command.
+    async fn resolve_image(
+        &self,
+        image: &str,
+    ) -> Result<(Option<ImageRef>, Option<ImagePin>), FlydError> {
+        if image == HOST_IMAGE {
+            return Ok((None, None));
+        }
+        let (rec, pin) = self.images.pull(image).await?;
+        Ok((Some(rec.image_ref(image)), Some(pin)))
+    }
+
     /// Pulls an image ahead of any machine (`hangar images pull`).
     pub async fn image_pull(&self, image: &str) -> Result<ImageRecord, FlydError> {
-        Ok(self.images.pull(image).await?.0)
+        Ok(self.images.refresh(image).await?.0)
     }
 
     /// Imports the images of an archive at `path` (`hangar images import`).

@@ -647,7 +647,7 @@ async fn images_import(State(flyd): FlydState, req: Request) -> Result<impl Into
         .join(format!("upload-{}", ulid::Ulid::new()));
     let staged = async {
         use http_body_util::BodyExt;
-        let mut file = tokio::fs::File::create_new(&path).await?;
+        let mut file = tokio::fs::File::from_std(crate::images::private_file(&path)?);
         let mut body = req.into_body();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.map_err(std::io::Error::other)?.into_data() {

@@ -61,7 +61,7 @@ impl Flyd {
                 .map_err(|e| FlydError::runtime(id, e));
         }
         let launch = Launch {
-            argv: workload_argv(&self.exe, &rec.config)?,
+            argv: workload_argv(&self.exe, &rec.config, self.cfg.host_commands)?,
             env: workload_env(&rec, self.app_secrets(&rec.app)?),
             memory_mb: Guest::of(&rec.config).memory_mb,
         };

@@ -5,7 +5,9 @@ use crate::flyd::{Flyd, FlydError};
 use crate::ops::parse_signal;
 use crate::pilot;
 use crate::record::MachineRecord;
-use hangar_api::machine::{ECHO_IMAGE, ExecRequest, ExecResponse, MachineState, ProcessStat};
+use hangar_api::machine::{
+    ECHO_IMAGE, ExecRequest, ExecResponse, HOST_IMAGE, MachineState, ProcessStat,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -14,13 +16,28 @@ use std::time::Duration;
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The program and arguments that run a machine's workload.
+/// The program and arguments that run a machine's workload: the built-in
+/// echo image, or a host command where `host_commands` allows it. An image
+/// from a registry is pulled and recorded, but not run yet: that needs the
+/// sandbox runtime, which is still to come.
 pub(crate) fn workload_argv(
     exe: &Path,
     config: &hangar_api::MachineConfig,
+    host_commands: bool,
 ) -> Result<Vec<String>, FlydError> {
     if config.image == ECHO_IMAGE {
         return Ok(vec![exe.display().to_string(), "echo".to_string()]);
+    }
+    if config.image != HOST_IMAGE {
+        return Err(FlydError::BadRequest(format!(
+            "config.image: {:?} is stored on this host, but machines cannot run registry images yet (no sandbox runtime): create it with skip_launch, or use {ECHO_IMAGE:?}",
+            config.image
+        )));
+    }
+    if !host_commands {
+        return Err(FlydError::BadRequest(format!(
+            "config.image: {HOST_IMAGE:?} runs a host command outside any sandbox, and flyd.host_commands is off on this host"
+        )));
     }
     let init = config.init.clone().unwrap_or_default();
     let argv = if !init.exec.is_empty() {
@@ -30,8 +47,7 @@ pub(crate) fn workload_argv(
     };
     if argv.is_empty() {
         return Err(FlydError::BadRequest(format!(
-            "config.image: {:?} cannot run here: use the built-in image {ECHO_IMAGE:?}, or give a host command in config.init.exec",
-            config.image
+            "config.init.exec: {HOST_IMAGE:?} needs the command to run"
         )));
     }
     Ok(argv)
@@ -141,22 +157,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn workloads_are_echo_or_a_host_command() {
+    fn workloads_are_echo_or_an_allowed_host_command() {
         let exe = Path::new("/bin/hangar");
         let mut cfg = hangar_api::MachineConfig {
             image: ECHO_IMAGE.into(),
             ..Default::default()
         };
-        assert_eq!(workload_argv(exe, &cfg).unwrap(), ["/bin/hangar", "echo"]);
+        assert_eq!(
+            workload_argv(exe, &cfg, false).unwrap(),
+            ["/bin/hangar", "echo"]
+        );
         cfg.image = "nginx".into();
         assert!(matches!(
-            workload_argv(exe, &cfg),
+            workload_argv(exe, &cfg, true),
             Err(FlydError::BadRequest(_))
         ));
+        cfg.image = HOST_IMAGE.into();
         cfg.init = Some(hangar_api::machine::MachineInit {
             cmd: vec!["sleep".into(), "5".into()],
             ..Default::default()
         });
-        assert_eq!(workload_argv(exe, &cfg).unwrap(), ["sleep", "5"]);
+        assert_eq!(workload_argv(exe, &cfg, true).unwrap(), ["sleep", "5"]);
+        let e = workload_argv(exe, &cfg, false).unwrap_err();
+        assert!(e.to_string().contains("host_commands is off"), "{e}");
     }
 }

@@ -471,6 +471,10 @@ fn read_log(dir: &Path) -> String {
 }
 
 /// The machine the README's walkthrough creates.
+/// Config that lets machines run host commands (`hangar/host`).
+pub const HOST_COMMANDS: &str =
+    "[flaps.rate_limits]\nenabled = false\n[flyd]\nhost_commands = true\n";
+
 pub const ECHO_MACHINE: &str = r#"{"config":{"image":"hangar/echo","services":[{"protocol":"tcp","internal_port":8080,
   "ports":[{"port":80,"handlers":["http"]},{"port":443,"handlers":["tls","http"]}]}]}}"#;
 

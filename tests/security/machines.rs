@@ -41,7 +41,9 @@ async fn secrets_and_state_stay_private_on_disk() {
                 path.display()
             );
         }
-        if meta.is_dir() {
+        // Image roots carry their images' own modes, behind the store's
+        // closed directories.
+        if meta.is_dir() && path != h.data_dir.join("images/rootfs") {
             stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
         } else if meta.is_file() {
             files += 1;
@@ -85,13 +87,13 @@ async fn events(h: &Hangar, app: &str, id: &str) -> Vec<(String, String, i64)> {
 #[tokio::test]
 async fn a_crash_loop_backs_off() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = "[flaps.rate_limits]\nenabled = false\n[flyd]\nrestart_backoff_ms = 100\nrestart_backoff_max_ms = 400\n";
+    let config = "[flaps.rate_limits]\nenabled = false\n[flyd]\nhost_commands = true\nrestart_backoff_ms = 100\nrestart_backoff_max_ms = 400\n";
     let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
     h.create_app("crashy").await;
     let (status, machine) = h
         .post(
             "/v1/apps/crashy/machines",
-            r#"{"config":{"image":"crash","init":{"exec":["sh","-c","exit 3"]},"restart":{"policy":"always"}}}"#,
+            r#"{"config":{"image":"hangar/host","init":{"exec":["sh","-c","exit 3"]},"restart":{"policy":"always"}}}"#,
         )
         .await;
     assert_eq!(status, 200, "{machine}");
@@ -140,12 +142,13 @@ async fn a_crash_loop_backs_off() {
 /// timeout killed it.
 #[tokio::test]
 async fn nothing_a_workload_starts_outlives_its_machine() {
-    let h = Hangar::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hangar::start_with(&tmp.path().join("data"), Some(common::HOST_COMMANDS)).await;
     h.create_app("leaky").await;
     // Sleeps no other run of this test has (a failed run may leave its own).
     let n = 40_000 + std::process::id() % 20_000;
     let (detached, workload, execd) = (n.to_string(), (n + 1).to_string(), (n + 2).to_string());
-    let init = serde_json::json!({"config": {"image": "leaky", "init": {"exec":
+    let init = serde_json::json!({"config": {"image": "hangar/host", "init": {"exec":
         ["sh", "-c", format!("setsid sleep {detached} & exec sleep {workload}")]}}});
     let machine = h.started_machine("leaky", &init.to_string()).await;
     let id = machine["id"].as_str().unwrap();
@@ -177,13 +180,11 @@ async fn nothing_a_workload_starts_outlives_its_machine() {
 #[tokio::test]
 async fn machine_logs_are_rotated_by_size() {
     let tmp = tempfile::tempdir().unwrap();
-    let config =
-        "[flaps.rate_limits]\nenabled = false\n[flyd]\nlog_max_bytes = 4096\nlog_files = 2\n";
+    let config = "[flaps.rate_limits]\nenabled = false\n[flyd]\nhost_commands = true\nlog_max_bytes = 4096\nlog_files = 2\n";
     let h = Hangar::start_with(&tmp.path().join("data"), Some(config)).await;
     h.create_app("chatty").await;
     let script = "i=0; while [ $i -lt 3000 ]; do echo line-$i-padding-padding-padding; i=$((i+1)); done; echo done-talking; exec sleep 1000";
-    let request =
-        serde_json::json!({"config": {"image": "chatty", "init": {"exec": ["sh", "-c", script]}}});
+    let request = serde_json::json!({"config": {"image": "hangar/host", "init": {"exec": ["sh", "-c", script]}}});
     let machine = h.started_machine("chatty", &request.to_string()).await;
     let dir = h
         .data_dir

@@ -50,7 +50,7 @@ impl Blobs {
     /// A new staging file (in `tmp`), for a blob being fetched.
     pub fn stage(&self) -> io::Result<(PathBuf, std::fs::File)> {
         let path = self.tmp.join(format!("blob-{}", ulid::Ulid::new()));
-        let file = std::fs::File::create_new(&path)?;
+        let file = super::private_file(&path)?;
         Ok((path, file))
     }
 
@@ -68,7 +68,7 @@ impl Blobs {
             return Ok(Err(actual));
         }
         std::fs::File::open(staged)?.sync_all()?;
-        std::fs::create_dir_all(target.parent().expect("blob paths have a parent"))?;
+        super::private_dir(target.parent().expect("blob paths have a parent"))?;
         std::fs::rename(staged, &target)?;
         Ok(Ok(()))
     }

@@ -264,7 +264,7 @@ impl Images {
     /// `tmp/` and any root the index does not name.
     pub fn open(dir: &Path, config: &ImagesConfig) -> Result<Self, ImageError> {
         let fail = |e| ImageError::from_io("opening the image store", e);
-        std::fs::create_dir_all(dir).map_err(fail)?;
+        private_dir(dir).map_err(fail)?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
@@ -272,7 +272,7 @@ impl Images {
         let tmp = dir.join("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         for sub in [&tmp, &dir.join("blobs/sha256"), &dir.join("rootfs")] {
-            std::fs::create_dir_all(sub).map_err(fail)?;
+            private_dir(sub).map_err(fail)?;
         }
         let ids = IdShift {
             base: config.id_base,
@@ -366,45 +366,46 @@ impl Images {
             .cloned()
     }
 
-    /// The image `image` names, pulled from its registry unless it is
-    /// here already (a digest reference), or the built-in one. A tag is
-    /// looked up in the registry each time, as Fly does at deploy; when
-    /// the registry cannot be reached, the copy here serves, if any.
+    /// The image `image` names, held until the pin drops: the built-in
+    /// one, the copy on this host when there is one (as `docker run` does:
+    /// deploys name new tags or digests, and an imported image needs no
+    /// registry), else pulled from its registry.
     pub async fn pull(&self, image: &str) -> Result<(ImageRecord, ImagePin), ImageError> {
         if image == hangar_api::machine::ECHO_IMAGE {
             return self.builtin_echo().await;
         }
-        let reference: Reference = image.parse().map_err(|e| ImageError::BadReference {
-            image: image.to_string(),
-            reason: format!("{e}"),
-        })?;
-        if let Some(digest) = reference.digest()
-            && let Some(held) = self.pinned(digest)
-        {
-            return Ok(held);
-        }
-        let name = (reference.digest().is_none()).then(|| reference.whole());
-        let fetched = match self.registries.manifest(&reference).await {
-            Ok(fetched) => fetched,
-            Err(e @ ImageError::Unreachable { .. }) => {
-                let here = name.as_deref().and_then(|n| self.find(n));
-                match here.and_then(|rec| self.pinned(&rec.digest)) {
-                    Some(held) => {
-                        tracing::warn!(image, error = %e, "registry unreachable; using the copy on this host");
-                        return Ok(held);
-                    }
-                    None => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
+        let reference = parse(image)?;
+        let here = match reference.digest() {
+            Some(digest) => self.pinned(digest),
+            None => self
+                .find(&reference.whole())
+                .and_then(|rec| self.pinned(&rec.digest)),
         };
+        match here {
+            Some(held) => Ok(held),
+            None => self.fetch(&reference).await,
+        }
+    }
+
+    /// Pulls `image` from its registry even when a copy is here: `hangar
+    /// images pull`, to move a name to what its registry has now.
+    pub async fn refresh(&self, image: &str) -> Result<(ImageRecord, ImagePin), ImageError> {
+        if image == hangar_api::machine::ECHO_IMAGE {
+            return self.builtin_echo().await;
+        }
+        self.fetch(&parse(image)?).await
+    }
+
+    async fn fetch(&self, reference: &Reference) -> Result<(ImageRecord, ImagePin), ImageError> {
+        let image = reference.whole();
+        let fetched = self.registries.manifest(reference).await?;
         let _one = self.storing.lock().await;
         if self.ready(&fetched.digest).is_none() {
             for layer in &fetched.manifest.layers {
-                self.registries.blob(&reference, layer, &self.blobs).await?;
+                self.registries.blob(reference, layer, &self.blobs).await?;
             }
             let record = self.record(
-                &reference.whole(),
+                &image,
                 reference.registry(),
                 reference.repository(),
                 &fetched.digest,
@@ -414,8 +415,8 @@ impl Images {
             self.unpack(&record).await?;
             self.insert(record)?;
         }
-        if let Some(name) = name {
-            self.name(&fetched.digest, &name)?;
+        if reference.digest().is_none() {
+            self.name(&fetched.digest, &image)?;
         }
         self.pinned(&fetched.digest)
             .ok_or_else(|| ImageError::Io(format!("image {image} vanished while stored")))
@@ -568,7 +569,7 @@ impl Images {
             .dir
             .join("tmp")
             .join(format!("index-{}", ulid::Ulid::new()));
-        let mut file = std::fs::File::create_new(&tmp).map_err(fail)?;
+        let mut file = private_file(&tmp).map_err(fail)?;
         let written = io::Write::write_all(&mut file, &text).and_then(|()| file.sync_all());
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
@@ -697,6 +698,34 @@ fn unpack_layers(
         }
     }
     Ok(())
+}
+
+/// Makes `path` and its missing parents, readable by the owner only: the
+/// store is flyd's (the roots in it carry their images' own modes).
+fn private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Creates the new file `path`, readable by the owner only.
+pub(crate) fn private_file(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// `image` as a reference.
+fn parse(image: &str) -> Result<Reference, ImageError> {
+    image.parse().map_err(|e| ImageError::BadReference {
+        image: image.to_string(),
+        reason: format!("{e}"),
+    })
 }
 
 /// A reference's canonical name (`docker.io/library/busybox:latest` for
