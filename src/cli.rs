@@ -524,8 +524,11 @@ pub async fn images(conn: HostConn, cmd: ImagesCmd) -> anyhow::Result<i32> {
                 .to_string()
         }
     };
-    let key = std::fs::read_to_string(conn.data_dir.join("cluster.key"))
-        .with_context(|| format!("no cluster credential in {}", conn.data_dir.display()))?;
+    let key_path = conn.data_dir.join("cluster.key");
+    if !key_path.is_file() {
+        bail!("no cluster credential in {}", conn.data_dir.display());
+    }
+    let key = hangar_catalog::ClusterKey::load_or_create(&key_path)?;
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(3600));
     let base = match addr.strip_prefix("unix:") {
         Some(path) => {
@@ -537,7 +540,7 @@ pub async fn images(conn: HostConn, cmd: ImagesCmd) -> anyhow::Result<i32> {
     let http = builder.build()?;
     let request = |method: reqwest::Method, path: &str| {
         http.request(method, format!("{base}{path}"))
-            .bearer_auth(key.trim())
+            .bearer_auth(key.token())
     };
     let req = match &cmd {
         ImagesCmd::Ls => request(reqwest::Method::GET, "/v1/images"),

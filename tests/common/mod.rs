@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod packages;
+pub mod registry;
+
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -319,9 +319,10 @@ fn read_archive(blobs: &super::blobs::Blobs, path: &Path) -> Result<Contents, Im
     };
     let mut archive = tar::Archive::new(reader);
     let mut contents = Contents::default();
-    let entries = archive.entries().map_err(invalid)?;
+    let unreadable = |e: io::Error| invalid(format!("not a readable tar archive: {e}"));
+    let entries = archive.entries().map_err(unreadable)?;
     for entry in entries {
-        let mut entry = entry.map_err(invalid)?;
+        let mut entry = entry.map_err(unreadable)?;
         let raw = entry.path().map_err(invalid)?.into_owned();
         let Some(at) = normal(&raw) else {
             return Err(invalid(format!(

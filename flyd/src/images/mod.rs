@@ -401,19 +401,30 @@ impl Images {
         let fetched = self.registries.manifest(reference).await?;
         let _one = self.storing.lock().await;
         if self.ready(&fetched.digest).is_none() {
-            for layer in &fetched.manifest.layers {
-                self.registries.blob(reference, layer, &self.blobs).await?;
+            let stored = async {
+                for layer in &fetched.manifest.layers {
+                    self.registries.blob(reference, layer, &self.blobs).await?;
+                }
+                let record = self.record(
+                    &image,
+                    reference.registry(),
+                    reference.repository(),
+                    &fetched.digest,
+                    &fetched.manifest,
+                    &fetched.config,
+                )?;
+                self.unpack(&record).await?;
+                self.insert(record)
             }
-            let record = self.record(
-                &image,
-                reference.registry(),
-                reference.repository(),
-                &fetched.digest,
-                &fetched.manifest,
-                &fetched.config,
-            )?;
-            self.unpack(&record).await?;
-            self.insert(record)?;
+            .await;
+            if let Err(e) = stored {
+                // A failed pull leaves nothing, not even the blobs that
+                // did arrive whole.
+                if let Err(sweep) = self.sweep_blobs() {
+                    tracing::warn!(error = %sweep, "removing a failed pull's blobs");
+                }
+                return Err(e);
+            }
         }
         if reference.digest().is_none() {
             self.name(&fetched.digest, &image)?;

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 /// How to reach one registry: `[flyd.images.registries."<host[:port]>"]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -127,10 +128,17 @@ impl Registries {
         let (staged, file) = blobs
             .stage()
             .map_err(|e| ImageError::from_io("staging a layer", e))?;
-        let pulled = self
+        let mut file = tokio::fs::File::from_std(file);
+        let pulled = match self
             .client_for(reference)
-            .pull_blob(reference, layer, tokio::fs::File::from_std(file))
-            .await;
+            .pull_blob(reference, layer, &mut file)
+            .await
+        {
+            // tokio's file writes in the background: wait for the last.
+            Ok(()) => file.flush().await.map_err(OciDistributionError::IoError),
+            Err(e) => Err(e),
+        };
+        drop(file);
         if let Err(e) = pulled {
             let _ = std::fs::remove_file(&staged);
             return Err(explain(reference, e));
