@@ -58,6 +58,8 @@ pub struct FlydConfig {
     /// Whether machines may run `hangar/host`: a host command outside any
     /// image or sandbox, as flyd's own user. Off unless set.
     pub host_commands: bool,
+    /// Sandboxes: the OCI runtime, where roots are mounted, limits.
+    pub sandbox: crate::runtime::sandbox::SandboxConfig,
     /// Images: the id range machines map to, registry credentials.
     pub images: crate::images::ImagesConfig,
     /// Testing only: `"<fsm>/<step>/<before|after>"` (for example
@@ -123,6 +125,7 @@ impl Default for FlydConfig {
             memory_overcommit: 1.0,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             host_commands: false,
+            sandbox: crate::runtime::sandbox::SandboxConfig::default(),
             images: crate::images::ImagesConfig::default(),
             crash_at: None,
         }

@@ -13,6 +13,7 @@ use crate::config::FlydConfig;
 use crate::fsm::{FsmRun, RunStatus, Step};
 use crate::images::{ImageError, Images};
 use crate::record::MachineRecord;
+use crate::runtime::sandbox::Sandboxes;
 use crate::runtime::{self, Runtime, RuntimeError, process::Processes};
 use crate::steps::stop_input;
 use crate::store::{FsmStore, Store, StoreError};
@@ -133,8 +134,6 @@ pub struct Flyd {
     /// The images machines run.
     pub(crate) images: Arc<Images>,
     rib: Arc<Rib>,
-    /// The `hangar` executable, which runs the built-in images.
-    pub(crate) exe: PathBuf,
     /// Per-machine operation locks. The map's own lock is held only to
     /// fetch or insert an entry, never across an await.
     op_locks: Guarded<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -181,8 +180,16 @@ impl Flyd {
         };
         let exe = executable(&cfg)?;
         let logs = (cfg.log_max_bytes, cfg.log_files);
-        let processes = Processes::new(exe, machines_dir, cgroups, logs);
         let images = Images::open(&data_dir.join("images"), &cfg.images)?;
+        let sandboxes =
+            Sandboxes::setup(&cfg.sandbox, data_dir, &exe, &cfg.host_id, images.ids());
+        match &sandboxes {
+            Ok(_) => tracing::info!("machines that run images run in sandboxes under runc"),
+            Err(why) => tracing::warn!(
+                "no sandboxes on this host ({why}): only hangar/echo can run, as a host process"
+            ),
+        }
+        let processes = Processes::new(exe, machines_dir, cgroups, sandboxes, logs);
         let seams = (
             Arc::new(store) as Arc<dyn FsmStore>,
             Arc::new(processes) as Arc<dyn Runtime>,
@@ -208,7 +215,6 @@ impl Flyd {
         let capacity = Capacity::new(&cfg, reserved_by(&*store)?);
         let flyd = Arc::new(Self {
             range: cfg.private_range,
-            exe: executable(&cfg)?,
             cfg,
             store,
             runtime,

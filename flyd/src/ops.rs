@@ -8,11 +8,11 @@ use crate::fsm::{FsmKind, FsmRun};
 use crate::images::{ImagePin, ImageRecord};
 use crate::record::{MachineRecord, now_rfc3339};
 use crate::steps::UpdateInput;
-use crate::workload::workload_argv;
+use crate::workload::{check_host_command, workload_argv};
 use hangar_api::duration::GoDuration;
 use hangar_api::host::HostCreateRequest;
 use hangar_api::machine::{
-    CreateLeaseRequest, HOST_IMAGE, ImageRef, Machine, MachineEvent, MachineState, MachineVersion,
+    CreateLeaseRequest, HOST_IMAGE, Machine, MachineEvent, MachineState, MachineVersion,
     StartResponse, StopRequest, UpdateMachineRequest, WaitResponse,
 };
 use rand::Rng;
@@ -89,13 +89,13 @@ impl Flyd {
     pub async fn create(self: &Arc<Self>, req: HostCreateRequest) -> Result<Machine, FlydError> {
         let m = req.machine;
         m.config.validate().map_err(FlydError::BadRequest)?;
-        if !m.skip_launch || m.config.image == HOST_IMAGE {
-            workload_argv(&self.exe, &m.config, self.cfg.host_commands)?;
-        }
+        check_host_command(&m.config, self.cfg.host_commands)?;
         // Pulled before anything is recorded: an image that cannot be had
         // fails the create and leaves nothing behind. The pin keeps it
         // until the record names it.
-        let (image_ref, _pin) = self.resolve_image(&m.config.image).await?;
+        let (image, _pin) = self.resolve_image(&m.config.image).await?;
+        workload_argv(&m.config, image.as_ref().map(|i| &i.config))?;
+        let image_ref = image.map(|i| i.image_ref(&m.config.image));
         let id = random_machine_id();
         let now = now_rfc3339();
         let rec = MachineRecord {
@@ -282,11 +282,11 @@ impl Flyd {
         nonce: Option<&str>,
     ) -> Result<Machine, FlydError> {
         req.config.validate().map_err(FlydError::BadRequest)?;
-        if !req.skip_launch || req.config.image == HOST_IMAGE {
-            workload_argv(&self.exe, &req.config, self.cfg.host_commands)?;
-        }
+        check_host_command(&req.config, self.cfg.host_commands)?;
         // Before the machine's lock: a pull can take a while.
-        let (image_ref, _pin) = self.resolve_image(&req.config.image).await?;
+        let (image, _pin) = self.resolve_image(&req.config.image).await?;
+        workload_argv(&req.config, image.as_ref().map(|i| &i.config))?;
+        let image_ref = image.map(|i| i.image_ref(&req.config.image));
         let (_guard, rec) = self.begin(id, nonce).await?;
         if rec.state == MachineState::Destroyed {
             return Err(precondition(id, "update", rec.state));
@@ -522,12 +522,12 @@ impl Flyd {
     async fn resolve_image(
         &self,
         image: &str,
-    ) -> Result<(Option<ImageRef>, Option<ImagePin>), FlydError> {
+    ) -> Result<(Option<ImageRecord>, Option<ImagePin>), FlydError> {
         if image == HOST_IMAGE {
             return Ok((None, None));
         }
         let (rec, pin) = self.images.pull(image).await?;
-        Ok((Some(rec.image_ref(image)), Some(pin)))
+        Ok((Some(rec), Some(pin)))
     }
 
     /// Pulls an image ahead of any machine (`hangar images pull`).

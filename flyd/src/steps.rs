@@ -9,8 +9,9 @@ use crate::fsm::{FsmKind, FsmRun};
 use crate::pilot::ExitInfo;
 use crate::record::{MAX_VERSIONS, MachineRecord, now_rfc3339};
 use crate::runtime::Launch;
+use crate::runtime::sandbox::LaunchImage;
 use crate::workload::{workload_argv, workload_env};
-use hangar_api::machine::{MachineConfig, MachineState, MachineVersion};
+use hangar_api::machine::{ECHO_IMAGE, MachineConfig, MachineState, MachineVersion};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,10 +61,26 @@ impl Flyd {
                 .await
                 .map_err(|e| FlydError::runtime(id, e));
         }
+        let image = self.machine_image(&rec)?;
+        let run_config = image.as_ref().map(|(i, _)| &i.config);
+        let guest = Guest::of(&rec.config);
         let launch = Launch {
-            argv: workload_argv(&self.exe, &rec.config, self.cfg.host_commands)?,
-            env: workload_env(&rec, self.app_secrets(&rec.app)?),
-            memory_mb: Guest::of(&rec.config).memory_mb,
+            argv: workload_argv(&rec.config, run_config)?,
+            env: workload_env(&rec, run_config, self.app_secrets(&rec.app)?),
+            memory_mb: guest.memory_mb,
+            image: image.as_ref().map(|(i, root)| LaunchImage {
+                root: root.clone(),
+                cwd: i.config.working_dir.clone(),
+                user: i.config.user.clone(),
+                cpus: guest.cpus,
+                shared_cpu: rec
+                    .config
+                    .guest
+                    .as_ref()
+                    .and_then(|g| g.cpu_kind.as_deref())
+                    .is_none_or(|kind| kind != "performance"),
+                builtin: rec.config.image == ECHO_IMAGE,
+            }),
         };
         rec.state = MachineState::Starting;
         rec.updated_at = now_rfc3339();
@@ -76,6 +93,29 @@ impl Flyd {
         rec.pilot_pid = Some(pid);
         self.store.put_machine(&rec)?;
         Ok(())
+    }
+
+    /// The image machine `rec` runs and where its root is unpacked; none
+    /// for a host command. An image gone from the store (removed by hand)
+    /// is pulled again by its name.
+    fn machine_image(
+        &self,
+        rec: &MachineRecord,
+    ) -> Result<Option<(crate::images::ImageRecord, std::path::PathBuf)>, FlydError> {
+        let Some(image_ref) = &rec.image_ref else {
+            return Ok(None);
+        };
+        let found = self.images.get(&image_ref.digest).and_then(|image| {
+            let root = self.images.rootfs_path(&image.digest)?;
+            root.is_dir().then_some((image, root))
+        });
+        found.map(Some).ok_or_else(|| FlydError::Runtime {
+            id: rec.id.clone(),
+            reason: format!(
+                "its image {} ({}) is no longer on this host: update the machine to pull it again",
+                rec.config.image, image_ref.digest
+            ),
+        })
     }
 
     /// Waits until every service port accepts a connection. A workload that

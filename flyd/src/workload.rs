@@ -2,52 +2,64 @@
 //! operations on it that go through its pilot: signal, exec, ps.
 
 use crate::flyd::{Flyd, FlydError};
+use crate::images::RunConfig;
 use crate::ops::parse_signal;
 use crate::pilot;
 use crate::record::MachineRecord;
-use hangar_api::machine::{
-    ECHO_IMAGE, ExecRequest, ExecResponse, HOST_IMAGE, MachineState, ProcessStat,
-};
+use hangar_api::machine::{ExecRequest, ExecResponse, HOST_IMAGE, MachineState, ProcessStat};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::Duration;
 
 /// Default and longest `exec` timeouts.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The program and arguments that run a machine's workload: the built-in
-/// echo image, or a host command where `host_commands` allows it. An image
-/// from a registry is pulled and recorded, but not run yet: that needs the
-/// sandbox runtime, which is still to come.
-pub(crate) fn workload_argv(
-    exe: &Path,
+/// Checks that a config may run a host command (`hangar/host`): only
+/// where `host_commands` is on, and with a command.
+pub(crate) fn check_host_command(
     config: &hangar_api::MachineConfig,
     host_commands: bool,
-) -> Result<Vec<String>, FlydError> {
-    if config.image == ECHO_IMAGE {
-        return Ok(vec![exe.display().to_string(), "echo".to_string()]);
-    }
+) -> Result<(), FlydError> {
     if config.image != HOST_IMAGE {
-        return Err(FlydError::BadRequest(format!(
-            "config.image: {:?} is stored on this host, but machines cannot run registry images yet (no sandbox runtime): create it with skip_launch, or use {ECHO_IMAGE:?}",
-            config.image
-        )));
+        return Ok(());
     }
     if !host_commands {
         return Err(FlydError::BadRequest(format!(
             "config.image: {HOST_IMAGE:?} runs a host command outside any sandbox, and flyd.host_commands is off on this host"
         )));
     }
+    if workload_argv(config, None).is_err() {
+        return Err(FlydError::BadRequest(format!(
+            "config.init.exec: {HOST_IMAGE:?} needs the command to run"
+        )));
+    }
+    Ok(())
+}
+
+/// The program and arguments a machine runs, as Fly merges them:
+/// `init.exec` replaces the image's command whole; otherwise
+/// `init.entrypoint` and `init.cmd` each replace the image's `Entrypoint`
+/// and `Cmd`.
+pub(crate) fn workload_argv(
+    config: &hangar_api::MachineConfig,
+    image: Option<&RunConfig>,
+) -> Result<Vec<String>, FlydError> {
     let init = config.init.clone().unwrap_or_default();
     let argv = if !init.exec.is_empty() {
         init.exec
     } else {
-        [init.entrypoint, init.cmd].concat()
+        let (entrypoint, cmd) = image
+            .map(|i| (i.entrypoint.clone(), i.cmd.clone()))
+            .unwrap_or_default();
+        let pick = |given: Vec<String>, default: Vec<String>| {
+            if given.is_empty() { default } else { given }
+        };
+        [pick(init.entrypoint, entrypoint), pick(init.cmd, cmd)].concat()
     };
     if argv.is_empty() {
         return Err(FlydError::BadRequest(format!(
-            "config.init.exec: {HOST_IMAGE:?} needs the command to run"
+            "config.image: {:?} names no command: set config.init.cmd or config.init.exec",
+            config.image
         )));
     }
     Ok(argv)
@@ -57,10 +69,18 @@ pub(crate) fn workload_argv(
 /// Fly's variables.
 pub(crate) fn workload_env(
     rec: &MachineRecord,
+    image: Option<&RunConfig>,
     secrets: Vec<(String, String)>,
 ) -> BTreeMap<String, String> {
-    // Config env, then app secrets over it, then Fly's variables over both.
-    let mut env = rec.config.env.clone();
+    // The image's env, the config's over it, then app secrets, then Fly's
+    // variables over all.
+    let mut env: BTreeMap<String, String> = image
+        .into_iter()
+        .flat_map(|i| &i.env)
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.extend(rec.config.env.clone());
     env.extend(secrets);
     let port = rec
         .config
@@ -157,28 +177,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn workloads_are_echo_or_an_allowed_host_command() {
-        let exe = Path::new("/bin/hangar");
+    fn commands_merge_as_on_fly() {
+        let image = RunConfig {
+            entrypoint: vec!["/bin/sh".into(), "-c".into()],
+            cmd: vec!["httpd -f".into()],
+            ..RunConfig::default()
+        };
         let mut cfg = hangar_api::MachineConfig {
-            image: ECHO_IMAGE.into(),
+            image: "busybox".into(),
             ..Default::default()
         };
-        assert_eq!(
-            workload_argv(exe, &cfg, false).unwrap(),
-            ["/bin/hangar", "echo"]
-        );
-        cfg.image = "nginx".into();
-        assert!(matches!(
-            workload_argv(exe, &cfg, true),
-            Err(FlydError::BadRequest(_))
-        ));
-        cfg.image = HOST_IMAGE.into();
+        let argv = |cfg: &hangar_api::MachineConfig| workload_argv(cfg, Some(&image)).unwrap();
+        assert_eq!(argv(&cfg), ["/bin/sh", "-c", "httpd -f"]);
         cfg.init = Some(hangar_api::machine::MachineInit {
-            cmd: vec!["sleep".into(), "5".into()],
+            cmd: vec!["echo hi".into()],
             ..Default::default()
         });
-        assert_eq!(workload_argv(exe, &cfg, true).unwrap(), ["sleep", "5"]);
-        let e = workload_argv(exe, &cfg, false).unwrap_err();
+        assert_eq!(argv(&cfg), ["/bin/sh", "-c", "echo hi"]);
+        cfg.init = Some(hangar_api::machine::MachineInit {
+            entrypoint: vec!["/bin/busybox".into()],
+            ..Default::default()
+        });
+        assert_eq!(argv(&cfg), ["/bin/busybox", "httpd -f"]);
+        cfg.init = Some(hangar_api::machine::MachineInit {
+            exec: vec!["/bin/true".into()],
+            cmd: vec!["ignored".into()],
+            ..Default::default()
+        });
+        assert_eq!(argv(&cfg), ["/bin/true"]);
+        cfg.init = None;
+        assert!(workload_argv(&cfg, Some(&RunConfig::default())).is_err());
+    }
+
+    #[test]
+    fn host_commands_need_the_switch_and_a_command() {
+        let mut cfg = hangar_api::MachineConfig {
+            image: HOST_IMAGE.into(),
+            ..Default::default()
+        };
+        assert!(check_host_command(&cfg, true).unwrap_err().to_string().contains("init.exec"));
+        cfg.init = Some(hangar_api::machine::MachineInit {
+            exec: vec!["sleep".into(), "5".into()],
+            ..Default::default()
+        });
+        check_host_command(&cfg, true).unwrap();
+        let e = check_host_command(&cfg, false).unwrap_err();
         assert!(e.to_string().contains("host_commands is off"), "{e}");
+        cfg.image = "busybox".into();
+        check_host_command(&cfg, false).unwrap();
     }
 }

@@ -5,11 +5,14 @@
 //! sandbox) plugs in beside today's, and tests drive the engine with a fake
 //! that fails and crashes on cue.
 //!
-//! - [`process`]: today's runtime: each workload a host process group
-//!   under its own pilot (in its own session, so it outlives flyd), with
-//!   its memory limit in a cgroup where cgroup v2 is writable.
+//! - [`process`]: each workload under its own pilot (in its own session,
+//!   so it outlives flyd): a machine that runs an image in a sandbox, a
+//!   host command as a host process group.
+//! - [`sandbox`]: the sandbox: an OCI container under runc, its root an
+//!   overlay of the image.
 
 pub mod process;
+pub mod sandbox;
 
 use crate::pilot::{ExecCall, ExitInfo};
 use hangar_api::machine::{ExecResponse, ProcessStat};
@@ -32,6 +35,8 @@ pub struct Launch {
     pub env: BTreeMap<String, String>,
     /// The memory the machine reserved, its limit where one can be set.
     pub memory_mb: u64,
+    /// The image to run in a sandbox; `None` for a host command.
+    pub image: Option<sandbox::LaunchImage>,
 }
 
 /// A runtime call that failed.

@@ -1,19 +1,23 @@
-//! [`Processes`]: the runtime of host processes. Each machine has a
+//! [`Processes`]: workloads under their pilots. Each machine has a
 //! directory (`<data dir>/machines/<id>`) holding its pilot's socket, the
-//! exit pilot records and its logs; its workload runs as a process group
-//! under that pilot, which serves the calls below on its socket. A memory
-//! limit goes in a cgroup where cgroup v2 is writable.
+//! exit pilot records and its logs, and, for a machine that runs an image,
+//! its sandbox's bundle and upper layer. Its pilot serves the calls below
+//! on its socket. A machine that runs an image runs in its sandbox; a host
+//! command (`hangar/host`) runs as a process group under pilot, its memory
+//! limit in a cgroup where cgroup v2 is writable. Where this host cannot
+//! make sandboxes, the built-in image alone still runs, as a host process
+//! (Hangar's own binary is all it runs).
 
+use super::sandbox::Sandboxes;
 use super::{Launch, RunFuture, Runtime, RuntimeError};
 use crate::cgroup::Cgroups;
+use crate::images::builtin::HANGAR_MOUNT;
 use crate::pilot::{self, ExecCall, ExitInfo, PilotError, PilotSpec};
 use hangar_api::machine::{ExecResponse, ProcessStat};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const SIGCONT: i32 = 18;
-const SIGSTOP: i32 = 19;
 /// How long a pilot may take to report ready.
 const LAUNCH_WAIT: Duration = Duration::from_secs(10);
 
@@ -23,8 +27,10 @@ pub struct Processes {
     exe: PathBuf,
     /// `<data dir>/machines`.
     dir: PathBuf,
-    /// Memory limits, where cgroup v2 is writable.
+    /// Memory limits of host commands, where cgroup v2 is writable.
     cgroups: Option<Cgroups>,
+    /// The sandboxes, or why this host cannot make them.
+    sandboxes: Result<Sandboxes, String>,
     /// What a machine's log keeps: bytes per file, files.
     logs: (u64, u32),
 }
@@ -32,11 +38,18 @@ pub struct Processes {
 impl Processes {
     /// Machines under `dir`, their pilots run by `exe`, memory limits in
     /// `cgroups` (when there are), logs rotated at `logs` (bytes, files).
-    pub fn new(exe: PathBuf, dir: PathBuf, cgroups: Option<Cgroups>, logs: (u64, u32)) -> Self {
+    pub fn new(
+        exe: PathBuf,
+        dir: PathBuf,
+        cgroups: Option<Cgroups>,
+        sandboxes: Result<Sandboxes, String>,
+        logs: (u64, u32),
+    ) -> Self {
         Self {
             exe,
             dir,
             cgroups,
+            sandboxes,
             logs,
         }
     }
@@ -61,24 +74,46 @@ impl Runtime for Processes {
     ) -> RunFuture<'a, Result<u32, RuntimeError>> {
         Box::pin(async move {
             let dir = self.dir(id);
-            let cgroup = match &self.cgroups {
-                Some(cg) => Some(cg.machine(id, launch.memory_mb).map_err(|e| {
-                    RuntimeError::Failed(format!("setting up the memory limit: {e}"))
-                })?),
-                None => None,
-            };
             std::fs::create_dir_all(&dir)
                 .map_err(|e| RuntimeError::Failed(format!("creating {}: {e}", dir.display())))?;
             // Earlier versions left the spec, secrets and all, on disk.
             let _ = std::fs::remove_file(dir.join("spec.json"));
-            let spec = PilotSpec {
+            let mut spec = PilotSpec {
                 machine_id: id.to_string(),
                 argv: launch.argv.clone(),
                 env: launch.env.clone(),
-                cgroup,
+                cgroup: None,
+                sandbox: None,
                 log_max_bytes: self.logs.0,
                 log_files: self.logs.1,
             };
+            match (&launch.image, &self.sandboxes) {
+                (Some(image), Ok(sandboxes)) => {
+                    let sandbox = sandboxes
+                        .prepare(id, &dir, launch, image)
+                        .map_err(RuntimeError::Failed)?;
+                    spec.sandbox = Some(sandbox);
+                }
+                (Some(image), Err(_)) if image.builtin => {
+                    // Hangar's own binary, at its place on this host.
+                    if spec.argv.first().is_some_and(|a| a == HANGAR_MOUNT) {
+                        spec.argv[0] = self.exe.display().to_string();
+                    }
+                }
+                (Some(_), Err(why)) => {
+                    return Err(RuntimeError::Failed(format!(
+                        "machines that run images need a sandbox, and this host has none: {why}"
+                    )));
+                }
+                (None, _) => {
+                    spec.cgroup = match &self.cgroups {
+                        Some(cg) => Some(cg.machine(id, launch.memory_mb).map_err(|e| {
+                            RuntimeError::Failed(format!("setting up the memory limit: {e}"))
+                        })?),
+                        None => None,
+                    };
+                }
+            }
             pilot::launch(&self.exe, &dir, &spec, LAUNCH_WAIT)
                 .await
                 .map_err(failed)
@@ -94,12 +129,12 @@ impl Runtime for Processes {
     }
 
     fn freeze<'a>(&'a self, id: &'a str) -> RunFuture<'a, Result<(), RuntimeError>> {
-        // SIGSTOP of the process group: memory stays, the CPU is freed.
-        self.signal(id, SIGSTOP)
+        // Memory stays, the CPU is freed.
+        Box::pin(async move { pilot::freeze(&self.dir(id), true).await.map_err(failed) })
     }
 
     fn thaw<'a>(&'a self, id: &'a str) -> RunFuture<'a, Result<(), RuntimeError>> {
-        self.signal(id, SIGCONT)
+        Box::pin(async move { pilot::freeze(&self.dir(id), false).await.map_err(failed) })
     }
 
     fn exited<'a>(&'a self, id: &'a str) -> RunFuture<'a, Option<ExitInfo>> {
@@ -127,6 +162,9 @@ impl Runtime for Processes {
             if let Some(cg) = &self.cgroups {
                 cg.remove_when_empty(id).await;
             }
+            if let Ok(sandboxes) = &self.sandboxes {
+                sandboxes.remove(id).map_err(RuntimeError::Failed)?;
+            }
             let dir = self.dir(id);
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
@@ -152,13 +190,17 @@ impl Runtime for Processes {
     }
 
     fn machines(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        entries
-            .flatten()
+        let mut ids: Vec<String> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flat_map(|entries| entries.flatten())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
+            .collect();
+        if let Ok(sandboxes) = &self.sandboxes {
+            ids.extend(sandboxes.machines());
+        }
+        ids.sort();
+        ids.dedup();
+        ids
     }
 }
 

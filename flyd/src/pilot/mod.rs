@@ -34,6 +34,10 @@
 //! It prints `ready <workload pid>` on stdout once the socket is bound: flyd's
 //! readiness signal.
 
+mod sandboxed;
+
+pub use sandboxed::SandboxSpec;
+
 use crate::logfile::RotatingLog;
 use hangar_api::machine::{ExecResponse, ProcessStat};
 use serde::{Deserialize, Serialize};
@@ -57,6 +61,10 @@ pub struct PilotSpec {
     /// The cgroup to run in (memory limit), where flyd has one.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// The sandbox to run the workload in (an image's machine); `None`
+    /// runs `argv` as a host process.
+    #[serde(default)]
+    pub sandbox: Option<sandboxed::SandboxSpec>,
     /// `machine.log` is rotated past this size...
     pub log_max_bytes: u64,
     /// ...keeping this many rotated files.
@@ -94,6 +102,8 @@ enum Request {
     Wait,
     Exec(ExecCall),
     Ps,
+    Freeze,
+    Thaw,
 }
 
 /// Most output kept per stream of an exec (1 MiB).
@@ -134,26 +144,24 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         // Before the workload starts, so it and its children inherit it.
         crate::cgroup::enter(cgroup).context("entering the machine's cgroup")?;
     }
-    let mut child = tokio::process::Command::new(program)
-        .args(&spec.argv[1..])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(&spec.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so a signal reaches everything the workload spawned.
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting {program:?}"))?;
-    let pid = child
-        .id()
-        .context("workload exited before it was watched")?;
-    let output = tokio::spawn(crate::logfile::copy_output(
-        child.stdout.take().expect("stdout is piped"),
-        child.stderr.take().expect("stderr is piped"),
-        log,
-    ));
+    let started = match &spec.sandbox {
+        None => start_host(&spec.env, program, &spec.argv[1..]),
+        Some(sandbox) => sandboxed::start(sandbox).await,
+    };
+    let Started {
+        pid,
+        stdout,
+        stderr,
+        exit,
+    } = match started {
+        Ok(started) => started,
+        Err(reason) => {
+            // flyd reads this line in place of `ready`.
+            println!("failed {}", reason.replace('\n', " "));
+            anyhow::bail!("starting the workload: {reason}");
+        }
+    };
+    let output = tokio::spawn(crate::logfile::copy_output(stdout, stderr, log));
 
     let sock = socket_path(dir);
     let _ = std::fs::remove_file(&sock);
@@ -171,23 +179,17 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     tracing::info!(machine = %spec.machine_id, pid, "workload started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let exit = loop {
+    tokio::pin!(exit);
+    let info = loop {
         tokio::select! {
-            status = child.wait() => break status?,
+            status = &mut exit => break status?,
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     tokio::spawn(serve_conn(stream, pid, spec.clone(), exit_rx.clone()));
                 }
             }
             // Someone asked pilot to stop: pass it on, keep waiting for the exit.
-            _ = term.recv() => signal_group(pid, libc_sig::SIGTERM),
-        }
-    };
-    let info = {
-        use std::os::unix::process::ExitStatusExt;
-        ExitInfo {
-            exit_code: exit.code(),
-            signal: exit.signal(),
+            _ = term.recv() => deliver(&spec, pid, libc_sig::SIGTERM),
         }
     };
     sweep_descendants().await;
@@ -216,6 +218,64 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&sock);
     }
     Ok(())
+}
+
+/// A workload that started: its pid (the container's init, for a
+/// sandbox), its output, and how it will end.
+pub(crate) struct Started {
+    pid: u32,
+    stdout: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    stderr: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    exit: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<ExitInfo>> + Send>>,
+}
+
+impl ExitInfo {
+    fn of(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        Self {
+            exit_code: status.code(),
+            signal: status.signal(),
+        }
+    }
+}
+
+/// Starts `program` as a host process in a group of its own, so a signal
+/// reaches everything it spawns.
+fn start_host(
+    env: &BTreeMap<String, String>,
+    program: &str,
+    args: &[String],
+) -> Result<Started, String> {
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting {program:?}: {e}"))?;
+    let pid = child
+        .id()
+        .ok_or("the workload exited before it was watched")?;
+    Ok(Started {
+        pid,
+        stdout: Box::new(child.stdout.take().expect("stdout is piped")),
+        stderr: Box::new(child.stderr.take().expect("stderr is piped")),
+        exit: Box::pin(async move { child.wait().await.map(ExitInfo::of) }),
+    })
+}
+
+/// Sends `signal` to the workload: a host workload's whole group, or a
+/// sandbox's init (which, as any init, passes it on or not).
+fn deliver(spec: &PilotSpec, pid: u32, signal: i32) {
+    if spec.sandbox.is_some() {
+        sandboxed::signal(pid, signal);
+    } else {
+        signal_group(pid, signal);
+    }
 }
 
 /// Kills every process left under pilot: the workload's descendants,
@@ -304,7 +364,7 @@ async fn serve_conn(
             }),
             Ok(Request::Signal { signal }) => {
                 if exit.borrow().is_none() {
-                    signal_group(pid, signal);
+                    deliver(&spec, pid, signal);
                 }
                 Ok(serde_json::json!({ "ok": true }))
             }
@@ -316,7 +376,17 @@ async fn serve_conn(
                 Ok(answer) => serde_json::to_value(answer).expect("serializes"),
                 Err((error, timeout)) => serde_json::json!({ "error": error, "timeout": timeout }),
             }),
-            Ok(Request::Ps) => serde_json::to_value(processes_of_group(pid)),
+            Ok(Request::Ps) => serde_json::to_value(match &spec.sandbox {
+                Some(_) => sandboxed::processes(pid),
+                None => processes(|stat| stat.pgrp == pid),
+            }),
+            Ok(Request::Freeze) | Ok(Request::Thaw) => {
+                let frozen = matches!(serde_json::from_str(&line), Ok(Request::Freeze));
+                Ok(match freeze_workload(&spec, pid, frozen).await {
+                    Ok(()) => serde_json::json!({ "ok": true }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                })
+            }
             Err(e) => Ok(serde_json::json!({ "error": format!("bad request: {e}") })),
         };
         let Ok(mut text) = answer.map(|v| v.to_string()) else {
@@ -329,19 +399,43 @@ async fn serve_conn(
     }
 }
 
-/// Runs `call` with the workload's environment. Errors carry whether the
-/// command ran out of time.
+/// Stops (`frozen`) or resumes every process of the workload: a host
+/// workload's group by SIGSTOP and SIGCONT, a sandbox by its cgroup's
+/// freezer, which no process can notice or resist.
+async fn freeze_workload(spec: &PilotSpec, pid: u32, frozen: bool) -> Result<(), String> {
+    match spec.sandbox.as_ref().and_then(|s| s.freezer.as_ref()) {
+        Some(freezer) => sandboxed::freeze(freezer, frozen).await,
+        None => {
+            let signal = if frozen { 19 } else { 18 }; // SIGSTOP, SIGCONT
+            deliver(spec, pid, signal);
+            Ok(())
+        }
+    }
+}
+
+/// Runs `call` with the workload's environment (in its sandbox, if it has
+/// one). Errors carry whether the command ran out of time.
 async fn exec_beside(spec: &PilotSpec, call: &ExecCall) -> Result<ExecResponse, (String, bool)> {
     use std::os::unix::process::ExitStatusExt;
     let program = call
         .argv
         .first()
         .ok_or(("argv is empty".to_string(), false))?;
-    let mut child = tokio::process::Command::new(program)
-        .args(&call.argv[1..])
+    // In a sandbox, runc runs it there, with the container's environment,
+    // user and limits; its pid inside is written to a file, to be killed
+    // at the timeout with runc's.
+    let (program, args, env, inside) = match &spec.sandbox {
+        Some(sandbox) => {
+            let (argv, pid_file) = sandboxed::exec_argv(sandbox, &call.argv);
+            (argv[0].clone(), argv[1..].to_vec(), BTreeMap::new(), Some(pid_file))
+        }
+        None => (program.clone(), call.argv[1..].to_vec(), spec.env.clone(), None),
+    };
+    let mut child = tokio::process::Command::new(&program)
+        .args(&args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(&spec.env)
+        .envs(&env)
         .stdin(if call.stdin.is_some() {
             Stdio::piped()
         } else {
@@ -378,6 +472,9 @@ async fn exec_beside(spec: &PilotSpec, call: &ExecCall) -> Result<ExecResponse, 
         let group = nix::unistd::Pid::from_raw(group as i32);
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
     }
+    if let Some(pid_file) = inside {
+        sandboxed::kill_exec(&pid_file, finished.is_err());
+    }
     let (out, err, status) = finished
         .map_err(|_| (format!("command did not finish within {limit:?}"), true))?
         .map_err(|e| (format!("waiting for {program:?}: {e}"), false))?;
@@ -407,28 +504,34 @@ async fn read_capped(mut from: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
     }
 }
 
-/// The processes of the workload's process group, read from /proc.
-fn processes_of_group(group: u32) -> Vec<ProcessStat> {
+/// The processes `keep` keeps, read from /proc.
+pub(crate) fn processes(keep: impl Fn(&Stat) -> bool) -> Vec<ProcessStat> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     let mut out: Vec<ProcessStat> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| process_stat(pid, group))
+        .filter_map(|pid| process_stat(pid, &keep))
         .collect();
     out.sort_by_key(|p| p.pid);
     out
 }
 
-/// One process's stats, if it belongs to `group`.
-fn process_stat(pid: u32, group: u32) -> Option<ProcessStat> {
+/// What [`processes`] selects by.
+pub(crate) struct Stat {
+    pub pid: u32,
+    pub pgrp: u32,
+}
+
+/// One process's stats, if `keep` keeps it.
+fn process_stat(pid: u32, keep: impl Fn(&Stat) -> bool) -> Option<ProcessStat> {
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let pgrp: u32 = fields.get(2)?.parse().ok()?;
-    if pgrp != group {
+    if !keep(&Stat { pid, pgrp }) {
         return None;
     }
     let ticks = |i: usize| {
@@ -522,6 +625,10 @@ pub async fn launch(
     drop(child);
     match read {
         Ok(Ok(_)) if first.starts_with("ready ") => Ok(pilot_pid),
+        Ok(Ok(_)) if first.starts_with("failed ") => Err(PilotError::Protocol {
+            dir: dir.display().to_string(),
+            reason: first["failed ".len()..].trim().to_string(),
+        }),
         Ok(Ok(_)) => Err(PilotError::Protocol {
             dir: dir.display().to_string(),
             reason: format!(
@@ -578,6 +685,23 @@ pub async fn alive(dir: &Path) -> bool {
 /// Sends `signal` to the workload's process group.
 pub async fn signal(dir: &Path, signal: i32) -> Result<(), PilotError> {
     ask(dir, &Request::Signal { signal }).await.map(drop)
+}
+
+/// Stops (`frozen`) or resumes every process of the workload.
+pub async fn freeze(dir: &Path, frozen: bool) -> Result<(), PilotError> {
+    let request = if frozen {
+        Request::Freeze
+    } else {
+        Request::Thaw
+    };
+    let answer = ask(dir, &request).await?;
+    match answer.get("error").and_then(|e| e.as_str()) {
+        Some(error) => Err(PilotError::Protocol {
+            dir: dir.display().to_string(),
+            reason: error.to_string(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Waits until the workload exits. When no pilot answers, the exit it
