@@ -91,6 +91,12 @@ enum Command {
     /// Serve the built-in image hangar/echo (started by pilot).
     #[command(hide = true)]
     Echo,
+    /// A sandbox's PID 1: run the command, pass signals on, reap orphans.
+    #[command(hide = true)]
+    Init {
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -211,6 +217,13 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(hangar_flyd::pilot::run(&dir)),
         Command::Echo => tokio::runtime::Runtime::new()?.block_on(hangar_flyd::echo::run()),
+        Command::Init { command } => {
+            let code = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(hangar_flyd::init::run(&command))?;
+            std::process::exit(code)
+        }
         Command::Tokens(TokensCmd::Create {
             org,
             name,

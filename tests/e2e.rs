@@ -177,9 +177,19 @@ async fn bad_input_gets_clear_errors_and_leaves_nothing_running() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "config.image: required");
     let (status, body) = h
-        .post("/v1/apps/dup/machines", r#"{"config":{"image":"nginx"}}"#)
+        .post(
+            "/v1/apps/dup/machines",
+            r#"{"config":{"image":"Not A Reference"}}"#,
+        )
         .await;
     assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid reference"),
+        "{body}"
+    );
     let (status, body) = h
         .post(
             "/v1/apps/dup/machines",

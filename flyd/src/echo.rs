@@ -57,6 +57,7 @@ pub async fn run() -> anyhow::Result<()> {
         region: env("FLY_REGION"),
     });
     eprintln!("echo: listening on {addr}");
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {

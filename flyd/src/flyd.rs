@@ -181,8 +181,7 @@ impl Flyd {
         let exe = executable(&cfg)?;
         let logs = (cfg.log_max_bytes, cfg.log_files);
         let images = Images::open(&data_dir.join("images"), &cfg.images)?;
-        let sandboxes =
-            Sandboxes::setup(&cfg.sandbox, data_dir, &exe, &cfg.host_id, images.ids());
+        let sandboxes = Sandboxes::setup(&cfg.sandbox, data_dir, &exe, &cfg.host_id, images.ids());
         match &sandboxes {
             Ok(_) => tracing::info!("machines that run images run in sandboxes under runc"),
             Err(why) => tracing::warn!(
@@ -361,6 +360,7 @@ impl Flyd {
                 "shutdown: machines still stopping at the deadline are left running"
             );
         }
+        self.runtime.shutdown();
     }
 
     async fn stop_all(self: &Arc<Self>) {

@@ -21,6 +21,7 @@
 //! - [`workload`]: what a machine runs, and signal, exec, ps.
 //! - [`runtime`]: [`runtime::Runtime`], how workloads run, and today's
 //!   runtime of host processes under their pilots.
+//! - [`init`]: a sandbox's PID 1: runs its command, passes signals on, reaps.
 //! - [`pilot`]: the pilot process and the client for it.
 //! - `logfile`: the machine's log, rotated by size.
 //! - [`echo`]: the built-in image `hangar/echo`.
@@ -34,6 +35,7 @@ pub mod echo;
 pub mod flyd;
 pub mod fsm;
 pub mod images;
+pub mod init;
 pub mod lease;
 mod logfile;
 #[cfg(test)]

@@ -215,7 +215,12 @@ mod tests {
             image: HOST_IMAGE.into(),
             ..Default::default()
         };
-        assert!(check_host_command(&cfg, true).unwrap_err().to_string().contains("init.exec"));
+        assert!(
+            check_host_command(&cfg, true)
+                .unwrap_err()
+                .to_string()
+                .contains("init.exec")
+        );
         cfg.init = Some(hangar_api::machine::MachineInit {
             exec: vec!["sleep".into(), "5".into()],
             ..Default::default()

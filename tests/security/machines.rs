@@ -41,10 +41,23 @@ async fn secrets_and_state_stay_private_on_disk() {
                 path.display()
             );
         }
-        // Image roots carry their images' own modes, behind the store's
-        // closed directories.
-        if meta.is_dir() && path != h.data_dir.join("images/rootfs") {
+        // Image roots and machines' upper layers carry their own files'
+        // modes, behind closed directories.
+        let own_files = path == h.data_dir.join("images/rootfs")
+            || path.ends_with("upper")
+            || path.ends_with("work");
+        if meta.is_dir() && !own_files {
             stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else if path.ends_with("bundle/config.json") {
+            // The sandbox's runtime config holds the machine's environment
+            // (runc reads it there): root's alone, removed with the machine.
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                path.display()
+            );
+            assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
         } else if meta.is_file() {
             files += 1;
             let bytes = std::fs::read(&path).unwrap();

@@ -7,7 +7,10 @@
 //! what that binary needs to run in a root of its own: the dynamic loader
 //! and the shared libraries this process has loaded (read from
 //! `/proc/self/maps`, at their paths on the host), `/etc/passwd`, and the
-//! directories a root is expected to have. Entries are written in a fixed
+//! directories a root is expected to have. It also holds a few of the
+//! host's tools ([`TOOLS`]: a shell, `env`, `cat`...) with their libraries
+//! (as `ldd` finds them), so that `machines exec` has a shell to run, as
+//! it has in most images. Entries are written in a fixed
 //! order with fixed times, so the same libraries give the same digest on
 //! every start and nothing is stored twice.
 
@@ -20,20 +23,61 @@ use std::path::{Path, PathBuf};
 /// Where a machine sees Hangar's binary (read-only).
 pub const HANGAR_MOUNT: &str = "/.hangar/hangar";
 
+const PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const PASSWD: &str =
     "root:x:0:0:root:/:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n";
 const GROUP: &str = "root:x:0:\nnogroup:x:65534:\n";
 
+/// The host's tools the image carries, at `/bin/<name>`, when the host
+/// has them.
+const TOOLS: [&str; 10] = [
+    "sh", "env", "cat", "echo", "ls", "sleep", "true", "false", "id", "hostname",
+];
+
+/// Each tool's path on the host, and the libraries it needs.
+fn tools() -> (BTreeMap<String, PathBuf>, BTreeSet<PathBuf>) {
+    let mut found = BTreeMap::new();
+    let mut libraries = BTreeSet::new();
+    for tool in TOOLS {
+        let Some(path) = ["/bin", "/usr/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join(tool))
+            .find(|p| p.is_file())
+            .and_then(|p| p.canonicalize().ok())
+        else {
+            continue;
+        };
+        let Ok(out) = std::process::Command::new("ldd").arg(&path).output() else {
+            continue;
+        };
+        // `libc.so.6 => /lib/.../libc.so.6 (0x...)`, or `/lib64/ld-... (0x...)`.
+        let needs: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let l = l.split("=>").last()?.trim();
+                let p = l.split_whitespace().next()?;
+                p.starts_with('/')
+                    .then(|| Path::new(p).canonicalize().ok())?
+            })
+            .collect();
+        if out.status.success() {
+            libraries.extend(needs);
+            found.insert(tool.to_string(), path);
+        }
+    }
+    (found, libraries)
+}
+
 /// The shared objects this process maps, loader included: what Hangar's
 /// binary needs to run elsewhere.
-fn loaded_libraries() -> Result<BTreeSet<PathBuf>, ImageError> {
+pub(crate) fn loaded_libraries() -> Result<BTreeSet<PathBuf>, ImageError> {
     let maps = std::fs::read_to_string("/proc/self/maps")
         .map_err(|e| ImageError::from_io("reading /proc/self/maps", e))?;
     let exe = std::fs::read_link("/proc/self/exe").ok();
     Ok(maps
         .lines()
         .filter_map(|line| line.split_whitespace().nth(5))
-        .map(PathBuf::from)
+        .filter_map(|p| Path::new(p).canonicalize().ok())
         .filter(|p| {
             p.is_absolute()
                 && Some(p) != exe.as_ref()
@@ -43,6 +87,11 @@ fn loaded_libraries() -> Result<BTreeSet<PathBuf>, ImageError> {
                 && p.is_file()
         })
         .collect())
+}
+
+/// The dynamic loader this process was started with.
+pub(crate) fn own_interpreter() -> Option<PathBuf> {
+    interpreter(&std::fs::read("/proc/self/exe").ok()?)
 }
 
 /// The program interpreter named in an ELF64 executable's `PT_INTERP`.
@@ -86,10 +135,12 @@ fn layer() -> Result<Vec<u8>, ImageError> {
         h
     };
     let mut dirs = BTreeSet::new();
-    for dir in [".hangar", "etc", "tmp", "proc", "sys", "dev"] {
+    for dir in [".hangar", "bin", "etc", "tmp", "proc", "sys", "dev"] {
         dirs.insert(PathBuf::from(dir));
     }
-    let libraries = loaded_libraries()?;
+    let (tools, tool_libraries) = tools();
+    let mut libraries = loaded_libraries()?;
+    libraries.extend(tool_libraries);
     for lib in &libraries {
         let mut at = PathBuf::new();
         for part in lib.parent().into_iter().flat_map(Path::components).skip(1) {
@@ -117,6 +168,12 @@ fn layer() -> Result<Vec<u8>, ImageError> {
         let mut h = header(tar::EntryType::Regular, 0o755, bytes.len() as u64);
         let name = lib.strip_prefix("/").unwrap_or(lib);
         tar.append_data(&mut h, name, &bytes[..]).map_err(fail)?;
+    }
+    for (tool, path) in &tools {
+        let bytes = std::fs::read(path).map_err(fail)?;
+        let mut h = header(tar::EntryType::Regular, 0o755, bytes.len() as u64);
+        tar.append_data(&mut h, format!("bin/{tool}"), &bytes[..])
+            .map_err(fail)?;
     }
     // The loader at the path the binary names, when that is not where the
     // host keeps it (`/lib64/...` on merged-/usr systems).
@@ -156,7 +213,7 @@ impl Images {
             "os": "linux",
             "config": {
                 "Entrypoint": [HANGAR_MOUNT, "echo"],
-                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Env": [PATH],
                 "WorkingDir": "/",
                 "StopSignal": "SIGTERM",
                 "Labels": {"org.opencontainers.image.title": "hangar/echo"},
@@ -202,10 +259,7 @@ impl Images {
                 }],
                 config: RunConfig {
                     entrypoint: vec![HANGAR_MOUNT.to_string(), "echo".to_string()],
-                    env: vec![
-                        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-                            .to_string(),
-                    ],
+                    env: vec![PATH.to_string()],
                     working_dir: "/".to_string(),
                     stop_signal: Some("SIGTERM".to_string()),
                     labels: BTreeMap::from([(
@@ -267,5 +321,6 @@ mod tests {
         assert!(names.iter().any(|n| n.ends_with("/libc.so.6")), "{names:?}");
         assert!(names.iter().any(|n| n.contains("ld-linux")), "{names:?}");
         assert!(names.contains(&"etc/passwd".to_string()));
+        assert!(names.contains(&"bin/sh".to_string()), "{names:?}");
     }
 }

@@ -179,6 +179,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
     tracing::info!(machine = %spec.machine_id, pid, "workload started");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut children = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     tokio::pin!(exit);
     let info = loop {
         tokio::select! {
@@ -190,9 +191,15 @@ pub async fn run(dir: &Path) -> anyhow::Result<()> {
             }
             // Someone asked pilot to stop: pass it on, keep waiting for the exit.
             _ = term.recv() => deliver(&spec, pid, libc_sig::SIGTERM),
+            // A process of the sandbox left to pilot (its runc exec died
+            // first): reaped, or the sandbox's init could not end.
+            _ = children.recv(), if spec.sandbox.is_some() => sandboxed::reap_strays(pid),
         }
     };
     sweep_descendants().await;
+    if let Some(sandbox) = &spec.sandbox {
+        sandboxed::clean_up(sandbox);
+    }
     // Its output ends with it (what kept the pipes open is gone); the log
     // gets what is left of it.
     let _ = tokio::time::timeout(LINGER, output).await;
@@ -427,9 +434,19 @@ async fn exec_beside(spec: &PilotSpec, call: &ExecCall) -> Result<ExecResponse, 
     let (program, args, env, inside) = match &spec.sandbox {
         Some(sandbox) => {
             let (argv, pid_file) = sandboxed::exec_argv(sandbox, &call.argv);
-            (argv[0].clone(), argv[1..].to_vec(), BTreeMap::new(), Some(pid_file))
+            (
+                argv[0].clone(),
+                argv[1..].to_vec(),
+                BTreeMap::new(),
+                Some(pid_file),
+            )
         }
-        None => (program.clone(), call.argv[1..].to_vec(), spec.env.clone(), None),
+        None => (
+            program.clone(),
+            call.argv[1..].to_vec(),
+            spec.env.clone(),
+            None,
+        ),
     };
     let mut child = tokio::process::Command::new(&program)
         .args(&args)
@@ -466,14 +483,21 @@ async fn exec_beside(spec: &PilotSpec, call: &ExecCall) -> Result<ExecResponse, 
     };
     let limit = Duration::from_millis(call.timeout_ms);
     let finished = tokio::time::timeout(limit, run).await;
+    if let Some(pid_file) = inside {
+        // The command in the sandbox first, so that runc, its parent,
+        // reaps it and exits: killed before it, runc would leave it to
+        // pilot, and the sandbox's init could not end until pilot reaped it.
+        if finished.is_err() {
+            sandboxed::kill_exec(&pid_file);
+            let _ = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
     if let Some(group) = group {
         // Whatever it started in its group goes with it, finished or not
         // (usually nothing is left: the group is gone, which is no error).
         let group = nix::unistd::Pid::from_raw(group as i32);
         let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-    }
-    if let Some(pid_file) = inside {
-        sandboxed::kill_exec(&pid_file, finished.is_err());
     }
     let (out, err, status) = finished
         .map_err(|_| (format!("command did not finish within {limit:?}"), true))?
@@ -522,6 +546,7 @@ pub(crate) fn processes(keep: impl Fn(&Stat) -> bool) -> Vec<ProcessStat> {
 pub(crate) struct Stat {
     pub pid: u32,
     pub pgrp: u32,
+    pub zombie: bool,
 }
 
 /// One process's stats, if `keep` keeps it.
@@ -531,7 +556,8 @@ fn process_stat(pid: u32, keep: impl Fn(&Stat) -> bool) -> Option<ProcessStat> {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let pgrp: u32 = fields.get(2)?.parse().ok()?;
-    if !keep(&Stat { pid, pgrp }) {
+    let zombie = fields.first() == Some(&"Z");
+    if !keep(&Stat { pid, pgrp, zombie }) {
         return None;
     }
     let ticks = |i: usize| {

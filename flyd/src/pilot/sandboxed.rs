@@ -27,6 +27,8 @@ pub struct SandboxSpec {
     pub bundle: PathBuf,
     /// The container's name (the machine's id).
     pub container: String,
+    /// The mount point of the container's root.
+    pub root: PathBuf,
     /// The container's freezer: `freezer.state` (cgroup v1) or
     /// `cgroup.freeze` (v2).
     pub freezer: Option<PathBuf>,
@@ -110,6 +112,13 @@ fn wait(pid: u32) -> std::io::Result<ExitInfo> {
     use nix::sys::wait::{WaitStatus, waitpid};
     loop {
         match waitpid(nix::unistd::Pid::from_raw(pid as i32), None) {
+            // `hangar init` reports a command killed by signal N as 128 + N.
+            Ok(WaitStatus::Exited(_, code)) if code > 128 && code <= 128 + 64 => {
+                return Ok(ExitInfo {
+                    exit_code: None,
+                    signal: Some(code - 128),
+                });
+            }
             Ok(WaitStatus::Exited(_, code)) => {
                 return Ok(ExitInfo {
                     exit_code: Some(code),
@@ -125,6 +134,31 @@ fn wait(pid: u32) -> std::io::Result<ExitInfo> {
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Once the container's init is gone: removes the container (its cgroup
+/// and runc's state) and unmounts its root, so a stopped machine holds no
+/// mount. The next start makes both anew.
+pub(super) fn clean_up(spec: &SandboxSpec) {
+    let deleted = std::process::Command::new(&spec.runc)
+        .arg("--root")
+        .arg(&spec.state)
+        .args(["delete", "--force", &spec.container])
+        .output();
+    if let Ok(out) = &deleted
+        && !out.status.success()
+    {
+        tracing::warn!(
+            error = %String::from_utf8_lossy(&out.stderr).trim(),
+            "removing the container"
+        );
+    }
+    match nix::mount::umount2(&spec.root, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
+            let _ = std::fs::remove_dir(&spec.root);
+        }
+        Err(e) => tracing::warn!(error = %e, "unmounting the container's root"),
     }
 }
 
@@ -161,27 +195,29 @@ pub(super) async fn freeze(freezer: &Path, frozen: bool) -> Result<(), String> {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(format!("the freezer is {} after 5s, not {want}", now.trim()));
+            return Err(format!(
+                "the freezer is {} after 5s, not {want}",
+                now.trim()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
-/// The processes of the container: those in its init's PID namespace.
+/// The live processes of the container: those in its init's PID
+/// namespace (zombies, which an init that does not reap leaves, aside).
 pub(super) fn processes(init: u32) -> Vec<ProcessStat> {
     let ns = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
     let Some(ours) = ns(init) else {
         return Vec::new();
     };
-    super::processes(|stat| ns(stat.pid).as_ref() == Some(&ours))
+    super::processes(|stat| !stat.zombie && ns(stat.pid).as_ref() == Some(&ours))
 }
 
 /// The argv that runs `argv` in the container, and the file runc writes
 /// the command's pid to.
 pub(super) fn exec_argv(spec: &SandboxSpec, argv: &[String]) -> (Vec<String>, PathBuf) {
-    let pid_file = spec
-        .bundle
-        .join(format!("exec-{}.pid", ulid::Ulid::new()));
+    let pid_file = spec.bundle.join(format!("exec-{}.pid", ulid::Ulid::new()));
     let mut full = vec![
         spec.runc.display().to_string(),
         "--root".into(),
@@ -195,16 +231,38 @@ pub(super) fn exec_argv(spec: &SandboxSpec, argv: &[String]) -> (Vec<String>, Pa
     (full, pid_file)
 }
 
-/// After an exec: kills the command in the container if it ran out of
-/// time (killing runc does not reach it), and forgets its pid file.
-pub(super) fn kill_exec(pid_file: &Path, timed_out: bool) {
-    if timed_out
-        && let Ok(text) = std::fs::read_to_string(pid_file)
+/// Kills an exec's command in the container (killing runc does not
+/// reach it).
+pub(super) fn kill_exec(pid_file: &Path) {
+    if let Ok(text) = std::fs::read_to_string(pid_file)
         && let Ok(pid) = text.trim().parse::<u32>()
     {
         signal(pid, 9);
     }
-    let _ = std::fs::remove_file(pid_file);
+}
+
+/// Reaps pilot's children that are dead processes of the sandbox (not
+/// its init): an exec's command whose runc died before it. pilot's own
+/// children (runc) live in the host's PID namespace and are left to
+/// tokio.
+pub(super) fn reap_strays(init: u32) {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    for (pid, zombie) in super::children_of(std::process::id()) {
+        if !zombie || pid == init {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let nested = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|ids| ids.split_whitespace().count() > 1);
+        if nested {
+            let _ = waitpid(
+                nix::unistd::Pid::from_raw(pid as i32),
+                Some(WaitPidFlag::WNOHANG),
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -104,6 +104,10 @@ pub trait Runtime: Send + Sync + 'static {
     /// The ids of every machine the runtime holds something of (running
     /// or not), so flyd can remove those it does not know.
     fn machines(&self) -> Vec<String>;
+
+    /// Releases what the runtime holds for all machines, at flyd's
+    /// shutdown (workloads left running keep what they have).
+    fn shutdown(&self) {}
 }
 
 /// How long a workload may take to die after SIGKILL.

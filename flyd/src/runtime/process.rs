@@ -202,6 +202,12 @@ impl Runtime for Processes {
         ids.dedup();
         ids
     }
+
+    fn shutdown(&self) {
+        if let Ok(sandboxes) = &self.sandboxes {
+            sandboxes.shutdown();
+        }
+    }
 }
 
 /// Where the machines of a data dir live.

@@ -12,8 +12,9 @@
 //!   no new privileges, a small capability set and a seccomp profile that
 //!   refuses what containers have no business doing; a cgroup with the
 //!   guest's memory, CPU and a pids limit;
-//! - Hangar's binary, read-only at [`HANGAR_MOUNT`], which the built-in
-//!   image runs.
+//! - Hangar's binary, read-only at [`HANGAR_MOUNT`], with its loader and
+//!   libraries at [`LIB_MOUNT`]: the sandbox's PID 1 is `hangar init`
+//!   (crate::init), which runs the command; the built-in image runs it too.
 //!
 //! Paths: the bundle and runc's state live in the data dir (the config
 //! holds the machine's environment, secrets included); only the root's
@@ -21,12 +22,17 @@
 //! user (an unprivileged id on the host) must be able to walk to it.
 
 use super::Launch;
-use crate::images::{IDS_PER_MACHINE, IdShift, builtin::HANGAR_MOUNT};
+use crate::images::builtin::{HANGAR_MOUNT, loaded_libraries, own_interpreter};
+use crate::images::{IDS_PER_MACHINE, IdShift};
 use crate::pilot::SandboxSpec;
 use serde::Deserialize;
 use serde_json::json;
 use std::io;
 use std::path::{Path, PathBuf};
+
+/// Where a machine sees the loader and libraries of Hangar's binary, so it
+/// runs whatever the image's own libc (or none).
+pub const LIB_MOUNT: &str = "/.hangar/lib";
 
 /// The `[flyd.sandbox]` config table.
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +86,10 @@ pub struct Sandboxes {
     mounts: PathBuf,
     /// Hangar's binary, bound under `mounts`.
     exe: PathBuf,
+    /// Its loader and libraries, copied under `mounts`.
+    lib: PathBuf,
+    /// The loader's file name in `lib`.
+    loader: String,
     /// `/hangar-<host id>`: the machines' cgroups are below it.
     cgroup_parent: String,
     ids: IdShift,
@@ -104,9 +114,8 @@ impl Sandboxes {
         }
         let runc = match &config.runc {
             Some(path) => path.clone(),
-            None => find_on_path("runc").ok_or(
-                "runc is not installed (apt-get install runc), or set flyd.sandbox.runc",
-            )?,
+            None => find_on_path("runc")
+                .ok_or("runc is not installed (apt-get install runc), or set flyd.sandbox.runc")?,
         };
         let version = std::process::Command::new(&runc)
             .arg("--version")
@@ -116,7 +125,10 @@ impl Sandboxes {
             return Err(format!("{} --version failed", runc.display()));
         }
         let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-        if !filesystems.lines().any(|l| l.trim_end().ends_with("overlay")) {
+        if !filesystems
+            .lines()
+            .any(|l| l.trim_end().ends_with("overlay"))
+        {
             return Err("the kernel has no overlay file system".into());
         }
         let fail = |what: &str, e: io::Error| format!("{what}: {e}");
@@ -126,11 +138,12 @@ impl Sandboxes {
             .canonicalize()
             .map_err(|e| fail("resolving the data dir", e))?;
         let instance = &crate::images::blobs::digest_of(data_dir.as_os_str().as_encoded_bytes())
-            ["sha256:".len()..]
-            [..16];
+            ["sha256:".len()..][..16];
         let mounts = config.mounts_dir.join(instance);
         walkable_dir(&config.mounts_dir).map_err(|e| fail("making the mounts dir", e))?;
-        walkable_dir(&mounts).map_err(|e| fail("making the mounts dir", e))?;
+        for dir in [&mounts, &mounts.join("roots")] {
+            walkable_dir(dir).map_err(|e| fail("making the mounts dir", e))?;
+        }
         // Hangar's binary where every machine's user can reach it: bound
         // (not copied) beside the mount points.
         let bound = mounts.join("hangar");
@@ -144,11 +157,14 @@ impl Sandboxes {
             None::<&str>,
         )
         .map_err(|e| format!("binding {} at {}: {e}", exe.display(), bound.display()))?;
+        let (lib, loader) = copy_libraries(&mounts.join("lib"))?;
         Ok(Self {
             runc,
             state,
             mounts,
             exe: bound,
+            lib,
+            loader,
             cgroup_parent: format!("/hangar-{host_id}"),
             ids,
             pids_max: config.pids_max,
@@ -159,7 +175,7 @@ impl Sandboxes {
     }
 
     fn mount_point(&self, id: &str) -> PathBuf {
-        self.mounts.join(id)
+        self.mounts.join("roots").join(id)
     }
 
     /// Makes machine `id`'s root and bundle in `machine_dir` (after
@@ -217,6 +233,7 @@ impl Sandboxes {
             state: self.state.clone(),
             bundle,
             container: id.to_string(),
+            root: target,
             freezer: self.freezer(id),
         })
     }
@@ -251,8 +268,18 @@ impl Sandboxes {
         // Shared CPUs weigh a sixteenth of a core each (Fly's shared-cpu
         // baseline), performance ones a core each; both may use up to
         // `cpus` cores when the host has them free.
-        let shares = if image.shared_cpu { 64 * cpus } else { 1024 * cpus };
+        let shares = if image.shared_cpu {
+            64 * cpus
+        } else {
+            1024 * cpus
+        };
         let env: Vec<String> = launch.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // PID 1 is Hangar's init, run by its own loader, whatever libc the
+        // image has; it runs the command.
+        let loader = format!("{LIB_MOUNT}/{}", self.loader);
+        let mut args: Vec<&str> = vec![&loader, "--library-path", LIB_MOUNT, HANGAR_MOUNT];
+        args.extend(["init", "--"]);
+        args.extend(launch.argv.iter().map(String::as_str));
         let mapping = json!([{"containerID": 0, "hostID": self.ids.base, "size": IDS_PER_MACHINE}]);
         let caps = CAPABILITIES.to_vec();
         json!({
@@ -260,7 +287,7 @@ impl Sandboxes {
             "process": {
                 "terminal": false,
                 "user": {"uid": uid, "gid": gid},
-                "args": launch.argv,
+                "args": args,
                 "env": env,
                 "cwd": if image.cwd.is_empty() { "/" } else { &image.cwd },
                 "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
@@ -286,6 +313,8 @@ impl Sandboxes {
                 {"destination": "/sys", "type": "none", "source": "/sys",
                  "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
                 {"destination": HANGAR_MOUNT, "type": "bind", "source": self.exe,
+                 "options": ["bind", "ro", "nosuid", "nodev"]},
+                {"destination": LIB_MOUNT, "type": "bind", "source": self.lib,
                  "options": ["bind", "ro", "nosuid", "nodev"]},
             ],
             "linux": {
@@ -345,9 +374,20 @@ impl Sandboxes {
         }
     }
 
+    /// Unbinds Hangar's binary and removes this instance's mount
+    /// directory if no machine's root is left in it. Running containers
+    /// keep their own mounts of the binary.
+    pub fn shutdown(&self) {
+        let _ = nix::mount::umount2(&self.exe, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&self.exe);
+        let _ = std::fs::remove_dir_all(&self.lib);
+        let _ = std::fs::remove_dir(self.mounts.join("roots"));
+        let _ = std::fs::remove_dir(&self.mounts);
+    }
+
     /// The machines that have something here (a container or a mount).
     pub fn machines(&self) -> Vec<String> {
-        let mut ids: Vec<String> = [&self.state, &self.mounts]
+        let mut ids: Vec<String> = [&self.state, &self.mounts.join("roots")]
             .iter()
             .filter_map(|dir| std::fs::read_dir(dir).ok())
             .flat_map(|entries| entries.flatten())
@@ -384,15 +424,57 @@ const CAPABILITIES: [&str; 12] = [
 /// cannot see, reports ENOSYS so that libc falls back to `clone`.
 fn seccomp() -> serde_json::Value {
     const REFUSED: &[&str] = &[
-        "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module",
-        "delete_module", "finit_module", "fsconfig", "fsmount", "fsopen", "fspick",
-        "get_kernel_syms", "init_module", "io_uring_enter", "io_uring_register",
-        "io_uring_setup", "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl",
-        "lookup_dcookie", "mount", "mount_setattr", "move_mount", "name_to_handle_at",
-        "nfsservctl", "open_by_handle_at", "open_tree", "perf_event_open", "pivot_root",
-        "query_module", "quotactl", "reboot", "request_key", "setns", "settimeofday",
-        "swapoff", "swapon", "_sysctl", "sysfs", "umount", "umount2", "unshare", "uselib",
-        "userfaultfd", "ustat", "vm86", "vm86old",
+        "acct",
+        "add_key",
+        "bpf",
+        "clock_adjtime",
+        "clock_settime",
+        "create_module",
+        "delete_module",
+        "finit_module",
+        "fsconfig",
+        "fsmount",
+        "fsopen",
+        "fspick",
+        "get_kernel_syms",
+        "init_module",
+        "io_uring_enter",
+        "io_uring_register",
+        "io_uring_setup",
+        "ioperm",
+        "iopl",
+        "kcmp",
+        "kexec_file_load",
+        "kexec_load",
+        "keyctl",
+        "lookup_dcookie",
+        "mount",
+        "mount_setattr",
+        "move_mount",
+        "name_to_handle_at",
+        "nfsservctl",
+        "open_by_handle_at",
+        "open_tree",
+        "perf_event_open",
+        "pivot_root",
+        "query_module",
+        "quotactl",
+        "reboot",
+        "request_key",
+        "setns",
+        "settimeofday",
+        "swapoff",
+        "swapon",
+        "_sysctl",
+        "sysfs",
+        "umount",
+        "umount2",
+        "unshare",
+        "uselib",
+        "userfaultfd",
+        "ustat",
+        "vm86",
+        "vm86old",
     ];
     // CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
     const NAMESPACE_FLAGS: [u64; 7] = [
@@ -421,8 +503,27 @@ fn seccomp() -> serde_json::Value {
     json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": arches, "syscalls": syscalls})
 }
 
+/// Copies Hangar's loader and libraries into `dir` (anew), for machines to
+/// see at [`LIB_MOUNT`]; returns the dir and the loader's file name.
+fn copy_libraries(dir: &Path) -> Result<(PathBuf, String), String> {
+    let fail = |e: io::Error| format!("copying Hangar's libraries to {}: {e}", dir.display());
+    let _ = std::fs::remove_dir_all(dir);
+    walkable_dir(dir).map_err(fail)?;
+    let libraries = loaded_libraries().map_err(|e| e.to_string())?;
+    for lib in &libraries {
+        let name = lib.file_name().expect("libraries have names");
+        std::fs::copy(lib, dir.join(name)).map_err(fail)?;
+    }
+    let loader = own_interpreter()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|name| dir.join(name).is_file())
+        .ok_or("Hangar's binary has no dynamic loader among its libraries")?;
+    Ok((dir.to_path_buf(), loader))
+}
+
 /// A directory only root may change, that anyone may walk through (not
-/// list): the way to the machines' roots.
+/// list): the way to the machines' roots. (Its parents must be made so
+/// first: the mode of those `create` makes is cut by the umask.)
 fn walkable_dir(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
@@ -519,8 +620,12 @@ fn lookup_by_id(root: &Path, uid: u32) -> Option<u32> {
 /// (an image's `/etc/passwd` may be a symlink anywhere).
 fn read_in_root(root: &Path, path: &str) -> Option<String> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let dir = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .ok()?;
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
     let fd = rustix::fs::openat2(
         &dir,
         path,
@@ -530,8 +635,11 @@ fn read_in_root(root: &Path, path: &str) -> Option<String> {
     )
     .ok()?;
     let mut text = String::new();
-    io::Read::read_to_string(&mut io::Read::take(std::fs::File::from(fd), 1 << 20), &mut text)
-        .ok()?;
+    io::Read::read_to_string(
+        &mut io::Read::take(std::fs::File::from(fd), 1 << 20),
+        &mut text,
+    )
+    .ok()?;
     Some(text)
 }
 
@@ -555,13 +663,21 @@ mod tests {
         assert_eq!(resolve_user(r, "1000"), Ok((1000, 1001)));
         assert_eq!(resolve_user(r, "app:staff"), Ok((1000, 50)));
         assert_eq!(resolve_user(r, "7:8"), Ok((7, 8)));
-        assert!(resolve_user(r, "ghost").unwrap_err().contains("not in its /etc/passwd"));
+        assert!(
+            resolve_user(r, "ghost")
+                .unwrap_err()
+                .contains("not in its /etc/passwd")
+        );
         assert!(resolve_user(r, "70000").unwrap_err().contains("outside"));
 
         // An /etc/passwd that is a symlink out of the image is read inside.
         std::fs::remove_file(root.path().join("etc/passwd")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", root.path().join("etc/passwd")).unwrap();
-        assert!(resolve_user(r, "root").unwrap_err().contains("not in its /etc/passwd"));
+        assert!(
+            resolve_user(r, "root")
+                .unwrap_err()
+                .contains("not in its /etc/passwd")
+        );
     }
 
     #[test]
