@@ -54,6 +54,8 @@ impl Hangar {
     /// Starts `hangar dev` in `dir`, with `config` (TOML) as its config file
     /// when given. Listen addresses are always port 0.
     pub async fn start_with(dir: &Path, config: Option<&str>) -> Self {
+        // Machines run in sandboxes under runc, on CI's fresh machines too.
+        packages::require(&["runc"]);
         std::fs::create_dir_all(dir).unwrap();
         // A killed run leaves its addrs.json; never read that one.
         let _ = std::fs::remove_file(dir.join("addrs.json"));
@@ -388,6 +390,7 @@ impl Part {
         config: &str,
         addrs_file: &str,
     ) -> Self {
+        packages::require(&["runc"]);
         std::fs::create_dir_all(data_dir).unwrap();
         let parent = data_dir.parent().unwrap();
         let config_path = parent.join(format!("{name}.toml"));

@@ -201,8 +201,11 @@ async fn a_machine_whose_process_died_is_started_for_the_next_request() {
         let workloads: Vec<u32> = common::processes_mentioning(&id)
             .into_iter()
             .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("echo"))
+                // The echo server itself, not the sandbox's init above it.
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("echo") && !c.contains("init")
+                })
             })
             .collect();
         assert_eq!(workloads.len(), 1, "one workload: {workloads:?}");

@@ -120,7 +120,7 @@ async fn machines_past_their_soft_limit_get_a_stopped_one_started_beside_them() 
 async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
     let tmp = tempfile::tempdir().unwrap();
     let config = format!(
-        "{CONFIG}autostop_interval_ms = 100\nautostop_idle_ms = 600\nautostop_drain_ms = 5000\n"
+        "{CONFIG}autostop_interval_ms = 100\nautostop_idle_ms = 1500\nautostop_drain_ms = 5000\n"
     );
     let h = std::sync::Arc::new(Hangar::start_with(&tmp.path().join("data"), Some(&config)).await);
     let with = |autostop: &str, min: u32| {
@@ -178,7 +178,7 @@ async fn idle_machines_are_stopped_but_never_with_a_request_in_flight() {
     // A request longer than the idle time: the machine stays up for it.
     let slow = tokio::spawn({
         let h = h.clone();
-        async move { get(&h, "busy", "/?sleep_ms=1500").await }
+        async move { get(&h, "busy", "/?sleep_ms=2000").await }
     });
     h.wait_state("idle", &idle, "stopped").await;
     h.wait_state("frozen", &frozen, "suspended").await;

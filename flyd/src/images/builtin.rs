@@ -15,8 +15,9 @@
 //! every start and nothing is stored twice.
 
 use super::blobs::digest_of;
-use super::{ImageError, ImageRecord, Images, LayerRecord, RunConfig};
+use super::{ImageError, ImageRecord, Images};
 use hangar_api::machine::ECHO_IMAGE;
+use oci_client::manifest::OciImageManifest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -238,39 +239,12 @@ impl Images {
         let manifest = serde_json::to_vec(&manifest).expect("serializes");
         let digest = digest_of(&manifest);
         if self.ready(&digest).is_none() {
-            let store = |bytes: &[u8]| {
-                self.blobs
-                    .put(bytes)
-                    .map_err(|e| ImageError::from_io("storing hangar/echo", e))
-            };
-            store(&layer)?;
-            store(&config)?;
-            store(&manifest)?;
-            let record = ImageRecord {
-                digest: digest.clone(),
-                names: BTreeSet::new(),
-                registry: String::new(),
-                repository: ECHO_IMAGE.to_string(),
-                config_digest: digest_of(&config),
-                layers: vec![LayerRecord {
-                    digest: diff_id.clone(),
-                    diff_id,
-                    size: layer.len() as u64,
-                }],
-                config: RunConfig {
-                    entrypoint: vec![HANGAR_MOUNT.to_string(), "echo".to_string()],
-                    env: vec![PATH.to_string()],
-                    working_dir: "/".to_string(),
-                    stop_signal: Some("SIGTERM".to_string()),
-                    labels: BTreeMap::from([(
-                        "org.opencontainers.image.title".to_string(),
-                        ECHO_IMAGE.to_string(),
-                    )]),
-                    ..RunConfig::default()
-                },
-                size: (layer.len() + config.len() + manifest.len()) as u64,
-                stored_at: crate::record::now_rfc3339(),
-            };
+            self.blobs
+                .put(&layer)
+                .map_err(|e| ImageError::from_io("storing hangar/echo", e))?;
+            let manifest: OciImageManifest =
+                serde_json::from_slice(&manifest).expect("the manifest reads back");
+            let record = self.record(ECHO_IMAGE, "", ECHO_IMAGE, &digest, &manifest, &config)?;
             self.unpack(&record).await?;
             self.insert(record)?;
         }

@@ -20,8 +20,8 @@
 //! `fly_edge_autostop_time_seconds`).
 //!
 //! A machine's idle clock restarts whenever a request or tunnel on it ends
-//! ([`Activity`]); a machine the proxy has not served since it started
-//! counts from the proxy's start. What is open on a machine keeps it up:
+//! ([`Activity`]); a machine the proxy has not served yet counts from when
+//! this proxy first looked at it (its start, for machines running then). What is open on a machine keeps it up:
 //! a request in flight, a streaming response, a WebSocket or other tunnel,
 //! a raw TCP connection all count in its in-flight load. An idle
 //! keep-alive client connection does not: between requests it holds no
@@ -119,8 +119,8 @@ impl Activity {
 
     /// Forgets machines idle for longer than [`MAX_KEEP_ALIVE`] and keep-
     /// alives that ran out, so destroyed machines leave the maps within a
-    /// day. (Forgetting a machine's last request changes nothing: it is
-    /// then idle since the proxy started, longer than any idle limit.)
+    /// day. (A machine idle that long was stopped long before, under any
+    /// idle limit.)
     pub(crate) fn prune(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let day = MAX_KEEP_ALIVE.as_millis() as u64;
@@ -132,10 +132,12 @@ impl Activity {
 
     /// How long `machine` has been idle, as far as this proxy knows.
     fn idle_for(&self, machine: &str) -> Duration {
-        let last = self
-            .last
-            .get(machine)
-            .map_or(0, |l| l.load(Ordering::Relaxed));
+        let Some(last) = self.last.get(machine).map(|l| l.load(Ordering::Relaxed)) else {
+            // First seen: its idle clock starts now, however long this
+            // proxy has run.
+            self.touch(machine);
+            return Duration::ZERO;
+        };
         self.epoch
             .elapsed()
             .saturating_sub(Duration::from_millis(last))
