@@ -621,13 +621,12 @@ impl Images {
                 machines: machines.join(", "),
             });
         }
-        if self.index.lock().pins.contains_key(&rec.digest) {
+        if self.delete(std::slice::from_ref(&rec.digest))?.is_empty() {
             return Err(ImageError::InUse {
                 image: what.to_string(),
                 machines: "being created".to_string(),
             });
         }
-        self.delete(std::slice::from_ref(&rec.digest))?;
         Ok(rec)
     }
 
@@ -637,31 +636,38 @@ impl Images {
         in_use: &BTreeMap<String, Vec<String>>,
     ) -> Result<Vec<ImageRecord>, ImageError> {
         let _one = self.storing.lock().await;
-        let pins: HashSet<String> = self.index.lock().pins.keys().cloned().collect();
         let unused: Vec<ImageRecord> = self
             .list()
             .into_iter()
-            .filter(|rec| !in_use.contains_key(&rec.digest) && !pins.contains(&rec.digest))
+            .filter(|rec| !in_use.contains_key(&rec.digest))
             .collect();
         let digests: Vec<String> = unused.iter().map(|r| r.digest.clone()).collect();
-        self.delete(&digests)?;
-        Ok(unused)
+        let removed = self.delete(&digests)?;
+        Ok(unused
+            .into_iter()
+            .filter(|rec| removed.contains(&rec.digest))
+            .collect())
     }
 
     /// Drops images from the index, then their roots and the blobs no
     /// image left holds. The index goes first: a crash after it leaves
     /// only files no image names, which the next open or delete clears.
     /// The caller holds `storing`, so no pull is between its blobs and
-    /// its index entry.
-    fn delete(&self, digests: &[String]) -> Result<(), ImageError> {
-        {
+    /// its index entry. A pinned image stays (checked under the index's
+    /// lock, which pinning takes too). Returns the digests removed.
+    fn delete(&self, digests: &[String]) -> Result<Vec<String>, ImageError> {
+        let removed: Vec<String> = {
             let mut index = self.index.lock();
-            for d in digests {
-                index.images.remove(d);
-            }
-            self.save(&index)?;
-        }
-        for d in digests {
+            let index = &mut *index;
+            let removed: Vec<String> = digests
+                .iter()
+                .filter(|d| !index.pins.contains_key(*d) && index.images.remove(*d).is_some())
+                .cloned()
+                .collect();
+            self.save(index)?;
+            removed
+        };
+        for d in &removed {
             if let Some(root) = self.rootfs_path(d) {
                 match std::fs::remove_dir_all(&root) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -671,7 +677,8 @@ impl Images {
                 }
             }
         }
-        self.sweep_blobs()
+        self.sweep_blobs()?;
+        Ok(removed)
     }
 }
 
