@@ -264,3 +264,62 @@ async fn a_machine_cannot_raise_its_limits_or_exhaust_the_host() {
     let text = stdout(&out);
     assert!(text.lines().all(|code| code != "0"), "{out}");
 }
+
+#[tokio::test]
+async fn a_machine_that_cannot_start_says_why_and_leaves_no_mount() {
+    let registry = Registry::start();
+    let mut ghost = web_image("ghost");
+    ghost.config["config"]["User"] = serde_json::json!("ghost");
+    ghost.push(&registry.addr, "web:ghost", None).await;
+    let missing = web_image("missing");
+    missing.push(&registry.addr, "web:missing", None).await;
+    let h = Hangar::start().await;
+    h.create_app("broken").await;
+    let data = h.data_dir.display().to_string();
+
+    // A user its image does not have: refused before anything is mounted.
+    let request = machine_request(
+        &format!("{}/web:ghost", registry.addr),
+        serde_json::json!({}),
+    );
+    let (status, body) = h.post("/v1/apps/broken/machines", &request).await;
+    assert_eq!(status, 500, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("user \"ghost\" is not in its /etc/passwd"),
+        "{error}"
+    );
+    assert_eq!(mounts_mentioning(&data), 0);
+
+    // A command that does not exist: the start fails, saying how it ended.
+    let request = machine_request(
+        &format!("{}/web:missing", registry.addr),
+        serde_json::json!({"init": {"exec": ["/no/such/program"]}}),
+    );
+    let (status, body) = h.post("/v1/apps/broken/machines", &request).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("exited while starting"),
+        "{body}"
+    );
+    common::eventually("no mount is left", || async {
+        mounts_mentioning(&data) == 0
+    })
+    .await;
+    // The machine stays, stopped, its log saying what init could not run.
+    let (_, machines) = h.get("/v1/apps/broken/machines").await;
+    let missing = machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["image_ref"]["tag"] == "missing")
+        .expect("the machine is recorded");
+    assert_eq!(missing["state"], "stopped", "{missing}");
+    let id = missing["id"].as_str().unwrap();
+    let log = std::fs::read_to_string(h.data_dir.join("machines").join(id).join("machine.log"))
+        .unwrap_or_default();
+    assert!(log.contains("/no/such/program"), "{log:?}");
+}

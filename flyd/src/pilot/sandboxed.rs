@@ -74,6 +74,9 @@ pub(super) async fn start(spec: &SandboxSpec) -> Result<Started, String> {
             tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut text),
         )
         .await;
+        // Nothing runs: what runc made, and the root flyd mounted, go now
+        // (the machine is recorded stopped, and may never start again).
+        clean_up(spec);
         return Err(runc_error(&String::from_utf8_lossy(&text)));
     }
     let pid: u32 = std::fs::read_to_string(&pid_file)

@@ -114,9 +114,15 @@ impl Runtime for Processes {
                     };
                 }
             }
-            pilot::launch(&self.exe, &dir, &spec, LAUNCH_WAIT)
-                .await
-                .map_err(failed)
+            let launched = pilot::launch(&self.exe, &dir, &spec, LAUNCH_WAIT).await;
+            if launched.is_err()
+                && spec.sandbox.is_some()
+                && let Ok(sandboxes) = &self.sandboxes
+            {
+                // pilot cleans up after a failed runc; not after its own end.
+                let _ = sandboxes.remove(id);
+            }
+            launched.map_err(failed)
         })
     }
 

@@ -188,6 +188,26 @@ impl Sandboxes {
         image: &LaunchImage,
     ) -> Result<SandboxSpec, String> {
         self.remove(id)?;
+        // Before anything is mounted: an image naming a user it does not
+        // have fails here, leaving nothing.
+        let (uid, gid) = resolve_user(&image.root, &image.user)?;
+        let prepared = self.prepare_root(id, machine_dir, launch, image, uid, gid);
+        if prepared.is_err() {
+            let _ = self.remove(id);
+        }
+        prepared
+    }
+
+    /// [`Sandboxes::prepare`]'s root and bundle.
+    fn prepare_root(
+        &self,
+        id: &str,
+        machine_dir: &Path,
+        launch: &Launch,
+        image: &LaunchImage,
+        uid: u32,
+        gid: u32,
+    ) -> Result<SandboxSpec, String> {
         let fail = |what: &str, e: io::Error| format!("{what} of machine {id}: {e}");
         // A fresh upper layer: what the last run wrote is gone, as on Fly.
         let (upper, work) = (machine_dir.join("upper"), machine_dir.join("work"));
@@ -219,7 +239,6 @@ impl Sandboxes {
         )
         .map_err(|e| format!("mounting the root of machine {id}: {e}"))?;
 
-        let (uid, gid) = resolve_user(&image.root, &image.user)?;
         let bundle = machine_dir.join("bundle");
         std::fs::create_dir_all(&bundle).map_err(|e| fail("making the bundle", e))?;
         let config = self.config(id, launch, image, &target, uid, gid);
