@@ -300,3 +300,46 @@ async fn archives_import_without_a_registry() {
     assert!(err.contains("neither an OCI image layout"), "{err}");
     assert_eq!(store(&h).2, Vec::<String>::new(), "nothing staged is left");
 }
+
+#[tokio::test]
+async fn a_pull_cut_short_by_a_crash_leaves_nothing() {
+    use std::os::unix::process::ExitStatusExt;
+    let registry = Registry::start();
+    let image = TestImage::busybox("crash");
+    let digest = image.push(&registry.addr, "tools/crash:v1", None).await;
+    let name = format!("{}/tools/crash:v1", registry.addr);
+    let body = serde_json::json!({"config": {"image": name}, "skip_launch": true}).to_string();
+    // Blobs stored, nothing unpacked; one layer of two applied; the root in
+    // place but not in the index.
+    for point in ["fetched", "unpacking", "unpacked"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let config =
+            format!("[flyd]\ncrash_at = \"image/{point}\"\n[flaps.rate_limits]\nenabled = false\n");
+        let mut h = Hangar::start_with(&dir, Some(&config)).await;
+        h.create_app("crash").await;
+        let op = h
+            .try_call(
+                reqwest::Method::POST,
+                "/v1/apps/crash/machines",
+                Some(&body),
+            )
+            .await;
+        assert!(
+            op.is_err(),
+            "{point}: the call should have died with the server: {op:?}"
+        );
+        assert_eq!(h.wait_exit().signal(), Some(9), "{point}:\n{}", h.log());
+        drop(h);
+
+        // Started again: no machine, and the store holds nothing of it.
+        let h = Hangar::start_in(&dir).await;
+        let (_, machines) = h.get("/v1/apps/crash/machines").await;
+        assert_eq!(machines, serde_json::json!([]), "{point}");
+        assert_eq!(store(&h), (vec![], vec![], vec![]), "{point}");
+        // And the image can be had.
+        let (status, machine) = create(&h, "crash", &name).await;
+        assert_eq!(status, 200, "{point}: {machine}");
+        assert_eq!(machine["image_ref"]["digest"], digest);
+    }
+}

@@ -180,7 +180,13 @@ impl Flyd {
         };
         let exe = executable(&cfg)?;
         let logs = (cfg.log_max_bytes, cfg.log_files);
-        let images = Images::open(&data_dir.join("images"), &cfg.images)?;
+        let images = Images::open(
+            &data_dir.join("images"),
+            &crate::images::ImagesConfig {
+                crash_at: cfg.crash_at.clone(),
+                ..cfg.images.clone()
+            },
+        )?;
         let sandboxes = Sandboxes::setup(&cfg.sandbox, data_dir, &exe, &cfg.host_id, images.ids());
         match &sandboxes {
             Ok(_) => tracing::info!("machines that run images run in sandboxes under runc"),

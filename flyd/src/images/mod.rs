@@ -50,6 +50,12 @@ pub struct ImagesConfig {
     pub id_base: u32,
     /// Credentials and protocol per registry, by `host[:port]`.
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// Testing only, set from `flyd.crash_at`: `"image/<point>"` kills the
+    /// process there (`fetched`: blobs stored, nothing unpacked;
+    /// `unpacking`: one layer applied; `unpacked`: the root in place, the
+    /// index not written).
+    #[serde(skip)]
+    pub crash_at: Option<String>,
 }
 
 impl Default for ImagesConfig {
@@ -57,6 +63,7 @@ impl Default for ImagesConfig {
         Self {
             id_base: 1_000_000_000,
             registries: BTreeMap::new(),
+            crash_at: None,
         }
     }
 }
@@ -257,6 +264,7 @@ pub struct Images {
     storing: tokio::sync::Mutex<()>,
     /// The digest of `hangar/echo` as this process assembled it.
     echo: std::sync::OnceLock<String>,
+    crash_at: Option<String>,
 }
 
 impl Images {
@@ -306,7 +314,7 @@ impl Images {
                 std::fs::remove_dir_all(entry.path()).map_err(fail)?;
             }
         }
-        Ok(Self {
+        let images = Self {
             dir: dir.to_path_buf(),
             blobs: Blobs::new(dir.join("blobs"), tmp),
             ids,
@@ -314,7 +322,18 @@ impl Images {
             index: Arc::new(Mutex::new(index)),
             storing: tokio::sync::Mutex::new(()),
             echo: std::sync::OnceLock::new(),
-        })
+            crash_at: config.crash_at.clone(),
+        };
+        // Blobs of a pull a crash cut short.
+        images.sweep_blobs()?;
+        Ok(images)
+    }
+
+    /// Kills this process at the configured crash point (tests only).
+    fn failpoint(&self, point: &str) {
+        if self.crash_at.as_deref() == Some(&format!("image/{point}")) {
+            crash(point);
+        }
     }
 
     /// Where uploads are staged: on the store's file system, cleared at
@@ -405,6 +424,7 @@ impl Images {
                 for layer in &fetched.manifest.layers {
                     self.registries.blob(reference, layer, &self.blobs).await?;
                 }
+                self.failpoint("fetched");
                 let record = self.record(
                     &image,
                     reference.registry(),
@@ -524,15 +544,20 @@ impl Images {
             .join(format!("rootfs-{}", ulid::Ulid::new()));
         let (blobs, ids, rec2, staging2) =
             (self.blobs.clone(), self.ids, rec.clone(), staging.clone());
-        let unpacked =
-            tokio::task::spawn_blocking(move || unpack_layers(&blobs, ids, &rec2, &staging2))
-                .await
-                .map_err(|e| ImageError::Io(format!("unpacking: {e}")))
-                .and_then(|r| r);
+        let crash = self.crash_at.as_deref() == Some("image/unpacking");
+        let unpacked = tokio::task::spawn_blocking(move || {
+            unpack_layers(&blobs, ids, &rec2, &staging2, crash)
+        })
+        .await
+        .map_err(|e| ImageError::Io(format!("unpacking: {e}")))
+        .and_then(|r| r);
         let landed = unpacked.and_then(|()| {
             std::fs::rename(&staging, &target)
                 .map_err(|e| ImageError::from_io("moving an unpacked image into place", e))
         });
+        if landed.is_ok() {
+            self.failpoint("unpacked");
+        }
         if landed.is_err() {
             let _ = std::fs::remove_dir_all(&staging);
         }
@@ -688,6 +713,7 @@ fn unpack_layers(
     ids: IdShift,
     rec: &ImageRecord,
     staging: &Path,
+    crash_after_a_layer: bool,
 ) -> Result<(), ImageError> {
     let image = rec
         .names
@@ -707,6 +733,9 @@ fn unpack_layers(
             .map_err(|e| ImageError::from_io(&format!("opening layer {}", layer.digest), e))?;
         let applied = unpack::apply(staging, io::BufReader::new(file), ids)
             .map_err(|e| ImageError::from_unpack(&image, e))?;
+        if crash_after_a_layer {
+            crash("unpacking");
+        }
         if applied.diff_id != layer.diff_id {
             return Err(ImageError::DigestMismatch {
                 image,
@@ -716,6 +745,12 @@ fn unpack_layers(
         }
     }
     Ok(())
+}
+
+/// SIGKILLs this process, as an operator's `kill -9` (tests only).
+fn crash(point: &str) {
+    tracing::error!(failpoint = point, "crash_at reached: killing this process");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
 }
 
 /// Makes `path` and its missing parents, readable by the owner only: the
