@@ -343,3 +343,86 @@ async fn a_pull_cut_short_by_a_crash_leaves_nothing() {
         assert_eq!(machine["image_ref"]["digest"], digest);
     }
 }
+
+/// A tmpfs of `mb` megabytes at `path`, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path, mb: u32) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mb}m,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "these tests run as root and mount a tmpfs"
+        );
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_pull_onto_a_full_disk_says_so_and_leaves_nothing() {
+    // 24 MB of bytes no compressor shrinks, in one layer.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let mut image = TestImage::busybox("big");
+    image
+        .layers
+        .push(common::registry::layer(&[("big.bin", &noise, 0o644)], &[]));
+    let diff_ids: Vec<String> = image
+        .layers
+        .iter()
+        .map(|l| common::registry::sha256(l))
+        .collect();
+    image.config["rootfs"]["diff_ids"] = serde_json::json!(diff_ids);
+    let registry = Registry::start();
+    image.push(&registry.addr, "tools/big:v1", None).await;
+
+    // A data dir with room for Hangar, not for the image.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let _disk = SmallDisk::mount(&data, 16);
+    let h = Hangar::start_in(&data).await;
+    h.create_app("full").await;
+    let (status, body) = create(&h, "full", &format!("{}/tools/big:v1", registry.addr)).await;
+    assert_eq!(status, 507, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("disk full"),
+        "{body}"
+    );
+    let (_, machines) = h.get("/v1/apps/full/machines").await;
+    assert_eq!(machines, serde_json::json!([]));
+    assert_eq!(store(&h), (vec![], vec![], vec![]));
+    // Hangar goes on: a small image still fits.
+    TestImage::busybox("small")
+        .push(&registry.addr, "tools/small:v1", None)
+        .await;
+    let (status, body) = create(&h, "full", &format!("{}/tools/small:v1", registry.addr)).await;
+    assert_eq!(status, 200, "{body}");
+    drop(h);
+}
