@@ -224,6 +224,17 @@ impl Sandboxes {
         chown(&upper, self.ids.base).map_err(|e| fail("owning the root", e))?;
         let target = self.mount_point(id);
         walkable_dir(&target).map_err(|e| fail("making the root's mount point", e))?;
+        // overlayfs splits its options at ',' and its lower layers at ':'.
+        let paths = [image.root.as_path(), upper.as_path(), work.as_path()];
+        if let Some(bad) = paths
+            .iter()
+            .find(|p| p.to_string_lossy().contains([',', ':']))
+        {
+            return Err(format!(
+                "{} cannot be an overlay layer: move the data dir to a path without ',' or ':'",
+                bad.display()
+            ));
+        }
         let options = format!(
             "lowerdir={},upperdir={},workdir={}",
             image.root.display(),
