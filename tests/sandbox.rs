@@ -323,3 +323,28 @@ async fn a_machine_that_cannot_start_says_why_and_leaves_no_mount() {
         .unwrap_or_default();
     assert!(log.contains("/no/such/program"), "{log:?}");
 }
+
+#[tokio::test]
+async fn without_root_only_the_built_in_image_runs() {
+    let registry = Registry::start();
+    let name = format!("{}/web:v1", registry.addr);
+    web_image("v1").push(&registry.addr, "web:v1", None).await;
+    let h = Hangar::start_unprivileged().await;
+    h.create_app("plain").await;
+    // hangar/echo runs, as a host process of the unprivileged user.
+    let machine = h.started_machine("plain", common::ECHO_MACHINE).await;
+    assert!(
+        page(&h, "plain")
+            .await
+            .contains(machine["id"].as_str().unwrap())
+    );
+    // An image is pulled, but does not start: it needs a sandbox.
+    let request = machine_request(&name, serde_json::json!({}));
+    let (status, body) = h.post("/v1/apps/plain/machines", &request).await;
+    assert_eq!(status, 500, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("need a sandbox") && error.contains("need root"),
+        "{error}"
+    );
+}

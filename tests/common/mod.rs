@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The unprivileged user (`nobody`).
+pub const NOBODY: u32 = 65534;
+
 /// Bound on every wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -54,6 +57,25 @@ impl Hangar {
     /// Starts `hangar dev` in `dir`, with `config` (TOML) as its config file
     /// when given. Listen addresses are always port 0.
     pub async fn start_with(dir: &Path, config: Option<&str>) -> Self {
+        Self::launch(dir, config, None).await
+    }
+
+    /// Starts `hangar dev` as an unprivileged user (`nobody`) in a new
+    /// temp dir: no sandboxes.
+    pub async fn start_unprivileged() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("temp dir");
+        // nobody walks to its data dir, and writes only there.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let dir = tmp.path().join("data");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+        let mut h = Self::launch(&dir, None, Some(NOBODY)).await;
+        h._tmp = Some(tmp);
+        h
+    }
+
+    async fn launch(dir: &Path, config: Option<&str>, user: Option<u32>) -> Self {
         // Machines run in sandboxes under runc, on CI's fresh machines too.
         packages::require(&["runc"]);
         std::fs::create_dir_all(dir).unwrap();
@@ -68,6 +90,10 @@ impl Hangar {
             cmd.arg("dev").arg("--config").arg(path);
         } else {
             cmd.arg("dev");
+        }
+        if let Some(id) = user {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(id).gid(id);
         }
         let child = cmd
             .current_dir(parent)

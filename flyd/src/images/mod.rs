@@ -222,8 +222,8 @@ impl ImageRecord {
 /// What `index.json` holds.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Index {
-    /// The id base the roots were unpacked with: roots of another are
-    /// unpacked again.
+    /// The id base the roots were unpacked with (0: owners not set, by an
+    /// unprivileged flyd): roots of another are unpacked again.
     id_base: u32,
     images: BTreeMap<String, ImageRecord>,
     /// Images held by [`ImagePin`]s: machines being created or updated on
@@ -285,25 +285,29 @@ impl Images {
         let ids = IdShift {
             base: config.id_base,
             size: IDS_PER_MACHINE,
+            owners: nix::unistd::geteuid().is_root(),
         };
+        // What the roots' owners are: shifted by the base, or (unprivileged)
+        // left as 0, so a change either way unpacks them again.
+        let owned_by = if ids.owners { ids.base } else { 0 };
         let mut index: Index = match std::fs::read(dir.join("index.json")) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 ImageError::Io(format!("{}/index.json does not decode: {e}", dir.display()))
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Index {
-                id_base: ids.base,
+                id_base: owned_by,
                 ..Index::default()
             },
             Err(e) => return Err(fail(e)),
         };
-        let keep: HashSet<String> = if index.id_base == ids.base {
+        let keep: HashSet<String> = if index.id_base == owned_by {
             index
                 .images
                 .keys()
                 .filter_map(|d| blobs::sha256_hex(d).map(str::to_string))
                 .collect()
         } else {
-            index.id_base = ids.base;
+            index.id_base = owned_by;
             HashSet::new() // every root is unpacked again, for the new ids
         };
         for entry in std::fs::read_dir(dir.join("rootfs"))
@@ -721,12 +725,14 @@ fn unpack_layers(
         .cloned()
         .unwrap_or_else(|| rec.digest.clone());
     std::fs::create_dir(staging).map_err(|e| ImageError::from_io("making a root", e))?;
-    rustix::fs::chown(
-        staging,
-        Some(rustix::fs::Uid::from_raw(ids.base)),
-        Some(rustix::fs::Gid::from_raw(ids.base)),
-    )
-    .map_err(|e| ImageError::from_io("making a root", e.into()))?;
+    if ids.owners {
+        rustix::fs::chown(
+            staging,
+            Some(rustix::fs::Uid::from_raw(ids.base)),
+            Some(rustix::fs::Gid::from_raw(ids.base)),
+        )
+        .map_err(|e| ImageError::from_io("making a root", e.into()))?;
+    }
     for layer in &rec.layers {
         let file = blobs
             .open(&layer.digest)

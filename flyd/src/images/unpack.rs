@@ -31,6 +31,9 @@ use std::path::{Component, Path, PathBuf};
 pub struct IdShift {
     pub base: u32,
     pub size: u32,
+    /// Whether owners are set at all: only root can, and only root runs
+    /// sandboxes that need them. (An unprivileged flyd keeps its own.)
+    pub owners: bool,
 }
 
 impl IdShift {
@@ -244,7 +247,13 @@ impl Applier {
                     Mode::empty(),
                 )
                 .map_err(|e| UnpackError::io(path.display().to_string(), e))?;
-                own(&fd, uid, gid, mode, mtime, &path)?;
+                own(
+                    &fd,
+                    self.ids.owners.then_some((uid, gid)),
+                    mode,
+                    mtime,
+                    &path,
+                )?;
             }
             T::Regular | T::Continuous | T::GNUSparse => {
                 remove_all(&dir, Path::new(&name), &path)?;
@@ -264,7 +273,13 @@ impl Applier {
                     .map_err(|e| UnpackError::io(path.display().to_string(), e))?;
                 self.applied.bytes += n;
                 // Owner first: chown clears the setuid and setgid bits.
-                own(&file, uid, gid, mode, mtime, &path)?;
+                own(
+                    &file,
+                    self.ids.owners.then_some((uid, gid)),
+                    mode,
+                    mtime,
+                    &path,
+                )?;
             }
             T::Symlink => {
                 let target = entry
@@ -277,14 +292,7 @@ impl Applier {
                 remove_all(&dir, Path::new(&name), &path)?;
                 rustix::fs::symlinkat(&target, &dir, &name)
                     .map_err(|e| UnpackError::io(path.display().to_string(), e))?;
-                rustix::fs::chownat(
-                    &dir,
-                    &name,
-                    Some(Uid::from_raw(uid)),
-                    Some(Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| UnpackError::io(path.display().to_string(), e))?;
+                chown_at(self.ids, &dir, &name, (uid, gid), &path)?;
             }
             T::Link => {
                 let target = entry
@@ -321,14 +329,7 @@ impl Applier {
                     .map_err(fail)?;
                 // A FIFO cannot be opened to be changed without a writer:
                 // go by name, which is this FIFO, just made.
-                rustix::fs::chownat(
-                    &dir,
-                    &name,
-                    Some(Uid::from_raw(uid)),
-                    Some(Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(fail)?;
+                chown_at(self.ids, &dir, &name, (uid, gid), &path)?;
                 rustix::fs::chmodat(&dir, &name, Mode::from_raw_mode(mode), AtFlags::empty())
                     .map_err(fail)?;
             }
@@ -368,14 +369,8 @@ impl Applier {
                 Err(e) => return Err(UnpackError::io(format!("{}", at.display()), e)),
             }
             mkdir(&parent, part.as_os_str(), &at)?;
-            rustix::fs::chownat(
-                &parent,
-                part.as_os_str(),
-                Some(Uid::from_raw(self.ids.base)),
-                Some(Gid::from_raw(self.ids.base)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| UnpackError::io(format!("{}", at.display()), e))?;
+            let root = (self.ids.base, self.ids.base);
+            chown_at(self.ids, &parent, part.as_os_str(), root, &at)?;
         }
         self.open_dir(rel)
             .map_err(|e| UnpackError::io(format!("{}", rel.display()), e))
@@ -422,22 +417,46 @@ impl Applier {
     }
 }
 
+/// Sets the owner of `name` in `dir` (not following a symlink), where
+/// owners are set.
+fn chown_at(
+    ids: IdShift,
+    dir: &impl AsFd,
+    name: &std::ffi::OsStr,
+    (uid, gid): (u32, u32),
+    path: &Path,
+) -> Result<(), UnpackError> {
+    if !ids.owners {
+        return Ok(());
+    }
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| UnpackError::io(path.display().to_string(), e))
+}
+
 fn mkdir(dir: &impl AsFd, name: &std::ffi::OsStr, path: &Path) -> Result<(), UnpackError> {
     rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o755))
         .map_err(|e| UnpackError::io(path.display().to_string(), e))
 }
 
-/// Sets owner, mode and modification time through an open descriptor.
+/// Sets owner (where owners are set), mode and modification time through
+/// an open descriptor.
 fn own(
     fd: &impl AsFd,
-    uid: u32,
-    gid: u32,
+    owner: Option<(u32, u32)>,
     mode: u32,
     mtime: u64,
     path: &Path,
 ) -> Result<(), UnpackError> {
     let fail = |e: Errno| UnpackError::io(path.display().to_string(), e);
-    rustix::fs::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(fail)?;
+    if let Some((uid, gid)) = owner {
+        rustix::fs::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(fail)?;
+    }
     rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(fail)?;
     let at = Timespec {
         tv_sec: mtime.min(i64::MAX as u64) as i64,
@@ -506,6 +525,7 @@ mod tests {
     const IDS: IdShift = IdShift {
         base: 1_000_000,
         size: 65536,
+        owners: true,
     };
 
     /// A layer's entries, as an image builder would write them.
