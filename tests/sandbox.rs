@@ -8,6 +8,8 @@ mod common;
 use common::Hangar;
 use common::registry::{Registry, TestImage, layer};
 use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 
 /// A busybox image whose command serves `/www` with busybox's httpd on
 /// the machine's address, port 8080.
@@ -136,6 +138,28 @@ async fn an_image_runs_in_a_sandbox_of_its_own() {
         .unwrap()
         .to_string();
     assert!(uid_line.contains("1000000000"), "{uid_line}");
+
+    // Its root is mounted on the host where runc can reach it, but no host
+    // user can: the way there is closed to all but the machines' root group.
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(&id) && l.contains("overlay"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .expect("the machine's root is mounted");
+    let file = format!("{mount}/etc/image");
+    assert_eq!(std::fs::read(&file).unwrap(), b"v1");
+    // (Inside, every user walks the root and the image's directories.)
+    let root_mode = std::fs::metadata(&mount).unwrap().permissions().mode();
+    assert_eq!(root_mode & 0o777, 0o755);
+    let as_nobody = std::process::Command::new("cat")
+        .arg(&file)
+        .uid(common::NOBODY)
+        .gid(common::NOBODY)
+        .output()
+        .unwrap();
+    assert!(!as_nobody.status.success(), "a host user read {file}");
+    assert!(String::from_utf8_lossy(&as_nobody.stderr).contains("Permission denied"));
 
     // What the machine writes lasts until it stops: each start is a fresh root.
     exec(&h, "web", &id, "echo scribbled > /etc/image").await;

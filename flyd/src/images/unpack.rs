@@ -371,6 +371,14 @@ impl Applier {
             mkdir(&parent, part.as_os_str(), &at)?;
             let root = (self.ids.base, self.ids.base);
             chown_at(self.ids, &parent, part.as_os_str(), root, &at)?;
+            // 0755 whatever flyd's umask: every user of the image walks it.
+            rustix::fs::chmodat(
+                &parent,
+                part.as_os_str(),
+                Mode::from_raw_mode(0o755),
+                AtFlags::empty(),
+            )
+            .map_err(|e| UnpackError::io(format!("{}", at.display()), e))?;
         }
         self.open_dir(rel)
             .map_err(|e| UnpackError::io(format!("{}", rel.display()), e))
@@ -632,6 +640,11 @@ mod tests {
             made.uid(),
             IDS.base,
             "missing parents belong to the image's root"
+        );
+        assert_eq!(
+            made.permissions().mode() & 0o7777,
+            0o755,
+            "and every user walks them"
         );
         let link = std::fs::symlink_metadata(root.join("bin/sh")).unwrap();
         assert_eq!(link.uid(), IDS.base);

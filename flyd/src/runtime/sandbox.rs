@@ -19,7 +19,8 @@
 //! Paths: the bundle and runc's state live in the data dir (the config
 //! holds the machine's environment, secrets included); only the root's
 //! mount point is elsewhere, under `mounts_dir`, because the machine's root
-//! user (an unprivileged id on the host) must be able to walk to it.
+//! user (an unprivileged id on the host) must be able to walk to it: the
+//! way there is open to the machines' root group alone (mode 0710).
 
 use super::Launch;
 use crate::images::builtin::{HANGAR_MOUNT, loaded_libraries, own_interpreter};
@@ -142,7 +143,7 @@ impl Sandboxes {
         let mounts = config.mounts_dir.join(instance);
         walkable_dir(&config.mounts_dir).map_err(|e| fail("making the mounts dir", e))?;
         for dir in [&mounts, &mounts.join("roots")] {
-            walkable_dir(dir).map_err(|e| fail("making the mounts dir", e))?;
+            machines_dir(dir, ids.base).map_err(|e| fail("making the mounts dir", e))?;
         }
         // Hangar's binary where every machine's user can reach it: bound
         // (not copied) beside the mount points.
@@ -157,7 +158,7 @@ impl Sandboxes {
             None::<&str>,
         )
         .map_err(|e| format!("binding {} at {}: {e}", exe.display(), bound.display()))?;
-        let (lib, loader) = copy_libraries(&mounts.join("lib"))?;
+        let (lib, loader) = copy_libraries(&mounts.join("lib"), ids.base)?;
         Ok(Self {
             runc,
             state,
@@ -220,10 +221,17 @@ impl Sandboxes {
             }
             std::fs::create_dir_all(dir).map_err(|e| fail("making the root's upper layer", e))?;
         }
-        // The root directory is the upper layer's: the machine's root owns it.
+        // The root directory is the upper layer's: the machine's root owns
+        // it, and every user of the machine walks it (whatever our umask).
         chown(&upper, self.ids.base).map_err(|e| fail("owning the root", e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| fail("opening the root", e))?;
+        }
         let target = self.mount_point(id);
-        walkable_dir(&target).map_err(|e| fail("making the root's mount point", e))?;
+        machines_dir(&target, self.ids.base)
+            .map_err(|e| fail("making the root's mount point", e))?;
         // overlayfs splits its options at ',' and its lower layers at ':'.
         let paths = [image.root.as_path(), upper.as_path(), work.as_path()];
         if let Some(bad) = paths
@@ -535,10 +543,10 @@ fn seccomp() -> serde_json::Value {
 
 /// Copies Hangar's loader and libraries into `dir` (anew), for machines to
 /// see at [`LIB_MOUNT`]; returns the dir and the loader's file name.
-fn copy_libraries(dir: &Path) -> Result<(PathBuf, String), String> {
+fn copy_libraries(dir: &Path, ids_base: u32) -> Result<(PathBuf, String), String> {
     let fail = |e: io::Error| format!("copying Hangar's libraries to {}: {e}", dir.display());
     let _ = std::fs::remove_dir_all(dir);
-    walkable_dir(dir).map_err(fail)?;
+    machines_dir(dir, ids_base).map_err(fail)?;
     let libraries = loaded_libraries().map_err(|e| e.to_string())?;
     for lib in &libraries {
         let name = lib.file_name().expect("libraries have names");
@@ -552,15 +560,28 @@ fn copy_libraries(dir: &Path) -> Result<(PathBuf, String), String> {
 }
 
 /// A directory only root may change, that anyone may walk through (not
-/// list): the way to the machines' roots. (Its parents must be made so
-/// first: the mode of those `create` makes is cut by the umask.)
+/// list): the shared parent of every instance's mounts. (Its parents must
+/// be made so first: the mode of those `create` makes is cut by the umask.)
 fn walkable_dir(path: &Path) -> io::Result<()> {
+    dir_with_mode(path, 0o711)
+}
+
+/// A directory on the way to the machines' roots: root's, walkable by the
+/// machines' root group (`ids_base` on the host, which runc's mounts need)
+/// and by no one else, so no host user reaches into a machine's files.
+fn machines_dir(path: &Path, ids_base: u32) -> io::Result<()> {
+    dir_with_mode(path, 0o710)?;
+    rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(ids_base)))
+        .map_err(io::Error::from)
+}
+
+fn dir_with_mode(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o711)
+        .mode(mode)
         .create(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 fn chown(path: &Path, id: u32) -> io::Result<()> {
