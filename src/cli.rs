@@ -183,14 +183,7 @@ impl Api {
             .send()
             .await
             .with_context(|| format!("cannot reach the Machines API at {}", self.base))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if !status.is_success() {
-            let msg = value["error"].as_str().map(str::to_string).unwrap_or(text);
-            bail!("{msg} ({status})");
-        }
-        Ok(value)
+        answer(resp).await
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<Value> {
@@ -261,8 +254,20 @@ fn machine_rows(machines: &[Value]) -> Vec<Vec<String>> {
 
 const MACHINE_HEADERS: [&str; 6] = ["ID", "NAME", "STATE", "REGION", "PRIVATE IP", "UPDATED"];
 
-fn show(conn: &Conn, value: &Value, human: impl FnOnce(&Value)) {
-    if conn.json {
+/// An answer's JSON, or its error (the API's `error` field) with its status.
+async fn answer(resp: reqwest::Response) -> anyhow::Result<Value> {
+    let status = resp.status();
+    let text = resp.text().await?;
+    let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if !status.is_success() {
+        let msg = value["error"].as_str().map(str::to_string).unwrap_or(text);
+        bail!("{msg} ({status})");
+    }
+    Ok(value)
+}
+
+fn show(json: bool, value: &Value, human: impl FnOnce(&Value)) {
+    if json {
         println!("{value}");
     } else {
         human(value);
@@ -279,11 +284,11 @@ pub async fn apps(conn: Conn, cmd: AppsCmd) -> anyhow::Result<i32> {
                     Some(json!({ "app_name": name, "org_slug": org })),
                 )
                 .await?;
-            show(&conn, &v, |_| println!("created app {name}"));
+            show(conn.json, &v, |_| println!("created app {name}"));
         }
         AppsCmd::List => {
             let v = api.get("/v1/apps").await?;
-            show(&conn, &v, |v| {
+            show(conn.json, &v, |v| {
                 let rows = v["apps"]
                     .as_array()
                     .map(|apps| {
@@ -305,7 +310,7 @@ pub async fn apps(conn: Conn, cmd: AppsCmd) -> anyhow::Result<i32> {
         AppsCmd::Destroy { name } => {
             api.call(reqwest::Method::DELETE, &format!("/v1/apps/{name}"), None)
                 .await?;
-            show(&conn, &json!({ "ok": true }), |_| {
+            show(conn.json, &json!({ "ok": true }), |_| {
                 println!("destroyed app {name}")
             });
         }
@@ -356,7 +361,7 @@ pub async fn machines(conn: Conn, cmd: MachinesCmd) -> anyhow::Result<i32> {
             let id = text(&created["id"]);
             api.wait(&app, &id, "started", 60).await?;
             let machine = api.get(&m(&app, &id, "")).await?;
-            show(&conn, &machine, |v| {
+            show(conn.json, &machine, |v| {
                 println!(
                     "machine {id} is {} at {}",
                     text(&v["state"]),
@@ -366,7 +371,7 @@ pub async fn machines(conn: Conn, cmd: MachinesCmd) -> anyhow::Result<i32> {
         }
         MachinesCmd::List { app } => {
             let v = api.get(&format!("/v1/apps/{app}/machines")).await?;
-            show(&conn, &v, |v| {
+            show(conn.json, &v, |v| {
                 print_table(
                     &MACHINE_HEADERS,
                     machine_rows(v.as_array().map(Vec::as_slice).unwrap_or(&[])),
@@ -375,7 +380,7 @@ pub async fn machines(conn: Conn, cmd: MachinesCmd) -> anyhow::Result<i32> {
         }
         MachinesCmd::Status { id, app } => {
             let v = api.get(&m(&app, &id, "")).await?;
-            show(&conn, &v, |v| {
+            show(conn.json, &v, |v| {
                 print_table(&MACHINE_HEADERS, machine_rows(std::slice::from_ref(v)));
                 for c in v["checks"].as_array().into_iter().flatten() {
                     println!(
@@ -389,20 +394,20 @@ pub async fn machines(conn: Conn, cmd: MachinesCmd) -> anyhow::Result<i32> {
         }
         MachinesCmd::Start { id, app } => {
             let v = api.post(&m(&app, &id, "/start"), None).await?;
-            show(&conn, &v, |_| println!("started {id}"));
+            show(conn.json, &v, |_| println!("started {id}"));
         }
         MachinesCmd::Stop { id, app } => {
             let v = api.post(&m(&app, &id, "/stop"), None).await?;
-            show(&conn, &v, |_| println!("stopped {id}"));
+            show(conn.json, &v, |_| println!("stopped {id}"));
         }
         MachinesCmd::Suspend { id, app } => {
             let v = api.post(&m(&app, &id, "/suspend"), None).await?;
-            show(&conn, &v, |_| println!("suspended {id}"));
+            show(conn.json, &v, |_| println!("suspended {id}"));
         }
         MachinesCmd::Destroy { id, app, force } => {
             let path = m(&app, &id, &format!("?force={force}"));
             let v = api.call(reqwest::Method::DELETE, &path, None).await?;
-            show(&conn, &v, |_| println!("destroyed {id}"));
+            show(conn.json, &v, |_| println!("destroyed {id}"));
         }
         MachinesCmd::Wait {
             id,
@@ -411,7 +416,7 @@ pub async fn machines(conn: Conn, cmd: MachinesCmd) -> anyhow::Result<i32> {
             timeout,
         } => {
             let v = api.wait(&app, &id, &state, timeout).await?;
-            show(&conn, &v, |_| println!("machine {id} is {state}"));
+            show(conn.json, &v, |_| println!("machine {id} is {state}"));
         }
         MachinesCmd::Exec { id, app, command } => {
             let v = api
@@ -450,7 +455,7 @@ pub async fn status(conn: Conn) -> anyhow::Result<i32> {
         "apps": apps["total_apps"],
         "machines": by_state,
     });
-    show(&conn, &summary, |s| {
+    show(conn.json, &summary, |s| {
         println!("Machines API  {}", text(&s["api_url"]));
         println!("org           {}", text(&s["org"]));
         println!(
@@ -562,20 +567,8 @@ pub async fn images(conn: HostConn, cmd: ImagesCmd) -> anyhow::Result<i32> {
         .send()
         .await
         .with_context(|| format!("cannot reach flyd at {addr}"))?;
-    let status = resp.status();
-    let raw = resp.text().await?;
-    let value: Value = serde_json::from_str(&raw).unwrap_or(Value::Null);
-    if !status.is_success() {
-        let msg = value["error"].as_str().map(str::to_string).unwrap_or(raw);
-        bail!("{msg} ({status})");
-    }
-    let out = Conn {
-        api_url: None,
-        token: None,
-        data_dir: conn.data_dir.clone(),
-        json: conn.json,
-    };
-    show(&out, &value, |v| {
+    let value = answer(resp).await?;
+    show(conn.json, &value, |v| {
         let list = match &cmd {
             ImagesCmd::Ls | ImagesCmd::Import { .. } => v["images"].as_array().cloned(),
             ImagesCmd::Prune => v["removed"].as_array().cloned(),

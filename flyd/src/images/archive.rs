@@ -259,30 +259,6 @@ impl Images {
         let mut magic = [0u8; 2];
         Ok(file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b])
     }
-
-    /// Removes every blob no image in the index uses.
-    pub(super) fn sweep_blobs(&self) -> Result<(), ImageError> {
-        let used: std::collections::HashSet<String> = self
-            .index
-            .lock()
-            .images
-            .values()
-            .flat_map(|r| {
-                r.layers
-                    .iter()
-                    .map(|l| l.digest.clone())
-                    .chain([r.config_digest.clone()])
-            })
-            .collect();
-        for blob in self.blobs.list() {
-            if !used.contains(&blob) {
-                self.blobs
-                    .remove(&blob)
-                    .map_err(|e| ImageError::from_io("removing a blob", e))?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Full image names an index entry's annotations give.

@@ -333,6 +333,30 @@ impl Images {
         Ok(images)
     }
 
+    /// Removes every blob no image in the index uses.
+    fn sweep_blobs(&self) -> Result<(), ImageError> {
+        let used: std::collections::HashSet<String> = self
+            .index
+            .lock()
+            .images
+            .values()
+            .flat_map(|r| {
+                r.layers
+                    .iter()
+                    .map(|l| l.digest.clone())
+                    .chain([r.config_digest.clone()])
+            })
+            .collect();
+        for blob in self.blobs.list() {
+            if !used.contains(&blob) {
+                self.blobs
+                    .remove(&blob)
+                    .map_err(|e| ImageError::from_io("removing a blob", e))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Kills this process at the configured crash point (tests only).
     fn failpoint(&self, point: &str) {
         if self.crash_at.as_deref() == Some(&format!("image/{point}")) {

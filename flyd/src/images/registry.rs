@@ -72,7 +72,8 @@ impl Registries {
     }
 
     fn client_for(&self, reference: &Reference) -> &Client {
-        let registry = reference.resolve_registry();
+        // Keyed as users write registries (`docker.io`), as for credentials.
+        let registry = reference.registry();
         let insecure = self.config.get(registry).is_some_and(|c| c.insecure);
         if insecure || is_loopback(registry) {
             &self.http

@@ -264,7 +264,10 @@ impl Sandboxes {
         // Checked against the runtime spec's types before runc sees it.
         serde_json::from_value::<oci_spec::runtime::Spec>(config.clone())
             .map_err(|e| format!("the sandbox config of machine {id} is not a valid spec: {e}"))?;
-        write_private(&bundle.join("config.json"), &config.to_string())
+        let path = bundle.join("config.json");
+        let _ = std::fs::remove_file(&path);
+        crate::images::private_file(&path)
+            .and_then(|mut file| io::Write::write_all(&mut file, config.to_string().as_bytes()))
             .map_err(|e| fail("writing the bundle", e))?;
         Ok(SandboxSpec {
             runc: self.runc.clone(),
@@ -591,17 +594,6 @@ fn chown(path: &Path, id: u32) -> io::Result<()> {
         Some(rustix::fs::Gid::from_raw(id)),
     )
     .map_err(io::Error::from)
-}
-
-fn write_private(path: &Path, text: &str) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    io::Write::write_all(&mut file, text.as_bytes())
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
