@@ -91,6 +91,9 @@ enum Command {
     /// Serve the built-in image hangar/echo (started by pilot).
     #[command(hide = true)]
     Echo,
+    /// runc's hook: give the container being created its network.
+    #[command(hide = true)]
+    NetworkHook { attach: String },
     /// A sandbox's PID 1: run the command, pass signals on, reap orphans.
     #[command(hide = true)]
     Init {
@@ -155,6 +158,11 @@ pub struct DevArgs {
     /// flyd host RPC listen address: `ip:port`, or `unix:<path>`.
     #[arg(long)]
     flyd_addr: Option<hangar_flyd::Listen>,
+    /// The address block of sandboxed machines' networks (CIDR), which
+    /// must overlap nothing this host routes: two instances on one host
+    /// need two.
+    #[arg(long)]
+    machine_network: Option<hangar_api::AddrBlock>,
 }
 
 fn init_tracing() {
@@ -217,6 +225,10 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(hangar_flyd::pilot::run(&dir)),
         Command::Echo => tokio::runtime::Runtime::new()?.block_on(hangar_flyd::echo::run()),
+        Command::NetworkHook { attach } => {
+            hangar_flyd::runtime::network::run_hook(&attach, std::io::stdin())
+                .map_err(anyhow::Error::msg)
+        }
         Command::Init { command } => {
             let code = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -297,5 +309,20 @@ impl DevArgs {
         if let Some(a) = &self.flyd_addr {
             cfg.flyd.listen = a.clone();
         }
+        if let Some(block) = self.machine_network {
+            cfg.flyd.network.block = block;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_finds_the_network_hook_by_its_name() {
+        let hook = hangar_flyd::runtime::network::HOOK_COMMAND;
+        let cli = Cli::try_parse_from(["hangar", hook, "{}"]).unwrap();
+        assert!(matches!(cli.command, Command::NetworkHook { .. }));
     }
 }

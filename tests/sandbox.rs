@@ -372,3 +372,327 @@ async fn without_root_only_the_built_in_image_runs() {
         "{error}"
     );
 }
+
+/// The machines' gateway of `h`: the first address of its block.
+fn gateway_of(h: &Hangar) -> std::net::Ipv4Addr {
+    let base: std::net::Ipv4Addr = h
+        .machine_network
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::net::Ipv4Addr::from(u32::from(base) + 1)
+}
+
+/// The link holding `address`, if one does.
+fn link_with(address: std::net::Ipv4Addr) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains(&format!(" {address}/")))
+        .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+}
+
+/// How many ports (machines' veths) the bridge has.
+fn ports_of(bridge: &str) -> usize {
+    std::fs::read_dir(format!("/sys/class/net/{bridge}/brif"))
+        .map(|ports| ports.count())
+        .unwrap_or(0)
+}
+
+/// A TCP service of the test's own on every address of the host, which
+/// answers each connection with `answer` and closes it.
+fn host_service(answer: &'static str) -> u16 {
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let reply = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            let _ = std::io::Write::write_all(&mut conn, reply.as_bytes());
+        }
+    });
+    port
+}
+
+/// What `url` answers inside the machine (busybox's wget, bounded by
+/// `timeout`: its own `-T` crashes), if it answers.
+async fn fetch_inside(h: &Hangar, app: &str, id: &str, url: &str) -> Option<String> {
+    let out = exec(
+        h,
+        app,
+        id,
+        &format!("timeout 3 wget -q -Y off -O- {url} 2>/dev/null && echo ok"),
+    )
+    .await;
+    let text = stdout(&out);
+    text.strip_suffix("ok").map(|body| body.trim().to_string())
+}
+
+#[tokio::test]
+async fn machines_have_networks_of_their_own_and_reach_nothing_of_the_hosts() {
+    let registry = Registry::start();
+    let name = format!("{}/web:net", registry.addr);
+    web_image("net").push(&registry.addr, "web:net", None).await;
+    let h = Hangar::start().await;
+    let gateway = gateway_of(&h);
+    let bridge = link_with(gateway).expect("the machines' bridge holds their gateway");
+    let port = host_service("the host");
+    // Through the gateway, the host's service answers the host.
+    let mut conn = std::net::TcpStream::connect((gateway, port)).unwrap();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut seen).unwrap();
+    assert!(seen.ends_with("the host"), "{seen}");
+
+    // Two machines, both on 0.0.0.0:8080 as Fly apps listen: each in a
+    // network of its own, both answer.
+    let mut machines = Vec::new();
+    for app in ["alpha", "beta"] {
+        h.create_app(app).await;
+        let everywhere =
+            serde_json::json!({"init": {"cmd": ["exec httpd -f -h /www -p 0.0.0.0:8080"]}});
+        let machine = h
+            .started_machine(app, &machine_request(&name, everywhere))
+            .await;
+        assert_eq!(page(&h, app).await, "hello from net\n");
+        let ip = machine["private_ip"].as_str().unwrap().to_string();
+        let ip_addr: std::net::Ipv4Addr = ip.parse().unwrap();
+        assert!(
+            u32::from(ip_addr) >> 8 == u32::from(gateway) >> 8 && ip_addr != gateway,
+            "{ip} is not in {}",
+            h.machine_network
+        );
+        machines.push((app, machine["id"].as_str().unwrap().to_string(), ip));
+    }
+    assert_eq!(ports_of(&bridge), 2);
+    let (alpha, beta) = (&machines[0], &machines[1]);
+
+    // Inside alpha: its address on eth0, its route through the gateway.
+    let out = exec(
+        &h,
+        "alpha",
+        &alpha.1,
+        "ip -4 -o addr show dev eth0; ip route",
+    )
+    .await;
+    let text = stdout(&out);
+    assert!(text.contains(&format!("inet {}/24", alpha.2)), "{out}");
+    assert!(
+        text.contains(&format!("default via {gateway} dev eth0")),
+        "{out}"
+    );
+    // Its root can neither take beta's address nor listen on it.
+    let out = exec(
+        &h,
+        "alpha",
+        &alpha.1,
+        &format!(
+            "ip addr add {b}/32 dev eth0 2>&1; echo rc=$?; httpd -f -p {b}:9090 2>&1; echo rc=$?",
+            b = beta.2
+        ),
+    )
+    .await;
+    let text = stdout(&out);
+    assert_eq!(text.matches("rc=").count(), 2, "{out}");
+    assert!(!text.contains("rc=0"), "{out}");
+    // It reaches neither beta, nor the host's service (through its
+    // gateway), nor anything on the host's loopback (Hangar's API there).
+    let flaps = h.addrs.flaps.port();
+    for url in [
+        format!("http://{}:8080/", beta.2),
+        format!("http://{gateway}:{port}/"),
+        format!("http://127.0.0.1:{flaps}/v1/apps"),
+    ] {
+        let got = fetch_inside(&h, "alpha", &alpha.1, &url).await;
+        assert_eq!(got, None, "alpha fetched {url}");
+    }
+    // (And beta itself answers on its own address, from inside.)
+    let own = fetch_inside(&h, "beta", &beta.1, &format!("http://{}:8080/", beta.2)).await;
+    assert_eq!(own.as_deref(), Some("hello from net"));
+
+    // A stopped machine has no link left; a destroyed one neither.
+    let (status, body) = h
+        .post(&format!("/v1/apps/alpha/machines/{}/stop", alpha.1), "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.wait_state("alpha", &alpha.1, "stopped").await;
+    common::eventually("alpha's veth is gone", || async { ports_of(&bridge) == 1 }).await;
+    for (app, id, _) in &machines {
+        let (status, body) = h
+            .delete(&format!("/v1/apps/{app}/machines/{id}?force=true"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        h.wait_state(app, id, "destroyed").await;
+    }
+    common::eventually("every veth is gone", || async { ports_of(&bridge) == 0 }).await;
+
+    // Hangar gone, its bridge and filter are too.
+    let tables = || {
+        let out = std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("hangar_{}", &bridge[2..])))
+            .count()
+    };
+    assert_eq!(tables(), 2, "an inet and a bridge table");
+    drop(h);
+    assert_eq!(link_with(gateway), None, "the bridge is left");
+    assert_eq!(tables(), 0, "the filter is left");
+}
+
+/// A network namespace of the test's own, beyond the host: a veth from the
+/// host (`.1` of a block of its own) to it (`.2`), where busybox's httpd
+/// answers on port 8080. Removed on drop.
+struct Outside {
+    netns: String,
+    server: std::process::Child,
+    _www: tempfile::TempDir,
+    /// The host's end.
+    host: std::net::Ipv4Addr,
+    address: std::net::Ipv4Addr,
+}
+
+impl Outside {
+    fn start() -> Self {
+        common::packages::require(&["iproute2", "busybox-static"]);
+        let block = common::machine_network();
+        let base: std::net::Ipv4Addr = block.split('/').next().unwrap().parse().unwrap();
+        let (host, address) = (
+            std::net::Ipv4Addr::from(u32::from(base) + 1),
+            std::net::Ipv4Addr::from(u32::from(base) + 2),
+        );
+        let tag = format!("{:x}", u32::from(base) & 0xffff);
+        let netns = format!("hgt-out-{tag}");
+        let link = format!("hgto{tag}");
+        let ip = |args: &str| {
+            let out = std::process::Command::new("ip")
+                .args(args.split_whitespace())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &netns])
+            .output();
+        ip(&format!("netns add {netns}"));
+        ip(&format!(
+            "link add {link} type veth peer name eth0 netns {netns}"
+        ));
+        ip(&format!("addr add {host}/24 dev {link}"));
+        ip(&format!("link set {link} up"));
+        ip(&format!("-n {netns} addr add {address}/24 dev eth0"));
+        ip(&format!("-n {netns} link set eth0 up"));
+        ip(&format!("-n {netns} link set lo up"));
+        ip(&format!("-n {netns} route add default via {host}"));
+        let www = tempfile::tempdir().unwrap();
+        std::fs::write(www.path().join("index.html"), "outside\n").unwrap();
+        let server = std::process::Command::new("ip")
+            .args(["netns", "exec", &netns, "busybox", "httpd", "-f", "-p"])
+            .arg(format!("{address}:8080"))
+            .arg("-h")
+            .arg(www.path())
+            .spawn()
+            .unwrap();
+        Self {
+            netns,
+            server,
+            _www: www,
+            host,
+            address,
+        }
+    }
+
+    /// Whether `url` answers from inside the outside namespace (no proxy
+    /// the test's environment may name).
+    fn fetch(&self, url: &str) -> bool {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "busybox", "timeout", "3"])
+            .args(["busybox", "wget", "-q", "-Y", "off", "-O-", url])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        // The veth goes with the namespace.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn outbound_traffic_is_a_switch_and_nothing_outside_reaches_a_machine() {
+    let registry = Registry::start();
+    let name = format!("{}/web:out", registry.addr);
+    web_image("out").push(&registry.addr, "web:out", None).await;
+    let outside = Outside::start();
+    let url = format!("http://{}:8080/", outside.address);
+    common::eventually("the outside server answers", || async {
+        outside.fetch(&format!("http://{}:8080/", outside.address))
+    })
+    .await;
+
+    // Outbound on (dev's default): the machine reaches beyond the host.
+    let open = Hangar::start().await;
+    open.create_app("open").await;
+    let machine = open
+        .started_machine("open", &machine_request(&name, serde_json::json!({})))
+        .await;
+    let (id, ip) = (
+        machine["id"].as_str().unwrap(),
+        machine["private_ip"].as_str().unwrap(),
+    );
+    let got = fetch_inside(&open, "open", id, &url).await;
+    assert_eq!(got.as_deref(), Some("outside"));
+    // But nothing outside opens a connection to it, even routed there.
+    let route = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &outside.netns,
+            "route",
+            "add",
+            &open.machine_network,
+            "via",
+        ])
+        .arg(outside.host.to_string())
+        .output()
+        .unwrap();
+    assert!(route.status.success(), "{route:?}");
+    assert!(
+        !outside.fetch(&format!("http://{ip}:8080/")),
+        "the outside reached {ip}"
+    );
+
+    // Outbound off: it does not.
+    let tmp = tempfile::tempdir().unwrap();
+    let closed = Hangar::start_with(
+        &tmp.path().join("data"),
+        Some("[flaps.rate_limits]\nenabled = false\n[flyd.network]\noutbound = false\n"),
+    )
+    .await;
+    closed.create_app("closed").await;
+    let machine = closed
+        .started_machine("closed", &machine_request(&name, serde_json::json!({})))
+        .await;
+    let id = machine["id"].as_str().unwrap();
+    assert_eq!(fetch_inside(&closed, "closed", id, &url).await, None);
+}

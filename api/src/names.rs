@@ -184,6 +184,21 @@ impl AddrBlock {
         base + 1..=(u64::from(base) + size - 2) as u32
     }
 
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` is in the block.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.prefix) == u32::from(self.base)
+    }
+
+    /// Whether the two blocks share an address.
+    pub fn overlaps(&self, other: &AddrBlock) -> bool {
+        self.contains(other.base) || other.contains(self.base)
+    }
+
     fn mask(prefix: u8) -> u32 {
         u32::MAX << (32 - u32::from(prefix))
     }
@@ -289,5 +304,17 @@ mod tests {
         }
         let back: AddrBlock = serde_json::from_str("\"10.0.0.0/8\"").unwrap();
         assert_eq!(back.to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn address_blocks_hold_and_overlap_what_they_should() {
+        let block: AddrBlock = "10.1.2.0/24".parse().unwrap();
+        assert_eq!(block.prefix(), 24);
+        assert!(block.contains(Ipv4Addr::new(10, 1, 2, 255)));
+        assert!(!block.contains(Ipv4Addr::new(10, 1, 3, 0)));
+        let wider: AddrBlock = "10.0.0.0/8".parse().unwrap();
+        let beside: AddrBlock = "10.1.3.0/24".parse().unwrap();
+        assert!(block.overlaps(&wider) && wider.overlaps(&block));
+        assert!(!block.overlaps(&beside) && !beside.overlaps(&block));
     }
 }

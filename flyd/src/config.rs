@@ -15,7 +15,9 @@ pub struct FlydConfig {
     pub host_id: String,
     /// The region this host is in.
     pub region: Region,
-    /// Loopback block machines' private addresses come from, as CIDR.
+    /// Loopback block the addresses of machines without a network of
+    /// their own come from (host commands, and every machine where this
+    /// host cannot make sandboxes), as CIDR.
     pub private_range: AddrBlock,
     /// Grace period between the stop signal and SIGKILL, when neither the
     /// request nor `config.stop_config` sets one.
@@ -60,6 +62,8 @@ pub struct FlydConfig {
     pub host_commands: bool,
     /// Sandboxes: the OCI runtime, where roots are mounted, limits.
     pub sandbox: crate::runtime::sandbox::SandboxConfig,
+    /// Sandboxes' networks: the address block, outbound traffic.
+    pub network: crate::runtime::network::NetworkConfig,
     /// Images: the id range machines map to, registry credentials.
     pub images: crate::images::ImagesConfig,
     /// Testing only: `"<fsm>/<step>/<before|after>"` (for example
@@ -126,6 +130,7 @@ impl Default for FlydConfig {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             host_commands: false,
             sandbox: crate::runtime::sandbox::SandboxConfig::default(),
+            network: crate::runtime::network::NetworkConfig::default(),
             images: crate::images::ImagesConfig::default(),
             crash_at: None,
         }
@@ -140,6 +145,15 @@ impl FlydConfig {
             problems.push(format!(
                 "flyd.private_range: {} is not a loopback block (such as \"127.10.0.0/16\")",
                 self.private_range
+            ));
+        }
+        if let Err(problem) = self.network.validate() {
+            problems.push(problem);
+        }
+        if self.network.block.overlaps(&self.private_range) {
+            problems.push(format!(
+                "flyd.network.block: {} overlaps flyd.private_range {}",
+                self.network.block, self.private_range
             ));
         }
         if self.host_id.trim().is_empty() {

@@ -18,7 +18,7 @@ use crate::runtime::{self, Runtime, RuntimeError, process::Processes};
 use crate::steps::stop_input;
 use crate::store::{FsmStore, Store, StoreError};
 use hangar_api::AddrBlock;
-use hangar_api::machine::{MachineState, StopRequest};
+use hangar_api::machine::{HOST_IMAGE, MachineConfig, MachineState, StopRequest};
 use hangar_api::time::now_ms;
 use hangar_catalog::lock::Guarded;
 use hangar_catalog::{HostRow, Rib, RibError, SecretBox};
@@ -126,7 +126,6 @@ const RUNS_KEPT: usize = 10_000;
 /// One flyd host.
 pub struct Flyd {
     pub(crate) cfg: FlydConfig,
-    range: AddrBlock,
     /// Machine records and FSM runs, durably.
     pub(crate) store: Arc<dyn FsmStore>,
     /// How the machines' workloads run.
@@ -187,7 +186,14 @@ impl Flyd {
                 ..cfg.images.clone()
             },
         )?;
-        let sandboxes = Sandboxes::setup(&cfg.sandbox, data_dir, &exe, &cfg.host_id, images.ids());
+        let sandboxes = Sandboxes::setup(
+            &cfg.sandbox,
+            &cfg.network,
+            data_dir,
+            &exe,
+            &cfg.host_id,
+            images.ids(),
+        );
         match &sandboxes {
             Ok(_) => tracing::info!("machines that run images run in sandboxes under runc"),
             Err(why) => tracing::warn!(
@@ -219,7 +225,6 @@ impl Flyd {
         }
         let capacity = Capacity::new(&cfg, reserved_by(&*store)?);
         let flyd = Arc::new(Self {
-            range: cfg.private_range,
             cfg,
             store,
             runtime,
@@ -502,9 +507,20 @@ impl Flyd {
         }
     }
 
-    /// Picks a free private address at random, so two hosts (or two dev
-    /// instances) sharing a range rarely collide.
-    pub(crate) fn allocate_ip(&self) -> Result<Ipv4Addr, FlydError> {
+    /// The block a machine that runs `config` takes its address from: the
+    /// sandboxes' network, or the host's loopback for a host command (and
+    /// wherever this host has no sandboxes).
+    pub(crate) fn address_block(&self, config: &MachineConfig) -> AddrBlock {
+        match self.runtime.image_network() {
+            Some(block) if config.image != HOST_IMAGE => block,
+            _ => self.cfg.private_range,
+        }
+    }
+
+    /// Picks a free address of `block` at random, so two hosts (or two dev
+    /// instances) sharing a range rarely collide. The block's first usable
+    /// address is never given: it is the machines' gateway.
+    pub(crate) fn allocate_ip(&self, block: AddrBlock) -> Result<Ipv4Addr, FlydError> {
         let used: HashSet<String> = self
             .store
             .machines()?
@@ -512,7 +528,7 @@ impl Flyd {
             .filter(|m| m.state != MachineState::Destroyed)
             .map(|m| m.private_ip)
             .collect();
-        let hosts = self.range.hosts();
+        let hosts = block.hosts().start() + 1..=*block.hosts().end();
         let mut rng = rand::rng();
         for _ in 0..1000 {
             let ip = Ipv4Addr::from(rng.random_range(hosts.clone()));
@@ -525,7 +541,7 @@ impl Flyd {
         }
         Err(FlydError::Runtime {
             id: String::new(),
-            reason: format!("no free private address in {}", self.cfg.private_range),
+            reason: format!("no free private address in {block}"),
         })
     }
 

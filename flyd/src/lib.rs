@@ -24,6 +24,7 @@
 //! - [`init`]: a sandbox's PID 1: runs its command, passes signals on, reaps.
 //! - [`pilot`]: the pilot process and the client for it.
 //! - `logfile`: the machine's log, rotated by size.
+//! - `mounts`: removing a machine's mounts.
 //! - [`echo`]: the built-in image `hangar/echo`.
 //! - [`rpc`]: the host RPC HTTP API.
 
@@ -40,6 +41,7 @@ pub mod lease;
 mod logfile;
 #[cfg(test)]
 mod model;
+mod mounts;
 pub mod ops;
 pub mod pilot;
 pub mod record;

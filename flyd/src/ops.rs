@@ -109,7 +109,7 @@ impl Flyd {
             region: self.cfg.region.to_string(),
             host: self.cfg.host_id.clone(),
             state: MachineState::Created,
-            private_ip: self.allocate_ip()?.to_string(),
+            private_ip: self.allocate_ip(self.address_block(&m.config))?.to_string(),
             image_ref,
             config: m.config,
             version: ulid::Ulid::new().to_string(),

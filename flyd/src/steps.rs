@@ -61,6 +61,15 @@ impl Flyd {
                 .await
                 .map_err(|e| FlydError::runtime(id, e));
         }
+        let block = self.address_block(&rec.config);
+        let address = match rec.private_ip.parse() {
+            Ok(ip) if block.contains(ip) => ip,
+            // The machine changed between a host command and an image, or
+            // this host gained or lost its sandboxes, since it was given
+            // its address: a new one (published with the state below).
+            _ => self.allocate_ip(block)?,
+        };
+        rec.private_ip = address.to_string();
         let image = self.machine_image(&rec)?;
         let run_config = image.as_ref().map(|(i, _)| &i.config);
         let guest = Guest::of(&rec.config);
@@ -80,6 +89,7 @@ impl Flyd {
                     .and_then(|g| g.cpu_kind.as_deref())
                     .is_none_or(|kind| kind != "performance"),
                 builtin: rec.config.image == ECHO_IMAGE,
+                address,
             }),
         };
         rec.state = MachineState::Starting;

@@ -32,6 +32,8 @@ pub struct Addrs {
 pub struct Hangar {
     child: Option<Child>,
     pub data_dir: PathBuf,
+    /// The block of its sandboxed machines' addresses (`--machine-network`).
+    pub machine_network: String,
     _tmp: Option<tempfile::TempDir>,
     pub addrs: Addrs,
     pub token: String,
@@ -77,12 +79,13 @@ impl Hangar {
 
     async fn launch(dir: &Path, config: Option<&str>, user: Option<u32>) -> Self {
         // Machines run in sandboxes under runc, on CI's fresh machines too.
-        packages::require(&["runc"]);
+        packages::require(SANDBOX_PACKAGES);
         std::fs::create_dir_all(dir).unwrap();
         // A killed run leaves its addrs.json; never read that one.
         let _ = std::fs::remove_file(dir.join("addrs.json"));
         let parent = dir.parent().unwrap();
         let log = std::fs::File::create(parent.join("hangar.log")).unwrap();
+        let network = machine_network_of(&parent.join("machine-network"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
         if let Some(text) = config {
             let path = parent.join("hangar.toml");
@@ -113,6 +116,8 @@ impl Hangar {
                 // As dev's config has it: nothing outside calls this host.
                 "--flyd-addr",
                 "unix:flyd.sock",
+                "--machine-network",
+                &network,
             ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -152,6 +157,7 @@ impl Hangar {
         Self {
             child,
             data_dir: dir.to_path_buf(),
+            machine_network: network,
             _tmp: None,
             addrs,
             token,
@@ -416,7 +422,7 @@ impl Part {
         config: &str,
         addrs_file: &str,
     ) -> Self {
-        packages::require(&["runc"]);
+        packages::require(SANDBOX_PACKAGES);
         std::fs::create_dir_all(data_dir).unwrap();
         let parent = data_dir.parent().unwrap();
         let config_path = parent.join(format!("{name}.toml"));
@@ -436,6 +442,10 @@ impl Part {
         };
         for flag in ports {
             cmd.args([flag, "127.0.0.1:0"]);
+        }
+        if kind == "flyd" {
+            let network = machine_network_of(&parent.join(format!("{name}.machine-network")));
+            cmd.args(["--machine-network", &network]);
         }
         let mut child = cmd
             .current_dir(parent)
@@ -496,6 +506,47 @@ impl Drop for Hangar {
             self.stop_with(nix::sys::signal::Signal::SIGTERM);
         }
     }
+}
+
+/// What sandboxed machines need of the host: runc, and nftables for their
+/// networks' filter.
+pub const SANDBOX_PACKAGES: &[&str] = &["runc", "nftables"];
+
+/// The block of machine addresses kept in `file` (one Hangar's, across its
+/// restarts), or a new one written there.
+fn machine_network_of(file: &Path) -> String {
+    if let Ok(block) = std::fs::read_to_string(file) {
+        return block;
+    }
+    let block = machine_network();
+    std::fs::write(file, &block).unwrap();
+    block
+}
+
+/// An address block no other Hangar the tests start uses meanwhile: the
+/// test binaries run at once and share the host's routes, where two
+/// bridges with one block would take each other's traffic. The /24s of
+/// 10.128.0.0/9 in turn, counted in a file under a lock.
+pub fn machine_network() -> String {
+    use std::io::{Read, Seek, Write};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open("/tmp/hangar-tests-networks")
+        .expect("the networks' counter");
+    let held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("locking the networks' counter");
+    let mut file: &std::fs::File = &held;
+    let mut text = String::new();
+    file.read_to_string(&mut text).unwrap();
+    let n: u32 = text.trim().parse().unwrap_or(0) % (1 << 15);
+    file.rewind().unwrap();
+    file.set_len(0).unwrap();
+    write!(file, "{}", n + 1).unwrap();
+    format!("10.{}.{}.0/24", 128 + (n >> 8), n & 0xff)
 }
 
 fn read_log(dir: &Path) -> String {

@@ -56,9 +56,16 @@ fn tools() -> (BTreeMap<String, PathBuf>, BTreeSet<PathBuf>) {
             .lines()
             .filter_map(|l| {
                 let l = l.split("=>").last()?.trim();
-                let p = l.split_whitespace().next()?;
-                p.starts_with('/')
-                    .then(|| Path::new(p).canonicalize().ok())?
+                let p = Path::new(l.split_whitespace().next()?);
+                // Under the name the loader looks for (its soname, often a
+                // symlink to a versioned file), in its directory's real
+                // path (`/lib` may be a link to `/usr/lib`).
+                let dir = p
+                    .parent()
+                    .filter(|_| p.is_absolute())?
+                    .canonicalize()
+                    .ok()?;
+                Some(dir.join(p.file_name()?))
             })
             .collect();
         if out.status.success() {

@@ -141,8 +141,9 @@ fn wait(pid: u32) -> std::io::Result<ExitInfo> {
 }
 
 /// Once the container's init is gone: removes the container (its cgroup
-/// and runc's state) and unmounts its root, so a stopped machine holds no
-/// mount. The next start makes both anew.
+/// and runc's state; its network namespace, and the veth pair with it, go
+/// with it) and unmounts its root, so a stopped machine holds no mount and
+/// no link. The next start makes them anew.
 pub(super) fn clean_up(spec: &SandboxSpec) {
     let deleted = std::process::Command::new(&spec.runc)
         .arg("--root")
@@ -157,11 +158,8 @@ pub(super) fn clean_up(spec: &SandboxSpec) {
             "removing the container"
         );
     }
-    match nix::mount::umount2(&spec.root, nix::mount::MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {
-            let _ = std::fs::remove_dir(&spec.root);
-        }
-        Err(e) => tracing::warn!(error = %e, "unmounting the container's root"),
+    if let Err(e) = crate::mounts::remove_mount(&spec.root) {
+        tracing::warn!(error = %e, "unmounting the container's root");
     }
 }
 

@@ -10,7 +10,9 @@
 //!   host command as a host process group.
 //! - [`sandbox`]: the sandbox: an OCI container under runc, its root an
 //!   overlay of the image.
+//! - [`network`]: each sandbox's network namespace, on a host bridge.
 
+pub mod network;
 pub mod process;
 pub mod sandbox;
 
@@ -108,6 +110,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// Releases what the runtime holds for all machines, at flyd's
     /// shutdown (workloads left running keep what they have).
     fn shutdown(&self) {}
+
+    /// The block a machine that runs an image takes its address from,
+    /// where each such machine has a network of its own; `None` where
+    /// machines share the host's (their addresses on its loopback).
+    fn image_network(&self) -> Option<hangar_api::AddrBlock> {
+        None
+    }
 }
 
 /// How long a workload may take to die after SIGKILL.

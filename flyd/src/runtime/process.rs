@@ -159,7 +159,8 @@ impl Runtime for Processes {
     }
 
     fn accepts<'a>(&'a self, _id: &'a str, addr: SocketAddr) -> RunFuture<'a, bool> {
-        // The machine's address is on the host's loopback.
+        // The machine's address is on the host's loopback, or behind its
+        // bridge.
         Box::pin(async move { tokio::net::TcpStream::connect(addr).await.is_ok() })
     }
 
@@ -213,6 +214,10 @@ impl Runtime for Processes {
         if let Ok(sandboxes) = &self.sandboxes {
             sandboxes.shutdown();
         }
+    }
+
+    fn image_network(&self) -> Option<hangar_api::AddrBlock> {
+        self.sandboxes.as_ref().ok().map(Sandboxes::network_block)
     }
 }
 

@@ -7,7 +7,8 @@
 //!   every start, as a Fly machine's root file system is;
 //! - its `config.json`: the command and environment, the image's working
 //!   directory and user; its own mount, PID, UTS (hostname = machine id),
-//!   IPC, cgroup and user namespaces, the user namespace mapping the
+//!   IPC, cgroup, network and user namespaces (the network made by the
+//!   hook [`Network`] gives runc), the user namespace mapping the
 //!   machine's ids to the unprivileged range the image was unpacked with;
 //!   no new privileges, a small capability set and a seccomp profile that
 //!   refuses what containers have no business doing; a cgroup with the
@@ -23,12 +24,14 @@
 //! way there is open to the machines' root group alone (mode 0710).
 
 use super::Launch;
+use super::network::{Network, NetworkConfig};
 use crate::images::builtin::{HANGAR_MOUNT, loaded_libraries, own_interpreter};
 use crate::images::{IDS_PER_MACHINE, IdShift};
 use crate::pilot::SandboxSpec;
 use serde::Deserialize;
 use serde_json::json;
 use std::io;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 /// Where a machine sees the loader and libraries of Hangar's binary, so it
@@ -75,6 +78,8 @@ pub struct LaunchImage {
     /// Whether it is the built-in image (which can run without a sandbox,
     /// Hangar's binary being its only program).
     pub builtin: bool,
+    /// The machine's address, in its network namespace.
+    pub address: Ipv4Addr,
 }
 
 /// The host's sandboxes.
@@ -94,6 +99,7 @@ pub struct Sandboxes {
     /// `/hangar-<host id>`: the machines' cgroups are below it.
     cgroup_parent: String,
     ids: IdShift,
+    network: Network,
     pids_max: u32,
     /// Open files a machine's processes may have: what flyd may (a user
     /// namespace cannot raise it).
@@ -101,10 +107,11 @@ pub struct Sandboxes {
 }
 
 impl Sandboxes {
-    /// Checks that this host can make sandboxes (root, runc, overlayfs)
-    /// and prepares what they share; or says why it cannot.
+    /// Checks that this host can make sandboxes (root, runc, overlayfs,
+    /// nftables) and prepares what they share; or says why it cannot.
     pub fn setup(
         config: &SandboxConfig,
+        network: &NetworkConfig,
         data_dir: &Path,
         exe: &Path,
         host_id: &str,
@@ -159,6 +166,7 @@ impl Sandboxes {
         )
         .map_err(|e| format!("binding {} at {}: {e}", exe.display(), bound.display()))?;
         let (lib, loader) = copy_libraries(&mounts.join("lib"), ids.base)?;
+        let network = Network::setup(network, instance, exe)?;
         Ok(Self {
             runc,
             state,
@@ -168,11 +176,17 @@ impl Sandboxes {
             loader,
             cgroup_parent: format!("/hangar-{host_id}"),
             ids,
+            network,
             pids_max: config.pids_max,
             nofile: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .map(|(_, hard)| hard.min(65536))
                 .unwrap_or(1024),
         })
+    }
+
+    /// The block machines' addresses come from.
+    pub fn network_block(&self) -> hangar_api::AddrBlock {
+        self.network.block()
     }
 
     fn mount_point(&self, id: &str) -> PathBuf {
@@ -258,9 +272,10 @@ impl Sandboxes {
         )
         .map_err(|e| format!("mounting the root of machine {id}: {e}"))?;
 
+        let hook = self.network.hook(id, image.address)?;
         let bundle = machine_dir.join("bundle");
         std::fs::create_dir_all(&bundle).map_err(|e| fail("making the bundle", e))?;
-        let config = self.config(id, launch, image, &target, uid, gid);
+        let config = self.config(id, launch, image, (&target, hook), uid, gid);
         // Checked against the runtime spec's types before runc sees it.
         serde_json::from_value::<oci_spec::runtime::Spec>(config.clone())
             .map_err(|e| format!("the sandbox config of machine {id} is not a valid spec: {e}"))?;
@@ -299,7 +314,7 @@ impl Sandboxes {
         id: &str,
         launch: &Launch,
         image: &LaunchImage,
-        root: &Path,
+        (root, network_hook): (&Path, serde_json::Value),
         uid: u32,
         gid: u32,
     ) -> serde_json::Value {
@@ -337,6 +352,7 @@ impl Sandboxes {
             },
             "root": {"path": root, "readonly": false},
             "hostname": id,
+            "hooks": {"createRuntime": [network_hook]},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc",
                  "options": ["nosuid", "noexec", "nodev"]},
@@ -348,11 +364,8 @@ impl Sandboxes {
                  "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
                 {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                  "options": ["nosuid", "noexec", "nodev"]},
-                // The host's network namespace is shared for now, and sysfs
-                // cannot be mounted anew from a user namespace without a
-                // network namespace of its own: the host's, read-only.
-                {"destination": "/sys", "type": "none", "source": "/sys",
-                 "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
                 {"destination": HANGAR_MOUNT, "type": "bind", "source": self.exe,
                  "options": ["bind", "ro", "nosuid", "nodev"]},
                 {"destination": LIB_MOUNT, "type": "bind", "source": self.lib,
@@ -364,6 +377,7 @@ impl Sandboxes {
                 "namespaces": [
                     {"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
                     {"type": "mount"}, {"type": "cgroup"}, {"type": "user"},
+                    {"type": "network"},
                 ],
                 "cgroupsPath": format!("{}/{id}", self.cgroup_parent),
                 "resources": {
@@ -386,7 +400,7 @@ impl Sandboxes {
     }
 
     /// Removes what machine `id`'s sandbox left: its container (killed,
-    /// if it runs), cgroup, and root mount. Nothing there is fine.
+    /// if it runs), cgroup, root mount and network. Nothing there is fine.
     pub fn remove(&self, id: &str) -> Result<(), String> {
         if self.state.join(id).exists() {
             let out = std::process::Command::new(&self.runc)
@@ -402,23 +416,16 @@ impl Sandboxes {
                 ));
             }
         }
-        let target = self.mount_point(id);
-        match nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(format!("unmounting the root of machine {id}: {e}")),
-        }
-        match std::fs::remove_dir(&target) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(format!("removing the mount point of machine {id}: {e}"))
-            }
-            _ => Ok(()),
-        }
+        crate::mounts::remove_mount(&self.mount_point(id))
+            .map_err(|e| format!("the root of machine {id}: {e}"))?;
+        self.network.detach(id)
     }
 
     /// Unbinds Hangar's binary and removes this instance's mount
     /// directory if no machine's root is left in it. Running containers
     /// keep their own mounts of the binary.
     pub fn shutdown(&self) {
+        self.network.shutdown();
         let _ = nix::mount::umount2(&self.exe, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&self.exe);
         let _ = std::fs::remove_dir_all(&self.lib);
@@ -596,7 +603,7 @@ fn chown(path: &Path, id: u32) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(super) fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(name))
