@@ -165,6 +165,12 @@ impl Hangar {
         }
     }
 
+    /// Whether `ip` is in the block of its sandboxed machines (a /24).
+    pub fn in_machine_network(&self, ip: &str) -> bool {
+        let net = self.machine_network.trim_end_matches("0/24");
+        ip.starts_with(net) && ip != format!("{net}1")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

@@ -144,8 +144,18 @@ impl Network {
                 {
                     return Err(format!("giving {bridge} the gateway {gateway}: {e}"));
                 }
+                // A MAC address of its own: a bridge left to itself takes
+                // its ports' lowest, which changes as machines come and go,
+                // and each change leaves every machine sending to the
+                // gateway's last one until its neighbour entry expires.
+                let [a, b, c, d] = gateway.octets();
                 host.link()
-                    .set(LinkUnspec::new_with_index(index).up().build())
+                    .set(
+                        LinkUnspec::new_with_index(index)
+                            .address(vec![0x02, 0x47, a, b, c, d])
+                            .up()
+                            .build(),
+                    )
                     .execute()
                     .await
                     .map_err(|e| format!("bringing {bridge} up: {e}"))
@@ -330,8 +340,14 @@ pub fn run_hook(attach: &str, state: impl std::io::Read) -> Result<(), String> {
         let bridge_index = link_index(&host, &bridge)
             .await?
             .ok_or_else(|| format!("the bridge {bridge} is gone"))?;
-        // Made here, its other end in the container's namespace as it is.
+        // Made here, its other end in the container's namespace as it is,
+        // with the MAC address its IP address implies: the host's neighbour
+        // entry for the address stays right across the machine's restarts
+        // (a new random one would leave the host sending to the last run's
+        // until the entry expired, seconds later).
+        let [a, b, c, d] = address.octets();
         let peer = LinkUnspec::new_with_name(MACHINE_LINK)
+            .address(vec![0x02, 0x48, a, b, c, d])
             .setns_by_fd(netns.as_raw_fd())
             .build();
         host.link()

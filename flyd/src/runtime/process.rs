@@ -21,6 +21,9 @@ use std::time::Duration;
 /// How long a pilot may take to report ready.
 const LAUNCH_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a readiness probe waits for a connection to a service port.
+const CONNECT_WAIT: Duration = Duration::from_millis(250);
+
 /// Machines as host processes under their pilots.
 pub struct Processes {
     /// The `hangar` executable, which runs pilot.
@@ -160,8 +163,12 @@ impl Runtime for Processes {
 
     fn accepts<'a>(&'a self, _id: &'a str, addr: SocketAddr) -> RunFuture<'a, bool> {
         // The machine's address is on the host's loopback, or behind its
-        // bridge.
-        Box::pin(async move { tokio::net::TcpStream::connect(addr).await.is_ok() })
+        // bridge: a connection is made at once or refused, and one that
+        // hangs (its SYN lost) is tried again rather than waited for.
+        Box::pin(async move {
+            let connect = tokio::net::TcpStream::connect(addr);
+            matches!(tokio::time::timeout(CONNECT_WAIT, connect).await, Ok(Ok(_)))
+        })
     }
 
     fn remove<'a>(&'a self, id: &'a str) -> RunFuture<'a, Result<(), RuntimeError>> {
