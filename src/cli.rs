@@ -7,7 +7,7 @@
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How to reach the Machines API; each has an environment variable.
@@ -255,7 +255,7 @@ fn machine_rows(machines: &[Value]) -> Vec<Vec<String>> {
 const MACHINE_HEADERS: [&str; 6] = ["ID", "NAME", "STATE", "REGION", "PRIVATE IP", "UPDATED"];
 
 /// An answer's JSON, or its error (the API's `error` field) with its status.
-async fn answer(resp: reqwest::Response) -> anyhow::Result<Value> {
+pub(crate) async fn answer(resp: reqwest::Response) -> anyhow::Result<Value> {
     let status = resp.status();
     let text = resp.text().await?;
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
@@ -510,6 +510,47 @@ pub enum ImagesCmd {
     Prune,
 }
 
+/// A host's flyd, called with the cluster credential.
+pub(crate) struct FlydClient {
+    http: reqwest::Client,
+    base: String,
+    key: hangar_catalog::ClusterKey,
+    /// Where it is, for messages.
+    pub(crate) addr: String,
+}
+
+impl FlydClient {
+    /// The flyd at `addr` (`ip:port` or `unix:<path>`), with the cluster
+    /// credential of `data_dir`.
+    pub(crate) fn new(addr: &str, data_dir: &Path) -> anyhow::Result<Self> {
+        let key_path = data_dir.join("cluster.key");
+        if !key_path.is_file() {
+            bail!("no cluster credential in {}", data_dir.display());
+        }
+        let key = hangar_catalog::ClusterKey::load_or_create(&key_path)?;
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(3600));
+        let base = match addr.strip_prefix("unix:") {
+            Some(path) => {
+                builder = builder.unix_socket(PathBuf::from(path));
+                "http://flyd".to_string()
+            }
+            None => format!("http://{addr}"),
+        };
+        Ok(Self {
+            http: builder.build()?,
+            base,
+            key,
+            addr: addr.to_string(),
+        })
+    }
+
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.key.token())
+    }
+}
+
 /// `hangar images`: calls the host's flyd with the cluster credential.
 pub async fn images(conn: HostConn, cmd: ImagesCmd) -> anyhow::Result<i32> {
     let addr = match &conn.host {
@@ -529,24 +570,8 @@ pub async fn images(conn: HostConn, cmd: ImagesCmd) -> anyhow::Result<i32> {
                 .to_string()
         }
     };
-    let key_path = conn.data_dir.join("cluster.key");
-    if !key_path.is_file() {
-        bail!("no cluster credential in {}", conn.data_dir.display());
-    }
-    let key = hangar_catalog::ClusterKey::load_or_create(&key_path)?;
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(3600));
-    let base = match addr.strip_prefix("unix:") {
-        Some(path) => {
-            builder = builder.unix_socket(PathBuf::from(path));
-            "http://flyd".to_string()
-        }
-        None => format!("http://{addr}"),
-    };
-    let http = builder.build()?;
-    let request = |method: reqwest::Method, path: &str| {
-        http.request(method, format!("{base}{path}"))
-            .bearer_auth(key.token())
-    };
+    let flyd = FlydClient::new(&addr, &conn.data_dir)?;
+    let request = |method: reqwest::Method, path: &str| flyd.request(method, path);
     let req = match &cmd {
         ImagesCmd::Ls => request(reqwest::Method::GET, "/v1/images"),
         ImagesCmd::Pull { image } => {

@@ -131,6 +131,9 @@ enum BenchPart {
     /// A request to a stopped or suspended app through the proxy, which
     /// starts its machine: time to first byte.
     Coldstart(bench::ColdstartArgs),
+    /// Pull + unpack of an image from a registry (and the small image the
+    /// machine benchmarks run with --image).
+    Images(bench::ImagesArgs),
 }
 
 /// Flags of `hangar dev` (and `flyd`, `proxy`); each overrides the config
@@ -260,6 +263,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(BenchPart::Coldstart(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::coldstart(args))
+        }
+        Command::Bench(BenchPart::Images(args)) => {
+            tokio::runtime::Runtime::new()?.block_on(bench::images(args))
         }
         Command::Bench(BenchPart::Lifecycle(args)) => {
             tokio::runtime::Runtime::new()?.block_on(bench::lifecycle(args))

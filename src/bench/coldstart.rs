@@ -19,6 +19,9 @@ pub struct ColdstartArgs {
     /// Samples per kind (stopped, suspended).
     #[arg(long, default_value_t = 30)]
     count: usize,
+    /// The image the machine runs (serving port 8080).
+    #[arg(long, default_value = "hangar/echo")]
+    image: String,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -53,7 +56,7 @@ pub async fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         .post(
             "/v1/apps/cold/machines",
             Some(
-                &json!({"config": {"image": "hangar/echo", "services": [{"internal_port": 8080,
+                &json!({"config": {"image": args.image, "services": [{"internal_port": 8080,
                 "ports": [{"port": 80, "handlers": ["http"]}]}]}}),
             ),
         )
@@ -77,8 +80,8 @@ pub async fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
 
     let mut report = serde_json::Map::new();
     println!(
-        "cold request through the proxy, {} samples each (ms)",
-        args.count
+        "cold request through the proxy to {}, {} samples each (ms)",
+        args.image, args.count
     );
     println!("{:<28} {:>8} {:>8} {:>8}", "from", "p50", "p90", "p99");
     for (how, state) in [("stop", "stopped"), ("suspend", "suspended")] {
@@ -119,6 +122,7 @@ pub async fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
     if args.json {
         report.insert("bench".into(), json!("coldstart"));
         report.insert("count".into(), json!(args.count));
+        report.insert("image".into(), json!(args.image));
         println!("{}", serde_json::Value::Object(report));
     }
     Ok(())

@@ -24,6 +24,9 @@ pub struct LifecycleArgs {
     /// Token for --flaps.
     #[arg(long)]
     token: Option<String>,
+    /// The image the machines run (serving port 8080).
+    #[arg(long, default_value = "hangar/echo")]
+    image: String,
     /// Print one JSON object on the last line.
     #[arg(long)]
     json: bool,
@@ -32,7 +35,13 @@ pub struct LifecycleArgs {
 /// A `hangar dev` started for the benchmark, stopped on drop.
 pub(super) struct DevInstance {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl DevInstance {
+    pub(super) fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
 }
 
 impl Drop for DevInstance {
@@ -85,7 +94,7 @@ pub(super) async fn start_dev_with_addrs() -> anyhow::Result<(DevInstance, Value
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("hangar.log"))?)
         .spawn()?;
-    let mut instance = DevInstance { child, _dir: dir };
+    let mut instance = DevInstance { child, dir };
     let deadline = Instant::now() + Duration::from_secs(60);
     let addrs: Value = loop {
         if let Ok(text) = std::fs::read_to_string(data.join("addrs.json")) {
@@ -233,7 +242,7 @@ pub async fn lifecycle(args: LifecycleArgs) -> anyhow::Result<()> {
     api.post("/v1/apps", Some(&json!({ "app_name": app })))
         .await?;
     let machines = format!("/v1/apps/{app}/machines");
-    let config = json!({"config": {"image": "hangar/echo", "services": [{"internal_port": 8080,
+    let config = json!({"config": {"image": args.image, "services": [{"internal_port": 8080,
         "ports": [{"port": 80, "handlers": ["http"]}]}]}});
 
     // create → started, one at a time.
@@ -288,7 +297,7 @@ pub async fn lifecycle(args: LifecycleArgs) -> anyhow::Result<()> {
     api.call(reqwest::Method::DELETE, &format!("/v1/apps/{app}"), None)
         .await?;
 
-    println!("lifecycle of hangar/echo machines ({} each)", args.count);
+    println!("lifecycle of {} machines ({} each)", args.image, args.count);
     println!(
         "{:<28} {:>9} {:>9} {:>9}",
         "operation (ms)", "p50", "p90", "p99"
@@ -310,6 +319,7 @@ pub async fn lifecycle(args: LifecycleArgs) -> anyhow::Result<()> {
     if args.json {
         let out = json!({
             "bench": "lifecycle",
+            "image": args.image,
             "count": args.count,
             "create_ms": create,
             "stop_ms": stop,

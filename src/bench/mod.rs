@@ -11,16 +11,20 @@
 //!   one request (what `benches/proxy-compare.sh` measures handshakes with).
 //! - `coldstart`: a request to a stopped or suspended app through the
 //!   proxy, which starts the machine, until the first byte.
+//! - `images`: pull + unpack of an image from a registry; pushes the small
+//!   image `lifecycle` and `coldstart` run with `--image`.
 
 mod catalog;
 mod coldstart;
 mod handshakes;
+mod images;
 mod lifecycle;
 mod load;
 
 pub use catalog::{CatalogArgs, catalog};
 pub use coldstart::{ColdstartArgs, coldstart};
 pub use handshakes::{HandshakesArgs, handshakes};
+pub use images::{ImagesArgs, images};
 pub use lifecycle::{LifecycleArgs, lifecycle};
 pub use load::{LoadArgs, load};
 
