@@ -404,6 +404,41 @@ fn ports_of(bridge: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Runs `hangar dev` with `block` as its machines' network, expecting it to
+/// exit with an error (within the harness's wait); returns what it said.
+fn hangar_that_fails(block: &str) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .args(["--flaps-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "--https-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--flyd-addr", "unix:flyd.sock", "--machine-network", block])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hangar started with a machine network that overlaps another");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    std::fs::read_to_string(tmp.path().join("log")).unwrap()
+}
+
 /// A TCP service of the test's own on every address of the host, which
 /// answers each connection with `answer` and closes it.
 fn host_service(answer: &'static str) -> u16 {
@@ -449,6 +484,13 @@ async fn machines_have_networks_of_their_own_and_reach_nothing_of_the_hosts() {
     let mut seen = String::new();
     std::io::Read::read_to_string(&mut conn, &mut seen).unwrap();
     assert!(seen.ends_with("the host"), "{seen}");
+    // A second Hangar given the same block refuses to start, saying why:
+    // two bridges with one block would take each other's traffic.
+    let error = hangar_that_fails(&h.machine_network);
+    assert!(
+        error.contains("overlaps") && error.contains(&h.machine_network),
+        "{error}"
+    );
 
     // Two machines, both on 0.0.0.0:8080 as Fly apps listen: each in a
     // network of its own, both answer.

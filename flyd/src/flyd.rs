@@ -14,7 +14,7 @@ use crate::fsm::{FsmRun, RunStatus, Step};
 use crate::images::{ImageError, Images};
 use crate::record::MachineRecord;
 use crate::runtime::sandbox::Sandboxes;
-use crate::runtime::{self, Runtime, RuntimeError, process::Processes};
+use crate::runtime::{self, NoSandboxes, Runtime, RuntimeError, process::Processes};
 use crate::steps::stop_input;
 use crate::store::{FsmStore, Store, StoreError};
 use hangar_api::AddrBlock;
@@ -194,12 +194,19 @@ impl Flyd {
             &cfg.host_id,
             images.ids(),
         );
-        match &sandboxes {
-            Ok(_) => tracing::info!("machines that run images run in sandboxes under runc"),
-            Err(why) => tracing::warn!(
-                "no sandboxes on this host ({why}): only hangar/echo can run, as a host process"
-            ),
-        }
+        let sandboxes = match sandboxes {
+            Ok(sandboxes) => {
+                tracing::info!("machines that run images run in sandboxes under runc");
+                Ok(sandboxes)
+            }
+            Err(NoSandboxes::Unable(why)) => {
+                tracing::warn!(
+                    "no sandboxes on this host ({why}): only hangar/echo can run, as a host process"
+                );
+                Err(why)
+            }
+            Err(NoSandboxes::Misconfigured(why)) => anyhow::bail!(why),
+        };
         let processes = Processes::new(exe, machines_dir, cgroups, sandboxes, logs);
         let seams = (
             Arc::new(store) as Arc<dyn FsmStore>,

@@ -41,6 +41,37 @@ pub struct Launch {
     pub image: Option<sandbox::LaunchImage>,
 }
 
+/// Why this host makes no sandboxes.
+#[derive(Debug)]
+pub enum NoSandboxes {
+    /// It cannot (not root, no runc...): machines that need one fail to
+    /// start, saying this, and the built-in image runs as a host process.
+    Unable(String),
+    /// Its config asks for what it cannot do: flyd does not start.
+    Misconfigured(String),
+}
+
+impl From<String> for NoSandboxes {
+    fn from(why: String) -> Self {
+        Self::Unable(why)
+    }
+}
+
+impl From<&str> for NoSandboxes {
+    fn from(why: &str) -> Self {
+        Self::Unable(why.to_string())
+    }
+}
+
+/// `name`'s path on the PATH, if it is there.
+pub(crate) fn find_on_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
 /// A runtime call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {

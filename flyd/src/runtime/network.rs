@@ -26,6 +26,7 @@
 //! Links and addresses are made with netlink (`rtnetlink`); the filter is
 //! loaded by the `nft` tool, in one transaction.
 
+use super::{NoSandboxes, find_on_path};
 use hangar_api::AddrBlock;
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
@@ -104,9 +105,8 @@ impl Network {
     /// Makes (or finds) this instance's bridge and loads its filter; or
     /// says why this host cannot. `instance` is a hex name unique to this
     /// Hangar on this host; `exe` runs the hook.
-    pub fn setup(config: &NetworkConfig, instance: &str, exe: &Path) -> Result<Self, String> {
-        let nft = super::sandbox::find_on_path("nft")
-            .ok_or("nft is not installed (apt-get install nftables)")?;
+    pub fn setup(config: &NetworkConfig, instance: &str, exe: &Path) -> Result<Self, NoSandboxes> {
+        let nft = find_on_path("nft").ok_or("nft is not installed (apt-get install nftables)")?;
         let gateway = Ipv4Addr::from(*config.block.hosts().start());
         let network = Self {
             block: config.block,
@@ -118,10 +118,18 @@ impl Network {
             exe: exe.to_path_buf(),
         };
         let (block, bridge) = (network.block, network.bridge.clone());
+        let overlap = on_own_thread(move || {
+            run(async move { check_block_is_free(&connect()?, block, &bridge).await })
+        })?;
+        if let Some(route) = overlap {
+            return Err(NoSandboxes::Misconfigured(format!(
+                "flyd.network.block {block} overlaps {route}, which this host already routes elsewhere: pick another block (or --machine-network)"
+            )));
+        }
+        let (block, bridge) = (network.block, network.bridge.clone());
         on_own_thread(move || {
             run(async move {
                 let host = connect()?;
-                check_block_is_free(&host, block, &bridge).await?;
                 let index = match link_index(&host, &bridge).await? {
                     Some(index) => index,
                     None => {
@@ -214,32 +222,21 @@ impl Network {
         on_own_thread(move || run(async move { remove_link(&connect()?, &veth).await }))
     }
 
-    /// Removes the bridge and the filter once no machine is attached
-    /// (machines left running keep both).
-    pub fn shutdown(&self) {
-        let (bridge, prefix) = (self.bridge.clone(), self.veth_prefix.clone());
-        let removed = on_own_thread(move || {
-            run(async move {
-                let host = connect()?;
-                if links_named(&host, &prefix).await? > 0 {
-                    return Ok(false);
-                }
-                remove_link(&host, &bridge).await?;
-                Ok(true)
-            })
-        });
-        match removed {
-            Ok(true) => {
-                let script = format!(
-                    "delete table inet {t}\ndelete table bridge {t}\n",
-                    t = self.table
-                );
-                if let Err(e) = self.nft(&script) {
-                    tracing::warn!(error = %e, "removing the machines' filter");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "removing the machines' bridge"),
+    /// Removes the bridge and the filter (when no machine runs: a
+    /// machine's veth that lingers goes with the bridge).
+    pub fn remove(&self) {
+        let bridge = self.bridge.clone();
+        if let Err(e) =
+            on_own_thread(move || run(async move { remove_link(&connect()?, &bridge).await }))
+        {
+            tracing::warn!(error = %e, "removing the machines' bridge");
+        }
+        let script = format!(
+            "delete table inet {t}\ndelete table bridge {t}\n",
+            t = self.table
+        );
+        if let Err(e) = self.nft(&script) {
+            tracing::warn!(error = %e, "removing the machines' filter");
         }
     }
 
@@ -445,34 +442,14 @@ async fn remove_link(handle: &Handle, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// How many links' names start with `prefix`.
-async fn links_named(handle: &Handle, prefix: &str) -> Result<usize, String> {
-    use futures_util::TryStreamExt;
-    let links: Vec<_> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| format!("listing links: {e}"))?;
-    Ok(links
-        .iter()
-        .filter(|link| {
-            link.attributes.iter().any(|a| {
-                matches!(a, rtnetlink::packet_route::link::LinkAttribute::IfName(n) if n.starts_with(prefix))
-            })
-        })
-        .count())
-}
-
-/// Fails if a route of this host (other than through `bridge`) reaches
-/// into `block`: two networks with the same addresses would take each
-/// other's traffic.
+/// A route of this host (other than through `bridge`) that reaches into
+/// `block`, if there is one: two networks with the same addresses would
+/// take each other's traffic.
 async fn check_block_is_free(
     handle: &Handle,
     block: AddrBlock,
     bridge: &str,
-) -> Result<(), String> {
+) -> Result<Option<AddrBlock>, String> {
     use futures_util::TryStreamExt;
     let ours = link_index(handle, bridge).await?;
     let mut routes = handle
@@ -501,12 +478,10 @@ async fn check_block_is_free(
             continue;
         };
         if theirs.overlaps(&block) && (oif.is_none() || oif != ours) {
-            return Err(format!(
-                "flyd.network.block {block} overlaps {theirs}, which this host already routes elsewhere: pick another block"
-            ));
+            return Ok(Some(theirs));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn netlink_errno(e: &rtnetlink::Error) -> Option<i32> {

@@ -23,8 +23,8 @@
 //! user (an unprivileged id on the host) must be able to walk to it: the
 //! way there is open to the machines' root group alone (mode 0710).
 
-use super::Launch;
 use super::network::{Network, NetworkConfig};
+use super::{Launch, NoSandboxes, find_on_path};
 use crate::images::builtin::{HANGAR_MOUNT, loaded_libraries, own_interpreter};
 use crate::images::{IDS_PER_MACHINE, IdShift};
 use crate::pilot::SandboxSpec;
@@ -116,7 +116,7 @@ impl Sandboxes {
         exe: &Path,
         host_id: &str,
         ids: IdShift,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, NoSandboxes> {
         if !nix::unistd::geteuid().is_root() {
             return Err("sandboxes need root (user namespaces, cgroups, overlay mounts)".into());
         }
@@ -130,7 +130,7 @@ impl Sandboxes {
             .output()
             .map_err(|e| format!("{}: {e}", runc.display()))?;
         if !version.status.success() {
-            return Err(format!("{} --version failed", runc.display()));
+            return Err(format!("{} --version failed", runc.display()).into());
         }
         let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
         if !filesystems
@@ -422,10 +422,13 @@ impl Sandboxes {
     }
 
     /// Unbinds Hangar's binary and removes this instance's mount
-    /// directory if no machine's root is left in it. Running containers
-    /// keep their own mounts of the binary.
+    /// directory if no machine's root is left in it, and the machines'
+    /// bridge and filter if no container is. Running containers keep their
+    /// own mounts of the binary.
     pub fn shutdown(&self) {
-        self.network.shutdown();
+        if self.machines().is_empty() {
+            self.network.remove();
+        }
         let _ = nix::mount::umount2(&self.exe, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&self.exe);
         let _ = std::fs::remove_dir_all(&self.lib);
@@ -601,14 +604,6 @@ fn chown(path: &Path, id: u32) -> io::Result<()> {
         Some(rustix::fs::Gid::from_raw(id)),
     )
     .map_err(io::Error::from)
-}
-
-pub(super) fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 /// The uid and gid an image's `User` names (`uid`, `uid:gid`, `name`,
