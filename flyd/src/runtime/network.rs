@@ -214,14 +214,6 @@ impl Network {
         }))
     }
 
-    /// Removes what a start that failed may have left of machine `id`'s
-    /// network (its namespace is gone with its container; the host end of
-    /// the pair may linger). Nothing there is fine.
-    pub fn detach(&self, id: &str) -> Result<(), String> {
-        let veth = self.veth(id);
-        on_own_thread(move || run(async move { remove_link(&connect()?, &veth).await }))
-    }
-
     /// Removes the bridge and the filter (when no machine runs: a
     /// machine's veth that lingers goes with the bridge).
     pub fn remove(&self) {

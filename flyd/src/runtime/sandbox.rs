@@ -400,7 +400,8 @@ impl Sandboxes {
     }
 
     /// Removes what machine `id`'s sandbox left: its container (killed,
-    /// if it runs), cgroup, root mount and network. Nothing there is fine.
+    /// if it runs), cgroup, network (which goes with the container) and
+    /// root mount. Nothing there is fine.
     pub fn remove(&self, id: &str) -> Result<(), String> {
         if self.state.join(id).exists() {
             let out = std::process::Command::new(&self.runc)
@@ -417,8 +418,7 @@ impl Sandboxes {
             }
         }
         crate::mounts::remove_mount(&self.mount_point(id))
-            .map_err(|e| format!("the root of machine {id}: {e}"))?;
-        self.network.detach(id)
+            .map_err(|e| format!("the root of machine {id}: {e}"))
     }
 
     /// Unbinds Hangar's binary and removes this instance's mount
