@@ -203,7 +203,7 @@ async fn an_image_runs_in_a_sandbox_of_its_own() {
     assert_eq!(status, 200, "{body}");
     h.wait_state("web", &id, "destroyed").await;
     assert_eq!(mounts_mentioning(&id), 0);
-    assert!(!h.data_dir.join("runc").join(&id).exists());
+    assert!(private_files(&id).is_empty(), "{:?}", private_files(&id));
     for controller in ["memory", "pids", "freezer", "cpu"] {
         let path = format!("/sys/fs/cgroup/{controller}/hangar-dev-host-1/{id}");
         assert!(!std::path::Path::new(&path).exists(), "{path} left");
@@ -371,6 +371,75 @@ async fn without_root_only_the_built_in_image_runs() {
         error.contains("need a sandbox") && error.contains("need root"),
         "{error}"
     );
+}
+
+/// The files Hangar keeps of machine `id` in its instances' private memory
+/// file systems (`/run/hangar/<instance>/private`): its bundle, runc's
+/// state.
+fn private_files(id: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for instance in std::fs::read_dir("/run/hangar")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for kind in ["bundles", "runc"] {
+            let dir = instance.path().join("private").join(kind).join(id);
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_machines_secrets_are_in_memory_only_while_it_runs() {
+    let h = Hangar::start().await;
+    let machine = h.app_with_machine("vault").await;
+    let id = machine["id"].as_str().unwrap();
+    let (status, body) = h
+        .post(
+            "/v1/apps/vault/secrets",
+            r#"{"values":{"TOKEN":"s3cr3t-on-no-disk"}}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = h
+        .post(&format!("/v1/apps/vault/machines/{id}/restart"), "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.wait_state("vault", id, "started").await;
+    let out = exec(&h, "vault", id, "echo $TOKEN").await;
+    assert_eq!(stdout(&out), "s3cr3t-on-no-disk", "{out}");
+
+    // runc reads it from the bundle, which is in memory alone.
+    let secret = b"s3cr3t-on-no-disk";
+    let bundle = private_files(id)
+        .into_iter()
+        .find(|p| p.ends_with("config.json"))
+        .expect("the running machine's bundle");
+    assert!(
+        std::fs::read(&bundle)
+            .unwrap()
+            .windows(secret.len())
+            .any(|w| w == secret)
+    );
+    let fs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&fs.stdout).trim(), "tmpfs");
+    // (Nothing in the data dir holds it: tests/security/machines.rs.)
+
+    // Stopped, the machine keeps nothing of it, even in memory.
+    let (status, body) = h
+        .post(&format!("/v1/apps/vault/machines/{id}/stop"), "")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.wait_state("vault", id, "stopped").await;
+    assert_eq!(private_files(id), Vec::<std::path::PathBuf>::new());
 }
 
 /// The machines' gateway of `h`: the first address of its block.

@@ -142,8 +142,9 @@ fn wait(pid: u32) -> std::io::Result<ExitInfo> {
 
 /// Once the container's init is gone: removes the container (its cgroup
 /// and runc's state; its network namespace, and the veth pair with it, go
-/// with it) and unmounts its root, so a stopped machine holds no mount and
-/// no link. The next start makes them anew.
+/// with it), its bundle (the environment, secrets included) and unmounts
+/// its root, so a stopped machine holds no mount, no link and no secret.
+/// The next start makes them anew.
 pub(super) fn clean_up(spec: &SandboxSpec) {
     let deleted = std::process::Command::new(&spec.runc)
         .arg("--root")
@@ -160,6 +161,9 @@ pub(super) fn clean_up(spec: &SandboxSpec) {
     }
     if let Err(e) = crate::mounts::remove_mount(&spec.root) {
         tracing::warn!(error = %e, "unmounting the container's root");
+    }
+    if let Err(e) = std::fs::remove_dir_all(&spec.bundle) {
+        tracing::warn!(error = %e, "removing the container's bundle");
     }
 }
 

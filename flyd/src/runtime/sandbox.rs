@@ -17,11 +17,12 @@
 //!   libraries at [`LIB_MOUNT`]: the sandbox's PID 1 is `hangar init`
 //!   (crate::init), which runs the command; the built-in image runs it too.
 //!
-//! Paths: the bundle and runc's state live in the data dir (the config
-//! holds the machine's environment, secrets included); only the root's
-//! mount point is elsewhere, under `mounts_dir`, because the machine's root
-//! user (an unprivileged id on the host) must be able to walk to it: the
-//! way there is open to the machines' root group alone (mode 0710).
+//! Paths, under `<mounts_dir>/<instance>`: the root's mount point, because
+//! the machine's root user (an unprivileged id on the host) must be able to
+//! walk to it: the way there is open to the machines' root group alone
+//! (mode 0710). The bundle and runc's state hold the machine's
+//! environment, secrets included: they live in `private/`, a memory file
+//! system of flyd's own (mode 0700), so no secret is ever written to disk.
 
 use super::network::{Network, NetworkConfig};
 use super::{Launch, NoSandboxes, find_on_path};
@@ -86,8 +87,12 @@ pub struct LaunchImage {
 #[derive(Debug)]
 pub struct Sandboxes {
     runc: PathBuf,
-    /// runc's `--root`.
+    /// runc's `--root`, in `private`.
     state: PathBuf,
+    /// Each machine's bundle (`<id>/config.json`), in `private`.
+    bundles: PathBuf,
+    /// The memory file system of bundles and runc's state.
+    private: PathBuf,
     /// This instance's mount points: `<mounts_dir>/<instance>`.
     mounts: PathBuf,
     /// Hangar's binary, bound under `mounts`.
@@ -140,8 +145,6 @@ impl Sandboxes {
             return Err("the kernel has no overlay file system".into());
         }
         let fail = |what: &str, e: io::Error| format!("{what}: {e}");
-        let state = data_dir.join("runc");
-        std::fs::create_dir_all(&state).map_err(|e| fail("making runc's state dir", e))?;
         let data_dir = data_dir
             .canonicalize()
             .map_err(|e| fail("resolving the data dir", e))?;
@@ -151,6 +154,12 @@ impl Sandboxes {
         walkable_dir(&config.mounts_dir).map_err(|e| fail("making the mounts dir", e))?;
         for dir in [&mounts, &mounts.join("roots")] {
             machines_dir(dir, ids.base).map_err(|e| fail("making the mounts dir", e))?;
+        }
+        let private = mounts.join("private");
+        memory_dir(&private).map_err(|e| fail("mounting the bundles' memory file system", e))?;
+        let (state, bundles) = (private.join("runc"), private.join("bundles"));
+        for dir in [&state, &bundles] {
+            std::fs::create_dir_all(dir).map_err(|e| fail("making the bundles' dirs", e))?;
         }
         // Hangar's binary where every machine's user can reach it: bound
         // (not copied) beside the mount points.
@@ -170,6 +179,8 @@ impl Sandboxes {
         Ok(Self {
             runc,
             state,
+            bundles,
+            private,
             mounts,
             exe: bound,
             lib,
@@ -273,7 +284,9 @@ impl Sandboxes {
         .map_err(|e| format!("mounting the root of machine {id}: {e}"))?;
 
         let hook = self.network.hook(id, image.address)?;
-        let bundle = machine_dir.join("bundle");
+        // Earlier versions kept it, secrets and all, on disk.
+        let _ = std::fs::remove_dir_all(machine_dir.join("bundle"));
+        let bundle = self.bundles.join(id);
         std::fs::create_dir_all(&bundle).map_err(|e| fail("making the bundle", e))?;
         let config = self.config(id, launch, image, (&target, hook), uid, gid);
         // Checked against the runtime spec's types before runc sees it.
@@ -418,7 +431,13 @@ impl Sandboxes {
             }
         }
         crate::mounts::remove_mount(&self.mount_point(id))
-            .map_err(|e| format!("the root of machine {id}: {e}"))
+            .map_err(|e| format!("the root of machine {id}: {e}"))?;
+        match std::fs::remove_dir_all(self.bundles.join(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(format!("removing the bundle of machine {id}: {e}"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Unbinds Hangar's binary and removes this instance's mount
@@ -428,6 +447,7 @@ impl Sandboxes {
     pub fn shutdown(&self) {
         if self.machines().is_empty() {
             self.network.remove();
+            let _ = crate::mounts::remove_mount(&self.private);
         }
         let _ = nix::mount::umount2(&self.exe, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&self.exe);
@@ -438,7 +458,7 @@ impl Sandboxes {
 
     /// The machines that have something here (a container or a mount).
     pub fn machines(&self) -> Vec<String> {
-        let mut ids: Vec<String> = [&self.state, &self.mounts.join("roots")]
+        let mut ids: Vec<String> = [&self.state, &self.bundles, &self.mounts.join("roots")]
             .iter()
             .filter_map(|dir| std::fs::read_dir(dir).ok())
             .flat_map(|entries| entries.flatten())
@@ -570,6 +590,30 @@ fn copy_libraries(dir: &Path, ids_base: u32) -> Result<(PathBuf, String), String
         .filter(|name| dir.join(name).is_file())
         .ok_or("Hangar's binary has no dynamic loader among its libraries")?;
     Ok((dir.to_path_buf(), loader))
+}
+
+/// The most the bundles' memory file system holds (it takes only what its
+/// files use).
+const PRIVATE_SIZE: &str = "size=256m";
+
+/// `path`, a memory file system only root may enter (mounted there unless
+/// it is already: flyd restarted while machines ran).
+fn memory_dir(path: &Path) -> io::Result<()> {
+    dir_with_mode(path, 0o700)?;
+    let on_tmpfs = nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    if !on_tmpfs {
+        use nix::mount::MsFlags;
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(format!("mode=0700,{PRIVATE_SIZE}").as_str()),
+        )
+        .map_err(io::Error::from)?;
+    }
+    Ok(())
 }
 
 /// A directory only root may change, that anyone may walk through (not
