@@ -70,6 +70,48 @@ fn store(h: &Hangar) -> (Vec<String>, Vec<String>, Vec<String>) {
 }
 
 #[tokio::test]
+async fn images_no_machine_uses_are_collected_on_their_own() {
+    let registry = Registry::start();
+    let kept = TestImage::busybox("kept");
+    kept.push(&registry.addr, "tools/busybox:kept", None).await;
+    let dropped = TestImage::busybox("dropped");
+    dropped
+        .push(&registry.addr, "tools/busybox:dropped", None)
+        .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let h = Hangar::start_with(
+        &tmp.path().join("data"),
+        Some("[flaps.rate_limits]\nenabled = false\n[flyd.images]\ncollect_unused_after_s = 2\n"),
+    )
+    .await;
+    h.create_app("gc").await;
+    let name = |tag: &str| format!("{}/tools/busybox:{tag}", registry.addr);
+    let (status, _) = create(&h, "gc", &name("kept")).await;
+    assert_eq!(status, 200);
+    let (status, machine) = create(&h, "gc", &name("dropped")).await;
+    assert_eq!(status, 200, "{machine}");
+    let id = machine["id"].as_str().unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = h
+        .delete(&format!("/v1/apps/gc/machines/{id}?force=true"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Unused for two seconds, it goes; the one a machine uses stays.
+    let listed = || names(&images_cli(&h, &["ls"]).1["images"]);
+    common::eventually("the unused image is collected", || async {
+        !listed().contains(&name("dropped"))
+    })
+    .await;
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "collected after {:?}",
+        started.elapsed()
+    );
+    assert!(listed().contains(&name("kept")), "{:?}", listed());
+}
+
+#[tokio::test]
 async fn images_are_pulled_once_recorded_and_collected() {
     let registry = Registry::start();
     let image = TestImage::busybox("v1");

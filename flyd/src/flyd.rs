@@ -246,6 +246,10 @@ impl Flyd {
         });
         flyd.recover().await?;
         tokio::spawn(republisher(Arc::downgrade(&flyd), flyd.rib_behind.clone()));
+        if flyd.cfg.images.collect_unused_after_s > 0 {
+            let after = Duration::from_secs(flyd.cfg.images.collect_unused_after_s);
+            tokio::spawn(image_collector(Arc::downgrade(&flyd), after));
+        }
         Ok(flyd)
     }
 
@@ -684,6 +688,55 @@ async fn republisher(flyd: std::sync::Weak<Flyd>, behind: Arc<tokio::sync::Notif
             drop(flyd);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MOST);
+        }
+    }
+}
+
+/// Removes the images no machine has used for `after`, as kubelet's image
+/// collector does. An image's idle time is counted from when this flyd
+/// first saw it unused (a restart counts again: late, never early); one
+/// that a machine uses meanwhile starts over, and one a pull or create
+/// holds pinned is left.
+async fn image_collector(flyd: std::sync::Weak<Flyd>, after: Duration) {
+    let every = (after / 10).clamp(Duration::from_millis(100), Duration::from_secs(600));
+    let mut unused_since: HashMap<String, tokio::time::Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(flyd) = flyd.upgrade() else {
+            return;
+        };
+        let in_use = match flyd.images_in_use() {
+            Ok(in_use) => in_use,
+            Err(e) => {
+                tracing::warn!(error = %e, "collecting images: listing machines");
+                continue;
+            }
+        };
+        let now = tokio::time::Instant::now();
+        let unused: HashSet<String> = flyd
+            .images
+            .list()
+            .into_iter()
+            .map(|image| image.digest)
+            .filter(|digest| !in_use.contains_key(digest))
+            .collect();
+        unused_since.retain(|digest, _| unused.contains(digest));
+        for digest in unused {
+            unused_since.entry(digest).or_insert(now);
+        }
+        let due = |image: &crate::images::ImageRecord| {
+            unused_since
+                .get(&image.digest)
+                .is_some_and(|since| now.duration_since(*since) >= after)
+        };
+        match flyd.images.prune(&in_use, due).await {
+            Ok(removed) => {
+                for image in removed {
+                    tracing::info!(digest = %image.digest, names = ?image.names, unused_for = ?after, "collected an unused image");
+                    unused_since.remove(&image.digest);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "collecting images"),
         }
     }
 }

@@ -514,7 +514,7 @@ impl Flyd {
     /// Removes every image no machine uses.
     pub async fn image_prune(&self) -> Result<Vec<ImageRecord>, FlydError> {
         let in_use = self.images_in_use()?;
-        Ok(self.images.prune(&in_use).await?)
+        Ok(self.images.prune(&in_use, |_| true).await?)
     }
 
     /// The image a config names, pulled if need be, held until the pin

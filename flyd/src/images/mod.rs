@@ -50,6 +50,9 @@ pub struct ImagesConfig {
     pub id_base: u32,
     /// Credentials and protocol per registry, by `host[:port]`.
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// An image no machine has used for this long is removed (0: never;
+    /// `hangar images prune` removes them at once).
+    pub collect_unused_after_s: u64,
     /// Testing only, set from `flyd.crash_at`: `"image/<point>"` kills the
     /// process there (`fetched`: blobs stored, nothing unpacked;
     /// `unpacking`: one layer applied; `unpacked`: the root in place, the
@@ -63,6 +66,7 @@ impl Default for ImagesConfig {
         Self {
             id_base: 1_000_000_000,
             registries: BTreeMap::new(),
+            collect_unused_after_s: 86_400,
             crash_at: None,
         }
     }
@@ -687,12 +691,13 @@ impl Images {
     pub async fn prune(
         &self,
         in_use: &BTreeMap<String, Vec<String>>,
+        only: impl Fn(&ImageRecord) -> bool,
     ) -> Result<Vec<ImageRecord>, ImageError> {
         let _one = self.storing.lock().await;
         let unused: Vec<ImageRecord> = self
             .list()
             .into_iter()
-            .filter(|rec| !in_use.contains_key(&rec.digest))
+            .filter(|rec| !in_use.contains_key(&rec.digest) && only(rec))
             .collect();
         let digests: Vec<String> = unused.iter().map(|r| r.digest.clone()).collect();
         let removed = self.delete(&digests)?;
