@@ -119,17 +119,11 @@ impl Network {
         };
         let (block, bridge) = (network.block, network.bridge.clone());
         let overlap = on_own_thread(move || {
-            run(async move { check_block_is_free(&connect()?, block, &bridge).await })
-        })?;
-        if let Some(route) = overlap {
-            return Err(NoSandboxes::Misconfigured(format!(
-                "flyd.network.block {block} overlaps {route}, which this host already routes elsewhere: pick another block (or --machine-network)"
-            )));
-        }
-        let (block, bridge) = (network.block, network.bridge.clone());
-        on_own_thread(move || {
             run(async move {
                 let host = connect()?;
+                if let Some(route) = check_block_is_free(&host, block, &bridge).await? {
+                    return Ok(Some(route));
+                }
                 let index = match link_index(&host, &bridge).await? {
                     Some(index) => index,
                     None => {
@@ -166,9 +160,16 @@ impl Network {
                     )
                     .execute()
                     .await
-                    .map_err(|e| format!("bringing {bridge} up: {e}"))
+                    .map_err(|e| format!("bringing {bridge} up: {e}"))?;
+                Ok(None)
             })
         })?;
+        if let Some(route) = overlap {
+            return Err(NoSandboxes::Misconfigured(format!(
+                "flyd.network.block {block} overlaps {route}, which this host already routes elsewhere: pick another block (or --machine-network)",
+                block = network.block
+            )));
+        }
         network.load_filter(config.outbound)?;
         if config.outbound {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
