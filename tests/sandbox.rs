@@ -505,6 +505,10 @@ fn hangar_that_fails(block: &str) -> String {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert!(!status.success());
+    // It leaves nothing mounted (the instance is named by its data dir).
+    let data = tmp.path().join("data").canonicalize().unwrap();
+    let instance = &common::registry::sha256(data.as_os_str().as_encoded_bytes())[7..23];
+    assert_eq!(mounts_mentioning(&format!("/run/hangar/{instance}")), 0);
     std::fs::read_to_string(tmp.path().join("log")).unwrap()
 }
 

@@ -151,31 +151,26 @@ impl Sandboxes {
         let instance = &crate::images::blobs::digest_of(data_dir.as_os_str().as_encoded_bytes())
             ["sha256:".len()..][..16];
         let mounts = config.mounts_dir.join(instance);
-        walkable_dir(&config.mounts_dir).map_err(|e| fail("making the mounts dir", e))?;
-        for dir in [&mounts, &mounts.join("roots")] {
-            machines_dir(dir, ids.base).map_err(|e| fail("making the mounts dir", e))?;
-        }
-        let private = mounts.join("private");
-        memory_dir(&private).map_err(|e| fail("mounting the bundles' memory file system", e))?;
-        let (state, bundles) = (private.join("runc"), private.join("bundles"));
-        for dir in [&state, &bundles] {
-            std::fs::create_dir_all(dir).map_err(|e| fail("making the bundles' dirs", e))?;
-        }
-        // Hangar's binary where every machine's user can reach it: bound
-        // (not copied) beside the mount points.
-        let bound = mounts.join("hangar");
-        let _ = nix::mount::umount2(&bound, nix::mount::MntFlags::MNT_DETACH);
-        std::fs::write(&bound, b"").map_err(|e| fail("making the binary's mount point", e))?;
-        nix::mount::mount(
-            Some(exe),
-            &bound,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| format!("binding {} at {}: {e}", exe.display(), bound.display()))?;
-        let (lib, loader) = copy_libraries(&mounts.join("lib"), ids.base)?;
+        // The network first: a block that overlaps the host's routes fails
+        // it before anything is mounted.
         let network = Network::setup(network, instance, exe)?;
+        let (bound, lib, loader, private) = match share(config, &mounts, exe, ids.base) {
+            Ok(shared) => shared,
+            Err(e) => {
+                // Undone, unless machines run on it (flyd restarted).
+                let _ = crate::mounts::remove_mount(&mounts.join("hangar"));
+                let _ = std::fs::remove_dir_all(mounts.join("lib"));
+                let containers = std::fs::read_dir(mounts.join("private/runc"))
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                if !containers {
+                    let _ = crate::mounts::remove_mount(&mounts.join("private"));
+                    network.remove();
+                }
+                return Err(e.into());
+            }
+        };
+        let (state, bundles) = (private.join("runc"), private.join("bundles"));
         Ok(Self {
             runc,
             state,
@@ -590,6 +585,44 @@ fn copy_libraries(dir: &Path, ids_base: u32) -> Result<(PathBuf, String), String
         .filter(|name| dir.join(name).is_file())
         .ok_or("Hangar's binary has no dynamic loader among its libraries")?;
     Ok((dir.to_path_buf(), loader))
+}
+
+/// What every machine of the instance at `mounts` shares: the way to
+/// their roots, Hangar's binary bound beside them and its libraries, and
+/// the memory file system of their bundles and runc's state. Returns the
+/// binary's and the libraries' paths, the loader's name and the private
+/// dir.
+fn share(
+    config: &SandboxConfig,
+    mounts: &Path,
+    exe: &Path,
+    ids_base: u32,
+) -> Result<(PathBuf, PathBuf, String, PathBuf), String> {
+    let fail = |what: &str, e: io::Error| format!("{what}: {e}");
+    walkable_dir(&config.mounts_dir).map_err(|e| fail("making the mounts dir", e))?;
+    for dir in [mounts, &mounts.join("roots")] {
+        machines_dir(dir, ids_base).map_err(|e| fail("making the mounts dir", e))?;
+    }
+    let private = mounts.join("private");
+    memory_dir(&private).map_err(|e| fail("mounting the bundles' memory file system", e))?;
+    for dir in [private.join("runc"), private.join("bundles")] {
+        std::fs::create_dir_all(dir).map_err(|e| fail("making the bundles' dirs", e))?;
+    }
+    // Hangar's binary where every machine's user can reach it: bound (not
+    // copied) beside the mount points.
+    let bound = mounts.join("hangar");
+    let _ = nix::mount::umount2(&bound, nix::mount::MntFlags::MNT_DETACH);
+    std::fs::write(&bound, b"").map_err(|e| fail("making the binary's mount point", e))?;
+    nix::mount::mount(
+        Some(exe),
+        &bound,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding {} at {}: {e}", exe.display(), bound.display()))?;
+    let (lib, loader) = copy_libraries(&mounts.join("lib"), ids_base)?;
+    Ok((bound, lib, loader, private))
 }
 
 /// The most the bundles' memory file system holds (it takes only what its
