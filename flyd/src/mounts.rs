@@ -1,5 +1,5 @@
-//! Removing what flyd mounted for a machine (its root, the pin of its
-//! network namespace), from flyd or from the machine's pilot alike.
+//! Removing what flyd mounted for machines (a machine's root, the bundles'
+//! memory file system), from flyd or from a machine's pilot alike.
 
 use std::io;
 use std::path::Path;
