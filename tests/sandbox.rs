@@ -442,18 +442,6 @@ async fn a_machines_secrets_are_in_memory_only_while_it_runs() {
     assert_eq!(private_files(id), Vec::<std::path::PathBuf>::new());
 }
 
-/// The machines' gateway of `h`: the first address of its block.
-fn gateway_of(h: &Hangar) -> std::net::Ipv4Addr {
-    let base: std::net::Ipv4Addr = h
-        .machine_network
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    std::net::Ipv4Addr::from(u32::from(base) + 1)
-}
-
 /// The link holding `address`, if one does.
 fn link_with(address: std::net::Ipv4Addr) -> Option<String> {
     let out = std::process::Command::new("ip")
@@ -549,7 +537,7 @@ async fn machines_have_networks_of_their_own_and_reach_nothing_of_the_hosts() {
     let name = format!("{}/web:net", registry.addr);
     web_image("net").push(&registry.addr, "web:net", None).await;
     let h = Hangar::start().await;
-    let gateway = gateway_of(&h);
+    let gateway = h.machine_gateway();
     let bridge = link_with(gateway).expect("the machines' bridge holds their gateway");
     let port = host_service("the host");
     // Through the gateway, the host's service answers the host.
@@ -577,9 +565,8 @@ async fn machines_have_networks_of_their_own_and_reach_nothing_of_the_hosts() {
             .await;
         assert_eq!(page(&h, app).await, "hello from net\n");
         let ip = machine["private_ip"].as_str().unwrap().to_string();
-        let ip_addr: std::net::Ipv4Addr = ip.parse().unwrap();
         assert!(
-            u32::from(ip_addr) >> 8 == u32::from(gateway) >> 8 && ip_addr != gateway,
+            h.in_machine_network(&ip),
             "{ip} is not in {}",
             h.machine_network
         );
@@ -589,15 +576,12 @@ async fn machines_have_networks_of_their_own_and_reach_nothing_of_the_hosts() {
     let (alpha, beta) = (&machines[0], &machines[1]);
 
     // Inside alpha: its address on eth0, its route through the gateway.
-    let out = exec(
-        &h,
-        "alpha",
-        &alpha.1,
-        "ip -4 -o addr show dev eth0; ip route",
-    )
-    .await;
+    let out = exec(&h, "alpha", &alpha.1, "ip -o addr show dev eth0; ip route").await;
     let text = stdout(&out);
     assert!(text.contains(&format!("inet {}/24", alpha.2)), "{out}");
+    // No IPv6 at all, not even a link-local address, until the private
+    // network gives it one.
+    assert!(!text.contains("inet6"), "{out}");
     assert!(
         text.contains(&format!("default via {gateway} dev eth0")),
         "{out}"

@@ -167,8 +167,21 @@ impl Hangar {
 
     /// Whether `ip` is in the block of its sandboxed machines (a /24).
     pub fn in_machine_network(&self, ip: &str) -> bool {
-        let net = self.machine_network.trim_end_matches("0/24");
-        ip.starts_with(net) && ip != format!("{net}1")
+        let gateway = self.machine_gateway();
+        ip.parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| u32::from(ip) >> 8 == u32::from(gateway) >> 8 && ip != gateway)
+    }
+
+    /// Its machines' gateway: the first address of their block.
+    pub fn machine_gateway(&self) -> std::net::Ipv4Addr {
+        let base: std::net::Ipv4Addr = self
+            .machine_network
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        std::net::Ipv4Addr::from(u32::from(base) + 1)
     }
 
     pub fn pid(&self) -> u32 {

@@ -354,6 +354,20 @@ pub fn run_hook(attach: &str, state: impl std::io::Read) -> Result<(), String> {
         // Inside now: this process does nothing else.
         nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("entering the container's network namespace: {e}"))?;
+        // No IPv6 until the private network gives it an address plan:
+        // without even a link-local address, nothing travels over it, so
+        // no path around the filter is left untested. (These are the
+        // namespace's own sysctls, as this process sees them now; `all`
+        // reaches `eth0`, made before.)
+        for scope in ["all", "default"] {
+            let path = format!("/proc/sys/net/ipv6/conf/{scope}/disable_ipv6");
+            match std::fs::write(&path, "1") {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(format!("turning IPv6 off in the machine: {e}"));
+                }
+                _ => {}
+            }
+        }
         let inside = connect()?;
         let eth0 = link_index(&inside, MACHINE_LINK)
             .await?
